@@ -1,0 +1,44 @@
+# lpd-relay: `make run` starts the relay on its embedded default, `make test`
+# runs the whole suite. Both set up what they need themselves.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SRC    := pyproject.toml setup.py relay/_core.pyx
+
+.PHONY: run test bench lint typecheck peers install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+
+$(STAMP): $(BIN)/python $(SRC)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# The real LPD peers the suite talks to (LPRng, rlpr, p910nd, promtool):
+# installed with apt-get when root, otherwise those tests skip with a reason.
+peers:
+	@bash scripts/install-peers.sh
+
+run: install
+	$(BIN)/lpd-relay serve
+
+lint: install
+	$(BIN)/ruff check relay tests benchmarks
+
+typecheck: install
+	$(BIN)/mypy relay
+
+test: install peers lint typecheck
+	$(BIN)/python -m pytest -q -m "not slow" tests
+	LPD_BENCH_SCALE=0.01 $(BIN)/python -m pytest -q --benchmark-disable benchmarks
+
+bench: install peers
+	$(BIN)/python -m pytest -q --benchmark-only --benchmark-columns=min,median,mean,ops,rounds benchmarks
+	$(BIN)/python -m pytest -q -m slow tests
+
+clean:
+	rm -rf build relay/_core.c relay/_core*.so *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,16 @@
+"""Build the Cython protocol core; all metadata lives in pyproject.toml."""
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=cythonize(
+        [Extension("relay._core", ["relay/_core.pyx"], extra_compile_args=["-O2"])],
+        compiler_directives={
+            "language_level": "3",
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+        },
+    ),
+)
