@@ -1,0 +1,97 @@
+"""Queue routing: the queue name a sender used -> the configured queue (SPEC §3.2, §4.3).
+
+``QueueRouter`` precomputes one dict from every configured name and alias
+(case-folded under ``queue_names = "case-insensitive"``), so ``route`` is one
+dict lookup per job.  A name nobody configured falls to the ``"*"`` catch-all
+if there is one, else it is refused with reply 0x01 and one printable line
+naming the queue as received; under ``queue_names = "exact"`` a case-only
+mismatch also names the configured spelling, because that mismatch is the
+most common field failure (Windows share "Ward3" vs. queue "ward3").
+
+``folder_name`` turns a queue into one safe path component for hot folders;
+names from the wire are never used as paths as they are (SPEC §4.3).
+"""
+
+from __future__ import annotations
+
+import re
+
+from relay.config import CATCH_ALL, Config, QueueConfig
+from relay.errors import REPLY_NOT_ACCEPTING, ProtocolError
+
+__all__ = ["QueueRouter", "folder_name", "sanitize_name"]
+
+_SHOWN_MAX = 64
+_UNSAFE_PATH_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def sanitize_name(name: str) -> str:
+    """A wire name fit for one log or reply line: printable ASCII only, at most 64 chars.
+
+    Anything else becomes "?"; a longer name is cut and ends in "...".
+    """
+    # Cut first: a hostile 100 KiB name must cost no more than a short one.
+    head = name[:_SHOWN_MAX + 1]
+    shown = "".join(ch if " " <= ch <= "~" else "?" for ch in head)
+    if len(shown) > _SHOWN_MAX:
+        shown = shown[:_SHOWN_MAX - 3] + "..."
+    return shown
+
+
+def folder_name(queue: str, wire_queue: str) -> str:
+    """One safe path component for a job's hot-folder subdirectory.
+
+    ``queue`` is the configured queue name, ``wire_queue`` the name as
+    received; the catch-all ``"*"`` uses the wire name.  Characters outside
+    ``[A-Za-z0-9._-]`` become "_", the result is 1..64 characters and never
+    starts with "." (so never "." or ".." and never hidden).  Distinct names
+    may share a folder ("a/b" and "a_b"); the job's metadata keeps the exact
+    name.
+    """
+    source = wire_queue if queue == CATCH_ALL else queue
+    safe = _UNSAFE_PATH_CHARS.sub("_", source[:_SHOWN_MAX])
+    if safe.startswith("."):
+        safe = "_" + safe[1:]
+    return safe or "_"
+
+
+class QueueRouter:
+    """Maps wire queue names to configured queues; built once from a ``Config``."""
+
+    def __init__(self, config: Config) -> None:
+        self._fold = config.server.queue_names != "exact"
+        self._queues: tuple[QueueConfig, ...] = tuple(config.queues.values())
+        self._catch_all = config.queues.get(CATCH_ALL)
+        self._table: dict[str, QueueConfig] = {}
+        # Exact mode only: casefolded spelling -> configured spelling, for the hint.
+        self._spellings: dict[str, str] = {}
+        for queue in self._queues:
+            for name in (queue.name, *queue.aliases):
+                if name == CATCH_ALL:
+                    continue
+                self._table[name.casefold() if self._fold else name] = queue
+                self._spellings.setdefault(name.casefold(), name)
+
+    def route(self, wire_name: str) -> QueueConfig:
+        """The queue for ``wire_name``, or ``ProtocolError`` (reply 0x01, "unknown_queue")."""
+        queue = self._table.get(wire_name.casefold() if self._fold else wire_name)
+        if queue is not None:
+            return queue
+        if self._catch_all is not None:
+            return self._catch_all
+        raise ProtocolError(self._refusal(wire_name), reply=REPLY_NOT_ACCEPTING,
+                            reason="unknown_queue")
+
+    def _refusal(self, wire_name: str) -> str:
+        message = f"queue '{sanitize_name(wire_name)}' unknown"
+        if self._fold:
+            return message
+        configured = self._spellings.get(wire_name.casefold())
+        if configured is None:
+            return message
+        return (f"{message}; the configured queue is '{sanitize_name(configured)}' "
+                "(queue names are exact)")
+
+    def configured_names(self) -> tuple[str, ...]:
+        """Configured queue names (including "*"), in config order: the bounded metric labels."""
+        return tuple(queue.name for queue in self._queues)

@@ -1,0 +1,249 @@
+"""Destination URIs, CUPS device-URI style (SPEC §3.3).
+
+``parse_destination`` turns one configured string into a ``Destination``
+record the sinks and the scheduler read; it is the only place that knows the
+URI grammar, so every sink gets already-validated values and every mistake is
+reported once, at config load, with a message precise enough to fix it.
+
+Forms: ``lpd://host[:port]/queue[?options]``, ``socket://host[:port]``,
+``usb:///dev/usb/lp0``, ``dir:///absolute/folder`` and ``cmd:PROGRAM ARG...``.
+Host, queue and path parts are percent-decoded; IPv6 literals go in brackets.
+Query options are checked against a table: unknown options are errors, and so
+are options a scheme does not use.  The URI is parsed by hand rather than with
+``urllib.parse`` because urlsplit silently accepts much of what we must refuse
+(unbracketed IPv6, user info, empty hosts) and its port errors are vague.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+from relay.units import parse_duration
+
+__all__ = ["DEFAULT_PORTS", "SCHEMES", "Destination", "parse_destination", "parse_hostport"]
+
+SCHEMES = ("lpd", "socket", "usb", "cmd", "dir")
+DEFAULT_PORTS = {"lpd": 515, "socket": 9100}
+
+_FORMS = ("lpd://host[:port]/queue, socket://host[:port], usb:///dev/..., "
+          "dir:///folder or cmd:PROGRAM ARG...")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Destination:
+    """One place a queue's jobs go.  Fields a scheme does not use keep their defaults."""
+
+    uri: str                      # as configured; also the metric label
+    scheme: str                   # "lpd" | "socket" | "usb" | "cmd" | "dir"
+    host: str = ""                # lpd/socket; IPv6 without brackets
+    port: int = 0                 # lpd (default 515) / socket (default 9100)
+    path: str = ""                # lpd: queue name; usb: device; dir: folder
+    argv: tuple[str, ...] = ()    # cmd: the program and its arguments
+    mode: str = "count"           # lpd: count | stream | windows
+    order: str = "control-first"  # lpd: control-first | data-first
+    timeout: float = 30.0         # lpd/socket: seconds per read or write
+    jobnumbers: int = 3           # lpd: 3 | 6 digits
+    reserve: str | None = None    # lpd: rfc1179 | privileged | any; None = [origin_ports]
+    batch: int = 1                # lpd: jobs per connection
+
+    @property
+    def name(self) -> str:
+        """The label metrics and logs use: the URI as configured."""
+        return self.uri
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def convert(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(f"expected {' or '.join(allowed)}, got {text!r}")
+        return text
+    return convert
+
+
+def _timeout(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise ValueError(f"must be more than 0s, got {text!r}")
+    return seconds
+
+
+def _jobnumbers(text: str) -> int:
+    if text not in ("3", "6"):
+        raise ValueError(f"expected 3 or 6, got {text!r}")
+    return int(text)
+
+
+def _batch(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise ValueError(f"expected a whole number of jobs, 1 or more, got {text!r}")
+    return int(text)
+
+
+# Query option -> (converter, schemes that take it).  The option name is also
+# the Destination field it sets.  socket:// takes timeout too: a printer that
+# never closes after the data must not hold its queue forever.
+_OPTIONS: dict[str, tuple[Callable[[str], Any], frozenset[str]]] = {
+    "mode": (_choice("count", "stream", "windows"), frozenset({"lpd"})),
+    "order": (_choice("control-first", "data-first"), frozenset({"lpd"})),
+    "timeout": (_timeout, frozenset({"lpd", "socket"})),
+    "jobnumbers": (_jobnumbers, frozenset({"lpd"})),
+    "reserve": (_choice("rfc1179", "privileged", "any"), frozenset({"lpd"})),
+    "batch": (_batch, frozenset({"lpd"})),
+}
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})")
+
+
+def parse_destination(uri: str) -> Destination:
+    """Parse a configured destination URI; ``ValueError`` says exactly what is wrong."""
+    if not isinstance(uri, str):
+        raise ValueError(f"expected a destination URI string ({_FORMS}), got {uri!r}")
+    if not uri.isprintable() or uri != uri.strip():
+        raise ValueError(f"{uri!r} contains control characters or surrounding spaces")
+    scheme, sep, rest = uri.partition(":")
+    if not sep or scheme.lower() not in SCHEMES:
+        raise ValueError(f"unknown destination {uri!r}; expected {_FORMS}")
+    scheme = scheme.lower()
+    if scheme == "cmd":
+        return _parse_cmd(uri, rest)
+    if not rest.startswith("//"):
+        raise ValueError(f"{uri!r}: expected {_example(scheme)}")
+    if "#" in rest:
+        raise ValueError(f"{uri!r}: '#' is not allowed; write it as %23")
+    hier, _, query = rest[2:].partition("?")
+    authority, slash, path = hier.partition("/")
+    fields = _options(uri, scheme, query) if query else {}
+    if scheme in ("usb", "dir"):
+        local = _local_path(uri, scheme, authority, slash + path)
+        return Destination(uri=uri, scheme=scheme, path=local, **fields)
+    host, port = _authority(uri, scheme, authority)
+    fields.update(host=host, port=port)
+    if scheme == "socket":
+        if path:
+            raise ValueError(f"{uri!r}: socket:// takes no path, expected {_example(scheme)}")
+        return Destination(uri=uri, scheme=scheme, **fields)
+    return Destination(uri=uri, scheme=scheme, path=_queue(uri, slash + path), **fields)
+
+
+def _example(scheme: str) -> str:
+    return {
+        "lpd": "lpd://host[:port]/queue, e.g. lpd://laptop.vpn/Ward3?mode=count",
+        "socket": "socket://host[:port], e.g. socket://10.1.2.3:9100",
+        "usb": "usb:///dev/usb/lp0 (three slashes, then the absolute device path)",
+        "dir": "dir:///var/spool/lpd-relay-out (three slashes, then an absolute folder; "
+               "relative folders are not accepted)",
+    }[scheme]
+
+
+def _parse_cmd(uri: str, rest: str) -> Destination:
+    # Split like a shell would, but the program runs without one (SPEC §3.3),
+    # so quoting only groups arguments; nothing is expanded.
+    if rest.startswith("//"):
+        raise ValueError(f"{uri!r}: cmd: takes a command line, e.g. cmd:lp -d ward3 -o raw")
+    try:
+        argv = tuple(shlex.split(rest))
+    except ValueError as exc:
+        raise ValueError(f"{uri!r}: cannot split the command line: {exc}") from None
+    if not argv or not argv[0]:
+        raise ValueError(f"{uri!r}: cmd: needs a program, e.g. cmd:lp -d ward3 -o raw")
+    return Destination(uri=uri, scheme="cmd", argv=argv)
+
+
+def _local_path(uri: str, scheme: str, authority: str, raw_path: str) -> str:
+    # usb:///dev/usb/lp0 splits into an empty authority and the path; anything
+    # between the "//" and the third "/" would be a host, which a local
+    # device or folder cannot have.
+    if authority:
+        raise ValueError(f"{uri!r}: expected {_example(scheme)}")
+    path = unquote(raw_path)
+    if path in ("", "/") or "\0" in path:
+        raise ValueError(f"{uri!r}: expected {_example(scheme)}")
+    return path
+
+
+def _authority(uri: str, scheme: str, authority: str) -> tuple[str, int]:
+    if "@" in authority:
+        raise ValueError(f"{uri!r}: user information ('user@') is not supported")
+    try:
+        return parse_hostport(authority, default_port=DEFAULT_PORTS[scheme])
+    except ValueError as exc:
+        raise ValueError(f"{uri!r}: {exc}, expected {_example(scheme)}") from None
+
+
+def parse_hostport(text: str, *, default_port: int | None = None,
+                   min_port: int = 1) -> tuple[str, int]:
+    """Split ``host``, ``host:port``, ``[ipv6]`` or ``[ipv6]:port`` into (host, port).
+
+    IPv6 literals must be bracketed and come back without brackets, in
+    canonical form.  Without ``default_port`` the port is required; ports
+    run from ``min_port`` (0 for listen addresses) to 65535.  The config's
+    listen addresses use this too, so there is one host:port grammar.
+    """
+    if text.startswith("["):
+        inner, bracket, after = text[1:].partition("]")
+        try:
+            host = str(ipaddress.IPv6Address(inner)) if bracket else ""
+        except ValueError:
+            host = ""
+        if not host:
+            raise ValueError(f"{text!r} is not a bracketed IPv6 address")
+        if after and not after.startswith(":"):
+            raise ValueError(f"unexpected {after!r} after the IPv6 address")
+        port_text = after[1:] if after else None
+    else:
+        host, colon, rest = text.partition(":")
+        if ":" in rest:
+            raise ValueError("IPv6 addresses must be in brackets, e.g. [2001:db8::1]")
+        if not host:
+            raise ValueError("missing host")
+        if not _HOSTNAME.fullmatch(host):
+            raise ValueError(f"{host!r} is not a valid host name or IPv4 address")
+        port_text = rest if colon else None
+    if port_text is None:
+        if default_port is None:
+            raise ValueError("missing port")
+        return host, default_port
+    if not (port_text.isascii() and port_text.isdigit() and min_port <= int(port_text) <= 65535):
+        raise ValueError(f"port must be {min_port}..65535, got {port_text!r}")
+    return host, int(port_text)
+
+
+def _queue(uri: str, path: str) -> str:
+    # The queue travels in an RFC 1179 command line ("02queue LF", operands
+    # separated by spaces), so whitespace or control characters would break it.
+    queue = unquote(path[1:]) if path.startswith("/") else ""
+    if not queue:
+        raise ValueError(f"{uri!r}: missing queue name, expected {_example('lpd')}")
+    if not queue.isprintable() or any(ch.isspace() for ch in queue):
+        raise ValueError(f"{uri!r}: queue name {queue!r} contains spaces or control characters")
+    return queue
+
+
+def _options(uri: str, scheme: str, query: str) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for item in query.split("&"):
+        key, eq, raw = item.partition("=")
+        key = unquote(key)
+        if not eq:
+            raise ValueError(f"{uri!r}: option {key!r} needs a value ({key}=...)")
+        if key not in _OPTIONS:
+            valid = ", ".join(sorted(k for k, (_, s) in _OPTIONS.items() if scheme in s))
+            raise ValueError(f"{uri!r}: unknown option {key!r}"
+                             + (f" (valid for {scheme}://: {valid})" if valid else ""))
+        convert, schemes = _OPTIONS[key]
+        if scheme not in schemes:
+            where = " and ".join(f"{s}://" for s in sorted(schemes))
+            raise ValueError(f"{uri!r}: option {key!r} is only valid for {where} destinations")
+        if key in fields:
+            raise ValueError(f"{uri!r}: option {key!r} is given twice")
+        try:
+            fields[key] = convert(unquote(raw))
+        except ValueError as exc:
+            raise ValueError(f"{uri!r}: option {key}: {exc}") from None
+    return fields
