@@ -1,0 +1,245 @@
+"""What every delivery sink shares: the job it is handed, its base class, the registry.
+
+A sink is a small object with one async hook, ``deliver(job)`` (the shape of
+aiosmtpd's handlers): it either returns, meaning the job is *durably* at its
+destination and the spool may delete its copy, or raises
+``relay.errors.SinkUnavailable`` (temporary: the scheduler retries with backoff)
+or ``relay.errors.SinkRejected`` (permanent for this job: it is held).
+
+Sinks never import the spool: they see a job through the read-only
+``DeliveryJob`` / ``DeliveryFile`` protocols below, which the spool's records
+satisfy structurally.  Each sink module registers a factory for its URI scheme;
+``make_sink`` builds the right one for a ``relay.uri.Destination``.
+
+``stream_file`` is the zero-copy path shared by the socket and command sinks:
+``os.sendfile`` from the spool file straight into a non-blocking socket or pipe,
+parking on ``trio.lowlevel.wait_writable`` when the kernel buffer is full, so no
+data byte passes through Python and no thread is needed (SPEC §5).
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+if TYPE_CHECKING:
+    from relay.uri import Destination
+
+__all__ = [
+    "DeliveryFile",
+    "DeliveryJob",
+    "Sink",
+    "SinkContext",
+    "SinkFactory",
+    "make_sink",
+    "register",
+    "registered_schemes",
+    "stream_file",
+]
+
+# Linux caps one sendfile() at 0x7ffff000 bytes; asking for less keeps every
+# call (and so the time between checkpoints) short on fast paths like loopback.
+SENDFILE_CHUNK = 8 * 1024 * 1024
+
+# sendfile() into a file type the kernel cannot splice into (some character
+# devices since Linux 5.10) fails with one of these: copy through a buffer then.
+_NO_SENDFILE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+
+class DeliveryFile(Protocol):
+    """One data file of a job, as the spool stores it."""
+
+    @property
+    def name(self) -> str:
+        """The wire name (``dfA123host``): a label, never a path."""
+
+    @property
+    def format(self) -> str:
+        """The control-file format letter (``l``, ``f``, ``o``, ...)."""
+
+    @property
+    def bytes(self) -> int:
+        """Size of the spool file."""
+
+    @property
+    def path(self) -> str:
+        """Absolute path of the spool file holding the data."""
+
+
+class DeliveryJob(Protocol):
+    """A spooled job as a sink sees it (read-only; ``relay.spool.JobMeta`` fits)."""
+
+    @property
+    def id(self) -> str:
+        """Spool job id: unique, safe as a file-name component."""
+
+    @property
+    def queue(self) -> str:
+        """Configured queue name, ``"*"`` for the catch-all."""
+
+    @property
+    def wire_queue(self) -> str:
+        """Queue name exactly as the sender spelled it."""
+
+    @property
+    def peer(self) -> str:
+        """Sender address (``host:port``)."""
+
+    @property
+    def received(self) -> float:
+        """When the job was committed to the spool (epoch seconds)."""
+
+    @property
+    def control_name(self) -> str:
+        """Wire name of the control file (``cfA123host``)."""
+
+    @property
+    def control_path(self) -> str:
+        """Absolute path of the spooled control file."""
+
+    @property
+    def number(self) -> str:
+        """Job number from the control-file name."""
+
+    @property
+    def user(self) -> str:
+        """``P`` line: the user the job is for."""
+
+    @property
+    def host(self) -> str:
+        """``H`` line: the host the job came from."""
+
+    @property
+    def title(self) -> str:
+        """``T`` line (or empty)."""
+
+    @property
+    def job_name(self) -> str:
+        """``J`` line (or empty)."""
+
+    @property
+    def files(self) -> tuple[DeliveryFile, ...]:
+        """Data files in the order the control file prints them."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SinkContext:
+    """Daemon-wide things a sink may need; new fields get defaults, so callers never break.
+
+    ``origin_ports`` is the shared outbound source-port pool (SPEC §5) used by the
+    ``lpd://`` sink; typed loosely here so this module does not depend on it.
+    """
+
+    origin_ports: object | None = None
+
+
+class Sink(abc.ABC):
+    """One destination; ``deliver`` is called once per job attempt.
+
+    Sinks hold no per-job state between calls, so the scheduler may run
+    ``concurrency`` deliveries on one sink object at once.
+    """
+
+    def __init__(self, destination: Destination, context: SinkContext) -> None:
+        self.destination = destination
+        self.context = context
+
+    @abc.abstractmethod
+    async def deliver(self, job: DeliveryJob) -> None:
+        """Deliver ``job`` durably, or raise ``SinkUnavailable`` / ``SinkRejected``."""
+
+    async def aclose(self) -> None:  # noqa: B027  (an optional hook: most sinks hold nothing)
+        """Release long-lived resources (connections, pools); the default has none."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """The one line printed at start, saying where jobs go."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.destination.uri}>"
+
+
+SinkFactory = Callable[["Destination", SinkContext], Sink]
+
+_factories: dict[str, SinkFactory] = {}
+
+
+def register(scheme: str, factory: SinkFactory) -> None:
+    """Make ``make_sink`` build ``factory(destination, context)`` for ``scheme``.
+
+    Registering a different factory for a taken scheme is a programming error
+    (two modules claiming one scheme), so it raises instead of silently winning.
+    """
+    existing = _factories.get(scheme)
+    if existing is not None and existing is not factory:
+        raise ValueError(f"sink scheme {scheme!r} is already registered to {existing!r}")
+    _factories[scheme] = factory
+
+
+def registered_schemes() -> tuple[str, ...]:
+    """Schemes that have a sink, sorted (for messages and docs)."""
+    return tuple(sorted(_factories))
+
+
+def make_sink(destination: Destination, context: SinkContext | None = None) -> Sink:
+    """Build the sink for ``destination``; an unknown scheme raises ``ValueError``."""
+    factory = _factories.get(destination.scheme)
+    if factory is None:
+        known = ", ".join(registered_schemes()) or "none"
+        raise ValueError(
+            f"no sink for scheme {destination.scheme!r} in {destination.uri!r} (known: {known})"
+        )
+    return factory(destination, context if context is not None else SinkContext())
+
+
+async def stream_file(out_fd: int, src_fd: int, *, idle_timeout: float) -> int:
+    """Copy the whole regular file ``src_fd`` (from offset 0) into non-blocking ``out_fd``.
+
+    Zero-copy with ``os.sendfile``; when ``out_fd`` is full, wait for it to drain,
+    at most ``idle_timeout`` seconds each time (``trio.TooSlowError`` after that:
+    a peer that stops reading is as good as gone).  Returns the bytes copied.
+    OS errors (EPIPE, ECONNRESET, ...) propagate for the caller to classify.
+    """
+    offset = 0
+    while True:
+        # sendfile on a fast path never blocks; this keeps us cancellable anyway.
+        await trio.lowlevel.checkpoint()
+        try:
+            sent = os.sendfile(out_fd, src_fd, offset, SENDFILE_CHUNK)
+        except BlockingIOError:
+            with trio.fail_after(idle_timeout):
+                await trio.lowlevel.wait_writable(out_fd)
+            continue
+        except OSError as exc:
+            if exc.errno in _NO_SENDFILE and offset == 0:
+                return await _stream_buffered(out_fd, src_fd, idle_timeout=idle_timeout)
+            raise
+        if sent == 0:
+            return offset
+        offset += sent
+
+
+async def _stream_buffered(out_fd: int, src_fd: int, *, idle_timeout: float) -> int:
+    """``stream_file`` for targets sendfile cannot write: one reused buffer, no joins."""
+    buf = bytearray(256 * 1024)
+    view = memoryview(buf)
+    offset = 0
+    while True:
+        got = os.preadv(src_fd, [buf], offset)
+        if got == 0:
+            return offset
+        done = 0
+        while done < got:
+            await trio.lowlevel.checkpoint()
+            try:
+                done += os.write(out_fd, view[done:got])
+            except BlockingIOError:
+                with trio.fail_after(idle_timeout):
+                    await trio.lowlevel.wait_writable(out_fd)
+        offset += got

@@ -1,0 +1,237 @@
+"""The spooler-command sink, with real scripts and (when installed) LPRng's lpr."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from relay.errors import SinkRejected, SinkUnavailable
+from relay.sinks import Sink, SinkContext, make_sink
+from relay.sinks.cmd import DEFAULT_RUN_TIMEOUT, CmdSink
+from relay.uri import parse_destination
+from tests.peers import (
+    RecordingLpdServer,
+    namespace_argv,
+    require_binary,
+    require_namespaces,
+    write_private_etc,
+)
+from tests.sinkjobs import Job, job_bytes, make_job
+
+# Records stdin, the LPD_* environment and its arguments into the folder $1.
+RECORD = """#!/bin/sh
+out="$1"; shift
+cat > "$out/stdin"
+env | grep '^LPD_' | sort > "$out/env"
+for arg in "$@"; do printf '%s\\n' "$arg"; done > "$out/argv"
+"""
+
+
+def script(tmp_path: Path, name: str, body: str, *, executable: bool = True) -> Path:
+    path = tmp_path / name
+    path.write_text(body if body.startswith("#!") else "#!/bin/sh\n" + body)
+    path.chmod(0o755 if executable else 0o644)
+    return path
+
+
+def command_sink(*argv: str | Path, run_timeout: float = DEFAULT_RUN_TIMEOUT) -> Sink:
+    destination = parse_destination("cmd:" + shlex.join(map(str, argv)))
+    if run_timeout == DEFAULT_RUN_TIMEOUT:
+        return make_sink(destination, SinkContext())
+    return CmdSink(destination, SinkContext(), run_timeout=run_timeout)
+
+
+def deliver(sink: Sink, job: Job, limit: float = 20.0) -> None:
+    async def main() -> None:
+        with trio.fail_after(limit):
+            await sink.deliver(job)
+    trio.run(main)
+
+
+def recorded_env(out: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in (out / "env").read_text().splitlines())
+
+
+def is_gone(pid: int, wait: float = 5.0) -> bool:
+    """True once ``pid`` has exited (a zombie counts: it runs no more)."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def kill_quietly(*pids: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_describe_shows_the_command() -> None:
+    sink = command_sink("lp", "-d", "ward 3", "-o", "raw")
+    assert sink.describe() == "command lp -d 'ward 3' -o raw (job on stdin)"
+
+
+def test_one_file_on_stdin_facts_in_env_arguments_untouched(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    job = make_job(tmp_path, [bytes(range(256)) * 40], formats="o", title="Befund $HOME `id`")
+    deliver(command_sink(script(tmp_path, "record", RECORD), out, "a b", "$HOME", "*", ";"), job)
+
+    assert (out / "stdin").read_bytes() == job_bytes(job)
+    # No shell ran: quoting only grouped the words; nothing was expanded.
+    assert (out / "argv").read_text().splitlines() == ["a b", "$HOME", "*", ";"]
+    env = recorded_env(out)
+    assert env["LPD_JOB_ID"] == job.id
+    assert (env["LPD_QUEUE"], env["LPD_USER"], env["LPD_HOST"]) == ("ward3", "alice", "ward3-pc")
+    assert env["LPD_TITLE"] == "Befund $HOME `id`"
+    assert env["LPD_FORMAT"] == "o"
+    assert (env["LPD_FILES"], env["LPD_BYTES"]) == ("1", str(256 * 40))
+
+
+def test_several_files_are_concatenated_through_a_pipe(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    job = make_job(tmp_path, [b"\x1b%-12345X", 5 * 1024 * 1024 + 3, b"", b"\x0c"],
+                   formats="lfll")
+    deliver(command_sink(script(tmp_path, "record", RECORD), out), job)
+    assert (out / "stdin").read_bytes() == job_bytes(job)
+    assert recorded_env(out)["LPD_FORMAT"] == "l"
+
+
+def test_job_without_data_gets_empty_stdin(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    deliver(command_sink(script(tmp_path, "record", RECORD), out), make_job(tmp_path, []))
+    assert (out / "stdin").read_bytes() == b""
+    assert recorded_env(out)["LPD_FORMAT"] == ""
+
+
+def test_program_that_ignores_stdin_still_decides_by_exit_code(tmp_path: Path) -> None:
+    quiet = script(tmp_path, "quiet", "exit 0\n")
+    deliver(command_sink(quiet), make_job(tmp_path, [8 * 1024 * 1024, 8 * 1024 * 1024]))
+
+
+def test_exit_75_means_retry(tmp_path: Path) -> None:
+    busy = script(tmp_path, "busy", "cat >/dev/null; echo 'printer paused' >&2; exit 75\n")
+    with pytest.raises(SinkUnavailable, match=r"exited 75 \(temporary failure\): printer paused"):
+        deliver(command_sink(busy), make_job(tmp_path, [b"x"]))
+
+
+def test_other_exit_holds_the_job_with_the_stderr_tail(tmp_path: Path) -> None:
+    # 10 KiB of noise, a byte that is not UTF-8, then the line that matters.
+    failing = script(tmp_path, "failing", (
+        "cat >/dev/null\n"
+        "i=0; while [ $i -lt 160 ]; do echo 'noise noise noise noise noise noise noise' >&2; "
+        "i=$((i+1)); done\n"
+        "printf 'bad byte \\377\\n' >&2\n"
+        "echo 'lp: error - unknown destination \"ward3\"' >&2\n"
+        "exit 3\n"))
+    with pytest.raises(SinkRejected) as caught:
+        deliver(command_sink(failing), make_job(tmp_path, [b"x"]))
+    message = str(caught.value)
+    assert message.startswith(f"cmd: {tmp_path}/failing exited 3: ")
+    assert message.endswith('lp: error - unknown destination "ward3"')
+    assert "bad byte \ufffd" in message
+    assert len(message) < 2048 + 200
+
+
+def test_missing_program_holds_the_job(tmp_path: Path) -> None:
+    with pytest.raises(SinkRejected, match="program 'no-such-lp' not found on PATH"):
+        deliver(command_sink("no-such-lp", "-d", "x"), make_job(tmp_path, [b"x"]))
+    with pytest.raises(SinkRejected, match=f"program '{tmp_path}/nope' not found$"):
+        deliver(command_sink(tmp_path / "nope"), make_job(tmp_path, [b"x"]))
+
+
+def test_program_that_is_not_executable_holds_the_job(tmp_path: Path) -> None:
+    plain = script(tmp_path, "plain", "exit 0\n", executable=False)
+    with pytest.raises(SinkRejected, match="is not executable"):
+        deliver(command_sink(plain), make_job(tmp_path, [b"x", b"y"]))
+
+
+def test_killed_by_a_signal_means_retry(tmp_path: Path) -> None:
+    crash = script(tmp_path, "crash", "kill -TERM $$\n")
+    with pytest.raises(SinkUnavailable, match="was killed by SIGTERM"):
+        deliver(command_sink(crash), make_job(tmp_path, [b"x"]))
+
+
+def test_run_over_the_timeout_is_killed_with_its_children(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    hang = script(tmp_path, "hang", f"sleep 300 & echo $$ $! > {pids}\nwait\n")
+    started = time.monotonic()
+    try:
+        with pytest.raises(SinkUnavailable, match=r"ran longer than 0\.5s and was killed"):
+            deliver(command_sink(hang, run_timeout=0.5), make_job(tmp_path, [b"x", b"y"]))
+        assert time.monotonic() - started < 5
+        shell, sleeper = map(int, pids.read_text().split())
+        assert is_gone(shell) and is_gone(sleeper)
+    finally:
+        if pids.exists():
+            kill_quietly(*map(int, pids.read_text().split()))
+
+
+def test_cancelled_delivery_leaves_nothing_running(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    hang = script(tmp_path, "hang", f"sleep 300 & echo $$ $! > {pids}\nwait\n")
+    sink = command_sink(hang)
+    job = make_job(tmp_path, [b"x"])
+
+    async def main() -> None:
+        with trio.move_on_after(0.5):
+            await sink.deliver(job)
+
+    try:
+        trio.run(main)
+        shell, sleeper = map(int, pids.read_text().split())
+        assert is_gone(shell) and is_gone(sleeper)
+    finally:
+        if pids.exists():
+            kill_quietly(*map(int, pids.read_text().split()))
+
+
+def test_background_child_holding_stderr_does_not_block_delivery(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    forker = script(tmp_path, "forker", f"cat >/dev/null\nsleep 300 & echo $! > {pidfile}\n")
+    started = time.monotonic()
+    try:
+        deliver(command_sink(forker), make_job(tmp_path, [b"x"]))
+        assert time.monotonic() - started < 5
+    finally:
+        if pidfile.exists():
+            kill_quietly(int(pidfile.read_text()))
+
+
+@pytest.mark.peers
+@pytest.mark.root
+def test_lprng_lpr_as_the_spooler_command(tmp_path: Path) -> None:
+    # A real spooler client behind cmd:, sending to a recording LPD receiver.
+    lpr = require_binary("lpr")
+    require_namespaces()
+    conf = tmp_path / "lprng"
+    conf.mkdir()
+    (conf / "printcap").write_text("")
+    (conf / "lpd.conf").write_text(
+        "printcap_path=/etc/lprng/printcap\nlpr_send_try=1\noriginate_port=\n")
+    binds: dict[str, Path | str] = {"/etc/lprng": conf, **write_private_etc(tmp_path / "etc")}
+    job = make_job(tmp_path, [b"%!PS\n", 200_000, b"showpage\n"])
+    with RecordingLpdServer() as receiver:
+        # The private /etc for lpr needs a mount namespace: a wrapper script sets
+        # it up, so the destination itself stays a plain "cmd:PROGRAM ARG...".
+        wrapper = script(tmp_path, "lpr-ns", f"exec {shlex.join(namespace_argv([lpr], binds))}"
+                                             ' "$@"\n')
+        deliver(command_sink(wrapper, "-P", f"ward3@127.0.0.1%{receiver.port}"), job, limit=30)
+        [received] = receiver.wait_jobs(1)
+    assert received.queue == "ward3"
+    assert received.data == job_bytes(job)
