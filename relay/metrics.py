@@ -1,0 +1,206 @@
+"""Every Prometheus metric lpd-relay exports, in one place (SPEC §7).
+
+The registry is passed in, so the daemon uses one registry for ``/metrics`` and
+each test a fresh ``CollectorRegistry`` it asserts on with ``get_sample_value``.
+
+Label values are bounded by construction: a queue label is a configured queue
+name (``"*"`` for the catch-all), a destination label is a destination URI as
+configured, anything else becomes ``"other"`` through ``queue_label`` /
+``destination_label``.  Rejection reasons, attempt results, retry reasons and
+spool states are fixed tuples below.  Every series those sets allow (the
+queue x destination pairs of the configured routes) is created at start, at 0,
+so dashboards and ``rate()`` see a series before its first event and the number
+of series never grows while the relay runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from relay.errors import REJECT_REASONS
+
+# The label value for every queue or destination name that is not configured.
+# Wire data (queue names typed by any client) must never mint new series.
+OTHER = "other"
+
+# Outcome of one delivery attempt: delivered, will be retried, or refused for
+# good (the job is held, SPEC §5).
+ATTEMPT_RESULTS = ("ok", "retry", "rejected")
+
+# Why an attempt is retried: TCP refused, a read/write timed out, connection
+# reset, a non-zero LPD reply byte, a sink that is temporarily unavailable
+# (unplugged USB device, exit code 75), anything else.
+RETRY_REASONS = ("refused", "timeout", "reset", "reply", "unavailable", "other")
+
+# A spooled job is waiting for delivery (queued) or held after give_up_after or
+# a permanent refusal; held jobs wait for `lpd-relay spool retry`.
+SPOOL_STATES = ("queued", "held")
+
+# Print jobs: a page to a LAN printer takes tens of milliseconds, a big job over
+# a VPN minutes, and with retries the end-to-end time reaches hours.
+DELIVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+
+# Waiting for an origin port is free when the pool has one and up to the
+# TIME_WAIT cool-down (60 s on Linux) when every reserved port is cooling.
+PORT_WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                     2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    """The metric objects, pre-labelled for the configured queues and destinations.
+
+    ``queues`` are the configured queue names (include ``"*"`` when a catch-all
+    is configured); ``destinations`` the destination URIs exactly as configured.
+    ``routes`` optionally lists the (queue, destination) pairs that can occur so
+    only those delivery series are pre-created; by default every pair is.
+    Callers always pass label values through ``queue_label`` and
+    ``destination_label``.
+    """
+
+    def __init__(self, registry: CollectorRegistry, *, queues: Iterable[str],
+                 destinations: Iterable[str],
+                 routes: Iterable[tuple[str, str]] | None = None) -> None:
+        # The *_created series double the series count and no dashboard or
+        # alert reads them; this process exports only lpd-relay's metrics.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self._queues = frozenset(queues)
+        self._destinations = frozenset(destinations)
+        self._create_intake(registry)
+        self._create_delivery(registry)
+        self._create_spool(registry)
+        self._create_connections(registry)
+        self._precreate(routes)
+
+    def queue_label(self, name: str) -> str:
+        """``name`` if it is a configured queue (or ``"*"`` when configured), else ``"other"``.
+
+        Pass the routed, configured queue name, not the name the client sent.
+        """
+        return name if name in self._queues else OTHER
+
+    def destination_label(self, name: str) -> str:
+        """``name`` if it is a configured destination URI, else ``"other"``."""
+        return name if name in self._destinations else OTHER
+
+    def set_spool(self, by_queue_state: Mapping[tuple[str, str], int], bytes: int,
+                  free: int) -> None:
+        """Set the spool gauges from a snapshot, e.g. the spool scanned at start.
+
+        ``by_queue_state`` maps (queue, state) to a job count; unconfigured
+        queues are summed under ``"other"``; pairs not in the snapshot become 0.
+        Raises ``ValueError`` for a state outside ``SPOOL_STATES``.
+        """
+        counts = {(q, s): 0 for q in self._queue_values() for s in SPOOL_STATES}
+        for (queue, state), n in by_queue_state.items():
+            if state not in SPOOL_STATES:
+                raise ValueError(f"unknown spool state {state!r}")
+            counts[(self.queue_label(queue), state)] += n
+        for (queue, state), n in counts.items():
+            self.spool_jobs.labels(queue, state).set(n)
+        self.spool_bytes.set(bytes)
+        self.spool_free_bytes.set(free)
+
+    def _queue_values(self) -> list[str]:
+        return sorted(self._queues | {OTHER})
+
+    def _destination_values(self) -> list[str]:
+        return sorted(self._destinations | {OTHER})
+
+    def _create_intake(self, r: CollectorRegistry) -> None:
+        self.jobs_received_total = Counter(
+            "lpdrelay_jobs_received_total",
+            "Jobs accepted and committed to the spool (acknowledged to the sender).",
+            ["queue"], registry=r)
+        self.bytes_received_total = Counter(
+            "lpdrelay_bytes_received_total",
+            "Bytes of control and data files of jobs committed to the spool.",
+            ["queue"], registry=r)
+        self.jobs_rejected_total = Counter(
+            "lpdrelay_jobs_rejected_total",
+            "Inbound jobs or connections refused, by reason.",
+            ["reason"], registry=r)
+
+    def _create_delivery(self, r: CollectorRegistry) -> None:
+        self.jobs_delivered_total = Counter(
+            "lpdrelay_jobs_delivered_total",
+            "Jobs the destination confirmed; the job then leaves the spool.",
+            ["queue", "destination"], registry=r)
+        self.bytes_delivered_total = Counter(
+            "lpdrelay_bytes_delivered_total",
+            "Data bytes of jobs the destination confirmed.",
+            ["queue", "destination"], registry=r)
+        self.delivery_attempts_total = Counter(
+            "lpdrelay_delivery_attempts_total",
+            "Delivery attempts, by result (ok, retry, rejected).",
+            ["destination", "result"], registry=r)
+        self.delivery_retries_total = Counter(
+            "lpdrelay_delivery_retries_total",
+            "Failed delivery attempts that will be retried, by reason.",
+            ["destination", "reason"], registry=r)
+        self.jobs_held_total = Counter(
+            "lpdrelay_jobs_held_total",
+            "Jobs moved to the held state (gave up retrying or refused for good).",
+            ["queue"], registry=r)
+        self.job_delivery_seconds = Histogram(
+            "lpdrelay_job_delivery_seconds",
+            "Seconds from a job's acknowledgement to its confirmed delivery, retries included.",
+            ["queue"], buckets=DELIVERY_BUCKETS, registry=r)
+        self.destination_up = Gauge(
+            "lpdrelay_destination_up",
+            "1 when the last delivery attempt to the destination succeeded, 0 when it failed.",
+            ["destination"], registry=r)
+
+    def _create_spool(self, r: CollectorRegistry) -> None:
+        self.spool_jobs = Gauge(
+            "lpdrelay_spool_jobs", "Jobs in the spool, by queue and state (queued, held).",
+            ["queue", "state"], registry=r)
+        self.spool_bytes = Gauge(
+            "lpdrelay_spool_bytes", "Bytes of the jobs in the spool.", registry=r)
+        self.spool_free_bytes = Gauge(
+            "lpdrelay_spool_free_bytes",
+            "Bytes free for the relay on the spool's file system.", registry=r)
+
+    def _create_connections(self, r: CollectorRegistry) -> None:
+        self.inbound_connections = Gauge(
+            "lpdrelay_inbound_connections", "Open inbound LPD connections.", registry=r)
+        self.origin_ports_in_use = Gauge(
+            "lpdrelay_origin_ports_in_use",
+            "Origin ports held by outbound LPD connections.", registry=r)
+        self.origin_port_exhausted_total = Counter(
+            "lpdrelay_origin_port_exhausted_total",
+            "Times a sender found every origin port busy or cooling and had to wait.",
+            registry=r)
+        self.origin_port_wait_seconds = Histogram(
+            "lpdrelay_origin_port_wait_seconds",
+            "Seconds a sender waited for an origin port (0 when one was free).",
+            buckets=PORT_WAIT_BUCKETS, registry=r)
+
+    def _precreate(self, routes: Iterable[tuple[str, str]] | None) -> None:
+        # Touching .labels() creates the child at 0: the series exists before
+        # its first event, so rate() and absent-value panels behave.
+        for reason in REJECT_REASONS:
+            self.jobs_rejected_total.labels(reason)
+        for q in self._queue_values():
+            self.jobs_received_total.labels(q)
+            self.bytes_received_total.labels(q)
+            self.jobs_held_total.labels(q)
+            self.job_delivery_seconds.labels(q)
+            for state in SPOOL_STATES:
+                self.spool_jobs.labels(q, state)
+        for d in self._destination_values():
+            for result in ATTEMPT_RESULTS:
+                self.delivery_attempts_total.labels(d, result)
+            for reason in RETRY_REASONS:
+                self.delivery_retries_total.labels(d, reason)
+            # Up until an attempt says otherwise: a destination nothing was
+            # sent to since start is not an outage (no alert after restart).
+            self.destination_up.labels(d).set(1)
+        pairs = ([(q, d) for q in self._queues for d in self._destinations]
+                 if routes is None else list(routes))
+        for q, d in pairs:
+            ql, dl = self.queue_label(q), self.destination_label(d)
+            self.jobs_delivered_total.labels(ql, dl)
+            self.bytes_delivered_total.labels(ql, dl)
