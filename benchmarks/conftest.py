@@ -1,0 +1,67 @@
+"""Benchmark plumbing: the size scale, and ratios printed at the end of the run.
+
+Benchmarks come in pairs (the compiled core and a baseline); each pair's
+ratio goes into ``benchmark.extra_info`` and onto the terminal summary, so
+``pytest benchmarks --benchmark-only`` ends with lines such as
+``ratio small-jobs c/py speedup: 23.4x``.  ``LPD_BENCH_SCALE`` (default 1.0)
+scales every size, e.g. ``LPD_BENCH_SCALE=0.01 pytest benchmarks
+--benchmark-disable`` as a quick smoke run.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+# pair -> (numerator side, denominator side, label): ratio = time(num) / time(den).
+PAIRS = {
+    "small-jobs": ("py", "c", "ratio small-jobs c/py speedup (target >= 10x)"),
+    "body-stream": ("parser", "slicing",
+                    "ratio body-stream parser/slicing time (target <= 2x)"),
+}
+RATIOS: dict[str, float] = {}
+_TIMES: dict[tuple[str, str], float] = {}
+
+
+def scale() -> float:
+    """The LPD_BENCH_SCALE multiplier for benchmark sizes."""
+    return float(os.environ.get("LPD_BENCH_SCALE", "1.0"))
+
+
+def record(benchmark: Any, pair: str, side: str, work: float, unit: str) -> None:
+    """Note one side's best time; once both sides of ``pair`` ran, store the ratio.
+
+    ``work`` (jobs, bytes, ...) over the best time gives a rate in extra_info.
+    """
+    stats = getattr(benchmark, "stats", None)
+    if not stats:  # --benchmark-disable: the function ran once, untimed
+        return
+    best = stats.stats.min
+    benchmark.extra_info[f"{unit}_per_second"] = work / best
+    _TIMES[pair, side] = best
+    num, den, _ = PAIRS[pair]
+    if (pair, num) in _TIMES and (pair, den) in _TIMES:
+        RATIOS[pair] = _TIMES[pair, num] / _TIMES[pair, den]
+        benchmark.extra_info[f"ratio_{num}_over_{den}"] = RATIOS[pair]
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not RATIOS:
+        return
+    terminalreporter.section("lpd-relay benchmark ratios")
+    for pair, ratio in RATIOS.items():
+        terminalreporter.write_line(f"{PAIRS[pair][2]}: {ratio:.2f}x")
+
+
+@pytest.fixture(scope="session")
+def bench_scale() -> float:
+    """LPD_BENCH_SCALE (float, default 1.0)."""
+    return scale()
+
+
+@pytest.fixture(scope="session")
+def record_ratio() -> Any:
+    """``record`` from the conftest instance pytest loaded (it owns RATIOS)."""
+    return record

@@ -1,0 +1,274 @@
+"""LPD control files (RFC 1179 §7): the record, parse, serialize, rewrite.
+
+A control file is a list of lines, each one command letter and a value.  The
+record keeps every line in order, so ``serialize()`` gives back the bytes it
+was parsed from and nothing a sender wrote is lost on the way through the
+relay; typed properties answer the questions the rest of the relay asks
+(who, from where, which data files in which format).
+
+``rewrite()`` is what delivery needs (SPEC §5): a fresh job number and
+``cfA``/``dfA`` names for the destination, the ``H`` line untouched, ``U``
+lines renamed and ``S`` lines dropped.  Values are decoded latin-1 so every
+byte round-trips; ``as_text()`` re-reads a value as UTF-8 for display.
+
+Pure Python: control files are a few hundred bytes, parsed once per job.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass, field
+
+from relay.errors import ProtocolError
+
+# RFC 1179 §7 lists c d f g k l n o p r t v z as formats; LPRng takes every
+# lowercase letter as "print this data file in this format".
+FORMAT_LETTERS = frozenset(string.ascii_lowercase)
+# Command letters: upper- and lowercase letters, and the troff font lines 1-4.
+_LETTERS = frozenset(string.ascii_letters + string.digits)
+# Data-file letters of a rewritten job, in order: dfA..dfZ, dfa..dfz.
+_DF_LETTERS = string.ascii_uppercase + string.ascii_lowercase
+# Bytes refused inside a value: controls other than TAB, and DEL.
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_BAD_HOST = re.compile(r"[\x00-\x20\x7f/\\]")
+# cfA / dfA (RFC), cf / df, and the HP-style cA / c prefixes.
+_JOB_NAME = re.compile(r"(?P<prefix>[cd]f[A-Za-z]|[cd]f|[cd][A-Za-z]|[cd]?)"
+                       r"(?P<digits>[0-9]*)(?P<host>.*)", re.DOTALL)
+
+
+def _malformed(message: str) -> ProtocolError:
+    return ProtocolError(message, reply=3, reason="malformed")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrintFile:
+    """One format line: print data file ``name`` as ``format`` (e.g. "l", "f")."""
+
+    format: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobName:
+    """A control- or data-file name split: ``cfA`` + ``123`` + ``host``."""
+
+    prefix: str
+    number: str
+    host: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ControlFile:
+    """The ordered (letter, value) lines of a control file.
+
+    ``newline`` is "\\n", or "\\r\\n" when every line of the original ended so;
+    ``final_newline`` is False when the last line had no line end.  Both only
+    exist so ``serialize()`` reproduces what was parsed.
+    """
+
+    lines: tuple[tuple[str, str], ...]
+    newline: str = "\n"
+    final_newline: bool = True
+    _index: dict[str, str] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if not self.lines:
+            raise ValueError("a control file has at least one line")
+        if self.newline not in ("\n", "\r\n"):
+            raise ValueError(f"newline must be LF or CR LF, not {self.newline!r}")
+        index: dict[str, str] = {}
+        for letter, value in self.lines:
+            if len(letter) != 1 or letter not in _LETTERS:
+                raise ValueError(f"bad command letter {letter!r}")
+            if _BAD_VALUE.search(value.encode("latin-1")):
+                raise ValueError(f"control character in value {value!r}")
+            index.setdefault(letter, value)
+        object.__setattr__(self, "_index", index)
+
+    def first(self, letter: str) -> str | None:
+        """The value of the first ``letter`` line, or None."""
+        return self._index.get(letter)
+
+    def values(self, letter: str) -> tuple[str, ...]:
+        """The values of every ``letter`` line, in order."""
+        return tuple(value for key, value in self.lines if key == letter)
+
+    @property
+    def host(self) -> str | None:
+        """H: the host the job came from (kept unchanged when forwarding)."""
+        return self.first("H")
+
+    @property
+    def user(self) -> str | None:
+        """P: the user (login name) who submitted the job."""
+        return self.first("P")
+
+    @property
+    def job_name(self) -> str | None:
+        """J: the job name shown in banners and lpq."""
+        return self.first("J")
+
+    @property
+    def job_class(self) -> str | None:
+        """C: the class for the banner page."""
+        return self.first("C")
+
+    @property
+    def banner(self) -> str | None:
+        """L: print a banner page for this user name."""
+        return self.first("L")
+
+    @property
+    def source_name(self) -> str | None:
+        """N: the name of the source file (first N line)."""
+        return self.first("N")
+
+    @property
+    def title(self) -> str | None:
+        """T: title for pr."""
+        return self.first("T")
+
+    @property
+    def mail(self) -> str | None:
+        """M: mail this user when the job is done."""
+        return self.first("M")
+
+    @property
+    def indent(self) -> int | None:
+        """I: indent for the f format, or None when absent or not a number."""
+        return _number(self.first("I"))
+
+    @property
+    def width(self) -> int | None:
+        """W: page width for the f, l and p formats, or None."""
+        return _number(self.first("W"))
+
+    @property
+    def identifier(self) -> str | None:
+        """A: LPRng's job identifier."""
+        return self.first("A")
+
+    @property
+    def queue_name(self) -> str | None:
+        """Q: LPRng's original queue name."""
+        return self.first("Q")
+
+    @property
+    def accounting(self) -> str | None:
+        """R: LPRng's accounting name."""
+        return self.first("R")
+
+    @property
+    def options(self) -> str | None:
+        """Z: filter options (LPRng, CUPS)."""
+        return self.first("Z")
+
+    @property
+    def print_files(self) -> tuple[PrintFile, ...]:
+        """Every format line, in order (a repeated line is another copy)."""
+        return tuple(PrintFile(format=letter, name=value)
+                     for letter, value in self.lines if letter in FORMAT_LETTERS)
+
+    @property
+    def data_files(self) -> tuple[str, ...]:
+        """Distinct data-file names referenced by format lines, first seen first."""
+        seen = dict.fromkeys(value for letter, value in self.lines if letter in FORMAT_LETTERS)
+        return tuple(seen)
+
+    def serialize(self) -> bytes:
+        """The control file's bytes (without the transfer's trailing NUL)."""
+        text = self.newline.join(letter + value for letter, value in self.lines)
+        if self.final_newline:
+            text += self.newline
+        return text.encode("latin-1")
+
+
+def _number(value: str | None) -> int | None:
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value)
+
+
+def as_text(value: str) -> str:
+    """A latin-1 decoded value re-read as UTF-8 when it is valid UTF-8 (for display)."""
+    raw = value.encode("latin-1")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return value
+
+
+def parse_control_file(data: bytes) -> ControlFile:
+    """Parse a control file; ProtocolError(reply=3, reason="malformed") if it is not one.
+
+    LF and CR LF line ends are both accepted (Windows senders), as is a last
+    line without a line end.  Refused: an empty file, a NUL or other control
+    character inside, a line that does not start with a command letter.
+    """
+    if not data:
+        raise _malformed("empty control file")
+    final_newline = data.endswith(b"\n")
+    raw_lines = (data[:-1] if final_newline else data).split(b"\n")
+    ended = raw_lines if final_newline else raw_lines[:-1]
+    crlf = bool(ended) and all(line.endswith(b"\r") for line in ended)
+    lines: list[tuple[str, str]] = []
+    for raw in raw_lines:
+        line = raw[:-1] if raw.endswith(b"\r") else raw
+        if not line or chr(line[0]) not in _LETTERS:
+            raise _malformed(f"control-file line without a command letter: {raw[:40]!r}")
+        if _BAD_VALUE.search(line):
+            raise _malformed(f"control character in control-file line {raw[:40]!r}")
+        lines.append((chr(line[0]), line[1:].decode("latin-1")))
+    return ControlFile(lines=tuple(lines), newline="\r\n" if crlf else "\n",
+                       final_newline=final_newline)
+
+
+def split_job_name(name: str) -> JobName:
+    """Split ``cfA123host`` into prefix, job number and host.
+
+    3-6 digit numbers are taken whole (RFC 3, FreeBSD 5, LPRng 6).  When the
+    digits run into an IPv4 host (Windows: ``cfA123192.168.1.5``) or there are
+    more than six of them, the number is the first three.  No digits gives
+    an empty number.
+    """
+    match = _JOB_NAME.fullmatch(name)
+    assert match is not None  # the pattern matches every string
+    prefix, digits, host = match.group("prefix", "digits", "host")
+    if len(digits) > 6 or (len(digits) > 3 and host.startswith(".")):
+        digits, host = digits[:3], digits[3:] + host
+    return JobName(prefix=prefix, number=digits, host=host)
+
+
+def rewrite(cf: ControlFile, *, number: int, host: str,
+            digits: int = 3) -> tuple[ControlFile, str, dict[str, str]]:
+    """Rename a job for a destination (SPEC §5).
+
+    Returns the new control file, its name ``cfA<number><host>`` and the map
+    from old data-file names to ``dfA..dfZ, dfa..dfz`` (first reference
+    first).  Format and U lines follow the new names; U lines naming no data
+    file of the job and all S (symlink) lines are dropped; every other line,
+    H included, is kept.  The result uses LF line ends.
+    """
+    if not 3 <= digits <= 6:
+        raise ValueError("job numbers have 3 to 6 digits")
+    if number < 0:
+        raise ValueError("negative job number")
+    if not host or _BAD_HOST.search(host) or len(host) > 200:
+        raise ValueError(f"host {host!r} cannot be part of a file name")
+    job = f"{number % 10**digits:0{digits}d}{host}"
+    names = cf.data_files
+    if len(names) > len(_DF_LETTERS):
+        raise _malformed(f"{len(names)} data files; at most {len(_DF_LETTERS)} can be named")
+    mapping = {old: f"df{_DF_LETTERS[i]}{job}" for i, old in enumerate(names)}
+    lines: list[tuple[str, str]] = []
+    for letter, value in cf.lines:
+        if letter in FORMAT_LETTERS:
+            lines.append((letter, mapping[value]))
+        elif letter == "U":
+            # U = unlink after printing: only meaningful for this job's files.
+            if value in mapping:
+                lines.append((letter, mapping[value]))
+        elif letter != "S":  # S = symlink check data of the original host
+            lines.append((letter, value))
+    return ControlFile(lines=tuple(lines)), f"cfA{job}", mapping
