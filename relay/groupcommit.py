@@ -1,0 +1,301 @@
+"""Group commit: many jobs made durable by one flush (SPEC §4.4).
+
+A job is acknowledged only once it is on disk, yet one ``fsync`` per job would
+cap intake at the disk's flush rate (one journal commit per job).  So jobs that
+finish while a flush is running wait together and share the next one.
+
+There is no background task: the first ``submit()`` that finds no flush
+running becomes the *leader*, takes every pending item and runs the flush in a
+worker thread; the others wait and one of them leads the next batch.  Nothing
+has to be started or stopped, and it works in whatever trio run calls it.
+
+The flush itself is the spool's business; this module also holds the
+durability primitives it uses: ``syncfs(2)`` with an ``fdatasync`` fallback,
+the writeback hint that keeps large jobs from piling up dirty pages, and the
+small file helpers (atomic replace, idempotent unlink, ENOSPC -> DiskFull).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import trio
+
+from relay.errors import DiskFull, SpoolError
+
+T = TypeVar("T")
+
+# Flush returns one entry per item: None = durable, else the item's error.
+FlushFn = Callable[[list[T]], list[Exception | None]]
+
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback, do not wait
+# A slot is taken by the first flush that starts after it was queued, so a
+# submit() makes ~3 passes; the bound only guards against a logic error.
+_MAX_PASSES = 1_000_000
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - no C library to load (not Linux)
+        return None
+
+
+_LIBC = _libc()
+_SYNCFS = getattr(_LIBC, "syncfs", None) if _LIBC is not None else None
+_SYNC_FILE_RANGE = getattr(_LIBC, "sync_file_range", None) if _LIBC is not None else None
+if _SYNCFS is not None:
+    _SYNCFS.argtypes = [ctypes.c_int]
+    _SYNCFS.restype = ctypes.c_int
+if _SYNC_FILE_RANGE is not None:
+    _SYNC_FILE_RANGE.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    _SYNC_FILE_RANGE.restype = ctypes.c_int
+
+SYNC_METHODS = ("auto", "syncfs", "fdatasync")
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing a range back now, without waiting.
+
+    A large job streamed under ``fsync = "always"`` would otherwise leave
+    gigabytes dirty for the commit to flush at once — stalling every small job
+    batched with it.  Best effort: silently nothing where unsupported.
+    """
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
+class Syncer:
+    """Makes everything written under one directory durable.
+
+    ``syncfs`` flushes the whole filesystem in one call: one journal commit for
+    the batch (64 jobs: 6.7 ms, against 45 ms for ``fdatasync`` of each file
+    from 64 threads; docs/spool.md).  ``fdatasync`` is the portable fallback:
+    each file, then the directory (new names live in the directory).
+    """
+
+    def __init__(self, directory: str, method: str = "auto") -> None:
+        if method not in SYNC_METHODS:
+            raise ValueError(f"sync method must be one of {SYNC_METHODS}, not {method!r}")
+        if method == "syncfs" and _SYNCFS is None:
+            raise SpoolError("syncfs(2) is not available on this system")
+        self.method = "syncfs" if method != "fdatasync" and _SYNCFS is not None else "fdatasync"
+        self._dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def sync(self, paths: Sequence[str]) -> int:
+        """Make ``paths`` and the directory entries naming them durable; returns sync calls."""
+        if self.method == "syncfs" and _SYNCFS is not None:
+            if _SYNCFS(self._dirfd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs: {os.strerror(err)}")
+            return 1
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        os.fsync(self._dirfd)
+        return len(paths) + 1
+
+    def close(self) -> None:
+        if self._dirfd >= 0:
+            os.close(self._dirfd)
+            self._dirfd = -1
+
+
+# --- file primitives shared by the spool ------------------------------------------------
+
+FILE_MODE = 0o640  # spool files: print jobs may be private
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> int:
+    """os.write until all of ``data`` is written, slicing a memoryview (no copies)."""
+    view = memoryview(data)
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    total = len(view)
+    while view:  # bounded: every pass writes at least one byte or raises
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.EIO, "write returned nothing")
+        view = view[n:]
+    return total
+
+
+def write_file(path: str, data: bytes, *, flags: int = os.O_TRUNC) -> None:
+    """Create (or with O_EXCL: only create) ``path`` holding ``data``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | flags, FILE_MODE)
+    try:
+        write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str, data: bytes, *, fsync: bool) -> None:
+    """Replace ``path`` by ``data`` via a per-process dot-temp name and rename.
+
+    Readers see the old or the new content, never a torn one; with ``fsync``
+    the new content and name are durable on return.
+    """
+    head, tail = os.path.split(path)
+    tmp = os.path.join(head, f".{tail}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+    try:
+        write_all(fd, data)
+        if fsync:
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    if fsync:
+        fsync_directory(head)
+
+
+def read_file(path: str) -> bytes | None:
+    """The file's bytes, or None when it does not exist."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def unlink_quiet(path: str) -> None:
+    """Unlink; a file already gone is fine (removal is idempotent).
+
+    A directory under a spool name is not ours to remove: left alone.
+    """
+    with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+        os.unlink(path)
+
+
+def fsync_directory(path: str) -> None:
+    """fsync a directory so a rename or unlink in it survives power loss."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def disk_error(exc: OSError, what: str) -> SpoolError:
+    """Map an OSError to the spool's error tree: ENOSPC/EDQUOT -> DiskFull."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"{what}: disk full")
+    return SpoolError(f"{what}: {exc.strerror or exc}")
+
+
+# --- group commit --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GroupCommitStatistics:
+    batches: int        # flushes run
+    items: int          # items made durable or failed by those flushes
+    largest_batch: int
+
+
+class _Slot(Generic[T]):
+    __slots__ = ("done", "error", "item", "taken")
+
+    def __init__(self, item: T) -> None:
+        self.item = item
+        self.taken: trio.Event | None = None  # the batch's "flushed" event once taken
+        self.done = False
+        self.error: Exception | None = None
+
+
+class GroupCommit(Generic[T]):
+    """Batches ``submit()`` calls from many tasks into one ``flush`` per batch.
+
+    ``flush(items)`` runs in a worker thread, one at a time, and returns one
+    ``Exception | None`` per item.  When ``submit`` returns or raises, the
+    flush no longer touches its item, so the caller may clean it up.
+    """
+
+    def __init__(self, flush: FlushFn[T]) -> None:
+        self._flush = flush
+        self._pending: list[_Slot[T]] = []
+        self._flushing: trio.Event | None = None
+        # Our own limiter: a busy default thread pool must not delay durability.
+        self._limiter = trio.CapacityLimiter(1)
+        self._batches = 0
+        self._items = 0
+        self._largest = 0
+
+    async def submit(self, item: T) -> None:
+        """Return once ``item`` was flushed; raise the error the flush reported for it."""
+        slot = _Slot(item)
+        self._pending.append(slot)
+        try:
+            await self._lead_or_wait(slot)
+        except BaseException:
+            # Cancelled before a flush took the item: it was never handed over.
+            if slot.taken is None:
+                self._pending.remove(slot)
+            raise
+        if slot.error is not None:
+            raise slot.error
+
+    async def _lead_or_wait(self, slot: _Slot[T]) -> None:
+        # Bounded: each pass either runs a flush (which takes this slot) or waits
+        # for the running one to end; a slot is taken by the first flush after it.
+        for _ in range(_MAX_PASSES):
+            if slot.done:
+                return
+            if slot.taken is not None:
+                # Our item is inside a running flush: wait it out even when
+                # cancelled, so no thread still writes it when we return.
+                with trio.CancelScope(shield=True):
+                    await slot.taken.wait()
+            elif self._flushing is None:
+                await self._lead()
+            else:
+                await self._flushing.wait()
+        raise SpoolError("group commit: item never flushed")  # pragma: no cover
+
+    async def _lead(self) -> None:
+        batch, self._pending = self._pending, []
+        flushed = trio.Event()
+        self._flushing = flushed
+        for slot in batch:
+            slot.taken = flushed
+        try:
+            # Not abandonable: a cancelled leader still waits for the thread.
+            errors = await trio.to_thread.run_sync(
+                self._flush, [s.item for s in batch], limiter=self._limiter)
+        except Exception as exc:  # the flush broke its contract; fail the batch
+            errors = [SpoolError(f"group commit failed: {exc}") for _ in batch]
+        except BaseException:
+            # Cancelled before the thread started: hand the items back untouched
+            # (the leader's own slot is then dropped by its submit()).
+            for slot in batch:
+                slot.taken = None
+            self._pending[:0] = batch
+            raise
+        finally:
+            self._flushing = None
+            flushed.set()
+        for slot, error in zip(batch, errors, strict=True):
+            slot.error = error
+            slot.done = True
+        self._batches += 1
+        self._items += len(batch)
+        self._largest = max(self._largest, len(batch))
+
+    async def wait_idle(self) -> None:
+        """Wait until no flush is running (used before closing the directory)."""
+        for _ in range(1_000_000):  # bounded; each pass waits for one whole flush
+            if self._flushing is None:
+                return
+            await self._flushing.wait()
+
+    def statistics(self) -> GroupCommitStatistics:
+        return GroupCommitStatistics(
+            batches=self._batches, items=self._items, largest_batch=self._largest)
