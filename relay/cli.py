@@ -84,7 +84,8 @@ COMMANDS: tuple[Command, ...] = (
                 Arg(names=("--jobs",), options={"type": int, "default": 1000}),
                 Arg(names=("--concurrency",), options={"type": int, "default": 16}),
                 Arg(names=("--size",), options={"default": "1KiB"}),
-                MODE_ARG)),
+                MODE_ARG,
+                Arg(names=("--json",), options={"action": "store_true"}))),
 )
 
 

@@ -1,0 +1,201 @@
+"""End to end into the spool: a real relay process, load from this process on loopback.
+
+small jobs: 1-KiB jobs through the whole inbound path (TCP, the core, the
+spool, the acknowledgement after the group commit), fsync "always" vs
+"never", at concurrency 1 and 64; baseline: LPRng's lpd taking the same jobs
+on the same machine (FIELD-NOTES measured ~250 jobs/s).
+
+large job: one job of 1 GiB (x LPD_BENCH_SCALE) sent with sendfile; baselines
+in the same run: ``cat file > /dev/null`` (page-cache read speed) and a plain
+Python receiver doing recv_into + write into a file (raw TCP-to-disk).
+
+The relay's destination is down (a closed port, retry in an hour), so only
+intake is measured.  Results: a table and ratios printed at the end of the
+module, and ``benchmark.extra_info``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from relay import client
+from relay.loadgen import run_load
+from relay.uri import parse_destination
+from tests.daemon import RelayProcess
+from tests.peers import LprngServer
+
+SCALE = float(os.environ.get("LPD_BENCH_SCALE", "1.0"))
+SMALL_JOBS = max(64, int(3000 * SCALE))
+LPRNG_JOBS = min(900, SMALL_JOBS)   # LPRng holds at most 1,000 jobs a queue (FIELD-NOTES)
+BIG = max(8 << 20, int((1 << 30) * SCALE))
+RESULTS: dict[str, float] = {}
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def relay_config(tmp: Path, fsync: str) -> Path:
+    path = tmp / f"relay-{fsync}.toml"
+    path.write_text(f"""
+[server]
+listen = ["127.0.0.1:0"]
+spool_dir = "{tmp / f'spool-{fsync}'}"
+min_free_disk = "0B"
+max_connections = 2000
+max_connections_per_host = 2000
+fsync = "{fsync}"
+[metrics]
+listen = ""
+[log]
+level = "warning"
+[retry]
+initial = "1h"
+max = "1h"
+[queues.q]
+destinations = ["socket://127.0.0.1:{_closed_port()}"]
+""")
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report(request: pytest.FixtureRequest) -> Any:
+    yield
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None or not RESULTS:
+        return
+    with capture.global_and_fixture_disabled():
+        _write_report(reporter)
+
+
+def _write_report(reporter: Any) -> None:
+    reporter.write_line("")
+    reporter.write_line("lpd-relay inbound benchmark")
+    for key, value in RESULTS.items():
+        reporter.write_line(f"  {key}: {value:,.1f}")
+    pairs = [
+        ("small c=1: fsync always / never", "jobs/s fsync=always c=1", "jobs/s fsync=never c=1"),
+        ("small c=64: fsync always / never", "jobs/s fsync=always c=64",
+         "jobs/s fsync=never c=64"),
+        ("small c=64 fsync always: relay / LPRng lpd", "jobs/s fsync=always c=64",
+         "jobs/s LPRng lpd c=16"),
+        ("1 GiB fsync never: relay / raw TCP-to-file", "MB/s relay fsync=never",
+         "MB/s raw TCP-to-file"),
+        ("1 GiB fsync always: relay / raw TCP-to-file", "MB/s relay fsync=always",
+         "MB/s raw TCP-to-file"),
+        ("1 GiB fsync never: relay / cat file > /dev/null", "MB/s relay fsync=never",
+         "MB/s cat file > /dev/null"),
+    ]
+    for label, num, den in pairs:
+        if num in RESULTS and den in RESULTS and RESULTS[den]:
+            reporter.write_line(f"ratio {label}: {RESULTS[num] / RESULTS[den]:.2f}x")
+
+
+def _load(port: int, queue: str, jobs: int, concurrency: int) -> float:
+    dest = parse_destination(f"lpd://127.0.0.1:{port}/{queue}")
+    result = trio.run(lambda: run_load(dest, jobs=jobs, concurrency=concurrency, size=1024))
+    assert result.ok == jobs, result.failures
+    return result.jobs_per_second
+
+
+@pytest.mark.parametrize("concurrency", [1, 64])
+@pytest.mark.parametrize("fsync", ["always", "never"])
+def test_small_jobs(tmp_path: Path, benchmark: Any, fsync: str, concurrency: int) -> None:
+    with RelayProcess(relay_config(tmp_path, fsync)) as relay:
+        rate = benchmark.pedantic(_load, args=(relay.port, "q", SMALL_JOBS, concurrency),
+                                  rounds=1, iterations=1)
+    RESULTS[f"jobs/s fsync={fsync} c={concurrency}"] = rate
+    benchmark.extra_info["jobs_per_second"] = rate
+
+
+@pytest.mark.peers
+def test_small_jobs_lprng_baseline(tmp_path: Path, benchmark: Any) -> None:
+    with LprngServer(tmp_path / "lprng", queues=("q",)) as lprng:
+        rate = benchmark.pedantic(_load, args=(lprng.port, "q", LPRNG_JOBS, 16),
+                                  rounds=1, iterations=1)
+    RESULTS["jobs/s LPRng lpd c=16"] = rate
+    benchmark.extra_info["jobs_per_second"] = rate
+
+
+@pytest.fixture(scope="module")
+def big_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("big") / "big.bin"
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(BIG >> 20):
+            f.write(block)
+    return path
+
+
+def _send_big(port: int, path: Path) -> float:
+    size = path.stat().st_size
+
+    async def main() -> None:
+        ch = await client.open_channel("127.0.0.1", port, io_timeout=120)
+        try:
+            await client.send_job(ch, queue="q", cf_name="cfA001bench",
+                                  control=b"Hbench\nPbench\nldfA001bench\n",
+                                  files=[client.OutFile(name="dfA001bench", size=size,
+                                                        path=str(path))])
+        finally:
+            await ch.aclose()
+    start = time.perf_counter()
+    trio.run(main)
+    return size / (time.perf_counter() - start) / 1e6
+
+
+@pytest.mark.parametrize("fsync", ["always", "never"])
+def test_large_job(tmp_path: Path, benchmark: Any, big_file: Path, fsync: str) -> None:
+    with RelayProcess(relay_config(tmp_path, fsync)) as relay:
+        rate = benchmark.pedantic(_send_big, args=(relay.port, big_file), rounds=1, iterations=1)
+    RESULTS[f"MB/s relay fsync={fsync}"] = rate
+    benchmark.extra_info["mb_per_second"] = rate
+
+
+def _raw_tcp_to_file(path: Path, out: Path) -> float:
+    """Baseline: recv_into one buffer + os.write into a file, sender uses sendfile."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def receive() -> None:
+        conn, _ = server.accept()
+        buf = bytearray(256 * 1024)
+        view = memoryview(buf)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            while n := conn.recv_into(buf):
+                os.write(fd, view[:n])
+        finally:
+            os.close(fd)
+            conn.close()
+    thread = threading.Thread(target=receive)
+    thread.start()
+    size = path.stat().st_size
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as s, open(path, "rb") as f:
+        s.sendfile(f)
+    thread.join(120)
+    server.close()
+    return size / (time.perf_counter() - start) / 1e6
+
+
+def test_large_job_baselines(tmp_path: Path, benchmark: Any, big_file: Path) -> None:
+    rate = benchmark.pedantic(_raw_tcp_to_file, args=(big_file, tmp_path / "copy.bin"),
+                              rounds=1, iterations=1)
+    RESULTS["MB/s raw TCP-to-file"] = rate
+    start = time.perf_counter()
+    subprocess.run(f"cat '{big_file}' > /dev/null", shell=True, check=True)
+    RESULTS["MB/s cat file > /dev/null"] = big_file.stat().st_size / (
+        time.perf_counter() - start) / 1e6

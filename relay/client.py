@@ -1,0 +1,201 @@
+"""Outbound LPD client: send a job, ask for queue state, remove jobs (RFC 1179 §5).
+
+Used by the ``lpd://`` sink and by ``lpd-relay send|queue|remove``.  The bytes
+on the wire come from ``relay._core`` (headers are written whole, in one send
+each — FIELD-NOTES pain point 11); replies are read with its ``ReplyParser``,
+which tolerates a stray LF after the reply byte and LPRng's error lines.
+
+Data files go out with ``os.sendfile`` straight from the spool file (SPEC §5:
+zero-copy, never loaded whole into memory).  Every read and write has its own
+deadline (``timeout``), and a stalled peer can never block a queue for longer
+than that — FIELD-NOTES pain point 5.
+
+Reply handling: 0x00 ok; 0x01/0x02 and a closed connection -> ``SinkUnavailable``
+(retry later); 0x03 -> ``SinkRejected`` (hold, with the peer's message).
+"""
+
+from __future__ import annotations
+
+import os
+import socket as pysocket
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from relay import _core
+from relay.errors import REPLY_BAD_JOB, REPLY_OK, SinkRejected, SinkUnavailable
+from relay.sinks.base import stream_file
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutFile:
+    """A data file to send: from a file on disk (``path``) or from memory (``data``)."""
+
+    name: str
+    size: int
+    path: str | None = None
+    data: bytes | None = None
+
+
+class Channel:
+    """One connected LPD socket with per-operation deadlines."""
+
+    def __init__(self, sock: trio.socket.SocketType, *, timeout: float, peer: str,
+                 closer: Callable[[bool], Awaitable[None]] | None = None) -> None:
+        self.sock = sock
+        self.timeout = timeout
+        self.peer = peer
+        self._closer = closer
+        self._replies = _core.ReplyParser()
+
+    async def send_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        with trio.fail_after(self.timeout):
+            while view:
+                sent = await self.sock.send(view)
+                view = view[sent:]
+
+    async def send_file(self, path: str, size: int) -> None:
+        """Zero-copy ``sendfile`` of a spool file; the deadline restarts on progress."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            sent = await stream_file(self.sock.fileno(), fd, idle_timeout=self.timeout)
+        finally:
+            os.close(fd)
+        if sent != size:
+            raise SinkRejected(f"spool file {path} has {sent} bytes, expected {size}")
+
+    async def reply(self, step: str) -> _core.Reply:
+        parser = self._replies
+        with trio.fail_after(self.timeout):
+            while True:
+                reply = parser.next_reply()
+                if reply is not _core.NEED_DATA:
+                    return reply
+                parser.feed(await self.sock.recv(4096))
+
+    async def expect_ok(self, step: str) -> None:
+        reply = await self.reply(step)
+        if reply.code == REPLY_OK:
+            return
+        if reply.code == -1:
+            raise SinkUnavailable(f"{self.peer} closed the connection after {step}")
+        message = f"{self.peer} answered 0x{reply.code:02x} to {step}"
+        if reply.message:
+            message += f": {reply.message.strip()}"
+        if reply.code == REPLY_BAD_JOB:
+            raise SinkRejected(message)
+        raise SinkUnavailable(message)
+
+    async def read_text(self, limit: int = 1 << 20) -> str:
+        chunks: list[bytes] = []
+        total = 0
+        with trio.fail_after(self.timeout):
+            while total < limit:
+                data = await self.sock.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+                total += len(data)
+        return b"".join(chunks).decode("utf-8", "replace")
+
+    def half_close(self) -> None:
+        self.sock.shutdown(pysocket.SHUT_WR)
+
+    async def aclose(self, *, peer_closed: bool = False) -> None:
+        if self._closer is not None:
+            await self._closer(peer_closed)
+        else:
+            self.sock.close()
+
+
+async def open_channel(host: str, port: int, *, io_timeout: float) -> Channel:
+    """A plain connection from an ephemeral port (no origin-port pool)."""
+    try:
+        with trio.fail_after(io_timeout):
+            infos = await trio.socket.getaddrinfo(host, port, type=pysocket.SOCK_STREAM)
+            family, type_, proto, _, addr = infos[0]
+            sock = trio.socket.socket(family, type_, proto)
+            try:
+                sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
+                await sock.connect(addr)
+            except BaseException:
+                sock.close()
+                raise
+    except (OSError, trio.TooSlowError) as exc:
+        raise SinkUnavailable(f"cannot connect to {host}:{port}: {exc or 'timed out'}") from exc
+    return Channel(sock, timeout=io_timeout, peer=f"{host}:{port}")
+
+
+async def send_job(ch: Channel, *, queue: str, cf_name: str, control: bytes,
+                   files: Sequence[OutFile], mode: str = "count",
+                   order: str = "control-first") -> None:
+    """Send one job in one 0x02 session and wait for every acknowledgement.
+
+    In ``stream``/``windows`` mode the last data file carries the fake length,
+    runs to our half-close and has no trailing NUL; the control file then has
+    to go first whatever ``order`` says.
+    """
+    await ch.send_all(_core.receive_job(queue))
+    await ch.expect_ok(f"receive job for queue {queue!r}")
+    await send_job_files(ch, cf_name=cf_name, control=control, files=files, mode=mode,
+                         order=order)
+
+
+async def send_job_files(ch: Channel, *, cf_name: str, control: bytes,
+                         files: Sequence[OutFile], mode: str, order: str) -> None:
+    """The subcommands of one job inside an open 0x02 session."""
+    streamed = mode != "count" and bool(files)
+    control_first = order == "control-first" or streamed
+    if control_first:
+        await _send_control(ch, cf_name, control)
+    for i, f in enumerate(files):
+        last_streamed = streamed and i == len(files) - 1
+        await ch.send_all(_core.data_header(f.name, f.size, mode if last_streamed else "count"))
+        await ch.expect_ok(f"data file header {f.name}")
+        if f.path is not None:
+            await ch.send_file(f.path, f.size)
+        else:
+            await ch.send_all(f.data or b"")
+        if last_streamed:
+            ch.half_close()
+            await _final_after_eof(ch, f.name)
+            return
+        await ch.send_all(b"\x00")
+        await ch.expect_ok(f"data file {f.name}")
+    if not control_first:
+        await _send_control(ch, cf_name, control)
+
+
+async def _send_control(ch: Channel, cf_name: str, control: bytes) -> None:
+    await ch.send_all(_core.control_header(cf_name, len(control)))
+    await ch.expect_ok(f"control file header {cf_name}")
+    await ch.send_all(control + b"\x00")
+    await ch.expect_ok(f"control file {cf_name}")
+
+
+async def _final_after_eof(ch: Channel, name: str) -> None:
+    # After the half-close a receiver either acknowledges (LPRng) or just
+    # closes (CUPS' stream peers read no status): a clean close is success, a
+    # non-zero byte is the refusal it would be anywhere else.
+    reply = await ch.reply(f"data file {name}")
+    if reply.code in (REPLY_OK, -1):
+        return
+    raise (SinkRejected if reply.code == REPLY_BAD_JOB else SinkUnavailable)(
+        f"{ch.peer} answered 0x{reply.code:02x} to data file {name}: {reply.message.strip()}")
+
+
+async def query(ch: Channel, queue: str, *, long: bool, items: Sequence[str] = ()) -> str:
+    """lpq: send 0x03/0x04 and return the text the server writes before closing."""
+    await ch.send_all(_core.queue_state(queue, long=long, items=list(items)))
+    return await ch.read_text()
+
+
+async def remove(ch: Channel, queue: str, agent: str, items: Sequence[str]) -> str:
+    """lprm: send 0x05; BSD answers with text lines, cups-lpd with one status byte."""
+    await ch.send_all(_core.remove_jobs(queue, agent, list(items)))
+    text = await ch.read_text()
+    if text == "\x00":
+        return "ok\n"
+    return text

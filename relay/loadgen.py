@@ -1,0 +1,136 @@
+"""``lpd-relay loadgen``: bounded LPD load with rates and latencies (SPEC §8).
+
+Sends ``--jobs`` jobs of ``--size`` bytes over ``--concurrency`` connections
+at once (one job per connection, as real senders do) and reports jobs/s, MB/s,
+latency p50/p99 and failures by reply code.  Every run is bounded in count and
+by a per-job timeout, and stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket as pysocket
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import orjson
+import trio
+
+from relay import client
+from relay.errors import SinkError
+from relay.units import parse_size
+from relay.uri import Destination, parse_destination
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadResult:
+    jobs: int
+    ok: int
+    seconds: float
+    bytes: int
+    latencies: tuple[float, ...]        # seconds, successful jobs, sorted
+    failures: dict[str, int]            # "0x02", "closed", "timeout", ...
+
+    @property
+    def jobs_per_second(self) -> float:
+        return self.ok / self.seconds if self.seconds else 0.0
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.bytes / self.seconds / 1e6 if self.seconds else 0.0
+
+    def percentile(self, p: float) -> float:
+        if not self.latencies:
+            return 0.0
+        index = min(len(self.latencies) - 1, round(p / 100 * (len(self.latencies) - 1)))
+        return self.latencies[index]
+
+    def summary(self) -> dict[str, object]:
+        return {"jobs": self.jobs, "ok": self.ok, "seconds": round(self.seconds, 3),
+                "jobs_per_second": round(self.jobs_per_second, 1),
+                "mb_per_second": round(self.mb_per_second, 2),
+                "p50_ms": round(self.percentile(50) * 1000, 2),
+                "p99_ms": round(self.percentile(99) * 1000, 2),
+                "failures": self.failures}
+
+
+def _failure_key(exc: BaseException) -> str:
+    text = str(exc)
+    marker = text.find("answered 0x")
+    if marker >= 0:
+        return text[marker + 9:marker + 13]
+    if isinstance(exc, trio.TooSlowError):
+        return "timeout"
+    if "closed" in text:
+        return "closed"
+    return "refused" if "connect" in text else "error"
+
+
+async def run_load(dest: Destination, *, jobs: int, concurrency: int, size: int,
+                   mode: str = "count", io_timeout: float = 30.0,
+                   payload: bytes | None = None) -> LoadResult:
+    """Send ``jobs`` jobs, at most ``concurrency`` at once."""
+    data = payload if payload is not None else os.urandom(min(size, 1 << 20)) * \
+        (size // (1 << 20) or 1)
+    data = data[:size].ljust(size, b"x")
+    host = pysocket.gethostname().split(".", 1)[0][:16] or "loadgen"
+    latencies: list[float] = []
+    failures: Counter[str] = Counter()
+    limiter = trio.CapacityLimiter(concurrency)
+
+    async def one(n: int) -> None:
+        async with limiter:
+            number = n % 1000
+            name = f"dfA{number:03d}{host}"
+            control = f"H{host}\nPloadgen\nJload {n}\nldf{name[2:]}\nU{name}\n".encode()
+            start = time.perf_counter()
+            try:
+                ch = await client.open_channel(dest.host, dest.port, io_timeout=io_timeout)
+                try:
+                    await client.send_job(
+                        ch, queue=dest.path, cf_name=f"cfA{number:03d}{host}", control=control,
+                        files=[client.OutFile(name=name, size=len(data), data=data)],
+                        mode=mode, order=dest.order)
+                finally:
+                    await ch.aclose()
+            except (SinkError, OSError, trio.TooSlowError) as exc:
+                failures[_failure_key(exc)] += 1
+                return
+            latencies.append(time.perf_counter() - start)
+
+    started = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for n in range(jobs):
+            nursery.start_soon(one, n)
+    seconds = time.perf_counter() - started
+    return LoadResult(jobs=jobs, ok=len(latencies), seconds=seconds,
+                      bytes=len(latencies) * len(data), latencies=tuple(sorted(latencies)),
+                      failures=dict(failures))
+
+
+def main_loadgen(args: argparse.Namespace) -> int:
+    try:
+        dest = parse_destination(args.uri)
+        if dest.scheme != "lpd":
+            raise ValueError("loadgen sends to lpd:// URIs only")
+        size = parse_size(args.size)
+        if args.jobs < 1 or args.concurrency < 1:
+            raise ValueError("--jobs and --concurrency must be at least 1")
+    except ValueError as exc:
+        print(f"lpd-relay: {exc}", file=sys.stderr)
+        return 2
+    result = trio.run(lambda: run_load(dest, jobs=args.jobs, concurrency=args.concurrency,
+                                       size=size, mode=args.mode))
+    summary = result.summary()
+    if getattr(args, "json", False):
+        sys.stdout.write(orjson.dumps(summary).decode() + "\n")
+    else:
+        print(f"{result.ok}/{result.jobs} jobs in {result.seconds:.2f}s: "
+              f"{result.jobs_per_second:.1f} jobs/s, {result.mb_per_second:.2f} MB/s, "
+              f"latency p50 {summary['p50_ms']} ms, p99 {summary['p99_ms']} ms")
+        for key, count in sorted(result.failures.items()):
+            print(f"  failed {key}: {count}")
+    return 0 if result.ok == result.jobs else 1

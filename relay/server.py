@@ -1,0 +1,435 @@
+"""The inbound LPD server: trio sockets driving the sans-I/O core into the spool.
+
+One task per connection under a nursery.  Each connection receives into one
+reused buffer (``recv_into``) and feeds it to ``relay._core.ServerParser``;
+data-file bodies come back as memoryview slices of that buffer and are written
+straight to the spool file, so bulk bytes never become Python objects.
+
+The acknowledgement of the file that completes a job is sent only after the
+spool's group commit has made the job durable (SPEC §4.4).  Everything a
+connection started and did not commit is discarded when it ends, whatever the
+reason (EOF, refusal, idle timeout, shutdown).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket as pysocket
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import trio
+
+from relay import _core, controlfile, log, status
+from relay.config import Listen, ServerConfig
+from relay.errors import (
+    REPLY_BAD_JOB,
+    REPLY_RETRY_LATER,
+    DiskFull,
+    ProtocolError,
+    SpoolError,
+)
+from relay.metrics import Metrics
+from relay.queues import QueueRouter
+from relay.spool import DataWriter, IncomingJob, JobMeta, Spool
+
+RECV_BUFFER = 256 * 1024
+# While a data file of unknown length streams in, look at free space this often.
+SPACE_CHECK_EVERY = 64 * 1024 * 1024
+# accept() errors that mean "out of resources for now": wait and try again
+# instead of dying (the same list trio.serve_listeners uses).
+ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+class Delivery(Protocol):
+    """What the server needs from the delivery side (the scheduler)."""
+
+    def submit(self, job: JobMeta) -> None: ...
+    def wake(self, queue: str) -> None: ...
+    def queue_state(self, queue: str) -> status.QueueState: ...
+    def remove(self, queue: str, job_ids: Sequence[str]) -> list[str]: ...
+
+
+def open_listener(listen: Listen, backlog: int = 1024) -> trio.socket.SocketType:
+    """Bind one listening socket; IPv6 sockets are v6-only so [::] and 0.0.0.0 coexist."""
+    family = pysocket.AF_INET6 if ":" in listen.host else pysocket.AF_INET
+    sock = pysocket.socket(family, pysocket.SOCK_STREAM)
+    try:
+        sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_REUSEADDR, 1)
+        if family == pysocket.AF_INET6:
+            sock.setsockopt(pysocket.IPPROTO_IPV6, pysocket.IPV6_V6ONLY, 1)
+        sock.bind((listen.host, listen.port))   # numeric host: no lookup, no await
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.socket.from_stdlib_socket(sock)
+
+
+class LpdServer:
+    """Accepts LPD connections on every configured address (SPEC §4)."""
+
+    def __init__(self, config: ServerConfig, *, spool: Spool, router: QueueRouter,
+                 delivery: Delivery, metrics: Metrics) -> None:
+        self.config = config
+        self.spool = spool
+        self.router = router
+        self.delivery = delivery
+        self.metrics = metrics
+        self._slots = trio.Semaphore(config.max_connections)
+        self._per_host: Counter[str] = Counter()
+        self._accepting: trio.CancelScope | None = None
+        self.listeners: list[trio.socket.SocketType] = []
+        self.closed = trio.Event()
+
+    async def serve(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]]
+                    = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until stop_accepting(); then let connections finish for graceful_timeout."""
+        self.listeners = [open_listener(listen) for listen in self.config.listen]
+        try:
+            async with trio.open_nursery() as connections:
+                with trio.CancelScope() as self._accepting:
+                    async with trio.open_nursery() as accepts:
+                        for lsock in self.listeners:
+                            accepts.start_soon(self._accept_loop, lsock, connections)
+                        task_status.started([lsock.getsockname()[:2] for lsock in self.listeners])
+                self._close_listeners()
+                connections.cancel_scope.deadline = (
+                    trio.current_time() + self.config.graceful_timeout)
+        finally:
+            self._close_listeners()
+            self.closed.set()
+
+    def stop_accepting(self) -> None:
+        """Stop taking new connections; connections in flight get graceful_timeout."""
+        if self._accepting is not None:
+            self._accepting.cancel()
+
+    def _close_listeners(self) -> None:
+        for lsock in self.listeners:
+            lsock.close()
+
+    async def _accept_loop(self, lsock: trio.socket.SocketType,
+                           nursery: trio.Nursery) -> None:
+        while True:
+            # Beyond max_connections accepting waits (the kernel backlog holds
+            # the rest); nothing is refused or crashes (SPEC §3.2).
+            await self._slots.acquire()
+            try:
+                sock, addr = await lsock.accept()
+            except OSError as exc:
+                self._slots.release()
+                if exc.errno in ACCEPT_RETRY_ERRNOS:
+                    log.event("error", "accept_failed", error=str(exc))
+                    await trio.sleep(0.1)
+                    continue
+                if exc.errno == errno.EBADF:  # listener closed by shutdown
+                    return
+                raise
+            nursery.start_soon(self._connection, sock, addr)
+
+    async def _connection(self, sock: trio.socket.SocketType, addr: tuple[str, int]) -> None:
+        host, port = addr[0], addr[1]
+        self.metrics.inbound_connections.inc()
+        self._per_host[host] += 1
+        try:
+            with sock:
+                admitted, refusal = self._admit(host, port)
+                if admitted:
+                    await Connection(self, sock, f"{host}:{port}").run()
+                elif refusal:
+                    await _refuse(sock, refusal)
+        finally:
+            self._per_host[host] -= 1
+            if not self._per_host[host]:
+                del self._per_host[host]
+            self.metrics.inbound_connections.dec()
+            self._slots.release()
+
+    def _admit(self, host: str, port: int) -> tuple[bool, bytes]:
+        """Source checks made before a single byte of the job is read (SPEC §4.3).
+
+        Returns (admitted, what to say before closing when not).
+        """
+        peer = f"{host}:{port}"
+        if self.config.allow and not _allowed(host, self.config.allow):
+            self.metrics.jobs_rejected_total.labels(reason="acl").inc()
+            log.event("warning", "connection_refused", peer=peer, error="source not in allow")
+            return False, b""
+        if self.config.require_reserved_port and port >= 1024:
+            self.metrics.jobs_rejected_total.labels(reason="acl").inc()
+            log.event("warning", "connection_refused", peer=peer,
+                      error=f"source port {port} is not reserved")
+            return False, b"\x01lpd-relay: source port must be below 1024\n"
+        if self._per_host[host] > self.config.max_connections_per_host:
+            log.event("warning", "connection_refused", peer=peer,
+                      error="too many connections from this host")
+            return False, bytes([REPLY_RETRY_LATER]) + b"lpd-relay: too many connections\n"
+        return True, b""
+
+
+async def _refuse(sock: trio.socket.SocketType, message: bytes) -> None:
+    """Say why, then close without reading the job.
+
+    Half-close and drain briefly first: closing a socket with unread input
+    sends a reset, and the reset can overtake the message we just wrote.
+    """
+    with trio.move_on_after(1):
+        try:
+            await sock.send(message)
+            sock.shutdown(pysocket.SHUT_WR)
+            while await sock.recv(4096):
+                pass
+        except OSError:
+            pass
+
+
+def _allowed(host: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
+             ) -> bool:
+    addr = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)
+
+
+class Connection:
+    """One inbound connection: event dispatch and job assembly."""
+
+    def __init__(self, server: LpdServer, sock: trio.socket.SocketType, peer: str) -> None:
+        cfg = server.config
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.parser = _core.ServerParser(max_line=1024, max_control=cfg.max_control_size,
+                                         max_job=cfg.max_job_size)
+        self.queue: str | None = None        # configured queue name of this 0x02 session
+        self.wire_queue = ""
+        self.job: JobAssembly | None = None
+        self.writer: DataWriter | None = None
+        self.closing = False
+        self._handlers: dict[type, Callable[..., object]] = {
+            _core.ReceiveJob: self.on_receive_job,
+            _core.ControlFileStart: self.on_control_start,
+            _core.ControlFileEnd: self.on_control_end,
+            _core.DataFileStart: self.on_data_start,
+            _core.DataChunk: self.on_data_chunk,
+            _core.DataFileEnd: self.on_data_end,
+            _core.AbortJob: self.on_abort,
+            _core.EndOfStream: self.on_end,
+            _core.Command: self.on_command,
+        }
+
+    async def run(self) -> None:
+        idle = self.server.config.idle_timeout
+        try:
+            with trio.CancelScope(deadline=trio.current_time() + idle) as scope:
+                await self._loop(scope, idle)
+            if scope.cancelled_caught:
+                self._reject("timeout", f"no data for {idle:g}s", partial=self.job is not None)
+        except ProtocolError as exc:
+            self._reject(exc.reason, str(exc), partial=True)
+            if exc.reply is not None:
+                await self._send_refusal(exc.reply, str(exc))
+        except DiskFull as exc:
+            self._reject("disk_full", str(exc), partial=True)
+            await self._send_refusal(REPLY_RETRY_LATER, "spool disk full, retry later")
+        except OSError as exc:  # reset by peer and friends: the job is simply not complete
+            log.event("info", "connection_lost", peer=self.peer, error=str(exc))
+        finally:
+            self._discard()
+
+    async def _loop(self, scope: trio.CancelScope, idle: float) -> None:
+        buf = bytearray(RECV_BUFFER)
+        view = memoryview(buf)
+        parser, handlers, sock = self.parser, self._handlers, self.sock
+        while not self.closing:
+            ev = parser.next_event()
+            if ev is _core.NEED_DATA:
+                n = await sock.recv_into(buf)
+                scope.deadline = trio.current_time() + idle
+                parser.receive_data(view[:n])
+                continue
+            result = handlers[type(ev)](ev)
+            if result is not None:
+                await result  # type: ignore[misc]
+
+    async def _send(self, data: bytes) -> None:
+        await self.sock.send(data)
+
+    async def _send_refusal(self, code: int, message: str) -> None:
+        # LPRng style: the reply byte, one human-readable line, then close.
+        line = message.replace("\n", " ")[:200].encode("ascii", "replace")
+        try:
+            with trio.move_on_after(5):
+                await self.sock.send(bytes([code]) + b"lpd-relay: " + line + b"\n")
+        except OSError:
+            pass
+
+    def _reject(self, reason: str, message: str, *, partial: bool) -> None:
+        self.server.metrics.jobs_rejected_total.labels(reason=reason).inc()
+        log.event("warning", "job_refused", peer=self.peer, queue=self.wire_queue,
+                  reason=reason, error=message, partial=partial)
+
+    def _discard(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.job is not None:
+            self.job.incoming.discard()
+            self.job = None
+
+    # -- 0x02 receive job --------------------------------------------------
+
+    async def on_receive_job(self, ev: _core.ReceiveJob) -> None:
+        if self.queue is None:
+            queue = self.server.router.route(ev.queue)
+            self.server.spool.check_space()
+            self.queue, self.wire_queue = queue.name, ev.queue
+        await self._send(b"\x00")
+
+    def _job(self) -> JobAssembly:
+        if self.job is None:
+            assert self.queue is not None, "parser emits files only inside 0x02"
+            incoming = self.server.spool.begin(queue=self.queue, wire_queue=self.wire_queue,
+                                               peer=self.peer)
+            self.job = JobAssembly(incoming)
+        return self.job
+
+    async def on_control_start(self, ev: _core.ControlFileStart) -> None:
+        job = self._job()
+        self._check_size(job.incoming.bytes + ev.length)
+        await self._send(b"\x00")
+
+    async def on_control_end(self, ev: _core.ControlFileEnd) -> None:
+        job = self._job()
+        if job.control is not None:
+            raise ProtocolError("second control file before the data files of the first",
+                                reply=REPLY_BAD_JOB, reason="malformed")
+        cf = controlfile.parse_control_file(ev.data)
+        name = controlfile.split_job_name(ev.name)
+        job.incoming.set_control(
+            ev.name, ev.data, number=name.number, user=cf.user or "", host=cf.host or "",
+            title=cf.title or cf.job_name or "", job_name=cf.job_name or "",
+            formats={f.name: f.format for f in cf.print_files})
+        job.control = cf
+        await self._finish_file()
+
+    async def on_data_start(self, ev: _core.DataFileStart) -> None:
+        job = self._job()
+        if ev.length is not None:
+            self._check_size(job.incoming.bytes + ev.length)
+        self.server.spool.check_space(ev.length or 0)
+        self.writer = job.incoming.open_data(ev.name)
+        job.streamed = 0
+        await self._send(b"\x00")
+
+    def on_data_chunk(self, ev: _core.DataChunk) -> None:
+        assert self.writer is not None and self.job is not None
+        data = ev.data
+        self.writer.write(data)
+        job = self.job
+        job.streamed += len(data)
+        if job.streamed >= SPACE_CHECK_EVERY:
+            job.streamed = 0
+            self._check_size(job.incoming.bytes)
+            self.server.spool.check_space()
+
+    async def on_data_end(self, ev: _core.DataFileEnd) -> None:
+        assert self.writer is not None and self.job is not None
+        self.writer.close()
+        self.writer = None
+        self._check_size(self.job.incoming.bytes)
+        self.job.received.add(ev.name)
+        await self._finish_file()
+
+    async def _finish_file(self) -> None:
+        job = self.job
+        assert job is not None
+        if job.complete():
+            self.job = None
+            await self._commit(job)
+        await self._send(b"\x00")
+
+    async def _commit(self, job: JobAssembly) -> None:
+        try:
+            meta = await self.server.spool.commit(job.incoming)
+        except (SpoolError, OSError):
+            job.incoming.discard()
+            raise
+        m = self.server.metrics
+        label = m.queue_label(meta.queue)
+        m.jobs_received_total.labels(queue=label).inc()
+        m.bytes_received_total.labels(queue=label).inc(meta.total_bytes)
+        log.event("info", "job_received", job=meta.id, queue=meta.queue, peer=self.peer,
+                  user=meta.user, bytes=meta.total_bytes, files=len(meta.files))
+        self.server.delivery.submit(meta)
+
+    def _check_size(self, total: int) -> None:
+        limit = self.server.config.max_job_size
+        if total > limit:
+            raise ProtocolError(f"job larger than max_job_size ({limit} bytes)",
+                                reply=REPLY_BAD_JOB, reason="too_large")
+
+    async def on_abort(self, ev: _core.AbortJob) -> None:
+        self._discard()
+        await self._send(b"\x00")
+
+    def on_end(self, ev: _core.EndOfStream) -> None:
+        self.closing = True
+        if self.job is not None:
+            # The sender closed before the job was complete: never deliver half
+            # a job (SPEC §4.2); discarded by run()'s finally.
+            self._reject("malformed", "connection closed before the job was complete",
+                         partial=True)
+
+    # -- one-shot commands: 0x01, 0x03, 0x04, 0x05 ---------------------------
+
+    async def on_command(self, ev: _core.Command) -> None:
+        self.closing = True
+        self.wire_queue = ev.queue
+        if ev.code == 0x01:
+            queue = self.server.router.route(ev.queue)
+            self.server.delivery.wake(queue.name)
+            await self._send(b"\x00")
+            return
+        try:
+            queue = self.server.router.route(ev.queue)
+        except ProtocolError as exc:
+            await self._send(f"{exc}\n".encode("ascii", "replace"))
+            return
+        if ev.code in (0x03, 0x04):
+            text = status.render(self.server.delivery.queue_state(queue.name),
+                                 long=ev.code == 0x04, items=ev.operands)
+        else:
+            text = self._remove(queue.name, ev.operands)
+        await self._send(text.encode("utf-8", "replace"))
+
+    def _remove(self, queue: str, operands: Sequence[str]) -> str:
+        if not operands:
+            return "lpd-relay: lprm needs the requesting user\n"
+        state = self.server.delivery.queue_state(queue)
+        host = self.peer.rsplit(":", 1)[0]
+        local = ipaddress.ip_address(host).is_loopback
+        chosen = status.select_for_removal(state.jobs, agent=operands[0], items=operands[1:],
+                                           local=local)
+        removed = set(self.server.delivery.remove(queue, [j.id for j in chosen]))
+        return status.render_removal(chosen, removed)
+
+
+class JobAssembly:
+    """The job being received: complete once its control file and every data file
+    that control file names have arrived (control-first or data-first)."""
+
+    __slots__ = ("control", "incoming", "received", "streamed")
+
+    def __init__(self, incoming: IncomingJob) -> None:
+        self.incoming = incoming
+        self.control: controlfile.ControlFile | None = None
+        self.received: set[str] = set()
+        self.streamed = 0
+
+    def complete(self) -> bool:
+        cf = self.control
+        return cf is not None and all(name in self.received for name in cf.data_files)

@@ -1,0 +1,112 @@
+"""``lpd://host[:port]/queue`` — forward a job with the LPD protocol (SPEC §3.3, §5).
+
+The control file is rewritten for the destination: a new job number from this
+sink's own counter (3 or 6 digits, ``jobnumbers``), ``cfA``/``dfA`` names with
+this relay's host name, ``H`` kept, ``U`` rewritten, ``S`` dropped; the
+original names stay in the spool metadata.  The counter starts at a random
+point and wraps, so a receiver like LPRng — which numbers its spool files with
+3 digits and refuses a collision (FIELD-NOTES) — sees distinct numbers for up
+to 1,000 (or 1,000,000) outstanding jobs from us.
+
+Source ports come from the daemon's origin-port pool for the destination's
+range (``[origin_ports]`` or its ``reserve=``).  After the final
+acknowledgement the connection is closed through the pool, which lingers for
+the receiver's close and cools the port for this destination if the
+TIME_WAIT is ours (docs/origin-ports.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+import re
+import socket as pysocket
+
+import trio
+
+from relay import client
+from relay.controlfile import parse_control_file, rewrite
+from relay.errors import LpdError, SinkRejected, SinkUnavailable
+from relay.originports import OriginPortPool, PoolSet
+from relay.sinks.base import DeliveryJob, Sink, SinkContext, register
+from relay.uri import Destination
+
+
+def _short_hostname() -> str:
+    name = pysocket.gethostname().split(".", 1)[0]
+    return re.sub(r"[^A-Za-z0-9-]", "", name)[:32] or "lpdrelay"
+
+
+class LpdSink(Sink):
+    """Sends each job in its own 0x02 session to one LPD queue."""
+
+    def __init__(self, destination: Destination, context: SinkContext) -> None:
+        super().__init__(destination, context)
+        pools = context.origin_ports
+        if isinstance(pools, PoolSet):
+            self.pool: OriginPortPool | None = pools.for_reserve(destination.reserve)
+        elif destination.reserve is not None:
+            # Outside the daemon (tests, tools): a pool of this sink's own.
+            self.pool = OriginPortPool.for_reserve(destination.reserve)
+        else:
+            self.pool = None
+        modulus = 10 ** destination.jobnumbers
+        start = random.randrange(modulus)
+        self._numbers = (n % modulus for n in itertools.count(start))
+        self.hostname = _short_hostname()
+
+    def describe(self) -> str:
+        d = self.destination
+        return (f"LPD {d.host}:{d.port} queue {d.path} (mode={d.mode}, order={d.order}, "
+                f"jobnumbers={d.jobnumbers})")
+
+    async def _connect(self) -> client.Channel:
+        d = self.destination
+        if self.pool is None:
+            return await client.open_channel(d.host, d.port, io_timeout=d.timeout)
+        conn = await self.pool.connect(d.host, d.port, timeout=d.timeout)
+
+        async def release(peer_closed: bool) -> None:
+            await conn.aclose(peer_closed=peer_closed)
+        return client.Channel(conn.socket, timeout=d.timeout, peer=f"{d.host}:{d.port}",
+                              closer=release)
+
+    def _prepare(self, job: DeliveryJob) -> tuple[str, bytes, list[client.OutFile]]:
+        with open(job.control_path, "rb") as f:
+            raw = f.read()
+        try:
+            cf = parse_control_file(raw)
+        except LpdError as exc:
+            raise SinkRejected(f"spooled control file unreadable: {exc}") from exc
+        new_cf, cf_name, names = rewrite(cf, number=next(self._numbers), host=self.hostname,
+                                         digits=self.destination.jobnumbers)
+        files = [client.OutFile(name=names[f.name], size=f.bytes, path=f.path)
+                 for f in job.files if f.name in names and f.bytes > 0]
+        # An empty data file cannot be sent with an exact count: a count of 0
+        # means "until EOF" to every receiver.  It prints nothing, so it and
+        # the control lines naming it are left out.
+        empty = {names[f.name] for f in job.files if f.name in names and f.bytes == 0}
+        if empty:
+            kept = tuple(line for line in new_cf.lines if line[1] not in empty)
+            new_cf = dataclasses.replace(new_cf, lines=kept or new_cf.lines[:1])
+        return cf_name, new_cf.serialize(), files
+
+    async def deliver(self, job: DeliveryJob) -> None:
+        d = self.destination
+        cf_name, control, files = self._prepare(job)
+        if not files:
+            return   # only empty data files: nothing to print, nothing to send
+        ch = await self._connect()
+        try:
+            await client.send_job(ch, queue=d.path, cf_name=cf_name, control=control,
+                                  files=files, mode=d.mode, order=d.order)
+        except trio.TooSlowError as exc:
+            raise SinkUnavailable(f"{d.host}:{d.port} timed out after {d.timeout:g}s") from exc
+        except OSError as exc:
+            raise SinkUnavailable(f"{d.host}:{d.port}: {exc}") from exc
+        finally:
+            await ch.aclose()
+
+
+register("lpd", LpdSink)

@@ -1,0 +1,150 @@
+"""``lpd-relay spool list | show JOB | retry JOB | purge JOB [-c FILE]`` (SPEC §6).
+
+Works on the spool directory itself, so it needs no running daemon.  When a
+daemon does run on that spool (it holds the spool lock), changes go through
+it so its in-memory queues stay true: ``retry`` marks the job queued and sends
+the daemon an LPD 0x01 for the job's queue (which makes it rescan held jobs);
+``purge`` asks it with an LPD 0x05 from loopback as root — the same request
+``lprm -Pqueue -a`` makes — and the daemon never removes a job it is delivering.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import fcntl
+import os
+import sys
+
+import orjson
+import trio
+
+from relay import _core, client
+from relay.app import DAEMON_INFO
+from relay.config import Config, InvalidConfig, embedded_default, load_config
+from relay.errors import SinkError
+from relay.spool import JobMeta, Spool
+
+
+def daemon_running(spool_dir: str) -> bool:
+    """True when another process holds the spool lock (a daemon serves this spool)."""
+    path = os.path.join(spool_dir, "lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _local_listener(config: Config) -> tuple[str, int]:
+    """The running daemon's first LPD address, as it recorded it in the spool."""
+    info_path = os.path.join(config.server.spool_dir, DAEMON_INFO)
+    try:
+        with open(info_path, "rb") as f:
+            host, port = orjson.loads(f.read())["lpd"][0]
+    except (OSError, ValueError, KeyError, IndexError):
+        listen = config.server.listen[0]
+        host, port = listen.host, listen.port
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return str(host), int(port)
+
+
+async def _ask_daemon(config: Config, request: bytes) -> str:
+    host, port = _local_listener(config)
+    ch = await client.open_channel(host, port, io_timeout=10)
+    try:
+        await ch.send_all(request)
+        return await ch.read_text()
+    finally:
+        await ch.aclose()
+
+
+def _when(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _list(spool: Spool, config: Config, args: argparse.Namespace) -> int:
+    jobs = spool.jobs()
+    print(f"{'JOB':<13}{'QUEUE':<12}{'STATE':<8}{'USER':<10}{'NUMBER':<8}"
+          f"{'BYTES':>10}  {'RECEIVED (UTC)':<20}{'ATTEMPTS':>8}  LAST ERROR")
+    for j in jobs:
+        print(f"{j.id:<13}{j.queue[:11]:<12}{j.state:<8}{j.user[:9]:<10}{j.number:<8}"
+              f"{j.total_bytes:>10}  {_when(j.received):<20}{j.attempts:>8}  "
+              f"{j.last_error[:60]}")
+    print(f"{len(jobs)} job(s)")
+    return 0
+
+
+def _show(spool: Spool, config: Config, args: argparse.Namespace) -> int:
+    job = _get(spool, args.job)
+    record = dataclasses.asdict(job)
+    record["received_utc"] = _when(job.received)
+    sys.stdout.write(orjson.dumps(record, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+def _retry(spool: Spool, config: Config, args: argparse.Namespace) -> int:
+    job = _get(spool, args.job)
+    spool.update(dataclasses.replace(job, state="queued", failures=0, next_attempt=0.0),
+                 durable=True)
+    if daemon_running(spool.directory):
+        trio.run(_ask_daemon, config, _core.print_waiting(job.queue))
+        print(f"job {job.id} released; the daemon is delivering it now")
+    else:
+        print(f"job {job.id} released; it will be delivered when the daemon starts")
+    return 0
+
+
+def _purge(spool: Spool, config: Config, args: argparse.Namespace) -> int:
+    job = _get(spool, args.job)
+    if daemon_running(spool.directory):
+        answer = trio.run(_ask_daemon, config, _core.remove_jobs(job.queue, "root", [job.id]))
+        sys.stdout.write(answer)
+        return 0 if "dequeued" in answer else 1
+    spool.remove(job.id)
+    print(f"{job.control_name} dequeued (job {job.id})")
+    return 0
+
+
+class _NoJob(Exception):
+    pass
+
+
+def _get(spool: Spool, job_id: str | None) -> JobMeta:
+    if not job_id:
+        raise _NoJob("this action needs a JOB (see `lpd-relay spool list`)")
+    try:
+        return spool.get(job_id.zfill(12) if job_id.isdigit() else job_id)
+    except KeyError:
+        raise _NoJob(f"no job {job_id} in the spool") from None
+
+
+ACTIONS = {"list": _list, "show": _show, "retry": _retry, "purge": _purge}
+
+
+def main_spool(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config) if args.config else embedded_default(port=5515)
+    except InvalidConfig as exc:
+        print(f"lpd-relay: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    spool_dir = str(config.server.spool_dir)
+    if not os.path.isdir(os.path.join(spool_dir, "jobs")):
+        print(f"lpd-relay: no spool at {spool_dir}", file=sys.stderr)
+        return 1
+    spool = Spool(spool_dir, fsync=config.server.fsync)
+    try:
+        return ACTIONS[args.action](spool, config, args)
+    except _NoJob as exc:
+        print(f"lpd-relay: {exc}", file=sys.stderr)
+        return 2 if "needs a JOB" in str(exc) else 1
+    except (SinkError, OSError, trio.TooSlowError) as exc:
+        print(f"lpd-relay: cannot reach the running daemon: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,127 @@
+"""lpq and lprm answers (RFC 1179 §5.3-§5.5), in the BSD lpd text layout.
+
+FIELD-NOTES: no status byte precedes lpq text; the server writes text and
+closes.  The short form is BSD's table (Rank, Owner, Job, Files, Total Size);
+the long form adds one block per job.  Both list the relay's own jobs for the
+queue and, since a relay's queue is only as good as where it forwards to, the
+destination's state and next retry — the view CUPS loses once a job is
+forwarded (FIELD-NOTES pain point 9).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from relay.spool import JobMeta
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DestinationState:
+    name: str
+    up: bool | None          # None: not tried yet
+    active: bool             # the destination jobs go to now
+    last_error: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueState:
+    queue: str
+    jobs: tuple[JobMeta, ...]            # queued and held, arrival order
+    in_flight: frozenset[str]            # ids being delivered now
+    destinations: tuple[DestinationState, ...]
+    next_retry: float | None = None      # epoch seconds, when backing off
+
+
+def _rank(index: int, job: JobMeta, in_flight: frozenset[str]) -> str:
+    if job.id in in_flight:
+        return "active"
+    if job.state == "held":
+        return "held"
+    n = index + 1
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _headline(state: QueueState) -> list[str]:
+    lines = []
+    if not state.jobs:
+        lines.append(f"{state.queue} is ready\nno entries")
+    else:
+        printing = "and printing" if state.in_flight else "and waiting"
+        lines.append(f"{state.queue} is ready {printing}")
+    for dest in state.destinations:
+        mark = "up" if dest.up else ("not tried yet" if dest.up is None else "DOWN")
+        active = " (active)" if dest.active else ""
+        err = f": {dest.last_error}" if dest.last_error and not dest.up else ""
+        lines.append(f"destination {dest.name} {mark}{active}{err}")
+    if state.next_retry:
+        wait = max(0.0, state.next_retry - time.time())
+        lines.append(f"next retry in {wait:.0f}s")
+    return lines
+
+
+def _matches(job: JobMeta, items: Sequence[str]) -> bool:
+    return not items or job.number in items or job.id in items or job.user in items
+
+
+def render(state: QueueState, *, long: bool, items: Sequence[str] = ()) -> str:
+    """The text lpq shows; ``items`` (job numbers or users) filter the rows."""
+    lines = _headline(state)
+    rows = [(i, j) for i, j in enumerate(state.jobs) if _matches(j, items)]
+    if rows and not long:
+        lines.append(f"{'Rank':<7}{'Owner':<11}{'Job':<5}{'Files':<38}Total Size")
+        for i, job in rows:
+            files = ", ".join(f.name for f in job.files) or job.control_name
+            lines.append(f"{_rank(i, job, state.in_flight):<7}{job.user[:10]:<11}"
+                         f"{job.number:<5}{(job.title or files)[:37]:<38}"
+                         f"{job.total_bytes} bytes")
+    for i, job in rows if long else ():
+        lines.append("")
+        lines.append(f"{job.user}: {_rank(i, job, state.in_flight):<20}"
+                     f"[job {job.number} {job.host}] spool id {job.id}")
+        for f in job.files:
+            lines.append(f"        {f.name:<40}{f.bytes} bytes")
+        if job.attempts:
+            lines.append(f"        attempts {job.attempts}, last error: {job.last_error}")
+    return "\n".join(lines) + "\n"
+
+
+PRIVILEGED_AGENTS = ("-all", "root")
+
+
+def select_for_removal(jobs: Iterable[JobMeta], *, agent: str, items: Sequence[str],
+                       local: bool) -> list[JobMeta]:
+    """The jobs an lprm request names (RFC 1179 §5.5: agent, then users/job numbers).
+
+    ``-all`` (LPRng) or root may remove anyone's jobs, but only when asking
+    from this machine (``local``) — as BSD lpd trusts root only from its own
+    host; any other agent removes only its own jobs.  With no items the
+    agent's jobs are meant, and LPRng's ``all`` means every job the agent may
+    remove.  Items match the job number, the spool id or the owner.
+    """
+    privileged = local and agent in PRIVILEGED_AGENTS
+    if "all" in items or "-all" in items:   # LPRng's `lprm all`: every job we may remove
+        items = ()
+    numbers = {i for i in items if i.isdigit()}
+    users = {i for i in items if not i.isdigit() and i != "-"}
+    chosen = []
+    for job in jobs:
+        if not privileged and job.user != agent:
+            continue
+        named = job.number in numbers or job.id in numbers or job.user in users
+        if (numbers or users) and not named:
+            continue
+        chosen.append(job)
+    return chosen
+
+
+def render_removal(chosen: Sequence[JobMeta], removed: set[str]) -> str:
+    if not chosen:
+        return "no matching jobs\n"
+    lines = []
+    for job in chosen:
+        verb = "dequeued" if job.id in removed else "is being delivered, not removed"
+        lines.append(f"{job.control_name} {verb}")
+    return "\n".join(lines) + "\n"

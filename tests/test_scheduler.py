@@ -1,0 +1,182 @@
+"""The delivery scheduler with real sinks, a real spool and trio's MockClock:
+order, backoff, failover, hold, release (SPEC §5)."""
+
+from __future__ import annotations
+
+import random
+import socket
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from prometheus_client import CollectorRegistry
+
+from relay.config import config_from_dict
+from relay.metrics import Metrics
+from relay.scheduler import QueueRunner, backoff_delay
+from relay.sinks import SinkContext, make_sink
+from relay.spool import JobMeta, Spool
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on: connecting is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def runner_for(tmp_path: Path, destinations: list[str], **queue: object) -> QueueRunner:
+    cfg = config_from_dict({"queues": {"ward3": {"destinations": destinations, **queue}},
+                            "server": {"spool_dir": str(tmp_path / "spool")}}, "<test>")
+    qc = cfg.queues["ward3"]
+    metrics = Metrics(CollectorRegistry(), queues=["ward3"], destinations=destinations)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.recover()
+    sinks = [make_sink(d, SinkContext()) for d in qc.destinations]
+    return QueueRunner(qc, sinks, spool, metrics, rng=random.Random(7))
+
+
+async def spool_job(spool: Spool, number: int, payload: bytes = b"data\n") -> JobMeta:
+    job = spool.begin(queue="ward3", wire_queue="ward3", peer="127.0.0.1:721")
+    writer = job.open_data(f"dfA{number:03d}client")
+    writer.write(payload)
+    writer.close()
+    job.set_control(f"cfA{number:03d}client", b"Hclient\nPalice\nldfA%03dclient\n" % number,
+                    number=f"{number:03d}", user="alice", host="client", title="t",
+                    job_name="t", formats={f"dfA{number:03d}client": "l"})
+    return await spool.commit(job)
+
+
+def test_backoff_grows_exponentially_with_bounded_jitter() -> None:
+    rng = random.Random(1)
+    delays = [backoff_delay(n, initial=1.0, maximum=60.0, rng=rng) for n in range(1, 12)]
+    for n, d in enumerate(delays, start=1):
+        base = min(60.0, 2.0 ** (n - 1))
+        assert base / 2 <= d <= base
+    assert backoff_delay(0, initial=1.0, maximum=60.0, rng=rng) == 0.0
+
+
+def test_jobs_leave_in_arrival_order(tmp_path: Path) -> None:
+    log = tmp_path / "order.log"
+    script = tmp_path / "record.sh"
+    script.write_text(f'#!/bin/sh\ncat >/dev/null\necho "$LPD_JOB_ID" >> {log}\n')
+    script.chmod(0o755)
+    runner = runner_for(tmp_path, [f"cmd:{script}"])
+
+    async def main() -> None:
+        ids = [(await spool_job(runner.spool, n)).id for n in range(1, 16)]
+        for job_id in ids:
+            runner.submit(runner.spool.get(job_id))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runner.run)
+            with trio.fail_after(30):
+                while runner.spool.jobs():
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert log.read_text().split() == ids
+
+    trio.run(main)
+
+
+def test_failover_after_consecutive_failures(tmp_path: Path) -> None:
+    down = f"socket://127.0.0.1:{closed_port()}"
+    out = tmp_path / "out"
+    runner = runner_for(tmp_path, [down, f"dir://{out}"], failover_after=2,
+                        retry={"initial": "1s", "max": "4s", "give_up_after": "1h"})
+
+    async def main() -> None:
+        runner.submit(await spool_job(runner.spool, 5))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runner.run)
+            with trio.fail_after(60):
+                while runner.spool.jobs():
+                    await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.01))
+    assert len(list((out / "ward3").glob("*.json"))) == 1
+    state = runner.state()
+    assert [d.up for d in state.destinations] == [False, True]
+    assert state.destinations[1].active
+
+
+def test_job_is_held_after_give_up_and_released_by_wake(tmp_path: Path) -> None:
+    port = closed_port()
+    runner = runner_for(tmp_path, [f"socket://127.0.0.1:{port}"],
+                        retry={"initial": "1s", "max": "2s", "give_up_after": "10s"})
+
+    async def main() -> None:
+        job = await spool_job(runner.spool, 7)
+        runner.submit(job)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runner.run)
+            with trio.fail_after(120):
+                while runner.spool.get(job.id).state != "held":
+                    await trio.sleep(0.5)
+            held = runner.spool.get(job.id)
+            assert held.attempts >= 5 and "gave up" in held.last_error
+            assert runner.state().jobs[0].state == "held"
+            assert not runner.pending
+            # 0x01 / spool retry: released, queued again, retried at once.
+            runner.wake()
+            assert runner.spool.get(job.id).state == "queued"
+            assert [j.id for j in runner.pending] == [job.id] or job.id in runner.in_flight
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.01))
+
+
+def test_rejected_job_is_held_at_once_with_the_reason(tmp_path: Path) -> None:
+    script = tmp_path / "refuse.sh"
+    script.write_text("#!/bin/sh\ncat >/dev/null\necho 'printer says no' >&2\nexit 3\n")
+    script.chmod(0o755)
+    ok = tmp_path / "ok.sh"
+    ok.write_text(f"#!/bin/sh\ncat > {tmp_path}/printed\n")
+    ok.chmod(0o755)
+    runner = runner_for(tmp_path, [f"cmd:{script}"])
+
+    async def main() -> None:
+        job = await spool_job(runner.spool, 9)
+        runner.submit(job)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runner.run)
+            with trio.fail_after(30):
+                while runner.spool.get(job.id).state != "held":
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        held = runner.spool.get(job.id)
+        assert "printer says no" in held.last_error and held.attempts == 1
+        assert runner.failures == 0  # a refusal is not an outage: no backoff
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_removal_skips_jobs_in_flight(tmp_path: Path, concurrency: int) -> None:
+    fifo_gate = tmp_path / "gate"
+    script = tmp_path / "slow.sh"
+    script.write_text("#!/bin/sh\ncat >/dev/null\n"
+                      f"while [ ! -e {fifo_gate} ]; do sleep 0.05; done\n")
+    script.chmod(0o755)
+    runner = runner_for(tmp_path, [f"cmd:{script}"], concurrency=concurrency)
+
+    async def main() -> None:
+        jobs = [await spool_job(runner.spool, n) for n in range(1, 6)]
+        for job in jobs:
+            runner.submit(job)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runner.run)
+            with trio.fail_after(10):
+                while len(runner.in_flight) < concurrency:
+                    await trio.sleep(0.02)
+            removed = runner.remove([j.id for j in jobs])
+            assert sorted(removed) == sorted(j.id for j in jobs[concurrency:])
+            assert {j.id for j in runner.spool.jobs()} == {j.id for j in jobs[:concurrency]}
+            fifo_gate.write_text("go")
+            with trio.fail_after(20):
+                while runner.spool.jobs():
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

@@ -1,0 +1,140 @@
+"""The lpd:// sink against real receivers: LPRng's lpd, and a scripted LPD that
+misbehaves the ways FIELD-NOTES lists (stray LF, error lines, silence)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from relay.controlfile import parse_control_file
+from relay.errors import SinkRejected, SinkUnavailable
+from relay.sinks import SinkContext, make_sink
+from relay.spool import JobMeta, Spool
+from relay.uri import parse_destination
+from tests.peers import LpdScript, LprngServer, RecordingLpdServer
+
+PAYLOADS = [b"%!PS-Adobe-3.0\n" + bytes(range(256)) * 200, b"second file\n" * 100]
+
+
+def make_job(tmp_path: Path, payloads: list[bytes] = PAYLOADS) -> tuple[Spool, JobMeta]:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.recover()
+
+    async def build() -> JobMeta:
+        job = spool.begin(queue="ward3", wire_queue="Ward3", peer="10.1.2.3:721")
+        names = [f"df{chr(65 + i)}042winserver" for i in range(len(payloads))]
+        for name, data in zip(names, payloads, strict=True):
+            writer = job.open_data(name)
+            writer.write(data)
+            writer.close()
+        control = ("Hwinserver\nPnurse\nJdischarge letter\n" + "".join(
+            f"l{n}\nU{n}\nNletter.ps\n" for n in names) + "Sdev,inode\n").encode()
+        job.set_control("cfA042winserver", control, number="042", user="nurse",
+                        host="winserver", title="discharge letter", job_name="discharge letter",
+                        formats=dict.fromkeys(names, "l"))
+        return await spool.commit(job)
+    return spool, trio.run(build)
+
+
+def deliver(uri: str, job: JobMeta) -> None:
+    sink = make_sink(parse_destination(uri), SinkContext())
+
+    async def main() -> None:
+        with trio.fail_after(30):
+            await sink.deliver(job)
+    trio.run(main)
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("query", ["", "?order=data-first", "?jobnumbers=6", "?mode=stream"])
+def test_delivers_to_lprng(tmp_path: Path, query: str) -> None:
+    _, job = make_job(tmp_path)
+    with LprngServer(tmp_path / "lprng", queues=("Ward3",)) as lprng:
+        deliver(f"lpd://127.0.0.1:{lprng.port}/Ward3{query}", job)
+        (received,) = lprng.wait_jobs("Ward3", 1)
+    assert [f.data for f in received.files] == PAYLOADS
+    assert received.user == "nurse" and received.host == "winserver"
+
+
+@pytest.mark.peers
+def test_lprng_refuses_windows_fake_length_and_we_retry(tmp_path: Path) -> None:
+    # FIELD-NOTES: LPRng refuses the Windows fake length with 0x02.
+    _, job = make_job(tmp_path)
+    with LprngServer(tmp_path / "lprng", queues=("Ward3",)) as lprng, \
+            pytest.raises(SinkUnavailable, match="0x02"):
+        deliver(f"lpd://127.0.0.1:{lprng.port}/Ward3?mode=windows", job)
+
+
+def test_control_file_is_rewritten_for_the_destination(tmp_path: Path) -> None:
+    _, job = make_job(tmp_path)
+    with RecordingLpdServer() as server:
+        deliver(f"lpd://127.0.0.1:{server.port}/q?jobnumbers=6", job)
+        (received,) = server.wait_jobs(1)
+    assert received.raw_control is not None
+    cf = parse_control_file(received.raw_control)
+    assert cf.host == "winserver" and cf.user == "nurse"          # H and P kept
+    assert received.control_name.startswith("cfA") and len(received.control_name) > 9
+    number = received.control_name[3:9]
+    assert number.isdigit()
+    new_names = [f.name for f in received.files]
+    assert all(n.startswith("df") and n[3:9] == number for n in new_names)
+    assert [pf.name for pf in cf.print_files] == new_names         # format lines follow
+    text = received.raw_control.decode()
+    assert "winserver\nU" not in text or all(f"U{n}" in text for n in new_names)
+    assert "\nS" not in text                                      # S dropped
+    assert [f.data for f in received.files] == PAYLOADS
+
+
+def test_stray_lf_after_replies_is_tolerated(tmp_path: Path) -> None:
+    _, job = make_job(tmp_path)
+    with RecordingLpdServer(LpdScript(trailing=b"\n")) as server:
+        deliver(f"lpd://127.0.0.1:{server.port}/q", job)
+        assert len(server.wait_jobs(1)) == 1
+
+
+@pytest.mark.parametrize(("step", "reply", "error"), [
+    ("job", b"\x01queue not accepting\n", SinkUnavailable),
+    ("data_file", b"\x02disk full\n", SinkUnavailable),
+    ("control_file", b"\x03bad control file\n", SinkRejected),
+])
+def test_reply_codes(tmp_path: Path, step: str, reply: bytes, error: type) -> None:
+    _, job = make_job(tmp_path)
+    with RecordingLpdServer(LpdScript(replies={step: reply})) as server, \
+            pytest.raises(error) as info:
+        deliver(f"lpd://127.0.0.1:{server.port}/q", job)
+    assert reply[1:].strip().decode() in str(info.value)
+
+
+def test_silent_receiver_times_out(tmp_path: Path) -> None:
+    _, job = make_job(tmp_path)
+    with RecordingLpdServer(LpdScript(silent_at="data_file")) as server, \
+            pytest.raises(SinkUnavailable, match="timed out"):
+        deliver(f"lpd://127.0.0.1:{server.port}/q?timeout=1s", job)
+
+
+def test_receiver_closing_mid_job_is_a_retry(tmp_path: Path) -> None:
+    _, job = make_job(tmp_path)
+    with RecordingLpdServer(LpdScript(close_at="control_header")) as server, \
+            pytest.raises(SinkUnavailable):
+        deliver(f"lpd://127.0.0.1:{server.port}/q", job)
+
+
+def test_refused_connection_is_a_retry(tmp_path: Path) -> None:
+    _, job = make_job(tmp_path)
+    with RecordingLpdServer() as server:
+        port = server.port
+    with pytest.raises(SinkUnavailable):
+        deliver(f"lpd://127.0.0.1:{port}/q", job)
+
+
+def test_empty_data_files_are_left_out(tmp_path: Path) -> None:
+    # Count 0 would mean "until EOF" to the receiver: an empty file is not sent.
+    _, job = make_job(tmp_path, [b"", b"real page\n"])
+    with RecordingLpdServer() as server:
+        deliver(f"lpd://127.0.0.1:{server.port}/q", job)
+        (received,) = server.wait_jobs(1)
+    assert [f.data for f in received.files] == [b"real page\n"]
+    assert received.raw_control is not None
+    assert len(parse_control_file(received.raw_control).print_files) == 1
