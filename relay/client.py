@@ -16,15 +16,17 @@ Reply handling: 0x00 ok; 0x01/0x02 and a closed connection -> ``SinkUnavailable`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket as pysocket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import trio
 
 from relay import _core
 from relay.errors import REPLY_BAD_JOB, REPLY_OK, SinkRejected, SinkUnavailable
+from relay.fastio import FastSocket
 from relay.sinks.base import stream_file
 
 
@@ -44,17 +46,40 @@ class Channel:
     def __init__(self, sock: trio.socket.SocketType, *, timeout: float, peer: str,
                  closer: Callable[[bool], Awaitable[None]] | None = None) -> None:
         self.sock = sock
+        self.io = FastSocket(sock)
         self.timeout = timeout
         self.peer = peer
         self._closer = closer
         self._replies = _core.ReplyParser()
+        self._buf = bytearray(4096)
+        self._scope: trio.CancelScope | None = None
+
+    @contextlib.contextmanager
+    def stall_guard(self) -> Iterator[None]:
+        """One deadline for a whole exchange, pushed back at every step.
+
+        A peer that makes no progress for ``timeout`` fails the exchange with
+        ``trio.TooSlowError``; one cancel scope per exchange instead of one
+        per step keeps a small job cheap.
+        """
+        with trio.CancelScope(deadline=trio.current_time() + self.timeout) as scope:
+            self._scope = scope
+            try:
+                yield
+            finally:
+                self._scope = None
+        if scope.cancelled_caught:
+            raise trio.TooSlowError
+
+    def _step(self) -> contextlib.AbstractContextManager[object]:
+        if self._scope is not None:
+            self._scope.deadline = trio.current_time() + self.timeout
+            return contextlib.nullcontext()
+        return trio.fail_after(self.timeout)
 
     async def send_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        with trio.fail_after(self.timeout):
-            while view:
-                sent = await self.sock.send(view)
-                view = view[sent:]
+        with self._step():
+            await self.io.send_all(data)
 
     async def send_file(self, path: str, size: int) -> None:
         """Zero-copy ``sendfile`` of a spool file; the deadline restarts on progress."""
@@ -68,12 +93,13 @@ class Channel:
 
     async def reply(self, step: str) -> _core.Reply:
         parser = self._replies
-        with trio.fail_after(self.timeout):
+        with self._step():
             while True:
                 reply = parser.next_reply()
                 if reply is not _core.NEED_DATA:
                     return reply
-                parser.feed(await self.sock.recv(4096))
+                n = await self.io.recv_into(self._buf)
+                parser.feed(self._buf[:n])
 
     async def expect_ok(self, step: str) -> None:
         reply = await self.reply(step)
@@ -89,16 +115,15 @@ class Channel:
         raise SinkUnavailable(message)
 
     async def read_text(self, limit: int = 1 << 20) -> str:
-        chunks: list[bytes] = []
-        total = 0
-        with trio.fail_after(self.timeout):
-            while total < limit:
-                data = await self.sock.recv(65536)
-                if not data:
+        text = bytearray()
+        buf = bytearray(65536)
+        with self._step():
+            while len(text) < limit:
+                n = await self.io.recv_into(buf)
+                if not n:
                     break
-                chunks.append(data)
-                total += len(data)
-        return b"".join(chunks).decode("utf-8", "replace")
+                text += buf[:n]
+        return text.decode("utf-8", "replace")
 
     def half_close(self) -> None:
         self.sock.shutdown(pysocket.SHUT_WR)
@@ -137,10 +162,11 @@ async def send_job(ch: Channel, *, queue: str, cf_name: str, control: bytes,
     runs to our half-close and has no trailing NUL; the control file then has
     to go first whatever ``order`` says.
     """
-    await ch.send_all(_core.receive_job(queue))
-    await ch.expect_ok(f"receive job for queue {queue!r}")
-    await send_job_files(ch, cf_name=cf_name, control=control, files=files, mode=mode,
-                         order=order)
+    with ch.stall_guard():
+        await ch.send_all(_core.receive_job(queue))
+        await ch.expect_ok(f"receive job for queue {queue!r}")
+        await send_job_files(ch, cf_name=cf_name, control=control, files=files, mode=mode,
+                             order=order)
 
 
 async def send_job_files(ch: Channel, *, cf_name: str, control: bytes,
@@ -188,14 +214,16 @@ async def _final_after_eof(ch: Channel, name: str) -> None:
 
 async def query(ch: Channel, queue: str, *, long: bool, items: Sequence[str] = ()) -> str:
     """lpq: send 0x03/0x04 and return the text the server writes before closing."""
-    await ch.send_all(_core.queue_state(queue, long=long, items=list(items)))
-    return await ch.read_text()
+    with ch.stall_guard():
+        await ch.send_all(_core.queue_state(queue, long=long, items=list(items)))
+        return await ch.read_text()
 
 
 async def remove(ch: Channel, queue: str, agent: str, items: Sequence[str]) -> str:
     """lprm: send 0x05; BSD answers with text lines, cups-lpd with one status byte."""
-    await ch.send_all(_core.remove_jobs(queue, agent, list(items)))
-    text = await ch.read_text()
+    with ch.stall_guard():
+        await ch.send_all(_core.remove_jobs(queue, agent, list(items)))
+        text = await ch.read_text()
     if text == "\x00":
         return "ok\n"
     return text

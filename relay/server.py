@@ -13,6 +13,7 @@ reason (EOF, refusal, idle timeout, shutdown).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import socket as pysocket
@@ -23,7 +24,7 @@ from typing import Protocol
 import trio
 
 from relay import _core, controlfile, log, status
-from relay.config import Listen, ServerConfig
+from relay.config import CATCH_ALL, Listen, ServerConfig
 from relay.errors import (
     REPLY_BAD_JOB,
     REPLY_RETRY_LATER,
@@ -31,6 +32,7 @@ from relay.errors import (
     ProtocolError,
     SpoolError,
 )
+from relay.fastio import FastSocket
 from relay.metrics import Metrics
 from relay.queues import QueueRouter
 from relay.spool import DataWriter, IncomingJob, JobMeta, Spool
@@ -201,6 +203,7 @@ class Connection:
         cfg = server.config
         self.server = server
         self.sock = sock
+        self.io = FastSocket(sock)
         self.peer = peer
         self.parser = _core.ServerParser(max_line=1024, max_control=cfg.max_control_size,
                                          max_job=cfg.max_job_size)
@@ -243,11 +246,11 @@ class Connection:
     async def _loop(self, scope: trio.CancelScope, idle: float) -> None:
         buf = bytearray(RECV_BUFFER)
         view = memoryview(buf)
-        parser, handlers, sock = self.parser, self._handlers, self.sock
+        parser, handlers, io = self.parser, self._handlers, self.io
         while not self.closing:
             ev = parser.next_event()
             if ev is _core.NEED_DATA:
-                n = await sock.recv_into(buf)
+                n = await io.recv_into(buf)
                 scope.deadline = trio.current_time() + idle
                 parser.receive_data(view[:n])
                 continue
@@ -256,14 +259,14 @@ class Connection:
                 await result  # type: ignore[misc]
 
     async def _send(self, data: bytes) -> None:
-        await self.sock.send(data)
+        await self.io.send_all(data)
 
     async def _send_refusal(self, code: int, message: str) -> None:
         # LPRng style: the reply byte, one human-readable line, then close.
         line = message.replace("\n", " ")[:200].encode("ascii", "replace")
         try:
             with trio.move_on_after(5):
-                await self.sock.send(bytes([code]) + b"lpd-relay: " + line + b"\n")
+                await self.io.send_all(bytes([code]) + b"lpd-relay: " + line + b"\n")
         except OSError:
             pass
 
@@ -400,16 +403,25 @@ class Connection:
             await self._send(f"{exc}\n".encode("ascii", "replace"))
             return
         if ev.code in (0x03, 0x04):
-            text = status.render(self.server.delivery.queue_state(queue.name),
+            text = status.render(self._queue_state(queue.name, ev.queue),
                                  long=ev.code == 0x04, items=ev.operands)
         else:
             text = self._remove(queue.name, ev.operands)
         await self._send(text.encode("utf-8", "replace"))
 
+    def _queue_state(self, queue: str, wire_queue: str) -> status.QueueState:
+        """The queue as the asker named it: for the catch-all, only that name's jobs."""
+        state = self.server.delivery.queue_state(queue)
+        if queue != CATCH_ALL:
+            return state
+        wanted = wire_queue.casefold()
+        return dataclasses.replace(state, queue=wire_queue, jobs=tuple(
+            j for j in state.jobs if j.wire_queue.casefold() == wanted))
+
     def _remove(self, queue: str, operands: Sequence[str]) -> str:
         if not operands:
             return "lpd-relay: lprm needs the requesting user\n"
-        state = self.server.delivery.queue_state(queue)
+        state = self._queue_state(queue, self.wire_queue)
         host = self.peer.rsplit(":", 1)[0]
         local = ipaddress.ip_address(host).is_loopback
         chosen = status.select_for_removal(state.jobs, agent=operands[0], items=operands[1:],
