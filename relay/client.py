@@ -163,10 +163,15 @@ async def send_job(ch: Channel, *, queue: str, cf_name: str, control: bytes,
     to go first whatever ``order`` says.
     """
     with ch.stall_guard():
-        await ch.send_all(_core.receive_job(queue))
-        await ch.expect_ok(f"receive job for queue {queue!r}")
+        await open_session(ch, queue)
         await send_job_files(ch, cf_name=cf_name, control=control, files=files, mode=mode,
                              order=order)
+
+
+async def open_session(ch: Channel, queue: str) -> None:
+    """0x02 "receive job": after it, one or more jobs' files may follow."""
+    await ch.send_all(_core.receive_job(queue))
+    await ch.expect_ok(f"receive job for queue {queue!r}")
 
 
 async def send_job_files(ch: Channel, *, cf_name: str, control: bytes,

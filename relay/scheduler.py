@@ -141,45 +141,53 @@ class QueueRunner:
 
     async def _worker(self) -> None:
         while True:
-            job = await self._take()
+            jobs = await self._take(self.sinks[self.active].batch)
             try:
-                await self._attempt(job)
+                await self._attempt(jobs)
             finally:
-                self.in_flight.pop(job.id, None)
+                for job in jobs:
+                    self.in_flight.pop(job.id, None)
 
-    async def _take(self) -> JobMeta:
+    async def _take(self, limit: int) -> list[JobMeta]:
+        """The next ``limit`` jobs at most, once the queue is not backing off."""
         while True:
             if self.pending and trio.current_time() >= self.retry_at:
-                job = self.pending.popleft()
-                self.in_flight[job.id] = job
-                return job
+                jobs = [self.pending.popleft() for _ in range(min(limit, len(self.pending)))]
+                for job in jobs:
+                    self.in_flight[job.id] = job
+                return jobs
             changed = self._changed
             deadline = self.retry_at if self.pending else math.inf
             with trio.move_on_at(deadline):
                 await changed.wait()
 
-    async def _attempt(self, job: JobMeta) -> None:
+    async def _attempt(self, jobs: list[JobMeta]) -> None:
         index = self.active
         sink = self.sinks[index]
         dest = self.metrics.destination_label(sink.destination.uri)
-        try:
-            await sink.deliver(job)
-        except SinkRejected as exc:
-            self._count_attempt(dest, "rejected")
-            self._mark(index, True, "")
-            self._hold(dataclasses.replace(job, attempts=job.attempts + 1),
-                       f"rejected by {sink.destination.uri}: {exc}")
-        except Exception as exc:  # SinkUnavailable, or a sink bug: both retry
-            self._count_attempt(dest, "retry")
-            self.metrics.delivery_retries_total.labels(
-                destination=dest, reason=retry_reason(exc)).inc()
-            self._failed(job, index, exc)
-        else:
+        done, error = await sink.deliver_many(jobs)
+        for job in jobs[:done]:
             self._count_attempt(dest, "ok")
             self._delivered(job, index, dest)
-            # Make the removal durable too (shared with other commits), so even
-            # a power loss right after cannot print the job a second time.
+        if done:
+            # Make the removals durable too (shared with other commits), so
+            # even a power loss right after cannot print a job a second time.
             await self.spool.sync()
+        if error is None:
+            return
+        failed, untried = jobs[done], jobs[done + 1:]
+        self.pending.extendleft(reversed(untried))   # back to the front, in order
+        if isinstance(error, SinkRejected):
+            self._count_attempt(dest, "rejected")
+            self._mark(index, True, "")
+            self._hold(dataclasses.replace(failed, attempts=failed.attempts + 1),
+                       f"rejected by {sink.destination.uri}: {error}")
+            return
+        # SinkUnavailable, or a sink bug: both are retried.
+        self._count_attempt(dest, "retry")
+        self.metrics.delivery_retries_total.labels(
+            destination=dest, reason=retry_reason(error)).inc()
+        self._failed(failed, index, error)
 
     def _count_attempt(self, dest: str, result: str) -> None:
         self.metrics.delivery_attempts_total.labels(destination=dest, result=result).inc()

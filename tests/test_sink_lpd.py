@@ -138,3 +138,57 @@ def test_empty_data_files_are_left_out(tmp_path: Path) -> None:
     assert [f.data for f in received.files] == [b"real page\n"]
     assert received.raw_control is not None
     assert len(parse_control_file(received.raw_control).print_files) == 1
+
+
+def test_batch_sends_several_jobs_in_one_session(tmp_path: Path) -> None:
+    spool, first = make_job(tmp_path)
+    jobs = [first] + [make_job_in(spool, n) for n in range(2, 5)]
+    with RecordingLpdServer() as server:
+        sink = make_sink(parse_destination(f"lpd://127.0.0.1:{server.port}/q?batch=4"),
+                         SinkContext())
+        assert sink.batch == 4
+
+        async def main() -> tuple[int, Exception | None]:
+            with trio.fail_after(30):
+                return await sink.deliver_many(jobs)
+        assert trio.run(main) == (4, None)
+        received = server.wait_jobs(4)
+        assert len(server.connections) == 1
+    assert [j.user for j in received] == ["nurse", "u2", "u3", "u4"]
+
+
+@pytest.mark.peers
+def test_batch_to_lprng(tmp_path: Path) -> None:
+    # LPRng takes several control files in one 0x02 session (FIELD-NOTES).
+    spool, first = make_job(tmp_path)
+    jobs = [first] + [make_job_in(spool, n) for n in range(2, 6)]
+    with LprngServer(tmp_path / "lprng", queues=("q",)) as lprng:
+        sink = make_sink(parse_destination(f"lpd://127.0.0.1:{lprng.port}/q?batch=8"),
+                         SinkContext())
+
+        async def main() -> tuple[int, Exception | None]:
+            with trio.fail_after(30):
+                return await sink.deliver_many(jobs)
+        assert trio.run(main) == (5, None)
+        received = lprng.wait_jobs("q", 5)
+    assert sorted(j.user for j in received) == ["nurse", "u2", "u3", "u4", "u5"]
+
+
+def test_streamed_mode_never_batches(tmp_path: Path) -> None:
+    sink = make_sink(parse_destination("lpd://127.0.0.1:9/q?batch=8&mode=stream"),
+                     SinkContext())
+    assert sink.batch == 1
+
+
+def make_job_in(spool: Spool, n: int) -> JobMeta:
+    async def build() -> JobMeta:
+        job = spool.begin(queue="ward3", wire_queue="ward3", peer="10.1.2.3:721")
+        name = f"dfA{n:03d}host"
+        writer = job.open_data(name)
+        writer.write(f"job {n}\n".encode())
+        writer.close()
+        job.set_control(f"cfA{n:03d}host", f"Hhost\nPu{n}\nl{name}\n".encode(),
+                        number=f"{n:03d}", user=f"u{n}", host="host", title="", job_name="",
+                        formats={name: "l"})
+        return await spool.commit(job)
+    return trio.run(build)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import abc
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -146,6 +146,9 @@ class Sink(abc.ABC):
     ``concurrency`` deliveries on one sink object at once.
     """
 
+    # How many queued jobs one delivery may carry (``lpd://...?batch=N``).
+    batch = 1
+
     def __init__(self, destination: Destination, context: SinkContext) -> None:
         self.destination = destination
         self.context = context
@@ -153,6 +156,20 @@ class Sink(abc.ABC):
     @abc.abstractmethod
     async def deliver(self, job: DeliveryJob) -> None:
         """Deliver ``job`` durably, or raise ``SinkUnavailable`` / ``SinkRejected``."""
+
+    async def deliver_many(self, jobs: Sequence[DeliveryJob]) -> tuple[int, Exception | None]:
+        """Deliver ``jobs`` in order, stopping at the first failure.
+
+        Returns how many were delivered and the error that stopped the rest
+        (``None`` when all went).  Sinks that can carry several jobs in one
+        exchange override it; this default is one ``deliver`` each.
+        """
+        for i, job in enumerate(jobs):
+            try:
+                await self.deliver(job)
+            except Exception as exc:  # the scheduler classifies it
+                return i, exc
+        return len(jobs), None
 
     async def aclose(self) -> None:  # noqa: B027  (an optional hook: most sinks hold nothing)
         """Release long-lived resources (connections, pools); the default has none."""

@@ -22,12 +22,13 @@ import itertools
 import random
 import re
 import socket as pysocket
+from collections.abc import Sequence
 
 import trio
 
 from relay import client
 from relay.controlfile import parse_control_file, rewrite
-from relay.errors import LpdError, SinkRejected, SinkUnavailable
+from relay.errors import LpdError, SinkError, SinkRejected, SinkUnavailable
 from relay.originports import OriginPortPool, PoolSet
 from relay.sinks.base import DeliveryJob, Sink, SinkContext, register
 from relay.uri import Destination
@@ -55,6 +56,9 @@ class LpdSink(Sink):
         start = random.randrange(modulus)
         self._numbers = (n % modulus for n in itertools.count(start))
         self.hostname = _short_hostname()
+        # Several jobs per session need exact counts: a streamed file ends the
+        # connection (SPEC §3.3 batch=N; never point it at cups-lpd, which merges).
+        self.batch = destination.batch if destination.mode == "count" else 1
 
     def describe(self) -> str:
         d = self.destination
@@ -93,20 +97,40 @@ class LpdSink(Sink):
         return cf_name, new_cf.serialize(), files
 
     async def deliver(self, job: DeliveryJob) -> None:
+        _, error = await self.deliver_many([job])
+        if error is not None:
+            raise error
+
+    async def deliver_many(self, jobs: Sequence[DeliveryJob]) -> tuple[int, Exception | None]:
+        """Send ``jobs`` in one 0x02 session (``batch=N``; one job without it).
+
+        Each job is complete at its own final acknowledgement, so a failure
+        part-way keeps the jobs before it delivered.
+        """
         d = self.destination
-        cf_name, control, files = self._prepare(job)
-        if not files:
-            return   # only empty data files: nothing to print, nothing to send
-        ch = await self._connect()
         try:
-            await client.send_job(ch, queue=d.path, cf_name=cf_name, control=control,
-                                  files=files, mode=d.mode, order=d.order)
-        except trio.TooSlowError as exc:
-            raise SinkUnavailable(f"{d.host}:{d.port} timed out after {d.timeout:g}s") from exc
+            ch = await self._connect()
+        except SinkError as exc:
+            return 0, exc
+        done = 0
+        try:
+            with ch.stall_guard():
+                await client.open_session(ch, d.path)
+                for job in jobs:
+                    cf_name, control, files = self._prepare(job)
+                    if files:   # only empty data files: nothing to print, nothing to send
+                        await client.send_job_files(ch, cf_name=cf_name, control=control,
+                                                    files=files, mode=d.mode, order=d.order)
+                    done += 1
+        except SinkError as exc:
+            return done, exc
+        except trio.TooSlowError:
+            return done, SinkUnavailable(f"{d.host}:{d.port} timed out after {d.timeout:g}s")
         except OSError as exc:
-            raise SinkUnavailable(f"{d.host}:{d.port}: {exc}") from exc
+            return done, SinkUnavailable(f"{d.host}:{d.port}: {exc}")
         finally:
             await ch.aclose()
+        return done, None
 
 
 register("lpd", LpdSink)
