@@ -1,0 +1,76 @@
+"""Forwarding 1-KiB jobs to a real LPRng lpd, against LPRng forwarding the same jobs.
+
+Each case sends N jobs into a forwarder on loopback and times until all N
+sit in the upstream LPRng queue.  Baseline in the same run: a second LPRng
+lpd forwarding to the upstream (FIELD-NOTES measured ~18 jobs/s: its sender
+stalls on delayed ACKs).  The relay forwards through the reserved ports
+721-731 (its default) with queue concurrency 1, 4, and 4 with batch=10.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from relay.loadgen import run_load
+from relay.uri import parse_destination
+from tests.daemon import DaemonThread, relay_config
+from tests.peers import LprngServer, release_time_wait
+
+pytestmark = [pytest.mark.peers, pytest.mark.root,
+              pytest.mark.skipif(os.geteuid() != 0, reason="ports 721-731 need root")]
+
+SCALE = float(os.environ.get("LPD_BENCH_SCALE", "1.0"))
+JOBS = max(20, min(900, int(300 * SCALE)))
+RESULTS: dict[str, float] = {}
+
+
+def _feed_and_wait(port: int, queue: str, upstream: LprngServer) -> float:
+    start = time.perf_counter()
+    dest = parse_destination(f"lpd://127.0.0.1:{port}/{queue}")
+    sent = trio.run(lambda: run_load(dest, jobs=JOBS, concurrency=8, size=1024))
+    assert sent.ok == JOBS, sent.failures
+    upstream.wait_jobs("q", JOBS, timeout=600)
+    return JOBS / (time.perf_counter() - start)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report(request: pytest.FixtureRequest) -> Any:
+    yield
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None or "LPRng -> LPRng" not in RESULTS:
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line("")
+        reporter.write_line(f"lpd-relay forwarding benchmark ({JOBS} 1-KiB jobs to LPRng lpd)")
+        base = RESULTS["LPRng -> LPRng"]
+        for key, value in RESULTS.items():
+            reporter.write_line(f"  {key}: {value:,.1f} jobs/s  (ratio {value / base:.2f}x)")
+
+
+def test_lprng_forwarding_baseline(tmp_path: Path, benchmark: Any) -> None:
+    with LprngServer(tmp_path / "up", queues=("q",)) as up, LprngServer(
+            tmp_path / "fw", queues={"fwd": f"lp=q@127.0.0.1%{up.port}:ah@"}) as fw:
+        rate = benchmark.pedantic(_feed_and_wait, args=(fw.port, "fwd", up), rounds=1,
+                                  iterations=1)
+    RESULTS["LPRng -> LPRng"] = rate
+
+
+@pytest.mark.parametrize(("concurrency", "batch"), [(1, 1), (4, 1), (4, 10)])
+def test_relay_forwarding(tmp_path: Path, benchmark: Any, concurrency: int, batch: int) -> None:
+    with LprngServer(tmp_path / "up", queues=("q",)) as up:
+        dest = f"lpd://127.0.0.1:{up.port}/q?batch={batch}"
+        cfg = relay_config(tmp_path, queues={"q": {"destinations": [dest],
+                                                   "concurrency": concurrency}},
+                           log={"format": "json", "level": "warning"})
+        with DaemonThread(cfg) as relay:
+            rate = benchmark.pedantic(_feed_and_wait, args=(relay.port, "q", up), rounds=1,
+                                      iterations=1)
+    release_time_wait(range(721, 732), up.port)   # after LPRng let go of its port
+    RESULTS[f"relay -> LPRng, concurrency {concurrency}, batch {batch}"] = rate
