@@ -126,3 +126,18 @@ def send_job(port: int, job: Job, *, order: str = "control-first", mode: str = "
             if replies[-1] != 0:
                 return replies
     return replies
+
+
+def start_data_file(w: Wire, job: Job, length: int | None = None) -> None:
+    """Send ``02 queue``, the control file and the first data file's header,
+    checking every acknowledgement; the data file's bytes are the caller's."""
+    w.send(b"\x02" + job.queue.encode() + b"\n")
+    assert w.reply() == 0
+    cf = job.control()
+    w.send(f"\x02{len(cf)} {job.cf_name}\n".encode())
+    assert w.reply() == 0
+    w.send(cf + b"\x00")
+    assert w.reply() == 0
+    size = len(job.files[0]) if length is None else length
+    w.send(f"\x03{size} {job.df_names()[0]}\n".encode())
+    assert w.reply() == 0

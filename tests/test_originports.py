@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from relay.errors import ConfigError, SinkUnavailable
 from relay.originports import OriginConnection, OriginPortPool
+from tests.peers import time_wait_pairs
 
 LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[1]
@@ -73,16 +74,6 @@ def _bindable(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def time_wait_pairs() -> set[tuple[int, int]]:
-    """(local port, remote port) of every IPv4 TIME_WAIT socket (state 06)."""
-    pairs = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[3] == "06":
-            pairs.add((int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16)))
-    return pairs
 
 
 class Receiver:

@@ -12,7 +12,7 @@ from pathlib import Path
 import orjson
 
 from tests.daemon import RelayProcess
-from tests.lpdwire import Job, Wire, send_job
+from tests.lpdwire import Job, Wire, send_job, start_data_file
 from tests.test_server import wait_for
 
 
@@ -61,15 +61,7 @@ def test_kill_mid_transfer_discards_the_partial_job(tmp_path: Path) -> None:
     relay = RelayProcess(cfg).start()
     job = Job(files=[b"z" * 4_000_000])
     with Wire(relay.port) as w:
-        w.send(b"\x02q\n")
-        assert w.reply() == 0
-        cf = job.control()
-        w.send(f"\x02{len(cf)} {job.cf_name}\n".encode())
-        assert w.reply() == 0
-        w.send(cf + b"\x00")
-        assert w.reply() == 0
-        w.send(f"\x03{len(job.files[0])} {job.df_names()[0]}\n".encode())
-        assert w.reply() == 0
+        start_data_file(w, job)
         w.send(job.files[0][:2_000_000])
         wait_for(lambda: any(".d" in n for n in spool_names(tmp_path)) or None)
         relay.kill9()

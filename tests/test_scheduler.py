@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import random
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,17 @@ async def spool_job(spool: Spool, number: int, payload: bytes = b"data\n") -> Jo
     return await spool.commit(job)
 
 
+async def run_until(runner: QueueRunner, done: Callable[[], bool], seconds: float,
+                    poll: float = 0.05) -> None:
+    """Run the runner until ``done()`` holds (at most ``seconds``), then stop it."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner.run)
+        with trio.fail_after(seconds):
+            while not done():
+                await trio.sleep(poll)
+        nursery.cancel_scope.cancel()
+
+
 def test_backoff_grows_exponentially_with_bounded_jitter() -> None:
     rng = random.Random(1)
     delays = [backoff_delay(n, initial=1.0, maximum=60.0, rng=rng) for n in range(1, 12)]
@@ -69,12 +81,7 @@ def test_jobs_leave_in_arrival_order(tmp_path: Path) -> None:
         ids = [(await spool_job(runner.spool, n)).id for n in range(1, 16)]
         for job_id in ids:
             runner.submit(runner.spool.get(job_id))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(runner.run)
-            with trio.fail_after(30):
-                while runner.spool.jobs():
-                    await trio.sleep(0.05)
-            nursery.cancel_scope.cancel()
+        await run_until(runner, lambda: not runner.spool.jobs(), 30, 0.05)
         assert log.read_text().split() == ids
 
     trio.run(main)
@@ -88,12 +95,7 @@ def test_failover_after_consecutive_failures(tmp_path: Path) -> None:
 
     async def main() -> None:
         runner.submit(await spool_job(runner.spool, 5))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(runner.run)
-            with trio.fail_after(60):
-                while runner.spool.jobs():
-                    await trio.sleep(0.5)
-            nursery.cancel_scope.cancel()
+        await run_until(runner, lambda: not runner.spool.jobs(), 60, 0.5)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.01))
     assert len(list((out / "ward3").glob("*.json"))) == 1
@@ -132,20 +134,13 @@ def test_rejected_job_is_held_at_once_with_the_reason(tmp_path: Path) -> None:
     script = tmp_path / "refuse.sh"
     script.write_text("#!/bin/sh\ncat >/dev/null\necho 'printer says no' >&2\nexit 3\n")
     script.chmod(0o755)
-    ok = tmp_path / "ok.sh"
-    ok.write_text(f"#!/bin/sh\ncat > {tmp_path}/printed\n")
-    ok.chmod(0o755)
     runner = runner_for(tmp_path, [f"cmd:{script}"])
 
     async def main() -> None:
         job = await spool_job(runner.spool, 9)
         runner.submit(job)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(runner.run)
-            with trio.fail_after(30):
-                while runner.spool.get(job.id).state != "held":
-                    await trio.sleep(0.05)
-            nursery.cancel_scope.cancel()
+        await run_until(runner, lambda: runner.spool.get(job.id).state == "held",
+                        30, 0.05)
         held = runner.spool.get(job.id)
         assert "printer says no" in held.last_error and held.attempts == 1
         assert runner.failures == 0  # a refusal is not an outage: no backoff
@@ -192,12 +187,7 @@ def test_batch_carries_queued_jobs_in_order_over_few_connections(tmp_path: Path)
             jobs = [await spool_job(runner.spool, n) for n in range(1, 9)]
             for job in jobs:
                 runner.submit(job)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(runner.run)
-                with trio.fail_after(30):
-                    while runner.spool.jobs():
-                        await trio.sleep(0.05)
-                nursery.cancel_scope.cancel()
+            await run_until(runner, lambda: not runner.spool.jobs(), 30, 0.05)
 
         trio.run(main)
         received = server.wait_jobs(8)

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from tests.daemon import DaemonThread, relay_config
-from tests.lpdwire import Job, Wire, send_job
+from tests.lpdwire import Job, Wire, send_job, start_data_file
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):  # type: ignore[no-untyped-def]
@@ -76,15 +76,7 @@ def test_several_data_files_six_digit_number_and_ip_host(relay, tmp_path):  # ty
 def test_missing_trailing_nul_before_half_close_is_kept(relay, tmp_path):  # type: ignore[no-untyped-def]
     job = Job(files=[b"no nul follows"])
     with Wire(relay.port) as w:
-        w.send(b"\x02q\n")
-        assert w.reply() == 0
-        cf = job.control()
-        w.send(f"\x02{len(cf)} {job.cf_name}\n".encode())
-        assert w.reply() == 0
-        w.send(cf + b"\x00")
-        assert w.reply() == 0
-        w.send(f"\x03{len(job.files[0])} {job.df_names()[0]}\n".encode())
-        assert w.reply() == 0
+        start_data_file(w, job)
         w.send(job.files[0])
         w.half_close()
         assert w.reply() == 0
@@ -145,15 +137,7 @@ def test_hostile_names_and_lines_are_refused_and_server_keeps_serving(relay, tmp
 def test_truncated_job_is_discarded_never_delivered(relay, tmp_path):  # type: ignore[no-untyped-def]
     job = Job(files=[b"x" * 1000])
     with Wire(relay.port) as w:
-        w.send(b"\x02q\n")
-        w.reply()
-        cf = job.control()
-        w.send(f"\x02{len(cf)} {job.cf_name}\n".encode())
-        w.reply()
-        w.send(cf + b"\x00")
-        w.reply()
-        w.send(f"\x031000 {job.df_names()[0]}\n".encode())
-        w.reply()
+        start_data_file(w, job)
         w.send(b"x" * 10)
     wait_for(lambda: relay.metric("lpdrelay_jobs_rejected_total", reason="malformed") >= 1)
     wait_for(lambda: not spool_files(tmp_path) or None)
