@@ -91,6 +91,10 @@ cdef str _event_repr(object ev):
     return f"{type(ev).__name__}({fields})"
 
 
+# Each event class repeats its four dunder methods instead of inheriting them
+# from a shared base: Cython allows a freelist only on a base type, and the
+# freelist (no malloc per event) is what makes small jobs cheap to parse.
+
 @cython.final
 @cython.no_gc
 @cython.freelist(8)
