@@ -1,4 +1,4 @@
-"""Smoke tests of tests/peers.py: each helper really drives the real program.
+"""Smoke tests of the tests/peers package: each helper really drives the real program.
 
 If these fail, every test built on the peers would fail for the wrong reason,
 so each helper is proved here on its own: LPRng's lpd receives what LPRng's
