@@ -19,7 +19,7 @@ import ipaddress
 import socket as pysocket
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -212,17 +212,6 @@ class Connection:
         self.job: JobAssembly | None = None
         self.writer: DataWriter | None = None
         self.closing = False
-        self._handlers: dict[type, Callable[..., object]] = {
-            _core.ReceiveJob: self.on_receive_job,
-            _core.ControlFileStart: self.on_control_start,
-            _core.ControlFileEnd: self.on_control_end,
-            _core.DataFileStart: self.on_data_start,
-            _core.DataChunk: self.on_data_chunk,
-            _core.DataFileEnd: self.on_data_end,
-            _core.AbortJob: self.on_abort,
-            _core.EndOfStream: self.on_end,
-            _core.Command: self.on_command,
-        }
 
     async def run(self) -> None:
         idle = self.server.config.idle_timeout
@@ -246,7 +235,7 @@ class Connection:
     async def _loop(self, scope: trio.CancelScope, idle: float) -> None:
         buf = bytearray(RECV_BUFFER)
         view = memoryview(buf)
-        parser, handlers, io = self.parser, self._handlers, self.io
+        parser, handlers, io = self.parser, _HANDLERS, self.io
         while not self.closing:
             ev = parser.next_event()
             if ev is _core.NEED_DATA:
@@ -254,7 +243,7 @@ class Connection:
                 scope.deadline = trio.current_time() + idle
                 parser.receive_data(view[:n])
                 continue
-            result = handlers[type(ev)](ev)
+            result = handlers[type(ev)](self, ev)
             if result is not None:
                 await result  # type: ignore[misc]
 
@@ -428,6 +417,23 @@ class Connection:
                                            local=local)
         removed = set(self.server.delivery.remove(queue, [j.id for j in chosen]))
         return status.render_removal(chosen, removed)
+
+
+# Event type -> handler, kept on the class rather than as bound methods on
+# each connection: bound methods would make every connection a reference cycle,
+# freed only by the cyclic GC, and each holds its 256 KiB receive buffer (and
+# the parser's export of it) until then.
+_HANDLERS: dict[type, Callable[[Connection, Any], object]] = {
+    _core.ReceiveJob: Connection.on_receive_job,
+    _core.ControlFileStart: Connection.on_control_start,
+    _core.ControlFileEnd: Connection.on_control_end,
+    _core.DataFileStart: Connection.on_data_start,
+    _core.DataChunk: Connection.on_data_chunk,
+    _core.DataFileEnd: Connection.on_data_end,
+    _core.AbortJob: Connection.on_abort,
+    _core.EndOfStream: Connection.on_end,
+    _core.Command: Connection.on_command,
+}
 
 
 class JobAssembly:

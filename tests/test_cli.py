@@ -90,7 +90,7 @@ def test_send_and_loadgen_against_the_relay(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         summary = orjson.loads(result.stdout)
         assert summary["ok"] == 50 and summary["jobs_per_second"] > 0
-        delivered(tmp_path / "out", "ward3", 51)
+        delivered(tmp_path / "out", "ward3", 51, timeout=60)
 
 
 def test_spool_commands_with_daemon_stopped_and_running(tmp_path: Path) -> None:

@@ -25,13 +25,14 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):  # type:
     raise AssertionError("condition not met in time")
 
 
-def delivered(out: Path, queue: str, n: int = 1) -> list[dict]:  # type: ignore[type-arg]
+def delivered(out: Path, queue: str, n: int = 1,
+              timeout: float = 10.0) -> list[dict]:  # type: ignore[type-arg]
     folder = out / queue
 
     def ready() -> list[dict] | None:  # type: ignore[type-arg]
         metas = sorted(folder.glob("*.json")) if folder.exists() else []
         return [orjson.loads(p.read_bytes()) for p in metas] if len(metas) >= n else None
-    return wait_for(ready)
+    return wait_for(ready, timeout)
 
 
 def spool_files(tmp_path: Path) -> list[Path]:
@@ -271,7 +272,7 @@ def test_thousand_concurrent_connections_all_served(tmp_path):  # type: ignore[n
         dest = parse_destination(f"lpd://127.0.0.1:{relay.port}/q")
         result = trio.run(lambda: run_load(dest, jobs=1000, concurrency=1000, size=512))
         assert result.ok == 1000, result.failures
-        delivered(tmp_path / "out", "q", 1000)
+        delivered(tmp_path / "out", "q", 1000, timeout=120)
         assert relay.metric("lpdrelay_jobs_received_total", queue="*") == 1000
 
 
