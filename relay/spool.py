@@ -14,6 +14,12 @@ A job exists iff its ``.json`` parses and every file it lists has the recorded
 size; anything else is debris, removed and counted by ``recover()``.  Under
 ``fsync`` the ``.json`` publications of concurrent jobs share one flush
 (``relay.groupcommit``), so durability does not cost one fsync per job.
+
+This module is the ``Spool`` itself: the lock, ids, commit, and reading and
+changing stored jobs.  Receiving one job is ``relay.spooljob``, the start-up
+sweep ``relay.spoolrecovery``, the records and their JSON codec
+``relay.spoolformat``; their public names are re-exported here, so
+``relay.spool`` stays the one import for the rest of the relay.
 """
 
 from __future__ import annotations
@@ -21,15 +27,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
-import stat
-import time
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-import orjson
 import trio
 
 from relay.errors import DiskFull, SpoolError
@@ -39,68 +39,34 @@ from relay.groupcommit import (
     Syncer,
     disk_error,
     read_file,
-    start_writeback,
     unlink_quiet,
-    write_all,
     write_atomic,
     write_file,
 )
+from relay.spoolformat import (
+    ID_RE,
+    ID_WIDTH,
+    STATES,
+    FileMeta,
+    JobMeta,
+    decode_job,
+    encode_job,
+    encode_state,
+    with_state,
+)
+from relay.spooljob import MAX_FILES_PER_JOB, WRITEBACK_CHUNK, DataWriter, IncomingJob
+from relay.spoolrecovery import sweep
 
-ID_WIDTH = 12
+# The public names of relay.spooljob and relay.spoolformat are this module's too.
+__all__ = ["ID_BLOCK", "ID_WIDTH", "MAX_FILES_PER_JOB", "STATES", "WRITEBACK_CHUNK",
+           "DataWriter", "FileMeta", "IncomingJob", "JobMeta", "Recovery", "Spool",
+           "SpoolBusy", "SpoolStatistics", "SpoolUsage"]
+
 ID_BLOCK = 1000              # ids reserved per durable write of the ``next-id`` file
-MAX_FILES_PER_JOB = 1024     # RFC 1179 names allow 52 data files; bound hostile senders
-WRITEBACK_CHUNK = 8 << 20    # start writeback of large files every 8 MiB under fsync
-STATES = ("queued", "held")
-
-_ID = rf"\d{{{ID_WIDTH},20}}"
-_ID_RE = re.compile(_ID)
-_LIVE_RE = re.compile(rf"({_ID})\.(json|cf|state|d\d{{1,4}})")
-_TEMP_RE = re.compile(rf"\.{_ID}\..*\.tmp")
-_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
 class SpoolBusy(SpoolError):
     """Another process holds the spool lock: a daemon is running on it."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FileMeta:
-    name: str        # wire name (dfA123host) - never a path
-    format: str      # format letter from the control file ("l", "f", ...), "" when unknown
-    bytes: int
-    path: str        # absolute path of the spool file holding the data
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class JobMeta:
-    """One acknowledged job: immutable facts from ``.json`` plus delivery state."""
-
-    id: str                  # spool id, arrival order
-    queue: str               # configured queue name ("*" for the catch-all)
-    wire_queue: str          # queue name as the sender wrote it
-    peer: str                # "ip:port" of the sender
-    received: float          # epoch seconds when the job was complete (committed)
-    control_name: str        # wire name of the control file (cfA123host)
-    control_path: str        # absolute path of the raw control file in the spool
-    number: str              # job number from the control-file name ("123")
-    user: str
-    host: str
-    title: str
-    job_name: str
-    files: tuple[FileMeta, ...]
-    control_bytes: int = 0
-    # delivery state (from <id>.state; defaults when absent)
-    state: str = "queued"    # "queued" | "held"
-    attempts: int = 0
-    failures: int = 0        # consecutive failures at the current destination
-    destination: int = 0     # index into the queue's destinations
-    next_attempt: float = 0.0
-    last_error: str = ""
-
-    @property
-    def total_bytes(self) -> int:
-        """Bytes of all data files (what lpq shows as the job's size)."""
-        return sum(f.bytes for f in self.files)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -129,252 +95,6 @@ class SpoolStatistics:
     recovered: int           # jobs found by recover()
     sync_method: str         # "syncfs" | "fdatasync" | "none"
 
-
-# --- on-disk encoding ------------------------------------------------------------------
-
-_STATE_DEFAULTS: dict[str, Any] = {
-    "state": "queued", "attempts": 0, "failures": 0, "destination": 0,
-    "next_attempt": 0.0, "last_error": ""}
-
-
-def _text(value: str) -> str:
-    # Wire text decoded with surrogateescape cannot be stored in JSON; the raw
-    # control file keeps the exact bytes, the metadata keeps a readable copy.
-    try:
-        value.encode("utf-8")
-        return value
-    except UnicodeEncodeError:
-        return value.encode("utf-8", "replace").decode("utf-8")
-
-
-def _encode_job(meta: JobMeta) -> bytes:
-    files = [{"name": f.name, "format": f.format, "bytes": f.bytes,
-              "file": os.path.basename(f.path)} for f in meta.files]
-    return orjson.dumps({
-        "v": 1, "id": meta.id, "queue": meta.queue, "wire_queue": meta.wire_queue,
-        "peer": meta.peer, "received": meta.received, "control_name": meta.control_name,
-        "control_bytes": meta.control_bytes, "number": meta.number, "user": meta.user,
-        "host": meta.host, "title": meta.title, "job_name": meta.job_name, "files": files})
-
-
-def _field(d: Mapping[str, Any], key: str, kind: type) -> Any:
-    value = d.get(key)
-    if type(value) is not kind:  # exact: bool is not an int here
-        raise ValueError(f"{key}: expected {kind.__name__}")
-    return value
-
-
-def _decode_job(raw: bytes, job_id: str, jobs_dir: str) -> JobMeta:
-    """Parse ``<id>.json``; ValueError on anything unexpected (the job is then debris)."""
-    d = orjson.loads(raw)
-    if not isinstance(d, dict) or d.get("v") != 1 or d.get("id") != job_id:
-        raise ValueError("not a job record of this id")
-    files = []
-    for f in _field(d, "files", list):
-        name = _field(f, "file", str)
-        # Paths come only from our own pattern, so a tampered record cannot
-        # make the relay read or delete outside the spool.
-        if not (name.startswith(job_id + ".d") and _LIVE_RE.fullmatch(name)):
-            raise ValueError(f"bad data file name {name!r}")
-        files.append(FileMeta(name=_field(f, "name", str), format=_field(f, "format", str),
-                              bytes=_field(f, "bytes", int), path=os.path.join(jobs_dir, name)))
-    received: Any = d.get("received")
-    if type(received) not in (float, int):
-        raise ValueError("received: expected a number")
-    s = {k: _field(d, k, str) for k in ("queue", "wire_queue", "peer", "control_name",
-                                        "number", "user", "host", "title", "job_name")}
-    return JobMeta(id=job_id, received=float(received), files=tuple(files),
-                   control_path=os.path.join(jobs_dir, f"{job_id}.cf"),
-                   control_bytes=_field(d, "control_bytes", int), **s)
-
-
-def _encode_state(meta: JobMeta) -> bytes:
-    return orjson.dumps({k: getattr(meta, k) for k in _STATE_DEFAULTS})
-
-
-def _with_state(base: JobMeta, raw: bytes | None) -> JobMeta:
-    # Lenient: a torn or odd state file only costs a retry, never the job.
-    try:
-        d = orjson.loads(raw) if raw else {}
-    except orjson.JSONDecodeError:
-        d = {}
-    if not isinstance(d, dict) or not d:
-        return base
-    fields = {}
-    for key, default in _STATE_DEFAULTS.items():
-        value = d.get(key, default)
-        if isinstance(default, float) and type(value) is int:
-            value = float(value)
-        fields[key] = value if type(value) is type(default) else default
-    if fields["state"] not in STATES:
-        fields["state"] = "queued"
-    return JobMeta(**{**_asdict(base), **fields})
-
-
-def _asdict(meta: JobMeta) -> dict[str, Any]:
-    # dataclasses.asdict would deep-copy the FileMeta records into dicts.
-    return {name: getattr(meta, name) for name in JobMeta.__dataclass_fields__}
-
-
-# --- a job being received -----------------------------------------------------------------
-
-class DataWriter:
-    """One data file being received; ``write`` goes straight to the file, no copies."""
-
-    __slots__ = ("_counted", "_fd", "_job", "_mark", "_size", "name")
-
-    def __init__(self, job: IncomingJob, fd: int, name: str) -> None:
-        self._job = job
-        self._fd = fd
-        self.name = name
-        self._counted = 0   # bytes reported by write()/add()
-        self._mark = 0      # end of the range already handed to writeback
-        self._size = -1     # final size once closed
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            self.add(write_all(self._fd, data))
-        except OSError as exc:
-            raise disk_error(exc, f"job {self._job.id} data file") from exc
-
-    def add(self, n: int) -> None:
-        """Account for ``n`` bytes the caller wrote to ``fileno()`` itself (splice)."""
-        self._counted += n
-        self._job.bytes += n
-        if self._job.spool_fsync and self._counted - self._mark >= WRITEBACK_CHUNK:
-            start_writeback(self._fd, self._mark, self._counted - self._mark)
-            self._mark = self._counted
-
-    def abandon(self) -> None:
-        # The job is being discarded: close quietly; a later close() is a no-op.
-        if self._size < 0:
-            self._size = self._counted
-            os.close(self._fd)
-
-    def close(self) -> int:
-        """Close the file and return its size (from the file, not the counters)."""
-        if self._size < 0:
-            try:
-                self._size = os.fstat(self._fd).st_size
-            finally:
-                os.close(self._fd)
-            self._job.data_closed(self, self._size, self._counted)
-        return self._size
-
-
-class IncomingJob:
-    """A job under construction; becomes a ``JobMeta`` by ``Spool.commit``."""
-
-    def __init__(self, spool: Spool, job_id: str, *, queue: str, wire_queue: str,
-                 peer: str) -> None:
-        self.id = job_id
-        self.bytes = 0                                     # data + control so far
-        self.spool_fsync = spool.fsync
-        self._spool = spool
-        self._fields = {"queue": _text(queue), "wire_queue": _text(wire_queue),
-                        "peer": _text(peer)}
-        self._control: dict[str, str] | None = None
-        self.control_raw = b""  # written by the flush, off the event loop
-        self._formats: dict[str, str] = {}
-        self._files: dict[str, tuple[str, int]] = {}     # wire name -> (file, size)
-        self._writer: DataWriter | None = None
-        self._index = 0
-        self._status = "open"                              # open | committing | committed | gone
-
-    def _path(self, name: str) -> str:
-        return os.path.join(self._spool.jobs_dir, name)
-
-    def _check_open(self) -> None:
-        if self._status != "open":
-            raise SpoolError(f"job {self.id} is {self._status}")
-
-    def set_control(self, name: str, raw: bytes, *, number: str, user: str, host: str,
-                    title: str, job_name: str, formats: Mapping[str, str]) -> None:
-        """Keep the raw control file (a re-sent one replaces it) and its facts.
-
-        The bytes reach ``<id>.cf`` at commit, in the group-commit thread: one
-        file creation less on the event loop per job.
-        """
-        self._check_open()
-        self.bytes += len(raw) - len(self.control_raw)
-        self.control_raw = bytes(raw)
-        self._control = {"control_name": _text(name), "number": _text(number),
-                         "user": _text(user), "host": _text(host), "title": _text(title),
-                         "job_name": _text(job_name)}
-        self._formats = {_text(k): _text(v) for k, v in formats.items()}
-
-    def open_data(self, name: str) -> DataWriter:
-        """Start a data file; ``name`` is the wire name, kept only as metadata."""
-        self._check_open()
-        if self._writer is not None:
-            raise SpoolError(f"job {self.id}: a data file is already open")
-        if self._index >= MAX_FILES_PER_JOB:  # counts re-sent files too
-            raise SpoolError(f"job {self.id}: more than {MAX_FILES_PER_JOB} data files")
-        self._index += 1
-        file = f"{self.id}.d{self._index}"
-        try:
-            fd = os.open(self._path(file), _NEW, FILE_MODE)
-        except OSError as exc:
-            raise disk_error(exc, f"job {self.id} data file") from exc
-        name = _text(name)
-        if name in self._files:  # a re-sent file supersedes the earlier copy
-            old, size = self._files.pop(name)
-            unlink_quiet(self._path(old))
-            self.bytes -= size
-        self._files[name] = (file, -1)
-        self._writer = DataWriter(self, fd, name)
-        return self._writer
-
-    def data_closed(self, writer: DataWriter, size: int, counted: int) -> None:
-        # Called by DataWriter.close(): the file's real size wins over the counters.
-        self._writer = None
-        self.bytes += size - counted
-        if self._files.get(writer.name, ("", 0))[1] == -1:
-            self._files[writer.name] = (self._files[writer.name][0], size)
-
-    def discard(self) -> None:
-        """Remove everything written for this job; idempotent, no-op once committed."""
-        if self._status not in ("open",):
-            return
-        self._status = "gone"
-        if self._writer is not None:
-            self._writer.abandon()
-            self._writer = None
-        unlink_quiet(self._path(f"{self.id}.json"))  # the job is gone first, then its parts
-        unlink_quiet(self._path(f".{self.id}.json.tmp"))
-        unlink_quiet(self._path(f"{self.id}.cf"))
-        for file, _ in self._files.values():
-            unlink_quiet(self._path(file))
-        self._spool.count_discard(self.bytes)
-
-    def seal(self) -> JobMeta:
-        """Check the job is complete and describe it (used by ``Spool.commit``)."""
-        self._check_open()
-        if self._writer is not None:
-            raise SpoolError(f"job {self.id}: data file {self._writer.name!r} still open")
-        if self._control is None:
-            raise SpoolError(f"job {self.id}: no control file")
-        # Files in control-file order (the order to print), then any the control
-        # file does not name, in arrival order.
-        order = [n for n in self._formats if n in self._files]
-        order += [n for n in self._files if n not in self._formats]
-        files = tuple(FileMeta(name=n, format=self._formats.get(n, ""),
-                               bytes=self._files[n][1], path=self._path(self._files[n][0]))
-                      for n in order)
-        text: dict[str, Any] = {**self._fields, **self._control}
-        return JobMeta(id=self.id, received=time.time(), files=files,
-                       control_path=self._path(f"{self.id}.cf"),
-                       control_bytes=len(self.control_raw), **text)
-
-    def mark(self, status: str) -> None:
-        """Internal: ``Spool.commit`` moves the job through committing/committed."""
-        self._status = status
-
-
-# --- the spool ----------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class _Publish:
@@ -423,7 +143,8 @@ class Spool:
             for name in os.listdir(self.directory):
                 if name.startswith(".next-id."):  # a torn id reservation
                     unlink_quiet(os.path.join(self.directory, name))
-            jobs, highest = self._sweep(os.listdir(self.jobs_dir))
+            jobs, highest = sweep(self.jobs_dir, os.listdir(self.jobs_dir), known=self._cache,
+                                  count_discard=self.count_discard)
             if self.fsync:
                 self._syncer = Syncer(self.jobs_dir, self._sync_method)
                 self._syncer.sync([])  # the sweep's unlinks are durable before new ids
@@ -451,48 +172,6 @@ class Spool:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
-
-    def _sweep(self, names: list[str]) -> tuple[list[JobMeta], int]:
-        groups: dict[str, list[str]] = {}
-        for name in names:
-            if _TEMP_RE.fullmatch(name):
-                unlink_quiet(os.path.join(self.jobs_dir, name))  # torn write of some job
-            elif m := _LIVE_RE.fullmatch(name):
-                groups.setdefault(m.group(1), []).append(name)
-        jobs = []
-        for job_id in sorted(groups, key=int):
-            meta = self._check(job_id, groups[job_id])
-            if meta is not None:
-                jobs.append(meta)
-        return jobs, max(map(int, groups), default=0)
-
-    def _check(self, job_id: str, names: list[str]) -> JobMeta | None:
-        sizes = {}
-        for name in names:
-            st = os.lstat(os.path.join(self.jobs_dir, name))
-            sizes[name] = st.st_size if stat.S_ISREG(st.st_mode) else -1
-        try:
-            meta = _decode_job(read_file(os.path.join(self.jobs_dir, f"{job_id}.json")) or b"",
-                               job_id, self.jobs_dir)
-            want = {f"{job_id}.cf": meta.control_bytes}
-            want.update((os.path.basename(f.path), f.bytes) for f in meta.files)
-            if any(sizes.get(name) != size for name, size in want.items()):
-                raise ValueError("a file is missing or short")
-        except ValueError:  # orjson.JSONDecodeError is a ValueError
-            if names != [f"{job_id}.state"]:  # a lone .state is a removal's leftover
-                self._stats["discarded"] += 1
-                self._stats["discarded_bytes"] += sum(
-                    max(size, 0) for name, size in sizes.items()
-                    if not name.endswith((".json", ".state")))  # job bytes, as discard() counts
-            for name in names:
-                unlink_quiet(os.path.join(self.jobs_dir, name))
-            return None
-        for name in set(names) - set(want) - {f"{job_id}.json", f"{job_id}.state"}:
-            unlink_quiet(os.path.join(self.jobs_dir, name))
-        self._cache[job_id] = meta
-        state = f"{job_id}.state"
-        return _with_state(meta, read_file(os.path.join(self.jobs_dir, state)) if state in sizes
-                           else None)
 
     def _reserve(self) -> None:
         # Ids stay unique across restarts even after every job was removed: the
@@ -539,7 +218,7 @@ class Spool:
         try:
             meta = job.seal()
             job.mark("committing")
-            record = _encode_job(meta)
+            record = encode_job(meta)
             paths = (meta.control_path, *(f.path for f in meta.files),
                      os.path.join(self.jobs_dir, f"{meta.id}.json"))
             if self.fsync:
@@ -594,7 +273,7 @@ class Spool:
         return errors
 
     def count_discard(self, nbytes: int) -> None:
-        """Internal: ``IncomingJob.discard`` reports a partial job removed."""
+        """Internal: ``IncomingJob.discard`` and the recovery sweep report a partial job."""
         self._stats["discarded"] += 1
         self._stats["discarded_bytes"] += nbytes
 
@@ -604,8 +283,8 @@ class Spool:
         meta = self._cache.get(job_id)
         if meta is None:
             try:
-                meta = _decode_job(read_file(os.path.join(self.jobs_dir, f"{job_id}.json"))
-                                   or b"", job_id, self.jobs_dir)
+                meta = decode_job(read_file(os.path.join(self.jobs_dir, f"{job_id}.json"))
+                                  or b"", job_id, self.jobs_dir)
             except ValueError:  # absent, or not (yet) a job: a reader skips it
                 return None
             self._cache[job_id] = meta
@@ -619,11 +298,11 @@ class Spool:
             self._cache.pop(job_id, None)  # removed, perhaps by another process
             return None
         state = os.path.join(self.jobs_dir, f"{job_id}.state")
-        return _with_state(base, read_file(state) if has_state else None)
+        return with_state(base, read_file(state) if has_state else None)
 
     def get(self, job_id: str) -> JobMeta:
         """The job with its current delivery state; KeyError when not there."""
-        meta = self._load(job_id) if _ID_RE.fullmatch(job_id) else None
+        meta = self._load(job_id) if ID_RE.fullmatch(job_id) else None
         if meta is None:
             raise KeyError(job_id)
         return meta
@@ -634,7 +313,7 @@ class Spool:
             names = set(os.listdir(self.jobs_dir))
         except FileNotFoundError:
             return []
-        ids = sorted((n[:-5] for n in names if n.endswith(".json") and _ID_RE.fullmatch(n[:-5])),
+        ids = sorted((n[:-5] for n in names if n.endswith(".json") and ID_RE.fullmatch(n[:-5])),
                      key=int)
         for gone in self._cache.keys() - set(ids):
             self._cache.pop(gone, None)  # usage() may run in a worker thread
@@ -649,18 +328,18 @@ class Spool:
         """
         if meta.state not in STATES:
             raise ValueError(f"state must be one of {STATES}, not {meta.state!r}")
-        if not (_ID_RE.fullmatch(meta.id)
+        if not (ID_RE.fullmatch(meta.id)
                 and os.path.exists(os.path.join(self.jobs_dir, f"{meta.id}.json"))):
             raise KeyError(meta.id)
         try:
-            write_atomic(os.path.join(self.jobs_dir, f"{meta.id}.state"), _encode_state(meta),
+            write_atomic(os.path.join(self.jobs_dir, f"{meta.id}.state"), encode_state(meta),
                          fsync=durable and self.fsync)
         except OSError as exc:
             raise disk_error(exc, f"job {meta.id} state") from exc
 
     def remove(self, job_id: str) -> None:
         """Remove a job (after delivery, or purge); idempotent.  See also ``sync()``."""
-        if not _ID_RE.fullmatch(job_id):
+        if not ID_RE.fullmatch(job_id):
             return
         base = self._base(job_id)
         # The .json goes first: from then on the job does not exist, whatever

@@ -1,0 +1,191 @@
+"""Receiving one job: its data files streamed to disk, its control file kept aside.
+
+The server drives an ``IncomingJob`` from the first byte of a job to its end;
+only then does ``Spool.commit`` (``relay.spool``) publish it.  This code runs
+on the event loop for every received chunk, so it does little: data goes from
+the receive buffer straight to ``<id>.d<n>`` (``DataWriter``), the raw control
+file waits in memory for the group-commit thread to write, and a job that ends
+any way but committed removes what it wrote (``discard``).  A job needs only
+three things of its spool (``JobOwner``), so this module does not import it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from relay.errors import SpoolError
+from relay.groupcommit import FILE_MODE, disk_error, start_writeback, unlink_quiet, write_all
+from relay.spoolformat import FileMeta, JobMeta, json_text
+
+MAX_FILES_PER_JOB = 1024     # RFC 1179 names allow 52 data files; bound hostile senders
+WRITEBACK_CHUNK = 8 << 20    # start writeback of large files every 8 MiB under fsync
+
+_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+
+class JobOwner(Protocol):
+    """What a job being received needs of its spool (``relay.spool.Spool``)."""
+
+    jobs_dir: str
+    fsync: bool
+
+    def count_discard(self, nbytes: int) -> None: ...
+
+
+class DataWriter:
+    """One data file being received; ``write`` goes straight to the file, no copies."""
+
+    __slots__ = ("_counted", "_fd", "_job", "_mark", "_size", "name")
+
+    def __init__(self, job: IncomingJob, fd: int, name: str) -> None:
+        self._job = job
+        self._fd = fd
+        self.name = name
+        self._counted = 0   # bytes reported by write()/add()
+        self._mark = 0      # end of the range already handed to writeback
+        self._size = -1     # final size once closed
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self.add(write_all(self._fd, data))
+        except OSError as exc:
+            raise disk_error(exc, f"job {self._job.id} data file") from exc
+
+    def add(self, n: int) -> None:
+        """Account for ``n`` bytes the caller wrote to ``fileno()`` itself (splice)."""
+        self._counted += n
+        self._job.bytes += n
+        if self._job.spool_fsync and self._counted - self._mark >= WRITEBACK_CHUNK:
+            start_writeback(self._fd, self._mark, self._counted - self._mark)
+            self._mark = self._counted
+
+    def abandon(self) -> None:
+        # The job is being discarded: close quietly; a later close() is a no-op.
+        if self._size < 0:
+            self._size = self._counted
+            os.close(self._fd)
+
+    def close(self) -> int:
+        """Close the file and return its size (from the file, not the counters)."""
+        if self._size < 0:
+            try:
+                self._size = os.fstat(self._fd).st_size
+            finally:
+                os.close(self._fd)
+            self._job.data_closed(self, self._size, self._counted)
+        return self._size
+
+
+class IncomingJob:
+    """A job under construction; becomes a ``JobMeta`` by ``Spool.commit``."""
+
+    def __init__(self, spool: JobOwner, job_id: str, *, queue: str, wire_queue: str,
+                 peer: str) -> None:
+        self.id = job_id
+        self.bytes = 0                                     # data + control so far
+        self.spool_fsync = spool.fsync
+        self._spool = spool
+        self._fields = {"queue": json_text(queue), "wire_queue": json_text(wire_queue),
+                        "peer": json_text(peer)}
+        self._control: dict[str, str] | None = None
+        self.control_raw = b""  # written by the flush, off the event loop
+        self._formats: dict[str, str] = {}
+        self._files: dict[str, tuple[str, int]] = {}     # wire name -> (file, size)
+        self._writer: DataWriter | None = None
+        self._index = 0
+        self._status = "open"                              # open | committing | committed | gone
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self._spool.jobs_dir, name)
+
+    def _check_open(self) -> None:
+        if self._status != "open":
+            raise SpoolError(f"job {self.id} is {self._status}")
+
+    def set_control(self, name: str, raw: bytes, *, number: str, user: str, host: str,
+                    title: str, job_name: str, formats: Mapping[str, str]) -> None:
+        """Keep the raw control file (a re-sent one replaces it) and its facts.
+
+        The bytes reach ``<id>.cf`` at commit, in the group-commit thread: one
+        file creation less on the event loop per job.
+        """
+        self._check_open()
+        self.bytes += len(raw) - len(self.control_raw)
+        self.control_raw = bytes(raw)
+        self._control = {"control_name": json_text(name), "number": json_text(number),
+                         "user": json_text(user), "host": json_text(host),
+                         "title": json_text(title), "job_name": json_text(job_name)}
+        self._formats = {json_text(k): json_text(v) for k, v in formats.items()}
+
+    def open_data(self, name: str) -> DataWriter:
+        """Start a data file; ``name`` is the wire name, kept only as metadata."""
+        self._check_open()
+        if self._writer is not None:
+            raise SpoolError(f"job {self.id}: a data file is already open")
+        if self._index >= MAX_FILES_PER_JOB:  # counts re-sent files too
+            raise SpoolError(f"job {self.id}: more than {MAX_FILES_PER_JOB} data files")
+        self._index += 1
+        file = f"{self.id}.d{self._index}"
+        try:
+            fd = os.open(self._path(file), _NEW, FILE_MODE)
+        except OSError as exc:
+            raise disk_error(exc, f"job {self.id} data file") from exc
+        name = json_text(name)
+        if name in self._files:  # a re-sent file supersedes the earlier copy
+            old, size = self._files.pop(name)
+            unlink_quiet(self._path(old))
+            self.bytes -= size
+        self._files[name] = (file, -1)
+        self._writer = DataWriter(self, fd, name)
+        return self._writer
+
+    def data_closed(self, writer: DataWriter, size: int, counted: int) -> None:
+        # Called by DataWriter.close(): the file's real size wins over the counters.
+        self._writer = None
+        self.bytes += size - counted
+        if self._files.get(writer.name, ("", 0))[1] == -1:
+            self._files[writer.name] = (self._files[writer.name][0], size)
+
+    def discard(self) -> None:
+        """Remove everything written for this job; idempotent, no-op once committed."""
+        if self._status not in ("open",):
+            return
+        self._status = "gone"
+        if self._writer is not None:
+            self._writer.abandon()
+            self._writer = None
+        unlink_quiet(self._path(f"{self.id}.json"))  # the job is gone first, then its parts
+        unlink_quiet(self._path(f".{self.id}.json.tmp"))
+        unlink_quiet(self._path(f"{self.id}.cf"))
+        for file, _ in self._files.values():
+            unlink_quiet(self._path(file))
+        self._spool.count_discard(self.bytes)
+
+    def seal(self) -> JobMeta:
+        """Check the job is complete and describe it (used by ``Spool.commit``)."""
+        self._check_open()
+        if self._writer is not None:
+            raise SpoolError(f"job {self.id}: data file {self._writer.name!r} still open")
+        if self._control is None:
+            raise SpoolError(f"job {self.id}: no control file")
+        # Files in control-file order (the order to print), then any the control
+        # file does not name, in arrival order.
+        order = [n for n in self._formats if n in self._files]
+        order += [n for n in self._files if n not in self._formats]
+        files = tuple(FileMeta(name=n, format=self._formats.get(n, ""),
+                               bytes=self._files[n][1], path=self._path(self._files[n][0]))
+                      for n in order)
+        text: dict[str, Any] = {**self._fields, **self._control}
+        return JobMeta(id=self.id, received=time.time(), files=files,
+                       control_path=self._path(f"{self.id}.cf"),
+                       control_bytes=len(self.control_raw), **text)
+
+    def mark(self, status: str) -> None:
+        """Internal: ``Spool.commit`` moves the job through committing/committed."""
+        self._status = status
