@@ -105,11 +105,13 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
     metrics = Metrics(registry, queues=list(config.queues),
                       destinations=[d.uri for q in config.queues.values()
                                     for d in q.destinations])
+    # Privilege for reserved source ports is checked before anything else
+    # starts, so a misconfigured relay fails at once with a clear error (SPEC §5).
+    context = SinkContext(origin_ports=_origin_pools(config, metrics))
     spool = Spool(config.server.spool_dir, fsync=config.server.fsync,
                   min_free_disk=config.server.min_free_disk)
     recovery = spool.recover()
     try:
-        context = SinkContext(origin_ports=_origin_pools(config, metrics))
         scheduler = build_scheduler(config, spool, metrics, context)
         for job in recovery.jobs:
             scheduler.submit(job)
@@ -199,15 +201,17 @@ def main_serve(args: argparse.Namespace) -> int:
             for line in bound.banner:
                 print(line, flush=True)
 
+    # Start-up errors surface from inside the daemon's nurseries, grouped.
+    code = 0
     try:
         trio.run(main)
-    except ConfigError as exc:
-        print(f"lpd-relay: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"lpd-relay: cannot start: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    except* ConfigError as group:
+        print(f"lpd-relay: {group.exceptions[0]}", file=sys.stderr)
+        code = 2
+    except* OSError as group:
+        print(f"lpd-relay: cannot start: {group.exceptions[0]}", file=sys.stderr)
+        code = code or 1
+    return code
 
 
 def main_check_config(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import orjson
@@ -115,3 +116,29 @@ def test_spool_commands_with_daemon_stopped_and_running(tmp_path: Path) -> None:
     assert cli("spool", "purge", second, "-c", str(cfg)).returncode == 0
     assert "0 job(s)" in cli("spool", "list", "-c", str(cfg)).stdout
     assert cli("spool", "show", "999", "-c", str(cfg)).returncode == 1
+
+
+@pytest.mark.root
+def test_reserved_ports_without_privilege_fail_at_start(tmp_path: Path) -> None:
+    import os
+    import shutil
+    import stat
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the relay as an unprivileged user")
+    home = Path(tempfile.mkdtemp(prefix="lpd-relay-nobody-"))
+    try:
+        home.chmod(0o777)
+        cfg = home / "relay.toml"
+        cfg.write_text(f'[server]\nlisten = ["127.0.0.1:0"]\nspool_dir = "{home / "spool"}"\n'
+                       '[metrics]\nlisten = ""\n'
+                       '[queues.q]\ndestinations = ["lpd://127.0.0.1:9/q"]\n')
+        cfg.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             "--inh-caps=-all", "--bounding-set=-all",
+             sys.executable, "-m", "relay", "serve", "-c", str(cfg)],
+            capture_output=True, text=True, timeout=60, check=False, cwd="/")
+        assert result.returncode == 2, (result.stdout, result.stderr)
+        assert "721" in result.stderr and "origin_ports" in result.stderr, result.stderr
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
