@@ -30,7 +30,7 @@ from relay.queues import QueueRouter
 from relay.scheduler import QueueRunner, Scheduler
 from relay.server import LpdServer
 from relay.sinks import SinkContext, make_sink
-from relay.spool import Spool
+from relay.spool import Recovery, Spool
 
 SPOOL_GAUGE_INTERVAL = 5.0
 
@@ -165,7 +165,7 @@ def partial_http(config: Config, registry: CollectorRegistry,
 
 
 def _banner(config: Config, lpd: list[tuple[str, int]], mbound: tuple[str, int] | None,
-            scheduler: Scheduler, recovery: object) -> tuple[str, ...]:
+            scheduler: Scheduler, recovery: Recovery) -> tuple[str, ...]:
     lines = [f"lpd-relay {__version__} ({config.source})"]
     lines += [f"listening for LPD on {h}:{p}" if ":" not in h else f"listening for LPD on [{h}]:{p}"
               for h, p in lpd]
@@ -173,8 +173,8 @@ def _banner(config: Config, lpd: list[tuple[str, int]], mbound: tuple[str, int] 
         for sink in runner.sinks:
             label = "any queue" if name == "*" else f"queue {name}"
             lines.append(f"{label} -> {sink.describe()}")
-    lines.append(f"spool {config.server.spool_dir}: {len(getattr(recovery, 'jobs', []))} "
-                 f"job(s) recovered, {getattr(recovery, 'discarded', 0)} partial discarded")
+    lines.append(f"spool {config.server.spool_dir}: {len(recovery.jobs)} "
+                 f"job(s) recovered, {recovery.discarded} partial discarded")
     if mbound:
         lines.append(f"metrics on http://{mbound[0]}:{mbound[1]}/metrics")
     return tuple(lines)
