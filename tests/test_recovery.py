@@ -141,3 +141,18 @@ def test_sigterm_is_graceful(tmp_path: Path) -> None:
     names = spool_names(tmp_path)
     assert any(n.endswith(".json") for n in names)   # the acknowledged job stays spooled
     assert not any(n.startswith(".") for n in names)
+
+
+def test_sigterm_mid_transfer_discards_the_partial_job(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, hot_folder(tmp_path))
+    relay = RelayProcess(cfg).start()
+    job = Job(files=[b"p" * 1_000_000])
+    with Wire(relay.port) as w:
+        start_data_file(w, job)
+        w.send(job.files[0][:500_000])     # then the sender stalls
+        wait_for(lambda: any(".d" in n for n in spool_names(tmp_path)) or None)
+        start = time.monotonic()
+        assert relay.terminate() == 0       # graceful_timeout is 2 s in write_config
+        assert time.monotonic() - start < 10
+    assert not [n for n in spool_names(tmp_path) if ".d" in n or n.startswith(".")]
+    assert not (tmp_path / "out" / "q").exists()

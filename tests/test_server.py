@@ -288,3 +288,31 @@ def test_per_host_connection_limit_says_retry_later(tmp_path):  # type: ignore[n
                 w.close()
         wait_for(lambda: relay.metric("lpdrelay_inbound_connections") == 0)
         assert all(r == 0 for r in send_job(relay.port, Job()))
+
+
+def test_listens_on_ipv4_and_ipv6(tmp_path):  # type: ignore[no-untyped-def]
+    cfg = relay_config(tmp_path, server={"listen": ["127.0.0.1:0", "[::1]:0"]})
+    with DaemonThread(cfg) as relay:
+        assert relay.bound is not None
+        (host4, port4), (host6, port6) = relay.bound.lpd
+        assert host4 == "127.0.0.1" and host6 == "::1"
+        with Wire(port6, host="::1") as w:
+            w.send(b"\x02q\n")
+            assert w.reply() == 0
+        assert all(r == 0 for r in send_job(port4, Job()))
+        delivered(tmp_path / "out", "q")
+
+
+def test_print_waiting_command_wakes_a_backed_off_queue(tmp_path):  # type: ignore[no-untyped-def]
+    cfg = relay_config(tmp_path, queues={"ward3": {"destinations": ["socket://127.0.0.1:1"]}},
+                       retry={"initial": "1h", "max": "1h", "give_up_after": "24h"})
+    with DaemonThread(cfg) as relay:
+        assert all(r == 0 for r in send_job(relay.port, Job(queue="ward3")))
+        dest = "socket://127.0.0.1:1"
+        wait_for(lambda: relay.metric("lpdrelay_delivery_attempts_total", destination=dest,
+                                      result="retry") == 1)
+        code, _ = refused(relay.port, b"\x01ward3\n")   # lpc start / "print waiting jobs"
+        assert code == 0
+        # Backoff reset: the job is tried again at once instead of in an hour.
+        wait_for(lambda: relay.metric("lpdrelay_delivery_attempts_total", destination=dest,
+                                      result="retry") == 2)
