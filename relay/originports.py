@@ -9,36 +9,42 @@ ports out round-robin, skips ports others hold, lets a port we closed first
 one only when nothing else is free, since Linux recycles a TIME_WAIT pair for a
 bound socket when TCP timestamps are on), and makes senders wait, FIFO-fair and
 bounded, when nothing is usable.  ``docs/origin-ports.md`` has the reasoning.
+What happens on the socket itself (bind, connect, reading who holds TIME_WAIT,
+the lingering close) is in ``relay.originconn``.
 """
 
 from __future__ import annotations
 
 import bisect
-import errno
 import itertools
 import socket
-import struct
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 import trio
 
 from relay.errors import ConfigError, SinkUnavailable
+from relay.originconn import (
+    AddressBusy,
+    Dest,
+    OriginConnection,
+    bind_probe,
+    open_socket,
+    resolve,
+    show_dest,
+)
+
+__all__ = [
+    "RESERVE_RANGES", "Dest", "OriginConnection", "OriginPortMetrics", "OriginPortPool",
+    "PoolSet", "PoolStatistics", "reserve_range",
+]
 
 # reserve= of an lpd:// URI (SPEC §3.3) -> port range; None/None = kernel ephemeral.
 RESERVE_RANGES: Final[dict[str, tuple[int | None, int | None]]] = {
     "rfc1179": (721, 731), "privileged": (512, 1023), "any": (None, None)}
 
-_ADDRESS_ERRNOS: Final = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL})
 _PRIVILEGED_BELOW: Final = 1024
-# Linux tcp_states.h: the states in which the peer's FIN came before ours.
-_TCP_CLOSE_WAIT: Final = 8
-_TCP_LAST_ACK: Final = 9
-_TCP_CLOSE: Final = 7
-_DRAIN_BYTES: Final = 4096
-_DRAIN_READS: Final = 256   # what a peer may still send while we linger (1 MiB)
 
 
 class _Counter(Protocol):
@@ -86,7 +92,6 @@ class _Cooling:
     hard: bool                  # the kernel refused this pair: never probe early
 
 
-Dest = tuple[str, int]          # resolved peer address and port
 _ANY_DEST: Final[Dest] = ("*", 0)  # without SO_REUSEADDR a TIME_WAIT blocks every bind
 
 
@@ -101,82 +106,6 @@ class _Claim:
     event: trio.Event = field(default_factory=trio.Event)
     exhausted: bool = False
     waited: float = 0.0
-
-
-class _AddressBusy(Exception):
-    """EADDRINUSE/EADDRNOTAVAIL; ``at_connect`` tells a 4-tuple collision from a bind."""
-
-    def __init__(self, at_connect: bool) -> None:
-        super().__init__("address in use")
-        self.at_connect = at_connect
-
-
-class OriginConnection:
-    """A connected outbound socket holding one origin port until :meth:`aclose`.
-
-    ``socket`` is the trio socket (its ``fileno()`` is what ``os.sendfile``
-    wants); TCP_NODELAY is on.  Use ``async with`` or call ``aclose`` exactly
-    once: the port goes back to the pool only then.
-    """
-
-    def __init__(self, sock: trio.socket.SocketType, *, remote: Dest, linger: float,
-                 release: Callable[[bool], None]) -> None:
-        self.socket = sock
-        self.remote = remote
-        self.local_port: int = sock.getsockname()[1]
-        self._linger = linger
-        self._release: Callable[[bool], None] | None = release
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Send every byte; a reset or broken pipe becomes ``SinkUnavailable``."""
-        with memoryview(data) as view, view.cast("B") as raw:
-            sent = 0
-            while sent < len(raw):   # each round sends at least one byte
-                try:
-                    sent += await self.socket.send(raw[sent:])
-                except OSError as exc:
-                    raise SinkUnavailable(f"sending to {_show(self.remote)}: {exc}") from exc
-
-    async def receive_some(self, max_bytes: int = 65536) -> bytes:
-        """Up to ``max_bytes``; ``b""`` when the peer has closed its side."""
-        try:
-            return await self.socket.recv(max_bytes)
-        except OSError as exc:
-            raise SinkUnavailable(f"receiving from {_show(self.remote)}: {exc}") from exc
-
-    def send_eof(self) -> None:
-        """Half-close (our FIN after the data): some receivers need it (FIELD-NOTES)."""
-        self.socket.shutdown(socket.SHUT_WR)
-
-    async def aclose(self, *, peer_closed: bool = False) -> None:
-        """Close and give the port back.
-
-        ``peer_closed=True`` says the peer's FIN came before ours: the TIME_WAIT
-        is then on the peer and the port needs no cooling.  On Linux the socket's
-        TCP state is read first and wins over the hint when it is conclusive.
-        With ``linger`` > 0 and our FIN first, waits up to ``linger`` seconds for
-        the peer's FIN, then resets the connection (docs/origin-ports.md).
-        """
-        release, self._release = self._release, None
-        if release is None:
-            return
-        ours = _time_wait_is_ours(self.socket, peer_closed)
-        lingered = False
-        try:
-            if ours and self._linger > 0:
-                lingered = True
-                ours = not await _linger_close(self.socket, self._linger)
-        finally:
-            self.socket.close()
-            release(ours)
-        if not lingered:
-            await trio.lowlevel.checkpoint()
-
-    async def __aenter__(self) -> OriginConnection:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
 
 class OriginPortPool:
@@ -240,18 +169,13 @@ class OriginPortPool:
         if not self._ports or self._ports.start >= _PRIVILEGED_BELOW:
             return
         probe = self._ports.start
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("0.0.0.0", probe))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    return
-                raise ConfigError(self._config_path, (
-                    f"origin ports {self._label} need root or CAP_NET_BIND_SERVICE; "
-                    f"binding port {probe} failed ({exc.strerror}). Run as root, grant the "
-                    "capability (systemd: AmbientCapabilities=CAP_NET_BIND_SERVICE), or use "
-                    '"any" if the destination does not check source ports')) from exc
+        exc = bind_probe(probe)
+        if exc is not None:
+            raise ConfigError(self._config_path, (
+                f"origin ports {self._label} need root or CAP_NET_BIND_SERVICE; "
+                f"binding port {probe} failed ({exc.strerror}). Run as root, grant the "
+                "capability (systemd: AmbientCapabilities=CAP_NET_BIND_SERVICE), or use "
+                '"any" if the destination does not check source ports')) from exc
 
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot (see :class:`PoolStatistics`)."""
@@ -275,7 +199,7 @@ class OriginPortPool:
         ports busy").
         """
         deadline = trio.current_time() + timeout
-        family, sockaddr = await _resolve(host, port, deadline)
+        family, sockaddr = await resolve(host, port, deadline)
         dest: Dest = (str(sockaddr[0]), port)
         claim = _Claim(seq=next(self._seq), dest=dest)
         try:
@@ -285,7 +209,7 @@ class OriginPortPool:
                 conn = await self._attempt(claim, local, family, sockaddr, deadline)
                 if conn is not None:
                     return conn
-            raise SinkUnavailable(f"no usable origin port for {_show(dest)}")
+            raise SinkUnavailable(f"no usable origin port for {show_dest(dest)}")
         finally:
             if self._ports:
                 self._record_wait(claim)
@@ -296,11 +220,13 @@ class OriginPortPool:
             self._take(None)
         ok = False
         try:
-            sock = await _open(family, sockaddr, local, self._reuse_addr, deadline, claim.dest)
+            sock = await open_socket(family, sockaddr, local, self._reuse_addr, deadline,
+                                     claim.dest)
             ok = True
-        except _AddressBusy as busy:
+        except AddressBusy as busy:
             if local is None:
-                raise SinkUnavailable(f"no ephemeral port left for {_show(claim.dest)}") from busy
+                raise SinkUnavailable(
+                    f"no ephemeral port left for {show_dest(claim.dest)}") from busy
             self._binds_failed += 1
             if busy.at_connect:   # a TIME_WAIT (or live) pair with this destination
                 self._cool(local, claim.dest, hard=True)
@@ -457,102 +383,6 @@ def reserve_range(reserve: str) -> tuple[int | None, int | None]:
         raise ConfigError("reserve", f"expected one of {', '.join(RESERVE_RANGES)}, "
                           f"got {reserve!r}") from None
 
-
-async def _resolve(host: str, port: int, deadline: float) -> tuple[socket.AddressFamily, Any]:
-    # The first answer, in getaddrinfo's preference order (RFC 6724).
-    with trio.move_on_at(deadline):
-        try:
-            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:   # socket.gaierror included
-            raise SinkUnavailable(f"cannot resolve {host!r}: {exc}") from exc
-        family, _kind, _proto, _name, sockaddr = infos[0]
-        return family, sockaddr
-    raise SinkUnavailable(f"resolving {host!r} timed out")
-
-
-async def _open(family: socket.AddressFamily, sockaddr: Any, local: int | None,
-                reuse_addr: bool, deadline: float, dest: Dest) -> trio.socket.SocketType:
-    """A connected socket from ``local`` (None: the kernel's ephemeral choice)."""
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    ok = False
-    try:
-        # Nagle + delayed ACK stalls every small LPD write by ~40 ms (FIELD-NOTES).
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if local is not None:
-            await _bind(sock, family, local, reuse_addr)
-        with trio.move_on_at(deadline):
-            try:
-                await sock.connect(sockaddr)
-            except OSError as exc:
-                raise _connect_error(exc, dest) from exc
-            ok = True
-            return sock
-        raise SinkUnavailable(f"connecting to {_show(dest)} timed out")
-    finally:
-        if not ok:
-            sock.close()
-
-
-async def _bind(sock: trio.socket.SocketType, family: socket.AddressFamily, local: int,
-                reuse_addr: bool) -> None:
-    if reuse_addr:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if family == socket.AF_INET6:
-        # Keep v6 binds from also claiming the IPv4 port.
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    try:
-        await sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", local))
-    except OSError as exc:
-        if exc.errno in _ADDRESS_ERRNOS:
-            raise _AddressBusy(at_connect=False) from exc
-        raise SinkUnavailable(f"cannot bind origin port {local}: {exc.strerror} "
-                              "(ports < 1024 need root or CAP_NET_BIND_SERVICE)") from exc
-
-
-def _connect_error(exc: OSError, dest: Dest) -> Exception:
-    if exc.errno in _ADDRESS_ERRNOS:
-        return _AddressBusy(at_connect=True)
-    if exc.errno == errno.ECONNREFUSED:
-        return SinkUnavailable(f"{_show(dest)} refused the connection")
-    return SinkUnavailable(f"connecting to {_show(dest)}: {exc.strerror or exc}")
-
-
-def _time_wait_is_ours(sock: trio.socket.SocketType, peer_closed: bool) -> bool:
-    """Whether closing now leaves TIME_WAIT on our side (so the port must cool)."""
-    try:
-        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
-    except (OSError, AttributeError):   # not Linux: trust the caller
-        return not peer_closed
-    if state in (_TCP_CLOSE_WAIT, _TCP_LAST_ACK):
-        return False            # the peer's FIN came first
-    if state == _TCP_CLOSE:     # reset, or finished either way: only the caller knows
-        return not peer_closed
-    return True                 # established or our FIN already sent
-
-
-async def _linger_close(sock: trio.socket.SocketType, linger: float) -> bool:
-    """Our FIN, then up to ``linger`` s for the peer's; else reset.  True if reset.
-
-    Kernel SO_LINGER > 0 would make close() block the whole event loop (Linux
-    ignores O_NONBLOCK there), so the wait is done here, asynchronously.
-    """
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        with trio.move_on_after(linger):
-            for _read in range(_DRAIN_READS):
-                if not await sock.recv(_DRAIN_BYTES):
-                    return False            # orderly close: the peer has everything
-    except OSError:
-        return False                        # already reset or closed: nothing to wait for
-    # Too slow or too talkative: SO_LINGER 0 turns close() into a RST, which
-    # frees the port now instead of leaving it in FIN_WAIT for minutes.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    return True
-
-
-def _show(dest: Dest) -> str:
-    host, port = dest
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class PoolSet:
