@@ -224,7 +224,9 @@ class Connection:
         self.wire_queue = ev.queue
         if ev.code == 0x01:
             queue = self.server.router.route(ev.queue)
-            self.server.delivery.wake(queue.name)
+            # Operands are an lpd-relay extension: spool ids to release (from
+            # `lpd-relay spool retry`); plain 0x01 releases every held job.
+            self.server.delivery.wake(queue.name, ev.operands)
             await self._send(b"\x00")
             return
         try:

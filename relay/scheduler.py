@@ -85,17 +85,25 @@ class QueueRunner:
             self.pending.append(job)
             self._notify()
 
-    def wake(self) -> None:
-        """0x01 / spool retry: release held jobs, reset the backoff, try now."""
-        known = {j.id for j in self.pending} | set(self.in_flight)
+    def wake(self, job_ids: Sequence[str] = ()) -> None:
+        """0x01 / ``spool retry``: release held jobs, reset the backoff, try now.
+
+        With ``job_ids`` only those held jobs are released (``spool retry JOB``
+        names one); without, every held job of the queue (an operator's
+        "print waiting jobs").  Only the held jobs are re-read from the spool,
+        never the whole spool, so this stays cheap on a deep queue.
+        """
+        chosen = [i for i in job_ids if i in self.held] if job_ids else list(self.held)
         released = []
-        for job in self.spool.jobs(self.queue.name):
-            if job.id in known:
+        for job_id in chosen:
+            del self.held[job_id]
+            try:
+                job = self.spool.get(job_id)
+            except KeyError:    # purged meanwhile
                 continue
             if job.state == "held":
                 job = dataclasses.replace(job, state="queued", failures=0)
                 self.spool.update(job, durable=True)
-            self.held.pop(job.id, None)
             self._first_failure.pop(job.id, None)
             released.append(job)
         # Released jobs keep arrival order among themselves and go behind the
@@ -262,8 +270,8 @@ class Scheduler:
             return
         runner.submit(job)
 
-    def wake(self, queue: str) -> None:
-        self.runners[queue].wake()
+    def wake(self, queue: str, job_ids: Sequence[str] = ()) -> None:
+        self.runners[queue].wake(job_ids)
 
     def queue_state(self, queue: str) -> status.QueueState:
         return self.runners[queue].state()

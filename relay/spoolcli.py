@@ -95,7 +95,9 @@ def _retry(spool: Spool, config: Config, args: argparse.Namespace) -> int:
     spool.update(dataclasses.replace(job, state="queued", failures=0, next_attempt=0.0),
                  durable=True)
     if daemon_running(spool.directory):
-        trio.run(_ask_daemon, config, _core.print_waiting(job.queue))
+        # 0x01 with the spool id: the daemon releases this job only.
+        request = _core.print_waiting(job.queue)[:-1] + f" {job.id}\n".encode()
+        trio.run(_ask_daemon, config, request)
         print(f"job {job.id} released; the daemon is delivering it now")
     else:
         print(f"job {job.id} released; it will be delivered when the daemon starts")

@@ -3,6 +3,7 @@ order, backoff, failover, hold, release (SPEC §5)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import socket
@@ -197,3 +198,22 @@ def test_batch_carries_queued_jobs_in_order_over_few_connections(tmp_path: Path)
     # numbers in arrival order show the batches kept the queue's order.
     numbers = [int(j.control_name[3:6]) for j in received]
     assert all((b - a) % 1000 == 1 for a, b in itertools.pairwise(numbers))
+
+
+def test_wake_with_job_ids_releases_only_those(tmp_path: Path) -> None:
+    runner = runner_for(tmp_path, [f"dir://{tmp_path / 'out'}"])
+
+    async def main() -> list[JobMeta]:
+        return [await spool_job(runner.spool, n) for n in (1, 2, 3)]
+    jobs = trio.run(main)
+    for job in jobs:
+        held = dataclasses.replace(job, state="held", last_error="gave up")
+        runner.spool.update(held, durable=True)
+        runner.submit(held)
+    assert sorted(runner.held) == [j.id for j in jobs] and not runner.pending
+    runner.wake([jobs[1].id])                  # `lpd-relay spool retry JOB`
+    assert [j.id for j in runner.pending] == [jobs[1].id]
+    assert [runner.spool.get(j.id).state for j in jobs] == ["held", "queued", "held"]
+    runner.wake()                              # plain 0x01: everything held
+    assert [j.id for j in runner.pending] == [jobs[1].id, jobs[0].id, jobs[2].id]
+    assert not runner.held
