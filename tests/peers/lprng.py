@@ -11,11 +11,10 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from tests.peers.process import (
     LOOPBACK,
+    Service,
     free_port,
     log_tail,
     namespace_argv,
@@ -29,7 +28,7 @@ from tests.peers.process import (
 from tests.peers.received import ReceivedFile, ReceivedJob
 
 
-class LprngServer:
+class LprngServer(Service):
     """A private LPRng ``lpd -F`` on 127.0.0.1:<free port>.
 
     Every queue is a held queue (printcap ``ah``, auto-hold): a received job
@@ -55,14 +54,6 @@ class LprngServer:
     def spool_dir(self, queue: str) -> Path:
         """The spool directory LPRng keeps ``queue``'s jobs in."""
         return self.workdir / "spool" / queue
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
     def start(self) -> None:
         """Start lpd. A given port, or the port of an earlier start, is kept

@@ -15,13 +15,12 @@ import threading
 import time
 import tty
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import pytest
 
 from tests.peers.process import (
     LOOPBACK,
+    Service,
     log_tail,
     namespace_argv,
     require_binary,
@@ -32,7 +31,7 @@ from tests.peers.process import (
 )
 
 
-class P910nd:
+class P910nd(Service):
     """``p910nd -d`` (foreground) on 127.0.0.1:9100+N, printing into a pipe we read.
 
     p910nd only listens on 9100+N for one digit N, so the free N is chosen at
@@ -58,14 +57,6 @@ class P910nd:
         self._reader: threading.Thread | None = None
         self._fds: list[int] = []
         self.device = ""
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
     def start(self) -> None:
         require_namespaces()

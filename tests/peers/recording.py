@@ -12,12 +12,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self, TypeVar
+from typing import TypeVar
 
 import trio
 
-from tests.peers.process import LOOPBACK
+from tests.peers.process import LOOPBACK, Service
 from tests.peers.received import ReceivedFile, ReceivedJob
 from tests.peers.script import LpdScript, RecordedConnection, lprng_error
 
@@ -210,7 +209,7 @@ def _assemble_jobs(queue: str, files: Sequence[_WireFile]) -> list[ReceivedJob]:
     return jobs
 
 
-class RecordingLpdServer:
+class RecordingLpdServer(Service):
     """A pure-Python LPD receiver on a free loopback port, for misbehaving peers.
 
     It records every byte of every connection (``connections``, ``received``)
@@ -232,14 +231,6 @@ class RecordingLpdServer:
         self._jobs: list[ReceivedJob] = []
         self._threads: list[threading.Thread] = []
         self._listener: socket.socket | None = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
     def start(self) -> None:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
