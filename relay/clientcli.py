@@ -17,7 +17,7 @@ import trio
 
 from relay import client
 from relay.errors import SinkError
-from relay.sinks.lpd import _short_hostname
+from relay.sinks.lpd import short_hostname
 from relay.units import parse_duration
 from relay.uri import Destination, parse_destination
 
@@ -49,7 +49,7 @@ def build_job(paths: list[str], *, user: str, title: str | None, host: str,
 async def _send(dest: Destination, args: argparse.Namespace, io_timeout: float) -> None:
     user = args.user or getpass.getuser()
     cf_name, control, files = build_job(args.files, user=user, title=args.title,
-                                        host=_short_hostname(), number=random.randrange(1000))
+                                        host=short_hostname(), number=random.randrange(1000))
     ch = await client.open_channel(dest.host, dest.port, io_timeout=io_timeout)
     try:
         await client.send_job(ch, queue=dest.path, cf_name=cf_name, control=control,

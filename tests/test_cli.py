@@ -25,7 +25,8 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 def test_help_lists_every_command() -> None:
     result = cli("--help")
     assert result.returncode == 0
-    for command in ("serve", "check-config", "send", "queue", "remove", "spool", "loadgen"):
+    for command in ("serve", "check-config", "send", "queue", "remove", "spool", "probe",
+                    "loadgen"):
         assert command in result.stdout
 
 

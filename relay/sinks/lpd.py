@@ -34,7 +34,7 @@ from relay.sinks.base import DeliveryJob, Sink, SinkContext, register
 from relay.uri import Destination
 
 
-def _short_hostname() -> str:
+def short_hostname() -> str:
     name = pysocket.gethostname().split(".", 1)[0]
     return re.sub(r"[^A-Za-z0-9-]", "", name)[:32] or "lpdrelay"
 
@@ -55,7 +55,7 @@ class LpdSink(Sink):
         modulus = 10 ** destination.jobnumbers
         start = random.randrange(modulus)
         self._numbers = (n % modulus for n in itertools.count(start))
-        self.hostname = _short_hostname()
+        self.hostname = short_hostname()
         # Several jobs per session need exact counts: a streamed file ends the
         # connection (SPEC §3.3 batch=N; never point it at cups-lpd, which merges).
         self.batch = destination.batch if destination.mode == "count" else 1

@@ -1,0 +1,328 @@
+"""``lpd-relay probe lpd://host[:port]/queue``: the field checklist, automated (SPEC §6).
+
+Pointing the relay at a new receiver used to mean a checklist by hand: does
+the name resolve, does the port answer, does ``lpq`` know the queue, does a
+job get through with exact byte counts, and if not with ``mode=stream`` or
+``mode=windows``, and does the receiver insist on a reserved source port
+(FIELD-NOTES: BSD lpd does, LPRng refuses the Windows fake length, cups-lpd
+and BSD lpd refuse length 0).  ``probe`` runs that list in order and ends with
+a verdict and the exact ``lpd://`` URI that worked, so it can be pasted into
+the config as is.
+
+Shape: each check is a step that yields a frozen ``StepResult`` (name, ok,
+detail, milliseconds).  Each step runs under its own deadline, set here at
+the call site, and the run stops where going on would tell nothing more (no
+address, no connection).  The wire work goes through ``relay.client``, the
+same code the ``lpd://`` sink uses, so what probe finds is what the sink does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import getpass
+import os
+import random
+import socket as pysocket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Final
+from urllib.parse import quote
+
+import orjson
+import trio
+
+from relay import client
+from relay.errors import ConfigError, SinkError
+from relay.originports import OriginPortPool
+from relay.sinks.lpd import short_hostname
+from relay.uri import Destination, parse_destination
+
+__all__ = ["STEP_TIMEOUT", "ProbeReport", "StepResult", "build_test_page", "looks_refused",
+           "main_probe", "render", "run_probe", "uri_for"]
+
+STEP_TIMEOUT: Final = 10.0
+MODES: Final = ("count", "stream", "windows")     # the order the field checklist tries
+RESERVES: Final = ("rfc1179", "privileged")      # CUPS' 721-731 first, then 512-1023
+# Words of lpq answers that refuse rather than describe a queue: BSD "unknown
+# printer", LPRng "does not exist"/"no permission", BSD's port refusal
+# ("Malformed from address", "not on a reserved port").
+_REFUSALS: Final = ("unknown printer", "unknown queue", "does not exist", "no such",
+                    "not found", "no permission", "not accepting", "denied", "not allowed",
+                    "malformed", "reserved port", "privileged port")
+# The lpd:// query options (SPEC §3.3), in the order a URI shows them.
+_URI_OPTIONS: Final = ("mode", "order", "timeout", "jobnumbers", "reserve", "batch")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepResult:
+    """One checklist step: what was checked, whether it passed, what was seen, how long."""
+
+    name: str
+    ok: bool
+    detail: str
+    ms: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProbeReport:
+    """The whole run: the steps in order, a one-line verdict and the URI that works."""
+
+    target: str
+    steps: tuple[StepResult, ...]
+    ok: bool
+    verdict: str
+    uri: str | None
+
+
+class _Refused(Exception):
+    """The peer answered, and the answer was no."""
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        # trio's connect wraps the errno text in "error connecting to (...)"
+        text = exc.strerror if isinstance(exc, pysocket.gaierror) or not exc.errno \
+            else os.strerror(exc.errno)
+        return text[:1].lower() + text[1:]
+    return str(exc) or type(exc).__name__
+
+
+def _show(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def uri_for(dest: Destination, **found: Any) -> str:
+    """The lpd:// URI for ``dest`` with ``found`` options; only non-default options appear."""
+    dest = dataclasses.replace(dest, **found)
+    options = []
+    for f in dataclasses.fields(Destination):
+        value = getattr(dest, f.name)
+        if f.name in _URI_OPTIONS and value != f.default:
+            text = f"{value:g}s" if f.name == "timeout" else str(value)
+            options.append(f"{f.name}={text}")
+    query = "?" + "&".join(options) if options else ""
+    return f"lpd://{_show(dest.host, dest.port)}/{quote(dest.path, safe='')}{query}"
+
+
+def looks_refused(text: str) -> bool:
+    """Whether an lpq answer is a refusal: a status byte (cups-lpd) or refusing words."""
+    if text and ord(text[0]) < 0x20 and text[0] not in "\t\r\n":
+        return True
+    lowered = text.lower()
+    return any(word in lowered for word in _REFUSALS)
+
+
+def _first_line(text: str) -> str:
+    for line in text.splitlines():
+        if line.strip(" \t\x00\x01\x02\x03"):
+            return line.strip(" \t\x00\x01\x02\x03")[:120]
+    return ""
+
+
+def build_test_page(dest: Destination, host: str) -> tuple[str, bytes, list[client.OutFile]]:
+    """A one-page plain-text job saying what it is: (control name, control, files)."""
+    number = f"{random.randrange(10 ** dest.jobnumbers):0{dest.jobnumbers}d}"
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):    # no passwd entry (containers)
+        user = "lpdrelay"
+    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %z")
+    data = (f"lpd-relay probe test page\n\n"
+            f"This page was sent by 'lpd-relay probe' to check that this printer\n"
+            f"queue accepts print jobs. It can be thrown away.\n\n"
+            f"Date:  {now}\nFrom:  {host} (user {user})\nQueue: {dest.path} on "
+            f"{_show(dest.host, dest.port)}\n").encode()
+    df = f"dfA{number}{host}"
+    control = (f"H{host}\nP{user}\nJlpd-relay probe test page\n"
+               f"f{df}\nNprobe-test-page.txt\nU{df}\n").encode()
+    return f"cfA{number}{host}", control, [client.OutFile(name=df, size=len(data), data=data)]
+
+
+class _Checks:
+    """The wire side of each step; every method returns the detail or raises."""
+
+    def __init__(self, dest: Destination, io_timeout: float) -> None:
+        self.dest = dest
+        self.io_timeout = io_timeout
+        self.infos: list[Any] = []
+
+    async def resolve(self) -> str:
+        d = self.dest
+        self.infos = await trio.socket.getaddrinfo(d.host, d.port, type=pysocket.SOCK_STREAM)
+        addresses = dict.fromkeys(str(info[4][0]) for info in self.infos)
+        return ", ".join(addresses)
+
+    async def connect(self) -> str:
+        """TCP connect time from an ephemeral port, to each address until one answers."""
+        error: OSError = OSError("no address")
+        for family, type_, proto, _, addr in self.infos:
+            with trio.socket.socket(family, type_, proto) as sock:
+                try:
+                    await sock.connect(addr)
+                except OSError as exc:
+                    error = exc
+                    continue
+                return f"{_show(str(addr[0]), addr[1])} from port {sock.getsockname()[1]}"
+        raise error
+
+    async def _open(self, reserve: str | None) -> client.Channel:
+        d = self.dest
+        if reserve is None:
+            return await client.open_channel(d.host, d.port, io_timeout=self.io_timeout)
+        # A short linger: probe runs once, nobody waits on the port afterwards.
+        pool = OriginPortPool.for_reserve(reserve, linger=1.0)
+        conn = await pool.connect(d.host, d.port, timeout=self.io_timeout)
+
+        async def release(peer_closed: bool) -> None:
+            await conn.aclose(peer_closed=peer_closed)
+        return client.Channel(conn.socket, timeout=self.io_timeout,
+                              peer=_show(d.host, d.port), closer=release)
+
+    async def lpq(self, reserve: str | None = None) -> str:
+        ch = await self._open(reserve)
+        try:
+            text = await client.query(ch, self.dest.path, long=False)
+        finally:
+            await ch.aclose()
+        first = _first_line(text)
+        if looks_refused(text):
+            raise _Refused(first or f"status byte 0x{ord(text[0]):02x}")
+        return f"queue known: {first}" if first else "queue known (empty answer)"
+
+    async def send(self, mode: str, reserve: str | None = None) -> str:
+        cf_name, control, files = build_test_page(self.dest, short_hostname())
+        ch = await self._open(reserve)
+        try:
+            await client.send_job(ch, queue=self.dest.path, cf_name=cf_name, control=control,
+                                  files=files, mode=mode, order=self.dest.order)
+        finally:
+            await ch.aclose()
+        return f"accepted {cf_name} ({files[0].size} bytes)"
+
+
+class _Run:
+    """One probe run: the steps so far, each under its own deadline."""
+
+    def __init__(self, dest: Destination, step_timeout: float) -> None:
+        self.dest = dest
+        self.step_timeout = step_timeout
+        self.checks = _Checks(dest, io_timeout=min(dest.timeout, step_timeout))
+        self.steps: list[StepResult] = []
+
+    async def step(self, name: str, action: Callable[[], Awaitable[str]]) -> StepResult:
+        """Run one step; any failure becomes a result, not an error."""
+        start = time.perf_counter()
+        ok = False
+        try:
+            with trio.fail_after(self.step_timeout):
+                detail = await action()
+            ok = True
+        except trio.TooSlowError:
+            detail = f"no answer within {self.step_timeout:g}s"
+        except (SinkError, OSError, _Refused) as exc:
+            detail = _describe(exc)
+        result = StepResult(name=name, ok=ok, detail=detail,
+                            ms=round((time.perf_counter() - start) * 1000, 1))
+        self.steps.append(result)
+        return result
+
+    async def reserved(self, what: str, check: Callable[[str], Awaitable[str]]) -> str | None:
+        """Retry ``check`` from a reserved source port; the reserve= value that worked."""
+        try:
+            OriginPortPool.for_reserve(RESERVES[0]).check_privilege()
+        except ConfigError:
+            self.steps.append(StepResult(name="reserved port", ok=False, ms=0.0,
+                                         detail="cannot test reserved ports: not root"))
+            return None
+        for reserve in RESERVES:
+            result = await self.step(f"{what} reserve={reserve}", partial(check, reserve))
+            if result.ok:
+                return reserve
+            if "origin port" not in result.detail:   # the peer said no, not our port pool
+                return None
+        return None
+
+    def done(self, ok: bool, verdict: str, uri: str | None = None) -> ProbeReport:
+        return ProbeReport(target=self.dest.uri, steps=tuple(self.steps), ok=ok,
+                           verdict=verdict, uri=uri)
+
+
+async def run_probe(dest: Destination, *, send: bool = True,
+                    step_timeout: float = STEP_TIMEOUT) -> ProbeReport:
+    """Run the checklist against ``dest`` (an lpd:// destination) and judge it.
+
+    ``mode`` and ``reserve`` of ``dest`` are what probe looks for, so they are
+    ignored; ``order``, ``jobnumbers`` and ``timeout`` are used and kept.
+    """
+    run = _Run(dest, step_timeout)
+    checks, queue = run.checks, dest.path
+    if not (r := await run.step("resolve", checks.resolve)).ok:
+        return run.done(False, f"FAIL: cannot resolve {dest.host}: {r.detail}")
+    if not (r := await run.step("connect", checks.connect)).ok:
+        return run.done(False, f"FAIL: unreachable: {r.detail}")
+    lpq = await run.step("lpq", checks.lpq)
+    if not send:
+        reserve = None if lpq.ok else await run.reserved("lpq", checks.lpq)
+        if lpq.ok or reserve is not None:
+            uri = uri_for(dest, mode="count", reserve=reserve)
+            return run.done(True, f"OK: queue {queue!r} answered lpq at {uri} "
+                                  "(no test job sent)", uri)
+        return run.done(False, f"FAIL: queue {queue!r} refused: {lpq.detail}")
+    for mode in MODES:
+        result = await run.step(f"print mode={mode}", partial(checks.send, mode))
+        if result.ok:
+            uri = uri_for(dest, mode=mode, reserve=None)
+            return run.done(True, f"OK: {uri} works", uri)
+        if "receive job" in result.detail:
+            break   # refused before any file was offered: another length form cannot help
+    # Every mode refused or cut off from an ephemeral port: the receiver may
+    # check the source port (BSD lpd without -W, some printers; FIELD-NOTES).
+    first = run.steps[3].detail     # resolve, connect, lpq, then mode=count
+    reserve = await run.reserved(f"print mode={MODES[0]}", partial(checks.send, MODES[0]))
+    if reserve is not None:
+        uri = uri_for(dest, mode=MODES[0], reserve=reserve)
+        return run.done(True, f"OK: {uri} works (a reserved source port is required)", uri)
+    return run.done(False, f"FAIL: queue {queue!r} refused: {first if lpq.ok else lpq.detail}")
+
+
+def _marks() -> tuple[str, str]:
+    try:
+        "✓✗".encode(sys.stdout.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return "+", "-"
+    return "✓", "✗"
+
+
+def render(report: ProbeReport) -> str:
+    """The readable report: one line per step, then the verdict and the URI."""
+    yes, no = _marks()
+    width = max(len(s.name) for s in report.steps)
+    lines = [f"probe {report.target}"]
+    lines += [f"{yes if s.ok else no} {s.name:<{width}}  {s.detail}  ({s.ms:.1f} ms)"
+              for s in report.steps]
+    lines += [report.verdict, f"uri: {report.uri or '(none works)'}"]
+    return "\n".join(lines) + "\n"
+
+
+def main_probe(args: argparse.Namespace) -> int:
+    """``lpd-relay probe``: 0 a working URI was found (with --no-print: lpq answered),
+    1 not, 2 usage error."""
+    try:
+        dest = parse_destination(args.uri)
+        if dest.scheme != "lpd":
+            raise ValueError(f"{args.uri}: probe checks lpd:// destinations only")
+    except ValueError as exc:
+        print(f"lpd-relay: {exc}", file=sys.stderr)
+        return 2
+    report = trio.run(partial(run_probe, dest, send=not args.no_print))
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(report) + b"\n")
+        sys.stdout.flush()
+    else:
+        sys.stdout.write(render(report))
+    return 0 if report.ok else 1
