@@ -30,6 +30,11 @@ from relay.fastio import FastSocket
 from relay.sinks.base import stream_file
 
 
+# How a refusal of the 0x02 command itself is named in errors ("... answered
+# 0x01 to receive job for queue 'x'"): probe tells it apart from a refused file.
+RECEIVE_JOB_STEP = "receive job"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OutFile:
     """A data file to send: from a file on disk (``path``) or from memory (``data``)."""
@@ -171,7 +176,7 @@ async def send_job(ch: Channel, *, queue: str, cf_name: str, control: bytes,
 async def open_session(ch: Channel, queue: str) -> None:
     """0x02 "receive job": after it, one or more jobs' files may follow."""
     await ch.send_all(_core.receive_job(queue))
-    await ch.expect_ok(f"receive job for queue {queue!r}")
+    await ch.expect_ok(f"{RECEIVE_JOB_STEP} for queue {queue!r}")
 
 
 async def send_job_files(ch: Channel, *, cf_name: str, control: bytes,

@@ -278,7 +278,7 @@ async def run_probe(dest: Destination, *, send: bool = True,
         if result.ok:
             uri = uri_for(dest, mode=mode, reserve=None)
             return run.done(True, f"OK: {uri} works", uri)
-        if "receive job" in result.detail:
+        if client.RECEIVE_JOB_STEP in result.detail:
             break   # refused before any file was offered: another length form cannot help
     # Every mode refused or cut off from an ephemeral port: the receiver may
     # check the source port (BSD lpd without -W, some printers; FIELD-NOTES).
