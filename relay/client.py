@@ -29,7 +29,6 @@ from relay.errors import REPLY_BAD_JOB, REPLY_OK, SinkRejected, SinkUnavailable
 from relay.fastio import FastSocket
 from relay.sinks.base import stream_file
 
-
 # How a refusal of the 0x02 command itself is named in errors ("... answered
 # 0x01 to receive job for queue 'x'"): probe tells it apart from a refused file.
 RECEIVE_JOB_STEP = "receive job"
