@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import socket as pysocket
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     from relay.server import LpdServer
 
 RECV_BUFFER = 256 * 1024
+# After a refusal: how long and how much of a still-sending client to drain.
+REFUSAL_DRAIN_SECONDS = 2.0
+REFUSAL_DRAIN_BYTES = 64 * 1024 * 1024
 # While a data file of unknown length streams in, look at free space this often.
 SPACE_CHECK_EVERY = 64 * 1024 * 1024
 
@@ -92,11 +96,22 @@ class Connection:
         await self.io.send_all(data)
 
     async def _send_refusal(self, code: int, message: str) -> None:
-        # LPRng style: the reply byte, one human-readable line, then close.
+        """LPRng style: the reply byte and one human-readable line, then close.
+
+        A sender refused mid-file is still writing; closing on its unread
+        bytes would send a reset that can overtake our answer.  So half-close
+        and drain what it sends for a bounded while (REFUSAL_DRAIN_*), giving
+        it the chance to read why.
+        """
         line = message.replace("\n", " ")[:200].encode("ascii", "replace")
+        buf = bytearray(65536)
         try:
-            with trio.move_on_after(5):
+            with trio.move_on_after(REFUSAL_DRAIN_SECONDS):
                 await self.io.send_all(bytes([code]) + b"lpd-relay: " + line + b"\n")
+                self.sock.shutdown(pysocket.SHUT_WR)
+                drained = 0
+                while drained < REFUSAL_DRAIN_BYTES and (n := await self.io.recv_into(buf)):
+                    drained += n
         except OSError:
             pass
 

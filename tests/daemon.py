@@ -104,8 +104,11 @@ BANNER_PORT = re.compile(r"listening for LPD on \[?([0-9a-f.:]+)\]?:(\d+)")
 class RelayProcess:
     """``python -m relay serve -c FILE`` as a child process."""
 
-    def __init__(self, config_file: Path, *, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, config_file: Path, *, env: Mapping[str, str] | None = None,
+                 wrapper: tuple[str, ...] = ()) -> None:
+        """``wrapper`` is an argv prefix, e.g. a private mount namespace to run in."""
         self.config_file = config_file
+        self.wrapper = wrapper
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
@@ -113,7 +116,7 @@ class RelayProcess:
 
     def start(self, timeout: float = 30) -> RelayProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "-c", str(self.config_file)],
+            [*self.wrapper, sys.executable, "-m", "relay", "serve", "-c", str(self.config_file)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self.env,
             cwd=ROOT)
         deadline = time.monotonic() + timeout

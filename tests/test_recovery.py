@@ -4,12 +4,15 @@ graceful SIGTERM."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import threading
 import time
 from pathlib import Path
 
 import orjson
+import pytest
 
 from tests.daemon import RelayProcess
 from tests.lpdwire import Job, Wire, send_job, start_data_file
@@ -156,3 +159,32 @@ def test_sigterm_mid_transfer_discards_the_partial_job(tmp_path: Path) -> None:
         assert time.monotonic() - start < 10
     assert not [n for n in spool_names(tmp_path) if ".d" in n or n.startswith(".")]
     assert not (tmp_path / "out" / "q").exists()
+
+
+@pytest.mark.root
+def test_full_disk_mid_job_says_retry_later_and_loses_nothing(tmp_path: Path) -> None:
+    """A real ENOSPC: the spool on a 2 MiB tmpfs in the relay's own mount namespace."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare for a private tmpfs")
+    cfg = write_config(tmp_path, hot_folder(tmp_path))
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    wrapper = ("unshare", "-m", "--propagation", "private", "sh", "-c",
+               f'mount -t tmpfs -o size=2m tmpfs "{spool}" && exec "$0" "$@"')
+    with RelayProcess(cfg, wrapper=wrapper) as relay:
+        big = Job(number="001", files=[b"f" * 4_000_000])
+        # A declared size that cannot fit is refused before a byte is written.
+        assert send_job(relay.port, big)[-1] == 0x02
+        # Streamed (length 0: size unknown), the disk fills mid-file: ENOSPC.
+        # The relay drains a refused sender for a while, so it reads the answer.
+        with Wire(relay.port) as w:
+            start_data_file(w, big, length=0)
+            w.send(big.files[0])
+            w.half_close()
+            answer = w.read_all()
+        assert answer.startswith(b"\x02lpd-relay: ") and b"disk" in answer, answer[:80]
+        # The partial job is gone and the relay keeps taking jobs that fit.
+        small = [b"fits\n"]
+        assert all(r == 0 for r in send_job(relay.port, Job(number="002", files=small)))
+        wait_for(lambda: len(out_jobs(tmp_path)) == 1)
+    assert [j["number"] for j in out_jobs(tmp_path)] == ["002"]
