@@ -34,6 +34,7 @@ import orjson
 import trio
 
 from relay.errors import SinkRejected, SinkUnavailable
+from relay.groupcommit import fsync_directory
 from relay.queues import folder_name
 from relay.sinks.base import DeliveryJob, Sink, register
 
@@ -159,15 +160,7 @@ def _ensure_dir(path: str) -> None:
         if not os.path.isdir(path):
             raise
         return
-    _fsync_path(parent)
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(parent)
 
 
 def _place(dir_fd: int, name: str, fill: Callable[[int], int]) -> int:
