@@ -31,6 +31,7 @@ from relay.scheduler import QueueRunner, Scheduler
 from relay.server import LpdServer
 from relay.sinks import SinkContext, make_sink
 from relay.spool import Recovery, Spool
+from relay.uri import format_hostport
 
 SPOOL_GAUGE_INTERVAL = 5.0
 
@@ -167,8 +168,7 @@ def partial_http(config: Config, registry: CollectorRegistry,
 def _banner(config: Config, lpd: list[tuple[str, int]], mbound: tuple[str, int] | None,
             scheduler: Scheduler, recovery: Recovery) -> tuple[str, ...]:
     lines = [f"lpd-relay {__version__} ({config.source})"]
-    lines += [f"listening for LPD on {h}:{p}" if ":" not in h else f"listening for LPD on [{h}]:{p}"
-              for h, p in lpd]
+    lines += [f"listening for LPD on {format_hostport(h, p)}" for h, p in lpd]
     for name, runner in scheduler.runners.items():
         for sink in runner.sinks:
             label = "any queue" if name == "*" else f"queue {name}"

@@ -58,7 +58,7 @@ from relay.configschema import (
     unknown_key,
 )
 from relay.errors import ConfigError
-from relay.uri import Destination, parse_hostport
+from relay.uri import Destination, format_hostport, parse_hostport
 
 __all__ = [
     "CATCH_ALL", "Config", "InvalidConfig", "Listen", "LogConfig", "MetricsConfig", "Network",
@@ -85,7 +85,7 @@ class Listen:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return format_hostport(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -19,6 +19,7 @@ from typing import Any, Final
 import trio
 
 from relay.errors import SinkUnavailable
+from relay.uri import format_hostport
 
 __all__ = [
     "AddressBusy", "Dest", "OriginConnection", "bind_probe", "open_socket", "resolve", "show_dest",
@@ -219,5 +220,4 @@ def bind_probe(port: int) -> OSError | None:
 
 
 def show_dest(dest: Dest) -> str:
-    host, port = dest
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_hostport(*dest)

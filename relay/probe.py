@@ -40,7 +40,7 @@ from relay import client
 from relay.errors import ConfigError, SinkError
 from relay.originports import OriginPortPool
 from relay.sinks.lpd import short_hostname
-from relay.uri import Destination, parse_destination
+from relay.uri import Destination, format_hostport, parse_destination
 
 __all__ = ["STEP_TIMEOUT", "ProbeReport", "StepResult", "build_test_page", "looks_refused",
            "main_probe", "render", "run_probe", "uri_for"]
@@ -92,10 +92,6 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _show(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def uri_for(dest: Destination, **found: Any) -> str:
     """The lpd:// URI for ``dest`` with ``found`` options; only non-default options appear."""
     dest = dataclasses.replace(dest, **found)
@@ -106,7 +102,7 @@ def uri_for(dest: Destination, **found: Any) -> str:
             text = f"{value:g}s" if f.name == "timeout" else str(value)
             options.append(f"{f.name}={text}")
     query = "?" + "&".join(options) if options else ""
-    return f"lpd://{_show(dest.host, dest.port)}/{quote(dest.path, safe='')}{query}"
+    return f"lpd://{format_hostport(dest.host, dest.port)}/{quote(dest.path, safe='')}{query}"
 
 
 def looks_refused(text: str) -> bool:
@@ -136,7 +132,7 @@ def build_test_page(dest: Destination, host: str) -> tuple[str, bytes, list[clie
             f"This page was sent by 'lpd-relay probe' to check that this printer\n"
             f"queue accepts print jobs. It can be thrown away.\n\n"
             f"Date:  {now}\nFrom:  {host} (user {user})\nQueue: {dest.path} on "
-            f"{_show(dest.host, dest.port)}\n").encode()
+            f"{format_hostport(dest.host, dest.port)}\n").encode()
     df = f"dfA{number}{host}"
     control = (f"H{host}\nP{user}\nJlpd-relay probe test page\n"
                f"f{df}\nNprobe-test-page.txt\nU{df}\n").encode()
@@ -167,7 +163,7 @@ class _Checks:
                 except OSError as exc:
                     error = exc
                     continue
-                return f"{_show(str(addr[0]), addr[1])} from port {sock.getsockname()[1]}"
+                return f"{format_hostport(str(addr[0]), addr[1])} from port {sock.getsockname()[1]}"
         raise error
 
     async def _open(self, reserve: str | None) -> client.Channel:
@@ -181,7 +177,7 @@ class _Checks:
         async def release(peer_closed: bool) -> None:
             await conn.aclose(peer_closed=peer_closed)
         return client.Channel(conn.socket, timeout=self.io_timeout,
-                              peer=_show(d.host, d.port), closer=release)
+                              peer=format_hostport(d.host, d.port), closer=release)
 
     async def lpq(self, reserve: str | None = None) -> str:
         ch = await self._open(reserve)

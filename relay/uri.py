@@ -176,6 +176,11 @@ def _authority(uri: str, scheme: str, authority: str) -> tuple[str, int]:
         raise ValueError(f"{uri!r}: {exc}, expected {_example(scheme)}") from None
 
 
+def format_hostport(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 literal in brackets: the inverse of ``parse_hostport``."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_hostport(text: str, *, default_port: int | None = None,
                    min_port: int = 1) -> tuple[str, int]:
     """Split ``host``, ``host:port``, ``[ipv6]`` or ``[ipv6]:port`` into (host, port).

@@ -30,6 +30,7 @@ import trio
 
 from relay.errors import SinkRejected, SinkUnavailable
 from relay.sinks.base import DeliveryJob, Sink, register, stream_file
+from relay.uri import format_hostport
 
 __all__ = ["SocketSink"]
 
@@ -43,9 +44,7 @@ class SocketSink(Sink):
         return f"raw socket (AppSocket/JetDirect) {self._where()}"
 
     def _where(self) -> str:
-        host = self.destination.host
-        return f"[{host}]:{self.destination.port}" if ":" in host else \
-            f"{host}:{self.destination.port}"
+        return format_hostport(self.destination.host, self.destination.port)
 
     async def deliver(self, job: DeliveryJob) -> None:
         timeout = self.destination.timeout
