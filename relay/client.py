@@ -44,6 +44,30 @@ class OutFile:
     data: bytes | None = None
 
 
+# dfA..dfZ, dfa..dfz: RFC 1179 names at most 52 data files per job.
+DATA_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def build_job(documents: Sequence[OutFile], *, user: str, title: str, host: str,
+              number: int, digits: int = 3, fmt: str = "l",
+              ) -> tuple[str, bytes, list[OutFile]]:
+    """A new job as LPRng's lpr writes it: (control-file name, control file, data files).
+
+    Each document's ``name`` is what the user knows it by (the ``N`` line); the
+    data files come back renamed ``dfA<number><host>``, ``dfB...``.
+    """
+    if not 0 < len(documents) <= len(DATA_LETTERS):
+        raise ValueError(f"a job has 1 to {len(DATA_LETTERS)} files")
+    job = f"{number % 10 ** digits:0{digits}d}{host}"
+    lines = [f"H{host}", f"P{user}", f"J{title}", f"L{user}"]
+    files = []
+    for letter, doc in zip(DATA_LETTERS, documents, strict=False):
+        name = f"df{letter}{job}"
+        lines += [f"{fmt}{name}", f"N{doc.name}", f"U{name}"]
+        files.append(OutFile(name=name, size=doc.size, path=doc.path, data=doc.data))
+    return f"cfA{job}", ("\n".join(lines) + "\n").encode("utf-8"), files
+
+
 class Channel:
     """One connected LPD socket with per-operation deadlines."""
 

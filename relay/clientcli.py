@@ -21,8 +21,6 @@ from relay.sinks.lpd import short_hostname
 from relay.units import parse_duration
 from relay.uri import Destination, parse_destination
 
-DATA_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-
 
 def _destination(uri: str) -> Destination:
     dest = parse_destination(uri)
@@ -31,25 +29,17 @@ def _destination(uri: str) -> Destination:
     return dest
 
 
-def build_job(paths: list[str], *, user: str, title: str | None, host: str,
-              number: int) -> tuple[str, bytes, list[client.OutFile]]:
-    """Control file and data files for ``paths``, the way LPRng's lpr names them."""
-    if len(paths) > len(DATA_LETTERS):
-        raise ValueError(f"at most {len(DATA_LETTERS)} files per job")
-    lines = [f"H{host}", f"P{user}", f"J{title or os.path.basename(paths[0])}", f"L{user}"]
-    files = []
-    for letter, path in zip(DATA_LETTERS, paths, strict=False):
-        name = f"df{letter}{number:03d}{host}"
-        lines += [f"l{name}", f"N{os.path.basename(path)}", f"U{name}"]
-        files.append(client.OutFile(name=name, size=os.path.getsize(path), path=path))
-    control = ("\n".join(lines) + "\n").encode("utf-8")
-    return f"cfA{number:03d}{host}", control, files
+def _documents(paths: list[str]) -> list[client.OutFile]:
+    return [client.OutFile(name=os.path.basename(p), size=os.path.getsize(p), path=p)
+            for p in paths]
 
 
 async def _send(dest: Destination, args: argparse.Namespace, io_timeout: float) -> None:
     user = args.user or getpass.getuser()
-    cf_name, control, files = build_job(args.files, user=user, title=args.title,
-                                        host=short_hostname(), number=random.randrange(1000))
+    documents = await trio.to_thread.run_sync(_documents, args.files)
+    cf_name, control, files = client.build_job(
+        documents, user=user, title=args.title or documents[0].name, host=short_hostname(),
+        number=random.randrange(1000))
     ch = await client.open_channel(dest.host, dest.port, io_timeout=io_timeout)
     try:
         await client.send_job(ch, queue=dest.path, cf_name=cf_name, control=control,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket as pysocket
 import sys
 import time
 from collections import Counter
@@ -21,6 +20,7 @@ import trio
 
 from relay import client
 from relay.errors import SinkError
+from relay.sinks.lpd import short_hostname
 from relay.units import parse_size
 from relay.uri import Destination, parse_destination
 
@@ -76,23 +76,22 @@ async def run_load(dest: Destination, *, jobs: int, concurrency: int, size: int,
     data = payload if payload is not None else os.urandom(min(size, 1 << 20)) * \
         (size // (1 << 20) or 1)
     data = data[:size].ljust(size, b"x")
-    host = pysocket.gethostname().split(".", 1)[0][:16] or "loadgen"
+    host = short_hostname()
+    document = client.OutFile(name="loadgen", size=len(data), data=data)
     latencies: list[float] = []
     failures: Counter[str] = Counter()
     limiter = trio.CapacityLimiter(concurrency)
 
     async def one(n: int) -> None:
         async with limiter:
-            number = n % 1000
-            name = f"dfA{number:03d}{host}"
-            control = f"H{host}\nPloadgen\nJload {n}\nldf{name[2:]}\nU{name}\n".encode()
+            cf_name, control, files = client.build_job(
+                [document], user="loadgen", title=f"load {n}", host=host, number=n)
             start = time.perf_counter()
             try:
                 ch = await client.open_channel(dest.host, dest.port, io_timeout=io_timeout)
                 try:
                     await client.send_job(
-                        ch, queue=dest.path, cf_name=f"cfA{number:03d}{host}", control=control,
-                        files=[client.OutFile(name=name, size=len(data), data=data)],
+                        ch, queue=dest.path, cf_name=cf_name, control=control, files=files,
                         mode=mode, order=dest.order)
                 finally:
                     await ch.aclose()

@@ -122,7 +122,6 @@ def _first_line(text: str) -> str:
 
 def build_test_page(dest: Destination, host: str) -> tuple[str, bytes, list[client.OutFile]]:
     """A one-page plain-text job saying what it is: (control name, control, files)."""
-    number = f"{random.randrange(10 ** dest.jobnumbers):0{dest.jobnumbers}d}"
     try:
         user = getpass.getuser()
     except (OSError, KeyError):    # no passwd entry (containers)
@@ -133,10 +132,10 @@ def build_test_page(dest: Destination, host: str) -> tuple[str, bytes, list[clie
             f"queue accepts print jobs. It can be thrown away.\n\n"
             f"Date:  {now}\nFrom:  {host} (user {user})\nQueue: {dest.path} on "
             f"{format_hostport(dest.host, dest.port)}\n").encode()
-    df = f"dfA{number}{host}"
-    control = (f"H{host}\nP{user}\nJlpd-relay probe test page\n"
-               f"f{df}\nNprobe-test-page.txt\nU{df}\n").encode()
-    return f"cfA{number}{host}", control, [client.OutFile(name=df, size=len(data), data=data)]
+    page = client.OutFile(name="probe-test-page.txt", size=len(data), data=data)
+    return client.build_job([page], user=user, title="lpd-relay probe test page", host=host,
+                            number=random.randrange(10 ** dest.jobnumbers),
+                            digits=dest.jobnumbers, fmt="f")
 
 
 class _Checks:
