@@ -30,7 +30,7 @@ import trio
 from relay import client
 from relay.loadgen import run_load
 from relay.uri import parse_destination
-from tests.daemon import RelayProcess
+from tests.daemon import RelayProcess, relay_config, write_config_file
 from tests.peers import LprngServer
 
 SCALE = float(os.environ.get("LPD_BENCH_SCALE", "1.0"))
@@ -46,27 +46,14 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-def relay_config(tmp: Path, fsync: str) -> Path:
-    path = tmp / f"relay-{fsync}.toml"
-    path.write_text(f"""
-[server]
-listen = ["127.0.0.1:0"]
-spool_dir = "{tmp / f'spool-{fsync}'}"
-min_free_disk = "0B"
-max_connections = 2000
-max_connections_per_host = 2000
-fsync = "{fsync}"
-[metrics]
-listen = ""
-[log]
-level = "warning"
-[retry]
-initial = "1h"
-max = "1h"
-[queues.q]
-destinations = ["socket://127.0.0.1:{_closed_port()}"]
-""")
-    return path
+def intake_config(tmp: Path, fsync: str) -> Path:
+    data = relay_config(
+        tmp, server={"spool_dir": str(tmp / f"spool-{fsync}"), "max_connections": 2000,
+                     "max_connections_per_host": 2000, "fsync": fsync},
+        metrics={"listen": ""}, log={"format": "json", "level": "warning"},
+        retry={"initial": "1h", "max": "1h"},
+        queues={"q": {"destinations": [f"socket://127.0.0.1:{_closed_port()}"]}})
+    return write_config_file(tmp / f"relay-{fsync}.toml", data)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -113,7 +100,7 @@ def _load(port: int, queue: str, jobs: int, concurrency: int) -> float:
 @pytest.mark.parametrize("concurrency", [1, 64])
 @pytest.mark.parametrize("fsync", ["always", "never"])
 def test_small_jobs(tmp_path: Path, benchmark: Any, fsync: str, concurrency: int) -> None:
-    with RelayProcess(relay_config(tmp_path, fsync)) as relay:
+    with RelayProcess(intake_config(tmp_path, fsync)) as relay:
         rate = benchmark.pedantic(_load, args=(relay.port, "q", SMALL_JOBS, concurrency),
                                   rounds=1, iterations=1)
     RESULTS[f"jobs/s fsync={fsync} c={concurrency}"] = rate
@@ -158,7 +145,7 @@ def _send_big(port: int, path: Path) -> float:
 
 @pytest.mark.parametrize("fsync", ["always", "never"])
 def test_large_job(tmp_path: Path, benchmark: Any, big_file: Path, fsync: str) -> None:
-    with RelayProcess(relay_config(tmp_path, fsync)) as relay:
+    with RelayProcess(intake_config(tmp_path, fsync)) as relay:
         rate = benchmark.pedantic(_send_big, args=(relay.port, big_file), rounds=1, iterations=1)
     RESULTS[f"MB/s relay fsync={fsync}"] = rate
     benchmark.extra_info["mb_per_second"] = rate

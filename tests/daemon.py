@@ -6,6 +6,7 @@ the test that started them (the subprocess by its PID).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -39,6 +40,37 @@ def relay_config(tmp: Path, *, server: Mapping[str, Any] | None = None,
     }
     data.update(sections)
     return data
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)   # ints, and strings: JSON's escapes are TOML's
+
+
+def to_toml(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> str:
+    """The few TOML shapes a relay config uses: tables, strings, numbers, lists."""
+    lines = []
+    scalars = {k: v for k, v in data.items() if not isinstance(v, Mapping)}
+    if prefix and scalars:
+        lines.append("[" + ".".join(map(_toml_key, prefix)) + "]")
+    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in scalars.items()]
+    for key, table in data.items():
+        if isinstance(table, Mapping):
+            lines.append(to_toml(table, (*prefix, key)))
+    return "\n".join(lines)
+
+
+def write_config_file(path: Path, data: Mapping[str, Any]) -> Path:
+    """``data`` (e.g. from relay_config) as the TOML file a relay process reads."""
+    path.write_text(to_toml(data) + "\n")
+    return path
 
 
 class DaemonThread:

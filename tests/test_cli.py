@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.daemon import DaemonThread, RelayProcess, relay_config
+from tests.daemon import DaemonThread, RelayProcess, relay_config, write_config_file
 from tests.lpdwire import Job, send_job
 from tests.peers import LprngServer
 from tests.test_recovery import closed_port, write_config
@@ -129,10 +129,9 @@ def test_reserved_ports_without_privilege_fail_at_start(tmp_path: Path) -> None:
     home = Path(tempfile.mkdtemp(prefix="lpd-relay-nobody-"))
     try:
         home.chmod(0o777)
-        cfg = home / "relay.toml"
-        cfg.write_text(f'[server]\nlisten = ["127.0.0.1:0"]\nspool_dir = "{home / "spool"}"\n'
-                       '[metrics]\nlisten = ""\n'
-                       '[queues.q]\ndestinations = ["lpd://127.0.0.1:9/q"]\n')
+        cfg = write_config_file(home / "relay.toml", relay_config(
+            home, metrics={"listen": ""},
+            queues={"q": {"destinations": ["lpd://127.0.0.1:9/q"]}}))
         cfg.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
         result = subprocess.run(
             ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",

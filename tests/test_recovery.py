@@ -14,31 +14,16 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.daemon import RelayProcess
+from tests.daemon import RelayProcess, relay_config, write_config_file
 from tests.lpdwire import Job, Wire, send_job, start_data_file
 from tests.test_server import wait_for
 
 
 def write_config(tmp_path: Path, destination: str, name: str = "relay.toml") -> Path:
-    path = tmp_path / name
-    path.write_text(f"""
-[server]
-listen = ["127.0.0.1:0"]
-spool_dir = "{tmp_path / 'spool'}"
-min_free_disk = "0B"
-graceful_timeout = "2s"
-
-[metrics]
-listen = ""
-
-[retry]
-initial = "1h"
-max = "1h"
-
-[queues.q]
-destinations = ["{destination}"]
-""")
-    return path
+    data = relay_config(tmp_path, server={"graceful_timeout": "2s"}, metrics={"listen": ""},
+                        retry={"initial": "1h", "max": "1h"},
+                        queues={"q": {"destinations": [destination]}})
+    return write_config_file(tmp_path / name, data)
 
 
 def closed_port() -> int:

@@ -13,7 +13,7 @@ import trio
 
 from relay.loadgen import run_load
 from relay.uri import parse_destination
-from tests.daemon import RelayProcess
+from tests.daemon import RelayProcess, relay_config, write_config_file
 
 # RSS the relay may gain between the first and the last round: far less than
 # the jobs' buffers and metadata would take if anything kept them all.
@@ -21,22 +21,11 @@ RSS_GROWTH_LIMIT = 40 * 1024 * 1024
 
 
 def soak_config(tmp_path: Path) -> Path:
-    path = tmp_path / "relay.toml"
-    path.write_text(f"""
-[server]
-listen = ["127.0.0.1:0"]
-spool_dir = "{tmp_path / 'spool'}"
-min_free_disk = "0B"
-max_connections_per_host = 1000
-[metrics]
-listen = ""
-[log]
-level = "warning"
-[queues.q]
-destinations = ["dir://{tmp_path / 'out'}"]
-concurrency = 4
-""")
-    return path
+    data = relay_config(tmp_path, server={"max_connections_per_host": 1000},
+                        metrics={"listen": ""}, log={"format": "json", "level": "warning"},
+                        queues={"q": {"destinations": [f"dir://{tmp_path / 'out'}"],
+                                      "concurrency": 4}})
+    return write_config_file(tmp_path / "relay.toml", data)
 
 
 def rss(pid: int) -> int:
