@@ -221,7 +221,7 @@ cdef class ServerParser:
             if self._state == ST_DATA_BODY:
                 ev = self._read_data_body()
             elif self._state == ST_SUBCOMMAND:
-                ev = self._read_subcommand()
+                ev = self._read_line(True)
             elif self._state == ST_TRAILER:
                 ev = self._read_trailer()
             elif self._state == ST_CONTROL_BODY:
@@ -229,7 +229,7 @@ cdef class ServerParser:
             elif self._state == ST_DATA_STREAM:
                 ev = self._read_data_stream()
             elif self._state == ST_COMMAND:
-                ev = self._read_command()
+                ev = self._read_line(False)
             elif self._state == ST_DRAIN:
                 ev = self._read_drain()
             else:
@@ -320,7 +320,8 @@ cdef class ServerParser:
         self._state = ST_CLOSED
         return EndOfStream.__new__(EndOfStream)
 
-    cdef object _read_command(self):
+    cdef object _read_line(self, bint subcommand):
+        """A command (outside a job) or subcommand (inside 0x02) line, then its event."""
         cdef const unsigned char* p
         cdef Py_ssize_t n
         if self._pos == self._len:
@@ -328,7 +329,7 @@ cdef class ServerParser:
         if not self._take_line(&p, &n):
             return None
         try:
-            return self._on_command(p, n)
+            return self._on_subcommand(p, n) if subcommand else self._on_command(p, n)
         finally:
             self._buf_len = 0
 
@@ -369,17 +370,6 @@ cdef class ServerParser:
         cmd.operands = tuple(tokens[1:])
         return cmd
 
-    cdef object _read_subcommand(self):
-        cdef const unsigned char* p
-        cdef Py_ssize_t n
-        if self._pos == self._len:
-            return self._eof_in_line() if self._eof else _NEED
-        if not self._take_line(&p, &n):
-            return None
-        try:
-            return self._on_subcommand(p, n)
-        finally:
-            self._buf_len = 0
 
     cdef object _on_subcommand(self, const unsigned char* p, Py_ssize_t n):
         cdef unsigned char code
