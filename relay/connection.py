@@ -168,7 +168,11 @@ class Connection:
         job = self._job()
         if ev.length is not None:
             self._check_size(job.incoming.bytes + ev.length)
-        self.server.spool.check_space(ev.length or 0)
+        if ev.length:
+            # A declared size must fit above min_free_disk before a byte is
+            # written; the job itself passed the plain check at 0x02, and a
+            # streamed file is checked as it grows (on_data_chunk).
+            self.server.spool.check_space(ev.length)
         self.writer = job.incoming.open_data(ev.name)
         job.streamed = 0
         await self._send(b"\x00")
