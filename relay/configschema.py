@@ -249,8 +249,20 @@ def list_of(convert: Callable[[object], Any], what: str,
     return convert_list
 
 
+# Destination options the URI grammar leaves open-ended, bounded here.
+_DEST_TIMEOUT = Range(0.001, 86400, "duration")
+_DEST_BATCH = Range(1, 1000)
+
+
 def to_destination(value: object) -> Destination:
-    return parse_destination(to_string(value, "a destination URI string"))
+    dest = parse_destination(to_string(value, "a destination URI string"))
+    for option, limits, got in (("timeout", _DEST_TIMEOUT, dest.timeout),
+                                ("batch", _DEST_BATCH, dest.batch)):
+        try:
+            limits.check(got)
+        except ValueError as exc:
+            raise ValueError(f"{dest.uri!r}: option {option}: {exc}") from None
+    return dest
 
 
 def to_table(value: object) -> dict[str, Any]:

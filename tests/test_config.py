@@ -559,9 +559,14 @@ def test_out_of_range_values(tmp_path: Path, toml: str, path: str, fragment: str
     ("concurrency = 10001", "queues.a.concurrency", "1 to 10000"),
     ("failover_after = 99999999999999999999", "queues.a.failover_after", "1 to 1000"),
     ('retry = { max = "30d" }', "queues.a.retry.max", "1ms to 7d"),
+    ('destinations = ["lpd://h/q?batch=99999999999999999999"]', "queues.a.destinations[0]",
+     "option batch: expected 1 to 1000"),
+    ('destinations = ["socket://h?timeout=400d"]', "queues.a.destinations[0]",
+     "option timeout: expected 1ms to 1d"),
 ])
 def test_out_of_range_queue_values(tmp_path: Path, key: str, path: str, fragment: str) -> None:
-    problems = _problems(tmp_path, f'[queues.a]\ndestinations = ["socket://h"]\n{key}\n')
+    body = key if key.startswith("destinations") else f'destinations = ["socket://h"]\n{key}'
+    problems = _problems(tmp_path, f"[queues.a]\n{body}\n")
     assert [p for p, _ in problems] == [path]
     assert fragment in problems[0][1], problems
 
