@@ -128,11 +128,11 @@ cdef class ServerParser:
                  long long max_job=4 * 2**30):
         if max_line < 2 or max_control < 1 or max_job < 1:
             raise ValueError("max_line, max_control and max_job must be positive")
-        if max_job >= _COUNT_CAP:
-            raise ValueError("max_job must be below 2**60")
         self._max_line = max_line
         self._max_control = max_control
-        self._max_job = max_job
+        # Counts saturate at _COUNT_CAP; a bound at or above it would let a
+        # saturated (absurd) count pass as exact, so it is clamped below.
+        self._max_job = max_job if max_job < _COUNT_CAP else _COUNT_CAP - 1
         self._state = ST_COMMAND
         self._want_data = True
 

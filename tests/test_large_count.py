@@ -131,7 +131,10 @@ def test_consume_body_moves_a_5gib_exact_body() -> None:
     assert parser.next_event() == DataFileEnd(name="dfA001h", size=5 * GIB, terminated=True)
 
 
-def test_max_job_is_bounded_below_the_count_cap() -> None:
-    with pytest.raises(ValueError):
-        ServerParser(max_job=2**60)
-    ServerParser(max_job=2**50)
+@pytest.mark.parametrize("impl", ["c", "py"])
+def test_an_absurd_count_is_until_eof_even_under_a_huge_max_job(impl: str) -> None:
+    """30 digits saturate in the core; with max_job of 2**62 that is still until EOF."""
+    events = parse_chunks([b"\x02lp\n\x03%d dfA001h\n" % 10**30 + b"data"], impl,
+                          max_job=2**62)
+    assert events[1] == DataFileStart(name="dfA001h", length=None)
+    assert events[-2] == DataFileEnd(name="dfA001h", size=4, terminated=False)
