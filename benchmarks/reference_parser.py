@@ -16,7 +16,10 @@ from typing import Any
 from relay.errors import ProtocolError
 
 NEED_DATA = "NEED_DATA"
-_FAKE = (0, 2147483647, 125899906843000)
+# SPEC §4.2: the only counts that mean "until EOF" whatever max_job is (LPRng
+# 0, old CUPS 2**31-1, CUPS mode=stream, Windows byte counting off); any
+# other count is exact, however large, unless it is above max_job.
+_FAKE = (0, 2147483647, 999999999999, 125899906843000)
 
 
 @dataclass(slots=True)
@@ -181,7 +184,7 @@ class ReferenceParser:
         if len(tokens) == 1:
             raise _malformed("subcommand without a file name")
         count = int(tokens[0])
-        fake = count in _FAKE or count >= 2**32
+        fake = count in _FAKE
         if line[0] == 2:
             self.name = _check_name(tokens[1], b"c")
             if fake:
@@ -192,11 +195,9 @@ class ReferenceParser:
             return ControlFileStart(name=self.name, length=count)
         self.name = _check_name(tokens[1], b"d")
         self.size = 0
-        if fake:
+        if fake or count > self.max_job:
             self.state = "data_stream"
             return DataFileStart(name=self.name, length=None)
-        if count > self.max_job:
-            raise ProtocolError("data file too large", reason="too_large")
         self.remaining, self.state = count, "data_body"
         return DataFileStart(name=self.name, length=count)
 

@@ -19,6 +19,8 @@ LENGTH_WINDOWS: Final[int]
 """The fake length Windows sends with "LPR byte counting" off (until EOF)."""
 LENGTH_STREAM: Final[int]
 """Length 0: the data runs until the sender half-closes (LPRng, CUPS)."""
+FAKE_LENGTHS: Final[frozenset[int]]
+"""Every data-file count read as "until EOF" whatever max_job is (SPEC §4.2)."""
 
 class Command:
     """A one-shot command: 0x01 print waiting, 0x03/0x04 lpq, 0x05 lprm."""

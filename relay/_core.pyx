@@ -36,13 +36,17 @@ from relay.errors import REPLY_BAD_JOB, ProtocolError
 
 # Fake data-file lengths that mean "until the sender closes" (SPEC §4.2,
 # FIELD-NOTES): Windows with "LPR byte counting" off sends 125899906843000,
-# CUPS mode=stream 999999999999 (>= 2**32) or 2147483647 on old builds, and
-# LPRng piping stdin sends 0.
+# CUPS mode=stream 999999999999 or 2147483647 on old builds, and LPRng
+# piping stdin sends 0.  A count above max_job means the same; every other
+# count is exact (see _is_fake_length in _wire.pxi).
 LENGTH_WINDOWS = 125899906843000
 LENGTH_STREAM = 0
+FAKE_LENGTHS = frozenset((0, 2147483647, 999999999999, 125899906843000))
 cdef long long _INT32_MAX = 2147483647
-cdef long long _TWO_32 = 4294967296
-# Counts are saturated here while parsing digits; anything this big is fake.
+cdef long long _CUPS_STREAM = 999999999999
+cdef long long _WINDOWS_FAKE = 125899906843000
+# Counts are saturated here while parsing digits; a count this big is above
+# any max_job (the configuration bounds max_job_size far below it).
 cdef long long _COUNT_CAP = 1LL << 60
 # RFC 1179 file names are short ("cfA123host"); longer ones smell of abuse.
 cdef Py_ssize_t _MAX_NAME = 255
@@ -126,7 +130,9 @@ cdef class ServerParser:
             raise ValueError("max_line, max_control and max_job must be positive")
         self._max_line = max_line
         self._max_control = max_control
-        self._max_job = max_job
+        # Counts saturate at _COUNT_CAP; a bound at or above it would let a
+        # saturated (absurd) count pass as exact, so it is clamped below.
+        self._max_job = max_job if max_job < _COUNT_CAP else _COUNT_CAP - 1
         self._state = ST_COMMAND
         self._want_data = True
 
@@ -421,7 +427,7 @@ cdef class ServerParser:
     cdef object _start_control(self, const unsigned char* p, Py_ssize_t n, long long count):
         cdef ControlFileStart ev
         _check_name(p, n, 0x63)  # 'c'
-        if count == 0 or _is_until_eof(count):
+        if _is_fake_length(count):
             # Only data files may run until EOF; a control file must be counted.
             raise _malformed("control file with length %d" % count)
         if count > self._max_control:
@@ -445,13 +451,13 @@ cdef class ServerParser:
         self._size = 0
         ev = DataFileStart.__new__(DataFileStart)
         ev.name = self._name
-        if _is_until_eof(count):
+        if _is_fake_length(count) or count > self._max_job:
+            # A count above max_job is read as "until EOF" too (SPEC §4.2):
+            # the job is kept if what really arrives fits, and refused
+            # (too_large) as soon as the body grows past max_job.
             self._remaining = -1
             self._state = ST_DATA_STREAM
             ev.length = None
-        elif count > self._max_job:
-            raise ProtocolError("data file of %d bytes exceeds max_job" % count,
-                                reply=REPLY_BAD_JOB, reason="too_large")
         else:
             self._remaining = count
             self._state = ST_DATA_BODY

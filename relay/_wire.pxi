@@ -84,7 +84,12 @@ cdef long long _parse_count(const unsigned char* p, Py_ssize_t n) noexcept:
     return value if value < _COUNT_CAP else _COUNT_CAP
 
 
-cdef inline bint _is_until_eof(long long count) noexcept:
-    # SPEC §4.2: 0, 2**31-1, >= 2**32 (CUPS 999999999999, Windows
-    # 125899906843000) all mean "the data runs until the sender closes".
-    return count == 0 or count == _INT32_MAX or count >= _TWO_32
+cdef inline bint _is_fake_length(long long count) noexcept:
+    # SPEC §4.2: the "until the sender closes" forms real senders put in a
+    # header, and only these: LPRng piping stdin (0), old CUPS mode=stream
+    # (2**31-1), CUPS mode=stream (999999999999), Windows with "LPR byte
+    # counting" off (125899906843000).  Any other count is exact however
+    # large: jobs of 4 GiB and more are real (an earlier ">= 2**32 is fake"
+    # rule left such senders waiting for an ack that came only at EOF).
+    return (count == 0 or count == _INT32_MAX or count == _CUPS_STREAM
+            or count == _WINDOWS_FAKE)

@@ -21,6 +21,7 @@ every key.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -32,9 +33,12 @@ from urllib.parse import quote
 
 from relay.configschema import (
     CATCH_ALL,
+    Bounds,
     Network,
+    Range,
     Required,
     Schema,
+    check_host,
     key_path,
     list_of,
     one_of,
@@ -172,6 +176,7 @@ def _listen(value: object) -> Listen:
         host, port = parse_hostport(text, min_port=0)
     except ValueError as exc:
         raise ValueError(f'expected "host:port" or "[ipv6]:port", got "{text}": {exc}') from None
+    check_host(host)
     return Listen(host=host, port=port)
 
 
@@ -219,6 +224,28 @@ _QUEUE: Schema = {
     "failover_after": (to_count, 3),
     "retry": (to_table, {}),  # per-queue overrides of [retry], read with _RETRY below
 }
+# The range of each bounded key (after conversion: seconds, bytes, counts).
+# Every converter has a ceiling of its own (relay.configschema.MAX_*); these
+# are tighter where a value beyond would be a mistake or break something.
+_DAY = 86400.0
+_BOUNDS: dict[str, Bounds] = {
+    "server": {
+        "max_connections": Range(1, 1_000_000),
+        "max_connections_per_host": Range(1, 1_000_000),
+        "idle_timeout": Range(0.001, _DAY, "duration"),
+        "max_job_size": Range(1, 2**44, "size"),          # 16 TiB, ext4's file limit
+        "max_control_size": Range(1, 16 * 2**20, "size"),
+        "graceful_timeout": Range(0, 3600, "duration"),
+    },
+    "origin_ports": {"linger": Range(0, 3600, "duration")},
+    "retry": {
+        "initial": Range(0.001, _DAY, "duration"),
+        "max": Range(0.001, 7 * _DAY, "duration"),
+        "give_up_after": Range(0, 365 * _DAY, "duration"),
+    },
+    "queue": {"concurrency": Range(1, 10_000), "failover_after": Range(1, 1000)},
+}
+
 _SECTIONS: dict[str, Schema] = {
     "server": _SERVER, "metrics": _METRICS, "log": _LOG,
     "origin_ports": _ORIGIN_PORTS, "retry": _RETRY, "queues": {},
@@ -241,11 +268,12 @@ def _queues(raw: object, retry: Mapping[str, Any], problems: list[tuple[str, str
             to_queue_name(name)
         except ValueError as exc:
             problems.append((path, str(exc)))
-        values = section(body, path, _QUEUE, problems)
+        values = section(body, path, _QUEUE, problems, bounds=_BOUNDS["queue"])
         names[name] = values.get("aliases", ())
         if name == CATCH_ALL and names[name]:
             problems.append((f"{path}.aliases", 'the catch-all queue "*" cannot have aliases'))
-        overrides = section(values.pop("retry", {}), f"{path}.retry", _RETRY, problems, retry)
+        overrides = section(values.pop("retry", {}), f"{path}.retry", _RETRY, problems, retry,
+                            bounds=_BOUNDS["retry"])
         if len(values) == len(_QUEUE) - 1 and len(overrides) == len(_RETRY):
             queues[name] = QueueConfig(name=name, retry=RetryConfig(**overrides), **values)
     return queues, names
@@ -275,7 +303,8 @@ def config_from_dict(data: Mapping[str, object], source: str,
     problems: list[tuple[str, str]] = []
     problems.extend((key_path("", k), unknown_key(k, _SECTIONS))
                     for k in data if k not in _SECTIONS)
-    sections = {name: section(data.get(name, {}), name, schema, problems)
+    sections = {name: section(data.get(name, {}), name, schema, problems,
+                              bounds=_BOUNDS.get(name))
                 for name, schema in _SECTIONS.items() if name != "queues"}
     queues, names = _queues(data.get("queues", {}), sections["retry"], problems)
     _check_unique(names, sections["server"].get("queue_names") != "exact", problems)
@@ -302,7 +331,24 @@ def config_from_toml(text: str, source: str = "<string>",
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InvalidConfig([(source, f"TOML syntax error: {exc}")]) from None
+    except RecursionError:
+        # tomllib recurses per nesting level; a file nested this deep is no config.
+        raise InvalidConfig([(source, "TOML error: arrays or tables nested too deeply")]
+                            ) from None
+    except ValueError:  # int()'s guard against integers of 4300+ digits
+        raise InvalidConfig([(source, f"TOML error: {_long_number(text)} has more than "
+                                      "4300 digits")]) from None
     return config_from_dict(data, source, base_dir=base_dir)
+
+
+def _long_number(text: str) -> str:
+    """Where the first over-long run of digits is, as "line L, column C"."""
+    match = re.search(r"[0-9_]{4300,}", text)
+    if match is None:
+        return "a number"
+    line = text.count("\n", 0, match.start()) + 1
+    column = match.start() - (text.rfind("\n", 0, match.start()) + 1) + 1
+    return f"number at line {line}, column {column}"
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -15,15 +15,18 @@ import difflib
 import ipaddress
 import json
 import re
+import socket
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from relay.units import parse_duration, parse_size
+from relay.units import format_duration, format_size, parse_duration, parse_size
 from relay.uri import Destination, parse_destination
 
 __all__ = [
-    "CATCH_ALL", "Network", "Required", "Schema", "key_path", "list_of", "one_of", "section",
+    "CATCH_ALL", "Bounds", "Network", "Range", "Required", "Schema", "check_host", "key_path",
+    "list_of", "one_of", "section",
     "show", "to_alias", "to_bool", "to_count", "to_destination", "to_duration", "to_fsync",
     "to_network", "to_path", "to_port_range", "to_positive_duration", "to_positive_size",
     "to_queue_name", "to_size", "to_string", "to_table", "unknown_key",
@@ -62,8 +65,20 @@ def to_string(value: object, what: str) -> str:
     return value
 
 
+# Ceilings every value of a kind obeys, whatever its key: a typo of a few
+# extra digits (or a hostile file) must not become a huge number that some
+# later system call or deadline overflows on.  Keys that need less have their
+# own Range in relay.config's bounds tables.
+MAX_COUNT = 2**63 - 1        # int64: what any system call or C field can take
+MAX_SIZE = 2**50             # 1 PiB; the protocol core needs sizes below 2**60
+MAX_DURATION = 10 * 365 * 86400.0
+
+
 def to_duration(value: object) -> float:
-    return parse_duration(to_string(value, 'a duration string such as "30s"'))
+    seconds = parse_duration(to_string(value, 'a duration string such as "30s"'))
+    if seconds > MAX_DURATION:
+        raise ValueError(f"expected a duration of at most 10 years, got {show(value)}")
+    return seconds
 
 
 def to_size(value: object) -> int:
@@ -71,8 +86,12 @@ def to_size(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
             raise ValueError(f"a size cannot be negative, got {value}")
-        return value
-    return parse_size(to_string(value, 'a size string such as "4GiB"'))
+        size = value
+    else:
+        size = parse_size(to_string(value, 'a size string such as "4GiB"'))
+    if size > MAX_SIZE:
+        raise ValueError(f"expected a size of at most 1PiB, got {show(value)}")
+    return size
 
 
 def _above_zero(convert: Callable[[object], _N], zero: str) -> Callable[[object], _N]:
@@ -89,9 +108,58 @@ to_positive_size = _above_zero(to_size, "0 bytes")
 
 
 def to_count(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value > MAX_COUNT:
+        raise ValueError(f"expected a whole number below 2**63, got {show(value)}")
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"expected a whole number, 1 or more, got {show(value)}")
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    """The values one key may take, checked after its converter (``kind`` picks the units)."""
+
+    low: float
+    high: float
+    kind: str = "count"   # "count" | "size" | "duration"
+
+    def _fmt(self, value: float) -> str:
+        if self.kind == "size":
+            return format_size(int(value))
+        if self.kind == "duration":
+            return format_duration(value)
+        return f"{int(value)}"
+
+    def check(self, value: float) -> None:
+        if not self.low <= value <= self.high:
+            raise ValueError(f"expected {self._fmt(self.low)} to {self._fmt(self.high)}, "
+                             f"got {self._fmt(value)}")
+
+
+Bounds = Mapping[str, Range]
+
+
+def check_host(host: str) -> None:
+    """A listen host must be an IP address, or a name that resolves now.
+
+    A dotted-digits host that is no IPv4 address ("999.1.1.1") is refused
+    without a lookup (a resolver might treat it as a name); any other name is
+    resolved at load time, so ``check-config`` finds what ``serve`` would
+    fail on at bind time.
+    """
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9.]+", host):
+        raise ValueError(f'"{host}" is not an IPv4 address (four numbers 0-255)')
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f'"{host}" is neither an IP address nor a name that resolves '
+                         f"({reason})") from None
 
 
 def to_bool(value: object) -> bool:
@@ -181,8 +249,20 @@ def list_of(convert: Callable[[object], Any], what: str,
     return convert_list
 
 
+# Destination options the URI grammar leaves open-ended, bounded here.
+_DEST_TIMEOUT = Range(0.001, 86400, "duration")
+_DEST_BATCH = Range(1, 1000)
+
+
 def to_destination(value: object) -> Destination:
-    return parse_destination(to_string(value, "a destination URI string"))
+    dest = parse_destination(to_string(value, "a destination URI string"))
+    for option, limits, got in (("timeout", _DEST_TIMEOUT, dest.timeout),
+                                ("batch", _DEST_BATCH, dest.batch)):
+        try:
+            limits.check(got)
+        except ValueError as exc:
+            raise ValueError(f"{dest.uri!r}: option {option}: {exc}") from None
+    return dest
 
 
 def to_table(value: object) -> dict[str, Any]:
@@ -218,8 +298,12 @@ def unknown_key(key: str, known: Mapping[str, object]) -> str:
 
 
 def section(raw: object, path: str, schema: Schema, problems: list[tuple[str, str]],
-            inherited: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Convert one table by its schema; problems are appended, good values returned."""
+            inherited: Mapping[str, Any] | None = None,
+            bounds: Bounds | None = None) -> dict[str, Any]:
+    """Convert one table by its schema; problems are appended, good values returned.
+
+    ``bounds`` maps keys to the ``Range`` their converted value must lie in.
+    """
     if not isinstance(raw, Mapping):
         problems.append((path, f"expected a table, got {show(raw)}"))
         return {}
@@ -232,8 +316,15 @@ def section(raw: object, path: str, schema: Schema, problems: list[tuple[str, st
         elif key not in raw and isinstance(default, Required):
             problems.append((at, f"missing; {default.expectation}"))
         else:
+            limits = bounds.get(key) if bounds is not None else None
             try:
-                values[key] = convert(raw.get(key, default))
+                given = raw.get(key, default)
+                if limits is not None and type(given) is int and given > limits.high:
+                    limits.check(given)  # say the key's range, not the converter's ceiling
+                value = convert(given)
+                if limits is not None:
+                    limits.check(value)
+                values[key] = value
             except _Nested as nested:
                 problems.extend((at + suffix, msg) for suffix, msg in nested.problems)
             except ValueError as exc:

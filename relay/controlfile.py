@@ -8,7 +8,9 @@ relay; typed properties answer the questions the rest of the relay asks
 
 ``rewrite()`` is what delivery needs (SPEC §5): a fresh job number and
 ``cfA``/``dfA`` names for the destination, the ``H`` line untouched, ``U``
-lines renamed and ``S`` lines dropped.  Values are decoded latin-1 so every
+lines renamed, ``S`` lines dropped, and the other file-name lines (``N`` and
+the troff fonts ``1``-``4``) reduced to a base name, so a sender cannot hand
+a path such as ``N../../etc/shadow`` on to the destination.  Values are decoded latin-1 so every
 byte round-trips; ``as_text()`` re-reads a value as UTF-8 for display.
 
 Pure Python: control files are a few hundred bytes, parsed once per job.
@@ -32,6 +34,11 @@ _DF_LETTERS = string.ascii_uppercase + string.ascii_lowercase
 # Bytes refused inside a value: controls other than TAB, and DEL.
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _BAD_HOST = re.compile(r"[\x00-\x20\x7f/\\]")
+# Lines whose value is a file name on the receiving side (RFC 1179 §7.2: N the
+# source file, 1-4 troff font files): forwarded as a base name only.
+FILE_NAME_LINES = frozenset("N1234")
+_PATH_SEPARATORS = re.compile(r"[/\\]")
+_NAME_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
 # cfA / dfA (RFC), cf / df, and the HP-style cA / c prefixes.
 _JOB_NAME = re.compile(r"(?P<prefix>[cd]f[A-Za-z]|[cd]f|[cd][A-Za-z]|[cd]?)"
                        r"(?P<digits>[0-9]*)(?P<host>.*)", re.DOTALL)
@@ -224,6 +231,16 @@ def parse_control_file(data: bytes) -> ControlFile:
                        final_newline=final_newline)
 
 
+def base_name(value: str) -> str:
+    """A file-name value reduced to its last path component, without controls.
+
+    ``../../etc/shadow`` -> ``shadow``, ``C:\\Users\\a\\doc.pdf`` -> ``doc.pdf``; an
+    empty result, ``.`` or ``..`` gives "" (the line is then dropped).
+    """
+    name = _NAME_CONTROLS.sub("", _PATH_SEPARATORS.split(value)[-1]).strip()
+    return "" if name in (".", "..") else name
+
+
 def split_job_name(name: str) -> JobName:
     """Split ``cfA123host`` into prefix, job number and host.
 
@@ -247,8 +264,9 @@ def rewrite(cf: ControlFile, *, number: int, host: str,
     Returns the new control file, its name ``cfA<number><host>`` and the map
     from old data-file names to ``dfA..dfZ, dfa..dfz`` (first reference
     first).  Format and U lines follow the new names; U lines naming no data
-    file of the job and all S (symlink) lines are dropped; every other line,
-    H included, is kept.  The result uses LF line ends.
+    file of the job and all S (symlink) lines are dropped; N and font lines
+    (1-4) keep only their ``base_name`` (dropped when nothing is left); every
+    other line, H included, is kept.  The result uses LF line ends.
     """
     if not 3 <= digits <= 6:
         raise ValueError("job numbers have 3 to 6 digits")
@@ -269,6 +287,10 @@ def rewrite(cf: ControlFile, *, number: int, host: str,
             # U = unlink after printing: only meaningful for this job's files.
             if value in mapping:
                 lines.append((letter, mapping[value]))
+        elif letter in FILE_NAME_LINES:
+            # A path here would name a file on the destination: keep the base name.
+            if name := base_name(value):
+                lines.append((letter, name))
         elif letter != "S":  # S = symlink check data of the original host
             lines.append((letter, value))
     return ControlFile(lines=tuple(lines)), f"cfA{job}", mapping

@@ -47,6 +47,20 @@ class ConfigError(LpdError):
         self.path = path
 
 
+class BindError(LpdError):
+    """A listening socket could not be bound at start; ``key`` is the config key it came from.
+
+    ``key`` is e.g. ``server.listen[0]`` or ``metrics.listen``, ``address``
+    the ``host:port`` and ``error`` the ``OSError`` the system gave.
+    """
+
+    def __init__(self, key: str, address: str, error: OSError) -> None:
+        super().__init__(f"{key}: cannot listen on {address}: {error.strerror or error}")
+        self.key = key
+        self.address = address
+        self.error = error
+
+
 class SpoolError(LpdError):
     """The spool cannot store or read a job."""
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import sys
 import threading
 import time
 from typing import Final, TextIO
 
 import orjson
+
+from relay.printable import escape_char
 
 LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
                  "error": logging.ERROR, "critical": logging.CRITICAL}
@@ -152,17 +153,22 @@ def _json(obj: dict[str, object]) -> str:
         # orjson refuses them, so spell them as \\udcXX text instead.
         fixed = {k: _utf8(v) if isinstance(v, str) else v for k, v in obj.items()}
         line = orjson.dumps(fixed).decode()
-    # orjson leaves DEL, C1 controls (U+009B is a terminal's CSI) and the
-    # Unicode line separators raw; escape them so `tail -f` and line-splitting
-    # readers see one inert line.  They can only occur inside JSON strings.
-    return _JSON_UNSAFE.sub(_json_escape, line)
+    # orjson escapes C0 but leaves DEL, C1 controls (U+009B is a terminal's
+    # CSI), the Unicode line separators, bidi overrides and every other
+    # non-printable code point raw; escape them so `tail -f` and
+    # line-splitting readers see one inert line.  They can only occur inside
+    # JSON strings, where \uXXXX (a surrogate pair above the BMP) is exact.
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() else _json_escape(c) for c in line)
 
 
-_JSON_UNSAFE: Final = re.compile("[\x7f-\x9f\u2028\u2029]")
-
-
-def _json_escape(m: re.Match[str]) -> str:
-    return f"\\u{ord(m.group()):04x}"
+def _json_escape(c: str) -> str:
+    n = ord(c)
+    if n < 0x10000:
+        return f"\\u{n:04x}"
+    n -= 0x10000
+    return f"\\u{0xD800 + (n >> 10):04x}\\u{0xDC00 + (n & 0x3FF):04x}"
 
 
 def _utf8(s: str) -> str:
@@ -202,10 +208,8 @@ def _escape(s: str) -> str:
         elif c.isprintable():
             out.append(c)
         else:
-            # ESC, DEL, NUL, U+2028, lone surrogates...: shown, never obeyed.
-            n = ord(c)
-            out.append(f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000
-                       else f"\\U{n:08x}")
+            # ESC, DEL, NUL, C1, U+2028, lone surrogates...: shown, never obeyed.
+            out.append(escape_char(c))
     return "".join(out)
 
 

@@ -25,6 +25,7 @@ from relay.config import Listen, ServerConfig
 from relay.connection import Connection
 from relay.errors import (
     REPLY_RETRY_LATER,
+    BindError,
 )
 from relay.metrics import Metrics
 from relay.queues import QueueRouter
@@ -44,8 +45,12 @@ class Delivery(Protocol):
     def remove(self, queue: str, job_ids: Sequence[str]) -> list[str]: ...
 
 
-def open_listener(listen: Listen, backlog: int = 1024) -> trio.socket.SocketType:
-    """Bind one listening socket; IPv6 sockets are v6-only so [::] and 0.0.0.0 coexist."""
+def open_listener(listen: Listen, backlog: int = 1024, *, key: str = "server.listen",
+                  ) -> trio.socket.SocketType:
+    """Bind one listening socket; IPv6 sockets are v6-only so [::] and 0.0.0.0 coexist.
+
+    A failure is a ``BindError`` naming ``key``, the config key of ``listen``.
+    """
     family = pysocket.AF_INET6 if ":" in listen.host else pysocket.AF_INET
     sock = pysocket.socket(family, pysocket.SOCK_STREAM)
     try:
@@ -54,6 +59,9 @@ def open_listener(listen: Listen, backlog: int = 1024) -> trio.socket.SocketType
             sock.setsockopt(pysocket.IPPROTO_IPV6, pysocket.IPV6_V6ONLY, 1)
         sock.bind((listen.host, listen.port))   # numeric host: no lookup, no await
         sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise BindError(key, str(listen), exc) from exc
     except BaseException:
         sock.close()
         raise
@@ -79,7 +87,8 @@ class LpdServer:
     async def serve(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]]
                     = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until stop_accepting(); then let connections finish for graceful_timeout."""
-        self.listeners = [open_listener(listen) for listen in self.config.listen]
+        self.listeners = [open_listener(listen, key=f"server.listen[{i}]")
+                          for i, listen in enumerate(self.config.listen)]
         try:
             async with trio.open_nursery() as connections:
                 with trio.CancelScope() as self._accepting:

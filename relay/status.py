@@ -6,6 +6,12 @@ the long form adds one block per job.  Both list the relay's own jobs for the
 queue and, since a relay's queue is only as good as where it forwards to, the
 destination's state and next retry — the view CUPS loses once a job is
 forwarded (FIELD-NOTES pain point 9).
+
+Every field that came from a sender or a destination (queue as asked, titles,
+user, host and file names, error texts) is shown through
+``relay.printable.printable``, and each finished line once more: a job's title
+can never drive the terminal of whoever runs lpq (C0, DEL and C1 controls,
+U+009B CSI included, come out as backslash-x escapes).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from relay.printable import printable as _p
 from relay.spool import JobMeta
 
 
@@ -47,15 +54,15 @@ def _rank(index: int, job: JobMeta, in_flight: frozenset[str]) -> str:
 def _headline(state: QueueState) -> list[str]:
     lines = []
     if not state.jobs:
-        lines.append(f"{state.queue} is ready\nno entries")
+        lines += [f"{_p(state.queue)} is ready", "no entries"]
     else:
         printing = "and printing" if state.in_flight else "and waiting"
-        lines.append(f"{state.queue} is ready {printing}")
+        lines.append(f"{_p(state.queue)} is ready {printing}")
     for dest in state.destinations:
         mark = "up" if dest.up else ("not tried yet" if dest.up is None else "DOWN")
         active = " (active)" if dest.active else ""
-        err = f": {dest.last_error}" if dest.last_error and not dest.up else ""
-        lines.append(f"destination {dest.name} {mark}{active}{err}")
+        err = f": {_p(dest.last_error)}" if dest.last_error and not dest.up else ""
+        lines.append(f"destination {_p(dest.name)} {mark}{active}{err}")
     if state.next_retry:
         wait = max(0.0, state.next_retry - time.time())
         lines.append(f"next retry in {wait:.0f}s")
@@ -74,18 +81,23 @@ def render(state: QueueState, *, long: bool, items: Sequence[str] = ()) -> str:
         lines.append(f"{'Rank':<7}{'Owner':<11}{'Job':<5}{'Files':<38}Total Size")
         for i, job in rows:
             files = ", ".join(f.name for f in job.files) or job.control_name
-            lines.append(f"{_rank(i, job, state.in_flight):<7}{job.user[:10]:<11}"
-                         f"{job.number:<5}{(job.title or files)[:37]:<38}"
+            lines.append(f"{_rank(i, job, state.in_flight):<7}{_p(job.user)[:10]:<11}"
+                         f"{_p(job.number):<5}{_p(job.title or files)[:37]:<38}"
                          f"{job.total_bytes} bytes")
     for i, job in rows if long else ():
         lines.append("")
-        lines.append(f"{job.user}: {_rank(i, job, state.in_flight):<20}"
-                     f"[job {job.number} {job.host}] spool id {job.id}")
+        lines.append(f"{_p(job.user)}: {_rank(i, job, state.in_flight):<20}"
+                     f"[job {_p(job.number)} {_p(job.host)}] spool id {job.id}")
         for f in job.files:
-            lines.append(f"        {f.name:<40}{f.bytes} bytes")
+            lines.append(f"        {_p(f.name):<40}{f.bytes} bytes")
         if job.attempts:
-            lines.append(f"        attempts {job.attempts}, last error: {job.last_error}")
-    return "\n".join(lines) + "\n"
+            lines.append(f"        attempts {job.attempts}, last error: {_p(job.last_error)}")
+    return _text(lines)
+
+
+def _text(lines: Iterable[str]) -> str:
+    # Each line once more through printable(): nothing raw, whatever a field held.
+    return "".join(_p(line) + "\n" for line in lines)
 
 
 PRIVILEGED_AGENTS = ("-all", "root")
@@ -123,5 +135,5 @@ def render_removal(chosen: Sequence[JobMeta], removed: set[str]) -> str:
     lines = []
     for job in chosen:
         verb = "dequeued" if job.id in removed else "is being delivered, not removed"
-        lines.append(f"{job.control_name} {verb}")
-    return "\n".join(lines) + "\n"
+        lines.append(f"{_p(job.control_name)} {verb}")
+    return _text(lines)

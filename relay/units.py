@@ -47,6 +47,10 @@ _DURATION_PART = re.compile(rf"({_NUMBER})\s*(ms|s|m|h|d)")
 _DURATION_WHOLE = re.compile(rf"(?:{_NUMBER}\s*(?:ms|s|m|h|d)\s*)+")
 _SIZE = re.compile(rf"({_NUMBER})\s*([A-Za-z]*)")
 
+# More digits than any sane value has: refused before exact arithmetic (and
+# int()'s 4300-digit guard) sees them.
+_MAX_DIGITS = 24
+
 _DURATION_FORMS = 'a duration such as "250ms", "30s", "5m", "24h", "2d" or "1h30m"'
 _SIZE_FORMS = ('a size such as "512", "512B", "64KiB", "4GiB", "1MB" '
                "(units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
@@ -65,6 +69,8 @@ def parse_duration(text: str) -> float:
         raise ValueError(f"a duration cannot be negative, got {text!r}")
     if not _DURATION_WHOLE.fullmatch(stripped):
         raise ValueError(f"expected {_DURATION_FORMS}, got {text!r}")
+    if any(len(number) > _MAX_DIGITS for number, _ in _DURATION_PART.findall(stripped)):
+        raise ValueError(f"duration too large: {text[:40]!r}")
     total = sum(
         (Fraction(number) * _DURATION_UNITS[unit]
          for number, unit in _DURATION_PART.findall(stripped)),
@@ -86,6 +92,8 @@ def parse_size(text: str) -> int:
     match = _SIZE.fullmatch(text.strip())
     if match is None or match.group(2).casefold() not in _SIZE_UNITS:
         raise ValueError(f"expected {_SIZE_FORMS}, got {text!r}")
+    if len(match.group(1)) > _MAX_DIGITS:
+        raise ValueError(f"size too large: {text[:40]!r}")
     value = Fraction(match.group(1)) * _SIZE_UNITS[match.group(2).casefold()]
     if value.denominator != 1:
         raise ValueError(f"{text!r} is not a whole number of bytes")

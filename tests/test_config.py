@@ -219,7 +219,7 @@ def test_no_queues_is_valid_and_refuses_everything(tmp_path: Path) -> None:
     ("[server]\nlisten = []", "server.listen", "expected at least 1"),
     ("[server]\nlisten = 515", "server.listen", "expected an array"),
     ('[server]\nlisten = ["0.0.0.0"]', "server.listen[0]", '"host:port"'),
-    ('[server]\nlisten = ["ok:1", "0.0.0.0:65536"]', "server.listen[1]", "0..65535"),
+    ('[server]\nlisten = ["localhost:1", "0.0.0.0:65536"]', "server.listen[1]", "0..65535"),
     ('[server]\nlisten = ["0.0.0.0 :515"]', "server.listen[0]", "not a valid host name"),
     ('[server]\nlisten = ["0.0.0.0:-1"]', "server.listen[0]", "port must be 0..65535"),
     ('[server]\nlisten = ["::1:515"]', "server.listen[0]", '"[ipv6]:port"'),
@@ -521,3 +521,68 @@ def test_huge_values_are_quoted_briefly(tmp_path: Path) -> None:
     problems = _problems(tmp_path, f"[server]\nmax_connections = [{', '.join(['1'] * 5000)}]\n")
     assert problems[0][0] == "server.max_connections"
     assert len(problems[0][1]) < 200
+
+
+# ---- every value is range-checked; the file's own errors name their place ----
+
+@pytest.mark.parametrize(("toml", "path", "fragment"), [
+    ('[server]\nlisten = ["999.1.1.1:30090"]', "server.listen[0]", "not an IPv4 address"),
+    ('[server]\nlisten = ["127.0.0.1:0", "no-such-host.invalid:515"]', "server.listen[1]",
+     "nor a name that resolves"),
+    ('[metrics]\nlisten = "256.0.0.1:9515"', "metrics.listen", "not an IPv4 address"),
+    ("[server]\nmax_connections = 99999999999999999999", "server.max_connections",
+     "expected 1 to 1000000, got 99999999999999999999"),
+    ("[server]\nmax_connections = 1000001", "server.max_connections", "1 to 1000000"),
+    ("[server]\nmax_connections_per_host = 10000000", "server.max_connections_per_host",
+     "1 to 1000000"),
+    ('[server]\nidle_timeout = "2d"', "server.idle_timeout", "1ms to 1d"),
+    ('[server]\nidle_timeout = "' + "9" * 100 + 's"', "server.idle_timeout", "too large"),
+    ('[server]\nmax_job_size = "17TiB"', "server.max_job_size", "1B to 16TiB"),
+    ("[server]\nmax_job_size = 99999999999999999999", "server.max_job_size", "1B to 16TiB"),
+    ('[server]\nmax_job_size = "' + "9" * 100 + '"', "server.max_job_size", "too large"),
+    ('[server]\nmax_control_size = "1GiB"', "server.max_control_size", "1B to 16MiB"),
+    ('[server]\nmin_free_disk = "2048TiB"', "server.min_free_disk", "at most 1PiB"),
+    ('[server]\ngraceful_timeout = "2h"', "server.graceful_timeout", "0s to 1h"),
+    ('[origin_ports]\nlinger = "2h"', "origin_ports.linger", "0s to 1h"),
+    ('[retry]\ninitial = "2d"', "retry.initial", "1ms to 1d"),
+    ('[retry]\nmax = "8d"', "retry.max", "1ms to 7d"),
+    ('[retry]\ngive_up_after = "400d"', "retry.give_up_after", "0s to 365d"),
+    ('[retry]\ngive_up_after = "3660d"', "retry.give_up_after", "at most 10 years"),
+])
+def test_out_of_range_values(tmp_path: Path, toml: str, path: str, fragment: str) -> None:
+    problems = _problems(tmp_path, toml + "\n" + QUEUE)
+    assert [p for p, _ in problems] == [path]
+    assert fragment in problems[0][1], problems
+
+
+@pytest.mark.parametrize(("key", "path", "fragment"), [
+    ("concurrency = 10001", "queues.a.concurrency", "1 to 10000"),
+    ("failover_after = 99999999999999999999", "queues.a.failover_after", "1 to 1000"),
+    ('retry = { max = "30d" }', "queues.a.retry.max", "1ms to 7d"),
+    ('destinations = ["lpd://h/q?batch=99999999999999999999"]', "queues.a.destinations[0]",
+     "option batch: expected 1 to 1000"),
+    ('destinations = ["socket://h?timeout=400d"]', "queues.a.destinations[0]",
+     "option timeout: expected 1ms to 1d"),
+])
+def test_out_of_range_queue_values(tmp_path: Path, key: str, path: str, fragment: str) -> None:
+    body = key if key.startswith("destinations") else f'destinations = ["socket://h"]\n{key}'
+    problems = _problems(tmp_path, f"[queues.a]\n{body}\n")
+    assert [p for p, _ in problems] == [path]
+    assert fragment in problems[0][1], problems
+
+
+def test_the_largest_values_in_range_are_accepted(tmp_path: Path) -> None:
+    config = _load(tmp_path, '[server]\nmax_connections = 1000000\nmax_job_size = "16TiB"\n'
+                             'idle_timeout = "24h"\n' + QUEUE)
+    assert (config.server.max_connections, config.server.max_job_size) == (10**6, 2**44)
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("a = " + "[" * 5000 + "]" * 5000, "nested too deeply"),
+    ("[server]\nmax_connections = " + "9" * 5000, "line 2, column 19 has more than 4300 digits"),
+    ("[server]\nmax_connections = 1\nidle_timeout = 30s", "line 3"),
+])
+def test_toml_errors_name_the_file_and_place(tmp_path: Path, text: str, fragment: str) -> None:
+    problems = _problems(tmp_path, text)
+    assert len(problems) == 1 and problems[0][0] == str(tmp_path / "relay.toml")
+    assert fragment in problems[0][1], problems

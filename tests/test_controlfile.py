@@ -144,3 +144,27 @@ def test_parse_serialize_round_trip(lines: list[tuple[str, str]], newline: str,
     raw = cf.serialize()
     assert parse_control_file(raw) == cf
     assert parse_control_file(raw).serialize() == raw
+
+
+@pytest.mark.parametrize(("value", "forwarded"), [
+    ("../../etc/shadow", "shadow"),
+    ("/etc/passwd", "passwd"),
+    ("C:\\Users\\alice\\report.pdf", "report.pdf"),
+    ("dir/sub\\name\x9b.ps", "name.ps"),
+    ("report.pdf", "report.pdf"),
+    ("..", None),
+    ("a/..", None),
+    ("/", None),
+    (" ", None),
+])
+@pytest.mark.parametrize("letter", ["N", "1", "2", "3", "4"])
+def test_rewrite_reduces_file_name_lines_to_a_base_name(letter: str, value: str,
+                                                        forwarded: str | None) -> None:
+    cf = ControlFile(lines=(("H", "src"), ("P", "alice"), ("l", "dfA001src"), (letter, value),
+                            ("J", "a/b job")))
+    new, _, _ = rewrite(cf, number=1, host="relay")
+    assert new.values(letter) == (() if forwarded is None else (forwarded,))
+    assert new.values("J") == ("a/b job",) and new.host == "src"   # not file names: kept
+    wire = new.serialize()
+    assert b"/" not in wire.replace(b"a/b job", b"") and b"\\" not in wire
+    assert not any(0x80 <= c <= 0x9f or (c < 0x20 and c != 0x0a) for c in wire)

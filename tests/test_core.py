@@ -135,8 +135,10 @@ CASES: dict[str, tuple[bytes, list[Any]]] = {
                                 [Command(code=1, queue="lp", operands=()), EndOfStream()]),
 }
 # Fake lengths: the data runs until EOF, kept byte for byte (a final NUL stays).
+# A count above max_job (default 4 GiB) reads the same way (SPEC §4.2).
 for label, count in [("zero", 0), ("int32max", 2147483647), ("cups", 999999999999),
-                     ("windows", 125899906843000), ("two32", 2**32)]:
+                     ("windows", 125899906843000), ("over-max-job", 4 * 2**30 + 1),
+                     ("saturated", 10**30)]:
     for tail in (b"", b"\0"):
         CASES[f"until-eof-{label}-{'nul' if tail else 'nonul'}"] = (
             b"\x02lp\n" + control("cfA001win") + data("dfA001win", tail=tail, count=count),
@@ -189,7 +191,9 @@ REFUSALS: dict[str, tuple[bytes, dict[str, int], int | None, str]] = {
     "control-length-0": (b"\x02lp\n\x020 cfA1h\n", {}, 3, "malformed"),
     "control-length-int32max": (b"\x02lp\n\x022147483647 cfA1h\n", {}, 3, "malformed"),
     "control-length-cups": (b"\x02lp\n\x02999999999999 cfA1h\n", {}, 3, "malformed"),
-    "data-over-max-job": (b"\x02lp\n\x031001 dfA1h\n", {"max_job": 1000}, 3, "too_large"),
+    # A count above max_job reads as until-EOF (SPEC §4.2), still bounded by max_job.
+    "data-over-max-job": (b"\x02lp\n\x031001 dfA1h\n" + b"x" * 1001, {"max_job": 1000}, 3,
+                          "too_large"),
     "stream-over-max-job": (b"\x02lp\n\x030 dfA1h\n" + b"x" * 1001, {"max_job": 1000}, 3,
                             "too_large"),
     "bad-command-0x00": (b"\x00lp\n", {}, 3, "malformed"),
