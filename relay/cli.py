@@ -86,6 +86,12 @@ COMMANDS: tuple[Command, ...] = (
                 Arg(names=("--size",), options={"default": "1KiB"}),
                 MODE_ARG,
                 Arg(names=("--json",), options={"action": "store_true"}))),
+    Command(name="import-printcap",
+            help="print a relay configuration for an LPRng or BSD printcap",
+            handler="relay.printcap:main_import", args=(
+                Arg(names=("file",), options={
+                    "nargs": "?", "default": "-", "metavar": "FILE",
+                    "help": "the printcap to read (default: standard input)"}),)),
 )
 
 
