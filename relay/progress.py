@@ -8,6 +8,7 @@ it (rates, ETA, terminal width, redraw throttling) rather than code here.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Protocol, TextIO
 
@@ -50,6 +51,13 @@ def bar(*, total: int | None, desc: str, unit: str = "it", scale: bool = False,
     stream = sys.stderr if stream is None else stream
     if not on_terminal(stream):
         return _Silent()
+    # A terminal that reports no size (a fresh pty, a serial console) would
+    # make tqdm hide the bar (0 rows, 0 columns): assume 80x24 there.
+    try:
+        sized = os.get_terminal_size(stream.fileno()).columns > 0
+    except (OSError, ValueError, AttributeError):
+        sized = False
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=scale,
                 unit_divisor=1024 if scale else 1000, file=stream, leave=False,
-                dynamic_ncols=True, mininterval=0.2)
+                dynamic_ncols=sized, ncols=None if sized else 80,
+                nrows=None if sized else 24, mininterval=0.2)
