@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon import RelayProcess, relay_config, write_config_file
-from tests.peers import RecordingLpdServer
+from tests.peers import LprngServer, RecordingLpdServer
 from tests.test_server import delivered, file_bytes
 
 WINDOWS_FAKE_LENGTH = 125899906843000
@@ -88,3 +88,17 @@ def test_stdin_through_a_real_relay(tmp_path: Path, mode: str) -> None:
         (meta,) = delivered(tmp_path / "out", "ward3")
     assert file_bytes(meta) == [payload]
     assert meta["files"][0]["bytes"] == len(payload)
+
+
+@pytest.mark.peers
+def test_stdin_to_lprng(tmp_path: Path) -> None:
+    """LPRng takes both: the exact count, and length 0 read to the end (FIELD-NOTES)."""
+    payload = b"%!PS\n" + os.urandom(200_000) + b"\n"
+    with LprngServer(tmp_path / "lprng", queues=("q",)) as lprng:
+        uri = f"lpd://127.0.0.1:{lprng.port}/q"
+        for mode in ("count", "stream"):
+            result = send(uri, "-", "--mode", mode, "--user", "erin", stdin=payload)
+            assert result.returncode == 0, result.stderr
+        jobs = lprng.wait_jobs("q", 2)
+    assert [j.files[0].data for j in jobs] == [payload, payload]
+    assert {j.control.get("P") for j in jobs} == {"erin"}
