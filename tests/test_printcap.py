@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from relay import printcap
+from tests.daemon import DaemonThread, relay_config
 from tests.peers import LprngServer
 
 # FreeBSD handbook style: backslash continuations, a description as the last
@@ -177,3 +178,19 @@ def test_the_printcap_the_suite_writes_for_lprng(tmp_path: Path) -> None:
     result = cli("import-printcap", str(source))
     assert result.returncode == 0
     check_config(tmp_path, result.stdout)
+
+
+@pytest.mark.peers
+def test_imported_queue_forwards_to_lprng(tmp_path: Path) -> None:
+    """The imported destination works: a job for an alias reaches the LPRng named in lp=."""
+    with LprngServer(tmp_path / "lprng", queues=("q",)) as lprng:
+        text = f"ward3|Ward3|HP_Ward3:lp=q@127.0.0.1%{lprng.port}:sd=/var/spool/lpd/%P:sh\n"
+        imported, _ = run(text)
+        data = relay_config(tmp_path, queues=imported.queues)
+        doc = tmp_path / "page.txt"
+        doc.write_bytes(b"imported from a printcap\n")
+        with DaemonThread(data) as relay:
+            result = cli("send", f"lpd://127.0.0.1:{relay.port}/HP_Ward3", str(doc))
+            assert result.returncode == 0, result.stderr
+            (job,) = lprng.wait_jobs("q", 1, timeout=30)
+    assert job.files[0].data == doc.read_bytes()
