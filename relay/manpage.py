@@ -98,6 +98,30 @@ def _arguments(parser: argparse.ArgumentParser) -> list[str]:
     return lines
 
 
+def _command_trailer() -> list[str]:
+    """EXIT STATUS, ENVIRONMENT, FILES and SEE ALSO of lpd-relay(8)."""
+    lines: list[str] = []
+    lines += _paragraphs("EXIT STATUS", [
+        ".TP", "0", "success", ".TP", "1",
+        roff("failure: a server refused or could not be reached, a job failed"),
+        ".TP", "2", "usage or configuration error"])
+    lines += _paragraphs("ENVIRONMENT", [
+        ".TP", _bold("NOTIFY_SOCKET"),
+        roff("set by systemd for Type=notify: serve sends READY=1, STATUS=, STOPPING=1 "
+             "there."),
+        ".TP", _bold("WATCHDOG_USEC"),
+        roff("set by systemd with WatchdogSec=: serve sends WATCHDOG=1 at half of it.")])
+    lines += _paragraphs("FILES", [
+        ".TP", _italic("/etc/lpd-relay/relay.toml"),
+        roff("the configuration the systemd unit reads; see lpd-relay.toml(5)."),
+        ".TP", _italic("/var/lib/lpd-relay/spool"), roff("the spool of the systemd service."),
+        ".TP", _italic("/usr/lib/systemd/system/lpd-relay.service"), "the unit."])
+    lines += _paragraphs("SEE ALSO", [
+        "\\fBlpd-relay.toml\\fR(5), \\fBlpr\\fR(1), \\fBlpq\\fR(1), \\fBprintcap\\fR(5), "
+        "\\fBsystemd.service\\fR(5)"])
+    return lines
+
+
 def command_page(parser: argparse.ArgumentParser | None = None) -> str:
     """``lpd-relay(8)`` as roff."""
     parser = parser or build_parser()
@@ -120,24 +144,7 @@ def command_page(parser: argparse.ArgumentParser | None = None) -> str:
     for name, sub in subs.items():
         lines += [f".SS {roff(name)}", roff(sub.description or ""), ".PP",
                   roff(_usage(sub)), *_arguments(sub)]
-    lines += _paragraphs("EXIT STATUS", [
-        ".TP", "0", "success", ".TP", "1",
-        roff("failure: a server refused or could not be reached, a job failed"),
-        ".TP", "2", "usage or configuration error"])
-    lines += _paragraphs("ENVIRONMENT", [
-        ".TP", _bold("NOTIFY_SOCKET"),
-        roff("set by systemd for Type=notify: serve sends READY=1, STATUS=, STOPPING=1 "
-             "there."),
-        ".TP", _bold("WATCHDOG_USEC"),
-        roff("set by systemd with WatchdogSec=: serve sends WATCHDOG=1 at half of it.")])
-    lines += _paragraphs("FILES", [
-        ".TP", _italic("/etc/lpd-relay/relay.toml"),
-        roff("the configuration the systemd unit reads; see lpd-relay.toml(5)."),
-        ".TP", _italic("/var/lib/lpd-relay/spool"), roff("the spool of the systemd service."),
-        ".TP", _italic("/usr/lib/systemd/system/lpd-relay.service"), "the unit."])
-    lines += _paragraphs("SEE ALSO", [
-        "\\fBlpd-relay.toml\\fR(5), \\fBlpr\\fR(1), \\fBlpq\\fR(1), \\fBprintcap\\fR(5), "
-        "\\fBsystemd.service\\fR(5)"])
+    lines += _command_trailer()
     return "\n".join(lines) + "\n"
 
 
