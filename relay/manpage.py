@@ -111,6 +111,13 @@ def _command_trailer() -> list[str]:
              "there."),
         ".TP", _bold("WATCHDOG_USEC"),
         roff("set by systemd with WatchdogSec=: serve sends WATCHDOG=1 at half of it.")])
+    lines += _paragraphs("SIGNALS", [
+        ".TP", _bold("SIGTERM, SIGINT"),
+        roff("serve stops accepting, gives jobs in flight [server] graceful_timeout, then "
+             "exits 0; acknowledged jobs stay in the spool."),
+        ".TP", _bold("SIGHUP"),
+        roff("not handled yet: it ends the process. Restart to load a changed "
+             "configuration.")])
     lines += _paragraphs("FILES", [
         ".TP", _italic("/etc/lpd-relay/relay.toml"),
         roff("the configuration the systemd unit reads; see lpd-relay.toml(5)."),

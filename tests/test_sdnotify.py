@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 from relay import sdnotify
 from tests.daemon import RelayProcess, relay_config, write_config_file
@@ -118,3 +120,27 @@ def test_daemon_notifies_ready_status_watchdog_stopping(
         stopping = messages(sock, "STOPPING=1")
         assert relay.proc.wait(30) == 0
         assert any("STATUS=stopping" in m for m in stopping)
+
+
+def test_keep_alive_sends_status_changes_and_pings(
+        manager: tuple[socket.socket, str]) -> None:
+    sock, path = manager
+    sock.setblocking(False)
+    # Few datagrams: a unix datagram socket queues at most net.unix.max_dgram_qlen (10).
+    notifier = sdnotify.Notifier(address=path, watchdog_interval=2.5)
+    lines = iter(["idle", "idle", "2 queued", "2 queued"])
+
+    async def main() -> None:
+        with trio.move_on_after(sdnotify.STATUS_INTERVAL * 2 + 0.5):
+            await sdnotify.keep_alive(notifier, lambda: next(lines, "2 queued"))
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    got = []
+    while True:
+        try:
+            got.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            break
+    assert got[0] == "READY=1\nSTATUS=idle"
+    assert got.count("WATCHDOG=1") == 4                   # every 2.5 s for 10.5 s
+    assert [m for m in got if m.startswith("STATUS=")] == ["STATUS=2 queued"]  # once, changed
