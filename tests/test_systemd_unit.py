@@ -147,3 +147,15 @@ def test_unit_parses_as_ini() -> None:
     parser.read_string(UNIT.read_text())
     assert set(parser.sections()) == {"Unit", "Service", "Install"}
     assert parser["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_sandbox_exposure_is_low(tmp_path: Path) -> None:
+    """systemd's own rating, offline: 3.3 of 10 when written ("OK"); fail above 4.0."""
+    analyze = tool("systemd-analyze")
+    root = fake_root(tmp_path)
+    result = subprocess.run([analyze, "security", "--offline=true", "--threshold=40",
+                             f"--root={root}", UNIT.name],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+    match = re.search(r"Overall exposure level for \S+: ([\d.]+)", result.stdout)
+    assert match and float(match.group(1)) <= 4.0, result.stdout[-300:]
