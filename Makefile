@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SRC    := pyproject.toml setup.py relay/_core.pyx $(wildcard relay/*.pxi)
 
-.PHONY: run test bench lint typecheck peers install clean
+.PHONY: run test bench lint typecheck peers install clean man completions
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,16 @@ test: install peers lint typecheck
 bench: install peers
 	$(BIN)/python -m pytest -q --benchmark-only --benchmark-columns=min,median,mean,ops,rounds benchmarks
 	$(BIN)/python -m pytest -q -m slow tests
+
+# Man pages lpd-relay(8) and lpd-relay.toml(5), generated from the parser and
+# the config key tables; shell completions generated from the parser.
+man: install
+	$(BIN)/python -m relay.manpage build/man
+
+completions: install
+	@mkdir -p build/completions
+	$(BIN)/lpd-relay completion bash > build/completions/lpd-relay
+	$(BIN)/lpd-relay completion zsh > build/completions/_lpd-relay
 
 clean:
 	rm -rf build relay/_core.c relay/_core*.so *.egg-info .pytest_cache .mypy_cache .ruff_cache

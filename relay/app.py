@@ -22,7 +22,7 @@ import orjson
 import trio
 from prometheus_client import CollectorRegistry
 
-from relay import __version__, log
+from relay import __version__, log, sdnotify
 from relay.config import Config, InvalidConfig, choose_default_port, embedded_default, load_config
 from relay.errors import BindError, ConfigError, LpdError, SpoolError
 from relay.httpd import serve_http
@@ -93,10 +93,11 @@ async def _spool_gauges(spool: Spool, metrics: Metrics) -> None:
         await trio.sleep(SPOOL_GAUGE_INTERVAL)
 
 
-async def _watch_signals(server: LpdServer) -> None:
+async def _watch_signals(server: LpdServer, notifier: sdnotify.Notifier) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.event("info", "shutdown", signal=signal.Signals(signum).name)
+            notifier.send("STOPPING=1", "STATUS=stopping: jobs in flight get graceful_timeout")
             server.stop_accepting()
             return
 
@@ -131,11 +132,15 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
                                                           _health(server, spool, config)))
             nursery.start_soon(scheduler.run)
             nursery.start_soon(_spool_gauges, spool, metrics)
+            notifier = sdnotify.Notifier.from_environ()
             if handle_signals:
-                nursery.start_soon(_watch_signals, server)
+                nursery.start_soon(_watch_signals, server, notifier)
             write_daemon_info(config.server.spool_dir, lpd)
             task_status.started(Bound(lpd=tuple(lpd), metrics=mbound,
                                       banner=_banner(config, lpd, mbound, scheduler, recovery)))
+            # Listening and recovered: READY=1 for Type=notify, then STATUS/WATCHDOG.
+            nursery.start_soon(sdnotify.keep_alive, notifier,
+                               functools.partial(sdnotify.summary, scheduler.runners))
             await server.closed.wait()
             nursery.cancel_scope.cancel()
     finally:

@@ -38,61 +38,108 @@ class Command:
     args: tuple[Arg, ...] = ()
 
 
-CONFIG_ARG = Arg(names=("-c", "--config"), options={"metavar": "FILE", "help": "TOML config"})
+CONFIG_ARG = Arg(names=("-c", "--config"), options={
+    "metavar": "FILE", "help": "the TOML configuration file (man 5 lpd-relay.toml)"})
 MODE_ARG = Arg(names=("--mode",), options={
     "choices": ("count", "stream", "windows"), "default": "count",
-    "help": "data-file length form (SPEC §3.3)"})
+    "help": "data-file length: count = exact byte count (every receiver takes it), "
+            "stream = 0 and data until close (LPRng), windows = the fake length of "
+            "Windows with LPR byte counting off (default: count)"})
+URI_ARG = Arg(names=("uri",), options={"metavar": "URI", "help": "lpd://host[:port]/queue"})
+
+
+def _timeout_arg(what: str) -> Arg:
+    return Arg(names=("--timeout",), options={
+        "default": "30s", "metavar": "DURATION",
+        "help": f"give up when the server sends nothing for this long while {what} "
+                "(default: 30s)"})
+
 
 COMMANDS: tuple[Command, ...] = (
     Command(name="serve", help="run the relay (embedded default without -c)",
             handler="relay.app:main_serve", args=(CONFIG_ARG,)),
-    Command(name="check-config", help="validate a config file and exit",
+    Command(name="check-config", help="validate a config file, name every bad key, and exit",
             handler="relay.app:main_check_config",
-            args=(Arg(names=("-c", "--config"), options={"metavar": "FILE", "required": True}),)),
+            args=(Arg(names=("-c", "--config"), options={
+                "metavar": "FILE", "required": True, "help": "the TOML configuration file"}),)),
     Command(name="send", help="send files as one print job (an lpr)",
             handler="relay.clientcli:main_send", args=(
-                Arg(names=("uri",), options={"help": "lpd://host[:port]/queue"}),
-                Arg(names=("files",), options={"nargs": "+", "metavar": "FILE"}),
+                URI_ARG,
+                Arg(names=("files",), options={
+                    "nargs": "+", "metavar": "FILE",
+                    "help": "files to print, one job; - reads standard input"}),
                 MODE_ARG,
-                Arg(names=("--user",), options={"help": "job owner (P line)"}),
-                Arg(names=("--title",), options={"help": "job title (J/N lines)"}),
-                Arg(names=("--timeout",), options={"default": "30s"}))),
+                Arg(names=("--user",), options={
+                    "metavar": "USER", "help": "job owner, the P line (default: you)"}),
+                Arg(names=("--title",), options={
+                    "metavar": "TITLE", "help": "job title, the J line (default: first file)"}),
+                _timeout_arg("sending"))),
     Command(name="queue", help="show a queue's state (an lpq)",
             handler="relay.clientcli:main_queue", args=(
-                Arg(names=("uri",)),
-                Arg(names=("--long", "-l"), options={"action": "store_true"}),
-                Arg(names=("--timeout",), options={"default": "30s"}))),
+                URI_ARG,
+                Arg(names=("--long", "-l"), options={
+                    "action": "store_true", "help": "the long format (lpq -l)"}),
+                _timeout_arg("answering"))),
     Command(name="remove", help="remove jobs by number or user (an lprm)",
             handler="relay.clientcli:main_remove", args=(
-                Arg(names=("uri",)),
-                Arg(names=("items",), options={"nargs": "+", "metavar": "JOB|USER"}),
-                Arg(names=("--agent",), options={"help": "requesting user (default: you)"}),
-                Arg(names=("--timeout",), options={"default": "30s"}))),
+                URI_ARG,
+                Arg(names=("items",), options={
+                    "nargs": "+", "metavar": "JOB|USER",
+                    "help": "job numbers or user names whose jobs to remove"}),
+                Arg(names=("--agent",), options={
+                    "metavar": "USER", "help": "requesting user (default: you)"}),
+                _timeout_arg("answering"))),
     Command(name="spool", help="inspect and act on the spool (daemon may be stopped)",
             handler="relay.spoolcli:main_spool", args=(
-                Arg(names=("action",), options={"choices": ("list", "show", "retry", "purge")}),
-                Arg(names=("job",), options={"nargs": "?", "metavar": "JOB"}),
+                Arg(names=("action",), options={
+                    "choices": ("list", "show", "retry", "purge"),
+                    "help": "list all jobs, show one, retry (release) one, purge (delete) "
+                            "one or more"}),
+                Arg(names=("job",), options={
+                    "nargs": "*", "metavar": "JOB",
+                    "help": "spool job id (from spool list); purge takes several"}),
                 CONFIG_ARG)),
     Command(name="probe", help="diagnose an LPD destination (field checklist)",
             handler="relay.probe:main_probe", args=(
-                Arg(names=("uri",)),
-                Arg(names=("--json",), options={"action": "store_true"}),
-                Arg(names=("--no-print",), options={"action": "store_true"}))),
-    Command(name="loadgen", help="generate LPD load and report rates (SPEC §8)",
+                URI_ARG,
+                Arg(names=("--json",), options={
+                    "action": "store_true", "help": "the report as one JSON object"}),
+                Arg(names=("--no-print",), options={
+                    "action": "store_true",
+                    "help": "do not send test pages; only connect and ask for the queue"}))),
+    Command(name="loadgen", help="generate LPD load and report rates and latencies",
             handler="relay.loadgen:main_loadgen", args=(
-                Arg(names=("uri",)),
-                Arg(names=("--jobs",), options={"type": int, "default": 1000}),
-                Arg(names=("--concurrency",), options={"type": int, "default": 16}),
-                Arg(names=("--size",), options={"default": "1KiB"}),
+                URI_ARG,
+                Arg(names=("--jobs",), options={
+                    "type": int, "default": 1000, "metavar": "N",
+                    "help": "jobs to send in all (default: 1000)"}),
+                Arg(names=("--concurrency",), options={
+                    "type": int, "default": 16, "metavar": "C",
+                    "help": "connections at once, one job each (default: 16)"}),
+                Arg(names=("--size",), options={
+                    "default": "1KiB", "metavar": "SIZE",
+                    "help": "bytes per job, e.g. 1KiB, 4MiB (default: 1KiB)"}),
                 MODE_ARG,
-                Arg(names=("--json",), options={"action": "store_true"}))),
+                Arg(names=("--json",), options={
+                    "action": "store_true", "help": "the summary as one JSON object"}))),
+    Command(name="import-printcap",
+            help="print a relay configuration for an LPRng or BSD printcap",
+            handler="relay.printcap:main_import", args=(
+                Arg(names=("file",), options={
+                    "nargs": "?", "default": "-", "metavar": "FILE",
+                    "help": "the printcap to read (default and -: standard input)"}),)),
+    Command(name="completion", help="print the shell completion script for bash or zsh",
+            handler="relay.cli:main_completion", args=(
+                Arg(names=("shell",), options={
+                    "choices": ("bash", "zsh"), "help": "the shell to complete for"}),)),
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lpd-relay", description="Store-and-forward relay for LPD (RFC 1179).")
-    parser.add_argument("--version", action="version", version=f"lpd-relay {__version__}")
+    parser.add_argument("--version", action="version", version=f"lpd-relay {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
         p = sub.add_parser(command.name, help=command.help, description=command.help)
@@ -100,6 +147,34 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(*arg.names, **arg.options)
         p.set_defaults(handler=command.handler)
     return parser
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The parser of each subcommand, by name (for man pages and completion)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def walk_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """Every option and argument of the parser and of its subcommands."""
+    found = [a for a in parser._actions if not isinstance(a, argparse._SubParsersAction)]
+    for sub in subcommands(parser).values():
+        found += walk_actions(sub)
+    return found
+
+
+def main_completion(args: argparse.Namespace) -> int:
+    """Completion generated from this very parser, so it knows every command and option."""
+    import shtab  # only here: nothing else needs it
+
+    parser = build_parser()
+    for action in walk_actions(parser):
+        if action.metavar == "FILE":   # -c FILE, send FILE..., import-printcap FILE
+            action.complete = shtab.FILE  # type: ignore[attr-defined]
+    sys.stdout.write(shtab.complete(parser, shell=args.shell))
+    return EXIT_OK
 
 
 def _resolve(spec: str) -> Handler | None:

@@ -13,12 +13,13 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
 import trio
 
-from relay import client
+from relay import client, progress
 from relay.errors import SinkError
 from relay.sinks.lpd import short_hostname
 from relay.units import parse_size
@@ -71,8 +72,9 @@ def _failure_key(exc: BaseException) -> str:
 
 async def run_load(dest: Destination, *, jobs: int, concurrency: int, size: int,
                    mode: str = "count", io_timeout: float = 30.0,
-                   payload: bytes | None = None) -> LoadResult:
-    """Send ``jobs`` jobs, at most ``concurrency`` at once."""
+                   payload: bytes | None = None,
+                   done: Callable[[], object] | None = None) -> LoadResult:
+    """Send ``jobs`` jobs, at most ``concurrency`` at once; ``done()`` after each one."""
     data = payload if payload is not None else os.urandom(min(size, 1 << 20)) * \
         (size // (1 << 20) or 1)
     data = data[:size].ljust(size, b"x")
@@ -83,6 +85,13 @@ async def run_load(dest: Destination, *, jobs: int, concurrency: int, size: int,
     limiter = trio.CapacityLimiter(concurrency)
 
     async def one(n: int) -> None:
+        try:
+            await attempt(n)
+        finally:
+            if done is not None:
+                done()
+
+    async def attempt(n: int) -> None:
         async with limiter:
             cf_name, control, files = client.build_job(
                 [document], user="loadgen", title=f"load {n}", host=host, number=n)
@@ -121,8 +130,12 @@ def main_loadgen(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"lpd-relay: {exc}", file=sys.stderr)
         return 2
-    result = trio.run(lambda: run_load(dest, jobs=args.jobs, concurrency=args.concurrency,
-                                       size=size, mode=args.mode))
+    bar = progress.bar(total=args.jobs, desc="loadgen", unit="job")
+    try:
+        result = trio.run(lambda: run_load(dest, jobs=args.jobs, concurrency=args.concurrency,
+                                           size=size, mode=args.mode, done=bar.update))
+    finally:
+        bar.close()
     summary = result.summary()
     if getattr(args, "json", False):
         sys.stdout.write(orjson.dumps(summary).decode() + "\n")

@@ -20,7 +20,7 @@ import sys
 import orjson
 import trio
 
-from relay import _core, client
+from relay import _core, client, progress
 from relay.app import DAEMON_INFO
 from relay.config import Config, InvalidConfig, embedded_default, load_config
 from relay.errors import SinkError
@@ -128,7 +128,20 @@ def _get(spool: Spool, job_id: str | None) -> JobMeta:
         raise _NoJob(f"no job {job_id} in the spool") from None
 
 
-ACTIONS = {"list": _list, "show": _show, "retry": _retry, "purge": _purge}
+def _purge_each(spool: Spool, config: Config, args: argparse.Namespace) -> int:
+    """``purge JOB...``: one after another, with a progress bar on a terminal."""
+    bar = progress.bar(total=len(args.jobs), desc="purge", unit="job")
+    code = 0
+    try:
+        for job_id in args.jobs:
+            code = max(code, _purge(spool, config, argparse.Namespace(job=job_id)))
+            bar.update()
+    finally:
+        bar.close()
+    return code
+
+
+ACTIONS = {"list": _list, "show": _show, "retry": _retry, "purge": _purge_each}
 
 
 def main_spool(args: argparse.Namespace) -> int:
@@ -142,11 +155,16 @@ def main_spool(args: argparse.Namespace) -> int:
         print(f"lpd-relay: no spool at {spool_dir}", file=sys.stderr)
         return 1
     spool = Spool(spool_dir, fsync=config.server.fsync)
+    # purge takes several JOBs; show and retry one (a str from callers of old).
+    args.jobs = [args.job] if isinstance(args.job, str) else list(args.job or [None])
+    args.job = args.jobs[0]
     try:
+        if len(args.jobs) > 1 and args.action != "purge":
+            raise _NoJob(f"{args.action} takes one JOB")
         return ACTIONS[args.action](spool, config, args)
     except _NoJob as exc:
         print(f"lpd-relay: {exc}", file=sys.stderr)
-        return 2 if "needs a JOB" in str(exc) else 1
+        return 2 if "JOB" in str(exc) else 1
     except (SinkError, OSError, trio.TooSlowError) as exc:
         print(f"lpd-relay: cannot reach the running daemon: {exc}", file=sys.stderr)
         return 1
