@@ -116,6 +116,7 @@ class QueueConfig:
     destinations: tuple[Destination, ...]
     concurrency: int
     failover_after: int
+    failback_after: float         # seconds between trials of the first destination; 0 = never
     retry: RetryConfig
 
 
@@ -217,6 +218,7 @@ _QUEUE: Schema = {
                               '["lpd://host/queue"]')),
     "concurrency": (to_count, 1),
     "failover_after": (to_count, 3),
+    "failback_after": (to_duration, "30s"),   # lpd-relay extension (docs/delivery.md)
     "retry": (to_table, {}),  # per-queue overrides of [retry], read with _RETRY below
 }
 _SECTIONS: dict[str, Schema] = {

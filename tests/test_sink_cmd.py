@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from relay.errors import SinkRejected, SinkUnavailable
-from relay.sinks import Sink, SinkContext, make_sink
+from relay.errors import SinkRejected, SinkUnavailable, SpoolFileMissing
+from relay.sinks import Sink, SinkContext, destination_problem, make_sink
 from relay.sinks.cmd import DEFAULT_RUN_TIMEOUT, CmdSink
 from relay.uri import parse_destination
 from tests.peers import (
@@ -148,17 +148,46 @@ def test_other_exit_holds_the_job_with_the_stderr_tail(tmp_path: Path) -> None:
     assert len(message) < 2048 + 200
 
 
-def test_missing_program_holds_the_job(tmp_path: Path) -> None:
-    with pytest.raises(SinkRejected, match="program 'no-such-lp' not found on PATH"):
+def test_missing_program_means_retry(tmp_path: Path) -> None:
+    # The admin may install it: retried (and failed over), never held.
+    with pytest.raises(SinkUnavailable, match="program 'no-such-lp' not found on PATH") as caught:
         deliver(command_sink("no-such-lp", "-d", "x"), make_job(tmp_path, [b"x"]))
-    with pytest.raises(SinkRejected, match=f"program '{tmp_path}/nope' not found$"):
+    assert caught.value.reason == "unavailable"
+    with pytest.raises(SinkUnavailable, match=f"program '{tmp_path}/nope' not found$"):
         deliver(command_sink(tmp_path / "nope"), make_job(tmp_path, [b"x"]))
 
 
-def test_program_that_is_not_executable_holds_the_job(tmp_path: Path) -> None:
+def test_program_that_is_not_executable_means_retry(tmp_path: Path) -> None:
     plain = script(tmp_path, "plain", "exit 0\n", executable=False)
-    with pytest.raises(SinkRejected, match="is not executable"):
+    with pytest.raises(SinkUnavailable, match="is not executable"):
         deliver(command_sink(plain), make_job(tmp_path, [b"x", b"y"]))
+
+
+def test_program_problem_is_known_before_any_attempt(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    script(tmp_path, "lp", "exit 0\n")
+    plain = script(tmp_path, "plain", "exit 0\n", executable=False)
+    problems = {argv: destination_problem(parse_destination(f"cmd:{argv} -d x"))
+                for argv in ("lp", "no-such-lp", str(plain), str(tmp_path / "nope"), "plain")}
+    assert problems == {
+        "lp": None,
+        "no-such-lp": 'program "no-such-lp" not found on PATH',
+        str(plain): f'program "{plain}" is not executable',
+        str(tmp_path / "nope"): f'program "{tmp_path}/nope" not found',
+        "plain": 'program "plain" not found on PATH',     # which() wants it executable
+    }
+
+
+def test_missing_spool_file_is_spool_file_missing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    job = make_job(tmp_path, [b"x", b"y"])
+    os.unlink(job.files[1].path)
+    with pytest.raises(SpoolFileMissing) as caught:
+        deliver(command_sink(script(tmp_path, "record", RECORD), out), job)
+    assert caught.value.path == job.files[1].path
+    assert not (out / "stdin").exists()     # the program never ran
 
 
 def test_killed_by_a_signal_means_retry(tmp_path: Path) -> None:
@@ -172,8 +201,9 @@ def test_run_over_the_timeout_is_killed_with_its_children(tmp_path: Path) -> Non
     hang = script(tmp_path, "hang", f"sleep 300 & echo $$ $! > {pids}\nwait\n")
     started = time.monotonic()
     try:
-        with pytest.raises(SinkUnavailable, match=r"ran longer than 0\.5s and was killed"):
+        with pytest.raises(SinkUnavailable, match=r"ran longer than 0\.5s and was killed") as e:
             deliver(command_sink(hang, run_timeout=0.5), make_job(tmp_path, [b"x", b"y"]))
+        assert e.value.reason == "timeout"
         assert time.monotonic() - started < 5
         shell, sleeper = map(int, pids.read_text().split())
         assert is_gone(shell) and is_gone(sleeper)

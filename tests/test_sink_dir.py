@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import orjson
 import pytest
 import trio
 
-from relay.errors import SinkRejected, SinkUnavailable
+from relay.errors import SinkRejected, SinkUnavailable, SpoolFileMissing
 from relay.sinks import Sink, SinkContext, make_sink, register
 from relay.sinks.dir import DirSink, _copy_fd, data_file_name, extension_for
 from relay.uri import parse_destination
@@ -113,11 +114,12 @@ def test_base_path_that_is_a_file_is_unavailable(tmp_path: Path) -> None:
         deliver(hot_folder(tmp_path / "out"), make_job(tmp_path, [b"x"]))
 
 
-def test_missing_spool_file_holds_the_job(tmp_path: Path) -> None:
+def test_missing_spool_file_is_spool_file_missing(tmp_path: Path) -> None:
     job = make_job(tmp_path, [b"x", b"y"])
     os.unlink(job.files[1].path)
-    with pytest.raises(SinkRejected, match="cannot read its spool file"):
+    with pytest.raises(SpoolFileMissing, match="cannot be read") as caught:
         deliver(hot_folder(tmp_path / "out"), job)
+    assert (caught.value.path, caught.value.errno) == (job.files[1].path, errno.ENOENT)
     # The first file may be in place, but no dot-file and no metadata.
     assert not [n for n in visible(tmp_path / "out" / "ward3") if n.startswith(".") or
                 n.endswith(".json")]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from relay import client
 from relay.controlfile import parse_control_file
 from relay.errors import SinkRejected, SinkUnavailable
 from relay.sinks import SinkContext, make_sink
@@ -94,39 +95,45 @@ def test_stray_lf_after_replies_is_tolerated(tmp_path: Path) -> None:
         assert len(server.wait_jobs(1)) == 1
 
 
-@pytest.mark.parametrize(("step", "reply", "error"), [
-    ("job", b"\x01queue not accepting\n", SinkUnavailable),
-    ("data_file", b"\x02disk full\n", SinkUnavailable),
-    ("control_file", b"\x03bad control file\n", SinkRejected),
+@pytest.mark.parametrize(("step", "reply", "error", "answered"), [
+    ("job", b"\x01queue not accepting\n", SinkUnavailable, client.RECEIVE_JOB_STEP),
+    ("data_file", b"\x02disk full\n", SinkUnavailable, client.DATA_FILE_STEP),
+    ("control_file", b"\x03bad control file\n", SinkRejected, client.CONTROL_FILE_STEP),
 ])
-def test_reply_codes(tmp_path: Path, step: str, reply: bytes, error: type) -> None:
+def test_reply_codes(tmp_path: Path, step: str, reply: bytes, error: type,
+                     answered: str) -> None:
     _, job = make_job(tmp_path)
     with RecordingLpdServer(LpdScript(replies={step: reply})) as server, \
             pytest.raises(error) as info:
         deliver(f"lpd://127.0.0.1:{server.port}/q", job)
     assert reply[1:].strip().decode() in str(info.value)
+    # What was refused is data, not words of the message.
+    assert (info.value.reason, info.value.reply, info.value.step) == ("reply", reply[0], answered)
 
 
 def test_silent_receiver_times_out(tmp_path: Path) -> None:
     _, job = make_job(tmp_path)
     with RecordingLpdServer(LpdScript(silent_at="data_file")) as server, \
-            pytest.raises(SinkUnavailable, match="timed out"):
+            pytest.raises(SinkUnavailable, match="timed out") as info:
         deliver(f"lpd://127.0.0.1:{server.port}/q?timeout=1s", job)
+    assert info.value.reason == "timeout"
 
 
 def test_receiver_closing_mid_job_is_a_retry(tmp_path: Path) -> None:
     _, job = make_job(tmp_path)
     with RecordingLpdServer(LpdScript(close_at="control_header")) as server, \
-            pytest.raises(SinkUnavailable):
+            pytest.raises(SinkUnavailable) as info:
         deliver(f"lpd://127.0.0.1:{server.port}/q", job)
+    assert info.value.reason == "reset"
 
 
 def test_refused_connection_is_a_retry(tmp_path: Path) -> None:
     _, job = make_job(tmp_path)
     with RecordingLpdServer() as server:
         port = server.port
-    with pytest.raises(SinkUnavailable):
+    with pytest.raises(SinkUnavailable) as info:
         deliver(f"lpd://127.0.0.1:{port}/q", job)
+    assert info.value.reason == "refused"
 
 
 def test_empty_data_files_are_left_out(tmp_path: Path) -> None:

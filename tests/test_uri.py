@@ -131,7 +131,7 @@ def test_destination_is_frozen() -> None:
     ("lpd://h/q?batch=\uff12", "option batch"),  # a full-width digit
     ("lpd://h/q?mode", "option 'mode' needs a value"),
     ("lpd://h/q?mode=count&mode=stream", "option 'mode' is given twice"),
-    ("socket://h?mode=stream", "option 'mode' is only valid for lpd:// destinations"),
+    ("socket://h?mode=stream", "option 'mode' is only valid for dir:// and lpd://"),
     ("socket://h/q", "socket:// takes no path"),
     ("socket://:9100", "missing host"),
     ("usb://dev/usb/lp0", "expected usb:///dev/usb/lp0"),
