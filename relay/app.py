@@ -29,7 +29,7 @@ from relay.originports import OriginPortPool, PoolSet
 from relay.queues import QueueRouter
 from relay.scheduler import QueueRunner, Scheduler
 from relay.server import LpdServer
-from relay.sinks import SinkContext, make_sink
+from relay.sinks import SinkContext, config_warnings, make_sink
 from relay.spool import Recovery, Spool
 from relay.uri import format_hostport
 
@@ -220,6 +220,8 @@ def main_check_config(args: argparse.Namespace) -> int:
     except InvalidConfig as exc:
         print(f"{args.config}: invalid\n{exc}", file=sys.stderr)
         return 2
+    for warning in config_warnings(config):   # usable config, but a destination will fail
+        print(f"warning: {warning}", file=sys.stderr)
     queues = ", ".join(config.queues) or "none"
     print(f"{args.config}: ok ({len(config.queues)} queue(s): {queues})")
     return 0

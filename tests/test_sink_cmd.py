@@ -6,6 +6,8 @@ import contextlib
 import os
 import shlex
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -265,3 +267,17 @@ def test_lprng_lpr_as_the_spooler_command(tmp_path: Path) -> None:
         [received] = receiver.wait_jobs(1)
     assert received.queue == "ward3"
     assert received.data == job_bytes(job)
+
+
+def test_check_config_warns_about_a_program_not_on_path(tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[server]\nspool_dir = "{tmp_path / "spool"}"\n'
+                      '[queues.ward3]\ndestinations = ["dir:///srv/out", '
+                      '"cmd:no-such-lp -d ward3"]\n'
+                      '[queues.lab]\ndestinations = ["cmd:sh -c true"]\n')
+    result = subprocess.run([sys.executable, "-m", "relay", "check-config", "-c", str(config)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        'warning: queues.ward3.destinations[1]: program "no-such-lp" not found on PATH']
+    assert result.stdout.startswith(f"{config}: ok")
