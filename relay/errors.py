@@ -106,6 +106,10 @@ class SinkUnavailable(SinkError):
     default_reason = "unavailable"
 
 
+class OriginPortUnavailable(SinkUnavailable):
+    """This relay's outbound port pool had no usable source port: the destination said nothing."""
+
+
 class SinkRejected(SinkError):
     """Permanent for this job: the destination refused it -> hold it (never delete)."""
 

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import trio
 
-from relay.errors import SinkUnavailable, reason_for_errno
+from relay.errors import OriginPortUnavailable, SinkUnavailable, reason_for_errno
 from relay.uri import format_hostport
 
 __all__ = [
@@ -162,8 +162,8 @@ async def _bind(sock: trio.socket.SocketType, family: socket.AddressFamily, loca
     except OSError as exc:
         if exc.errno in _ADDRESS_ERRNOS:
             raise AddressBusy(at_connect=False) from exc
-        raise SinkUnavailable(f"cannot bind origin port {local}: {exc.strerror} "
-                              "(ports < 1024 need root or CAP_NET_BIND_SERVICE)") from exc
+        raise OriginPortUnavailable(f"cannot bind origin port {local}: {exc.strerror} "
+                                    "(ports < 1024 need root or CAP_NET_BIND_SERVICE)") from exc
 
 
 def _connect_error(exc: OSError, dest: Dest) -> Exception:

@@ -37,7 +37,7 @@ import orjson
 import trio
 
 from relay import client
-from relay.errors import ConfigError, SinkError
+from relay.errors import ConfigError, OriginPortUnavailable, SinkError
 from relay.originports import OriginPortPool
 from relay.sinks.lpd import short_hostname
 from relay.uri import Destination, format_hostport, parse_destination
@@ -241,7 +241,7 @@ class _Run:
             result = await self.step(f"{what} reserve={reserve}", partial(check, reserve))
             if result.ok:
                 return reserve
-            if "origin port" not in result.detail:   # the peer said no, not our port pool
+            if not isinstance(self.error, OriginPortUnavailable):   # the peer said no
                 return None
         return None
 

@@ -314,15 +314,19 @@ class QueueRunner:
     def _failed(self, job: JobMeta, index: int, error: str) -> None:
         uri = self.sinks[index].destination.uri
         self._mark(index, False, error)
-        self.failures += 1
         now = trio.current_time()
         first = self._first_failure.setdefault(job.id, now)
-        delay = backoff_delay(self.failures, initial=self.queue.retry.initial,
-                              maximum=self.queue.retry.max, rng=self.rng)
-        self.retry_at = now + delay
-        self.retry_epoch = time.time() + delay
-        if self.failures % self.queue.failover_after == 0 and len(self.sinks) > 1:
-            self._switch((index + 1) % len(self.sinks), "failover")
+        delay = 0.0
+        # A late failure from a destination the queue has already left (the
+        # attempt began before a failback) neither backs off nor fails over.
+        if index == self.active:
+            self.failures += 1
+            delay = backoff_delay(self.failures, initial=self.queue.retry.initial,
+                                  maximum=self.queue.retry.max, rng=self.rng)
+            self.retry_at = now + delay
+            self.retry_epoch = time.time() + delay
+            if self.failures % self.queue.failover_after == 0 and len(self.sinks) > 1:
+                self._switch((index + 1) % len(self.sinks), "failover")
         log.event("warning", "delivery_failed", job=job.id, queue=job.queue, destination=uri,
                   error=error, retry_in=round(delay, 3))
         job = dataclasses.replace(job, attempts=job.attempts + 1, failures=self.failures,
