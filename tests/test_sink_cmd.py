@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import trio
 
+from relay import client
 from relay.errors import SinkRejected, SinkUnavailable, SpoolFileMissing
 from relay.sinks import Sink, SinkContext, destination_problem, make_sink
 from relay.sinks.cmd import DEFAULT_RUN_TIMEOUT, CmdSink
 from relay.uri import parse_destination
+from tests.daemon import DaemonThread, relay_config
 from tests.peers import (
     RecordingLpdServer,
     namespace_argv,
@@ -281,3 +283,45 @@ def test_check_config_warns_about_a_program_not_on_path(tmp_path: Path) -> None:
     assert result.stderr.splitlines() == [
         'warning: queues.ward3.destinations[1]: program "no-such-lp" not found on PATH']
     assert result.stdout.startswith(f"{config}: ok")
+
+
+def test_daemon_shows_a_missing_program_down_and_fails_over(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    missing = "cmd:no-such-lp-for-tests -d ward3"
+    config = relay_config(tmp_path, queues={"ward3": {
+        "destinations": [missing, f"dir://{out}"], "failover_after": 1,
+        "retry": {"initial": "100ms", "max": "200ms"}}})
+
+    async def lpq(port: int) -> str:
+        ch = await client.open_channel("127.0.0.1", port, io_timeout=5)
+        try:
+            return await client.query(ch, "ward3", long=False)
+        finally:
+            await ch.aclose()
+
+    async def send(port: int) -> None:
+        page = client.OutFile(name="page.txt", size=5, data=b"page\n")
+        cf_name, control, files = client.build_job([page], user="alice", title="t",
+                                                   host="client", number=1)
+        ch = await client.open_channel("127.0.0.1", port, io_timeout=5)
+        try:
+            await client.send_job(ch, queue="ward3", cf_name=cf_name, control=control,
+                                  files=files)
+        finally:
+            await ch.aclose()
+
+    with DaemonThread(config) as relay:
+        before = trio.run(lpq, relay.port)
+        assert relay.metric("lpdrelay_destination_up", destination=missing) == 0
+        assert relay.metric("lpdrelay_destination_up", destination=f"dir://{out}") == 1
+        trio.run(send, relay.port)
+        deadline = time.monotonic() + 10
+        while not list((out / "ward3").glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after = trio.run(lpq, relay.port)
+    assert (f'destination {missing} DOWN (active): program "no-such-lp-for-tests" '
+            "not found on PATH") in before
+    assert f"destination dir://{out} not tried yet" in before
+    assert len(list((out / "ward3").glob("*.json"))) == 1
+    assert f"destination {missing} DOWN: cmd: program 'no-such-lp-for-tests'" in after
+    assert f"destination dir://{out} up (active)" in after
