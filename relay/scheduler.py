@@ -71,8 +71,7 @@ class QueueRunner:
     def __init__(self, queue: QueueConfig, sinks: Sequence[Sink], spool: Spool,
                  metrics: Metrics, *, rng: random.Random | None = None) -> None:
         self.queue = queue
-        self.sinks = list(sinks)
-        self.dests = [_Dest(sink) for sink in self.sinks]
+        self.dests = [_Dest(sink) for sink in sinks]
         self.spool = spool
         self.metrics = metrics
         self.rng = rng or random.Random()
@@ -88,6 +87,11 @@ class QueueRunner:
         self._first_failure: dict[str, float] = {}   # job id -> trio clock
         self._changed = trio.Event()
         self._check_destinations()
+
+    @property
+    def sinks(self) -> tuple[Sink, ...]:
+        """The destinations' sinks, in failover order."""
+        return tuple(d.sink for d in self.dests)
 
     def _check_destinations(self) -> None:
         # A destination known unusable before any attempt (a cmd: program
@@ -190,7 +194,7 @@ class QueueRunner:
         while True:
             if self.pending and trio.current_time() >= self.retry_at:
                 index, trial = self._route()
-                limit = self.sinks[index].batch
+                limit = self.dests[index].sink.batch
                 jobs = [self.pending.popleft() for _ in range(min(limit, len(self.pending)))]
                 for job in jobs:
                     self.in_flight[job.id] = job
@@ -208,7 +212,7 @@ class QueueRunner:
         return self.active, False
 
     async def _attempt(self, jobs: list[JobMeta], index: int, trial: bool) -> None:
-        sink = self.sinks[index]
+        sink = self.dests[index].sink
         dest = self.metrics.destination_label(sink.destination.uri)
         done, error = await sink.deliver_many(jobs)
         for job in jobs[:done]:
@@ -255,7 +259,7 @@ class QueueRunner:
         self.dests[index].up = up
         self.dests[index].error = error
         self.metrics.destination_up.labels(
-            destination=self.metrics.destination_label(self.sinks[index].destination.uri),
+            destination=self.metrics.destination_label(self.dests[index].sink.destination.uri),
         ).set(1 if up else 0)
 
     def _delivered(self, job: JobMeta, index: int, dest: str) -> None:
@@ -270,11 +274,11 @@ class QueueRunner:
         latency = max(0.0, time.time() - job.received)
         self.metrics.job_delivery_seconds.labels(queue=q).observe(latency)
         log.event("info", "job_delivered", job=job.id, queue=job.queue,
-                  destination=self.sinks[index].destination.uri, seconds=round(latency, 3))
+                  destination=self.dests[index].sink.destination.uri, seconds=round(latency, 3))
 
     def _switch(self, index: int, direction: str) -> None:
         """Make ``index`` the destination in use; count and log the move."""
-        before = self.sinks[self.active].destination.uri
+        before = self.dests[self.active].sink.destination.uri
         self.active = index
         after = self.queue.failback_after
         self.failback_at = trio.current_time() + after if index != 0 and after > 0 else math.inf
@@ -282,7 +286,7 @@ class QueueRunner:
             queue=self.metrics.queue_label(self.queue.name), direction=direction).inc()
         log.event("warning" if direction == "failover" else "info", f"destination_{direction}",
                   queue=self.queue.name, destination=before,
-                  to=self.sinks[index].destination.uri)
+                  to=self.dests[index].sink.destination.uri)
 
     def _fail_back(self) -> None:
         if self.active != 0:
@@ -292,12 +296,12 @@ class QueueRunner:
     def _trial_failed(self, job: JobMeta, index: int, dest: str, error: Exception) -> None:
         # The first destination is still bad: this job goes straight on to the
         # destination in use; no backoff, no failure counted against the queue.
-        self._count_retry(dest, self.sinks[index], job, error)
+        self._count_retry(dest, self.dests[index].sink, job, error)
         self._mark(index, False, _describe(error))
         self.failback_at = trio.current_time() + self.queue.failback_after
         self.pending.appendleft(job)
         log.event("info", "failback_failed", job=job.id, queue=job.queue,
-                  destination=self.sinks[index].destination.uri, error=_describe(error),
+                  destination=self.dests[index].sink.destination.uri, error=_describe(error),
                   retry_in=self.queue.failback_after)
 
     def _spool_file_missing(self, job: JobMeta, error: SpoolFileMissing) -> None:
@@ -312,7 +316,7 @@ class QueueRunner:
         self._hold(job, f"{error}; restore the file and `spool retry`, or purge the job")
 
     def _failed(self, job: JobMeta, index: int, error: str) -> None:
-        uri = self.sinks[index].destination.uri
+        uri = self.dests[index].sink.destination.uri
         self._mark(index, False, error)
         now = trio.current_time()
         first = self._first_failure.setdefault(job.id, now)
@@ -325,8 +329,8 @@ class QueueRunner:
                                   maximum=self.queue.retry.max, rng=self.rng)
             self.retry_at = now + delay
             self.retry_epoch = time.time() + delay
-            if self.failures % self.queue.failover_after == 0 and len(self.sinks) > 1:
-                self._switch((index + 1) % len(self.sinks), "failover")
+            if self.failures % self.queue.failover_after == 0 and len(self.dests) > 1:
+                self._switch((index + 1) % len(self.dests), "failover")
         log.event("warning", "delivery_failed", job=job.id, queue=job.queue, destination=uri,
                   error=error, retry_in=round(delay, 3))
         job = dataclasses.replace(job, attempts=job.attempts + 1, failures=self.failures,

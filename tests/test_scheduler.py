@@ -333,8 +333,7 @@ def test_a_sink_bug_is_retried_as_other_and_logged_with_its_type(tmp_path: Path)
     uri = f"dir://{tmp_path / 'out'}"
     runner = runner_for(tmp_path, [uri], retry={"initial": "1s", "max": "1s",
                                                 "give_up_after": "1h"})
-    runner.sinks[0] = runner.dests[0].sink = _BuggySink(runner.sinks[0].destination,
-                                                        SinkContext())
+    runner.dests[0].sink = _BuggySink(runner.sinks[0].destination, SinkContext())
     out = io.StringIO()
 
     async def main() -> None:
