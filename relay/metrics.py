@@ -29,10 +29,8 @@ OTHER = "other"
 # good (the job is held, SPEC §5).
 ATTEMPT_RESULTS = ("ok", "retry", "rejected")
 
-# Why an attempt is retried (``relay.errors.RETRY_REASONS``, defined there once
-# because the sinks raise them): refused, timeout, reset, reply, unavailable, other.
-__all__ = ["ATTEMPT_RESULTS", "FAILOVER_DIRECTIONS", "OTHER", "RETRY_REASONS", "SPOOL_STATES",
-           "Metrics"]
+# Why an attempt is retried: ``relay.errors.RETRY_REASONS`` (refused, timeout,
+# reset, reply, unavailable, other), defined there once because sinks raise them.
 
 # A queue moves to its next destination (failover) or back to its first one
 # once that delivers again (failback).
