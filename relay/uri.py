@@ -6,7 +6,10 @@ URI grammar, so every sink gets already-validated values and every mistake is
 reported once, at config load, with a message precise enough to fix it.
 
 Forms: ``lpd://host[:port]/queue[?options]``, ``socket://host[:port]``,
-``usb:///dev/usb/lp0``, ``dir:///absolute/folder`` and ``cmd:PROGRAM ARG...``.
+``usb:///dev/usb/lp0``, ``dir:///absolute/folder[?mode=0640&group=NAME]`` and
+``cmd:PROGRAM ARG...``.  A ``group=`` name is looked up now, so a typo is a
+config error; whether a ``cmd:`` program is installed is not (it may be
+installed later): ``relay.sinks.config_warnings`` reports that.
 Host, queue and path parts are percent-decoded; IPv6 literals go in brackets.
 Query options are checked against a table: unknown options are errors, and so
 are options a scheme does not use.  One option name may mean different things

@@ -124,7 +124,10 @@ class DirSink(Sink):
         try:
             await trio.to_thread.run_sync(_write_job, folder, job, perms)
         except OSError as exc:
-            raise SinkUnavailable(_describe_os_error(folder, exc)) from exc
+            hint = ""
+            if d.group is not None and exc.errno == errno.EPERM:
+                hint = f"; giving files group {group_label(d.group)} needs root or membership"
+            raise SinkUnavailable(_describe_os_error(folder, exc) + hint) from exc
 
 
 def _describe_os_error(folder: str, exc: OSError) -> str:
