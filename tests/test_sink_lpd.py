@@ -3,6 +3,8 @@ misbehaves the ways FIELD-NOTES lists (stray LF, error lines, silence)."""
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import trio
 
 from relay import client
 from relay.controlfile import parse_control_file
-from relay.errors import SinkRejected, SinkUnavailable
+from relay.errors import SinkRejected, SinkUnavailable, SpoolFileMissing
 from relay.sinks import SinkContext, make_sink
 from relay.spool import JobMeta, Spool
 from relay.uri import parse_destination
@@ -199,3 +201,14 @@ def make_job_in(spool: Spool, n: int) -> JobMeta:
                         formats={name: "l"})
         return await spool.commit(job)
     return trio.run(build)
+
+
+@pytest.mark.parametrize("which", ["control", "data"])
+def test_missing_spool_file_is_spool_file_missing(tmp_path: Path, which: str) -> None:
+    _, job = make_job(tmp_path)
+    path = job.control_path if which == "control" else job.files[1].path
+    os.unlink(path)
+    with RecordingLpdServer() as server, pytest.raises(SpoolFileMissing) as info:
+        deliver(f"lpd://127.0.0.1:{server.port}/q", job)
+    assert (info.value.path, info.value.errno) == (path, errno.ENOENT)
+    assert not server.jobs        # nothing acknowledged as a whole job
