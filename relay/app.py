@@ -173,6 +173,7 @@ def _banner(config: Config, lpd: list[tuple[str, int]], mbound: tuple[str, int] 
         for sink in runner.sinks:
             label = "any queue" if name == "*" else f"queue {name}"
             lines.append(f"{label} -> {sink.describe()}")
+    lines += [f"warning: {w}" for w in config_warnings(config)]   # also logged by the runners
     lines.append(f"spool {config.server.spool_dir}: {len(recovery.jobs)} "
                  f"job(s) recovered, {recovery.discarded} partial discarded")
     if mbound:

@@ -311,6 +311,9 @@ def test_daemon_shows_a_missing_program_down_and_fails_over(tmp_path: Path) -> N
             await ch.aclose()
 
     with DaemonThread(config) as relay:
+        assert relay.bound is not None
+        assert ('warning: queues.ward3.destinations[0]: program "no-such-lp-for-tests" '
+                "not found on PATH") in relay.bound.banner
         before = trio.run(lpq, relay.port)
         assert relay.metric("lpdrelay_destination_up", destination=missing) == 0
         assert relay.metric("lpdrelay_destination_up", destination=f"dir://{out}") == 1
