@@ -32,7 +32,7 @@ from relay.originports import OriginPortPool, PoolSet
 from relay.queues import QueueRouter
 from relay.scheduler import QueueRunner, Scheduler
 from relay.server import LpdServer
-from relay.sinks import SinkContext, make_sink
+from relay.sinks import SinkContext, config_warnings, make_sink
 from relay.spool import Recovery, Spool
 from relay.uri import format_hostport
 
@@ -184,6 +184,7 @@ def _banner(config: Config, lpd: list[tuple[str, int]], mbound: tuple[str, int] 
         for sink in runner.sinks:
             label = "any queue" if name == "*" else f"queue {name}"
             lines.append(f"{label} -> {sink.describe()}")
+    lines += [f"warning: {w}" for w in config_warnings(config)]   # also logged by the runners
     lines.append(f"spool {config.server.spool_dir}: {len(recovery.jobs)} "
                  f"job(s) recovered, {recovery.discarded} partial discarded")
     if mbound:
@@ -279,6 +280,8 @@ def main_check_config(args: argparse.Namespace) -> int:
     warning = fd_warning(config, hard, hard)
     if warning:
         print(warning, file=sys.stderr)
+    for warning in config_warnings(config):   # usable config, but a destination will fail
+        print(f"warning: {warning}", file=sys.stderr)
     queues = ", ".join(config.queues) or "none"
     print(f"{args.config}: ok ({len(config.queues)} queue(s): {queues})")
     return 0

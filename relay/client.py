@@ -11,7 +11,10 @@ deadline (``timeout``), and a stalled peer can never block a queue for longer
 than that — FIELD-NOTES pain point 5.
 
 Reply handling: 0x00 ok; 0x01/0x02 and a closed connection -> ``SinkUnavailable``
-(retry later); 0x03 -> ``SinkRejected`` (hold, with the peer's message).
+(retry later); 0x03 -> ``SinkRejected`` (hold, with the peer's message).  A
+refusal carries the reply byte and the step it answered (``SinkError.reply``,
+``.step``; steps are the ``*_STEP`` names below), so callers such as probe
+never read the message to learn what was refused.
 """
 
 from __future__ import annotations
@@ -25,13 +28,24 @@ from dataclasses import dataclass
 import trio
 
 from relay import _core
-from relay.errors import REPLY_BAD_JOB, REPLY_OK, SinkRejected, SinkUnavailable
+from relay.errors import (
+    REPLY_BAD_JOB,
+    REPLY_OK,
+    SinkRejected,
+    SinkUnavailable,
+    reason_for_errno,
+)
 from relay.fastio import FastSocket
-from relay.sinks.base import stream_file
+from relay.sinks.base import open_spool_file, stream_file
 
-# How a refusal of the 0x02 command itself is named in errors ("... answered
-# 0x01 to receive job for queue 'x'"): probe tells it apart from a refused file.
+# The steps a reply answers (``SinkError.step``): the 0x02 command itself,
+# then each file's header and its end.  Probe tells a refused 0x02 from a
+# refused file by this attribute.
 RECEIVE_JOB_STEP = "receive job"
+CONTROL_HEADER_STEP = "control file header"
+CONTROL_FILE_STEP = "control file"
+DATA_HEADER_STEP = "data file header"
+DATA_FILE_STEP = "data file"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,7 +125,7 @@ class Channel:
 
     async def send_file(self, path: str, size: int) -> None:
         """Zero-copy ``sendfile`` of a spool file; the deadline restarts on progress."""
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_spool_file(path)
         try:
             sent = await stream_file(self.sock.fileno(), fd, idle_timeout=self.timeout)
         finally:
@@ -129,18 +143,20 @@ class Channel:
                 n = await self.io.recv_into(self._buf)
                 parser.feed(self._buf[:n])
 
-    async def expect_ok(self, step: str) -> None:
-        reply = await self.reply(step)
+    async def expect_ok(self, step: str, what: str = "") -> None:
+        """Wait for the reply to ``step`` (one of the ``*_STEP`` names) about ``what``."""
+        shown = f"{step} {what}" if what else step
+        reply = await self.reply(shown)
         if reply.code == REPLY_OK:
             return
         if reply.code == -1:
-            raise SinkUnavailable(f"{self.peer} closed the connection after {step}")
-        message = f"{self.peer} answered 0x{reply.code:02x} to {step}"
+            raise SinkUnavailable(f"{self.peer} closed the connection after {shown}",
+                                  reason="reset", step=step)
+        message = f"{self.peer} answered 0x{reply.code:02x} to {shown}"
         if reply.message:
             message += f": {reply.message.strip()}"
-        if reply.code == REPLY_BAD_JOB:
-            raise SinkRejected(message)
-        raise SinkUnavailable(message)
+        kind = SinkRejected if reply.code == REPLY_BAD_JOB else SinkUnavailable
+        raise kind(message, reply=reply.code, step=step)
 
     async def read_text(self, limit: int = 1 << 20) -> str:
         text = bytearray()
@@ -176,8 +192,12 @@ async def open_channel(host: str, port: int, *, io_timeout: float) -> Channel:
             except BaseException:
                 sock.close()
                 raise
-    except (OSError, trio.TooSlowError) as exc:
-        raise SinkUnavailable(f"cannot connect to {host}:{port}: {exc or 'timed out'}") from exc
+    except OSError as exc:
+        raise SinkUnavailable(f"cannot connect to {host}:{port}: {exc}",
+                              reason=reason_for_errno(exc.errno)) from exc
+    except trio.TooSlowError as exc:
+        raise SinkUnavailable(f"cannot connect to {host}:{port}: timed out",
+                              reason="timeout") from exc
     return Channel(sock, timeout=io_timeout, peer=f"{host}:{port}")
 
 
@@ -199,7 +219,7 @@ async def send_job(ch: Channel, *, queue: str, cf_name: str, control: bytes,
 async def open_session(ch: Channel, queue: str) -> None:
     """0x02 "receive job": after it, one or more jobs' files may follow."""
     await ch.send_all(_core.receive_job(queue))
-    await ch.expect_ok(f"{RECEIVE_JOB_STEP} for queue {queue!r}")
+    await ch.expect_ok(RECEIVE_JOB_STEP, f"for queue {queue!r}")
 
 
 async def send_job_files(ch: Channel, *, cf_name: str, control: bytes,
@@ -212,7 +232,7 @@ async def send_job_files(ch: Channel, *, cf_name: str, control: bytes,
     for i, f in enumerate(files):
         last_streamed = streamed and i == len(files) - 1
         await ch.send_all(_core.data_header(f.name, f.size, mode if last_streamed else "count"))
-        await ch.expect_ok(f"data file header {f.name}")
+        await ch.expect_ok(DATA_HEADER_STEP, f.name)
         if f.path is not None:
             await ch.send_file(f.path, f.size)
         else:
@@ -222,27 +242,28 @@ async def send_job_files(ch: Channel, *, cf_name: str, control: bytes,
             await _final_after_eof(ch, f.name)
             return
         await ch.send_all(b"\x00")
-        await ch.expect_ok(f"data file {f.name}")
+        await ch.expect_ok(DATA_FILE_STEP, f.name)
     if not control_first:
         await _send_control(ch, cf_name, control)
 
 
 async def _send_control(ch: Channel, cf_name: str, control: bytes) -> None:
     await ch.send_all(_core.control_header(cf_name, len(control)))
-    await ch.expect_ok(f"control file header {cf_name}")
+    await ch.expect_ok(CONTROL_HEADER_STEP, cf_name)
     await ch.send_all(control + b"\x00")
-    await ch.expect_ok(f"control file {cf_name}")
+    await ch.expect_ok(CONTROL_FILE_STEP, cf_name)
 
 
 async def _final_after_eof(ch: Channel, name: str) -> None:
     # After the half-close a receiver either acknowledges (LPRng) or just
     # closes (CUPS' stream peers read no status): a clean close is success, a
     # non-zero byte is the refusal it would be anywhere else.
-    reply = await ch.reply(f"data file {name}")
+    reply = await ch.reply(f"{DATA_FILE_STEP} {name}")
     if reply.code in (REPLY_OK, -1):
         return
     raise (SinkRejected if reply.code == REPLY_BAD_JOB else SinkUnavailable)(
-        f"{ch.peer} answered 0x{reply.code:02x} to data file {name}: {reply.message.strip()}")
+        f"{ch.peer} answered 0x{reply.code:02x} to data file {name}: {reply.message.strip()}",
+        reply=reply.code, step=DATA_FILE_STEP)
 
 
 async def query(ch: Channel, queue: str, *, long: bool, items: Sequence[str] = ()) -> str:

@@ -120,6 +120,7 @@ class QueueConfig:
     destinations: tuple[Destination, ...]
     concurrency: int
     failover_after: int
+    failback_after: float         # seconds between trials of the first destination; 0 = never
     retry: RetryConfig
 
 
@@ -222,6 +223,7 @@ _QUEUE: Schema = {
                               '["lpd://host/queue"]')),
     "concurrency": (to_count, 1),
     "failover_after": (to_count, 3),
+    "failback_after": (to_duration, "30s"),   # lpd-relay extension (docs/delivery.md)
     "retry": (to_table, {}),  # per-queue overrides of [retry], read with _RETRY below
 }
 # The range of each bounded key (after conversion: seconds, bytes, counts).

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-from relay.errors import REJECT_REASONS
+from relay.errors import REJECT_REASONS, RETRY_REASONS
 
 # The label value for every queue or destination name that is not configured.
 # Wire data (queue names typed by any client) must never mint new series.
@@ -29,10 +29,12 @@ OTHER = "other"
 # good (the job is held, SPEC §5).
 ATTEMPT_RESULTS = ("ok", "retry", "rejected")
 
-# Why an attempt is retried: TCP refused, a read/write timed out, connection
-# reset, a non-zero LPD reply byte, a sink that is temporarily unavailable
-# (unplugged USB device, exit code 75), anything else.
-RETRY_REASONS = ("refused", "timeout", "reset", "reply", "unavailable", "other")
+# Why an attempt is retried: ``relay.errors.RETRY_REASONS`` (refused, timeout,
+# reset, reply, unavailable, other), defined there once because sinks raise them.
+
+# A queue moves to its next destination (failover) or back to its first one
+# once that delivers again (failback).
+FAILOVER_DIRECTIONS = ("failover", "failback")
 
 # A spooled job is waiting for delivery (queued) or held after give_up_after or
 # a permanent refusal; held jobs wait for `lpd-relay spool retry`.
@@ -150,8 +152,14 @@ class Metrics:
             ["queue"], buckets=DELIVERY_BUCKETS, registry=r)
         self.destination_up = Gauge(
             "lpdrelay_destination_up",
-            "1 when the last delivery attempt to the destination succeeded, 0 when it failed.",
+            "1 when the last delivery attempt to the destination succeeded (or none was made "
+            "yet), 0 when it failed or the destination is known unusable.",
             ["destination"], registry=r)
+        self.destination_failovers_total = Counter(
+            "lpdrelay_destination_failovers_total",
+            "Times a queue moved to another destination: failover after failover_after "
+            "consecutive failures, failback to its first destination once that delivered.",
+            ["queue", "direction"], registry=r)
 
     def _create_spool(self, r: CollectorRegistry) -> None:
         self.spool_jobs = Gauge(
@@ -188,6 +196,8 @@ class Metrics:
             self.bytes_received_total.labels(q)
             self.jobs_held_total.labels(q)
             self.job_delivery_seconds.labels(q)
+            for direction in FAILOVER_DIRECTIONS:
+                self.destination_failovers_total.labels(q, direction)
             for state in SPOOL_STATES:
                 self.spool_jobs.labels(q, state)
         for d in self._destination_values():

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import trio
 
-from relay.errors import SinkUnavailable
+from relay.errors import OriginPortUnavailable, SinkUnavailable, reason_for_errno
 from relay.uri import format_hostport
 
 __all__ = [
@@ -68,14 +68,16 @@ class OriginConnection:
                 try:
                     sent += await self.socket.send(raw[sent:])
                 except OSError as exc:
-                    raise SinkUnavailable(f"sending to {show_dest(self.remote)}: {exc}") from exc
+                    raise SinkUnavailable(f"sending to {show_dest(self.remote)}: {exc}",
+                                          reason=reason_for_errno(exc.errno)) from exc
 
     async def receive_some(self, max_bytes: int = 65536) -> bytes:
         """Up to ``max_bytes``; ``b""`` when the peer has closed its side."""
         try:
             return await self.socket.recv(max_bytes)
         except OSError as exc:
-            raise SinkUnavailable(f"receiving from {show_dest(self.remote)}: {exc}") from exc
+            raise SinkUnavailable(f"receiving from {show_dest(self.remote)}: {exc}",
+                                  reason=reason_for_errno(exc.errno)) from exc
 
     def send_eof(self) -> None:
         """Half-close (our FIN after the data): some receivers need it (FIELD-NOTES)."""
@@ -122,7 +124,7 @@ async def resolve(host: str, port: int, deadline: float) -> tuple[socket.Address
             raise SinkUnavailable(f"cannot resolve {host!r}: {exc}") from exc
         family, _kind, _proto, _name, sockaddr = infos[0]
         return family, sockaddr
-    raise SinkUnavailable(f"resolving {host!r} timed out")
+    raise SinkUnavailable(f"resolving {host!r} timed out", reason="timeout")
 
 
 async def open_socket(family: socket.AddressFamily, sockaddr: Any, local: int | None,
@@ -142,7 +144,7 @@ async def open_socket(family: socket.AddressFamily, sockaddr: Any, local: int | 
                 raise _connect_error(exc, dest) from exc
             ok = True
             return sock
-        raise SinkUnavailable(f"connecting to {show_dest(dest)} timed out")
+        raise SinkUnavailable(f"connecting to {show_dest(dest)} timed out", reason="timeout")
     finally:
         if not ok:
             sock.close()
@@ -160,16 +162,17 @@ async def _bind(sock: trio.socket.SocketType, family: socket.AddressFamily, loca
     except OSError as exc:
         if exc.errno in _ADDRESS_ERRNOS:
             raise AddressBusy(at_connect=False) from exc
-        raise SinkUnavailable(f"cannot bind origin port {local}: {exc.strerror} "
-                              "(ports < 1024 need root or CAP_NET_BIND_SERVICE)") from exc
+        raise OriginPortUnavailable(f"cannot bind origin port {local}: {exc.strerror} "
+                                    "(ports < 1024 need root or CAP_NET_BIND_SERVICE)") from exc
 
 
 def _connect_error(exc: OSError, dest: Dest) -> Exception:
     if exc.errno in _ADDRESS_ERRNOS:
         return AddressBusy(at_connect=True)
     if exc.errno == errno.ECONNREFUSED:
-        return SinkUnavailable(f"{show_dest(dest)} refused the connection")
-    return SinkUnavailable(f"connecting to {show_dest(dest)}: {exc.strerror or exc}")
+        return SinkUnavailable(f"{show_dest(dest)} refused the connection", reason="refused")
+    return SinkUnavailable(f"connecting to {show_dest(dest)}: {exc.strerror or exc}",
+                           reason=reason_for_errno(exc.errno))
 
 
 def _time_wait_is_ours(sock: trio.socket.SocketType, peer_closed: bool) -> bool:

@@ -24,7 +24,7 @@ from typing import Any, Final, Protocol
 
 import trio
 
-from relay.errors import ConfigError, SinkUnavailable
+from relay.errors import ConfigError, OriginPortUnavailable
 from relay.originconn import (
     AddressBusy,
     Dest,
@@ -209,7 +209,7 @@ class OriginPortPool:
                 conn = await self._attempt(claim, local, family, sockaddr, deadline)
                 if conn is not None:
                     return conn
-            raise SinkUnavailable(f"no usable origin port for {show_dest(dest)}")
+            raise OriginPortUnavailable(f"no usable origin port for {show_dest(dest)}")
         finally:
             if self._ports:
                 self._record_wait(claim)
@@ -225,7 +225,7 @@ class OriginPortPool:
             ok = True
         except AddressBusy as busy:
             if local is None:
-                raise SinkUnavailable(
+                raise OriginPortUnavailable(
                     f"no ephemeral port left for {show_dest(claim.dest)}") from busy
             self._binds_failed += 1
             if busy.at_connect:   # a TIME_WAIT (or live) pair with this destination
@@ -261,7 +261,7 @@ class OriginPortPool:
         try:
             while claim.port is None:   # each round waits; the deadline ends it
                 if len(claim.tried) >= len(self._ports):
-                    raise SinkUnavailable(
+                    raise OriginPortUnavailable(
                         f"no origin port in {self._label} can be bound (all in use elsewhere)")
                 if not claim.exhausted:
                     claim.exhausted = True
@@ -288,7 +288,7 @@ class OriginPortPool:
             await claim.event.wait()
         if claim.port is None:
             if trio.current_time() >= deadline:
-                raise SinkUnavailable(
+                raise OriginPortUnavailable(
                     f"all {len(self._ports)} origin ports busy ({self._label})")
             self._dispatch()
 

@@ -37,7 +37,7 @@ import orjson
 import trio
 
 from relay import client
-from relay.errors import ConfigError, SinkError
+from relay.errors import ConfigError, OriginPortUnavailable, SinkError
 from relay.originports import OriginPortPool
 from relay.sinks.lpd import short_hostname
 from relay.uri import Destination, format_hostport, parse_destination
@@ -208,11 +208,13 @@ class _Run:
         self.step_timeout = step_timeout
         self.checks = _Checks(dest, io_timeout=min(dest.timeout, step_timeout))
         self.steps: list[StepResult] = []
+        self.error: BaseException | None = None    # what failed the last step
 
     async def step(self, name: str, action: Callable[[], Awaitable[str]]) -> StepResult:
         """Run one step; any failure becomes a result, not an error."""
         start = time.perf_counter()
         ok = False
+        self.error = None
         try:
             with trio.fail_after(self.step_timeout):
                 detail = await action()
@@ -220,6 +222,7 @@ class _Run:
         except trio.TooSlowError:
             detail = f"no answer within {self.step_timeout:g}s"
         except (SinkError, OSError, _Refused) as exc:
+            self.error = exc
             detail = _describe(exc)
         result = StepResult(name=name, ok=ok, detail=detail,
                             ms=round((time.perf_counter() - start) * 1000, 1))
@@ -238,7 +241,7 @@ class _Run:
             result = await self.step(f"{what} reserve={reserve}", partial(check, reserve))
             if result.ok:
                 return reserve
-            if "origin port" not in result.detail:   # the peer said no, not our port pool
+            if not isinstance(self.error, OriginPortUnavailable):   # the peer said no
                 return None
         return None
 
@@ -273,7 +276,7 @@ async def run_probe(dest: Destination, *, send: bool = True,
         if result.ok:
             uri = uri_for(dest, mode=mode, reserve=None)
             return run.done(True, f"OK: {uri} works", uri)
-        if client.RECEIVE_JOB_STEP in result.detail:
+        if isinstance(run.error, SinkError) and run.error.step == client.RECEIVE_JOB_STEP:
             break   # refused before any file was offered: another length form cannot help
     # Every mode refused or cut off from an ephemeral port: the receiver may
     # check the source port (BSD lpd without -W, some printers; FIELD-NOTES).

@@ -9,6 +9,18 @@ destination; a job failing for longer than ``give_up_after`` is held: it stays
 in the spool, visible in lpq and ``spool list``, until 0x01 or ``spool retry``
 releases it.  It is never deleted.
 
+Failback: while a queue is on another destination than its first, every
+``failback_after`` its next job is tried on the first one (a trial); if that
+delivers, the queue is back on it, otherwise the job goes straight on to the
+destination the queue was on, with no backoff.  Only a delivery proves a
+destination recovered, and a trial costs one attempt per interval.
+
+Errors are typed (``relay.errors``): the retry reason is the ``reason`` a sink
+raised, never words of its message; an exception that is no ``SinkError`` is a
+sink bug, retried as ``other`` and logged with its type.  A job whose spool
+file vanished (``SpoolFileMissing``) is forgotten when the spool no longer has
+it (purged while in flight) and held otherwise; the destination is not blamed.
+
 A job leaves the spool only after its sink returned, i.e. after the
 destination confirmed it.  The duplicate window: a crash between that
 confirmation and the spool removal (one unlink) prints the job again after
@@ -23,14 +35,15 @@ import random
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import trio
 
 from relay import log, status
 from relay.config import QueueConfig
-from relay.errors import SinkRejected, SinkUnavailable
+from relay.errors import SinkError, SinkRejected, SpoolFileMissing
 from relay.metrics import Metrics
-from relay.sinks import Sink
+from relay.sinks import Sink, destination_key, destination_problem
 from relay.spool import JobMeta, Spool
 
 
@@ -43,15 +56,13 @@ def backoff_delay(failures: int, *, initial: float, maximum: float,
     return base / 2 + rng.uniform(0, base / 2)
 
 
-def retry_reason(exc: BaseException) -> str:
-    """Bounded label for lpdrelay_delivery_retries_total."""
-    text = str(exc).lower()
-    for reason, words in (("refused", ("refused",)), ("timeout", ("timed out", "timeout")),
-                          ("reset", ("reset", "broken pipe", "closed")),
-                          ("reply", ("reply", "answered"))):
-        if any(w in text for w in words):
-            return reason
-    return "unavailable" if isinstance(exc, SinkUnavailable) else "other"
+@dataclass(slots=True)
+class _Dest:
+    """One destination of a queue and what its last attempt said."""
+
+    sink: Sink
+    up: bool | None = None    # None: not tried yet; True only after a delivery
+    error: str = ""
 
 
 class QueueRunner:
@@ -60,7 +71,7 @@ class QueueRunner:
     def __init__(self, queue: QueueConfig, sinks: Sequence[Sink], spool: Spool,
                  metrics: Metrics, *, rng: random.Random | None = None) -> None:
         self.queue = queue
-        self.sinks = list(sinks)
+        self.dests = [_Dest(sink) for sink in sinks]
         self.spool = spool
         self.metrics = metrics
         self.rng = rng or random.Random()
@@ -71,10 +82,27 @@ class QueueRunner:
         self.active = 0                   # index of the destination in use
         self.retry_at = -math.inf         # trio clock; no attempt before this
         self.retry_epoch = 0.0            # the same moment in wall-clock time, for lpq
-        self.dest_up: list[bool | None] = [None] * len(self.sinks)
-        self.dest_error: list[str] = [""] * len(self.sinks)
+        self.failback_at = math.inf       # trio clock; next trial of the first destination
+        self._trial = False               # a trial is in flight
         self._first_failure: dict[str, float] = {}   # job id -> trio clock
         self._changed = trio.Event()
+        self._check_destinations()
+
+    @property
+    def sinks(self) -> tuple[Sink, ...]:
+        """The destinations' sinks, in failover order."""
+        return tuple(d.sink for d in self.dests)
+
+    def _check_destinations(self) -> None:
+        # A destination known unusable before any attempt (a cmd: program
+        # not installed) starts DOWN with the reason, and says so in the log.
+        for index, sink in enumerate(self.sinks):
+            problem = destination_problem(sink.destination)
+            if problem is not None:
+                self._mark(index, False, problem)
+                log.event("warning", "destination_unusable", queue=self.queue.name,
+                          destination=sink.destination.uri,
+                          error=f"{destination_key(self.queue.name, index)}: {problem}")
 
     # -- feeding ------------------------------------------------------------
 
@@ -91,7 +119,8 @@ class QueueRunner:
         With ``job_ids`` only those held jobs are released (``spool retry JOB``
         names one); without, every held job of the queue (an operator's
         "print waiting jobs").  Only the held jobs are re-read from the spool,
-        never the whole spool, so this stays cheap on a deep queue.
+        never the whole spool, so this stays cheap on a deep queue.  A queue
+        on a backup destination tries its first one with the next job.
         """
         chosen = [i for i in job_ids if i in self.held] if job_ids else list(self.held)
         released = []
@@ -112,6 +141,8 @@ class QueueRunner:
         self.failures = 0
         self.retry_at = -math.inf
         self.retry_epoch = 0.0
+        if self.active != 0:
+            self.failback_at = -math.inf
         self._notify()
 
     def remove(self, job_ids: Sequence[str]) -> list[str]:
@@ -131,9 +162,9 @@ class QueueRunner:
         return status.QueueState(
             queue=self.queue.name, jobs=tuple(jobs), in_flight=frozenset(self.in_flight),
             destinations=tuple(
-                status.DestinationState(name=s.destination.uri, up=self.dest_up[i],
-                                        active=i == self.active, last_error=self.dest_error[i])
-                for i, s in enumerate(self.sinks)),
+                status.DestinationState(name=d.sink.destination.uri, up=d.up,
+                                        active=i == self.active, last_error=d.error)
+                for i, d in enumerate(self.dests)),
             next_retry=next_retry)
 
     def _notify(self) -> None:
@@ -149,29 +180,39 @@ class QueueRunner:
 
     async def _worker(self) -> None:
         while True:
-            jobs = await self._take(self.sinks[self.active].batch)
+            jobs, index, trial = await self._take()
             try:
-                await self._attempt(jobs)
+                await self._attempt(jobs, index, trial)
             finally:
                 for job in jobs:
                     self.in_flight.pop(job.id, None)
+                if trial:
+                    self._trial = False
 
-    async def _take(self, limit: int) -> list[JobMeta]:
-        """The next ``limit`` jobs at most, once the queue is not backing off."""
+    async def _take(self) -> tuple[list[JobMeta], int, bool]:
+        """The next jobs (up to the chosen sink's batch) once the queue is not backing off."""
         while True:
             if self.pending and trio.current_time() >= self.retry_at:
+                index, trial = self._route()
+                limit = self.dests[index].sink.batch
                 jobs = [self.pending.popleft() for _ in range(min(limit, len(self.pending)))]
                 for job in jobs:
                     self.in_flight[job.id] = job
-                return jobs
+                return jobs, index, trial
             changed = self._changed
             deadline = self.retry_at if self.pending else math.inf
             with trio.move_on_at(deadline):
                 await changed.wait()
 
-    async def _attempt(self, jobs: list[JobMeta]) -> None:
-        index = self.active
-        sink = self.sinks[index]
+    def _route(self) -> tuple[int, bool]:
+        """(destination index, whether this attempt is a failback trial)."""
+        if self.active != 0 and not self._trial and trio.current_time() >= self.failback_at:
+            self._trial = True
+            return 0, True
+        return self.active, False
+
+    async def _attempt(self, jobs: list[JobMeta], index: int, trial: bool) -> None:
+        sink = self.dests[index].sink
         dest = self.metrics.destination_label(sink.destination.uri)
         done, error = await sink.deliver_many(jobs)
         for job in jobs[:done]:
@@ -181,36 +222,51 @@ class QueueRunner:
             # Make the removals durable too (shared with other commits), so
             # even a power loss right after cannot print a job a second time.
             await self.spool.sync()
+            if trial:
+                self._fail_back()
         if error is None:
             return
         failed, untried = jobs[done], jobs[done + 1:]
         self.pending.extendleft(reversed(untried))   # back to the front, in order
-        if isinstance(error, SinkRejected):
+        if isinstance(error, SpoolFileMissing):
+            self._spool_file_missing(failed, error)
+        elif trial and not done:
+            self._trial_failed(failed, index, dest, error)
+        elif isinstance(error, SinkRejected):
             self._count_attempt(dest, "rejected")
-            self._mark(index, True, "")
+            self._mark(index, False, f"refused job {failed.id}: {error}")
             self._hold(dataclasses.replace(failed, attempts=failed.attempts + 1),
                        f"rejected by {sink.destination.uri}: {error}")
-            return
-        # SinkUnavailable, or a sink bug: both are retried.
-        self._count_attempt(dest, "retry")
-        self.metrics.delivery_retries_total.labels(
-            destination=dest, reason=retry_reason(error)).inc()
-        self._failed(failed, index, error)
+        else:
+            self._count_retry(dest, sink, failed, error)
+            self._failed(failed, index, _describe(error))
 
     def _count_attempt(self, dest: str, result: str) -> None:
         self.metrics.delivery_attempts_total.labels(destination=dest, result=result).inc()
 
+    def _count_retry(self, dest: str, sink: Sink, job: JobMeta, error: Exception) -> None:
+        self._count_attempt(dest, "retry")
+        if isinstance(error, SinkError):
+            reason = error.reason
+        else:
+            reason = "other"
+            log.event("error", "sink_bug", job=job.id, queue=job.queue,
+                      destination=sink.destination.uri, exception=type(error).__name__,
+                      error=str(error))
+        self.metrics.delivery_retries_total.labels(destination=dest, reason=reason).inc()
+
     def _mark(self, index: int, up: bool, error: str) -> None:
-        self.dest_up[index] = up
-        self.dest_error[index] = error
+        self.dests[index].up = up
+        self.dests[index].error = error
         self.metrics.destination_up.labels(
-            destination=self.metrics.destination_label(self.sinks[index].destination.uri),
+            destination=self.metrics.destination_label(self.dests[index].sink.destination.uri),
         ).set(1 if up else 0)
 
     def _delivered(self, job: JobMeta, index: int, dest: str) -> None:
         self.spool.remove(job.id)
         self._first_failure.pop(job.id, None)
-        self.failures = 0
+        if index == self.active:
+            self.failures = 0
         self._mark(index, True, "")
         q = self.metrics.queue_label(job.queue)
         self.metrics.jobs_delivered_total.labels(queue=q, destination=dest).inc()
@@ -218,24 +274,63 @@ class QueueRunner:
         latency = max(0.0, time.time() - job.received)
         self.metrics.job_delivery_seconds.labels(queue=q).observe(latency)
         log.event("info", "job_delivered", job=job.id, queue=job.queue,
-                  destination=self.sinks[index].destination.uri, seconds=round(latency, 3))
+                  destination=self.dests[index].sink.destination.uri, seconds=round(latency, 3))
 
-    def _failed(self, job: JobMeta, index: int, exc: Exception) -> None:
-        uri = self.sinks[index].destination.uri
-        error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, SinkUnavailable) \
-            else str(exc)
+    def _switch(self, index: int, direction: str) -> None:
+        """Make ``index`` the destination in use; count and log the move."""
+        before = self.dests[self.active].sink.destination.uri
+        self.active = index
+        after = self.queue.failback_after
+        self.failback_at = trio.current_time() + after if index != 0 and after > 0 else math.inf
+        self.metrics.destination_failovers_total.labels(
+            queue=self.metrics.queue_label(self.queue.name), direction=direction).inc()
+        log.event("warning" if direction == "failover" else "info", f"destination_{direction}",
+                  queue=self.queue.name, destination=before,
+                  to=self.dests[index].sink.destination.uri)
+
+    def _fail_back(self) -> None:
+        if self.active != 0:
+            self.failures = 0
+            self._switch(0, "failback")
+
+    def _trial_failed(self, job: JobMeta, index: int, dest: str, error: Exception) -> None:
+        # The first destination is still bad: this job goes straight on to the
+        # destination in use; no backoff, no failure counted against the queue.
+        self._count_retry(dest, self.dests[index].sink, job, error)
+        self._mark(index, False, _describe(error))
+        self.failback_at = trio.current_time() + self.queue.failback_after
+        self.pending.appendleft(job)
+        log.event("info", "failback_failed", job=job.id, queue=job.queue,
+                  destination=self.dests[index].sink.destination.uri, error=_describe(error),
+                  retry_in=self.queue.failback_after)
+
+    def _spool_file_missing(self, job: JobMeta, error: SpoolFileMissing) -> None:
+        # Not the destination's fault: its state and the backoff stay as they are.
+        self._first_failure.pop(job.id, None)
+        try:
+            self.spool.get(job.id)
+        except KeyError:
+            log.event("info", "job_gone", job=job.id, queue=job.queue,
+                      error=f"removed from the spool while being delivered ({error})")
+            return
+        self._hold(job, f"{error}; restore the file and `spool retry`, or purge the job")
+
+    def _failed(self, job: JobMeta, index: int, error: str) -> None:
+        uri = self.dests[index].sink.destination.uri
         self._mark(index, False, error)
-        self.failures += 1
         now = trio.current_time()
         first = self._first_failure.setdefault(job.id, now)
-        delay = backoff_delay(self.failures, initial=self.queue.retry.initial,
-                              maximum=self.queue.retry.max, rng=self.rng)
-        self.retry_at = now + delay
-        self.retry_epoch = time.time() + delay
-        if self.failures % self.queue.failover_after == 0 and len(self.sinks) > 1:
-            self.active = (index + 1) % len(self.sinks)
-            log.event("warning", "destination_failover", queue=job.queue, destination=uri,
-                      to=self.sinks[self.active].destination.uri)
+        delay = 0.0
+        # A late failure from a destination the queue has already left (the
+        # attempt began before a failback) neither backs off nor fails over.
+        if index == self.active:
+            self.failures += 1
+            delay = backoff_delay(self.failures, initial=self.queue.retry.initial,
+                                  maximum=self.queue.retry.max, rng=self.rng)
+            self.retry_at = now + delay
+            self.retry_epoch = time.time() + delay
+            if self.failures % self.queue.failover_after == 0 and len(self.dests) > 1:
+                self._switch((index + 1) % len(self.dests), "failover")
         log.event("warning", "delivery_failed", job=job.id, queue=job.queue, destination=uri,
                   error=error, retry_in=round(delay, 3))
         job = dataclasses.replace(job, attempts=job.attempts + 1, failures=self.failures,
@@ -244,16 +339,33 @@ class QueueRunner:
         if now - first >= self.queue.retry.give_up_after:
             self._hold(job, f"gave up after {self.queue.retry.give_up_after:g}s: {error}")
             return
-        self.spool.update(job)
-        self.pending.appendleft(job)
+        if self._persist(job):
+            self.pending.appendleft(job)
+
+    def _persist(self, job: JobMeta, *, durable: bool = False) -> bool:
+        """Record ``job``'s delivery state; False when the spool no longer has it (purged)."""
+        try:
+            self.spool.update(job, durable=durable)
+        except KeyError:
+            self._first_failure.pop(job.id, None)
+            log.event("info", "job_gone", job=job.id, queue=job.queue,
+                      error="removed from the spool while being delivered")
+            return False
+        return True
 
     def _hold(self, job: JobMeta, reason: str) -> None:
         job = dataclasses.replace(job, state="held", last_error=reason[:500])
-        self.spool.update(job, durable=True)
         self._first_failure.pop(job.id, None)
+        if not self._persist(job, durable=True):
+            return
         self.held[job.id] = job
         self.metrics.jobs_held_total.labels(queue=self.metrics.queue_label(job.queue)).inc()
         log.event("error", "job_held", job=job.id, queue=job.queue, error=reason)
+
+
+def _describe(error: Exception) -> str:
+    """The text lpq and the log show: a sink's own message, a bug's with its type."""
+    return str(error) if isinstance(error, SinkError) else f"{type(error).__name__}: {error}"
 
 
 class Scheduler:

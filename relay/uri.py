@@ -6,16 +6,23 @@ URI grammar, so every sink gets already-validated values and every mistake is
 reported once, at config load, with a message precise enough to fix it.
 
 Forms: ``lpd://host[:port]/queue[?options]``, ``socket://host[:port]``,
-``usb:///dev/usb/lp0``, ``dir:///absolute/folder`` and ``cmd:PROGRAM ARG...``.
+``usb:///dev/usb/lp0``, ``dir:///absolute/folder[?mode=0640&group=NAME]`` and
+``cmd:PROGRAM ARG...``.  A ``group=`` name is looked up now, so a typo is a
+config error; whether a ``cmd:`` program is installed is not (it may be
+installed later): ``relay.sinks.config_warnings`` reports that.
 Host, queue and path parts are percent-decoded; IPv6 literals go in brackets.
 Query options are checked against a table: unknown options are errors, and so
-are options a scheme does not use.  The URI is parsed by hand rather than with
-``urllib.parse`` because urlsplit silently accepts much of what we must refuse
-(unbracketed IPv6, user info, empty hosts) and its port errors are vague.
+are options a scheme does not use.  One option name may mean different things
+to different schemes (``mode=`` is the LPD length form for ``lpd://`` and the
+file mode for ``dir://``), so each row names its schemes and the field it
+sets.  The URI is parsed by hand rather than with ``urllib.parse`` because
+urlsplit silently accepts much of what we must refuse (unbracketed IPv6, user
+info, empty hosts) and its port errors are vague.
 """
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import re
 import shlex
@@ -26,7 +33,8 @@ from urllib.parse import unquote
 
 from relay.units import parse_duration
 
-__all__ = ["DEFAULT_PORTS", "SCHEMES", "Destination", "parse_destination", "parse_hostport"]
+__all__ = ["DEFAULT_PORTS", "SCHEMES", "Destination", "group_label", "parse_destination",
+           "parse_hostport"]
 
 SCHEMES = ("lpd", "socket", "usb", "cmd", "dir")
 DEFAULT_PORTS = {"lpd": 515, "socket": 9100}
@@ -51,6 +59,8 @@ class Destination:
     jobnumbers: int = 3           # lpd: 3 | 6 digits
     reserve: str | None = None    # lpd: rfc1179 | privileged | any; None = [origin_ports]
     batch: int = 1                # lpd: jobs per connection
+    file_mode: int = 0o640        # dir: mode of the files (folders: x added where r is)
+    group: int | None = None      # dir: gid given to files and folders; None = the daemon's
 
     @property
     def name(self) -> str:
@@ -85,16 +95,53 @@ def _batch(text: str) -> int:
     return int(text)
 
 
-# Query option -> (converter, schemes that take it).  The option name is also
-# the Destination field it sets.  socket:// takes timeout too: a printer that
-# never closes after the data must not hold its queue forever.
-_OPTIONS: dict[str, tuple[Callable[[str], Any], frozenset[str]]] = {
-    "mode": (_choice("count", "stream", "windows"), frozenset({"lpd"})),
-    "order": (_choice("control-first", "data-first"), frozenset({"lpd"})),
-    "timeout": (_timeout, frozenset({"lpd", "socket"})),
-    "jobnumbers": (_jobnumbers, frozenset({"lpd"})),
-    "reserve": (_choice("rfc1179", "privileged", "any"), frozenset({"lpd"})),
-    "batch": (_batch, frozenset({"lpd"})),
+def _file_mode(text: str) -> int:
+    # Octal as chmod takes it ("0660" or "660"); special bits make no sense
+    # for documents, and a mode the owner cannot read is a mistake.
+    if not (text.isascii() and 3 <= len(text) <= 4 and all(c in "01234567" for c in text)):
+        raise ValueError(f"expected an octal file mode such as 0640, got {text!r}")
+    mode = int(text, 8)
+    if mode > 0o777 or not mode & 0o400:
+        raise ValueError(f"expected a file mode from 0400 to 0777 that the owner can read, "
+                         f"got {text!r}")
+    return mode
+
+
+def _group(text: str) -> int:
+    # A gid need not be in the group database (containers, LDAP-less hosts);
+    # a name must be, now, so a typo fails at config time.
+    if text.isascii() and text.isdigit():
+        if int(text) >= 2**32 - 1:
+            raise ValueError(f"gid {text} is out of range")
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise ValueError(f"no group named {text!r} on this system (a name or a gid)") from None
+
+
+def group_label(gid: int) -> str:
+    """A gid as messages show it: its name when the group database has one, else the number."""
+    try:
+        return f'"{grp.getgrgid(gid).gr_name}"'
+    except KeyError:
+        return str(gid)
+
+
+# Query option -> rows of (schemes that take it, Destination field, converter).
+# socket:// takes timeout too: a printer that never closes after the data
+# must not hold its queue forever.
+_Row = tuple[frozenset[str], str, Callable[[str], Any]]
+_LPD = frozenset({"lpd"})
+_OPTIONS: dict[str, tuple[_Row, ...]] = {
+    "mode": ((_LPD, "mode", _choice("count", "stream", "windows")),
+             (frozenset({"dir"}), "file_mode", _file_mode)),
+    "order": ((_LPD, "order", _choice("control-first", "data-first")),),
+    "timeout": ((frozenset({"lpd", "socket"}), "timeout", _timeout),),
+    "jobnumbers": ((_LPD, "jobnumbers", _jobnumbers),),
+    "reserve": ((_LPD, "reserve", _choice("rfc1179", "privileged", "any")),),
+    "batch": ((_LPD, "batch", _batch),),
+    "group": ((frozenset({"dir"}), "group", _group),),
 }
 
 _HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})")
@@ -238,17 +285,25 @@ def _options(uri: str, scheme: str, query: str) -> dict[str, Any]:
         if not eq:
             raise ValueError(f"{uri!r}: option {key!r} needs a value ({key}=...)")
         if key not in _OPTIONS:
-            valid = ", ".join(sorted(k for k, (_, s) in _OPTIONS.items() if scheme in s))
+            valid = ", ".join(sorted(k for k, rows in _OPTIONS.items()
+                                     if any(scheme in r[0] for r in rows)))
             raise ValueError(f"{uri!r}: unknown option {key!r}"
                              + (f" (valid for {scheme}://: {valid})" if valid else ""))
-        convert, schemes = _OPTIONS[key]
-        if scheme not in schemes:
-            where = " and ".join(f"{s}://" for s in sorted(schemes))
-            raise ValueError(f"{uri!r}: option {key!r} is only valid for {where} destinations")
-        if key in fields:
+        field, convert = _row(uri, scheme, key)
+        if field in fields:
             raise ValueError(f"{uri!r}: option {key!r} is given twice")
         try:
-            fields[key] = convert(unquote(raw))
+            fields[field] = convert(unquote(raw))
         except ValueError as exc:
             raise ValueError(f"{uri!r}: option {key}: {exc}") from None
     return fields
+
+
+def _row(uri: str, scheme: str, key: str) -> tuple[str, Callable[[str], Any]]:
+    """(Destination field, converter) of option ``key`` for ``scheme``."""
+    rows = _OPTIONS[key]
+    for schemes, field, convert in rows:
+        if scheme in schemes:
+            return field, convert
+    where = " and ".join(f"{s}://" for s in sorted(set().union(*(r[0] for r in rows))))
+    raise ValueError(f"{uri!r}: option {key!r} is only valid for {where} destinations")

@@ -103,6 +103,16 @@ def test_lprng_unknown_queue_fails(tmp_path: Path) -> None:
     assert "print mode=stream" not in names(report)
 
 
+def test_refused_receive_job_stops_the_mode_search() -> None:
+    # The refusal's words name no step: probe reads the error's step attribute.
+    with RecordingLpdServer(LpdScript(replies={"job": b"\x01go away\n"})) as server:
+        report = probe(f"lpd://127.0.0.1:{server.port}/q")
+    assert not report.ok
+    assert "print mode=count" in names(report)
+    assert "print mode=stream" not in names(report)
+    assert "go away" in report.steps[3].detail
+
+
 @pytest.mark.parametrize(("accepted", "at"), [("stream", 2), ("windows", 3)])
 def test_falls_back_to_the_mode_the_receiver_takes(accepted: str, at: int) -> None:
     # Connection 0 is the connect step, 1 lpq, 2 the count attempt, 3 stream, 4 windows.

@@ -4,21 +4,25 @@ order, backoff, failover, hold, release (SPEC §5)."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
+import os
 import random
 import socket
 from collections.abc import Callable
 from pathlib import Path
 
+import orjson
 import pytest
 import trio
 import trio.testing
 from prometheus_client import CollectorRegistry
 
+from relay import log, status
 from relay.config import config_from_dict
 from relay.metrics import Metrics
 from relay.scheduler import QueueRunner, backoff_delay
-from relay.sinks import SinkContext, make_sink
+from relay.sinks import DeliveryJob, Sink, SinkContext, make_sink
 from relay.spool import JobMeta, Spool
 
 
@@ -217,3 +221,132 @@ def test_wake_with_job_ids_releases_only_those(tmp_path: Path) -> None:
     runner.wake()                              # plain 0x01: everything held
     assert [j.id for j in runner.pending] == [jobs[1].id, jobs[0].id, jobs[2].id]
     assert not runner.held
+
+
+def gauge(runner: QueueRunner, uri: str) -> float:
+    return float(runner.metrics.destination_up.labels(destination=uri)._value.get())
+
+
+def counter(runner: QueueRunner, name: str, **labels: str) -> float:
+    return float(getattr(runner.metrics, name).labels(**labels)._value.get())
+
+
+def test_unusable_destination_starts_down_and_its_jobs_are_retried(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))      # nothing installed
+    out = io.StringIO()
+    log.configure(fmt="json", level="info", stream=out)
+    try:
+        runner = runner_for(tmp_path, ["cmd:lp -d ward3", f"dir://{tmp_path / 'out'}"],
+                            failover_after=100,
+                            retry={"initial": "1s", "max": "2s", "give_up_after": "1h"})
+    finally:
+        log.configure(stream=None)
+    events = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert [e["error"] for e in events if e["event"] == "destination_unusable"] == [
+        'queues.ward3.destinations[0]: program "lp" not found on PATH']
+    # Known bad: DOWN with the reason, and 0, before any job; never tried: 1.
+    state = runner.state().destinations
+    assert (state[0].up, state[0].last_error) == (False, 'program "lp" not found on PATH')
+    assert state[1].up is None
+    assert status.render(runner.state(), long=False).splitlines()[2:4] == [
+        'destination cmd:lp -d ward3 DOWN (active): program "lp" not found on PATH',
+        f"destination dir://{tmp_path / 'out'} not tried yet"]
+    assert gauge(runner, "cmd:lp -d ward3") == 0 and gauge(runner, f"dir://{tmp_path}/out") == 1
+
+    async def main() -> None:
+        job = await spool_job(runner.spool, 4)
+        runner.submit(job)
+        await run_until(runner, lambda: runner.spool.get(job.id).attempts >= 3, 60, 0.5)
+        assert runner.spool.get(job.id).state == "queued"        # retried, not held
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.01))
+    assert counter(runner, "delivery_retries_total", destination="cmd:lp -d ward3",
+                   reason="unavailable") >= 3
+    assert counter(runner, "jobs_held_total", queue="ward3") == 0
+
+
+def test_a_destination_that_refused_the_last_job_is_not_up(tmp_path: Path) -> None:
+    script = tmp_path / "refuse.sh"
+    script.write_text("#!/bin/sh\ncat >/dev/null\necho 'unknown destination' >&2\nexit 3\n")
+    script.chmod(0o755)
+    uri = f"cmd:{script}"
+    runner = runner_for(tmp_path, [uri])
+
+    async def main() -> None:
+        job = await spool_job(runner.spool, 9)
+        runner.submit(job)
+        await run_until(runner, lambda: runner.spool.get(job.id).state == "held", 30, 0.05)
+
+    trio.run(main)
+    [dest] = runner.state().destinations
+    assert dest.up is False and "unknown destination" in dest.last_error
+    assert gauge(runner, uri) == 0
+
+
+def test_job_purged_while_delivering_is_forgotten(tmp_path: Path) -> None:
+    runner = runner_for(tmp_path, [f"dir://{tmp_path / 'out'}"])
+
+    async def main() -> None:
+        job = await spool_job(runner.spool, 3)
+        runner.submit(job)
+        runner.spool.remove(job.id)          # its files vanish before the attempt
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runner.run)
+            with trio.fail_after(10):
+                while runner.pending or runner.in_flight:
+                    await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert not runner.held and not runner.spool.jobs()
+    assert counter(runner, "jobs_held_total", queue="ward3") == 0
+    # Not the destination's fault: it was never really tried.
+    assert runner.state().destinations[0].up is None and runner.failures == 0
+
+
+def test_job_whose_data_file_vanished_is_held_with_the_path(tmp_path: Path) -> None:
+    runner = runner_for(tmp_path, [f"dir://{tmp_path / 'out'}"])
+
+    async def main() -> JobMeta:
+        job = await spool_job(runner.spool, 3)
+        os.unlink(job.files[0].path)
+        runner.submit(job)
+        await run_until(runner, lambda: job.id in runner.held, 10, 0.02)
+        return job
+
+    job = trio.run(main)
+    held = runner.spool.get(job.id)
+    assert held.state == "held" and job.files[0].path in held.last_error
+    assert runner.state().destinations[0].up is None and runner.failures == 0
+
+
+class _BuggySink(Sink):
+    async def deliver(self, job: DeliveryJob) -> None:
+        raise ZeroDivisionError("a bug, not an outage")
+
+    def describe(self) -> str:
+        return "buggy"
+
+
+def test_a_sink_bug_is_retried_as_other_and_logged_with_its_type(tmp_path: Path) -> None:
+    uri = f"dir://{tmp_path / 'out'}"
+    runner = runner_for(tmp_path, [uri], retry={"initial": "1s", "max": "1s",
+                                                "give_up_after": "1h"})
+    runner.dests[0].sink = _BuggySink(runner.sinks[0].destination, SinkContext())
+    out = io.StringIO()
+
+    async def main() -> None:
+        job = await spool_job(runner.spool, 2)
+        runner.submit(job)
+        await run_until(runner, lambda: runner.spool.get(job.id).attempts >= 1, 30, 0.5)
+
+    log.configure(fmt="json", level="info", stream=out)
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.01))
+    finally:
+        log.configure(stream=None)
+    assert counter(runner, "delivery_retries_total", destination=uri, reason="other") >= 1
+    bugs = [e for e in map(orjson.loads, out.getvalue().splitlines()) if e["event"] == "sink_bug"]
+    assert bugs and bugs[0]["exception"] == "ZeroDivisionError"
+    assert runner.state().destinations[0].last_error == "ZeroDivisionError: a bug, not an outage"

@@ -6,16 +6,20 @@ import contextlib
 import os
 import shlex
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import trio
 
-from relay.errors import SinkRejected, SinkUnavailable
-from relay.sinks import Sink, SinkContext, make_sink
+from relay import client
+from relay.errors import SinkRejected, SinkUnavailable, SpoolFileMissing
+from relay.sinks import Sink, SinkContext, destination_problem, make_sink
 from relay.sinks.cmd import DEFAULT_RUN_TIMEOUT, CmdSink
 from relay.uri import parse_destination
+from tests.daemon import DaemonThread, relay_config
 from tests.peers import (
     RecordingLpdServer,
     namespace_argv,
@@ -148,17 +152,46 @@ def test_other_exit_holds_the_job_with_the_stderr_tail(tmp_path: Path) -> None:
     assert len(message) < 2048 + 200
 
 
-def test_missing_program_holds_the_job(tmp_path: Path) -> None:
-    with pytest.raises(SinkRejected, match="program 'no-such-lp' not found on PATH"):
+def test_missing_program_means_retry(tmp_path: Path) -> None:
+    # The admin may install it: retried (and failed over), never held.
+    with pytest.raises(SinkUnavailable, match="program 'no-such-lp' not found on PATH") as caught:
         deliver(command_sink("no-such-lp", "-d", "x"), make_job(tmp_path, [b"x"]))
-    with pytest.raises(SinkRejected, match=f"program '{tmp_path}/nope' not found$"):
+    assert caught.value.reason == "unavailable"
+    with pytest.raises(SinkUnavailable, match=f"program '{tmp_path}/nope' not found$"):
         deliver(command_sink(tmp_path / "nope"), make_job(tmp_path, [b"x"]))
 
 
-def test_program_that_is_not_executable_holds_the_job(tmp_path: Path) -> None:
+def test_program_that_is_not_executable_means_retry(tmp_path: Path) -> None:
     plain = script(tmp_path, "plain", "exit 0\n", executable=False)
-    with pytest.raises(SinkRejected, match="is not executable"):
+    with pytest.raises(SinkUnavailable, match="is not executable"):
         deliver(command_sink(plain), make_job(tmp_path, [b"x", b"y"]))
+
+
+def test_program_problem_is_known_before_any_attempt(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    script(tmp_path, "lp", "exit 0\n")
+    plain = script(tmp_path, "plain", "exit 0\n", executable=False)
+    problems = {argv: destination_problem(parse_destination(f"cmd:{argv} -d x"))
+                for argv in ("lp", "no-such-lp", str(plain), str(tmp_path / "nope"), "plain")}
+    assert problems == {
+        "lp": None,
+        "no-such-lp": 'program "no-such-lp" not found on PATH',
+        str(plain): f'program "{plain}" is not executable',
+        str(tmp_path / "nope"): f'program "{tmp_path}/nope" not found',
+        "plain": 'program "plain" not found on PATH',     # which() wants it executable
+    }
+
+
+def test_missing_spool_file_is_spool_file_missing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    job = make_job(tmp_path, [b"x", b"y"])
+    os.unlink(job.files[1].path)
+    with pytest.raises(SpoolFileMissing) as caught:
+        deliver(command_sink(script(tmp_path, "record", RECORD), out), job)
+    assert caught.value.path == job.files[1].path
+    assert not (out / "stdin").exists()     # the program never ran
 
 
 def test_killed_by_a_signal_means_retry(tmp_path: Path) -> None:
@@ -172,8 +205,9 @@ def test_run_over_the_timeout_is_killed_with_its_children(tmp_path: Path) -> Non
     hang = script(tmp_path, "hang", f"sleep 300 & echo $$ $! > {pids}\nwait\n")
     started = time.monotonic()
     try:
-        with pytest.raises(SinkUnavailable, match=r"ran longer than 0\.5s and was killed"):
+        with pytest.raises(SinkUnavailable, match=r"ran longer than 0\.5s and was killed") as e:
             deliver(command_sink(hang, run_timeout=0.5), make_job(tmp_path, [b"x", b"y"]))
+        assert e.value.reason == "timeout"
         assert time.monotonic() - started < 5
         shell, sleeper = map(int, pids.read_text().split())
         assert is_gone(shell) and is_gone(sleeper)
@@ -235,3 +269,62 @@ def test_lprng_lpr_as_the_spooler_command(tmp_path: Path) -> None:
         [received] = receiver.wait_jobs(1)
     assert received.queue == "ward3"
     assert received.data == job_bytes(job)
+
+
+def test_check_config_warns_about_a_program_not_on_path(tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[server]\nspool_dir = "{tmp_path / "spool"}"\n'
+                      '[queues.ward3]\ndestinations = ["dir:///srv/out", '
+                      '"cmd:no-such-lp -d ward3"]\n'
+                      '[queues.lab]\ndestinations = ["cmd:sh -c true"]\n')
+    result = subprocess.run([sys.executable, "-m", "relay", "check-config", "-c", str(config)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        'warning: queues.ward3.destinations[1]: program "no-such-lp" not found on PATH']
+    assert result.stdout.startswith(f"{config}: ok")
+
+
+def test_daemon_shows_a_missing_program_down_and_fails_over(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    missing = "cmd:no-such-lp-for-tests -d ward3"
+    config = relay_config(tmp_path, queues={"ward3": {
+        "destinations": [missing, f"dir://{out}"], "failover_after": 1,
+        "retry": {"initial": "100ms", "max": "200ms"}}})
+
+    async def lpq(port: int) -> str:
+        ch = await client.open_channel("127.0.0.1", port, io_timeout=5)
+        try:
+            return await client.query(ch, "ward3", long=False)
+        finally:
+            await ch.aclose()
+
+    async def send(port: int) -> None:
+        page = client.OutFile(name="page.txt", size=5, data=b"page\n")
+        cf_name, control, files = client.build_job([page], user="alice", title="t",
+                                                   host="client", number=1)
+        ch = await client.open_channel("127.0.0.1", port, io_timeout=5)
+        try:
+            await client.send_job(ch, queue="ward3", cf_name=cf_name, control=control,
+                                  files=files)
+        finally:
+            await ch.aclose()
+
+    with DaemonThread(config) as relay:
+        assert relay.bound is not None
+        assert ('warning: queues.ward3.destinations[0]: program "no-such-lp-for-tests" '
+                "not found on PATH") in relay.bound.banner
+        before = trio.run(lpq, relay.port)
+        assert relay.metric("lpdrelay_destination_up", destination=missing) == 0
+        assert relay.metric("lpdrelay_destination_up", destination=f"dir://{out}") == 1
+        trio.run(send, relay.port)
+        deadline = time.monotonic() + 10
+        while not list((out / "ward3").glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after = trio.run(lpq, relay.port)
+    assert (f'destination {missing} DOWN (active): program "no-such-lp-for-tests" '
+            "not found on PATH") in before
+    assert f"destination dir://{out} not tried yet" in before
+    assert len(list((out / "ward3").glob("*.json"))) == 1
+    assert f"destination {missing} DOWN: cmd: program 'no-such-lp-for-tests'" in after
+    assert f"destination dir://{out} up (active)" in after

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import grp
 import os
 import shutil
 import subprocess
@@ -14,8 +16,9 @@ import orjson
 import pytest
 import trio
 
-from relay.errors import SinkRejected, SinkUnavailable
-from relay.sinks import Sink, SinkContext, make_sink, register
+from relay.config import config_from_dict
+from relay.errors import SinkRejected, SinkUnavailable, SpoolFileMissing
+from relay.sinks import Sink, SinkContext, config_warnings, make_sink, register
 from relay.sinks.dir import DirSink, _copy_fd, data_file_name, extension_for
 from relay.uri import parse_destination
 from tests.sinkjobs import Job, make_job
@@ -113,11 +116,12 @@ def test_base_path_that_is_a_file_is_unavailable(tmp_path: Path) -> None:
         deliver(hot_folder(tmp_path / "out"), make_job(tmp_path, [b"x"]))
 
 
-def test_missing_spool_file_holds_the_job(tmp_path: Path) -> None:
+def test_missing_spool_file_is_spool_file_missing(tmp_path: Path) -> None:
     job = make_job(tmp_path, [b"x", b"y"])
     os.unlink(job.files[1].path)
-    with pytest.raises(SinkRejected, match="cannot read its spool file"):
+    with pytest.raises(SpoolFileMissing, match="cannot be read") as caught:
         deliver(hot_folder(tmp_path / "out"), job)
+    assert (caught.value.path, caught.value.errno) == (job.files[1].path, errno.ENOENT)
     # The first file may be in place, but no dot-file and no metadata.
     assert not [n for n in visible(tmp_path / "out" / "ward3") if n.startswith(".") or
                 n.endswith(".json")]
@@ -227,3 +231,86 @@ def test_full_disk_is_unavailable_and_leaves_no_dot_files(tmp_path: Path) -> Non
     assert "ENOSPC" in result.stdout
     # The listing of the queue folder after the failure: nothing half-written.
     assert result.stdout.strip().splitlines()[-1].startswith("UNAVAILABLE")
+
+
+def modes(base: Path) -> dict[str, tuple[int, int]]:
+    """Relative path -> (permission bits, gid) of everything under ``base``, base included."""
+    found = {".": (base.stat().st_mode & 0o7777, base.stat().st_gid)}
+    for path in base.rglob("*"):
+        st = path.stat()
+        found[str(path.relative_to(base))] = (st.st_mode & 0o7777, st.st_gid)
+    return found
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o077])
+def test_files_are_0640_and_folders_0750_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    job = make_job(tmp_path, [b"x", b"y"])
+    old = os.umask(umask)
+    try:
+        deliver(hot_folder(tmp_path / "out" / "base"), job)
+    finally:
+        os.umask(old)
+    found = modes(tmp_path / "out")
+    gid = os.getegid()
+    assert found == {
+        ".": (0o750, gid), "base": (0o750, gid), "base/ward3": (0o750, gid),
+        f"base/ward3/{job.id}-1.prn": (0o640, gid), f"base/ward3/{job.id}-2.prn": (0o640, gid),
+        f"base/ward3/{job.id}.json": (0o640, gid)}
+
+
+def test_an_existing_folder_keeps_its_mode(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir(mode=0o755)
+    os.chmod(tmp_path / "out", 0o755)
+    deliver(hot_folder(tmp_path / "out"), make_job(tmp_path, [b"x"]))
+    assert modes(tmp_path / "out")["."][0] == 0o755
+    assert modes(tmp_path / "out")["ward3"][0] == 0o750
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022])
+def test_destination_sets_its_own_mode_and_group(tmp_path: Path, umask: int) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("giving files another group needs root (or membership of it)")
+    group = grp.getgrnam("daemon")
+    sink = make_sink(parse_destination(f"dir://{tmp_path / 'out'}?mode=0660&group=daemon"),
+                     SinkContext())
+    assert sink.describe().endswith('/<queue>/ (mode 0660, group "daemon")')
+    job = make_job(tmp_path, [b"x"])
+    old = os.umask(umask)
+    try:
+        deliver(sink, job)
+        # A leftover dot-file from a crash keeps nothing of its old mode either.
+        stale = tmp_path / "out" / "ward3" / f".{job.id}.json.tmp"
+        stale.write_bytes(b"{")
+        os.chmod(stale, 0o604)
+        deliver(sink, job)
+    finally:
+        os.umask(old)
+    found = modes(tmp_path / "out")
+    gid = group.gr_gid
+    assert found == {".": (0o770, gid), "ward3": (0o770, gid),
+                     f"ward3/{job.id}-1.prn": (0o660, gid), f"ward3/{job.id}.json": (0o660, gid)}
+
+
+def test_numeric_gid_is_taken_as_is(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("giving files another group needs root")
+    sink = make_sink(parse_destination(f"dir://{tmp_path / 'out'}?group=54321&mode=640"),
+                     SinkContext())
+    job = make_job(tmp_path, [b"x"])
+    deliver(sink, job)
+    assert (tmp_path / "out" / "ward3" / f"{job.id}.json").stat().st_gid == 54321
+
+
+def test_group_the_daemon_cannot_give_is_a_config_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = config_from_dict({"server": {"spool_dir": str(tmp_path / "spool")}, "queues": {
+        "ward3": {"destinations": ["dir:///srv/a?group=daemon", "dir:///srv/b"]}}}, "<test>")
+    if os.geteuid() == 0:
+        assert config_warnings(config) == []    # root may give any group
+    # As an unprivileged user outside the group:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "getegid", lambda: 1000)
+    monkeypatch.setattr(os, "getgroups", lambda: [1000])
+    assert config_warnings(config) == [
+        'queues.ward3.destinations[0]: group "daemon": the daemon\'s user is not a member, '
+        "so hot-folder files cannot be given this group"]

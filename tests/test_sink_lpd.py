@@ -3,13 +3,16 @@ misbehaves the ways FIELD-NOTES lists (stray LF, error lines, silence)."""
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
 import trio
 
+from relay import client
 from relay.controlfile import parse_control_file
-from relay.errors import SinkRejected, SinkUnavailable
+from relay.errors import SinkRejected, SinkUnavailable, SpoolFileMissing
 from relay.sinks import SinkContext, make_sink
 from relay.spool import JobMeta, Spool
 from relay.uri import parse_destination
@@ -94,39 +97,45 @@ def test_stray_lf_after_replies_is_tolerated(tmp_path: Path) -> None:
         assert len(server.wait_jobs(1)) == 1
 
 
-@pytest.mark.parametrize(("step", "reply", "error"), [
-    ("job", b"\x01queue not accepting\n", SinkUnavailable),
-    ("data_file", b"\x02disk full\n", SinkUnavailable),
-    ("control_file", b"\x03bad control file\n", SinkRejected),
+@pytest.mark.parametrize(("step", "reply", "error", "answered"), [
+    ("job", b"\x01queue not accepting\n", SinkUnavailable, client.RECEIVE_JOB_STEP),
+    ("data_file", b"\x02disk full\n", SinkUnavailable, client.DATA_FILE_STEP),
+    ("control_file", b"\x03bad control file\n", SinkRejected, client.CONTROL_FILE_STEP),
 ])
-def test_reply_codes(tmp_path: Path, step: str, reply: bytes, error: type) -> None:
+def test_reply_codes(tmp_path: Path, step: str, reply: bytes, error: type,
+                     answered: str) -> None:
     _, job = make_job(tmp_path)
     with RecordingLpdServer(LpdScript(replies={step: reply})) as server, \
             pytest.raises(error) as info:
         deliver(f"lpd://127.0.0.1:{server.port}/q", job)
     assert reply[1:].strip().decode() in str(info.value)
+    # What was refused is data, not words of the message.
+    assert (info.value.reason, info.value.reply, info.value.step) == ("reply", reply[0], answered)
 
 
 def test_silent_receiver_times_out(tmp_path: Path) -> None:
     _, job = make_job(tmp_path)
     with RecordingLpdServer(LpdScript(silent_at="data_file")) as server, \
-            pytest.raises(SinkUnavailable, match="timed out"):
+            pytest.raises(SinkUnavailable, match="timed out") as info:
         deliver(f"lpd://127.0.0.1:{server.port}/q?timeout=1s", job)
+    assert info.value.reason == "timeout"
 
 
 def test_receiver_closing_mid_job_is_a_retry(tmp_path: Path) -> None:
     _, job = make_job(tmp_path)
     with RecordingLpdServer(LpdScript(close_at="control_header")) as server, \
-            pytest.raises(SinkUnavailable):
+            pytest.raises(SinkUnavailable) as info:
         deliver(f"lpd://127.0.0.1:{server.port}/q", job)
+    assert info.value.reason == "reset"
 
 
 def test_refused_connection_is_a_retry(tmp_path: Path) -> None:
     _, job = make_job(tmp_path)
     with RecordingLpdServer() as server:
         port = server.port
-    with pytest.raises(SinkUnavailable):
+    with pytest.raises(SinkUnavailable) as info:
         deliver(f"lpd://127.0.0.1:{port}/q", job)
+    assert info.value.reason == "refused"
 
 
 def test_empty_data_files_are_left_out(tmp_path: Path) -> None:
@@ -192,3 +201,14 @@ def make_job_in(spool: Spool, n: int) -> JobMeta:
                         formats={name: "l"})
         return await spool.commit(job)
     return trio.run(build)
+
+
+@pytest.mark.parametrize("which", ["control", "data"])
+def test_missing_spool_file_is_spool_file_missing(tmp_path: Path, which: str) -> None:
+    _, job = make_job(tmp_path)
+    path = job.control_path if which == "control" else job.files[1].path
+    os.unlink(path)
+    with RecordingLpdServer() as server, pytest.raises(SpoolFileMissing) as info:
+        deliver(f"lpd://127.0.0.1:{server.port}/q", job)
+    assert (info.value.path, info.value.errno) == (path, errno.ENOENT)
+    assert not server.jobs        # nothing acknowledged as a whole job

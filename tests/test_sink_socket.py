@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import os
 import socket
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from relay.errors import SinkError, SinkRejected, SinkUnavailable
+from relay.errors import SinkError, SinkUnavailable, SpoolFileMissing
 from relay.sinks import Sink, SinkContext, make_sink
 from relay.sinks.base import _stream_buffered
 from relay.sinks.socket import SocketSink
@@ -193,11 +194,12 @@ def test_refused_connection_is_unavailable(tmp_path: Path) -> None:
         run(socket_sink(port).deliver(job))
 
 
-def test_missing_spool_file_holds_the_job(tmp_path: Path) -> None:
+def test_missing_spool_file_is_spool_file_missing(tmp_path: Path) -> None:
     job = make_job(tmp_path, [b"x"])
     os.unlink(job.files[0].path)
-    with pytest.raises(SinkRejected, match="cannot read spool file"):
+    with pytest.raises(SpoolFileMissing, match="cannot be read") as caught:
         deliver_to("record", job)
+    assert (caught.value.path, caught.value.errno) == (job.files[0].path, errno.ENOENT)
 
 
 @pytest.mark.peers

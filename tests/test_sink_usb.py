@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import select
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from relay.errors import SinkRejected, SinkUnavailable
+from relay.errors import SinkUnavailable, SpoolFileMissing
 from relay.sinks import Sink, SinkContext, make_sink
 from relay.sinks.usb import UsbSink
 from relay.uri import parse_destination
@@ -197,14 +198,15 @@ def test_cancelled_delivery_closes_the_device_promptly(tmp_path: Path) -> None:
     reader.join()
 
 
-def test_missing_spool_file_holds_the_job(tmp_path: Path) -> None:
+def test_missing_spool_file_is_spool_file_missing(tmp_path: Path) -> None:
     fifo = tmp_path / "lp0"
     os.mkfifo(fifo)
     reader = FifoReader(fifo)
     job = make_job(tmp_path, [b"x"])
     os.unlink(job.files[0].path)
-    with pytest.raises(SinkRejected, match="cannot read spool file"):
+    with pytest.raises(SpoolFileMissing, match="cannot be read") as caught:
         deliver(device_sink(fifo), job)
+    assert (caught.value.path, caught.value.errno) == (job.files[0].path, errno.ENOENT)
     reader.join()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import grp
 
 import pytest
 from hypothesis import given
@@ -92,6 +93,38 @@ def test_cmd_is_split_like_a_shell_without_expansion(uri: str, argv: tuple[str, 
     assert (dest.scheme, dest.argv) == ("cmd", argv)
 
 
+def test_dir_mode_and_group() -> None:
+    dest = parse_destination("dir:///srv/out")
+    assert (dest.file_mode, dest.group) == (0o640, None)
+    daemon = grp.getgrnam("daemon").gr_gid
+    dest = parse_destination("dir:///srv/out?mode=0660&group=daemon")
+    assert (dest.path, dest.file_mode, dest.group) == ("/srv/out", 0o660, daemon)
+    assert parse_destination("dir:///srv/out?mode=600&group=4242").group == 4242
+    # The same option name is the LPD length form on lpd://.
+    assert parse_destination("lpd://h/q?mode=stream").mode == "stream"
+
+
+@pytest.mark.parametrize(("uri", "fragment"), [
+    ("dir:///o?mode=rw-r-----", "option mode: expected an octal file mode such as 0640"),
+    ("dir:///o?mode=0890", "expected an octal file mode"),
+    ("dir:///o?mode=64", "expected an octal file mode"),
+    ("dir:///o?mode=01640", "expected an octal file mode"),
+    ("dir:///o?mode=4640", "from 0400 to 0777"),
+    ("dir:///o?mode=0040", "that the owner can read"),
+    ("dir:///o?group=no-such-group-xyz", "no group named 'no-such-group-xyz'"),
+    ("dir:///o?group=4294967295", "out of range"),
+    ("dir:///o?group=", "no group named ''"),
+    ("dir:///o?mode=0640&mode=0600", "option 'mode' is given twice"),
+    ("usb:///dev/lp0?group=lp", "option 'group' is only valid for dir://"),
+    ("dir:///o?timeout=5s", "option 'timeout' is only valid for lpd:// and socket://"),
+    ("dir:///o?colour=red", "unknown option 'colour' (valid for dir://: group, mode)"),
+])
+def test_dir_option_refusals(uri: str, fragment: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_destination(uri)
+    assert fragment in str(info.value)
+
+
 def test_destination_is_frozen() -> None:
     dest = parse_destination("socket://p")
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -131,7 +164,7 @@ def test_destination_is_frozen() -> None:
     ("lpd://h/q?batch=\uff12", "option batch"),  # a full-width digit
     ("lpd://h/q?mode", "option 'mode' needs a value"),
     ("lpd://h/q?mode=count&mode=stream", "option 'mode' is given twice"),
-    ("socket://h?mode=stream", "option 'mode' is only valid for lpd:// destinations"),
+    ("socket://h?mode=stream", "option 'mode' is only valid for dir:// and lpd://"),
     ("socket://h/q", "socket:// takes no path"),
     ("socket://:9100", "missing host"),
     ("usb://dev/usb/lp0", "expected usb:///dev/usb/lp0"),

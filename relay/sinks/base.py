@@ -11,6 +11,12 @@ Sinks never import the spool: they see a job through the read-only
 satisfy structurally.  Each sink module registers a factory for its URI scheme;
 ``make_sink`` builds the right one for a ``relay.uri.Destination``.
 
+A spool file is opened only through ``open_spool_file``, so a job whose file
+vanished (purged while it was being delivered) means the same in every sink:
+``relay.errors.SpoolFileMissing``.  A scheme may also register a ``check``,
+run at config time and at start, that names a problem visible before any
+attempt (a ``cmd:`` program not on PATH): ``destination_problem``.
+
 ``stream_file`` is the zero-copy path shared by the socket and command sinks:
 ``os.sendfile`` from the spool file straight into a non-blocking socket or pipe,
 parking on ``trio.lowlevel.wait_writable`` when the kernel buffer is full, so no
@@ -28,6 +34,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from relay.errors import SpoolFileMissing
+
 if TYPE_CHECKING:
     from relay.uri import Destination
 
@@ -37,7 +45,9 @@ __all__ = [
     "Sink",
     "SinkContext",
     "SinkFactory",
+    "destination_problem",
     "make_sink",
+    "open_spool_file",
     "register",
     "registered_schemes",
     "stream_file",
@@ -183,12 +193,17 @@ class Sink(abc.ABC):
 
 
 SinkFactory = Callable[["Destination", SinkContext], Sink]
+DestinationCheck = Callable[["Destination"], "str | None"]
 
 _factories: dict[str, SinkFactory] = {}
+_checks: dict[str, DestinationCheck] = {}
 
 
-def register(scheme: str, factory: SinkFactory) -> None:
+def register(scheme: str, factory: SinkFactory, *, check: DestinationCheck | None = None) -> None:
     """Make ``make_sink`` build ``factory(destination, context)`` for ``scheme``.
+
+    ``check(destination)``, when given, returns a problem that makes the
+    destination unusable before any attempt (or None); see ``destination_problem``.
 
     Registering a different factory for a taken scheme is a programming error
     (two modules claiming one scheme), so it raises instead of silently winning.
@@ -197,6 +212,30 @@ def register(scheme: str, factory: SinkFactory) -> None:
     if existing is not None and existing is not factory:
         raise ValueError(f"sink scheme {scheme!r} is already registered to {existing!r}")
     _factories[scheme] = factory
+    if check is not None:
+        _checks[scheme] = check
+
+
+def destination_problem(destination: Destination) -> str | None:
+    """What stops ``destination`` working now, known without trying it (or None).
+
+    Cheap and side-effect free (a PATH lookup, a group membership), so
+    ``check-config`` and the daemon's start both call it.
+    """
+    check = _checks.get(destination.scheme)
+    return check(destination) if check is not None else None
+
+
+def open_spool_file(path: str) -> int:
+    """Open one of a job's own spool files for reading; ``SpoolFileMissing`` if it cannot be.
+
+    The one way a sink opens spool files, so a vanished file (purged while the
+    job was being delivered) means the same thing for every sink.
+    """
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SpoolFileMissing(path, exc) from exc
 
 
 def registered_schemes() -> tuple[str, ...]:

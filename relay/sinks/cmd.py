@@ -14,10 +14,12 @@ several, a pipe is filled with ``os.sendfile`` from each spool file in turn
 
 Outcome: exit 0 = delivered; 75 (EX_TEMPFAIL, sysexits.h) = retry; any other
 exit = the job is held, with the last ~2 KiB of stderr in the error; a program
-that cannot be started (missing, not executable) = held with a clear message;
-killed by a signal, or still running after ``run_timeout`` (default 10 minutes;
-``cmd:`` URIs have no options, so it is a constructor parameter) = retry — the
-run is then killed with its whole process group.
+that cannot be started (not installed, not executable) = retry, since the
+admin may install it — and ``program_problem`` says so at config time and at
+start, so the destination is DOWN before the first job; killed by a signal,
+or still running after ``run_timeout`` (default 10 minutes; ``cmd:`` URIs have
+no options, so it is a constructor parameter) = retry — the run is then
+killed with its whole process group.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import contextlib
 import math
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 from collections.abc import Sequence
@@ -33,10 +36,17 @@ from collections.abc import Sequence
 import trio
 
 from relay.errors import SinkRejected, SinkUnavailable
-from relay.sinks.base import DeliveryJob, Sink, SinkContext, register, stream_file
+from relay.sinks.base import (
+    DeliveryJob,
+    Sink,
+    SinkContext,
+    open_spool_file,
+    register,
+    stream_file,
+)
 from relay.uri import Destination
 
-__all__ = ["DEFAULT_RUN_TIMEOUT", "EX_TEMPFAIL", "CmdSink", "job_environment"]
+__all__ = ["DEFAULT_RUN_TIMEOUT", "EX_TEMPFAIL", "CmdSink", "job_environment", "program_problem"]
 
 DEFAULT_RUN_TIMEOUT = 600.0
 EX_TEMPFAIL = 75
@@ -90,7 +100,7 @@ class CmdSink(Sink):
             return
         if code is None:
             raise SinkUnavailable(f"cmd: {program} ran longer than {self.run_timeout:g}s "
-                                  f"and was killed{_show(tail)}")
+                                  f"and was killed{_show(tail)}", reason="timeout")
         if code == EX_TEMPFAIL:
             raise SinkUnavailable(f"cmd: {program} exited 75 (temporary failure){_show(tail)}")
         if code < 0:
@@ -147,15 +157,31 @@ class CmdSink(Sink):
         return (None if timed_out else proc.returncode), _decode(tail)
 
 
+def program_problem(destination: Destination) -> str | None:
+    """Why the program of a ``cmd:`` destination cannot be started now, or None.
+
+    Looked up as ``open_process`` will (PATH of this process), so a program
+    that is not installed is reported by ``check-config`` and at start.
+    """
+    program = destination.argv[0]
+    if "/" not in program:
+        return None if shutil.which(program) else f'program "{program}" not found on PATH'
+    if not os.path.isfile(program):
+        return f'program "{program}" not found'
+    if not os.access(program, os.X_OK):
+        return f'program "{program}" is not executable'
+    return None
+
+
 def _open_sources(job: DeliveryJob) -> list[int]:
     fds: list[int] = []
     try:
         for spool_file in job.files:
-            fds.append(os.open(spool_file.path, os.O_RDONLY | os.O_CLOEXEC))
-    except OSError as exc:
+            fds.append(open_spool_file(spool_file.path))
+    except BaseException:
         for fd in fds:
             os.close(fd)
-        raise SinkRejected(f"job {job.id}: cannot read spool file: {exc}") from exc
+        raise
     return fds
 
 
@@ -178,11 +204,13 @@ async def _spawn(argv: Sequence[str], stdin: int,
         return await trio.lowlevel.open_process(
             list(argv), stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             env=env, start_new_session=True)
+    # Not installed or not executable: the admin may fix that, so retry (the
+    # destination shows DOWN with this message) rather than hold every job.
     except FileNotFoundError:
         where = "" if "/" in argv[0] else " on PATH"
-        raise SinkRejected(f"cmd: program {argv[0]!r} not found{where}") from None
+        raise SinkUnavailable(f"cmd: program {argv[0]!r} not found{where}") from None
     except PermissionError:
-        raise SinkRejected(f"cmd: {argv[0]!r} is not executable (permission denied)") from None
+        raise SinkUnavailable(f"cmd: {argv[0]!r} is not executable (permission denied)") from None
     except OSError as exc:
         raise SinkRejected(f"cmd: cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
 
@@ -224,4 +252,4 @@ def _show(tail: str) -> str:
     return f": {tail}" if tail else ""
 
 
-register("cmd", CmdSink)
+register("cmd", CmdSink, check=program_problem)

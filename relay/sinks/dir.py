@@ -11,6 +11,12 @@ partial file, and the spool deletes its copy as soon as ``deliver`` returns, so:
 * file names come from the spool id, never from the wire
   (``<job>-<n>.<ext>``), so a hostile sender cannot pick a path and a
   redelivered job overwrites its earlier copy instead of duplicating it;
+* files are created 0640 and folders 0750, or what ``?mode=`` says (folders
+  get an x bit wherever the file mode has an r bit), with ``fchmod``/``chmod``
+  after creation so the daemon's umask cannot widen or narrow them: hot
+  folders hold patient documents.  ``?group=`` gives them that group
+  (``fchown``, before the mode, since chown may clear mode bits); only what
+  the sink creates is touched, never an existing folder;
 * bytes move with ``os.copy_file_range`` (a reflink or in-kernel copy), falling
   back to ``os.sendfile`` and then a buffered copy, in a worker thread so the
   event loop never waits on the disk.
@@ -27,6 +33,7 @@ import functools
 import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,9 +43,10 @@ import trio
 from relay.errors import SinkRejected, SinkUnavailable
 from relay.groupcommit import fsync_directory
 from relay.queues import folder_name
-from relay.sinks.base import DeliveryJob, Sink, register
+from relay.sinks.base import DeliveryJob, Sink, open_spool_file, register
+from relay.uri import Destination, group_label
 
-__all__ = ["DirSink", "data_file_name", "extension_for"]
+__all__ = ["DirSink", "data_file_name", "dir_mode", "extension_for", "group_problem"]
 
 # RFC 1179 format letters -> the extension a reader's tools expect.  "l" (raw,
 # what Windows and CUPS send for PCL/PostScript/PDF alike) says nothing about
@@ -75,26 +83,51 @@ def data_file_name(job_id: str, index: int, format_letter: str) -> str:
     return f"{job_id}-{index}.{extension_for(format_letter)}"
 
 
-class _SpoolFileError(Exception):
-    """The job's own spool file could not be read (not the hot folder's fault)."""
+def dir_mode(file_mode: int) -> int:
+    """The mode of the folders for files of ``file_mode``: x wherever r is (0640 -> 0750)."""
+    return file_mode | (file_mode & 0o444) >> 2
+
+
+def group_problem(destination: Destination) -> str | None:
+    """Why ``?group=`` cannot be applied by this process (not root, not a member), or None."""
+    gid = destination.group
+    if gid is None or os.geteuid() == 0 or gid == os.getegid() or gid in os.getgroups():
+        return None
+    return (f"group {group_label(gid)}: the daemon's user is not a member, so hot-folder "
+            "files cannot be given this group")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Perms:
+    file_mode: int
+    dir_mode: int
+    gid: int | None
 
 
 class DirSink(Sink):
     """Copy each job into ``<path>/<queue>/`` atomically and durably."""
 
     def describe(self) -> str:
-        return f"hot folder {self.destination.path.rstrip('/')}/<queue>/"
+        d = self.destination
+        where = f"hot folder {d.path.rstrip('/')}/<queue>/"
+        if d.file_mode == 0o640 and d.group is None:
+            return where
+        group = "" if d.group is None else f", group {group_label(d.group)}"
+        return f"{where} (mode {d.file_mode:04o}{group})"
 
     async def deliver(self, job: DeliveryJob) -> None:
         if not _SAFE_ID.fullmatch(job.id):
             raise SinkRejected(f"job id {job.id!r} is not safe as a file name")
-        folder = os.path.join(self.destination.path, folder_name(job.queue, job.wire_queue))
+        d = self.destination
+        folder = os.path.join(d.path, folder_name(job.queue, job.wire_queue))
+        perms = _Perms(file_mode=d.file_mode, dir_mode=dir_mode(d.file_mode), gid=d.group)
         try:
-            await trio.to_thread.run_sync(_write_job, folder, job)
-        except _SpoolFileError as exc:
-            raise SinkRejected(f"job {job.id}: cannot read its spool file: {exc}") from exc
+            await trio.to_thread.run_sync(_write_job, folder, job, perms)
         except OSError as exc:
-            raise SinkUnavailable(_describe_os_error(folder, exc)) from exc
+            hint = ""
+            if d.group is not None and exc.errno == errno.EPERM:
+                hint = f"; giving files group {group_label(d.group)} needs root or membership"
+            raise SinkUnavailable(_describe_os_error(folder, exc) + hint) from exc
 
 
 def _describe_os_error(folder: str, exc: OSError) -> str:
@@ -109,22 +142,22 @@ def _describe_os_error(folder: str, exc: OSError) -> str:
     return f"hot folder {folder}: {exc.strerror or exc} [{code}]{hint}"
 
 
-def _write_job(folder: str, job: DeliveryJob) -> None:
+def _write_job(folder: str, job: DeliveryJob, perms: _Perms) -> None:
     """Runs in a worker thread: data files, directory fsync, metadata, directory fsync."""
-    _ensure_dir(folder)
+    _ensure_dir(folder, perms)
     dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         entries: list[dict[str, Any]] = []
         for index, spool_file in enumerate(job.files, start=1):
             name = data_file_name(job.id, index, spool_file.format)
-            size = _place(dir_fd, name, functools.partial(_copy_from, spool_file.path))
+            size = _place(dir_fd, name, functools.partial(_copy_from, spool_file.path), perms)
             entries.append({"name": spool_file.name, "format": spool_file.format,
                             "bytes": size, "path": os.path.join(folder, name)})
         if entries:
             # Data renames must be durable before the metadata that announces them.
             os.fsync(dir_fd)
         document = orjson.dumps(_metadata(job, entries), option=orjson.OPT_INDENT_2)
-        _place(dir_fd, f"{job.id}.json", lambda fd: _write_all(fd, document))
+        _place(dir_fd, f"{job.id}.json", lambda fd: _write_all(fd, document), perms)
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
@@ -147,29 +180,38 @@ def _metadata(job: DeliveryJob, entries: list[dict[str, Any]]) -> dict[str, Any]
     }
 
 
-def _ensure_dir(path: str) -> None:
+def _ensure_dir(path: str, perms: _Perms) -> None:
     # Create missing folders (the base one too) and fsync each new entry's
     # parent, so the folder itself survives a power loss with the files in it.
     if os.path.isdir(path):
         return
     parent = os.path.dirname(path.rstrip("/")) or "/"
-    _ensure_dir(parent)
+    _ensure_dir(parent, perms)
     try:
-        os.mkdir(path, 0o755)
+        os.mkdir(path, perms.dir_mode)
     except FileExistsError:
         if not os.path.isdir(path):
             raise
         return
+    # mkdir's mode went through the umask: set the real one (group first).
+    if perms.gid is not None:
+        os.chown(path, -1, perms.gid)
+    os.chmod(path, perms.dir_mode)
     fsync_directory(parent)
 
 
-def _place(dir_fd: int, name: str, fill: Callable[[int], int]) -> int:
+def _place(dir_fd: int, name: str, fill: Callable[[int], int], perms: _Perms) -> int:
     """Write ``name`` in ``dir_fd`` via ``.<name>.tmp``: fill, fsync, rename; returns size."""
     tmp = f".{name}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644,
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, perms.file_mode,
                  dir_fd=dir_fd)
     try:
         try:
+            # O_TRUNC on a leftover keeps its old owner/mode, and the umask
+            # narrowed the new one: set both explicitly, before any byte.
+            if perms.gid is not None:
+                os.fchown(fd, -1, perms.gid)
+            os.fchmod(fd, perms.file_mode)
             size = fill(fd)
             os.fsync(fd)
         finally:
@@ -196,10 +238,7 @@ def _write_all(fd: int, data: bytes) -> int:
 
 
 def _copy_from(src_path: str, dst_fd: int) -> int:
-    try:
-        src_fd = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise _SpoolFileError(f"{src_path}: {exc.strerror or exc}") from exc
+    src_fd = open_spool_file(src_path)
     try:
         return _copy_fd(src_fd, dst_fd)
     finally:
@@ -244,4 +283,4 @@ def _copy_buffered(src_fd: int, dst_fd: int) -> int:
     return total
 
 
-register("dir", DirSink)
+register("dir", DirSink, check=group_problem)

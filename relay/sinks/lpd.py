@@ -28,9 +28,9 @@ import trio
 
 from relay import client
 from relay.controlfile import parse_control_file, rewrite
-from relay.errors import LpdError, SinkError, SinkRejected, SinkUnavailable
+from relay.errors import LpdError, SinkError, SinkRejected, SinkUnavailable, reason_for_errno
 from relay.originports import OriginPortPool, PoolSet
-from relay.sinks.base import DeliveryJob, Sink, SinkContext, register
+from relay.sinks.base import DeliveryJob, Sink, SinkContext, open_spool_file, register
 from relay.uri import Destination
 
 
@@ -77,7 +77,7 @@ class LpdSink(Sink):
                               closer=release)
 
     def _prepare(self, job: DeliveryJob) -> tuple[str, bytes, list[client.OutFile]]:
-        with open(job.control_path, "rb") as f:
+        with open(open_spool_file(job.control_path), "rb") as f:
             raw = f.read()
         try:
             cf = parse_control_file(raw)
@@ -125,9 +125,11 @@ class LpdSink(Sink):
         except SinkError as exc:
             return done, exc
         except trio.TooSlowError:
-            return done, SinkUnavailable(f"{d.host}:{d.port} timed out after {d.timeout:g}s")
+            return done, SinkUnavailable(f"{d.host}:{d.port} timed out after {d.timeout:g}s",
+                                         reason="timeout")
         except OSError as exc:
-            return done, SinkUnavailable(f"{d.host}:{d.port}: {exc}")
+            return done, SinkUnavailable(f"{d.host}:{d.port}: {exc}",
+                                         reason=reason_for_errno(exc.errno))
         finally:
             await ch.aclose()
         return done, None

@@ -28,8 +28,8 @@ import socket as stdsocket
 
 import trio
 
-from relay.errors import SinkRejected, SinkUnavailable
-from relay.sinks.base import DeliveryJob, Sink, register, stream_file
+from relay.errors import SinkUnavailable, reason_for_errno
+from relay.sinks.base import DeliveryJob, Sink, open_spool_file, register, stream_file
 from relay.uri import format_hostport
 
 __all__ = ["SocketSink"]
@@ -64,14 +64,16 @@ class SocketSink(Sink):
                     await _drain(sock)
         except trio.TooSlowError:
             raise SinkUnavailable(
-                f"socket: timed out after {timeout:g}s {phase} {self._where()}") from None
+                f"socket: timed out after {timeout:g}s {phase} {self._where()}",
+                reason="timeout") from None
         except stdsocket.gaierror as exc:
             raise SinkUnavailable(
                 f"socket: cannot resolve {self.destination.host!r}: {exc.strerror}") from exc
         except OSError as exc:
             code = errno.errorcode.get(exc.errno or 0, "?")
             raise SinkUnavailable(
-                f"socket: {exc.strerror or exc} [{code}] {phase} {self._where()}") from exc
+                f"socket: {exc.strerror or exc} [{code}] {phase} {self._where()}",
+                reason=reason_for_errno(exc.errno)) from exc
 
 
 async def _connect(host: str, port: int) -> trio.socket.SocketType:
@@ -91,11 +93,7 @@ async def _connect(host: str, port: int) -> trio.socket.SocketType:
 
 
 async def _send_file(sock: trio.socket.SocketType, path: str, *, idle_timeout: float) -> None:
-    try:
-        src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        # The job's own file is gone: no retry can fix that, so hold the job.
-        raise SinkRejected(f"cannot read spool file {path}: {exc.strerror or exc}") from exc
+    src = open_spool_file(path)
     try:
         await stream_file(sock.fileno(), src, idle_timeout=idle_timeout)
     finally:

@@ -31,8 +31,8 @@ import time
 
 import trio
 
-from relay.errors import SinkRejected, SinkUnavailable
-from relay.sinks.base import DeliveryJob, Sink, register
+from relay.errors import SinkUnavailable
+from relay.sinks.base import DeliveryJob, Sink, open_spool_file, register
 
 __all__ = ["UsbSink"]
 
@@ -61,10 +61,6 @@ class _Stopped(Exception):
     """The delivery was cancelled; the thread closed the device and left."""
 
 
-class _SpoolFileError(Exception):
-    """The job's own spool file could not be read."""
-
-
 class UsbSink(Sink):
     """Write each job's data files to a printer device."""
 
@@ -80,11 +76,10 @@ class UsbSink(Sink):
             # Abandon on cancel: the thread sees ``stop`` within one poll slice,
             # and closes the device itself.
             await trio.to_thread.run_sync(work, abandon_on_cancel=True)
-        except _SpoolFileError as exc:
-            raise SinkRejected(f"job {job.id}: {exc}") from exc
         except _Stalled:
             raise SinkUnavailable(f"usb: {device} accepted no data for {stall:g}s "
-                                  "(printer offline, out of paper or jammed?)") from None
+                                  "(printer offline, out of paper or jammed?)",
+                                  reason="timeout") from None
         except OSError as exc:
             hint = _HINTS.get(exc.errno or 0, exc.strerror or str(exc))
             code = errno.errorcode.get(exc.errno or 0, "?")
@@ -101,10 +96,7 @@ def _print_job(device: str, sources: list[str], stall: float, stop: threading.Ev
     try:
         total = 0
         for path in sources:
-            try:
-                src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise _SpoolFileError(f"cannot read spool file {path}: {exc.strerror}") from exc
+            src = open_spool_file(path)
             try:
                 total += _copy(fd, src, stall, stop)
             finally:
