@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SRC    := pyproject.toml setup.py relay/_core.pyx $(wildcard relay/*.pxi)
 
-.PHONY: run test bench lint typecheck peers install clean
+.PHONY: run test bench lint typecheck peers install clean deb deb-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,14 @@ test: install peers lint typecheck
 bench: install peers
 	$(BIN)/python -m pytest -q --benchmark-only --benchmark-columns=min,median,mean,ops,rounds benchmarks
 	$(BIN)/python -m pytest -q -m slow tests
+
+# The Debian package into dist/ (docs/packaging.md); its build dependencies
+# are installed with apt-get when root. Not part of `make test`.
+deb-deps:
+	@bash scripts/install-deb-deps.sh
+
+deb: install
+	@bash scripts/build-deb.sh $(DEB_FLAGS)
 
 clean:
 	rm -rf build relay/_core.c relay/_core*.so *.egg-info .pytest_cache .mypy_cache .ruff_cache
