@@ -95,7 +95,24 @@ copy_tree() {
     fi
     mkdir -p "$dest/build"
     cp -r build/man build/completions "$dest/build/"
-    cp -r "$WORK/wheelhouse" "$dest/debian/wheelhouse"
+    copy_pinned_wheels "$dest/debian/wheelhouse"
+}
+
+# Only the pinned wheels go into the package build, whatever else an older
+# pin left in the wheelhouse.
+copy_pinned_wheels() {
+    local dest=$1 line name version wheel base
+    mkdir -p "$dest"
+    while IFS= read -r line; do
+        line=${line%%#*}
+        [[ $line == *==* ]] || continue
+        name=$(tr 'A-Z.-' 'a-z__' <<<"${line%%==*}" | tr -d ' ')
+        version=$(tr -d ' ' <<<"${line##*==}")
+        for wheel in "$WORK/wheelhouse"/*.whl; do
+            base=$(tr 'A-Z' 'a-z' <<<"${wheel##*/}")
+            if [[ $base == "$name-$version-"* ]]; then cp "$wheel" "$dest/"; fi
+        done
+    done < <(cat debian/requirements.txt debian/requirements-build.txt)
 }
 
 main() {
