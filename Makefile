@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SRC    := pyproject.toml setup.py relay/_core.pyx $(wildcard relay/*.pxi)
 
-.PHONY: run test bench lint typecheck peers install clean man completions
+.PHONY: run test bench lint typecheck peers install clean man completions deb deb-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,8 +47,16 @@ man: install
 
 completions: install
 	@mkdir -p build/completions
-	$(BIN)/lpd-relay completion bash > build/completions/lpd-relay
+	$(BIN)/lpd-relay completion bash > build/completions/lpd-relay.bash
 	$(BIN)/lpd-relay completion zsh > build/completions/_lpd-relay
+
+# The Debian package into dist/ (docs/packaging.md); its build dependencies
+# are installed with apt-get when root. Not part of `make test`.
+deb-deps:
+	@bash scripts/install-deb-deps.sh
+
+deb: install
+	@bash scripts/build-deb.sh $(DEB_FLAGS)
 
 clean:
 	rm -rf build relay/_core.c relay/_core*.so *.egg-info .pytest_cache .mypy_cache .ruff_cache
