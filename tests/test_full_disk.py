@@ -1,0 +1,188 @@
+"""A full disk during an outage, for real: the spool on a 2 MiB tmpfs that another
+process fills to the last byte while the destination is down, in both orders
+(full while the relay runs, then kill -9 and a restart on the still-full disk;
+full before it starts).  The relay must stay up, answer lpq and lprm, refuse
+new jobs with 0x02 and a line, keep its retry bookkeeping, start on the full
+disk, drain when the destination returns, and take new jobs again by itself
+(docs/spool.md, "A full disk")."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import relay_config, write_config_file
+from tests.lpdwire import Job, Wire, send_job
+from tests.relayproc import LoggedRelay, PrivateTmpfs, wait_until
+from tests.test_recovery import closed_port
+
+pytestmark = pytest.mark.root
+
+PAYLOAD = 100_000   # bytes per job: five fill a quarter of the tmpfs
+
+
+class Printer:
+    """A socket:// printer on ``port`` that takes each job to EOF, then closes."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_server(("127.0.0.1", port))
+        self.sock.settimeout(0.2)
+        self.jobs: list[bytes] = []
+        self._stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed by close()
+                return
+            with conn:
+                conn.settimeout(30)
+                data = bytearray()
+                while chunk := conn.recv(65536):
+                    data += chunk
+                self.jobs.append(bytes(data))
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[PrivateTmpfs]:
+    fs = PrivateTmpfs(tmp_path / "spool", "2m")
+    yield fs
+    fs.close()
+
+
+def config(tmp_path: Path, port: int) -> Path:
+    data = relay_config(tmp_path, metrics={"listen": ""},
+                        retry={"initial": "200ms", "max": "500ms", "give_up_after": "1h"},
+                        queues={"q": {"destinations": [f"socket://127.0.0.1:{port}"]}})
+    return write_config_file(tmp_path / "relay.toml", data)
+
+
+def payload(i: int) -> bytes:
+    return (f"job {i} ".encode() * PAYLOAD)[:PAYLOAD]
+
+
+def lpq_ids(relay: LoggedRelay) -> list[str]:
+    with Wire(relay.port) as w:
+        w.send(b"\x04q\n")
+        text = w.read_all().decode()
+    return [line.rsplit(" ", 1)[1] for line in text.splitlines() if "spool id" in line]
+
+
+def refused_full(relay: LoggedRelay) -> bytes:
+    """A new job's first answer on the full disk (the whole answer, code first)."""
+    with Wire(relay.port) as w:
+        w.send(b"\x02q\n")
+        return w.read_all()
+
+
+def attempts_after(relay: LoggedRelay, mark: int, n: int) -> None:
+    """Wait for ``n`` failed delivery attempts logged after line ``mark``."""
+    wait_until(lambda: sum('"delivery_failed"' in line for line in relay.lines[mark:]) >= n)
+
+
+def spool_jobs(fs: PrivateTmpfs) -> list[str]:
+    return sorted(p.name for p in fs.inside(fs.path / "jobs").iterdir() if p.suffix == ".json")
+
+
+def test_full_while_running_then_kill9_and_restart_on_the_full_disk(
+        tmp_path: Path, tmpfs: PrivateTmpfs) -> None:
+    t0 = time.monotonic()
+    timeline: dict[str, float] = {}
+    port = closed_port()
+    cfg = config(tmp_path, port)
+    relay = LoggedRelay(cfg, wrapper=tmpfs.wrapper).start()
+    printer = None
+    try:
+        for i in range(5):
+            assert all(r == 0 for r in send_job(relay.port, Job(number=f"{i:03d}",
+                                                               files=[payload(i)])))
+        attempts_after(relay, 0, 1)
+        mark = len(relay.lines)
+        tmpfs.fill()
+        timeline["disk full"] = time.monotonic() - t0
+        # Failed attempts go on: their bookkeeping no longer has a byte to write.
+        attempts_after(relay, mark, 3)
+        assert relay.events("spool_write_deferred"), "no state write was refused"
+        assert relay.alive()
+        ids = lpq_ids(relay)
+        assert len(ids) == 5
+        answer = refused_full(relay)
+        assert answer.startswith(b"\x02lpd-relay: ") and b"disk" in answer, answer
+        # lprm answers and removes, freeing space; something else takes it again.
+        with Wire(relay.port) as w:
+            w.send(b"\x05q alice 004\n")
+            assert b"dequeued" in w.read_all()
+        assert lpq_ids(relay) == ids[:4]
+        tmpfs.fill("filler2")
+        assert relay.alive() and not relay.tracebacks()
+        timeline["checked while full"] = time.monotonic() - t0
+        relay.kill9()
+        assert tmpfs.free() == 0
+        relay = LoggedRelay(cfg, wrapper=tmpfs.wrapper).start()
+        timeline["restarted on the full disk"] = time.monotonic() - t0
+        assert any("4 job(s) recovered" in line for line in relay.banner), relay.banner
+        assert lpq_ids(relay) == ids[:4]
+        assert refused_full(relay).startswith(b"\x02lpd-relay: ")
+        printer = Printer(port)
+        timeline["destination up"] = time.monotonic() - t0
+        wait_until(lambda: len(printer.jobs) >= 4 and not spool_jobs(tmpfs))
+        timeline["drained"] = time.monotonic() - t0
+        assert printer.jobs == [payload(i) for i in range(4)]
+        assert tmpfs.free() >= 4 * PAYLOAD
+        # Intake resumes by itself: nothing was restarted or cleaned up.
+        assert all(r == 0 for r in send_job(relay.port, Job(number="005", files=[b"again\n"])))
+        wait_until(lambda: len(printer.jobs) == 5)
+        timeline["new job delivered"] = time.monotonic() - t0
+        assert printer.jobs[4] == b"again\n" and relay.alive()
+        assert not relay.tracebacks()
+    finally:
+        relay.kill9() if relay.alive() else None
+        if printer is not None:
+            printer.close()
+    print("full-disk timeline (s):", {k: round(v, 2) for k, v in timeline.items()})
+
+
+def test_full_before_start_starts_lists_and_drains(tmp_path: Path, tmpfs: PrivateTmpfs) -> None:
+    port = closed_port()
+    cfg = config(tmp_path, port)
+    relay = LoggedRelay(cfg, wrapper=tmpfs.wrapper).start()
+    try:
+        for i in range(3):
+            assert all(r == 0 for r in send_job(relay.port, Job(number=f"{i:03d}",
+                                                               files=[payload(i)])))
+    finally:
+        assert relay.terminate() == 0
+    tmpfs.fill()
+    relay = LoggedRelay(cfg, wrapper=tmpfs.wrapper).start()
+    printer = None
+    try:
+        assert any("3 job(s) recovered" in line for line in relay.banner), relay.banner
+        # The id reservation and daemon.json could not be written: it started anyway.
+        wait_until(lambda: relay.events("spool_ids_not_reserved"))
+        assert len(lpq_ids(relay)) == 3
+        assert refused_full(relay).startswith(b"\x02lpd-relay: ")
+        attempts_after(relay, 0, 2)
+        assert relay.alive()
+        printer = Printer(port)
+        wait_until(lambda: len(printer.jobs) >= 3 and not spool_jobs(tmpfs))
+        assert printer.jobs == [payload(i) for i in range(3)]
+        assert all(r == 0 for r in send_job(relay.port, Job(number="003", files=[b"more\n"])))
+        wait_until(lambda: len(printer.jobs) == 4)
+        assert not relay.tracebacks()
+    finally:
+        relay.kill9() if relay.alive() else None
+        if printer is not None:
+            printer.close()
