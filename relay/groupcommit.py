@@ -195,17 +195,25 @@ def write_atomic(path: str, data: bytes, *, fsync: bool) -> None:
         fsync_directory(head)
 
 
-def overwrite(path: str, data: bytes) -> None:
-    """Put ``data`` into the existing file ``path`` in place (no new name, no new inode).
+def overwrite(path: str, data: bytes, *, fsync: bool = False) -> None:
+    """Put the JSON ``data`` into the existing file ``path`` in place, in one write.
 
-    Not atomic — for a small file whose readers tolerate a torn one — but it
-    needs no free space when ``data`` fits in the blocks the file already has
-    (ext4, XFS, tmpfs; a copy-on-write file system may still say ENOSPC).
+    For a full disk: no new name, inode or block is needed when ``data`` fits
+    in the blocks the file already has (ext4, XFS, tmpfs), else it raises
+    ENOSPC before writing anything.  Padded with spaces (JSON ignores them) to
+    the old size, so there is no truncate to tear.  Not atomic: a reader or a
+    power loss may see a mix of old and new — only for files read leniently.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        write_all(fd, data)
-        os.ftruncate(fd, len(data))
+        st = os.fstat(fd)
+        if len(data) > max(st.st_size, st.st_blocks * 512):
+            raise OSError(errno.ENOSPC, "record larger than the blocks the file has")
+        padded = data.ljust(st.st_size)
+        if os.pwrite(fd, padded, 0) != len(padded):
+            raise OSError(errno.EIO, "short write in place")
+        if fsync:
+            os.fdatasync(fd)
     finally:
         os.close(fd)
 

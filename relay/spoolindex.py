@@ -15,12 +15,13 @@ keeps one; the CLI reads and writes the files directly and sees any error.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
 from relay import log
-from relay.groupcommit import disk_error, unlink_quiet, write_atomic
+from relay.groupcommit import disk_error, overwrite, unlink_quiet, write_atomic
 from relay.spoolformat import JobMeta, encode_state
 
 # A job's files in removal order: the .json first — from then on the job does
@@ -130,8 +131,25 @@ class SpoolIndex:
 
 
 def write_state(jobs_dir: str, meta: JobMeta, *, fsync: bool) -> None:
-    """Replace ``<id>.state`` with the delivery state of ``meta`` (atomic; OSError as is)."""
-    write_atomic(os.path.join(jobs_dir, f"{meta.id}.state"), encode_state(meta), fsync=fsync)
+    """Replace ``<id>.state`` with the delivery state of ``meta``; OSError as is.
+
+    Atomic (dot-temp and rename) while the disk has room.  On a full disk an
+    existing ``.state`` takes the record in place, in its own blocks, so a
+    job that failed before keeps its retry count and holds on disk: a torn
+    one reads as the defaults (spoolformat.with_state), what a lost write
+    would cost anyway.
+    """
+    path = os.path.join(jobs_dir, f"{meta.id}.state")
+    record = encode_state(meta)
+    try:
+        write_atomic(path, record, fsync=fsync)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        try:
+            overwrite(path, record, fsync=fsync)
+        except OSError:
+            raise exc from None
 
 
 def unlink_job(jobs_dir: str, job_id: str, data_paths: Iterable[str]) -> None:

@@ -4,16 +4,23 @@ process fills to the last byte while the destination is down, in both orders
 full before it starts).  The relay must stay up, answer lpq and lprm, refuse
 new jobs with 0x02 and a line, keep its retry bookkeeping, start on the full
 disk, drain when the destination returns, and take new jobs again by itself
-(docs/spool.md, "A full disk")."""
+(docs/spool.md, "A full disk").
+
+Retries wait an hour; each attempt is asked for with 0x01 (which resets the
+backoff, SPEC §4.1), so the test decides when attempts happen: two workers
+try jobs 0 and 1 — job 0 has a .state from before the disk filled (written in
+place), job 1 gets its first one on the full disk (kept in memory)."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from tests.daemon import relay_config, write_config_file
@@ -24,6 +31,8 @@ from tests.test_recovery import closed_port
 pytestmark = pytest.mark.root
 
 PAYLOAD = 100_000   # bytes per job: five fill a quarter of the tmpfs
+# 0x01 from a reserved source port (as root), a fresh one each time: no TIME_WAIT clash.
+SOURCE_PORTS = itertools.count(600)
 
 
 class Printer:
@@ -65,8 +74,9 @@ def tmpfs(tmp_path: Path) -> Iterator[PrivateTmpfs]:
 
 def config(tmp_path: Path, port: int) -> Path:
     data = relay_config(tmp_path, metrics={"listen": ""},
-                        retry={"initial": "200ms", "max": "500ms", "give_up_after": "1h"},
-                        queues={"q": {"destinations": [f"socket://127.0.0.1:{port}"]}})
+                        retry={"initial": "1h", "max": "1h", "give_up_after": "24h"},
+                        queues={"q": {"destinations": [f"socket://127.0.0.1:{port}"],
+                                      "concurrency": 2}})
     return write_config_file(tmp_path / "relay.toml", data)
 
 
@@ -88,9 +98,23 @@ def refused_full(relay: LoggedRelay) -> bytes:
         return w.read_all()
 
 
-def attempts_after(relay: LoggedRelay, mark: int, n: int) -> None:
-    """Wait for ``n`` failed delivery attempts logged after line ``mark``."""
-    wait_until(lambda: sum('"delivery_failed"' in line for line in relay.lines[mark:]) >= n)
+def failures(relay: LoggedRelay) -> int:
+    return len(relay.events("delivery_failed"))
+
+
+def attempt_now(relay: LoggedRelay, n: int = 2) -> None:
+    """0x01: try the queue now; wait for ``n`` more failed attempts."""
+    before = failures(relay)
+    with Wire(relay.port, source_port=next(SOURCE_PORTS)) as w:
+        w.send(b"\x01q\n")
+        assert w.reply() == 0
+    wait_until(lambda: failures(relay) >= before + n)
+
+
+def attempts_on_disk(fs: PrivateTmpfs, job_id: str) -> int | None:
+    """The attempt count in the job's .state (None: no .state file)."""
+    path = fs.inside(fs.path / "jobs" / f"{job_id}.state")
+    return int(orjson.loads(path.read_bytes())["attempts"]) if path.exists() else None
 
 
 def spool_jobs(fs: PrivateTmpfs) -> list[str]:
@@ -106,19 +130,23 @@ def test_full_while_running_then_kill9_and_restart_on_the_full_disk(
     relay = LoggedRelay(cfg, wrapper=tmpfs.wrapper).start()
     printer = None
     try:
-        for i in range(5):
+        assert all(r == 0 for r in send_job(relay.port, Job(number="000", files=[payload(0)])))
+        wait_until(lambda: failures(relay) == 1)   # job 0 failed once: it has a .state
+        for i in range(1, 5):
             assert all(r == 0 for r in send_job(relay.port, Job(number=f"{i:03d}",
                                                                files=[payload(i)])))
-        attempts_after(relay, 0, 1)
-        mark = len(relay.lines)
+        ids = lpq_ids(relay)
+        assert len(ids) == 5 and attempts_on_disk(tmpfs, ids[0]) == 1
         tmpfs.fill()
         timeline["disk full"] = time.monotonic() - t0
-        # Failed attempts go on: their bookkeeping no longer has a byte to write.
-        attempts_after(relay, mark, 3)
-        assert relay.events("spool_write_deferred"), "no state write was refused"
-        assert relay.alive()
-        ids = lpq_ids(relay)
-        assert len(ids) == 5
+        # Failed attempts go on, their bookkeeping with no byte free to write:
+        # job 0's in place, job 1's (its first) kept in memory.
+        for _ in range(3):
+            attempt_now(relay)
+        assert attempts_on_disk(tmpfs, ids[0]) == 4
+        assert attempts_on_disk(tmpfs, ids[1]) is None
+        assert [e["job"] for e in relay.events("spool_write_deferred")] == [ids[1]]
+        assert relay.alive() and lpq_ids(relay) == ids
         answer = refused_full(relay)
         assert answer.startswith(b"\x02lpd-relay: ") and b"disk" in answer, answer
         # lprm answers and removes, freeing space; something else takes it again.
@@ -135,12 +163,19 @@ def test_full_while_running_then_kill9_and_restart_on_the_full_disk(
         timeline["restarted on the full disk"] = time.monotonic() - t0
         assert any("4 job(s) recovered" in line for line in relay.banner), relay.banner
         assert lpq_ids(relay) == ids[:4]
+        # The start tries jobs 0 and 1 once more.  What the crash cost: job 1's
+        # retry count, kept only in memory (it starts again from 0); no job.
+        wait_until(lambda: failures(relay) >= 2)
+        assert (attempts_on_disk(tmpfs, ids[0]), attempts_on_disk(tmpfs, ids[1])) == (5, None)
         assert refused_full(relay).startswith(b"\x02lpd-relay: ")
         printer = Printer(port)
         timeline["destination up"] = time.monotonic() - t0
+        with Wire(relay.port, source_port=next(SOURCE_PORTS)) as w:
+            w.send(b"\x01q\n")
+            assert w.reply() == 0
         wait_until(lambda: len(printer.jobs) >= 4 and not spool_jobs(tmpfs))
         timeline["drained"] = time.monotonic() - t0
-        assert printer.jobs == [payload(i) for i in range(4)]
+        assert sorted(printer.jobs) == [payload(i) for i in range(4)]
         assert tmpfs.free() >= 4 * PAYLOAD
         # Intake resumes by itself: nothing was restarted or cleaned up.
         assert all(r == 0 for r in send_job(relay.port, Job(number="005", files=[b"again\n"])))
@@ -174,11 +209,14 @@ def test_full_before_start_starts_lists_and_drains(tmp_path: Path, tmpfs: Privat
         wait_until(lambda: relay.events("spool_ids_not_reserved"))
         assert len(lpq_ids(relay)) == 3
         assert refused_full(relay).startswith(b"\x02lpd-relay: ")
-        attempts_after(relay, 0, 2)
+        attempt_now(relay)
         assert relay.alive()
         printer = Printer(port)
+        with Wire(relay.port, source_port=next(SOURCE_PORTS)) as w:
+            w.send(b"\x01q\n")
+            assert w.reply() == 0
         wait_until(lambda: len(printer.jobs) >= 3 and not spool_jobs(tmpfs))
-        assert printer.jobs == [payload(i) for i in range(3)]
+        assert sorted(printer.jobs) == [payload(i) for i in range(3)]
         assert all(r == 0 for r in send_job(relay.port, Job(number="003", files=[b"more\n"])))
         wait_until(lambda: len(printer.jobs) == 4)
         assert not relay.tracebacks()

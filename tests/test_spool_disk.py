@@ -77,6 +77,30 @@ def test_a_refused_state_write_holds_in_memory_and_is_written_later(
     assert reader.get(meta.id) == held
 
 
+def test_on_a_full_disk_an_existing_state_file_takes_the_record_in_place(
+        spool: Spool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    disk = Refusing(monkeypatch)
+    meta = commit(spool)
+    long = dataclasses.replace(meta, attempts=1, last_error="x" * 300)
+    spool.update(long)                          # while there is room: a .state exists
+    disk.on = True
+    state = tmp_path / "spool" / "jobs" / f"{meta.id}.state"
+    inode = state.stat().st_ino
+    short = dataclasses.replace(meta, state="held", attempts=2, last_error="held")
+    spool.update(short, durable=True)
+    assert spool.save_unsaved() == 0            # nothing owed: it is on disk
+    assert state.stat().st_ino == inode         # the same file, no new name or block
+    assert Spool(tmp_path / "spool").get(meta.id) == short   # padding parses
+
+
+def test_overwrite_refuses_what_the_file_has_no_blocks_for(tmp_path: Path) -> None:
+    path = tmp_path / "small"
+    path.write_bytes(b"{}")
+    with pytest.raises(OSError) as info:
+        groupcommit.overwrite(str(path), b"[" + b"0," * 40_000 + b"0]")
+    assert info.value.errno == errno.ENOSPC and path.read_bytes() == b"{}"
+
+
 def test_unsaved_state_is_written_at_a_clean_stop(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     disk = Refusing(monkeypatch)
