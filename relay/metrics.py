@@ -89,7 +89,8 @@ class Metrics:
 
     def set_spool(self, by_queue_state: Mapping[tuple[str, str], int], bytes: int,
                   free: int) -> None:
-        """Set the spool gauges from a snapshot, e.g. the spool scanned at start.
+        """Set the spool gauges from a snapshot (a tool, a test; the daemon uses
+        ``follow_spool``, which overrides these values).
 
         ``by_queue_state`` maps (queue, state) to a job count; unconfigured
         queues are summed under ``"other"``; pairs not in the snapshot become 0.

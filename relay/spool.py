@@ -9,11 +9,17 @@ are metadata, never paths:
     <id>.cf     the raw control file
     <id>.json   immutable job metadata, written last (dot-temp + rename)
     <id>.state  delivery state, replaced atomically by the scheduler and CLI
+                (in place on a full disk)
 
 A job exists iff its ``.json`` parses and every file it lists has the recorded
 size; anything else is debris, removed and counted by ``recover()``.  Under
 ``fsync`` the ``.json`` publications of concurrent jobs share one flush
 (``relay.groupcommit``), so durability does not cost one fsync per job.
+
+Nothing the daemon does to a stored job needs free space: a state change or
+removal the disk refuses is kept in its ``SpoolIndex`` (``relay.spoolindex``,
+also the source of the spool gauges) and written when the disk takes it
+(docs/spool.md, "A full disk").
 
 This module is the ``Spool`` itself: the lock, ids, commit, and reading and
 changing stored jobs.  Receiving one job is ``relay.spooljob``, the start-up

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import itertools
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -72,11 +74,13 @@ def tmpfs(tmp_path: Path) -> Iterator[PrivateTmpfs]:
     fs.close()
 
 
-def config(tmp_path: Path, port: int) -> Path:
+def config(tmp_path: Path, port: int, *, stuck: bool = False) -> Path:
+    queues = {"q": {"destinations": [f"socket://127.0.0.1:{port}"], "concurrency": 2}}
+    if stuck:   # every job held at once: `false` exits 1 (SPEC §3.3)
+        queues["stuck"] = {"destinations": ["cmd:false"]}
     data = relay_config(tmp_path, metrics={"listen": ""},
                         retry={"initial": "1h", "max": "1h", "give_up_after": "24h"},
-                        queues={"q": {"destinations": [f"socket://127.0.0.1:{port}"],
-                                      "concurrency": 2}})
+                        queues=queues)
     return write_config_file(tmp_path / "relay.toml", data)
 
 
@@ -89,6 +93,16 @@ def lpq_ids(relay: LoggedRelay) -> list[str]:
         w.send(b"\x04q\n")
         text = w.read_all().decode()
     return [line.rsplit(" ", 1)[1] for line in text.splitlines() if "spool id" in line]
+
+
+def cli_list(fs: PrivateTmpfs, cfg: Path) -> list[str]:
+    """The job ids ``lpd-relay spool list`` prints, run inside the namespace."""
+    res = subprocess.run([*fs.wrapper, sys.executable, "-m", "relay", "spool", "list",
+                          "-c", str(cfg)], capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return [line.split()[0] for line in res.stdout.splitlines() if line[:1].isdigit()
+            and " job(s)" not in line]
 
 
 def refused_full(relay: LoggedRelay) -> bytes:
@@ -146,7 +160,7 @@ def test_full_while_running_then_kill9_and_restart_on_the_full_disk(
         assert attempts_on_disk(tmpfs, ids[0]) == 4
         assert attempts_on_disk(tmpfs, ids[1]) is None
         assert [e["job"] for e in relay.events("spool_write_deferred")] == [ids[1]]
-        assert relay.alive() and lpq_ids(relay) == ids
+        assert relay.alive() and lpq_ids(relay) == ids == cli_list(tmpfs, cfg)
         answer = refused_full(relay)
         assert answer.startswith(b"\x02lpd-relay: ") and b"disk" in answer, answer
         # lprm answers and removes, freeing space; something else takes it again.
@@ -190,32 +204,44 @@ def test_full_while_running_then_kill9_and_restart_on_the_full_disk(
     print("full-disk timeline (s):", {k: round(v, 2) for k, v in timeline.items()})
 
 
-def test_full_before_start_starts_lists_and_drains(tmp_path: Path, tmpfs: PrivateTmpfs) -> None:
+def test_full_before_start_starts_lists_releases_and_drains(
+        tmp_path: Path, tmpfs: PrivateTmpfs) -> None:
     port = closed_port()
-    cfg = config(tmp_path, port)
+    cfg = config(tmp_path, port, stuck=True)
     relay = LoggedRelay(cfg, wrapper=tmpfs.wrapper).start()
     try:
         for i in range(3):
             assert all(r == 0 for r in send_job(relay.port, Job(number=f"{i:03d}",
                                                                files=[payload(i)])))
+        assert all(r == 0 for r in send_job(relay.port, Job(queue="stuck", number="100")))
+        wait_until(lambda: relay.events("job_held"))
     finally:
         assert relay.terminate() == 0
     tmpfs.fill()
     relay = LoggedRelay(cfg, wrapper=tmpfs.wrapper).start()
     printer = None
     try:
-        assert any("3 job(s) recovered" in line for line in relay.banner), relay.banner
-        # The id reservation and daemon.json could not be written: it started anyway.
+        assert any("4 job(s) recovered" in line for line in relay.banner), relay.banner
+        # No id block could be reserved: it started anyway, and refuses intake.
         wait_until(lambda: relay.events("spool_ids_not_reserved"))
         assert len(lpq_ids(relay)) == 3
         assert refused_full(relay).startswith(b"\x02lpd-relay: ")
         attempt_now(relay)
+        # `spool retry` cannot write on the full disk; the daemon releases the
+        # job itself, tries it, and holds it again (in place: attempts 2).
+        held = [i for i in cli_list(tmpfs, cfg) if i not in lpq_ids(relay)]
+        res = subprocess.run([*tmpfs.wrapper, sys.executable, "-m", "relay", "spool", "retry",
+                              held[0], "-c", str(cfg)], capture_output=True, text=True,
+                             timeout=60, check=False)
+        assert res.returncode == 0, res.stdout + res.stderr
+        wait_until(lambda: relay.events("job_held"))
+        assert attempts_on_disk(tmpfs, held[0]) == 2
         assert relay.alive()
         printer = Printer(port)
         with Wire(relay.port, source_port=next(SOURCE_PORTS)) as w:
             w.send(b"\x01q\n")
             assert w.reply() == 0
-        wait_until(lambda: len(printer.jobs) >= 3 and not spool_jobs(tmpfs))
+        wait_until(lambda: len(printer.jobs) >= 3 and spool_jobs(tmpfs) == [f"{held[0]}.json"])
         assert sorted(printer.jobs) == [payload(i) for i in range(3)]
         assert all(r == 0 for r in send_job(relay.port, Job(number="003", files=[b"more\n"])))
         wait_until(lambda: len(printer.jobs) == 4)

@@ -19,10 +19,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from relay import groupcommit, spoolindex
+from relay import app, groupcommit, spoolindex
 from relay.errors import DiskFull
 from relay.metrics import Metrics
 from relay.spool import Spool
@@ -208,6 +209,22 @@ def test_spool_gauges_follow_commit_state_and_removal_at_once(
     assert v("other", "queued") == 0
     spool.remove(a.id)
     assert v("q", "held") == 0 and registry.get_sample_value("lpdrelay_spool_bytes") == 0
+
+
+def test_daemon_info_on_a_full_disk_never_stops_the_daemon(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(path: str, data: bytes, *, fsync: bool) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    info = tmp_path / app.DAEMON_INFO
+    assert app.write_daemon_info(tmp_path, [("127.0.0.1", 5515)])
+    monkeypatch.setattr(app, "write_atomic", full)
+    # The last daemon's file takes the new address in place ...
+    assert app.write_daemon_info(tmp_path, [("127.0.0.1", 40000)])
+    assert orjson.loads(info.read_bytes())["lpd"] == [["127.0.0.1", 40000]]
+    # ... and without one the daemon goes on and tries again later.
+    info.unlink()
+    assert app.write_daemon_info(tmp_path, [("127.0.0.1", 40001)]) is False
+    assert not info.exists()
 
 
 MODES_SCRIPT = """
