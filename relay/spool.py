@@ -145,10 +145,8 @@ class Spool:
         try:
             self._reserve()
         except OSError as exc:
-            # A full disk must not keep the daemon from starting and draining:
-            # no id is handed out before a reservation is durable, so begin()
-            # tries again (and answers 0x02 while the disk still refuses).
-            self._limit = self._next
+            # A full disk must not keep the daemon from starting and draining;
+            # begin() reserves before it hands out an id (0x02 while refused).
             log.event("warning", "spool_ids_not_reserved", error=str(disk_error(exc, "next-id")))
         self._stats["recovered"] = len(jobs)
         return Recovery(jobs=jobs, discarded=self._stats["discarded"],
@@ -239,9 +237,8 @@ class Spool:
     async def sync(self) -> None:
         """Make earlier ``update``/``remove`` calls durable (joins the next group commit).
 
-        Writes owed by a full disk are tried first (a delivery has just freed
-        space).  Never raises but for cancellation: a flush that fails is
-        logged — the caller has nothing better to do with it.
+        Writes a full disk refused are tried first (a delivery may have just
+        freed space).  A failed flush is logged, not raised: no caller could act.
         """
         self.save_unsaved()
         if self.fsync and self._syncer is not None:
@@ -348,10 +345,8 @@ class Spool:
 
         ``durable=True`` fsyncs before returning (blocks for one flush): use it
         for transitions that must not be lost, such as holding a job.  In the
-        daemon (after ``recover()``) a write the disk refuses is kept in memory
-        and written by a later ``save_unsaved()``/``sync()``: the change holds
-        for this process at once and never raises.  Elsewhere it raises
-        SpoolError (DiskFull on ENOSPC).
+        daemon a write the disk refuses never raises: it holds in memory and
+        is written later (``save_unsaved``).  Elsewhere: SpoolError/DiskFull.
         """
         if meta.state not in STATES:
             raise ValueError(f"state must be one of {STATES}, not {meta.state!r}")
@@ -370,8 +365,8 @@ class Spool:
     def remove(self, job_id: str) -> None:
         """Remove a job (after delivery, or purge); idempotent.  See also ``sync()``.
 
-        In the daemon a removal the disk refuses (EROFS, EIO) is done later,
-        like a refused ``update``; the job is gone for this process at once.
+        In the daemon a refused unlink (EROFS, EIO) is retried later, like a
+        refused ``update``; the job is gone for this process at once.
         """
         if not ID_RE.fullmatch(job_id):
             return
