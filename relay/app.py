@@ -94,12 +94,12 @@ def _spool_gauges(spool: Spool, metrics: Metrics) -> None:
     metrics.follow_spool(index.counts(), lambda: index.bytes, spool.free_bytes)
 
 
-async def _spool_upkeep(spool: Spool, info_saved: Callable[[], bool], saved: bool) -> None:
+async def _spool_upkeep(spool: Spool, write_info: Callable[[], bool], info_written: bool) -> None:
     """Write what a full disk refused, once a second, until the disk takes it."""
     while True:
         await trio.sleep(SPOOL_UPKEEP_INTERVAL)
         spool.save_unsaved()
-        saved = saved or info_saved()
+        info_written = info_written or write_info()
 
 
 async def _watch_signals(server: LpdServer) -> None:

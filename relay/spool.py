@@ -127,7 +127,7 @@ class Spool:
             make_dir(self.jobs_dir)
             self._take_lock()
             for name in os.listdir(self.directory):
-                if name.startswith(".next-id."):  # a torn id reservation
+                if name.startswith((".next-id.", ".daemon.json.")):  # torn writes
                     unlink_quiet(os.path.join(self.directory, name))
             jobs, highest = sweep(self.jobs_dir, os.listdir(self.jobs_dir), known=self._cache,
                                   count_discard=self.count_discard)
