@@ -95,8 +95,11 @@ def test_gauges_equal_spool_list_through_refusals_holds_and_restarts(
         assert gauges(scrape(relay))[("down", "queued")] == 1
         for n in range(2):
             assert all(r == 0 for r in send_job(relay.port, Job(queue="stuck", number=f"{n}00")))
-        wait_until(lambda: len(list((tmp_path / "out" / "obs").glob("*.json"))) == 5
+        # Delivered: counted once the job has left the spool (scheduler._delivered).
+        wait_until(lambda: re.search(r'^lpdrelay_jobs_delivered_total\{[^}]*queue="obs"\} 5\.0$',
+                                     scrape(relay), re.M)
                    and listed(cfg)[("stuck", "held")] == 2, timeout=30)
+        assert len(list((tmp_path / "out" / "obs").glob("*.json"))) == 5
         assert gauges(scrape(relay))[("obs", "queued")] == 0   # delivered means gone, at once
         assert assert_gauges_match(relay, cfg, tmp_path) == Counter(
             {("down", "queued"): 1, ("stuck", "held"): 2})
