@@ -81,7 +81,7 @@ def _health(server: LpdServer, spool: Spool, config: Config) -> Callable[[], tup
         if not os.access(config.server.spool_dir, os.W_OK):
             return False, f"spool {config.server.spool_dir} not writable"
         free = spool.free_bytes()
-        if free < config.server.min_free_disk:
+        if free <= 0 or free < config.server.min_free_disk:  # as Spool.check_space
             return False, f"spool free space {free} below min_free_disk"
         return True, "ok"
     return check
