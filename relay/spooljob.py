@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from relay.errors import SpoolError
+from relay.errors import DiskFull, SpoolError
 from relay.groupcommit import create, disk_error, start_writeback, unlink_quiet, write_all
 from relay.spoolformat import FileMeta, JobMeta, json_text
 
@@ -55,7 +55,12 @@ class DataWriter:
         try:
             self.add(write_all(self._fd, data))
         except OSError as exc:
-            raise disk_error(exc, f"job {self._job.id} data file") from exc
+            error = disk_error(exc, f"job {self._job.id} data file")
+            if isinstance(error, DiskFull):
+                # Give the space back now, not after the sender was told (a
+                # refusal may drain the sender for seconds): the next job fits.
+                self._job.discard()
+            raise error from exc
 
     def add(self, n: int) -> None:
         """Account for ``n`` bytes the caller wrote to ``fileno()`` itself (splice)."""

@@ -182,6 +182,25 @@ def test_a_failed_atomic_write_leaves_no_temp_file(tmp_path: Path,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_enospc_gives_the_partial_jobs_space_back_at_once(spool: Spool, tmp_path: Path) -> None:
+    job = spool.begin(queue="q", wire_queue="q", peer="p")
+    writer = job.open_data("dfA1h")
+    writer.write(b"x" * 4096)
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        os.dup2(full, writer.fileno())  # the kernel now answers ENOSPC to every write
+    finally:
+        os.close(full)
+    with pytest.raises(DiskFull):
+        writer.write(b"x" * 4096)
+    # Before the caller cleans up (it may first drain the refused sender):
+    assert list((tmp_path / "spool" / "jobs").iterdir()) == []
+    assert spool.statistics().discarded == 1
+    writer.close()
+    job.discard()                              # the caller's clean-up: no-ops now
+    assert spool.statistics().discarded == 1
+
+
 def test_no_free_byte_is_full_even_without_min_free_disk(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(spool, "free_bytes", lambda: 0)
