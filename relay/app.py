@@ -9,6 +9,7 @@ stop: no new connections, jobs in flight get ``graceful_timeout``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import functools
 import os
@@ -25,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from relay import __version__, log, sdnotify
 from relay.config import Config, InvalidConfig, choose_default_port, embedded_default, load_config
 from relay.errors import BindError, ConfigError, LpdError, SpoolError
+from relay.groupcommit import overwrite, unlink_quiet, write_atomic
 from relay.httpd import serve_http
 from relay.limits import fd_warning, raise_nofile
 from relay.metrics import Metrics
@@ -36,7 +38,9 @@ from relay.sinks import SinkContext, config_warnings, make_sink
 from relay.spool import Recovery, Spool
 from relay.uri import format_hostport
 
-SPOOL_GAUGE_INTERVAL = 5.0
+# How often the daemon writes what a full disk refused (delivery state, the
+# daemon.json); a delivery that frees space writes it at once (Spool.sync).
+SPOOL_UPKEEP_INTERVAL = 1.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,17 +84,25 @@ def _health(server: LpdServer, spool: Spool, config: Config) -> Callable[[], tup
         if not os.access(config.server.spool_dir, os.W_OK):
             return False, f"spool {config.server.spool_dir} not writable"
         free = spool.free_bytes()
-        if free < config.server.min_free_disk:
+        if free <= 0 or free < config.server.min_free_disk:  # as Spool.check_space
             return False, f"spool free space {free} below min_free_disk"
         return True, "ok"
     return check
 
 
-async def _spool_gauges(spool: Spool, metrics: Metrics) -> None:
+def _spool_gauges(spool: Spool, metrics: Metrics) -> None:
+    """The spool gauges read the spool's bookkeeping at each scrape (never stale)."""
+    index = spool.index
+    assert index is not None, "recover() first"
+    metrics.follow_spool(index.counts(), lambda: index.bytes, spool.free_bytes)
+
+
+async def _spool_upkeep(spool: Spool, write_info: Callable[[], bool], info_written: bool) -> None:
+    """Write what a full disk refused, once a second, until the disk takes it."""
     while True:
-        usage = await trio.to_thread.run_sync(spool.usage)
-        metrics.set_spool(usage.by_queue_state, usage.bytes, usage.free_bytes)
-        await trio.sleep(SPOOL_GAUGE_INTERVAL)
+        await trio.sleep(SPOOL_UPKEEP_INTERVAL)
+        spool.save_unsaved()
+        info_written = info_written or write_info()
 
 
 async def _watch_signals(server: LpdServer, notifier: sdnotify.Notifier) -> None:
@@ -116,6 +128,7 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
     spool = Spool(config.server.spool_dir, fsync=config.server.fsync,
                   min_free_disk=config.server.min_free_disk)
     recovery = spool.recover()
+    _spool_gauges(spool, metrics)
     try:
         scheduler = build_scheduler(config, spool, metrics, context)
         for job in recovery.jobs:
@@ -131,11 +144,11 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
                 mbound = await nursery.start(partial_http(config, registry,
                                                           _health(server, spool, config)))
             nursery.start_soon(scheduler.run)
-            nursery.start_soon(_spool_gauges, spool, metrics)
             notifier = sdnotify.Notifier.from_environ()
             if handle_signals:
                 nursery.start_soon(_watch_signals, server, notifier)
-            write_daemon_info(config.server.spool_dir, lpd)
+            info = functools.partial(write_daemon_info, config.server.spool_dir, lpd)
+            nursery.start_soon(_spool_upkeep, spool, info, info())
             task_status.started(Bound(lpd=tuple(lpd), metrics=mbound,
                                       banner=_banner(config, lpd, mbound, scheduler, recovery)))
             # Listening and recovered: READY=1 for Type=notify, then STATUS/WATCHDOG.
@@ -153,13 +166,28 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
 DAEMON_INFO = "daemon.json"
 
 
-def write_daemon_info(spool_dir: os.PathLike[str] | str, lpd: list[tuple[str, int]]) -> None:
-    """Where this daemon listens, for ``lpd-relay spool`` to reach it (port 0 included)."""
-    path = os.path.join(spool_dir, DAEMON_INFO)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(orjson.dumps({"pid": os.getpid(), "lpd": [list(a) for a in lpd]}))
-    os.replace(tmp, path)
+def write_daemon_info(spool_dir: os.PathLike[str] | str, lpd: list[tuple[str, int]]) -> bool:
+    """Where this daemon listens, for ``lpd-relay spool`` to reach it (port 0 included).
+
+    Never stops the daemon: on a full disk the last daemon's file is
+    overwritten in place (it has the blocks), else removed so the CLI falls
+    back to the configured address; False means "try again later".
+    """
+    path = os.path.join(os.fspath(spool_dir), DAEMON_INFO)
+    data = orjson.dumps({"pid": os.getpid(), "lpd": [list(a) for a in lpd]})
+    try:
+        write_atomic(path, data, fsync=False)
+        return True
+    except OSError as exc:
+        error = str(exc)
+    try:
+        overwrite(path, data)
+        return True
+    except OSError:
+        with contextlib.suppress(OSError):
+            unlink_quiet(path)
+    log.event("warning", "daemon_info_unsaved", path=path, error=error)
+    return False
 
 
 def partial_http(config: Config, registry: CollectorRegistry,

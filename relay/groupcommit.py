@@ -113,6 +113,37 @@ class Syncer:
 # --- file primitives shared by the spool ------------------------------------------------
 
 FILE_MODE = 0o640  # spool files: print jobs may be private
+DIR_MODE = 0o750
+
+
+def create(path: str, flags: int) -> int:
+    """``os.open(path, O_CREAT | flags)`` with mode FILE_MODE whatever the umask.
+
+    The mode given to open(2) is masked by the umask (022 leaves 0640 alone,
+    but 077 makes it 0600 and a careless 0 cannot widen it — yet an operator
+    reading the spool as the group relies on exactly 0640), so it is set
+    again on the new descriptor: one more system call per file.
+    """
+    fd = os.open(path, os.O_CREAT | os.O_CLOEXEC | flags, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def make_dir(path: str) -> None:
+    """Create ``path`` (parents as needed) ending in a DIR_MODE folder whatever the umask.
+
+    An existing folder keeps the mode its owner gave it.
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        return
+    os.chmod(path, DIR_MODE)
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> int:
@@ -131,7 +162,7 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> int:
 
 def write_file(path: str, data: bytes, *, flags: int = os.O_TRUNC) -> None:
     """Create (or with O_EXCL: only create) ``path`` holding ``data``."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | flags, FILE_MODE)
+    fd = create(path, os.O_WRONLY | flags)
     try:
         write_all(fd, data)
     finally:
@@ -142,20 +173,49 @@ def write_atomic(path: str, data: bytes, *, fsync: bool) -> None:
     """Replace ``path`` by ``data`` via a per-process dot-temp name and rename.
 
     Readers see the old or the new content, never a torn one; with ``fsync``
-    the new content and name are durable on return.
+    the new content and name are durable on return.  A write that fails (a
+    full disk) removes its temp file: it must not hold the space it could not use.
     """
     head, tail = os.path.split(path)
     tmp = os.path.join(head, f".{tail}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
     try:
-        write_all(fd, data)
+        fd = create(tmp, os.O_WRONLY | os.O_TRUNC)
+        try:
+            write_all(fd, data)
+            if fsync:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            unlink_quiet(tmp)
+        raise
+    if fsync:
+        fsync_directory(head)
+
+
+def overwrite(path: str, data: bytes, *, fsync: bool = False) -> None:
+    """Put the JSON ``data`` into the existing file ``path`` in place, in one write.
+
+    For a full disk: no new name, inode or block is needed when ``data`` fits
+    in the blocks the file already has (ext4, XFS, tmpfs), else it raises
+    ENOSPC before writing anything.  Padded with spaces (JSON ignores them) to
+    the old size, so there is no truncate to tear.  Not atomic: a reader or a
+    power loss may see a mix of old and new — only for files read leniently.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if len(data) > max(st.st_size, st.st_blocks * 512):
+            raise OSError(errno.ENOSPC, "record larger than the blocks the file has")
+        padded = data.ljust(st.st_size)
+        if os.pwrite(fd, padded, 0) != len(padded):
+            raise OSError(errno.EIO, "short write in place")
         if fsync:
             os.fdatasync(fd)
     finally:
         os.close(fd)
-    os.rename(tmp, path)
-    if fsync:
-        fsync_directory(head)
 
 
 def read_file(path: str) -> bytes | None:

@@ -252,7 +252,8 @@ def config_page(docs_text: str | None = None) -> str:
     lines += [".SH DESTINATION URIS",
               roff("Forms: lpd://host[:port]/queue[?options], socket://host[:port], "
                    "usb:///dev/usb/lp0, dir:///folder, cmd:PROGRAM ARG... Options:")]
-    for option, (_, schemes) in uri._OPTIONS.items():
+    for option, rows in uri._OPTIONS.items():
+        schemes = set().union(*(row[0] for row in rows))
         lines += [".TP", f"{_bold(option)} ({roff(', '.join(sorted(schemes)))})",
                   roff(options.get(option, ""))]
     lines += [".SH SEE ALSO", "\\fBlpd-relay\\fR(8)"]

@@ -15,7 +15,9 @@ of series never grows while the relay runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+import math
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
@@ -89,7 +91,8 @@ class Metrics:
 
     def set_spool(self, by_queue_state: Mapping[tuple[str, str], int], bytes: int,
                   free: int) -> None:
-        """Set the spool gauges from a snapshot, e.g. the spool scanned at start.
+        """Set the spool gauges from a snapshot (a tool, a test; the daemon uses
+        ``follow_spool``, which overrides these values).
 
         ``by_queue_state`` maps (queue, state) to a job count; unconfigured
         queues are summed under ``"other"``; pairs not in the snapshot become 0.
@@ -104,6 +107,29 @@ class Metrics:
             self.spool_jobs.labels(queue, state).set(n)
         self.spool_bytes.set(bytes)
         self.spool_free_bytes.set(free)
+
+    def follow_spool(self, counts: Mapping[tuple[str, str], int], stored_bytes: Callable[[], int],
+                     free_bytes: Callable[[], int]) -> None:
+        """Read the spool gauges from the spool's own bookkeeping at every scrape.
+
+        ``counts`` is a live mapping (queue, state) -> jobs, changed by the
+        spool when a job is committed, changes state or is removed
+        (``relay.spoolindex``), so the gauges equal the spool's content
+        whenever they are read — no scan interval to lag behind.  Scrapes run
+        on the event loop that owns the mapping.
+        """
+        for queue in self._queue_values():
+            for state in SPOOL_STATES:
+                self.spool_jobs.labels(queue, state).set_function(
+                    functools.partial(self._spool_count, counts, queue, state))
+        self.spool_bytes.set_function(stored_bytes)
+        self.spool_free_bytes.set_function(functools.partial(_or_nan, free_bytes))
+
+    def _spool_count(self, counts: Mapping[tuple[str, str], int], queue: str,
+                     state: str) -> float:
+        if queue != OTHER:
+            return counts.get((queue, state), 0)
+        return sum(n for (q, s), n in counts.items() if s == state and q not in self._queues)
 
     def _queue_values(self) -> list[str]:
         return sorted(self._queues | {OTHER})
@@ -214,3 +240,11 @@ class Metrics:
             ql, dl = self.queue_label(q), self.destination_label(d)
             self.jobs_delivered_total.labels(ql, dl)
             self.bytes_delivered_total.labels(ql, dl)
+
+
+def _or_nan(read: Callable[[], int]) -> float:
+    # A spool folder that vanished must not break the whole scrape.
+    try:
+        return read()
+    except OSError:
+        return math.nan

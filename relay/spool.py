@@ -9,11 +9,17 @@ are metadata, never paths:
     <id>.cf     the raw control file
     <id>.json   immutable job metadata, written last (dot-temp + rename)
     <id>.state  delivery state, replaced atomically by the scheduler and CLI
+                (in place on a full disk)
 
 A job exists iff its ``.json`` parses and every file it lists has the recorded
 size; anything else is debris, removed and counted by ``recover()``.  Under
 ``fsync`` the ``.json`` publications of concurrent jobs share one flush
 (``relay.groupcommit``), so durability does not cost one fsync per job.
+
+Nothing the daemon does to a stored job needs free space: a state change or
+removal the disk refuses is kept in its ``SpoolIndex`` (``relay.spoolindex``,
+also the source of the spool gauges) and written when the disk takes it
+(docs/spool.md, "A full disk").
 
 This module is the ``Spool`` itself: the lock, ids, commit, and reading and
 changing stored jobs.  Receiving one job is ``relay.spooljob``, the start-up
@@ -32,12 +38,14 @@ from dataclasses import dataclass
 
 import trio
 
+from relay import log
 from relay.errors import DiskFull, SpoolError
 from relay.groupcommit import (
-    FILE_MODE,
     GroupCommit,
     Syncer,
+    create,
     disk_error,
+    make_dir,
     read_file,
     unlink_quiet,
     write_atomic,
@@ -49,11 +57,14 @@ from relay.spoolformat import (
     STATES,
     FileMeta,
     JobMeta,
+    Recovery,
+    SpoolStatistics,
+    SpoolUsage,
     decode_job,
     encode_job,
-    encode_state,
     with_state,
 )
+from relay.spoolindex import SpoolIndex, unlink_job, write_state
 from relay.spooljob import MAX_FILES_PER_JOB, WRITEBACK_CHUNK, DataWriter, IncomingJob
 from relay.spoolrecovery import sweep
 
@@ -67,33 +78,6 @@ ID_BLOCK = 1000              # ids reserved per durable write of the ``next-id``
 
 class SpoolBusy(SpoolError):
     """Another process holds the spool lock: a daemon is running on it."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Recovery:
-    jobs: list[JobMeta]      # acknowledged jobs, arrival order
-    discarded: int           # partial jobs removed
-    discarded_bytes: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SpoolUsage:
-    jobs: int
-    bytes: int               # data + control files of all jobs
-    free_bytes: int
-    by_queue_state: dict[tuple[str, str], int]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SpoolStatistics:
-    commits: int             # jobs made durable by commit()
-    batches: int             # group commits (flushes) run
-    sync_calls: int          # syncfs / fdatasync / fsync calls those made
-    largest_batch: int
-    discarded: int           # partial jobs removed, at recovery and at run time
-    discarded_bytes: int
-    recovered: int           # jobs found by recover()
-    sync_method: str         # "syncfs" | "fdatasync" | "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +112,7 @@ class Spool:
         self._next = 0          # next id to hand out; 0 = not recovered
         self._limit = 0         # ids below this may have been used (next-id file)
         self._cache: dict[str, JobMeta] = {}   # immutable parts of known jobs
+        self._index: SpoolIndex | None = None  # the lock holder's view (recover())
         self._closed = False
         self._stats = Counter[str]()
 
@@ -138,10 +123,11 @@ class Spool:
         if self._next:
             raise SpoolError("recover() runs once, at start")
         try:
-            os.makedirs(self.jobs_dir, mode=0o750, exist_ok=True)
+            make_dir(self.directory)
+            make_dir(self.jobs_dir)
             self._take_lock()
             for name in os.listdir(self.directory):
-                if name.startswith(".next-id."):  # a torn id reservation
+                if name.startswith((".next-id.", ".daemon.json.")):  # torn writes
                     unlink_quiet(os.path.join(self.directory, name))
             jobs, highest = sweep(self.jobs_dir, os.listdir(self.jobs_dir), known=self._cache,
                                   count_discard=self.count_discard)
@@ -150,17 +136,24 @@ class Spool:
                 self._syncer.sync([])  # the sweep's unlinks are durable before new ids
             stored = read_file(os.path.join(self.directory, "next-id")) or b"0"
             self._next = max(highest + 1, int(stored) if stored.strip().isdigit() else 0, 1)
-            self._reserve()
         except OSError as exc:
             self._release_lock()  # a later attempt must not find its own lock taken
             raise disk_error(exc, f"spool {self.directory}") from exc
+        self._index = SpoolIndex()
+        for job in jobs:
+            self._index.track(job)
+        try:
+            self._reserve()
+        except OSError as exc:
+            # A full disk must not keep the daemon from starting and draining;
+            # begin() reserves before it hands out an id (0x02 while refused).
+            log.event("warning", "spool_ids_not_reserved", error=str(disk_error(exc, "next-id")))
         self._stats["recovered"] = len(jobs)
         return Recovery(jobs=jobs, discarded=self._stats["discarded"],
                         discarded_bytes=self._stats["discarded_bytes"])
 
     def _take_lock(self) -> None:
-        fd = os.open(os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     FILE_MODE)
+        fd = create(os.path.join(self.directory, "lock"), os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -176,9 +169,9 @@ class Spool:
     def _reserve(self) -> None:
         # Ids stay unique across restarts even after every job was removed: the
         # next-id file is moved ahead in blocks, durably, before ids are used.
-        self._limit = self._next + ID_BLOCK
-        write_atomic(os.path.join(self.directory, "next-id"), b"%d\n" % self._limit,
-                      fsync=self.fsync)
+        limit = self._next + ID_BLOCK
+        write_atomic(os.path.join(self.directory, "next-id"), b"%d\n" % limit, fsync=self.fsync)
+        self._limit = limit  # only once durable: a failed write reserves nothing
 
     # -- space -------------------------------------------------------------------------
 
@@ -188,8 +181,12 @@ class Spool:
         return st.f_bavail * st.f_frsize
 
     def check_space(self, need: int = 0) -> None:
-        """Raise DiskFull when storing ``need`` more bytes would go below ``min_free_disk``."""
-        if self.free_bytes() - need < self.min_free_disk:
+        """Raise DiskFull when storing ``need`` more bytes would go below ``min_free_disk``.
+
+        No free byte at all is full whatever ``min_free_disk`` says: no job fits.
+        """
+        free = self.free_bytes()
+        if free <= 0 or free - need < self.min_free_disk:
             raise DiskFull(f"spool {self.directory}: free space below min_free_disk")
 
     # -- receiving -----------------------------------------------------------------------
@@ -232,13 +229,23 @@ class Spool:
             raise
         job.mark("committed")
         self._cache[meta.id] = meta
+        if self._index is not None:
+            self._index.track(meta)
         self._stats["commits"] += 1
         return meta
 
     async def sync(self) -> None:
-        """Make earlier ``update``/``remove`` calls durable (joins the next group commit)."""
+        """Make earlier ``update``/``remove`` calls durable (joins the next group commit).
+
+        Writes a full disk refused are tried first (a delivery may have just
+        freed space).  A failed flush is logged, not raised: no caller could act.
+        """
+        self.save_unsaved()
         if self.fsync and self._syncer is not None:
-            await self._group.submit(_Publish("", None, b"", ()))
+            try:
+                await self._group.submit(_Publish("", None, b"", ()))
+            except SpoolError as exc:
+                log.event("error", "spool_sync_failed", error=str(exc))
         else:
             await trio.lowlevel.checkpoint()
 
@@ -291,6 +298,12 @@ class Spool:
         return meta
 
     def _load(self, job_id: str, has_state: bool = True, listed: bool = False) -> JobMeta | None:
+        index = self._index
+        if index is not None:  # what this process changed but the disk refused comes first
+            if job_id in index.unremoved:
+                return None
+            if (owed := index.unsaved.get(job_id)) is not None:
+                return owed
         base = self._base(job_id)
         # A cached record may belong to a job another process removed since.
         if base is None or not (listed or os.path.exists(
@@ -298,7 +311,10 @@ class Spool:
             self._cache.pop(job_id, None)  # removed, perhaps by another process
             return None
         state = os.path.join(self.jobs_dir, f"{job_id}.state")
-        return with_state(base, read_file(state) if has_state else None)
+        meta = with_state(base, read_file(state) if has_state else None)
+        if index is not None and job_id in index:
+            index.track(meta)  # the state as read: the CLI may have changed it
+        return meta
 
     def get(self, job_id: str) -> JobMeta:
         """The job with its current delivery state; KeyError when not there."""
@@ -316,7 +332,11 @@ class Spool:
         ids = sorted((n[:-5] for n in names if n.endswith(".json") and ID_RE.fullmatch(n[:-5])),
                      key=int)
         for gone in self._cache.keys() - set(ids):
-            self._cache.pop(gone, None)  # usage() may run in a worker thread
+            self._cache.pop(gone, None)
+        if self._index is not None:
+            for gone in self._index.ids() - set(ids):  # removed by another process
+                self._index.untrack(gone)
+                self._index.unsaved.pop(gone, None)
         found = (self._load(i, f"{i}.state" in names, listed=True) for i in ids)
         return [m for m in found if m is not None and (queue is None or m.queue == queue)]
 
@@ -324,34 +344,55 @@ class Spool:
         """Persist the delivery-state fields of ``meta`` atomically; KeyError if removed.
 
         ``durable=True`` fsyncs before returning (blocks for one flush): use it
-        for transitions that must not be lost, such as holding a job.
+        for transitions that must not be lost, such as holding a job.  In the
+        daemon a write the disk refuses never raises: it holds in memory and
+        is written later (``save_unsaved``).  Elsewhere: SpoolError/DiskFull.
         """
         if meta.state not in STATES:
             raise ValueError(f"state must be one of {STATES}, not {meta.state!r}")
-        if not (ID_RE.fullmatch(meta.id)
+        index = self._index
+        if not (ID_RE.fullmatch(meta.id) and (index is None or meta.id not in index.unremoved)
                 and os.path.exists(os.path.join(self.jobs_dir, f"{meta.id}.json"))):
             raise KeyError(meta.id)
+        if index is not None:
+            index.set_state(self.jobs_dir, meta, fsync=durable and self.fsync)
+            return
         try:
-            write_atomic(os.path.join(self.jobs_dir, f"{meta.id}.state"), encode_state(meta),
-                         fsync=durable and self.fsync)
+            write_state(self.jobs_dir, meta, fsync=durable and self.fsync)
         except OSError as exc:
             raise disk_error(exc, f"job {meta.id} state") from exc
 
     def remove(self, job_id: str) -> None:
-        """Remove a job (after delivery, or purge); idempotent.  See also ``sync()``."""
+        """Remove a job (after delivery, or purge); idempotent.  See also ``sync()``.
+
+        In the daemon a refused unlink (EROFS, EIO) is retried later, like a
+        refused ``update``; the job is gone for this process at once.
+        """
         if not ID_RE.fullmatch(job_id):
             return
         base = self._base(job_id)
-        # The .json goes first: from then on the job does not exist, whatever
-        # a crash leaves of the rest (recovery sweeps it).
-        for name in ("json", "state", "cf"):
-            unlink_quiet(os.path.join(self.jobs_dir, f"{job_id}.{name}"))
-        for f in base.files if base is not None else ():
-            unlink_quiet(f.path)
-        self._cache.pop(job_id, None)
+        paths = tuple(f.path for f in base.files) if base is not None else ()
+        if self._index is not None:
+            self._index.remove(self.jobs_dir, job_id, paths)
+        else:
+            unlink_job(self.jobs_dir, job_id, paths)
+        self._cache.pop(job_id, None)  # _load() asks the index first
+
+    def save_unsaved(self) -> int:
+        """Write what the disk refused before; returns how many changes still wait."""
+        return self._index.save(self.jobs_dir, fsync=self.fsync) if self._index else 0
+
+    @property
+    def index(self) -> SpoolIndex | None:
+        """The daemon's live bookkeeping (None before ``recover()``): counts for the gauges."""
+        return self._index
 
     def usage(self) -> SpoolUsage:
         """Jobs and bytes held, free space, and job counts by (queue, state)."""
+        if self._index is not None:  # the daemon's bookkeeping, no scan
+            return SpoolUsage(jobs=len(self._index), bytes=self._index.bytes,
+                              free_bytes=self.free_bytes(),
+                              by_queue_state=dict(self._index.counts()))
         jobs = self.jobs()
         return SpoolUsage(jobs=len(jobs), bytes=sum(j.total_bytes + j.control_bytes for j in jobs),
                           free_bytes=self.free_bytes(),
@@ -372,6 +413,9 @@ class Spool:
         if self._closed:
             return
         self._closed = True
+        if left := self.save_unsaved():
+            # Only delivery state: the jobs are on disk (docs/spool.md, "A full disk").
+            log.event("warning", "spool_writes_unsaved", waiting=left)
         # A clean stop continues the id sequence exactly where it was; if that
         # write fails the reserved block still keeps ids unique.
         with contextlib.suppress(OSError):

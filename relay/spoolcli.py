@@ -23,7 +23,7 @@ import trio
 from relay import _core, client, progress
 from relay.app import DAEMON_INFO
 from relay.config import Config, InvalidConfig, embedded_default, load_config
-from relay.errors import SinkError
+from relay.errors import SinkError, SpoolError
 from relay.spool import JobMeta, Spool
 
 
@@ -92,9 +92,16 @@ def _show(spool: Spool, config: Config, args: argparse.Namespace) -> int:
 
 def _retry(spool: Spool, config: Config, args: argparse.Namespace) -> int:
     job = _get(spool, args.job)
-    spool.update(dataclasses.replace(job, state="queued", failures=0, next_attempt=0.0),
-                 durable=True)
-    if daemon_running(spool.directory):
+    running = daemon_running(spool.directory)
+    try:
+        spool.update(dataclasses.replace(job, state="queued", failures=0, next_attempt=0.0),
+                     durable=True)
+    except SpoolError:
+        if not running:
+            raise
+        # A full disk: the daemon releases the job itself (it never needs
+        # space for that, docs/spool.md "A full disk").
+    if running:
         # 0x01 with the spool id: the daemon releases this job only.
         request = _core.print_waiting(job.queue)[:-1] + f" {job.id}\n".encode()
         trio.run(_ask_daemon, config, request)
@@ -165,6 +172,9 @@ def main_spool(args: argparse.Namespace) -> int:
     except _NoJob as exc:
         print(f"lpd-relay: {exc}", file=sys.stderr)
         return 2 if "JOB" in str(exc) else 1
+    except SpoolError as exc:   # the CLI has no daemon bookkeeping to defer to
+        print(f"lpd-relay: {exc}", file=sys.stderr)
+        return 1
     except (SinkError, OSError, trio.TooSlowError) as exc:
         print(f"lpd-relay: cannot reach the running daemon: {exc}", file=sys.stderr)
         return 1

@@ -67,6 +67,33 @@ class JobMeta:
         return sum(f.bytes for f in self.files)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Recovery:
+    jobs: list[JobMeta]      # acknowledged jobs, arrival order
+    discarded: int           # partial jobs removed
+    discarded_bytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpoolUsage:
+    jobs: int
+    bytes: int               # data + control files of all jobs
+    free_bytes: int
+    by_queue_state: dict[tuple[str, str], int]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpoolStatistics:
+    commits: int             # jobs made durable by commit()
+    batches: int             # group commits (flushes) run
+    sync_calls: int          # syncfs / fdatasync / fsync calls those made
+    largest_batch: int
+    discarded: int           # partial jobs removed, at recovery and at run time
+    discarded_bytes: int
+    recovered: int           # jobs found by recover()
+    sync_method: str         # "syncfs" | "fdatasync" | "none"
+
+
 _STATE_DEFAULTS: dict[str, Any] = {
     "state": "queued", "attempts": 0, "failures": 0, "destination": 0,
     "next_attempt": 0.0, "last_error": ""}

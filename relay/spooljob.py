@@ -16,14 +16,14 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from relay.errors import SpoolError
-from relay.groupcommit import FILE_MODE, disk_error, start_writeback, unlink_quiet, write_all
+from relay.errors import DiskFull, SpoolError
+from relay.groupcommit import create, disk_error, start_writeback, unlink_quiet, write_all
 from relay.spoolformat import FileMeta, JobMeta, json_text
 
 MAX_FILES_PER_JOB = 1024     # RFC 1179 names allow 52 data files; bound hostile senders
 WRITEBACK_CHUNK = 8 << 20    # start writeback of large files every 8 MiB under fsync
 
-_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_NEW = os.O_WRONLY | os.O_EXCL  # create() adds O_CREAT, O_CLOEXEC and the mode
 
 
 class JobOwner(Protocol):
@@ -55,7 +55,12 @@ class DataWriter:
         try:
             self.add(write_all(self._fd, data))
         except OSError as exc:
-            raise disk_error(exc, f"job {self._job.id} data file") from exc
+            error = disk_error(exc, f"job {self._job.id} data file")
+            if isinstance(error, DiskFull):
+                # Give the space back now, not after the sender was told (a
+                # refusal may drain the sender for seconds): the next job fits.
+                self._job.discard()
+            raise error from exc
 
     def add(self, n: int) -> None:
         """Account for ``n`` bytes the caller wrote to ``fileno()`` itself (splice)."""
@@ -133,7 +138,7 @@ class IncomingJob:
         self._index += 1
         file = f"{self.id}.d{self._index}"
         try:
-            fd = os.open(self._path(file), _NEW, FILE_MODE)
+            fd = create(self._path(file), _NEW)
         except OSError as exc:
             raise disk_error(exc, f"job {self.id} data file") from exc
         name = json_text(name)

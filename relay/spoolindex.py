@@ -1,0 +1,160 @@
+"""The daemon's spool in memory: what it holds, and the writes the disk still owes.
+
+Two needs share this record.  The spool gauges (SPEC §7) must equal the
+spool's content at every scrape, so they are read from counts changed at the
+moment a job is committed, changes state or is removed — a periodic scan of
+``jobs/`` lags by its interval and showed a queue's jobs a few seconds after
+they had left.  And a full (or failing) disk must not stop the delivery
+bookkeeping: a state change or a removal the disk refuses is kept here,
+served to every reader of this process as if written, and written again when
+the disk takes it (docs/spool.md, "A full disk").
+
+Only the process holding the spool lock (the daemon, after ``recover()``)
+keeps one; the CLI reads and writes the files directly and sees any error.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping
+
+from relay import log
+from relay.groupcommit import disk_error, overwrite, unlink_quiet, write_atomic
+from relay.spoolformat import JobMeta, encode_state
+
+# A job's files in removal order: the .json first — from then on the job does
+# not exist, whatever a crash leaves of the rest (recovery sweeps it).
+_REMOVE_ORDER = ("json", "state", "cf")
+
+
+class SpoolIndex:
+    """Jobs by id with their queue, state and bytes; counts by (queue, state).
+
+    ``unsaved`` maps a job id to the state the disk has not taken yet,
+    ``unremoved`` a removed job's id to its data files when the unlinks
+    failed.  Not thread-safe: the event loop owns it.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, tuple[str, str, int]] = {}
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self.bytes = 0                              # data + control files of all jobs
+        self.unsaved: dict[str, JobMeta] = {}
+        self.unremoved: dict[str, tuple[str, ...]] = {}
+
+    def track(self, meta: JobMeta) -> None:
+        """Count ``meta`` (a new job, or a known one with a new state)."""
+        self.untrack(meta.id)
+        nbytes = meta.total_bytes + meta.control_bytes
+        self._jobs[meta.id] = (meta.queue, meta.state, nbytes)
+        self._counts[(meta.queue, meta.state)] += 1
+        self.bytes += nbytes
+
+    def untrack(self, job_id: str) -> None:
+        """Stop counting a job; idempotent."""
+        entry = self._jobs.pop(job_id, None)
+        if entry is None:
+            return
+        key = entry[:2]
+        self._counts[key] -= 1
+        if self._counts[key] <= 0:
+            del self._counts[key]
+        self.bytes -= entry[2]
+
+    def ids(self) -> set[str]:
+        return set(self._jobs)
+
+    def counts(self) -> Mapping[tuple[str, str], int]:
+        """Jobs by (queue, state); a live view, read it on the event loop."""
+        return self._counts
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._jobs
+
+    # -- writes the disk refused ---------------------------------------------------------
+
+    def set_state(self, jobs_dir: str, meta: JobMeta, *, fsync: bool) -> None:
+        """Count ``meta``'s new state and write it; a refused write is kept for ``save``."""
+        self.track(meta)
+        try:
+            write_state(jobs_dir, meta, fsync=fsync)
+        except OSError as exc:
+            self._log_new(meta.id, "state", exc)
+            self.unsaved[meta.id] = meta
+            return
+        self.unsaved.pop(meta.id, None)
+
+    def remove(self, jobs_dir: str, job_id: str, data_paths: tuple[str, ...]) -> None:
+        """Stop counting a job and unlink it; refused unlinks are kept for ``save``."""
+        self.untrack(job_id)
+        self.unsaved.pop(job_id, None)
+        try:
+            unlink_job(jobs_dir, job_id, data_paths)
+        except OSError as exc:
+            self._log_new(job_id, "removal", exc)
+            self.unremoved[job_id] = data_paths
+
+    def _log_new(self, job_id: str, what: str, exc: OSError) -> None:
+        # One line when a job starts to owe a write, not one per retry attempt.
+        if job_id not in self.unsaved and job_id not in self.unremoved:
+            log.event("warning", "spool_write_deferred", job=job_id, what=what,
+                      error=str(disk_error(exc, f"job {job_id} {what}")))
+
+    def save(self, jobs_dir: str, *, fsync: bool) -> int:
+        """Write what is owed, removals first (they free space); returns what still waits.
+
+        Stops at the first refusal: a disk that refuses one write refuses the
+        next.  Cheap when nothing waits.
+        """
+        before = len(self.unsaved) + len(self.unremoved)
+        if not before:
+            return 0
+        try:
+            for job_id, paths in list(self.unremoved.items()):
+                unlink_job(jobs_dir, job_id, paths)
+                del self.unremoved[job_id]
+            for job_id, meta in list(self.unsaved.items()):
+                if os.path.exists(os.path.join(jobs_dir, f"{job_id}.json")):
+                    write_state(jobs_dir, meta, fsync=fsync)
+                del self.unsaved[job_id]
+        except OSError:
+            pass  # still refused; the next save tries again
+        left = len(self.unsaved) + len(self.unremoved)
+        if left < before:
+            log.event("info", "spool_writes_saved", saved=before - left, waiting=left)
+        return left
+
+
+def write_state(jobs_dir: str, meta: JobMeta, *, fsync: bool) -> None:
+    """Replace ``<id>.state`` with the delivery state of ``meta``; OSError as is.
+
+    Atomic (dot-temp and rename) while the disk has room.  On a full disk an
+    existing ``.state`` takes the record in place, in its own blocks, so a
+    job that failed before keeps its retry count and holds on disk: a torn
+    one reads as the defaults (spoolformat.with_state), what a lost write
+    would cost anyway.
+    """
+    path = os.path.join(jobs_dir, f"{meta.id}.state")
+    record = encode_state(meta)
+    try:
+        write_atomic(path, record, fsync=fsync)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        try:
+            overwrite(path, record, fsync=fsync)
+        except OSError:
+            raise exc from None
+
+
+def unlink_job(jobs_dir: str, job_id: str, data_paths: Iterable[str]) -> None:
+    """Unlink a job's files, its ``.json`` first; files already gone are fine."""
+    for suffix in _REMOVE_ORDER:
+        unlink_quiet(os.path.join(jobs_dir, f"{job_id}.{suffix}"))
+    for path in data_paths:
+        unlink_quiet(path)
