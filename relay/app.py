@@ -85,8 +85,12 @@ def _health(server: LpdServer, spool: Spool, config: Config) -> Callable[[], tup
 
 async def _spool_gauges(spool: Spool, metrics: Metrics) -> None:
     while True:
-        usage = await trio.to_thread.run_sync(spool.usage)
-        metrics.set_spool(usage.by_queue_state, usage.bytes, usage.free_bytes)
+        try:
+            usage = await trio.to_thread.run_sync(spool.usage)
+        except OSError as exc:  # e.g. EMFILE for a moment: the next round will do
+            log.event("warning", "spool_gauges_failed", error=str(exc))
+        else:
+            metrics.set_spool(usage.by_queue_state, usage.bytes, usage.free_bytes)
         await trio.sleep(SPOOL_GAUGE_INTERVAL)
 
 

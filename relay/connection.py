@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import socket as pysocket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
@@ -42,6 +42,8 @@ REFUSAL_DRAIN_SECONDS = 2.0
 REFUSAL_DRAIN_BYTES = 64 * 1024 * 1024
 # While a data file of unknown length streams in, look at free space this often.
 SPACE_CHECK_EVERY = 64 * 1024 * 1024
+# Partial jobs whose removal failed, kept for another try (each is a few names).
+LEFTOVERS_MAX = 1000
 
 
 class Delivery(Protocol):
@@ -63,6 +65,9 @@ class ConnectionContext:
     delivery: Delivery
     metrics: Metrics
     buffers: BufferPool
+    # Partial jobs whose removal failed (spool unwritable for a while): retried
+    # when the next job starts, so a repaired spool keeps no debris.
+    leftovers: list[IncomingJob] = field(default_factory=list)
 
 
 class PeerGone(Exception):
@@ -229,12 +234,25 @@ class Connection:
                   reason=reason, error=message, partial=partial)
 
     def _discard(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        if self.job is not None:
-            self.job.incoming.discard()
-            self.job = None
+        # The job's open data file, if any, is the job's: discard closes it.
+        job, self.job, self.writer = self.job, None, None
+        if job is not None:
+            self._drop(job.incoming)
+
+    def _drop(self, incoming: IncomingJob) -> None:
+        try:
+            incoming.discard()
+        except OSError as exc:  # e.g. a spool gone read-only: retried at the next job
+            log.event("error", "discard_failed", peer=self.peer, job=incoming.id,
+                      error=str(exc))
+            if len(self.ctx.leftovers) < LEFTOVERS_MAX:  # beyond: the next start sweeps them
+                self.ctx.leftovers.append(incoming)
+
+    def _retry_leftovers(self) -> None:
+        leftovers = self.ctx.leftovers[:]
+        self.ctx.leftovers.clear()
+        for incoming in leftovers:
+            self._drop(incoming)
 
     async def _ended(self, how: str, message: str) -> None:
         """The peer went (timeout, reset): hold an acknowledged job, discard the rest."""
@@ -278,6 +296,8 @@ class Connection:
     def _job(self) -> JobAssembly:
         if self.job is None:
             assert self.queue is not None, "parser emits files only inside 0x02"
+            if self.ctx.leftovers:
+                self._retry_leftovers()
             incoming = self.ctx.spool.begin(queue=self.queue, wire_queue=self.wire_queue,
                                             peer=self.peer)
             self.job = JobAssembly(incoming)
@@ -365,7 +385,7 @@ class Connection:
         try:
             meta = await self.ctx.spool.commit(job.incoming, hold=hold)
         except BaseException:
-            job.incoming.discard()
+            self._drop(job.incoming)
             raise
         m = self.ctx.metrics
         label = m.queue_label(meta.queue)
