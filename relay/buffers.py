@@ -17,6 +17,7 @@ received through the small buffer — slower, never unbounded.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 from dataclasses import dataclass
 
@@ -60,3 +61,40 @@ class BufferPool:
     def statistics(self) -> BufferPoolStatistics:
         return BufferPoolStatistics(lent=self._lent, idle=len(self._idle),
                                     refused=self._refused)
+
+
+def _malloc_trim() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+class HeapTrimmer:
+    """Gives freed heap back to the OS after a flood of connections has drained.
+
+    What idle connections leave behind (their small buffers, parser and task
+    objects) is freed into the C heap, which keeps it: 10,000 idle connections
+    left ~80 MiB of RSS after closing.  Each time the number of connections
+    falls to half of its peak since the last trim (from at least ``floor``),
+    ``malloc_trim(0)`` returns the free pages — a few times per flood, never
+    per connection.
+    """
+
+    def __init__(self, floor: int = 256) -> None:
+        self.floor = floor
+        self._peak = 0
+        self.trims = 0
+
+    def opened(self, active: int) -> None:
+        self._peak = max(self._peak, active)
+
+    def closed(self, active: int) -> None:
+        if self._peak >= self.floor and active <= self._peak // 2:
+            self._peak = active
+            if _TRIM is not None:
+                _TRIM(0)
+                self.trims += 1

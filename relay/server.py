@@ -22,7 +22,7 @@ from collections import Counter
 import trio
 
 from relay import log
-from relay.buffers import BufferPool
+from relay.buffers import BufferPool, HeapTrimmer
 from relay.commands import source_allowed
 from relay.config import CATCH_ALL, Listen, ServerConfig
 from relay.connection import Connection, ConnectionContext, Delivery
@@ -73,6 +73,8 @@ class LpdServer:
                                          buffers=BufferPool())
         self._slots = trio.Semaphore(config.max_connections)
         self._refusals = trio.Semaphore(REFUSAL_SLOTS)
+        self._active = 0
+        self._trimmer = HeapTrimmer()
         self._per_host: Counter[str] = Counter()
         self._accepting: trio.CancelScope | None = None
         self.listeners: list[trio.socket.SocketType] = []
@@ -155,6 +157,8 @@ class LpdServer:
         host, port = addr[0], addr[1]
         self.metrics.inbound_connections.inc()
         self._per_host[host] += 1
+        self._active += 1
+        self._trimmer.opened(self._active)
         try:
             with sock:
                 admitted, refusal = self._admit(host, port)
@@ -168,6 +172,8 @@ class LpdServer:
                 del self._per_host[host]
             self.metrics.inbound_connections.dec()
             self._slots.release()
+            self._active -= 1
+            self._trimmer.closed(self._active)
 
     def _admit(self, host: str, port: int) -> tuple[bool, bytes]:
         """Source checks made before a single byte of the job is read (SPEC §4.3).
