@@ -22,7 +22,7 @@ from relay.errors import REPLY_OK, ProtocolError
 from relay.queues import sanitize_name
 
 if TYPE_CHECKING:
-    from relay.connection import ConnectionContext
+    from relay.context import ConnectionContext
 
 # wake() releases only the held jobs it names; naming none that can exist
 # ("" is never a spool id) resets the queue's backoff and releases nothing.

@@ -14,28 +14,30 @@ Whatever else a connection started and did not commit is discarded.
 (trio's ``serve_listeners`` rule), so one client, a full file-descriptor
 table or a failing disk ends that connection only, with a refusal where a
 reply is due, one log line and a count.  The collaborators arrive as one
-frozen ``ConnectionContext`` built by the server.  Receive buffers:
-``relay.buffers``; the one-shot commands: ``relay.commands``; deadlines that
-trickling clients cannot dodge: ``_deadline``.
+frozen ``ConnectionContext`` (``relay.context``) built by the server.
+Receive buffers: ``relay.buffers``; which files make a job:
+``relay.jobassembly``; the one-shot commands: ``relay.commands``; deadlines
+that trickling clients cannot dodge: ``_deadline``.
 """
 
 from __future__ import annotations
 
 import socket as pysocket
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
-from relay import _core, commands, controlfile, log, status
-from relay.buffers import SMALL, BufferPool
-from relay.config import ServerConfig
+from relay import _core, commands, controlfile, log
+from relay.buffers import SMALL
+from relay.context import ConnectionContext, Delivery
 from relay.errors import REPLY_BAD_JOB, REPLY_RETRY_LATER, DiskFull, ProtocolError, SpoolError
 from relay.fastio import FastSocket
-from relay.metrics import Metrics
-from relay.queues import QueueRouter, sanitize_name
-from relay.spool import MAX_FILES_PER_JOB, DataWriter, IncomingJob, JobMeta, Spool
+from relay.jobassembly import JobAssembly
+from relay.queues import sanitize_name
+from relay.spool import MAX_FILES_PER_JOB, DataWriter, IncomingJob, JobMeta
+
+__all__ = ["Connection", "ConnectionContext", "Delivery", "PeerGone"]
 
 # After a refusal: how long and how much of a still-sending client to drain.
 REFUSAL_DRAIN_SECONDS = 2.0
@@ -44,30 +46,6 @@ REFUSAL_DRAIN_BYTES = 64 * 1024 * 1024
 SPACE_CHECK_EVERY = 64 * 1024 * 1024
 # Partial jobs whose removal failed, kept for another try (each is a few names).
 LEFTOVERS_MAX = 1000
-
-
-class Delivery(Protocol):
-    """What intake needs from the delivery side (``relay.scheduler.Scheduler``)."""
-
-    def submit(self, job: JobMeta) -> None: ...
-    def wake(self, queue: str, job_ids: Sequence[str] = ()) -> None: ...
-    def queue_state(self, queue: str) -> status.QueueState: ...
-    def remove(self, queue: str, job_ids: Sequence[str]) -> list[str]: ...
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ConnectionContext:
-    """Everything a connection uses, built once by the server."""
-
-    config: ServerConfig
-    spool: Spool
-    router: QueueRouter
-    delivery: Delivery
-    metrics: Metrics
-    buffers: BufferPool
-    # Partial jobs whose removal failed (spool unwritable for a while): retried
-    # when the next job starts, so a repaired spool keeps no debris.
-    leftovers: list[IncomingJob] = field(default_factory=list)
 
 
 class PeerGone(Exception):
@@ -213,8 +191,10 @@ class Connection:
         A sender refused mid-file is still writing; closing on its unread
         bytes would send a reset that can overtake our answer.  So half-close
         and drain what it sends for a bounded while (REFUSAL_DRAIN_*), giving
-        it the chance to read why.
+        it the chance to read why.  The partial job is discarded first: its
+        space is free before the drain, not after.
         """
+        self._discard()
         line = message.replace("\n", " ")[:200].encode("ascii", "replace")
         buf = bytearray(SMALL)
         try:
@@ -274,10 +254,7 @@ class Connection:
         job = self.job
         assert job is not None
         self.job = None
-        missing = [sanitize_name(n) for n in job.missing()]
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3
-                                          else "")
-        reason = f"control file names {shown}, never sent"
+        reason = job.hold_reason()
         meta = await self._commit(job, hold=reason)
         self.ctx.metrics.jobs_held_total.labels(
             queue=self.ctx.metrics.queue_label(meta.queue)).inc()
@@ -437,29 +414,3 @@ _HANDLERS: dict[type, Callable[[Connection, Any], object]] = {
     _core.EndOfStream: Connection.on_end,
     _core.Command: Connection.on_command,
 }
-
-
-class JobAssembly:
-    """The job being received: complete once its control file and every data file
-    that control file names have arrived (control-first or data-first)."""
-
-    __slots__ = ("control", "incoming", "opened", "received", "streamed", "wanted")
-
-    def __init__(self, incoming: IncomingJob) -> None:
-        self.incoming = incoming
-        self.control: controlfile.ControlFile | None = None
-        self.wanted: tuple[str, ...] = ()    # the data files the control file names
-        self.received: set[str] = set()
-        self.opened = 0                      # data files started, re-sent ones included
-        self.streamed = 0
-
-    def set_control(self, cf: controlfile.ControlFile) -> None:
-        self.control = cf
-        self.wanted = cf.data_files
-
-    def missing(self) -> list[str]:
-        """Names the control file lists that have not arrived (complete: none)."""
-        return [name for name in self.wanted if name not in self.received]
-
-    def complete(self) -> bool:
-        return self.control is not None and not self.missing()

@@ -25,7 +25,8 @@ from relay import log
 from relay.buffers import BufferPool, HeapTrimmer
 from relay.commands import source_allowed
 from relay.config import CATCH_ALL, Listen, ServerConfig
-from relay.connection import Connection, ConnectionContext, Delivery
+from relay.connection import Connection
+from relay.context import ConnectionContext, Delivery
 from relay.errors import REPLY_RETRY_LATER
 from relay.metrics import Metrics
 from relay.queues import QueueRouter, hot_folder_names
