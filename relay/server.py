@@ -16,6 +16,7 @@ cancel the rest.
 from __future__ import annotations
 
 import errno
+import math
 import socket as pysocket
 from collections import Counter
 
@@ -75,6 +76,7 @@ class LpdServer:
         self._slots = trio.Semaphore(config.max_connections)
         self._refusals = trio.Semaphore(REFUSAL_SLOTS)
         self._active = 0
+        self._busy_count, self._busy_logged = 0, -math.inf
         self._trimmer = HeapTrimmer()
         self._per_host: Counter[str] = Counter()
         self._accepting: trio.CancelScope | None = None
@@ -148,8 +150,12 @@ class LpdServer:
     async def _busy(self, sock: trio.socket.SocketType, addr: tuple[str, int]) -> None:
         try:
             with sock:
-                log.event("warning", "connection_refused", peer=f"{addr[0]}:{addr[1]}",
-                          error="max_connections reached")
+                self._busy_count += 1
+                now = trio.current_time()
+                if now >= self._busy_logged + 1.0:   # a flood logs a line a second, not each
+                    log.event("warning", "connection_refused", peer=f"{addr[0]}:{addr[1]}",
+                              error="max_connections reached", refused=self._busy_count)
+                    self._busy_logged, self._busy_count = now, 0
                 await _refuse(sock, BUSY, seconds=REFUSAL_SECONDS)
         finally:
             self._refusals.release()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -163,3 +165,34 @@ def test_held_job_survives_kill_and_stays_held(tmp_path: Path) -> None:
         (job,) = Spool(tmp_path / "spool").jobs()
         assert job.state == "held"
         assert not (tmp_path / "out").exists()
+
+
+def test_a_job_left_at_a_file_boundary_by_timeout_or_reset_is_held(tmp_path: Path) -> None:
+    cfg = relay_config(tmp_path, server={"idle_timeout": "500ms"})
+    parts = HELD["extra name"][0]
+    with DaemonThread(cfg) as relay:
+        for how in ("timeout", "reset"):
+            with Wire(relay.port) as w:
+                w.send(b"\x02q\n")
+                assert w.reply() == 0
+                for code, name, data in parts:
+                    assert _section(w, code, name, data) == (0, 0)
+                if how == "timeout":
+                    assert w.read_all() == b""          # dropped after idle_timeout
+                else:
+                    w.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                      struct.pack("ii", 1, 0))
+        wait_for(lambda: relay.metric("lpdrelay_jobs_held_total", queue="*") == 2)
+        # Cut inside a file instead: the sender knows it did not finish; discarded.
+        with Wire(relay.port) as w:
+            w.send(b"\x02q\n")
+            assert w.reply() == 0
+            code, name, data = parts[0]
+            assert _section(w, code, name, data) == (0, 0)
+            w.send(b"\x03100 dfA001h\n")
+            assert w.reply() == 0
+            w.send(b"x" * 10)
+        wait_for(lambda: relay.metric("lpdrelay_jobs_rejected_total", reason="malformed") == 1)
+        time.sleep(0.2)
+    jobs = Spool(tmp_path / "spool").jobs()
+    assert [j.state for j in jobs] == ["held", "held"]
