@@ -95,6 +95,6 @@ class HeapTrimmer:
     def closed(self, active: int) -> None:
         if self._peak >= self.floor and active <= self._peak // 2:
             self._peak = active
+            self.trims += 1
             if _TRIM is not None:
                 _TRIM(0)
-                self.trims += 1
