@@ -141,6 +141,10 @@ class ServerConfig:
     require_reserved_port: bool
     queue_names: str
     graceful_timeout: float
+    admin_allow: tuple[Network, ...]
+    command_timeout: float
+    min_transfer_rate: int
+    max_catch_all_queues: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -200,6 +204,10 @@ _SERVER: Schema = {
     "require_reserved_port": (to_bool, False),
     "queue_names": (one_of("case-insensitive", "exact"), "case-insensitive"),
     "graceful_timeout": (to_duration, "10s"),           # lpd-relay extension
+    "admin_allow": (list_of(to_network, "networks"), ["127.0.0.0/8", "::1"]),  # SPEC §12
+    "command_timeout": (to_positive_duration, "30s"),   # lpd-relay extension
+    "min_transfer_rate": (to_size, "1KiB"),             # per second; lpd-relay extension
+    "max_catch_all_queues": (to_count, 1000),           # lpd-relay extension
 }
 _METRICS: Schema = {"listen": (_metrics_listen, "127.0.0.1:9515")}
 _LOG: Schema = {

@@ -1,55 +1,68 @@
 """One inbound LPD connection: core events -> spool, replies back (SPEC §4).
 
-``Connection`` drives the sans-I/O core from one reused receive buffer and
-assembles jobs: a job is complete when its control file and every data file
-that control file names have arrived (control-first or data-first), and only
-then is it committed and the last file acknowledged (SPEC §4.4).  Whatever a
-connection started and did not commit is discarded when it ends.  The
-listening, accepting and admission checks are ``relay.server``'s.
+``Connection`` drives the sans-I/O core and assembles jobs: a job is complete
+when its control file and every data file that control file names have
+arrived (control-first or data-first), and only then is it committed and the
+last file acknowledged (SPEC §4.4).  A job is never dropped silently once its
+every step was acknowledged (SPEC §4.2, docs/protocol.md "Job assembly"):
+a file the control file does not name, or a control file arriving last that
+names a file not sent, is refused while a reply is still due; a connection
+that ends at a file boundary with such a job keeps it *held* with the reason.
+Whatever else a connection started and did not commit is discarded.
+
+``run`` is the connection boundary: no exception but cancellation leaves it
+(trio's ``serve_listeners`` rule), so one client, a full file-descriptor
+table or a failing disk ends that connection only, with a refusal where a
+reply is due, one log line and a count.  The collaborators arrive as one
+frozen ``ConnectionContext`` (``relay.context``) built by the server.
+Receive buffers: ``relay.buffers``; which files make a job:
+``relay.jobassembly``; the one-shot commands: ``relay.commands``; deadlines
+that trickling clients cannot dodge: ``_deadline``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
 import socket as pysocket
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
-from relay import _core, controlfile, log, status
-from relay.config import CATCH_ALL
-from relay.errors import (
-    REPLY_BAD_JOB,
-    REPLY_RETRY_LATER,
-    DiskFull,
-    ProtocolError,
-    SpoolError,
-)
+from relay import _core, commands, controlfile, log
+from relay.buffers import SMALL
+from relay.context import ConnectionContext, Delivery
+from relay.errors import REPLY_BAD_JOB, REPLY_RETRY_LATER, DiskFull, ProtocolError, SpoolError
 from relay.fastio import FastSocket
-from relay.spool import DataWriter, IncomingJob
+from relay.jobassembly import JobAssembly
+from relay.queues import sanitize_name
+from relay.spool import MAX_FILES_PER_JOB, DataWriter, IncomingJob, JobMeta
 
-if TYPE_CHECKING:
-    from relay.server import LpdServer
+__all__ = ["Connection", "ConnectionContext", "Delivery", "PeerGone"]
 
-RECV_BUFFER = 256 * 1024
 # After a refusal: how long and how much of a still-sending client to drain.
 REFUSAL_DRAIN_SECONDS = 2.0
 REFUSAL_DRAIN_BYTES = 64 * 1024 * 1024
 # While a data file of unknown length streams in, look at free space this often.
 SPACE_CHECK_EVERY = 64 * 1024 * 1024
+# Partial jobs whose removal failed, kept for another try (each is a few names).
+LEFTOVERS_MAX = 1000
+
+
+class PeerGone(Exception):
+    """The socket failed (reset, broken pipe): nothing more can be said to the peer."""
 
 
 class Connection:
     """One inbound connection: event dispatch and job assembly."""
 
-    def __init__(self, server: LpdServer, sock: trio.socket.SocketType, peer: str) -> None:
-        cfg = server.config
-        self.server = server
+    def __init__(self, ctx: ConnectionContext, sock: trio.socket.SocketType,
+                 host: str, port: int) -> None:
+        cfg = ctx.config
+        self.ctx = ctx
         self.sock = sock
         self.io = FastSocket(sock)
-        self.peer = peer
+        self.host, self.port = host, port
+        self.peer = f"{host}:{port}"
         self.parser = _core.ServerParser(max_line=1024, max_control=cfg.max_control_size,
                                          max_job=cfg.max_job_size)
         self.queue: str | None = None        # configured queue name of this 0x02 session
@@ -57,14 +70,34 @@ class Connection:
         self.job: JobAssembly | None = None
         self.writer: DataWriter | None = None
         self.closing = False
+        self.line_since: float | None = None  # a partial line or control file since then
+        self.body_since = 0.0                 # the data body being received began then
+        self.body_bytes = 0
+        self.limit = "idle_timeout"           # which bound the current deadline is
 
     async def run(self) -> None:
-        idle = self.server.config.idle_timeout
+        """Serve the connection; the boundary no exception but cancellation crosses."""
         try:
-            with trio.CancelScope(deadline=trio.current_time() + idle) as scope:
-                await self._loop(scope, idle)
+            await self._serve()
+        except Exception as exc:
+            # Resources (EMFILE/ENFILE), the spool (EACCES, EIO, EROFS) or a bug:
+            # this connection ends, the daemon does not.  Logged without traceback.
+            spool = isinstance(exc, SpoolError | OSError)
+            message = str(exc) if spool else f"{type(exc).__name__}: {exc}"
+            self._reject("spool_error", message, partial=self.job is not None,
+                         level="warning" if spool else "error")
+            await self._send_refusal(REPLY_RETRY_LATER, "cannot store the job now, retry later")
+        finally:
+            self._discard()
+
+    async def _serve(self) -> None:
+        try:
+            with trio.CancelScope() as scope:
+                await self._loop(scope)
             if scope.cancelled_caught:
-                self._reject("timeout", f"no data for {idle:g}s", partial=self.job is not None)
+                await self._ended("timeout", self._timeout_message())
+        except PeerGone as exc:
+            await self._ended("lost", str(exc))
         except ProtocolError as exc:
             self._reject(exc.reason, str(exc), partial=True)
             if exc.reply is not None:
@@ -72,28 +105,85 @@ class Connection:
         except DiskFull as exc:
             self._reject("disk_full", str(exc), partial=True)
             await self._send_refusal(REPLY_RETRY_LATER, "spool disk full, retry later")
-        except OSError as exc:  # reset by peer and friends: the job is simply not complete
-            log.event("info", "connection_lost", peer=self.peer, error=str(exc))
-        finally:
-            self._discard()
 
-    async def _loop(self, scope: trio.CancelScope, idle: float) -> None:
-        buf = bytearray(RECV_BUFFER)
-        view = memoryview(buf)
+    async def _loop(self, scope: trio.CancelScope) -> None:
+        small = bytearray(SMALL)
+        buf: Any = small
+        view = memoryview(small)
+        pool = self.ctx.buffers
         parser, handlers, io = self.parser, _HANDLERS, self.io
-        while not self.closing:
-            ev = parser.next_event()
-            if ev is _core.NEED_DATA:
-                n = await io.recv_into(buf)
-                scope.deadline = trio.current_time() + idle
-                parser.receive_data(view[:n])
-                continue
-            result = handlers[type(ev)](self, ev)
-            if result is not None:
-                await result  # type: ignore[misc]
+        idle = self.ctx.config.idle_timeout
+        try:
+            while not self.closing:
+                ev = parser.next_event()
+                if ev is _core.NEED_DATA:
+                    # Here the parser holds no export of ``buf``: the one
+                    # moment a buffer may be swapped (docs/protocol.md).
+                    remaining = parser.body_remaining
+                    if remaining and buf is small and not 0 < remaining <= SMALL:
+                        if (large := pool.take()) is not None:
+                            buf, view = large, memoryview(large)
+                    elif not remaining and buf is not small:
+                        pool.give(buf)
+                        buf, view = small, memoryview(small)
+                    now = trio.current_time()
+                    scope.deadline = self._deadline(now)
+                    try:
+                        n = await io.recv_into(buf)
+                    except OSError as exc:
+                        raise PeerGone(str(exc)) from None
+                    scope.deadline = trio.current_time() + idle
+                    parser.receive_data(view[:n])
+                    continue
+                result = handlers[type(ev)](self, ev)
+                if result is not None:
+                    await result  # type: ignore[misc]
+        finally:
+            if buf is not small:
+                pool.give(buf)
+
+    def _deadline(self, now: float) -> float:
+        """When the next bytes must have come: the bound a trickling client cannot dodge.
+
+        ``idle_timeout`` since the last byte always; a partial command line,
+        file header or control file must be complete within
+        ``command_timeout`` of its first byte; a data body must average
+        ``min_transfer_rate`` after a grace of ``command_timeout``.
+        """
+        cfg = self.ctx.config
+        deadline, self.limit = now + cfg.idle_timeout, "idle_timeout"
+        parser = self.parser
+        if parser.body_remaining:
+            self.line_since = None
+            if cfg.min_transfer_rate:
+                due = (self.body_since + cfg.command_timeout
+                       + self.body_bytes / cfg.min_transfer_rate)
+                if due < deadline:
+                    deadline, self.limit = due, "min_transfer_rate"
+        elif parser.buffered:
+            if self.line_since is None:
+                self.line_since = now
+            due = self.line_since + cfg.command_timeout
+            if due < deadline:
+                deadline, self.limit = due, "command_timeout"
+        else:
+            self.line_since = None
+        return deadline
+
+    def _timeout_message(self) -> str:
+        cfg = self.ctx.config
+        if self.limit == "command_timeout":
+            return f"line not complete within {cfg.command_timeout:g}s (command_timeout)"
+        if self.limit == "min_transfer_rate":
+            return (f"data file slower than {cfg.min_transfer_rate} bytes/s "
+                    "(min_transfer_rate)")
+        return f"no data for {cfg.idle_timeout:g}s"
 
     async def _send(self, data: bytes) -> None:
-        await self.io.send_all(data)
+        try:
+            await self.io.send_all(data)
+        except OSError as exc:
+            raise PeerGone(str(exc)) from None
 
     async def _send_refusal(self, code: int, message: str) -> None:
         """LPRng style: the reply byte and one human-readable line, then close.
@@ -101,10 +191,12 @@ class Connection:
         A sender refused mid-file is still writing; closing on its unread
         bytes would send a reset that can overtake our answer.  So half-close
         and drain what it sends for a bounded while (REFUSAL_DRAIN_*), giving
-        it the chance to read why.
+        it the chance to read why.  The partial job is discarded first: its
+        space is free before the drain, not after.
         """
+        self._discard()
         line = message.replace("\n", " ")[:200].encode("ascii", "replace")
-        buf = bytearray(65536)
+        buf = bytearray(SMALL)
         try:
             with trio.move_on_after(REFUSAL_DRAIN_SECONDS):
                 await self.io.send_all(bytes([code]) + b"lpd-relay: " + line + b"\n")
@@ -115,33 +207,76 @@ class Connection:
         except OSError:
             pass
 
-    def _reject(self, reason: str, message: str, *, partial: bool) -> None:
-        self.server.metrics.jobs_rejected_total.labels(reason=reason).inc()
-        log.event("warning", "job_refused", peer=self.peer, queue=self.wire_queue,
+    def _reject(self, reason: str, message: str, *, partial: bool,
+                level: str = "warning") -> None:
+        self.ctx.metrics.jobs_rejected_total.labels(reason=reason).inc()
+        log.event(level, "job_refused", peer=self.peer, queue=self.wire_queue,
                   reason=reason, error=message, partial=partial)
 
     def _discard(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        if self.job is not None:
-            self.job.incoming.discard()
-            self.job = None
+        # The job's open data file, if any, is the job's: discard closes it.
+        job, self.job, self.writer = self.job, None, None
+        if job is not None:
+            self._drop(job.incoming)
+
+    def _drop(self, incoming: IncomingJob) -> None:
+        try:
+            incoming.discard()
+        except OSError as exc:  # e.g. a spool gone read-only: retried at the next job
+            log.event("error", "discard_failed", peer=self.peer, job=incoming.id,
+                      error=str(exc))
+            if len(self.ctx.leftovers) < LEFTOVERS_MAX:  # beyond: the next start sweeps them
+                self.ctx.leftovers.append(incoming)
+
+    def _retry_leftovers(self) -> None:
+        leftovers = self.ctx.leftovers[:]
+        self.ctx.leftovers.clear()
+        for incoming in leftovers:
+            self._drop(incoming)
+
+    async def _ended(self, how: str, message: str) -> None:
+        """The peer went (timeout, reset): hold an acknowledged job, discard the rest."""
+        if self._holdable():
+            await self._hold()
+        elif how == "timeout":
+            self._reject("timeout", message, partial=self.job is not None)
+        else:  # reset by peer and friends: the job is simply not complete
+            log.event("info", "connection_lost", peer=self.peer, error=message)
+
+    def _holdable(self) -> bool:
+        # Every step so far was acknowledged and the stream stopped between
+        # files: the sender may believe the job complete.
+        job = self.job
+        return (job is not None and job.control is not None and self.writer is None
+                and not self.parser.buffered and not self.parser.body_remaining)
+
+    async def _hold(self) -> None:
+        job = self.job
+        assert job is not None
+        self.job = None
+        reason = job.hold_reason()
+        meta = await self._commit(job, hold=reason)
+        self.ctx.metrics.jobs_held_total.labels(
+            queue=self.ctx.metrics.queue_label(meta.queue)).inc()
+        log.event("error", "job_held", job=meta.id, queue=meta.queue, peer=self.peer,
+                  error=reason)
 
     # -- 0x02 receive job --------------------------------------------------
 
     async def on_receive_job(self, ev: _core.ReceiveJob) -> None:
         if self.queue is None:
-            queue = self.server.router.route(ev.queue)
-            self.server.spool.check_space()
+            queue = self.ctx.router.route(ev.queue, new_job=True)
+            self.ctx.spool.check_space()
             self.queue, self.wire_queue = queue.name, ev.queue
         await self._send(b"\x00")
 
     def _job(self) -> JobAssembly:
         if self.job is None:
             assert self.queue is not None, "parser emits files only inside 0x02"
-            incoming = self.server.spool.begin(queue=self.queue, wire_queue=self.wire_queue,
-                                               peer=self.peer)
+            if self.ctx.leftovers:
+                self._retry_leftovers()
+            incoming = self.ctx.spool.begin(queue=self.queue, wire_queue=self.wire_queue,
+                                            peer=self.peer)
             self.job = JobAssembly(incoming)
         return self.job
 
@@ -156,25 +291,41 @@ class Connection:
             raise ProtocolError("second control file before the data files of the first",
                                 reply=REPLY_BAD_JOB, reason="malformed")
         cf = controlfile.parse_control_file(ev.data)
+        job.set_control(cf)
+        if len(job.wanted) > MAX_FILES_PER_JOB:
+            raise ProtocolError(f"control file names more than {MAX_FILES_PER_JOB} data files",
+                                reply=REPLY_BAD_JOB, reason="too_large")
+        if job.opened and (missing := job.missing()):
+            # Data files came first, so this control file is the job's last
+            # step: a file it names that did not come never will.
+            raise ProtocolError(f"control file names {sanitize_name(missing[0])}, "
+                                "which was not sent", reply=REPLY_BAD_JOB, reason="malformed")
         name = controlfile.split_job_name(ev.name)
         job.incoming.set_control(
             ev.name, ev.data, number=name.number, user=cf.user or "", host=cf.host or "",
             title=cf.title or cf.job_name or "", job_name=cf.job_name or "",
             formats={f.name: f.format for f in cf.print_files})
-        job.control = cf
         await self._finish_file()
 
     async def on_data_start(self, ev: _core.DataFileStart) -> None:
         job = self._job()
+        if job.control is not None and ev.name not in job.wanted:
+            raise ProtocolError(f"data file {sanitize_name(ev.name)} is not named by the "
+                                "control file", reply=REPLY_BAD_JOB, reason="malformed")
+        if job.opened >= MAX_FILES_PER_JOB:   # re-sent files count too
+            raise ProtocolError(f"more than {MAX_FILES_PER_JOB} data files in one job",
+                                reply=REPLY_BAD_JOB, reason="too_large")
         if ev.length is not None:
             self._check_size(job.incoming.bytes + ev.length)
         if ev.length:
             # A declared size must fit above min_free_disk before a byte is
             # written; the job itself passed the plain check at 0x02, and a
             # streamed file is checked as it grows (on_data_chunk).
-            self.server.spool.check_space(ev.length)
+            self.ctx.spool.check_space(ev.length)
+        job.opened += 1
         self.writer = job.incoming.open_data(ev.name)
         job.streamed = 0
+        self.body_since, self.body_bytes = trio.current_time(), 0
         await self._send(b"\x00")
 
     def on_data_chunk(self, ev: _core.DataChunk) -> None:
@@ -183,10 +334,11 @@ class Connection:
         self.writer.write(data)
         job = self.job
         job.streamed += len(data)
+        self.body_bytes += len(data)
         if job.streamed >= SPACE_CHECK_EVERY:
             job.streamed = 0
             self._check_size(job.incoming.bytes)
-            self.server.spool.check_space()
+            self.ctx.spool.check_space()
 
     async def on_data_end(self, ev: _core.DataFileEnd) -> None:
         assert self.writer is not None and self.job is not None
@@ -201,25 +353,26 @@ class Connection:
         assert job is not None
         if job.complete():
             self.job = None
-            await self._commit(job)
+            meta = await self._commit(job)
+            log.event("info", "job_received", job=meta.id, queue=meta.queue, peer=self.peer,
+                      user=meta.user, bytes=meta.total_bytes, files=len(meta.files))
         await self._send(b"\x00")
 
-    async def _commit(self, job: JobAssembly) -> None:
+    async def _commit(self, job: JobAssembly, *, hold: str = "") -> JobMeta:
         try:
-            meta = await self.server.spool.commit(job.incoming)
-        except (SpoolError, OSError):
-            job.incoming.discard()
+            meta = await self.ctx.spool.commit(job.incoming, hold=hold)
+        except BaseException:
+            self._drop(job.incoming)
             raise
-        m = self.server.metrics
+        m = self.ctx.metrics
         label = m.queue_label(meta.queue)
         m.jobs_received_total.labels(queue=label).inc()
         m.bytes_received_total.labels(queue=label).inc(meta.total_bytes)
-        log.event("info", "job_received", job=meta.id, queue=meta.queue, peer=self.peer,
-                  user=meta.user, bytes=meta.total_bytes, files=len(meta.files))
-        self.server.delivery.submit(meta)
+        self.ctx.delivery.submit(meta)
+        return meta
 
     def _check_size(self, total: int) -> None:
-        limit = self.server.config.max_job_size
+        limit = self.ctx.config.max_job_size
         if total > limit:
             raise ProtocolError(f"job larger than max_job_size ({limit} bytes)",
                                 reply=REPLY_BAD_JOB, reason="too_large")
@@ -228,9 +381,11 @@ class Connection:
         self._discard()
         await self._send(b"\x00")
 
-    def on_end(self, ev: _core.EndOfStream) -> None:
+    async def on_end(self, ev: _core.EndOfStream) -> None:
         self.closing = True
-        if self.job is not None:
+        if self._holdable():
+            await self._hold()
+        elif self.job is not None:
             # The sender closed before the job was complete: never deliver half
             # a job (SPEC §4.2); discarded by run()'s finally.
             self._reject("malformed", "connection closed before the job was complete",
@@ -241,50 +396,13 @@ class Connection:
     async def on_command(self, ev: _core.Command) -> None:
         self.closing = True
         self.wire_queue = ev.queue
-        if ev.code == 0x01:
-            queue = self.server.router.route(ev.queue)
-            # Operands are an lpd-relay extension: spool ids to release (from
-            # `lpd-relay spool retry`); plain 0x01 releases every held job.
-            self.server.delivery.wake(queue.name, ev.operands)
-            await self._send(b"\x00")
-            return
-        try:
-            queue = self.server.router.route(ev.queue)
-        except ProtocolError as exc:
-            await self._send(f"{exc}\n".encode("ascii", "replace"))
-            return
-        if ev.code in (0x03, 0x04):
-            text = status.render(self._queue_state(queue.name, ev.queue),
-                                 long=ev.code == 0x04, items=ev.operands)
-        else:
-            text = self._remove(queue.name, ev.operands)
-        await self._send(text.encode("utf-8", "replace"))
-
-    def _queue_state(self, queue: str, wire_queue: str) -> status.QueueState:
-        """The queue as the asker named it: for the catch-all, only that name's jobs."""
-        state = self.server.delivery.queue_state(queue)
-        if queue != CATCH_ALL:
-            return state
-        wanted = wire_queue.casefold()
-        return dataclasses.replace(state, queue=wire_queue, jobs=tuple(
-            j for j in state.jobs if j.wire_queue.casefold() == wanted))
-
-    def _remove(self, queue: str, operands: Sequence[str]) -> str:
-        if not operands:
-            return "lpd-relay: lprm needs the requesting user\n"
-        state = self._queue_state(queue, self.wire_queue)
-        host = self.peer.rsplit(":", 1)[0]
-        local = ipaddress.ip_address(host).is_loopback
-        chosen = status.select_for_removal(state.jobs, agent=operands[0], items=operands[1:],
-                                           local=local)
-        removed = set(self.server.delivery.remove(queue, [j.id for j in chosen]))
-        return status.render_removal(chosen, removed)
+        await self._send(commands.answer(self.ctx, ev, self.host, self.port))
 
 
 # Event type -> handler, kept on the class rather than as bound methods on
 # each connection: bound methods would make every connection a reference cycle,
-# freed only by the cyclic GC, and each holds its 256 KiB receive buffer (and
-# the parser's export of it) until then.
+# freed only by the cyclic GC, and each holds its receive buffers (and the
+# parser's export of them) until then.
 _HANDLERS: dict[type, Callable[[Connection, Any], object]] = {
     _core.ReceiveJob: Connection.on_receive_job,
     _core.ControlFileStart: Connection.on_control_start,
@@ -296,20 +414,3 @@ _HANDLERS: dict[type, Callable[[Connection, Any], object]] = {
     _core.EndOfStream: Connection.on_end,
     _core.Command: Connection.on_command,
 }
-
-
-class JobAssembly:
-    """The job being received: complete once its control file and every data file
-    that control file names have arrived (control-first or data-first)."""
-
-    __slots__ = ("control", "incoming", "received", "streamed")
-
-    def __init__(self, incoming: IncomingJob) -> None:
-        self.incoming = incoming
-        self.control: controlfile.ControlFile | None = None
-        self.received: set[str] = set()
-        self.streamed = 0
-
-    def complete(self) -> bool:
-        cf = self.control
-        return cf is not None and all(name in self.received for name in cf.data_files)

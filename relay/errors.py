@@ -18,7 +18,8 @@ REPLY_RETRY_LATER = 0x02
 REPLY_BAD_JOB = 0x03
 
 # The only values ``ProtocolError.reason`` and the rejection metric may take.
-REJECT_REASONS = ("acl", "unknown_queue", "too_large", "disk_full", "malformed", "timeout")
+REJECT_REASONS = ("acl", "unknown_queue", "too_large", "disk_full", "malformed", "timeout",
+                  "spool_error")
 
 
 class LpdError(Exception):

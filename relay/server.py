@@ -3,46 +3,46 @@
 Listening sockets on every configured address, an accept loop bounded by
 ``max_connections``, the source checks made before a byte is read (``allow``,
 reserved ports, per-host limit), and one task per admitted connection under a
-nursery (``relay.connection.Connection``: one reused receive buffer feeding
-the core, memoryview slices of it written straight to the spool, the last
-acknowledgement only after the group commit).  Graceful shutdown: stop
-accepting, give connections ``graceful_timeout``, cancel the rest.
+nursery (``relay.connection.Connection``: receive buffers feeding the core,
+memoryview slices of them written straight to the spool, the last
+acknowledgement only after the group commit).  A connection beyond
+``max_connections`` is answered at once (0x02 and a line) by one of a few
+refusal slots instead of waiting in the kernel backlog.  The connection gets
+its collaborators as one ``ConnectionContext``; it never sees the server.
+Graceful shutdown: stop accepting, give connections ``graceful_timeout``,
+cancel the rest.
 """
 
 from __future__ import annotations
 
 import errno
-import ipaddress
+import math
 import socket as pysocket
 from collections import Counter
-from collections.abc import Sequence
-from typing import Protocol
 
 import trio
 
-from relay import log, status
-from relay.config import Listen, ServerConfig
+from relay import log
+from relay.buffers import BufferPool, HeapTrimmer
+from relay.commands import source_allowed
+from relay.config import CATCH_ALL, Listen, ServerConfig
 from relay.connection import Connection
-from relay.errors import (
-    REPLY_RETRY_LATER,
-    BindError,
-)
+from relay.context import ConnectionContext, Delivery
+from relay.errors import REPLY_RETRY_LATER, BindError
 from relay.metrics import Metrics
-from relay.queues import QueueRouter
-from relay.spool import JobMeta, Spool
+from relay.queues import QueueRouter, hot_folder_names
+from relay.spool import Spool
+
+__all__ = ["Delivery", "LpdServer", "open_listener"]
 
 # accept() errors that mean "out of resources for now": wait and try again
 # instead of dying (the same list trio.serve_listeners uses).
 ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-
-
-class Delivery(Protocol):
-    """What the server needs from the delivery side (the scheduler)."""
-
-    def submit(self, job: JobMeta) -> None: ...
-    def wake(self, queue: str, job_ids: Sequence[str] = ()) -> None: ...
-    def queue_state(self, queue: str) -> status.QueueState: ...
-    def remove(self, queue: str, job_ids: Sequence[str]) -> list[str]: ...
+# Connections beyond max_connections being told so at once; beyond these the
+# kernel backlog holds the rest (each refusal holds a descriptor for <= 1 s).
+REFUSAL_SLOTS = 64
+REFUSAL_SECONDS = 1.0
+BUSY = bytes([REPLY_RETRY_LATER]) + b"lpd-relay: server busy (max_connections), retry later\n"
 
 
 def open_listener(listen: Listen, backlog: int = 1024, *, key: str = "server.listen",
@@ -76,9 +76,15 @@ class LpdServer:
         self.config = config
         self.spool = spool
         self.router = router
-        self.delivery = delivery
         self.metrics = metrics
+        self.context = ConnectionContext(config=config, spool=spool, router=router,
+                                         delivery=delivery, metrics=metrics,
+                                         buffers=BufferPool())
         self._slots = trio.Semaphore(config.max_connections)
+        self._refusals = trio.Semaphore(REFUSAL_SLOTS)
+        self._active = 0
+        self._busy_count, self._busy_logged = 0, -math.inf
+        self._trimmer = HeapTrimmer()
         self._per_host: Counter[str] = Counter()
         self._accepting: trio.CancelScope | None = None
         self.listeners: list[trio.socket.SocketType] = []
@@ -87,6 +93,7 @@ class LpdServer:
     async def serve(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]]
                     = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until stop_accepting(); then let connections finish for graceful_timeout."""
+        self._seed_catch_all()
         self.listeners = [open_listener(listen, key=f"server.listen[{i}]")
                           for i, listen in enumerate(self.config.listen)]
         try:
@@ -103,6 +110,14 @@ class LpdServer:
             self._close_listeners()
             self.closed.set()
 
+    def _seed_catch_all(self) -> None:
+        # max_catch_all_queues counts the names the catch-all already has:
+        # those of its spooled jobs and the subfolders of its hot folders.
+        queue = self.router.catch_all
+        if queue is not None:
+            self.router.seed_catch_all(j.wire_queue for j in self.spool.jobs(CATCH_ALL))
+            self.router.seed_catch_all(hot_folder_names(queue))
+
     def stop_accepting(self) -> None:
         """Stop taking new connections; connections in flight get graceful_timeout."""
         if self._accepting is not None:
@@ -115,31 +130,55 @@ class LpdServer:
     async def _accept_loop(self, lsock: trio.socket.SocketType,
                            nursery: trio.Nursery) -> None:
         while True:
-            # Beyond max_connections accepting waits (the kernel backlog holds
-            # the rest); nothing is refused or crashes (SPEC §3.2).
-            await self._slots.acquire()
             try:
                 sock, addr = await lsock.accept()
             except OSError as exc:
-                self._slots.release()
-                if exc.errno in ACCEPT_RETRY_ERRNOS:
+                if exc.errno in ACCEPT_RETRY_ERRNOS:   # out of descriptors: never an exit
                     log.event("error", "accept_failed", error=str(exc))
                     await trio.sleep(0.1)
                     continue
                 if exc.errno == errno.EBADF:  # listener closed by shutdown
                     return
                 raise
+            try:
+                self._slots.acquire_nowait()
+            except trio.WouldBlock:
+                # Beyond max_connections a client is told to retry later at
+                # once; only while every refusal slot is busy too does
+                # accepting wait (the kernel backlog holds the rest).
+                try:
+                    await self._refusals.acquire()
+                except BaseException:
+                    sock.close()
+                    raise
+                nursery.start_soon(self._busy, sock, addr)
+                continue
             nursery.start_soon(self._connection, sock, addr)
+
+    async def _busy(self, sock: trio.socket.SocketType, addr: tuple[str, int]) -> None:
+        try:
+            with sock:
+                self._busy_count += 1
+                now = trio.current_time()
+                if now >= self._busy_logged + 1.0:   # a flood logs a line a second, not each
+                    log.event("warning", "connection_refused", peer=f"{addr[0]}:{addr[1]}",
+                              error="max_connections reached", refused=self._busy_count)
+                    self._busy_logged, self._busy_count = now, 0
+                await _refuse(sock, BUSY, seconds=REFUSAL_SECONDS)
+        finally:
+            self._refusals.release()
 
     async def _connection(self, sock: trio.socket.SocketType, addr: tuple[str, int]) -> None:
         host, port = addr[0], addr[1]
         self.metrics.inbound_connections.inc()
         self._per_host[host] += 1
+        self._active += 1
+        self._trimmer.opened(self._active)
         try:
             with sock:
                 admitted, refusal = self._admit(host, port)
                 if admitted:
-                    await Connection(self, sock, f"{host}:{port}").run()
+                    await Connection(self.context, sock, host, port).run()
                 elif refusal:
                     await _refuse(sock, refusal)
         finally:
@@ -148,6 +187,8 @@ class LpdServer:
                 del self._per_host[host]
             self.metrics.inbound_connections.dec()
             self._slots.release()
+            self._active -= 1
+            self._trimmer.closed(self._active)
 
     def _admit(self, host: str, port: int) -> tuple[bool, bytes]:
         """Source checks made before a single byte of the job is read (SPEC §4.3).
@@ -155,7 +196,7 @@ class LpdServer:
         Returns (admitted, what to say before closing when not).
         """
         peer = f"{host}:{port}"
-        if self.config.allow and not _allowed(host, self.config.allow):
+        if self.config.allow and not source_allowed(host, self.config.allow):
             self.metrics.jobs_rejected_total.labels(reason="acl").inc()
             log.event("warning", "connection_refused", peer=peer, error="source not in allow")
             return False, b""
@@ -171,13 +212,13 @@ class LpdServer:
         return True, b""
 
 
-async def _refuse(sock: trio.socket.SocketType, message: bytes) -> None:
+async def _refuse(sock: trio.socket.SocketType, message: bytes, seconds: float = 1.0) -> None:
     """Say why, then close without reading the job.
 
     Half-close and drain briefly first: closing a socket with unread input
     sends a reset, and the reset can overtake the message we just wrote.
     """
-    with trio.move_on_after(1):
+    with trio.move_on_after(seconds):
         try:
             await sock.send(message)
             sock.shutdown(pysocket.SHUT_WR)
@@ -186,10 +227,3 @@ async def _refuse(sock: trio.socket.SocketType, message: bytes) -> None:
         except OSError:
             pass
 
-
-def _allowed(host: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
-             ) -> bool:
-    addr = ipaddress.ip_address(host.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr in net for net in networks)

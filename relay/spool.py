@@ -34,7 +34,7 @@ import contextlib
 import fcntl
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 
@@ -62,6 +62,7 @@ from relay.spoolformat import (
     SpoolUsage,
     decode_job,
     encode_job,
+    encode_state,
     with_state,
 )
 from relay.spoolindex import SpoolIndex, unlink_job, write_state
@@ -88,6 +89,7 @@ class _Publish:
     record: bytes | None
     control: bytes
     paths: tuple[str, ...]
+    state: bytes | None = None   # a ``.state`` to write before the ``.json`` (held jobs)
 
 
 class Spool:
@@ -205,24 +207,31 @@ class Spool:
         self._next += 1
         return IncomingJob(self, job_id, queue=queue, wire_queue=wire_queue, peer=peer)
 
-    async def commit(self, job: IncomingJob) -> JobMeta:
+    async def commit(self, job: IncomingJob, *, hold: str = "") -> JobMeta:
         """Publish the job; return once it is durable (shared flush under fsync).
 
         Raises SpoolError (DiskFull on ENOSPC); a commit that raises — cancelled
         included — leaves no job behind, so the caller must not acknowledge.
+        ``hold``: publish it held with that reason; its ``.state`` is written
+        before its ``.json``, so no crash can leave it queued.
         """
         job._check_open()  # a second commit must not discard the first one's job
         try:
             meta = job.seal()
+            if hold:
+                meta = replace(meta, state="held", last_error=hold[:500])
             job.mark("committing")
-            record = encode_job(meta)
+            state = encode_state(meta) if hold else None
             paths = (meta.control_path, *(f.path for f in meta.files),
+                     *([os.path.join(self.jobs_dir, f"{meta.id}.state")] if hold else []),
                      os.path.join(self.jobs_dir, f"{meta.id}.json"))
+            item = _Publish(meta.id, record=encode_job(meta), control=job.control_raw,
+                            paths=paths, state=state)
             if self.fsync:
-                await self._group.submit(_Publish(meta.id, record, job.control_raw, paths))
+                await self._group.submit(item)
             else:
                 await trio.lowlevel.checkpoint()
-                self._publish(_Publish(meta.id, record, job.control_raw, paths))
+                self._publish(item)
         except BaseException:
             job.mark("open")
             job.discard()  # nothing the sender was not told about may stay
@@ -253,11 +262,16 @@ class Spool:
         if item.record is None:
             return
         tmp = os.path.join(self.jobs_dir, f".{item.job_id}.json.tmp")
+        state = os.path.join(self.jobs_dir, f"{item.job_id}.state")
         try:
             write_file(os.path.join(self.jobs_dir, f"{item.job_id}.cf"), item.control)
+            if item.state is not None:
+                write_file(state, item.state)
             write_file(tmp, item.record)
             os.rename(tmp, os.path.join(self.jobs_dir, f"{item.job_id}.json"))
         except OSError as exc:
+            if item.state is not None:
+                unlink_quiet(state)
             raise disk_error(exc, f"job {item.job_id} control file/metadata") from exc
 
     def _flush(self, items: list[_Publish]) -> list[Exception | None]:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import errno
 import fcntl
 import os
+import socket
 import sys
 
 import orjson
@@ -56,9 +58,29 @@ def _local_listener(config: Config) -> tuple[str, int]:
     return str(host), int(port)
 
 
+async def _admin_channel(host: str, port: int) -> client.Channel:
+    """Purge and retry are admin requests (SPEC §12): sent from a reserved port
+    when this process may bind one (root), else from an ephemeral one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for source in range(1023, 511, -1) if os.geteuid() == 0 else ():
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            await sock.bind((host, source))
+            with trio.fail_after(10):
+                await sock.connect((host, port))
+        except (OSError, trio.TooSlowError) as exc:
+            sock.close()
+            if getattr(exc, "errno", None) in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                continue
+            break
+        return client.Channel(sock, timeout=10, peer=f"{host}:{port}")
+    return await client.open_channel(host, port, io_timeout=10)
+
+
 async def _ask_daemon(config: Config, request: bytes) -> str:
     host, port = _local_listener(config)
-    ch = await client.open_channel(host, port, io_timeout=10)
+    ch = await _admin_channel(host, port)
     try:
         await ch.send_all(request)
         return await ch.read_text()

@@ -104,7 +104,8 @@ class IncomingJob:
         self._files: dict[str, tuple[str, int]] = {}     # wire name -> (file, size)
         self._writer: DataWriter | None = None
         self._index = 0
-        self._status = "open"                              # open | committing | committed | gone
+        # open | committing | committed | discarding (an unlink failed) | gone
+        self._status = "open"
 
     def _path(self, name: str) -> str:
         return os.path.join(self._spool.jobs_dir, name)
@@ -158,10 +159,14 @@ class IncomingJob:
             self._files[writer.name] = (self._files[writer.name][0], size)
 
     def discard(self) -> None:
-        """Remove everything written for this job; idempotent, no-op once committed."""
-        if self._status not in ("open",):
+        """Remove everything written for this job; idempotent, no-op once committed.
+
+        An unlink that fails (a spool gone read-only) raises OSError; calling
+        again later finishes the job's removal.
+        """
+        if self._status not in ("open", "discarding"):
             return
-        self._status = "gone"
+        self._status = "discarding"
         if self._writer is not None:
             self._writer.abandon()
             self._writer = None
@@ -170,6 +175,7 @@ class IncomingJob:
         unlink_quiet(self._path(f"{self.id}.cf"))
         for file, _ in self._files.values():
             unlink_quiet(self._path(file))
+        self._status = "gone"
         self._spool.count_discard(self.bytes)
 
     def seal(self) -> JobMeta:

@@ -16,6 +16,7 @@ U+009B CSI included, come out as backslash-x escapes).
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -103,24 +104,45 @@ def _text(lines: Iterable[str]) -> str:
 PRIVILEGED_AGENTS = ("-all", "root")
 
 
+def _same_host(job: JobMeta, host: str) -> bool:
+    # The address recorded at intake, or an H line that is that address.
+    # Host names in H are not resolved: no DNS on the request path.
+    return _address(job.peer.rsplit(":", 1)[0]) == host or _address(job.host) == host
+
+
+def _address(text: str) -> str:
+    try:
+        addr = ipaddress.ip_address(text.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return text
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return str(addr)
+
+
 def select_for_removal(jobs: Iterable[JobMeta], *, agent: str, items: Sequence[str],
-                       local: bool) -> list[JobMeta]:
+                       host: str, admin: bool) -> list[JobMeta]:
     """The jobs an lprm request names (RFC 1179 §5.5: agent, then users/job numbers).
 
-    ``-all`` (LPRng) or root may remove anyone's jobs, but only when asking
-    from this machine (``local``) — as BSD lpd trusts root only from its own
-    host; any other agent removes only its own jobs.  With no items the
-    agent's jobs are meant, and LPRng's ``all`` means every job the agent may
-    remove.  Items match the job number, the spool id or the owner.
+    ``-all`` (LPRng) or root may remove anyone's jobs, but only when the
+    request is ``admin`` (an ``admin_allow`` address and a reserved source
+    port: root on a trusted host; the caller refuses the request otherwise).
+    Any other agent removes only its own jobs, and only those sent from the
+    requesting ``host`` (an address): the peer address recorded at intake or
+    the control file's ``H`` line must be it, as BSD lpd checks the host
+    along with the user.  With no items the agent's jobs are meant, and
+    LPRng's ``all`` means every job the agent may remove.  Items match the
+    job number, the spool id or the owner.
     """
-    privileged = local and agent in PRIVILEGED_AGENTS
+    privileged = admin and agent in PRIVILEGED_AGENTS
+    host = _address(host)
     if "all" in items or "-all" in items:   # LPRng's `lprm all`: every job we may remove
         items = ()
     numbers = {i for i in items if i.isdigit()}
     users = {i for i in items if not i.isdigit() and i != "-"}
     chosen = []
     for job in jobs:
-        if not privileged and job.user != agent:
+        if not privileged and (job.user != agent or not _same_host(job, host)):
             continue
         named = job.number in numbers or job.id in numbers or job.user in users
         if (numbers or users) and not named:

@@ -241,8 +241,9 @@ def test_many_concurrent_connections(tmp_path):  # type: ignore[no-untyped-def]
             for _ in range(300):
                 s = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
                 socks.append(s)
-            # Beyond max_connections accepting waits: the server neither crashes
-            # nor refuses, and a fresh client is served once slots free up.
+            # Beyond max_connections the server neither crashes nor lets clients
+            # hang: they are told to retry later, and a fresh client is served
+            # once slots free up.
             for s in socks[:299]:
                 s.close()
             assert all(r == 0 for r in send_job(relay.port, Job()))
@@ -316,3 +317,66 @@ def test_print_waiting_command_wakes_a_backed_off_queue(tmp_path):  # type: igno
         # Backoff reset: the job is tried again at once instead of in an hour.
         wait_for(lambda: relay.metric("lpdrelay_delivery_attempts_total", destination=dest,
                                       result="retry") == 2)
+
+
+def test_beyond_max_connections_a_client_is_told_at_once(tmp_path):  # type: ignore[no-untyped-def]
+    with DaemonThread(relay_config(tmp_path, server={"max_connections": 3})) as relay:
+        held = [Wire(relay.port) for _ in range(3)]
+        try:
+            wait_for(lambda: relay.metric("lpdrelay_inbound_connections") >= 3)
+            start = time.monotonic()
+            code, message = refused(relay.port, b"\x02q\n")
+            assert code == 0x02 and b"max_connections" in message and message.endswith(b"\n")
+            assert time.monotonic() - start < 3
+        finally:
+            for w in held:
+                w.close()
+        wait_for(lambda: relay.metric("lpdrelay_inbound_connections") == 0)
+        assert all(r == 0 for r in send_job(relay.port, Job()))
+
+
+def _trickle(w: Wire, data: bytes, pause: float, budget: float) -> float:
+    """Send ``data`` a byte at a time until the server closes; seconds it took."""
+    start = time.monotonic()
+    try:
+        for byte in data:
+            w.send(bytes([byte]))
+            time.sleep(pause)
+            assert time.monotonic() - start < budget, "trickling client never dropped"
+        return time.monotonic() - start
+    except (BrokenPipeError, ConnectionResetError):
+        return time.monotonic() - start
+
+
+def test_a_trickled_command_line_hits_command_timeout(tmp_path):  # type: ignore[no-untyped-def]
+    cfg = relay_config(tmp_path, server={"idle_timeout": "5s", "command_timeout": "600ms"})
+    with DaemonThread(cfg) as relay, Wire(relay.port) as w:
+        w.send(b"\x02q\n")
+        assert w.reply() == 0
+        # A byte every 100 ms never trips the 5 s idle_timeout.
+        took = _trickle(w, b"\x03100 dfA001client" * 10, pause=0.1, budget=4)
+        assert took < 3
+        wait_for(lambda: relay.metric("lpdrelay_jobs_rejected_total", reason="timeout") == 1)
+        wait_for(lambda: not spool_files(tmp_path) or None)
+
+
+def test_a_trickled_data_file_hits_min_transfer_rate(tmp_path):  # type: ignore[no-untyped-def]
+    cfg = relay_config(tmp_path, server={"idle_timeout": "5s", "command_timeout": "500ms",
+                                         "min_transfer_rate": "100B"})
+    with DaemonThread(cfg) as relay, Wire(relay.port) as w:
+        start_data_file(w, Job(files=[b"x" * 100_000]))
+        # 20 bytes/s, a fifth of the rate asked for; each byte well inside idle_timeout.
+        took = _trickle(w, b"x" * 100_000, pause=0.05, budget=4)
+        assert took < 3
+        wait_for(lambda: relay.metric("lpdrelay_jobs_rejected_total", reason="timeout") == 1)
+        wait_for(lambda: not spool_files(tmp_path) or None)
+    # A sender at a fair rate is not cut: 400 bytes in 1 s with a 100 B/s floor.
+    with DaemonThread(cfg) as relay, Wire(relay.port) as w:
+        job = Job(files=[b"y" * 400])
+        start_data_file(w, job)
+        for i in range(0, 400, 40):
+            w.send(job.files[0][i:i + 40])
+            time.sleep(0.1)
+        w.send(b"\x00")
+        assert w.reply() == 0
+        delivered(tmp_path / "out", "q")
