@@ -32,7 +32,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy relay
 
-test: install peers lint typecheck
+test: install peers deb-deps lint typecheck
 	$(BIN)/python -m pytest -q -m "not slow" tests
 	LPD_BENCH_SCALE=0.01 $(BIN)/python -m pytest -q --benchmark-disable benchmarks
 
@@ -51,7 +51,8 @@ completions: install
 	$(BIN)/lpd-relay completion zsh > build/completions/_lpd-relay
 
 # The Debian package into dist/ (docs/packaging.md); its build dependencies
-# are installed with apt-get when root. Not part of `make test`.
+# are installed with apt-get when root. `make test` installs them too, so the
+# package tests (build, lintian, install into a throwaway root) run there.
 deb-deps:
 	@bash scripts/install-deb-deps.sh
 
