@@ -41,8 +41,9 @@ __all__ = [
 ]
 
 # reserve= of an lpd:// URI (SPEC §3.3) -> port range; None/None = kernel ephemeral.
+# CUPS' meanings: none = ephemeral, any = any reserved port 1-1023.
 RESERVE_RANGES: Final[dict[str, tuple[int | None, int | None]]] = {
-    "rfc1179": (721, 731), "privileged": (512, 1023), "any": (None, None)}
+    "none": (None, None), "rfc1179": (721, 731), "privileged": (512, 1023), "any": (1, 1023)}
 
 _PRIVILEGED_BELOW: Final = 1024
 
@@ -154,7 +155,7 @@ class OriginPortPool:
     @classmethod
     def for_reserve(cls, reserve: str, *, reuse_addr: bool = True, linger: float = 5.0,
                     metrics: OriginPortMetrics | None = None) -> OriginPortPool:
-        """A pool for an ``lpd://...?reserve=`` value: rfc1179 | privileged | any."""
+        """A pool for an ``lpd://...?reserve=`` value: none | rfc1179 | privileged | any."""
         low, high = reserve_range(reserve)
         pool = cls(low, high, reuse_addr=reuse_addr, linger=linger, metrics=metrics)
         pool._config_path = f"reserve={reserve}"
@@ -175,7 +176,7 @@ class OriginPortPool:
                 f"origin ports {self._label} need root or CAP_NET_BIND_SERVICE; "
                 f"binding port {probe} failed ({exc.strerror}). Run as root, grant the "
                 "capability (systemd: AmbientCapabilities=CAP_NET_BIND_SERVICE), or use "
-                '"any" if the destination does not check source ports')) from exc
+                '"none" if the destination does not check source ports')) from exc
 
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot (see :class:`PoolStatistics`)."""
