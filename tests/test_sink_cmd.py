@@ -274,7 +274,7 @@ def test_lprng_lpr_as_the_spooler_command(tmp_path: Path) -> None:
 def test_check_config_warns_about_a_program_not_on_path(tmp_path: Path) -> None:
     config = tmp_path / "relay.toml"
     config.write_text(f'[server]\nspool_dir = "{tmp_path / "spool"}"\n'
-                      '[queues.ward3]\ndestinations = ["dir:///srv/out", '
+                      f'[queues.ward3]\ndestinations = ["dir://{tmp_path / "out"}", '
                       '"cmd:no-such-lp -d ward3"]\n'
                       '[queues.lab]\ndestinations = ["cmd:sh -c true"]\n')
     result = subprocess.run([sys.executable, "-m", "relay", "check-config", "-c", str(config)],

@@ -29,7 +29,7 @@ def folder_problem(path: str) -> str | None:
         try:
             mode = os.stat(probe).st_mode
             break
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             parent = os.path.dirname(probe)
             if parent == probe:
                 return f"folder {path} cannot be created: no existing parent"
