@@ -11,6 +11,7 @@ never answers.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from relay.probelocal import run_local_probe
 from relay.probematrix import NOT_STREAMABLE, lpr_byte_counting, recommended
 from relay.uri import parse_destination
 from tests.daemon import DaemonThread, relay_config
-from tests.peers import LprngServer, free_port, lprng_error
+from tests.peers import LprngServer, free_port, lprng_error, require_root
 from tests.test_cups_options import unanswering_port
 
 _HUGE = 2**31 - 1
@@ -319,3 +320,40 @@ def test_usb_make_model_probe_names_what_it_found(tmp_path: Path,
     result = probe_cli("usb://HP/LaserJet%201020?serial=X1", "--json")
     assert result.returncode == 1          # found, but a FIFO without a reader
     assert orjson.loads(result.stdout)["steps"][0]["detail"] == str(tree.dev / "usb" / "lp0")
+
+
+_NETNS_SCRIPT = """
+set -e
+ip link set lo up
+nft add table inet probe_test
+nft add chain inet probe_test out '{ type filter hook output priority 0; }'
+nft add rule inet probe_test out tcp sport 5515 drop
+"$1" -c 'import socket, time; s = socket.create_server(("127.0.0.1", 5515)); time.sleep(20)' &
+listener=$!
+sleep 0.5
+set +e
+"$1" -m relay probe lpd://127.0.0.1:5515/q --timeout 1 --json
+rc=$?
+kill "$listener"
+exit $rc
+"""
+
+
+@pytest.mark.root
+def test_filtered_by_a_firewall_dropping_the_answers(tmp_path: Path) -> None:
+    # The seed's case: the receiver listens, but its SYN-ACKs are dropped on the
+    # way back (nftables in a network namespace of this test's own).
+    require_root("network namespaces and nftables")
+    for tool in ("unshare", "nft", "ip"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed")
+    result = subprocess.run(["unshare", "--net", "sh", "-c", _NETNS_SCRIPT, "sh",
+                             sys.executable], capture_output=True, text=True, timeout=60,
+                            check=False, cwd=Path(__file__).resolve().parent.parent)
+    if "Operation not permitted" in result.stderr:
+        pytest.skip(f"no network namespaces here: {result.stderr.strip()[:200]}")
+    assert result.returncode == 1, result.stdout + result.stderr
+    report = orjson.loads(result.stdout)
+    assert report["reachability"] == "filtered"
+    assert report["steps"][1]["detail"] == ("filtered (no answer, e.g. 5515 blocked on the way "
+                                            "back) within 1s")
