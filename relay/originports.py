@@ -73,7 +73,7 @@ class OriginPortMetrics(Protocol):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PoolStatistics:
-    """A snapshot of the pool; ``size`` 0 means "any" (ephemeral, unlimited)."""
+    """A snapshot of the pool; ``size`` 0 means "none" (ephemeral, unlimited)."""
 
     size: int
     in_use: int                 # connections holding a port (connecting or open)
@@ -110,7 +110,7 @@ class _Claim:
 
 
 class OriginPortPool:
-    """Source ports ``low``..``high`` for outbound connections; ``None``/``None`` = "any".
+    """Source ports ``low``..``high`` for outbound connections; ``None``/``None`` = "none".
 
     Use it from one ``trio.run`` at a time; share it between every destination
     that uses the same range (``reserve_range`` gives the key).  ``metrics`` (optional) gets
@@ -128,7 +128,7 @@ class OriginPortPool:
             raise ValueError(f"bad origin port range {low}-{high}")
         if linger < 0 or cooldown < 0:
             raise ValueError("linger and cooldown must be >= 0")
-        # An empty range is "any": no bind, no limit, no waiting.
+        # An empty range is "none": no bind, no limit, no waiting.
         self._ports = range(low, high + 1) if low is not None and high is not None else range(0)
         self._label = f"{low}-{high}"
         self._reuse_addr = reuse_addr
@@ -147,7 +147,7 @@ class OriginPortPool:
 
     @property
     def range(self) -> tuple[int | None, int | None]:
-        """(low, high), or (None, None) for "any" — the key pools are shared by."""
+        """(low, high), or (None, None) for "none" — the key pools are shared by."""
         if not self._ports:
             return (None, None)
         return (self._ports.start, self._ports.stop - 1)

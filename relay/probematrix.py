@@ -61,16 +61,23 @@ def lpr_byte_counting(matrix: Matrix) -> bool | None:
     return None
 
 
+def _short(cell: str) -> str:
+    # The table shows the receiver's own words; the steps above have the rest.
+    if cell.startswith("refused: "):
+        cell = "refused: " + cell.rsplit(": ", 1)[-1]
+    return cell if len(cell) <= 40 else cell[:37] + "..."
+
+
 def render_matrix(matrix: Matrix) -> list[str]:
     """The matrix as text lines: one row per mode, one column per order."""
-    width = max(len(text) for row in matrix.values() for text in row.values()) if matrix \
-        else 10
-    width = min(max(width, len("control-first")), 48)
+    rows = {mode: {order: _short(text) for order, text in matrix.get(mode, {}).items()}
+            for mode in MODES}
+    width = max([len("control-first")] + [len(r.get("control-first", "")) for r in
+                                          rows.values()])
     lines = [f"{'mode':<8} {'control-first':<{width}}  data-first"]
-    for mode in MODES:
-        row = matrix.get(mode, {})
-        first = row.get("control-first", "not tried")
-        lines.append(f"{mode:<8} {first[:width]:<{width}}  {row.get('data-first', 'not tried')}")
+    for mode, row in rows.items():
+        lines.append(f"{mode:<8} {row.get('control-first', 'not tried'):<{width}}  "
+                     f"{row.get('data-first', 'not tried')}")
     return lines
 
 
