@@ -57,7 +57,9 @@ _REFUSALS: Final = ("unknown printer", "unknown queue", "does not exist", "no su
                     "not found", "no permission", "not accepting", "denied", "not allowed",
                     "malformed", "reserved port", "privileged port")
 # The lpd:// query options (SPEC §3.3), in the order a URI shows them.
-_URI_OPTIONS: Final = ("mode", "order", "timeout", "jobnumbers", "reserve", "batch")
+_URI_OPTIONS: Final = ("mode", "order", "timeout", "contimeout", "jobnumbers", "reserve",
+                       "batch", "banner", "format", "sanitize_title")
+_SWITCH_WORDS: Final = {"banner": ("off", "on"), "sanitize_title": ("no", "yes")}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,7 +113,10 @@ def uri_for(dest: Destination, **found: Any) -> str:
     for f in dataclasses.fields(Destination):
         value = getattr(dest, f.name)
         if f.name in _URI_OPTIONS and value != f.default:
-            text = f"{value:g}s" if f.name == "timeout" else str(value)
+            if f.name in _SWITCH_WORDS:
+                text = _SWITCH_WORDS[f.name][bool(value)]
+            else:
+                text = f"{value:g}s" if isinstance(value, float) else str(value)
             options.append(f"{f.name}={text}")
     query = "?" + "&".join(options) if options else ""
     return f"lpd://{format_hostport(dest.host, dest.port)}/{quote(dest.path, safe='')}{query}"

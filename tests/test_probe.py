@@ -58,6 +58,17 @@ def test_uri_shows_only_non_default_options() -> None:
         "lpd://[::1]:515/Ward%233?mode=stream&order=data-first&reserve=rfc1179"
 
 
+def test_uri_keeps_the_cups_options_it_was_given() -> None:
+    dest = parse_destination("lpd://h/q?banner=off&format=o&sanitize_title=yes&contimeout=5"
+                             "&timeout=60")
+    found = uri_for(dest, mode="count", reserve=None)
+    assert found == ("lpd://h:515/q?timeout=60s&contimeout=5s&banner=off&format=o"
+                     "&sanitize_title=yes")
+    again = parse_destination(found)
+    assert (again.banner, again.format, again.sanitize_title, again.contimeout) == (
+        False, "o", True, 5.0)
+
+
 @pytest.mark.parametrize(("text", "refused"), [
     ("q is ready\nno entries\n", False),
     ("Printer: q@host 0 jobs (autohold)\n", False),
