@@ -99,14 +99,21 @@ COMMANDS: tuple[Command, ...] = (
                     "nargs": "*", "metavar": "JOB",
                     "help": "spool job id (from spool list); purge takes several"}),
                 CONFIG_ARG)),
-    Command(name="probe", help="diagnose an LPD destination (field checklist)",
+    Command(name="probe", help="diagnose a destination: lpd:// (field checklist), socket://, usb://",
             handler="relay.probe:main_probe", args=(
                 URI_ARG,
                 Arg(names=("--json",), options={
                     "action": "store_true", "help": "the report as one JSON object"}),
                 Arg(names=("--no-print",), options={
                     "action": "store_true",
-                    "help": "do not send test pages; only connect and ask for the queue"}))),
+                    "help": "do not send test pages; only connect and ask for the queue"}),
+                Arg(names=("--all-modes",), options={
+                    "action": "store_true",
+                    "help": "try every length form (count, stream, windows) in both file "
+                            "orders and show the matrix, even when the first one works"}),
+                Arg(names=("--timeout",), options={
+                    "default": "10s", "metavar": "DURATION",
+                    "help": "time limit of each step, e.g. 3s or 3 (default: 10s)"}))),
     Command(name="loadgen", help="generate LPD load and report rates and latencies",
             handler="relay.loadgen:main_loadgen", args=(
                 URI_ARG,

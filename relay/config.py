@@ -94,12 +94,16 @@ class Listen:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OriginPortsConfig:
-    """Source ports for outbound LPD; ``low``/``high`` None = ephemeral ("any")."""
+    """Source ports for outbound LPD; ``low``/``high`` None = ephemeral ("none").
+
+    ``range_text`` is the range as written (``"any"``, ``"721-731"``), so
+    ``check-config`` can point at a word whose meaning changed."""
 
     low: int | None
     high: int | None
     reuse_addr: bool
     linger: float
+    range_text: str = "721-731"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -323,11 +327,15 @@ def config_from_dict(data: Mapping[str, object], source: str,
     server = dict(sections["server"])
     server["spool_dir"] = Path(base_dir or Path.cwd()).joinpath(server["spool_dir"]).absolute()
     low, high = sections["origin_ports"].pop("range")
+    raw_ports = data.get("origin_ports", {})
+    range_text = str(raw_ports.get("range", "721-731")) if isinstance(raw_ports, dict) \
+        else "721-731"
     return Config(
         server=ServerConfig(**server),
         metrics=MetricsConfig(**sections["metrics"]),
         log=LogConfig(**sections["log"]),
-        origin_ports=OriginPortsConfig(low=low, high=high, **sections["origin_ports"]),
+        origin_ports=OriginPortsConfig(low=low, high=high, range_text=range_text,
+                                       **sections["origin_ports"]),
         retry=RetryConfig(**sections["retry"]),
         queues=MappingProxyType(queues),
         source=source,

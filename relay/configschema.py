@@ -198,15 +198,23 @@ def to_network(value: object) -> Network:
                          f'got "{text}"') from None
 
 
+# [origin_ports] range words, as reserve= spells them (CUPS' meanings).
+_RANGE_WORDS: dict[str, tuple[int | None, int | None]] = {
+    "none": (None, None), "rfc1179": (721, 731), "privileged": (512, 1023), "any": (1, 1023)}
+
+
 def to_port_range(value: object) -> tuple[int | None, int | None]:
-    text = to_string(value, '"721-731", "512-1023" or "any"')
-    if text == "any":
-        return None, None
+    """``"none"`` (ephemeral), ``"rfc1179"``, ``"privileged"``, ``"any"`` (1-1023), or
+    ``"LOW-HIGH"``."""
+    text = to_string(value, '"721-731", "512-1023", "none", "rfc1179" or "any"')
+    if text.lower() in _RANGE_WORDS:
+        return _RANGE_WORDS[text.lower()]
     low, dash, high = text.partition("-")
     if dash and low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high) <= 65535:
         return int(low), int(high)
-    raise ValueError(f'expected "any" or "LOW-HIGH" within 1..65535 such as "721-731", '
-                     f'got "{text}"')
+    raise ValueError(f'expected "none" (ephemeral ports), "rfc1179" (721-731), "any" '
+                     f'(any reserved port, 1-1023) or "LOW-HIGH" within 1..65535 such as '
+                     f'"512-1023", got "{text}"')
 
 
 def to_queue_name(value: object) -> str:

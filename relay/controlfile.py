@@ -257,9 +257,18 @@ def split_job_name(name: str) -> JobName:
     return JobName(prefix=prefix, number=digits, host=host)
 
 
-def rewrite(cf: ControlFile, *, number: int, host: str,
-            digits: int = 3) -> tuple[ControlFile, str, dict[str, str]]:
-    """Rename a job for a destination (SPEC §5).
+def sanitized_title(title: str) -> str:
+    """``title`` as CUPS' lpd backend sends it with ``sanitize_title``: every
+    character but ASCII letters, digits and white space becomes ``_``, and
+    at most 99 characters are kept (RFC 1179 §7.2's J limit)."""
+    return "".join(c if c.isascii() and (c.isalnum() or c.isspace()) else "_"
+                   for c in title[:99])
+
+
+def rewrite(cf: ControlFile, *, number: int, host: str, digits: int = 3,
+            banner: bool | None = None, fmt: str | None = None,
+            sanitize_title: bool = False) -> tuple[ControlFile, str, dict[str, str]]:
+    """Rename a job for a destination (SPEC §5), shaped by the URI's options.
 
     Returns the new control file, its name ``cfA<number><host>`` and the map
     from old data-file names to ``dfA..dfZ, dfa..dfz`` (first reference
@@ -267,6 +276,11 @@ def rewrite(cf: ControlFile, *, number: int, host: str,
     file of the job and all S (symlink) lines are dropped; N and font lines
     (1-4) keep only their ``base_name`` (dropped when nothing is left); every
     other line, H included, is kept.  The result uses LF line ends.
+
+    The CUPS lpd backend's options (SPEC §3.3): ``banner`` True adds an
+    ``L`` line for the ``P`` user when the job has none, False removes every
+    ``L`` line, None keeps what the sender wrote; ``fmt`` gives every format
+    line that letter; ``sanitize_title`` reduces ``J`` with ``sanitized_title``.
     """
     if not 3 <= digits <= 6:
         raise ValueError("job numbers have 3 to 6 digits")
@@ -279,10 +293,22 @@ def rewrite(cf: ControlFile, *, number: int, host: str,
     if len(names) > len(_DF_LETTERS):
         raise _malformed(f"{len(names)} data files; at most {len(_DF_LETTERS)} can be named")
     mapping = {old: f"df{_DF_LETTERS[i]}{job}" for i, old in enumerate(names)}
+    lines = _renamed(cf, mapping, fmt)
+    if banner is False:
+        lines = [line for line in lines if line[0] != "L"]
+    elif banner and cf.banner is None and cf.user is not None:
+        at = next(i for i, line in enumerate(lines) if line[0] == "P") + 1
+        lines.insert(at, ("L", cf.user))
+    if sanitize_title:
+        lines = [("J", sanitized_title(v)) if k == "J" else (k, v) for k, v in lines]
+    return ControlFile(lines=tuple(lines)), f"cfA{job}", mapping
+
+
+def _renamed(cf: ControlFile, mapping: dict[str, str], fmt: str | None) -> list[tuple[str, str]]:
     lines: list[tuple[str, str]] = []
     for letter, value in cf.lines:
         if letter in FORMAT_LETTERS:
-            lines.append((letter, mapping[value]))
+            lines.append((fmt or letter, mapping[value]))
         elif letter == "U":
             # U = unlink after printing: only meaningful for this job's files.
             if value in mapping:
@@ -293,4 +319,4 @@ def rewrite(cf: ControlFile, *, number: int, host: str,
                 lines.append((letter, name))
         elif letter != "S":  # S = symlink check data of the original host
             lines.append((letter, value))
-    return ControlFile(lines=tuple(lines)), f"cfA{job}", mapping
+    return lines

@@ -40,7 +40,7 @@ _CONVERTER_TYPES: dict[Callable[[object], Any], str] = {
     configschema.to_bool: "boolean",
     configschema.to_fsync: '"always" | "never"',
     configschema.to_path: "path",
-    configschema.to_port_range: '"LOW-HIGH" | "any"',
+    configschema.to_port_range: '"LOW-HIGH" | "none" | "rfc1179" | "any"',
     configschema.to_table: "table",
 }
 

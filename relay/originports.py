@@ -41,8 +41,9 @@ __all__ = [
 ]
 
 # reserve= of an lpd:// URI (SPEC §3.3) -> port range; None/None = kernel ephemeral.
+# CUPS' meanings: none = ephemeral, any = any reserved port 1-1023.
 RESERVE_RANGES: Final[dict[str, tuple[int | None, int | None]]] = {
-    "rfc1179": (721, 731), "privileged": (512, 1023), "any": (None, None)}
+    "none": (None, None), "rfc1179": (721, 731), "privileged": (512, 1023), "any": (1, 1023)}
 
 _PRIVILEGED_BELOW: Final = 1024
 
@@ -72,7 +73,7 @@ class OriginPortMetrics(Protocol):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PoolStatistics:
-    """A snapshot of the pool; ``size`` 0 means "any" (ephemeral, unlimited)."""
+    """A snapshot of the pool; ``size`` 0 means "none" (ephemeral, unlimited)."""
 
     size: int
     in_use: int                 # connections holding a port (connecting or open)
@@ -109,7 +110,7 @@ class _Claim:
 
 
 class OriginPortPool:
-    """Source ports ``low``..``high`` for outbound connections; ``None``/``None`` = "any".
+    """Source ports ``low``..``high`` for outbound connections; ``None``/``None`` = "none".
 
     Use it from one ``trio.run`` at a time; share it between every destination
     that uses the same range (``reserve_range`` gives the key).  ``metrics`` (optional) gets
@@ -127,7 +128,7 @@ class OriginPortPool:
             raise ValueError(f"bad origin port range {low}-{high}")
         if linger < 0 or cooldown < 0:
             raise ValueError("linger and cooldown must be >= 0")
-        # An empty range is "any": no bind, no limit, no waiting.
+        # An empty range is "none": no bind, no limit, no waiting.
         self._ports = range(low, high + 1) if low is not None and high is not None else range(0)
         self._label = f"{low}-{high}"
         self._reuse_addr = reuse_addr
@@ -146,7 +147,7 @@ class OriginPortPool:
 
     @property
     def range(self) -> tuple[int | None, int | None]:
-        """(low, high), or (None, None) for "any" — the key pools are shared by."""
+        """(low, high), or (None, None) for "none" — the key pools are shared by."""
         if not self._ports:
             return (None, None)
         return (self._ports.start, self._ports.stop - 1)
@@ -154,7 +155,7 @@ class OriginPortPool:
     @classmethod
     def for_reserve(cls, reserve: str, *, reuse_addr: bool = True, linger: float = 5.0,
                     metrics: OriginPortMetrics | None = None) -> OriginPortPool:
-        """A pool for an ``lpd://...?reserve=`` value: rfc1179 | privileged | any."""
+        """A pool for an ``lpd://...?reserve=`` value: none | rfc1179 | privileged | any."""
         low, high = reserve_range(reserve)
         pool = cls(low, high, reuse_addr=reuse_addr, linger=linger, metrics=metrics)
         pool._config_path = f"reserve={reserve}"
@@ -175,7 +176,7 @@ class OriginPortPool:
                 f"origin ports {self._label} need root or CAP_NET_BIND_SERVICE; "
                 f"binding port {probe} failed ({exc.strerror}). Run as root, grant the "
                 "capability (systemd: AmbientCapabilities=CAP_NET_BIND_SERVICE), or use "
-                '"any" if the destination does not check source ports')) from exc
+                '"none" if the destination does not check source ports')) from exc
 
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot (see :class:`PoolStatistics`)."""

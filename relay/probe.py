@@ -39,11 +39,13 @@ import trio
 from relay import client
 from relay.errors import ConfigError, OriginPortUnavailable, SinkError
 from relay.originports import OriginPortPool
+from relay.probematrix import Matrix, cells, empty_matrix, lpr_byte_counting, recommended, render
 from relay.sinks.lpd import short_hostname
+from relay.units import parse_duration
 from relay.uri import Destination, format_hostport, parse_destination
 
-__all__ = ["STEP_TIMEOUT", "ProbeReport", "StepResult", "build_test_page", "looks_refused",
-           "main_probe", "render", "run_probe", "uri_for"]
+__all__ = ["STEP_TIMEOUT", "ProbeReport", "ProbeRun", "StepResult", "build_test_page",
+           "looks_refused", "main_probe", "render", "run_probe", "uri_for"]
 
 STEP_TIMEOUT: Final = 10.0
 MODES: Final = ("count", "stream", "windows")     # the order the field checklist tries
@@ -55,7 +57,9 @@ _REFUSALS: Final = ("unknown printer", "unknown queue", "does not exist", "no su
                     "not found", "no permission", "not accepting", "denied", "not allowed",
                     "malformed", "reserved port", "privileged port")
 # The lpd:// query options (SPEC §3.3), in the order a URI shows them.
-_URI_OPTIONS: Final = ("mode", "order", "timeout", "jobnumbers", "reserve", "batch")
+_URI_OPTIONS: Final = ("mode", "order", "timeout", "contimeout", "jobnumbers", "reserve",
+                       "batch", "banner", "format", "sanitize_title")
+_SWITCH_WORDS: Final = {"banner": ("off", "on"), "sanitize_title": ("no", "yes")}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,13 +74,23 @@ class StepResult:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProbeReport:
-    """The whole run: the steps in order, a one-line verdict and the URI that works."""
+    """The whole run: the steps in order, a one-line verdict and the URI that works.
+
+    ``modes`` is the mode x order matrix (``relay.probematrix``) when probe
+    tried more than the first mode; ``recommended_uri`` the URI to configure
+    (``uri`` too, kept for scripts); ``windows_port`` the Windows port
+    setting that matches; ``reachability`` one of "answered", "filtered",
+    "closed", "no reply" or "" (not connected yet)."""
 
     target: str
     steps: tuple[StepResult, ...]
     ok: bool
     verdict: str
     uri: str | None
+    modes: Matrix | None = None
+    recommended_uri: str | None = None
+    windows_port: dict[str, bool | None] | None = None
+    reachability: str = ""
 
 
 class _Refused(Exception):
@@ -99,7 +113,10 @@ def uri_for(dest: Destination, **found: Any) -> str:
     for f in dataclasses.fields(Destination):
         value = getattr(dest, f.name)
         if f.name in _URI_OPTIONS and value != f.default:
-            text = f"{value:g}s" if f.name == "timeout" else str(value)
+            if f.name in _SWITCH_WORDS:
+                text = _SWITCH_WORDS[f.name][bool(value)]
+            else:
+                text = f"{value:g}s" if isinstance(value, float) else str(value)
             options.append(f"{f.name}={text}")
     query = "?" + "&".join(options) if options else ""
     return f"lpd://{format_hostport(dest.host, dest.port)}/{quote(dest.path, safe='')}{query}"
@@ -189,18 +206,19 @@ class _Checks:
             raise _Refused(first or f"status byte 0x{ord(text[0]):02x}")
         return f"queue known: {first}" if first else "queue known (empty answer)"
 
-    async def send(self, mode: str, reserve: str | None = None) -> str:
+    async def send(self, mode: str, reserve: str | None = None,
+                   order: str | None = None) -> str:
         cf_name, control, files = build_test_page(self.dest, short_hostname())
         ch = await self._open(reserve)
         try:
             await client.send_job(ch, queue=self.dest.path, cf_name=cf_name, control=control,
-                                  files=files, mode=mode, order=self.dest.order)
+                                  files=files, mode=mode, order=order or self.dest.order)
         finally:
             await ch.aclose()
         return f"accepted {cf_name} ({files[0].size} bytes)"
 
 
-class _Run:
+class ProbeRun:
     """One probe run: the steps so far, each under its own deadline."""
 
     def __init__(self, dest: Destination, step_timeout: float) -> None:
@@ -209,18 +227,24 @@ class _Run:
         self.checks = _Checks(dest, io_timeout=min(dest.timeout, step_timeout))
         self.steps: list[StepResult] = []
         self.error: BaseException | None = None    # what failed the last step
+        self.timed_out = False                     # whether the last step ran out of time
+        self.reachability = ""
+        self.matrix: Matrix | None = None
 
-    async def step(self, name: str, action: Callable[[], Awaitable[str]]) -> StepResult:
+    async def step(self, name: str, action: Callable[[], Awaitable[str]],
+                   on_timeout: str = "no answer") -> StepResult:
         """Run one step; any failure becomes a result, not an error."""
         start = time.perf_counter()
         ok = False
         self.error = None
+        self.timed_out = False
         try:
             with trio.fail_after(self.step_timeout):
                 detail = await action()
             ok = True
         except trio.TooSlowError:
-            detail = f"no answer within {self.step_timeout:g}s"
+            self.timed_out = True
+            detail = f"{on_timeout} within {self.step_timeout:g}s"
         except (SinkError, OSError, _Refused) as exc:
             self.error = exc
             detail = _describe(exc)
@@ -246,24 +270,61 @@ class _Run:
         return None
 
     def done(self, ok: bool, verdict: str, uri: str | None = None) -> ProbeReport:
+        windows = None if self.matrix is None else {
+            "lpr_byte_counting": lpr_byte_counting(self.matrix)}
         return ProbeReport(target=self.dest.uri, steps=tuple(self.steps), ok=ok,
-                           verdict=verdict, uri=uri)
+                           verdict=verdict, uri=uri, modes=self.matrix, recommended_uri=uri,
+                           windows_port=windows, reachability=self.reachability)
+
+    async def connect(self) -> StepResult:
+        """The TCP connect step, telling filtered (no answer) from closed (refused)."""
+        port = self.dest.port
+        result = await self.step("connect", self.checks.connect, on_timeout=(
+            f"filtered (no answer, e.g. {port} blocked on the way back)"))
+        if result.ok:
+            self.reachability = "answered"
+        elif self.timed_out:
+            self.reachability = "filtered"
+        elif isinstance(self.error, ConnectionRefusedError):
+            self.reachability = "closed"
+            self.steps[-1] = dataclasses.replace(result, detail=(
+                f"{result.detail}: closed (refused: nothing listens on port {port})"))
+        return self.steps[-1]
+
+    async def lpq(self) -> StepResult:
+        result = await self.step("lpq", self.checks.lpq,
+                                 on_timeout="connected but no reply to the queue command")
+        if self.timed_out:
+            self.reachability = "no reply"
+        return result
+
+    async def matrix_cells(self, send: Callable[..., Awaitable[str]]) -> None:
+        """Try every (mode, order) cell not yet in the matrix; a refusal is a cell's text."""
+        assert self.matrix is not None
+        for mode, order in cells(self.dest.order):
+            if order in self.matrix[mode]:
+                continue
+            name = f"print mode={mode}" + ("" if order == self.dest.order else f" order={order}")
+            result = await self.step(name, partial(send, mode, None, order))
+            self.matrix[mode][order] = "ok" if result.ok else f"refused: {result.detail}"
 
 
-async def run_probe(dest: Destination, *, send: bool = True,
+async def run_probe(dest: Destination, *, send: bool = True, all_modes: bool = False,
                     step_timeout: float = STEP_TIMEOUT) -> ProbeReport:
     """Run the checklist against ``dest`` (an lpd:// destination) and judge it.
 
     ``mode`` and ``reserve`` of ``dest`` are what probe looks for, so they are
     ignored; ``order``, ``jobnumbers`` and ``timeout`` are used and kept.
+    With ``all_modes``, or when the first mode fails, every mode is tried in
+    both orders and the report carries the matrix.
     """
-    run = _Run(dest, step_timeout)
+    run = ProbeRun(dest, step_timeout)
     checks, queue = run.checks, dest.path
     if not (r := await run.step("resolve", checks.resolve)).ok:
         return run.done(False, f"FAIL: cannot resolve {dest.host}: {r.detail}")
-    if not (r := await run.step("connect", checks.connect)).ok:
+    if not (r := await run.connect()).ok:
         return run.done(False, f"FAIL: unreachable: {r.detail}")
-    lpq = await run.step("lpq", checks.lpq)
+    lpq = await run.lpq()
     if not send:
         reserve = None if lpq.ok else await run.reserved("lpq", checks.lpq)
         if lpq.ok or reserve is not None:
@@ -271,53 +332,55 @@ async def run_probe(dest: Destination, *, send: bool = True,
             return run.done(True, f"OK: queue {queue!r} answered lpq at {uri} "
                                   "(no test job sent)", uri)
         return run.done(False, f"FAIL: queue {queue!r} refused: {lpq.detail}")
-    for mode in MODES:
-        result = await run.step(f"print mode={mode}", partial(checks.send, mode))
-        if result.ok:
-            uri = uri_for(dest, mode=mode, reserve=None)
-            return run.done(True, f"OK: {uri} works", uri)
-        if isinstance(run.error, SinkError) and run.error.step == client.RECEIVE_JOB_STEP:
-            break   # refused before any file was offered: another length form cannot help
+    first = await run.step(f"print mode={MODES[0]}", partial(checks.send, MODES[0]))
+    run.matrix = empty_matrix()
+    run.matrix["count"][dest.order] = "ok" if first.ok else f"refused: {first.detail}"
+    if first.ok and not all_modes:
+        run.matrix = None
+    elif isinstance(run.error, SinkError) and run.error.step == client.RECEIVE_JOB_STEP:
+        pass   # refused before any file was offered: another length form cannot help
+    else:
+        await run.matrix_cells(checks.send)
+    if (best := recommended(run.matrix or {"count": {dest.order: "ok"}}, dest.order)):
+        uri = uri_for(dest, mode=best[0], order=best[1], reserve=None)
+        return run.done(True, f"OK: {uri} works", uri)
+    return await _reserved_search(run, first.detail if lpq.ok else lpq.detail)
+
+
+async def _reserved_search(run: ProbeRun, refusal: str) -> ProbeReport:
     # Every mode refused or cut off from an ephemeral port: the receiver may
     # check the source port (BSD lpd without -W, some printers; FIELD-NOTES).
-    first = run.steps[3].detail     # resolve, connect, lpq, then mode=count
+    dest, checks = run.dest, run.checks
     reserve = await run.reserved(f"print mode={MODES[0]}", partial(checks.send, MODES[0]))
     if reserve is not None:
+        if run.matrix is not None:
+            run.matrix["count"][dest.order] = f"ok with reserve={reserve}"
         uri = uri_for(dest, mode=MODES[0], reserve=reserve)
         return run.done(True, f"OK: {uri} works (a reserved source port is required)", uri)
-    return run.done(False, f"FAIL: queue {queue!r} refused: {first if lpq.ok else lpq.detail}")
-
-
-def _marks() -> tuple[str, str]:
-    try:
-        "✓✗".encode(sys.stdout.encoding or "ascii")
-    except (UnicodeEncodeError, LookupError):
-        return "+", "-"
-    return "✓", "✗"
-
-
-def render(report: ProbeReport) -> str:
-    """The readable report: one line per step, then the verdict and the URI."""
-    yes, no = _marks()
-    width = max(len(s.name) for s in report.steps)
-    lines = [f"probe {report.target}"]
-    lines += [f"{yes if s.ok else no} {s.name:<{width}}  {s.detail}  ({s.ms:.1f} ms)"
-              for s in report.steps]
-    lines += [report.verdict, f"uri: {report.uri or '(none works)'}"]
-    return "\n".join(lines) + "\n"
+    return run.done(False, f"FAIL: queue {dest.path!r} refused: {refusal}")
 
 
 def main_probe(args: argparse.Namespace) -> int:
-    """``lpd-relay probe``: 0 a working URI was found (with --no-print: lpq answered),
-    1 not, 2 usage error."""
+    """``lpd-relay probe``: 0 a working URI was found (with --no-print: lpq answered;
+    socket://, usb://: reachable, writable), 1 not, 2 usage error."""
     try:
         dest = parse_destination(args.uri)
-        if dest.scheme != "lpd":
-            raise ValueError(f"{args.uri}: probe checks lpd:// destinations only")
+        if dest.scheme not in ("lpd", "socket", "usb"):
+            raise ValueError(f"{args.uri}: probe checks lpd://, socket:// and usb:// "
+                             "destinations only")
+        step_timeout = float(args.timeout) if args.timeout.isdigit() \
+            else parse_duration(args.timeout)
+        if step_timeout <= 0:
+            raise ValueError(f"--timeout must be more than 0s, got {args.timeout!r}")
     except ValueError as exc:
         print(f"lpd-relay: {exc}", file=sys.stderr)
         return 2
-    report = trio.run(partial(run_probe, dest, send=not args.no_print))
+    if dest.scheme == "lpd":
+        report = trio.run(partial(run_probe, dest, send=not args.no_print,
+                                  all_modes=args.all_modes, step_timeout=step_timeout))
+    else:
+        from relay.probelocal import run_local_probe  # it imports this module
+        report = trio.run(partial(run_local_probe, dest, step_timeout=step_timeout))
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report) + b"\n")
         sys.stdout.flush()

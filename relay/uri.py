@@ -6,18 +6,22 @@ URI grammar, so every sink gets already-validated values and every mistake is
 reported once, at config load, with a message precise enough to fix it.
 
 Forms: ``lpd://host[:port]/queue[?options]``, ``socket://host[:port]``,
-``usb:///dev/usb/lp0``, ``dir:///absolute/folder[?mode=0640&group=NAME]`` and
-``cmd:PROGRAM ARG...``.  A ``group=`` name is looked up now, so a typo is a
-config error; whether a ``cmd:`` program is installed is not (it may be
-installed later): ``relay.sinks.config_warnings`` reports that.
-Host, queue and path parts are percent-decoded; IPv6 literals go in brackets.
-Query options are checked against a table: unknown options are errors, and so
-are options a scheme does not use.  One option name may mean different things
-to different schemes (``mode=`` is the LPD length form for ``lpd://`` and the
-file mode for ``dir://``), so each row names its schemes and the field it
-sets.  The URI is parsed by hand rather than with ``urllib.parse`` because
-urlsplit silently accepts much of what we must refuse (unbracketed IPv6, user
-info, empty hosts) and its port errors are vague.
+``usb:///dev/usb/lp0`` or CUPS' ``usb://Make/Model?serial=SN``,
+``dir:///absolute/folder[?mode=0640&group=NAME]`` and ``cmd:PROGRAM ARG...``.
+A ``group=`` name is looked up now, so a typo is a config error; whether a
+``cmd:`` program is installed is not (it may be installed later):
+``relay.sinks.config_warnings`` reports that. Host, queue and path parts are
+percent-decoded; IPv6 literals go in brackets. Query options are checked
+against a table: unknown options are errors, and so are options a scheme does
+not use. One option name may mean different things to different schemes
+(``mode=`` is the LPD length form for ``lpd://`` and the file mode for
+``dir://``), so each row names its schemes and the field it sets. CUPS' own
+spellings of its lpd and socket backends' options are accepted with CUPS'
+meanings beside the relay's (``order=data,control``, ``mode=standard``,
+``timeout=30`` in seconds, ``reserve=any`` = a reserved port 1-1023;
+docs/sinks.md has the table). The URI is parsed by hand rather than with
+``urllib.parse`` because urlsplit silently accepts much of what we must refuse
+(unbracketed IPv6, user info, empty hosts) and its port errors are vague.
 """
 
 from __future__ import annotations
@@ -56,9 +60,17 @@ class Destination:
     mode: str = "count"           # lpd: count | stream | windows
     order: str = "control-first"  # lpd: control-first | data-first
     timeout: float = 30.0         # lpd/socket: seconds per read or write
+    contimeout: float | None = None  # lpd/socket: seconds to connect; None = timeout
     jobnumbers: int = 3           # lpd: 3 | 6 digits
-    reserve: str | None = None    # lpd: rfc1179 | privileged | any; None = [origin_ports]
+    reserve: str | None = None    # lpd: none | rfc1179 | privileged | any; None = [origin_ports]
     batch: int = 1                # lpd: jobs per connection
+    banner: bool | None = None    # lpd: add (True) / remove (False) L lines; None = as sent
+    format: str | None = None     # lpd: the format letter of every data file; None = as sent
+    sanitize_title: bool = False  # lpd: J title reduced to letters, digits, spaces and "_"
+    waiteof: bool = True          # socket: wait for the printer to close after the data
+    make: str = ""                # usb://Make/Model: IEEE 1284 MFG (path is then "")
+    model: str = ""               # usb://Make/Model: IEEE 1284 MDL
+    serial: str = ""              # usb://Make/Model?serial=: IEEE 1284 SN; "" = any
     file_mode: int = 0o640        # dir: mode of the files (folders: x added where r is)
     group: int | None = None      # dir: gid given to files and folders; None = the daemon's
 
@@ -67,20 +79,69 @@ class Destination:
         """The label metrics and logs use: the URI as configured."""
         return self.uri
 
+    @property
+    def connect_timeout(self) -> float:
+        """Seconds to resolve and connect: ``contimeout``, else ``timeout``."""
+        return self.timeout if self.contimeout is None else self.contimeout
 
-def _choice(*allowed: str) -> Callable[[str], str]:
+
+def _choice(*allowed: str, **synonyms: str) -> Callable[[str], str]:
+    """A converter taking ``allowed`` words as they are and ``synonyms`` (another
+    spelling, e.g. CUPS' ``standard`` for ``count``) as the word they stand for."""
+    spellings = {**{word: word for word in allowed}, **synonyms}
+
+    also = f" (also: {', '.join(synonyms)})" if synonyms else ""
+
     def convert(text: str) -> str:
-        if text not in allowed:
-            raise ValueError(f"expected {' or '.join(allowed)}, got {text!r}")
-        return text
+        if text.lower() not in spellings:
+            raise ValueError(f"expected {' or '.join(allowed)}{also}, got {text!r}")
+        return spellings[text.lower()]
     return convert
 
 
+# CUPS' lpd backend spells order "control,data" / "data,control", mode
+# "standard" for exact counts, and takes on/yes/true for reserve=rfc1179 and
+# any other word for none (backend/lpd.c); both spellings work here.
+_ORDER = _choice("control-first", "data-first",
+                 **{"control,data": "control-first", "data,control": "data-first"})
+_MODE = _choice("count", "stream", "windows", standard="count")
+_RESERVE = _choice("none", "rfc1179", "any", "privileged",
+                   on="rfc1179", yes="rfc1179", true="rfc1179",
+                   off="none", no="none", false="none")
+_TRUE = ("on", "yes", "true", "1")
+_FALSE = ("off", "no", "false", "0")
+# CUPS' format= letters (backend/lpd.c): RFC 1179's print formats.
+FORMAT_OPTION_LETTERS = "cdfglnoprtv"
+
+
 def _timeout(text: str) -> float:
-    seconds = parse_duration(text)
+    # A bare whole number is seconds, as in CUPS' backends (timeout=30).
+    seconds = float(text) if text.isascii() and text.isdigit() else parse_duration(text)
     if seconds <= 0:
         raise ValueError(f"must be more than 0s, got {text!r}")
     return seconds
+
+
+def _switch(text: str) -> bool:
+    # CUPS' backends read an empty value as "on" too; an empty value is
+    # refused here as everywhere (option=... needs a value).
+    word = text.lower()
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise ValueError(f"expected on/off (or yes/no, true/false), got {text!r}")
+
+
+def _format(text: str) -> str:
+    if len(text) != 1 or text not in FORMAT_OPTION_LETTERS:
+        raise ValueError(f"expected one format letter of {FORMAT_OPTION_LETTERS} "
+                         f"(l = raw, f = plain text, o = PostScript), got {text!r}")
+    return text
+
+
+def _serial(text: str) -> str:
+    if not text or not text.isprintable():
+        raise ValueError(f"expected the printer's serial number, got {text!r}")
+    return text
 
 
 def _jobnumbers(text: str) -> int:
@@ -133,14 +194,21 @@ def group_label(gid: int) -> str:
 # must not hold its queue forever.
 _Row = tuple[frozenset[str], str, Callable[[str], Any]]
 _LPD = frozenset({"lpd"})
+_NET = frozenset({"lpd", "socket"})
 _OPTIONS: dict[str, tuple[_Row, ...]] = {
-    "mode": ((_LPD, "mode", _choice("count", "stream", "windows")),
+    "mode": ((_LPD, "mode", _MODE),
              (frozenset({"dir"}), "file_mode", _file_mode)),
-    "order": ((_LPD, "order", _choice("control-first", "data-first")),),
-    "timeout": ((frozenset({"lpd", "socket"}), "timeout", _timeout),),
+    "order": ((_LPD, "order", _ORDER),),
+    "timeout": ((_NET, "timeout", _timeout),),
+    "contimeout": ((_NET, "contimeout", _timeout),),
     "jobnumbers": ((_LPD, "jobnumbers", _jobnumbers),),
-    "reserve": ((_LPD, "reserve", _choice("rfc1179", "privileged", "any")),),
+    "reserve": ((_LPD, "reserve", _RESERVE),),
     "batch": ((_LPD, "batch", _batch),),
+    "banner": ((_LPD, "banner", _switch),),
+    "format": ((_LPD, "format", _format),),
+    "sanitize_title": ((_LPD, "sanitize_title", _switch),),
+    "waiteof": ((frozenset({"socket"}), "waiteof", _switch),),
+    "serial": ((frozenset({"usb"}), "serial", _serial),),
     "group": ((frozenset({"dir"}), "group", _group),),
 }
 
@@ -166,6 +234,10 @@ def parse_destination(uri: str) -> Destination:
     hier, _, query = rest[2:].partition("?")
     authority, slash, path = hier.partition("/")
     fields = _options(uri, scheme, query) if query else {}
+    if scheme == "usb" and authority:
+        return _usb_by_id(uri, authority, path, fields)
+    if fields.get("serial"):
+        raise ValueError(f"{uri!r}: serial= goes with usb://Make/Model, not a device path")
     if scheme in ("usb", "dir"):
         local = _local_path(uri, scheme, authority, slash + path)
         return Destination(uri=uri, scheme=scheme, path=local, **fields)
@@ -182,7 +254,8 @@ def _example(scheme: str) -> str:
     return {
         "lpd": "lpd://host[:port]/queue, e.g. lpd://laptop.vpn/Ward3?mode=count",
         "socket": "socket://host[:port], e.g. socket://10.1.2.3:9100",
-        "usb": "usb:///dev/usb/lp0 (three slashes, then the absolute device path)",
+        "usb": "usb:///dev/usb/lp0 (three slashes, then the absolute device path) or "
+               "usb://Make/Model?serial=...",
         "dir": "dir:///var/spool/lpd-relay-out (three slashes, then an absolute folder; "
                "relative folders are not accepted)",
     }[scheme]
@@ -200,6 +273,15 @@ def _parse_cmd(uri: str, rest: str) -> Destination:
     if not argv or not argv[0]:
         raise ValueError(f"{uri!r}: cmd: needs a program, e.g. cmd:lp -d ward3 -o raw")
     return Destination(uri=uri, scheme="cmd", argv=argv)
+
+
+def _usb_by_id(uri: str, authority: str, path: str, fields: dict[str, Any]) -> Destination:
+    # CUPS' usb backend form: usb://MFG/MDL[?serial=SN], the IEEE 1284 device
+    # ID's fields, percent-encoded; resolved to a /dev/usb/lpN at delivery.
+    make, model = unquote(authority), unquote(path)
+    if not make.isprintable() or not model or not model.isprintable() or "/" in model:
+        raise ValueError(f"{uri!r}: expected {_example('usb')} as CUPS' lpinfo -v shows it")
+    return Destination(uri=uri, scheme="usb", make=make, model=model, **fields)
 
 
 def _local_path(uri: str, scheme: str, authority: str, raw_path: str) -> str:

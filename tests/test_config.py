@@ -163,7 +163,10 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     ('[log]\nlevel = "debug"', "log.level", "debug"),
     ('[log]\nlevel = "error"', "log.level", "error"),
     ('[origin_ports]\nrange = "512-1023"', "origin_ports.low", 512),
-    ('[origin_ports]\nrange = "any"', "origin_ports.high", None),
+    ('[origin_ports]\nrange = "any"', "origin_ports.low", 1),     # CUPS: 1-1023
+    ('[origin_ports]\nrange = "any"', "origin_ports.high", 1023),
+    ('[origin_ports]\nrange = "none"', "origin_ports.high", None),
+    ('[origin_ports]\nrange = "rfc1179"', "origin_ports.low", 721),
     ("[origin_ports]\nreuse_addr = false", "origin_ports.reuse_addr", False),
     ('[origin_ports]\nlinger = "0s"', "origin_ports.linger", 0.0),
     ('[retry]\ninitial = "500ms"', "retry.initial", 0.5),

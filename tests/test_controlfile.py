@@ -13,6 +13,7 @@ from relay.controlfile import (
     as_text,
     parse_control_file,
     rewrite,
+    sanitized_title,
     split_job_name,
 )
 from relay.errors import ProtocolError
@@ -168,3 +169,39 @@ def test_rewrite_reduces_file_name_lines_to_a_base_name(letter: str, value: str,
     wire = new.serialize()
     assert b"/" not in wire.replace(b"a/b job", b"") and b"\\" not in wire
     assert not any(0x80 <= c <= 0x9f or (c < 0x20 and c != 0x0a) for c in wire)
+
+
+# -- the CUPS lpd backend's options (banner, format, sanitize_title) ---------------
+
+_JOB = b"Hwin\nPnurse\nJQ3 (final)\nldfA1win\nUdfA1win\nldfB1win\n"
+
+
+def test_rewrite_banner_on_adds_l_after_p_unless_present() -> None:
+    new, _, _ = rewrite(parse_control_file(_JOB), number=1, host="r", banner=True)
+    assert [k for k, _ in new.lines][:3] == ["H", "P", "L"] and new.banner == "nurse"
+    given_l = parse_control_file(b"Hwin\nPnurse\nLclerk\nldfA1win\n")
+    assert rewrite(given_l, number=1, host="r", banner=True)[0].values("L") == ("clerk",)
+    no_user = parse_control_file(b"Hwin\nldfA1win\n")
+    assert rewrite(no_user, number=1, host="r", banner=True)[0].values("L") == ()
+
+
+def test_rewrite_banner_off_drops_every_l_and_none_keeps_them() -> None:
+    cf = parse_control_file(b"Hwin\nPnurse\nLnurse\nLagain\nldfA1win\n")
+    assert rewrite(cf, number=1, host="r", banner=False)[0].values("L") == ()
+    assert rewrite(cf, number=1, host="r")[0].values("L") == ("nurse", "again")
+
+
+def test_rewrite_format_sets_every_format_line_and_keeps_u_lines() -> None:
+    new, _, mapping = rewrite(parse_control_file(_JOB), number=1, host="r", fmt="o")
+    assert [(p.format, p.name) for p in new.print_files] == [
+        ("o", mapping["dfA1win"]), ("o", mapping["dfB1win"])]
+    assert new.values("U") == (mapping["dfA1win"],)
+    assert new.values("l") == ()
+
+
+def test_rewrite_sanitize_title_only_touches_j() -> None:
+    cf = parse_control_file(b"Hwin\nPnurse\nJQ3 (final)/\xfc\nNa (b).txt\nldfA1win\n")
+    new, _, _ = rewrite(cf, number=1, host="r", sanitize_title=True)
+    assert new.job_name == "Q3 _final___" and new.source_name == "a (b).txt"
+    assert rewrite(cf, number=1, host="r")[0].job_name == "Q3 (final)/\xfc"
+    assert sanitized_title("x" * 120) == "x" * 99

@@ -467,7 +467,7 @@ def test_check_privilege_passes_as_root() -> None:
 
 
 def test_check_privilege_ignores_unprivileged_ranges() -> None:
-    OriginPortPool.for_reserve("any").check_privilege()
+    OriginPortPool.for_reserve("none").check_privilege()
     OriginPortPool(61000, 61010).check_privilege()
 
 
@@ -502,13 +502,13 @@ def test_check_privilege_refuses_an_unprivileged_process(drop: list[str]) -> Non
 
 
 def test_unknown_reserve_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="rfc1179, privileged, any"):
+    with pytest.raises(ConfigError, match="none, rfc1179, privileged, any"):
         OriginPortPool.for_reserve("reserved")
 
 
-def test_any_mode_uses_ephemeral_ports_without_limit() -> None:
+def test_none_mode_uses_ephemeral_ports_without_limit() -> None:
     async def main() -> None:
-        pool = OriginPortPool.for_reserve("any")
+        pool = OriginPortPool.for_reserve("none")
         async with receiver("wait") as rx:
             conns = [await pool.connect(LOOPBACK, rx.port, timeout=5) for _ in range(15)]
             locals_ = {c.local_port for c in conns}

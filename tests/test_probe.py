@@ -25,7 +25,6 @@ from tests.peers import (
     RecordedConnection,
     RecordingLpdServer,
     free_port,
-    lprng_error,
     release_time_wait,
     require_root,
 )
@@ -59,6 +58,17 @@ def test_uri_shows_only_non_default_options() -> None:
         "lpd://[::1]:515/Ward%233?mode=stream&order=data-first&reserve=rfc1179"
 
 
+def test_uri_keeps_the_cups_options_it_was_given() -> None:
+    dest = parse_destination("lpd://h/q?banner=off&format=o&sanitize_title=yes&contimeout=5"
+                             "&timeout=60")
+    found = uri_for(dest, mode="count", reserve=None)
+    assert found == ("lpd://h:515/q?timeout=60s&contimeout=5s&banner=off&format=o"
+                     "&sanitize_title=yes")
+    again = parse_destination(found)
+    assert (again.banner, again.format, again.sanitize_title, again.contimeout) == (
+        False, "o", True, 5.0)
+
+
 @pytest.mark.parametrize(("text", "refused"), [
     ("q is ready\nno entries\n", False),
     ("Printer: q@host 0 jobs (autohold)\n", False),
@@ -71,7 +81,7 @@ def test_lpq_refusals(text: str, refused: bool) -> None:
     assert looks_refused(text) is refused
 
 
-@pytest.mark.parametrize("uri", ["socket://127.0.0.1:9100", "lpd://127.0.0.1", "not a uri"])
+@pytest.mark.parametrize("uri", ["dir:///srv/out", "cmd:lp -d x", "lpd://127.0.0.1", "not a uri"])
 def test_usage_errors_exit_2(uri: str) -> None:
     assert cli.main(["probe", uri]) == 2
 
@@ -111,24 +121,6 @@ def test_refused_receive_job_stops_the_mode_search() -> None:
     assert "print mode=count" in names(report)
     assert "print mode=stream" not in names(report)
     assert "go away" in report.steps[3].detail
-
-
-@pytest.mark.parametrize(("accepted", "at"), [("stream", 2), ("windows", 3)])
-def test_falls_back_to_the_mode_the_receiver_takes(accepted: str, at: int) -> None:
-    # Connection 0 is the connect step, 1 lpq, 2 the count attempt, 3 stream, 4 windows.
-    refuse = lprng_error(2, "data file length not accepted")
-    replies = [b"\x00", b"\x00"] + [refuse] * (at - 1) + [b"\x00"]
-    with RecordingLpdServer(LpdScript(replies={"data_file": replies})) as server:
-        uri = f"lpd://127.0.0.1:{server.port}/q"
-        report = probe(uri)
-        (job,) = server.wait_jobs(1)
-    assert report.ok, report
-    assert report.uri == f"{uri}?mode={accepted}"
-    assert report.verdict == f"OK: {uri}?mode={accepted} works"
-    count = report.steps[3]
-    assert count.name == "print mode=count" and not count.ok
-    assert "data file length not accepted" in count.detail
-    assert TEST_PAGE in job.files[0].data
 
 
 def test_closed_port_is_unreachable() -> None:

@@ -275,7 +275,7 @@ def test_check_config_warns_about_a_program_not_on_path(tmp_path: Path) -> None:
     config = tmp_path / "relay.toml"
     # max_connections well inside any fd limit: only the program warning is expected.
     config.write_text(f'[server]\nspool_dir = "{tmp_path / "spool"}"\nmax_connections = 100\n'
-                      '[queues.ward3]\ndestinations = ["dir:///srv/out", '
+                      f'[queues.ward3]\ndestinations = ["dir://{tmp_path / "out"}", '
                       '"cmd:no-such-lp -d ward3"]\n'
                       '[queues.lab]\ndestinations = ["cmd:sh -c true"]\n')
     result = subprocess.run([sys.executable, "-m", "relay", "check-config", "-c", str(config)],

@@ -38,9 +38,45 @@ def test_lpd_every_option() -> None:
     ("jobnumbers=3", "jobnumbers", 3), ("jobnumbers=6", "jobnumbers", 6),
     ("reserve=rfc1179", "reserve", "rfc1179"), ("reserve=privileged", "reserve", "privileged"),
     ("reserve=any", "reserve", "any"), ("batch=1", "batch", 1), ("batch=500", "batch", 500),
+    # CUPS' lpd backend spellings, with CUPS' meanings (backend/lpd.c)
+    ("reserve=none", "reserve", "none"), ("reserve=yes", "reserve", "rfc1179"),
+    ("reserve=off", "reserve", "none"), ("reserve=RFC1179", "reserve", "rfc1179"),
+    ("order=control,data", "order", "control-first"),
+    ("order=data,control", "order", "data-first"),
+    ("order=data%2Ccontrol", "order", "data-first"),
+    ("mode=standard", "mode", "count"), ("mode=Stream", "mode", "stream"),
+    ("timeout=30", "timeout", 30.0), ("timeout=30s", "timeout", 30.0),
+    ("contimeout=5", "contimeout", 5.0), ("contimeout=2m", "contimeout", 120.0),
+    ("banner=on", "banner", True), ("banner=off", "banner", False),
+    ("banner=yes", "banner", True), ("banner=false", "banner", False),
+    ("format=o", "format", "o"), ("format=f", "format", "f"), ("format=l", "format", "l"),
+    ("sanitize_title=yes", "sanitize_title", True), ("sanitize_title=no", "sanitize_title", False),
 ])
 def test_lpd_option_values(option: str, field: str, value: object) -> None:
     assert getattr(parse_destination(f"lpd://h/q?{option}"), field) == value
+
+
+def test_lpd_cups_defaults_keep_the_job_as_sent() -> None:
+    dest = parse_destination("lpd://h/q")
+    assert (dest.banner, dest.format, dest.sanitize_title, dest.contimeout) == (
+        None, None, False, None)
+    assert dest.connect_timeout == dest.timeout == 30.0
+    assert parse_destination("lpd://h/q?timeout=9&contimeout=4").connect_timeout == 4.0
+
+
+def test_socket_cups_options() -> None:
+    dest = parse_destination("socket://h:9100?waiteof=false&contimeout=3&timeout=20")
+    assert (dest.waiteof, dest.contimeout, dest.timeout) == (False, 3.0, 20.0)
+    assert parse_destination("socket://h").waiteof is True
+
+
+def test_usb_make_model_form_is_cups_usb_backend_form() -> None:
+    dest = parse_destination("usb://HP/LaserJet%201020?serial=00CNBW12345")
+    assert (dest.scheme, dest.path, dest.make, dest.model, dest.serial) == (
+        "usb", "", "HP", "LaserJet 1020", "00CNBW12345")
+    bare = parse_destination("usb://EPSON/TM-T88V")
+    assert (bare.make, bare.model, bare.serial) == ("EPSON", "TM-T88V", "")
+    assert parse_destination("usb:///dev/usb/lp1").path == "/dev/usb/lp1"
 
 
 @pytest.mark.parametrize(("uri", "host", "port"), [
@@ -152,13 +188,27 @@ def test_destination_is_frozen() -> None:
     ("lpd://h/q#x", "'#' is not allowed"),
     ("lpd://h/a%20b", "queue name 'a b' contains spaces or control characters"),
     ("lpd://h/a%0Ab", "contains spaces or control characters"),
-    ("lpd://h/q?colour=red", "unknown option 'colour' (valid for lpd://: batch,"),
-    ("lpd://h/q?mode=raw", "option mode: expected count or stream or windows, got 'raw'"),
+    ("lpd://h/q?colour=red", "unknown option 'colour' (valid for lpd://: banner, batch,"),
+    ("lpd://h/q?mode=raw",
+     "option mode: expected count or stream or windows (also: standard), got 'raw'"),
     ("lpd://h/q?order=last", "option order: expected control-first or data-first"),
-    ("lpd://h/q?timeout=30", "option timeout: expected a duration"),
+    ("lpd://h/q?timeout=30x", "option timeout: expected a duration"),
+    ("lpd://h/q?contimeout=0", "option contimeout: must be more than 0s"),
+    ("lpd://h/q?order=data-control", "option order: expected control-first or data-first "
+                                     "(also: control,data, data,control)"),
+    ("lpd://h/q?banner=maybe", "option banner: expected on/off"),
+    ("lpd://h/q?format=x", "option format: expected one format letter of cdfglnoprtv"),
+    ("lpd://h/q?format=ll", "option format: expected one format letter"),
+    ("lpd://h/q?sanitize_title=2", "option sanitize_title: expected on/off"),
+    ("socket://h?waiteof=perhaps", "option waiteof: expected on/off"),
+    ("lpd://h/q?waiteof=false", "option 'waiteof' is only valid for socket://"),
+    ("socket://h?banner=on", "option 'banner' is only valid for lpd://"),
+    ("usb:///dev/usb/lp0?serial=X", "serial= goes with usb://Make/Model"),
+    ("usb://HP/?serial=X", "expected usb:///dev/usb/lp0"),
+    ("usb://HP/a/b", "expected usb:///dev/usb/lp0"),
     ("lpd://h/q?timeout=0s", "option timeout: must be more than 0s"),
     ("lpd://h/q?jobnumbers=5", "option jobnumbers: expected 3 or 6, got '5'"),
-    ("lpd://h/q?reserve=yes", "option reserve: expected rfc1179 or privileged or any"),
+    ("lpd://h/q?reserve=maybe", "option reserve: expected none or rfc1179 or any or privileged"),
     ("lpd://h/q?batch=0", "option batch: expected a whole number of jobs, 1 or more"),
     ("lpd://h/q?batch=-1", "option batch"),
     ("lpd://h/q?batch=\uff12", "option batch"),  # a full-width digit

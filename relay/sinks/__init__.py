@@ -4,7 +4,11 @@ Importing this package imports every sink module so each registers its
 scheme; callers then only need ``make_sink(destination, context)``.
 ``config_warnings`` lists what the sinks can tell is wrong before any attempt
 (a ``cmd:`` program not on PATH), as "KEY: message" lines for ``check-config``;
-the scheduler marks those destinations DOWN at start with the same words.  The
+the scheduler marks those destinations DOWN at start with the same words.
+``check-config`` also warns about a ``dir://`` folder that cannot be created,
+a ``usb://`` printer that is not there now (``relay.sinks.precheck``; not DOWN
+at start: it may be plugged in later) and every ``any`` port range, which
+means 1-1023 now as in CUPS, where it meant ephemeral ports before.  The
 ``lpd://`` sink lives in its own module and is imported when present, so the
 local sinks work on their own.
 """
@@ -27,6 +31,7 @@ from relay.sinks.base import (
     register,
     registered_schemes,
 )
+from relay.sinks.precheck import ANY_CHANGED, local_problem
 
 if TYPE_CHECKING:
     from relay.config import Config
@@ -45,11 +50,20 @@ def destination_key(queue: str, index: int) -> str:
 
 def config_warnings(config: Config) -> list[str]:
     """"KEY: message" for each destination that cannot work as things stand (not an error:
-    the admin may install the program or add the group before the first job)."""
-    return [f"{destination_key(queue.name, index)}: {problem}"
-            for queue in config.queues.values()
-            for index, destination in enumerate(queue.destinations)
-            if (problem := destination_problem(destination)) is not None]
+    the admin may install the program, plug in the printer or add the group before the
+    first job), and for each ``any`` port range, whose meaning changed."""
+    warnings = []
+    if config.origin_ports.range_text.lower() == "any":
+        warnings.append(f"origin_ports.range: {ANY_CHANGED}")
+    for queue in config.queues.values():
+        for index, destination in enumerate(queue.destinations):
+            key = destination_key(queue.name, index)
+            if destination.reserve == "any":
+                warnings.append(f"{key}: reserve=any: {ANY_CHANGED}")
+            problem = destination_problem(destination) or local_problem(destination)
+            if problem is not None:
+                warnings.append(f"{key}: {problem}")
+    return warnings
 
 
 __all__ = [

@@ -8,6 +8,10 @@ point and wraps, so a receiver like LPRng — which numbers its spool files with
 3 digits and refuses a collision (FIELD-NOTES) — sees distinct numbers for up
 to 1,000 (or 1,000,000) outstanding jobs from us.
 
+The URI's CUPS options shape the forwarded control file (``banner``,
+``format``, ``sanitize_title``: ``relay.controlfile.rewrite``); ``contimeout``
+bounds the connect and ``timeout`` each read and write.
+
 Source ports come from the daemon's origin-port pool for the destination's
 range (``[origin_ports]`` or its ``reserve=``).  After the final
 acknowledgement the connection is closed through the pool, which lingers for
@@ -68,8 +72,10 @@ class LpdSink(Sink):
     async def _connect(self) -> client.Channel:
         d = self.destination
         if self.pool is None:
-            return await client.open_channel(d.host, d.port, io_timeout=d.timeout)
-        conn = await self.pool.connect(d.host, d.port, timeout=d.timeout)
+            ch = await client.open_channel(d.host, d.port, io_timeout=d.connect_timeout)
+            ch.timeout = d.timeout
+            return ch
+        conn = await self.pool.connect(d.host, d.port, timeout=d.connect_timeout)
 
         async def release(peer_closed: bool) -> None:
             await conn.aclose(peer_closed=peer_closed)
@@ -83,8 +89,10 @@ class LpdSink(Sink):
             cf = parse_control_file(raw)
         except LpdError as exc:
             raise SinkRejected(f"spooled control file unreadable: {exc}") from exc
+        d = self.destination
         new_cf, cf_name, names = rewrite(cf, number=next(self._numbers), host=self.hostname,
-                                         digits=self.destination.jobnumbers)
+                                         digits=d.jobnumbers, banner=d.banner, fmt=d.format,
+                                         sanitize_title=d.sanitize_title)
         files = [client.OutFile(name=names[f.name], size=f.bytes, path=f.path)
                  for f in job.files if f.name in names and f.bytes > 0]
         # An empty data file cannot be sent with an exact count: a count of 0

@@ -11,12 +11,16 @@ Data moves with ``os.sendfile`` from the spool file into the non-blocking
 socket (``relay.sinks.base.stream_file``); TCP_NODELAY keeps the tail of each
 file from waiting for a delayed ACK.
 
-Time bounds, all the destination's ``timeout`` (``?timeout=30s``): resolving
-and connecting together; each stall while sending (no progress for that long:
+Time bounds: resolving and connecting together take at most ``contimeout``
+(CUPS' socket backend option; default the ``timeout``); each stall while
+sending (no progress for ``timeout``, ``?timeout=30s`` or ``?timeout=30``:
 printer offline, paper out); and waiting for the printer to close after the
-half-close.  A large job on a slow link is therefore not cut off while it makes
-progress.  Every failure is temporary (``SinkUnavailable``): the printer was
-unreachable, refused, reset or silent, so the job is retried — which, if the
+half-close (``timeout`` too).  ``waiteof=false`` (CUPS' spelling) skips that
+wait for printers that never close: the job counts as delivered once the
+kernel took the last byte and the half-close.  A large job on a slow link
+is therefore not cut off while it makes progress.  Every failure is
+temporary (``SinkUnavailable``): the printer was unreachable, refused, reset
+or silent, so the job is retried — which, if the
 printer did print before going silent, prints it twice (at-least-once).
 """
 
@@ -47,10 +51,11 @@ class SocketSink(Sink):
         return format_hostport(self.destination.host, self.destination.port)
 
     async def deliver(self, job: DeliveryJob) -> None:
-        timeout = self.destination.timeout
+        d = self.destination
+        timeout = d.timeout
         phase = "connecting to"
         try:
-            with trio.fail_after(timeout):
+            with trio.fail_after(d.connect_timeout):
                 sock = await _connect(self.destination.host, self.destination.port)
             with sock:
                 sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
@@ -59,12 +64,15 @@ class SocketSink(Sink):
                     await _send_file(sock, spool_file.path, idle_timeout=timeout)
                 # Half-close: "that is all", while still hearing the printer.
                 sock.shutdown(stdsocket.SHUT_WR)
+                if not d.waiteof:
+                    return
                 phase = "waiting for the printer to close at"
                 with trio.fail_after(timeout):
                     await _drain(sock)
         except trio.TooSlowError:
+            took = d.connect_timeout if phase == "connecting to" else timeout
             raise SinkUnavailable(
-                f"socket: timed out after {timeout:g}s {phase} {self._where()}",
+                f"socket: timed out after {took:g}s {phase} {self._where()}",
                 reason="timeout") from None
         except stdsocket.gaierror as exc:
             raise SinkUnavailable(

@@ -1,5 +1,9 @@
 """``usb:///dev/usb/lp0`` — a local printer character device (SPEC §3.3).
 
+CUPS' form ``usb://Make/Model?serial=SN`` names the printer instead of the
+device; ``relay.usbid`` finds its ``/dev/usb/lpN`` at every attempt (a
+replugged printer may come back as another lpN), and no match is a retry.
+
 The job's data files are written to the device in order, in a worker thread
 that owns the device descriptor from open to close, so the event loop never
 waits on a printer.  The device is opened non-blocking: opening never hangs
@@ -33,6 +37,7 @@ import trio
 
 from relay.errors import SinkUnavailable
 from relay.sinks.base import DeliveryJob, Sink, open_spool_file, register
+from relay.usbid import UsbNotFound, resolve_device, wanted_label
 
 __all__ = ["UsbSink"]
 
@@ -65,10 +70,22 @@ class UsbSink(Sink):
     """Write each job's data files to a printer device."""
 
     def describe(self) -> str:
-        return f"printer device {self.destination.path}"
+        d = self.destination
+        if d.make:
+            return f"USB printer {wanted_label(d)} (found by its IEEE 1284 device ID)"
+        return f"printer device {d.path}"
+
+    async def _device(self) -> str:
+        d = self.destination
+        if not d.make:
+            return d.path
+        try:
+            return await trio.to_thread.run_sync(resolve_device, d)
+        except UsbNotFound as exc:
+            raise SinkUnavailable(f"usb: {exc}") from None
 
     async def deliver(self, job: DeliveryJob) -> None:
-        device = self.destination.path
+        device = await self._device()
         stall = self.destination.timeout
         stop = threading.Event()
         work = functools.partial(_print_job, device, [f.path for f in job.files], stall, stop)
