@@ -214,7 +214,8 @@ class Connection:
         label = m.queue_label(meta.queue)
         m.jobs_received_total.labels(queue=label).inc()
         m.bytes_received_total.labels(queue=label).inc(meta.total_bytes)
-        log.event("info", "job_received", job=meta.id, queue=meta.queue, peer=self.peer,
+        log.count("received")
+        log.event("debug", "job_received", job=meta.id, queue=meta.queue, peer=self.peer,
                   user=meta.user, bytes=meta.total_bytes, files=len(meta.files))
         self.server.delivery.submit(meta)
 
