@@ -132,3 +132,17 @@ def test_is_relay_answer() -> None:
     assert status.is_relay_answer(f"q is ready\nno entries\n{status.SERVER_LINE}\n")
     assert not status.is_relay_answer("q is ready and printing\nRank Owner Job Files\n")
     assert not status.is_relay_answer("")
+
+
+def test_loadgen_processes_report_their_cpu(tmp_path: Path) -> None:
+    from relay.loadgen import run_load_processes
+    with _receiver(tmp_path) as b:
+        result = run_load_processes(f"lpd://127.0.0.1:{b.port}/q", jobs=40, concurrency=8,
+                                    size=512, processes=2)
+        answer = _lpq(b.port)
+    assert (result.ok, result.processes, result.failures) == (40, 2, {})
+    assert result.cpu_seconds > 0 and result.summary()["loadgen_cpu_ms_per_job"] > 0
+    # Titles are "load <n>": the two processes numbered their jobs apart.
+    rows = [line.split() for line in answer.splitlines()]
+    titles = sorted(int(r[4]) for r in rows if len(r) > 4 and r[3] == "load")
+    assert titles == list(range(40))
