@@ -36,9 +36,13 @@ test: install peers deb-deps lint typecheck
 	$(BIN)/python -m pytest -q -m "not slow" tests
 	LPD_BENCH_SCALE=0.01 $(BIN)/python -m pytest -q --benchmark-disable benchmarks
 
+# Benchmarks, then the slow soak tests; the targets table (medians of 3
+# alternating rounds, docs/benchmarks.md) is printed again at the end and
+# kept in benchmarks/results/latest.md and .json.
 bench: install peers
 	$(BIN)/python -m pytest -q --benchmark-only --benchmark-columns=min,median,mean,ops,rounds benchmarks
 	$(BIN)/python -m pytest -q -m slow tests
+	@cat benchmarks/results/latest.md
 
 # Man pages lpd-relay(8) and lpd-relay.toml(5), generated from the parser and
 # the config key tables; shell completions generated from the parser.

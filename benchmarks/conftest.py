@@ -5,7 +5,9 @@ ratio goes into ``benchmark.extra_info`` and onto the terminal summary, so
 ``pytest benchmarks --benchmark-only`` ends with lines such as
 ``ratio small-jobs c/py speedup: 23.4x``.  ``LPD_BENCH_SCALE`` (default 1.0)
 scales every size, e.g. ``LPD_BENCH_SCALE=0.01 pytest benchmarks
---benchmark-disable`` as a quick smoke run.
+--benchmark-disable`` as a quick smoke run.  The targets table
+(``test_bench_table.py``, ``benchmarks.table``) is printed last and written to
+``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,14 @@ def record(benchmark: Any, pair: str, side: str, work: float, unit: str) -> None
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    from benchmarks import table
+    if table.ROWS:
+        terminalreporter.section("lpd-relay benchmark table")
+        rounds = 3 if scale() >= 1 else 1
+        for line in table.render(rounds).splitlines():
+            terminalreporter.write_line(line)
+        path = table.write(scale(), rounds)
+        terminalreporter.write_line(f"written to {path} (and .json)")
     if not RATIOS:
         return
     terminalreporter.section("lpd-relay benchmark ratios")

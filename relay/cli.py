@@ -123,6 +123,9 @@ COMMANDS: tuple[Command, ...] = (
                 Arg(names=("--concurrency",), options={
                     "type": int, "default": 16, "metavar": "C",
                     "help": "connections at once, one job each (default: 16)"}),
+                Arg(names=("--processes",), options={
+                    "type": int, "default": 1, "metavar": "N",
+                    "help": "share the jobs over N processes (default: 1)"}),
                 Arg(names=("--size",), options={
                     "default": "1KiB", "metavar": "SIZE",
                     "help": "bytes per job, e.g. 1KiB, 4MiB (default: 1KiB)"}),

@@ -266,6 +266,40 @@ async def _final_after_eof(ch: Channel, name: str) -> None:
         reply=reply.code, step=DATA_FILE_STEP)
 
 
+def job_bytes(cf_name: str, control: bytes, files: Sequence[OutFile]) -> bytes:
+    """One job's subcommands, control file first, as one string (data in memory)."""
+    parts = [_core.control_header(cf_name, len(control)), control, b"\x00"]
+    for f in files:
+        parts += [_core.data_header(f.name, f.size, "count"), f.data or b"", b"\x00"]
+    return b"".join(parts)
+
+
+@dataclass(slots=True)
+class Pipelined:
+    """Jobs for ``send_pipelined``: (control-file name, ``job_bytes``, file count) each."""
+
+    jobs: list[tuple[str, bytes, int]]
+    done: int = 0          # jobs whose own last reply was 0x00
+
+
+async def send_pipelined(ch: Channel, batch: Pipelined) -> None:
+    """Write every job of ``batch`` in one send, then read their replies in order.
+
+    For a receiver that reads ahead (another lpd-relay): no round trip per
+    step.  The replies are small (two per file), so they never fill our
+    receive buffer while we write.  A job counts (``batch.done``) only at its
+    own last 0x00; the first refusal raises with the jobs before it counted.
+    """
+    await ch.send_all(b"".join(blob for _, blob, _ in batch.jobs))
+    for cf_name, _, nfiles in batch.jobs:
+        await ch.expect_ok(CONTROL_HEADER_STEP, cf_name)
+        await ch.expect_ok(CONTROL_FILE_STEP, cf_name)
+        for _ in range(nfiles):
+            await ch.expect_ok(DATA_HEADER_STEP, cf_name)
+            await ch.expect_ok(DATA_FILE_STEP, cf_name)
+        batch.done += 1
+
+
 async def query(ch: Channel, queue: str, *, long: bool, items: Sequence[str] = ()) -> str:
     """lpq: send 0x03/0x04 and return the text the server writes before closing."""
     with ch.stall_guard():

@@ -354,7 +354,7 @@ class Connection:
         if job.complete():
             self.job = None
             meta = await self._commit(job)
-            log.event("info", "job_received", job=meta.id, queue=meta.queue, peer=self.peer,
+            log.event("debug", "job_received", job=meta.id, queue=meta.queue, peer=self.peer,
                       user=meta.user, bytes=meta.total_bytes, files=len(meta.files))
         await self._send(b"\x00")
 
@@ -368,6 +368,7 @@ class Connection:
         label = m.queue_label(meta.queue)
         m.jobs_received_total.labels(queue=label).inc()
         m.bytes_received_total.labels(queue=label).inc(meta.total_bytes)
+        log.count("received")
         self.ctx.delivery.submit(meta)
         return meta
 

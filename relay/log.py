@@ -11,6 +11,10 @@ characters, and the text format escapes control characters so a job title can
 neither forge a log line nor drive the terminal.  Logging never raises: a value
 that cannot be written is replaced, a stream that fails is skipped.
 
+Per-job events (``job_received``, ``job_delivered``) are written at ``debug``:
+at ``info`` a busy relay writes one ``jobs_summary`` line per
+``SUMMARY_INTERVAL`` instead, with what ``count`` tallied since the last one.
+
 ``configure`` also routes the standard ``logging`` module through the same
 formatter, so records of libraries come out in the same format.
 """
@@ -25,6 +29,7 @@ import time
 from typing import Final, TextIO
 
 import orjson
+import trio
 
 from relay.printable import escape_char
 
@@ -82,6 +87,37 @@ def configure(*, fmt: str = "json", level: str = "info", stream: TextIO | None =
 def enabled(level: str) -> bool:
     """True when ``event(level, ...)`` would write; for callers that build costly fields."""
     return LEVELS.get(level, logging.INFO) >= _state.level
+
+
+SUMMARY_INTERVAL: Final = 10.0
+_counts: dict[str, int] = {}
+
+
+def count(name: str, n: int = 1) -> None:
+    """Add ``n`` to this interval's ``name`` (e.g. ``received``) for ``jobs_summary``."""
+    _counts[name] = _counts.get(name, 0) + n
+
+
+def write_summary(seconds: float) -> None:
+    """One ``jobs_summary`` event with the counts since the last one; none when idle."""
+    if not _counts:
+        return
+    counts = dict(_counts)
+    _counts.clear()
+    event("info", "jobs_summary", seconds=round(seconds, 3), **counts)
+
+
+async def summary_loop(interval: float = SUMMARY_INTERVAL) -> None:
+    """Write ``jobs_summary`` every ``interval`` seconds, and once more when cancelled."""
+    last = trio.current_time()
+    try:
+        while True:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            write_summary(now - last)
+            last = now
+    finally:
+        write_summary(trio.current_time() - last)
 
 
 def event(level: str, name: str, /, **fields: object) -> None:

@@ -36,6 +36,7 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -86,6 +87,7 @@ class QueueRunner:
         self._trial = False               # a trial is in flight
         self._first_failure: dict[str, float] = {}   # job id -> trio clock
         self._changed = trio.Event()
+        self._metric_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         self._check_destinations()
 
     @property
@@ -165,7 +167,7 @@ class QueueRunner:
                 status.DestinationState(name=d.sink.destination.uri, up=d.up,
                                         active=i == self.active, last_error=d.error)
                 for i, d in enumerate(self.dests)),
-            next_retry=next_retry)
+            next_retry=next_retry, server=status.SERVER_LINE)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -268,13 +270,27 @@ class QueueRunner:
         if index == self.active:
             self.failures = 0
         self._mark(index, True, "")
-        q = self.metrics.queue_label(job.queue)
-        self.metrics.jobs_delivered_total.labels(queue=q, destination=dest).inc()
-        self.metrics.bytes_delivered_total.labels(queue=q, destination=dest).inc(job.total_bytes)
+        jobs, size, seconds = self._children(job.queue, dest)
+        jobs.inc()
+        size.inc(job.total_bytes)
         latency = max(0.0, time.time() - job.received)
-        self.metrics.job_delivery_seconds.labels(queue=q).observe(latency)
-        log.event("info", "job_delivered", job=job.id, queue=job.queue,
+        seconds.observe(latency)
+        log.count("delivered")
+        log.event("debug", "job_delivered", job=job.id, queue=job.queue,
                   destination=self.dests[index].sink.destination.uri, seconds=round(latency, 3))
+
+    def _children(self, queue: str, dest: str) -> tuple[Any, Any, Any]:
+        """The labelled metric children for (queue label, destination), looked up once."""
+        m = self.metrics
+        q = m.queue_label(queue)      # a bounded set of labels: so is this cache
+        key = (q, dest)
+        children = self._metric_children.get(key)
+        if children is None:
+            children = (m.jobs_delivered_total.labels(queue=q, destination=dest),
+                        m.bytes_delivered_total.labels(queue=q, destination=dest),
+                        m.job_delivery_seconds.labels(queue=q))
+            self._metric_children[key] = children
+        return children
 
     def _switch(self, index: int, direction: str) -> None:
         """Make ``index`` the destination in use; count and log the move."""
@@ -393,5 +409,6 @@ class Scheduler:
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(log.summary_loop)
             for runner in self.runners.values():
                 nursery.start_soon(runner.run)

@@ -21,8 +21,16 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from relay import __version__
 from relay.printable import printable as _p
 from relay.spool import JobMeta
+
+# The last headline line of the daemon's answers: another lpd-relay forwarding here
+# reads it (``lpd://`` sends it several jobs per 0x02 session then).  A line
+# of its own, after the "destination" lines, so lpq parsers that read the
+# first line (LPRng's lpq, probe) and the job table see what they always saw.
+SERVER_MARKER = "server lpd-relay"
+SERVER_LINE = f"{SERVER_MARKER}/{__version__} (several jobs per connection)"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,6 +48,7 @@ class QueueState:
     in_flight: frozenset[str]            # ids being delivered now
     destinations: tuple[DestinationState, ...]
     next_retry: float | None = None      # epoch seconds, when backing off
+    server: str = ""                     # SERVER_LINE from the daemon; "" leaves it out
 
 
 def _rank(index: int, job: JobMeta, in_flight: frozenset[str]) -> str:
@@ -67,7 +76,14 @@ def _headline(state: QueueState) -> list[str]:
     if state.next_retry:
         wait = max(0.0, state.next_retry - time.time())
         lines.append(f"next retry in {wait:.0f}s")
+    if state.server:
+        lines.append(state.server)
     return lines
+
+
+def is_relay_answer(text: str) -> bool:
+    """True when an lpq answer came from an lpd-relay (its ``SERVER_LINE``)."""
+    return any(line.startswith(SERVER_MARKER + "/") for line in text.splitlines()[:40])
 
 
 def _matches(job: JobMeta, items: Sequence[str]) -> bool:

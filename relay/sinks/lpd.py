@@ -23,19 +23,26 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import random
 import re
 import socket as pysocket
 from collections.abc import Sequence
+from urllib.parse import parse_qs, urlsplit
 
 import trio
 
-from relay import client
+from relay import client, log, status
 from relay.controlfile import parse_control_file, rewrite
 from relay.errors import LpdError, SinkError, SinkRejected, SinkUnavailable, reason_for_errno
 from relay.originports import OriginPortPool, PoolSet
 from relay.sinks.base import DeliveryJob, Sink, SinkContext, open_spool_file, register
 from relay.uri import Destination
+
+# Relay -> relay: jobs per 0x02 session once the receiver answered lpq as an
+# lpd-relay; jobs up to PIPELINE_BYTES go out pipelined (no round trip per step).
+AUTO_BATCH = 64
+PIPELINE_BYTES = 64 * 1024
 
 
 def short_hostname() -> str:
@@ -63,6 +70,11 @@ class LpdSink(Sink):
         # Several jobs per session need exact counts: a streamed file ends the
         # connection (SPEC §3.3 batch=N; never point it at cups-lpd, which merges).
         self.batch = destination.batch if destination.mode == "count" else 1
+        # Without batch=, ask the receiver's lpq once whether it is an lpd-relay.
+        explicit = "batch" in parse_qs(urlsplit(destination.uri).query)
+        self._auto = destination.mode == "count" and not explicit
+        self.relay_peer: bool | None = None      # None: not known yet
+        self._detecting = trio.Lock()
 
     def describe(self) -> str:
         d = self.destination
@@ -104,43 +116,123 @@ class LpdSink(Sink):
             new_cf = dataclasses.replace(new_cf, lines=kept or new_cf.lines[:1])
         return cf_name, new_cf.serialize(), files
 
+    async def _detect(self) -> None:
+        """Once per destination: does its lpq answer carry ``status.SERVER_LINE``?
+
+        A destination that cannot be reached is asked again at the next
+        attempt (which would fail anyway); any answer, even a refusal or an
+        empty one, settles it.
+        """
+        async with self._detecting:
+            if self.relay_peer is not None:
+                return
+            d = self.destination
+            try:
+                ch = await self._connect()
+                try:
+                    text = await client.query(ch, d.path, long=False, items=("lpd-relay",))
+                finally:
+                    await ch.aclose()
+            except (SinkError, OSError, trio.TooSlowError) as exc:
+                log.event("debug", "peer_detect_failed", destination=d.uri, error=str(exc))
+                return
+            self.relay_peer = status.is_relay_answer(text)
+            if self.relay_peer:
+                self.batch = AUTO_BATCH
+            log.event("info", "peer_detected", destination=d.uri,
+                      relay=self.relay_peer, batch=self.batch)
+
+    def _inline(self, job: DeliveryJob) -> tuple[str, bytes, int] | None:
+        """``job`` as pipelined bytes when it is small, else None (sent step by step)."""
+        if sum(f.bytes for f in job.files) > PIPELINE_BYTES:
+            return None
+        cf_name, control, files = self._prepare(job)
+        loaded = []
+        for f in files:
+            fd = open_spool_file(f.path or "")
+            try:
+                data = os.read(fd, f.size + 1)
+            finally:
+                os.close(fd)
+            if len(data) != f.size:
+                raise SinkRejected(f"spool file {f.path} has {len(data)} bytes, expected {f.size}")
+            loaded.append(client.OutFile(name=f.name, size=f.size, data=data))
+        return cf_name, client.job_bytes(cf_name, control, loaded), len(loaded)
+
     async def deliver(self, job: DeliveryJob) -> None:
         _, error = await self.deliver_many([job])
         if error is not None:
             raise error
 
     async def deliver_many(self, jobs: Sequence[DeliveryJob]) -> tuple[int, Exception | None]:
-        """Send ``jobs`` in one 0x02 session (``batch=N``; one job without it).
+        """Send ``jobs`` in one 0x02 session (``batch=N``, or an lpd-relay; else one job).
 
         Each job is complete at its own final acknowledgement, so a failure
         part-way keeps the jobs before it delivered.
         """
+        if self._auto and self.relay_peer is None:
+            await self._detect()
         d = self.destination
         try:
             ch = await self._connect()
         except SinkError as exc:
             return 0, exc
-        done = 0
+        progress = client.Pipelined(jobs=[])
         try:
             with ch.stall_guard():
                 await client.open_session(ch, d.path)
-                for job in jobs:
-                    cf_name, control, files = self._prepare(job)
-                    if files:   # only empty data files: nothing to print, nothing to send
-                        await client.send_job_files(ch, cf_name=cf_name, control=control,
-                                                    files=files, mode=d.mode, order=d.order)
-                    done += 1
+                if self.relay_peer:
+                    await self._send_pipelined(ch, jobs, progress)
+                else:
+                    for job in jobs:
+                        await self._send_one(ch, job)
+                        progress.done += 1
         except SinkError as exc:
-            return done, exc
+            return progress.done, exc
         except trio.TooSlowError:
-            return done, SinkUnavailable(f"{d.host}:{d.port} timed out after {d.timeout:g}s",
-                                         reason="timeout")
+            return progress.done, SinkUnavailable(
+                f"{d.host}:{d.port} timed out after {d.timeout:g}s", reason="timeout")
         except OSError as exc:
-            return done, SinkUnavailable(f"{d.host}:{d.port}: {exc}",
-                                         reason=reason_for_errno(exc.errno))
+            return progress.done, SinkUnavailable(f"{d.host}:{d.port}: {exc}",
+                                                  reason=reason_for_errno(exc.errno))
         finally:
             await ch.aclose()
-        return done, None
+        return progress.done, None
+
+    async def _send_one(self, ch: client.Channel, job: DeliveryJob) -> None:
+        d = self.destination
+        cf_name, control, files = self._prepare(job)
+        if files:   # only empty data files: nothing to print, nothing to send
+            await client.send_job_files(ch, cf_name=cf_name, control=control,
+                                        files=files, mode=d.mode, order=d.order)
+
+    async def _send_pipelined(self, ch: client.Channel, jobs: Sequence[DeliveryJob],
+                              progress: client.Pipelined) -> None:
+        """Small jobs in runs of one write each; a large one step by step between runs."""
+        run = client.Pipelined(jobs=[])
+
+        async def flush() -> None:
+            try:
+                await client.send_pipelined(ch, run)
+            finally:
+                progress.done += run.done
+                run.jobs.clear()
+                run.done = 0
+
+        for job in jobs:
+            inline = self._inline(job)
+            if inline is None:
+                await flush()
+                await self._send_one(ch, job)
+                progress.done += 1
+            elif inline[2]:
+                run.jobs.append(inline)
+            elif not run.jobs:     # nothing to send (only empty files) and nothing before it
+                progress.done += 1
+            else:
+                await flush()
+                progress.done += 1
+        await flush()
 
 
 register("lpd", LpdSink)

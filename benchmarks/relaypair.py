@@ -1,0 +1,135 @@
+"""Relay -> relay forwarding, measured end to end: the helper the benchmarks share.
+
+Relay B takes jobs into its spool (``fsync = "always"``) and writes them to a
+``dir://`` hot folder; relay A forwards its queue to ``lpd://B/q`` with no
+options (its defaults: origin ports 721-731 when root, batching when it finds
+B is an lpd-relay).  The load generator feeds A; the clock stops when B's hot
+folder holds every job's metadata file, and every job is checked there once
+(count and checksum).  A's CPU comes from ``/proc/<pid>/stat``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from relay import _core
+from relay.loadgen import run_load
+from relay.uri import parse_destination
+from tests.daemon import RelayProcess, relay_config, write_config_file
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+@dataclass(frozen=True, slots=True)
+class PairResult:
+    jobs_per_second: float
+    sender_cpu_ms_per_job: float
+    loadgen_cpu_ms_per_job: float
+    feed_jobs_per_second: float          # the load generator's own rate into A
+
+
+def _config(tmp: Path, name: str, destination: str, fsync: str = "always",
+            concurrency: int = 1, port: int = 0) -> Path:
+    data = relay_config(
+        tmp / name, server={"spool_dir": str(tmp / name / "spool"), "fsync": fsync,
+                            "max_connections": 2000, "max_connections_per_host": 2000},
+        metrics={"listen": ""}, log={"format": "json", "level": "warning"},
+        retry={"initial": "1h", "max": "1h"},
+        queues={"q": {"destinations": [destination], "concurrency": concurrency}})
+    data["server"]["listen"] = [f"127.0.0.1:{port}"]
+    (tmp / name).mkdir(parents=True, exist_ok=True)
+    return write_config_file(tmp / name / "relay.toml", data)
+
+
+def _wait_delivered(folder: Path, jobs: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if folder.is_dir() and sum(1 for n in os.listdir(folder) if n.endswith(".json")) >= jobs:
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"not all {jobs} jobs reached {folder} in {timeout:g}s")
+
+
+def _check_sink(folder: Path, jobs: int, payload: bytes) -> None:
+    """Every job exactly once and intact: ``jobs`` metadata files, each data file = payload."""
+    metas = [n for n in os.listdir(folder) if n.endswith(".json")]
+    assert len(metas) == jobs, f"{len(metas)} jobs at the sink, expected {jobs}"
+    want = hashlib.sha256(payload).digest()
+    datas = [n for n in os.listdir(folder) if not n.endswith(".json") and not n.startswith(".")]
+    assert len(datas) == jobs, f"{len(datas)} data files at the sink, expected {jobs}"
+    for name in datas:
+        assert hashlib.sha256((folder / name).read_bytes()).digest() == want, name
+
+
+def relay_to_relay(tmp: Path, *, jobs: int, feed_concurrency: int = 16,
+                   size: int = 1024, query: str = "", fsync_b: str = "always") -> PairResult:
+    """Feed ``jobs`` jobs into A -> lpd://B/q``query``; time until all are at B."""
+    payload = os.urandom(size)
+    out = tmp / "B" / "out"
+    b_cfg = _config(tmp, "B", f"dir://{out}", fsync_b, concurrency=16)
+    with RelayProcess(b_cfg) as b, RelayProcess(
+            _config(tmp, "A", f"lpd://127.0.0.1:{b.port}/q{query}")) as a:
+        assert a.proc is not None
+        cpu0, lg0 = process_cpu(a.proc.pid), time.process_time()
+        start = time.perf_counter()
+        dest = parse_destination(f"lpd://127.0.0.1:{a.port}/q")
+        sent = trio.run(lambda: run_load(dest, jobs=jobs, concurrency=feed_concurrency,
+                                         size=size, payload=payload))
+        lg = time.process_time() - lg0
+        assert sent.ok == jobs, sent.failures
+        _wait_delivered(out / "q", jobs, timeout=120 + jobs / 20)
+        seconds = time.perf_counter() - start
+        cpu = process_cpu(a.proc.pid) - cpu0
+    _check_sink(out / "q", jobs, payload)
+    return PairResult(jobs / seconds, cpu / jobs * 1000, lg / jobs * 1000, sent.jobs_per_second)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _print_waiting(port: int, queue: str) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(_core.print_waiting(queue))
+        s.recv(16)
+
+
+def drain_cpu(tmp: Path, *, jobs: int, size: int = 1024, query: str = "",
+              fsync_b: str = "always") -> tuple[float, float]:
+    """The sender alone: (jobs/s, A's CPU ms per job) delivering ``jobs`` already spooled.
+
+    A takes every job while B is down (its queue backs off for an hour);
+    then B starts on the port A forwards to, 0x01 wakes A's queue, and A's
+    CPU is counted from there until B's hot folder has every job.
+    """
+    port, out, payload = _free_port(), tmp / "B" / "out", os.urandom(size)
+    with RelayProcess(_config(tmp, "A", f"lpd://127.0.0.1:{port}/q{query}")) as a:
+        assert a.proc is not None
+        dest = parse_destination(f"lpd://127.0.0.1:{a.port}/q")
+        sent = trio.run(lambda: run_load(dest, jobs=jobs, concurrency=16, size=size,
+                                         payload=payload))
+        assert sent.ok == jobs, sent.failures
+        with RelayProcess(_config(tmp, "B", f"dir://{out}", fsync_b, concurrency=16, port=port)):
+            time.sleep(0.2)   # A's in-flight first attempt has failed and backed off
+            cpu0, start = process_cpu(a.proc.pid), time.perf_counter()
+            _print_waiting(a.port, "q")
+            _wait_delivered(out / "q", jobs, timeout=120 + jobs / 20)
+            seconds = time.perf_counter() - start
+            cpu = process_cpu(a.proc.pid) - cpu0
+    _check_sink(out / "q", jobs, payload)
+    return jobs / seconds, cpu / jobs * 1000

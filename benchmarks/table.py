@@ -1,0 +1,106 @@
+"""The benchmark table: one row per target workload, medians and spreads of rounds.
+
+Each round of a row measures the relay and its baseline side by side (the
+caller alternates which goes first); a row's ratio is the median of the
+rounds' ratios and its spread their range.  ``render`` gives the Markdown
+table ``make bench`` prints; ``write`` stores it with the raw rounds as
+``benchmarks/results/latest.md`` and ``latest.json`` (at a reduced
+``LPD_BENCH_SCALE``: ``latest-scale<s>.*``, so a smoke run never replaces
+a real one).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(slots=True)
+class Row:
+    workload: str
+    unit: str                      # of the relay and baseline values, e.g. "jobs/s"
+    baseline_name: str
+    target: str                    # as the issue words it
+    min_ratio: float | None = None    # the ratio target, when there is one
+    max_ratio: float | None = None    # a ratio upper bound (relay CPU over baseline CPU)
+    min_value: float | None = None    # an absolute target on the relay's value
+    max_value: float | None = None    # an upper bound on the relay's value (CPU, RSS)
+    relay: list[float] = field(default_factory=list)
+    baseline: list[float] = field(default_factory=list)
+
+    def ratios(self) -> list[float]:
+        return [r / b for r, b in zip(self.relay, self.baseline, strict=False) if b]
+
+    def met(self) -> bool | None:
+        if not self.relay:
+            return None
+        ok = True
+        value = statistics.median(self.relay)
+        ratios = self.ratios()
+        if self.min_ratio is not None and ratios:
+            ok &= statistics.median(ratios) >= self.min_ratio
+        if self.max_ratio is not None and ratios:
+            ok &= statistics.median(ratios) <= self.max_ratio
+        if self.min_value is not None:
+            ok &= value >= self.min_value
+        if self.max_value is not None:
+            ok &= value <= self.max_value
+        return ok
+
+
+ROWS: dict[str, Row] = {}
+
+
+def row(workload: str, **spec: object) -> Row:
+    """The row for ``workload``, created from ``spec`` (Row's fields) the first time."""
+    if workload not in ROWS:
+        ROWS[workload] = Row(workload=workload, **spec)  # type: ignore[arg-type]
+    return ROWS[workload]
+
+
+def _num(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.3g}"
+
+
+def _cells(r: Row) -> list[str]:
+    relay = f"{_num(statistics.median(r.relay))} {r.unit}" if r.relay else "-"
+    base = (f"{_num(statistics.median(r.baseline))} {r.unit} ({r.baseline_name})"
+            if r.baseline else r.baseline_name or "-")
+    ratios = r.ratios()
+    ratio = f"{statistics.median(ratios):.2f}x" if ratios else "-"
+    values = ratios or r.relay
+    spread = f"{min(values):.3g}-{max(values):.3g}" if values else "-"
+    met = {True: "yes", False: "no", None: "-"}[r.met()]
+    return [r.workload, relay, base, ratio, spread, r.target, met]
+
+
+HEADER = ["workload", "relay (median)", "baseline (median)", "ratio median",
+          "spread (ratio, or relay)", "target", "met"]
+
+
+def render(rounds: int) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [f"lpd-relay benchmark table ({rounds} alternating rounds a row, "
+             f"{platform.node() or 'this machine'}, {when})",
+             "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in ROWS.values()]
+    return "\n".join(lines) + "\n"
+
+
+def write(scale: float, rounds: int, directory: Path = RESULTS_DIR) -> Path:
+    """Write the table (.md) and every round (.json); returns the .md path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = "latest" if scale == 1.0 else f"latest-scale{scale:g}"
+    md = directory / f"{stem}.md"
+    md.write_text(render(rounds))
+    data = {"scale": scale, "rounds": rounds, "rows": [
+        {**asdict(r), "ratio_median": statistics.median(r.ratios()) if r.ratios() else None,
+         "met": r.met()} for r in ROWS.values()]}
+    (directory / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
+    return md
