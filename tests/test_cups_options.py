@@ -24,6 +24,7 @@ from relay.sinks import SinkContext, make_sink
 from relay.spool import JobMeta, Spool
 from relay.uri import parse_destination
 from tests.peers import LpdScript, RecordingLpdServer
+from tests.peers.script import RecordedConnection
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="reserved source ports need root")
@@ -122,6 +123,11 @@ def test_sanitized_title_keeps_at_most_99_characters() -> None:
     assert sanitized_title("Q3 report\tfinal") == "Q3 report\tfinal"
 
 
+def job_connections(server: RecordingLpdServer) -> list[RecordedConnection]:
+    """The 0x02 sessions: the sink first asks an unknown receiver's lpq once."""
+    return [c for c in server.connections if c.command == 0x02]
+
+
 # -- order, mode, timeout -------------------------------------------------------
 
 @pytest.mark.parametrize(("order", "first"), [
@@ -132,7 +138,7 @@ def test_order_decides_which_file_goes_first(tmp_path: Path, order: str, first: 
     with RecordingLpdServer() as server:
         deliver(f"lpd://127.0.0.1:{server.port}/Ward3?order={order}", job)
         server.wait_jobs(1)
-        (conn,) = server.connections
+        (conn,) = job_connections(server)
     steps = [step for step, _ in conn.replies if step.endswith("_header")]
     assert steps[0] == first
 
@@ -189,7 +195,7 @@ def source_port(tmp_path: Path, reserve: str) -> int:
     with RecordingLpdServer() as server:
         deliver(f"lpd://127.0.0.1:{server.port}/Ward3?reserve={reserve}", job)
         server.wait_jobs(1)
-        (conn,) = server.connections
+        (conn,) = job_connections(server)
     return conn.peer[1]
 
 
