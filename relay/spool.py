@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -74,6 +75,10 @@ __all__ = ["ID_BLOCK", "ID_WIDTH", "MAX_FILES_PER_JOB", "STATES", "WRITEBACK_CHU
            "SpoolBusy", "SpoolStatistics", "SpoolUsage"]
 
 ID_BLOCK = 1000              # ids reserved per durable write of the ``next-id`` file
+# A free-space reading is trusted for this long, or until this many bytes were
+# written since (docs/spool.md, "Free space"): one statvfs per interval, not 3 per job.
+FREE_SPACE_TTL = 0.5
+FREE_SPACE_EVERY = 8 << 20
 
 
 class SpoolBusy(SpoolError):
@@ -115,6 +120,9 @@ class Spool:
         self._index: SpoolIndex | None = None  # the lock holder's view (recover())
         self._closed = False
         self._stats = Counter[str]()
+        self._free_seen = -1    # last statvfs reading; -1 = none yet
+        self._free_at = 0.0     # when it was taken (monotonic)
+        self.written = 0        # bytes written since (IncomingJob reports them)
 
     # -- start-up ----------------------------------------------------------------------
 
@@ -184,10 +192,23 @@ class Spool:
         """Raise DiskFull when storing ``need`` more bytes would go below ``min_free_disk``.
 
         No free byte at all is full whatever ``min_free_disk`` says: no job fits.
+        A recent reading less what was written since is used when it suffices;
+        a refusal is always based on a fresh ``statvfs``.
         """
-        free = self.free_bytes()
+        free, fresh = self._free_estimate(fresh=False)
+        if not fresh and (free <= 0 or free - need < self.min_free_disk):
+            free, _ = self._free_estimate(fresh=True)
         if free <= 0 or free - need < self.min_free_disk:
             raise DiskFull(f"spool {self.directory}: free space below min_free_disk")
+
+    def _free_estimate(self, *, fresh: bool) -> tuple[int, bool]:
+        now = time.monotonic()
+        if (fresh or self._free_seen < 0 or now - self._free_at > FREE_SPACE_TTL
+                or self.written >= FREE_SPACE_EVERY):
+            self._free_seen, self._free_at, self.written = self.free_bytes(), now, 0
+            self._stats["free_space_reads"] += 1
+            return self._free_seen, True
+        return self._free_seen - self.written, False
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -228,6 +249,7 @@ class Spool:
             job.discard()  # nothing the sender was not told about may stay
             raise
         job.mark("committed")
+        self.written += len(job.control_raw) + len(record)
         self._cache[meta.id] = meta
         if self._index is not None:
             self._index.track(meta)
@@ -405,7 +427,8 @@ class Spool:
             commits=self._stats["commits"], batches=group.batches,
             sync_calls=self._stats["sync_calls"], largest_batch=group.largest_batch,
             discarded=self._stats["discarded"], discarded_bytes=self._stats["discarded_bytes"],
-            recovered=self._stats["recovered"], sync_method=method)
+            recovered=self._stats["recovered"], sync_method=method,
+            free_space_reads=self._stats["free_space_reads"])
 
     async def aclose(self) -> None:
         """Wait for a running flush, record the next id, release the lock; idempotent."""
