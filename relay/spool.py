@@ -52,6 +52,7 @@ from relay.groupcommit import (
     write_atomic,
     write_file,
 )
+from relay.spoolbackend import Body, SpoolBackend, open_file_body
 from relay.spoolformat import (
     ID_RE,
     ID_WIDTH,
@@ -400,6 +401,14 @@ class Spool:
             unlink_job(self.jobs_dir, job_id, paths)
         self._cache.pop(job_id, None)  # _load() asks the index first
 
+    def open_body(self, file: FileMeta) -> Body:
+        """A data file to deliver: its own spool file, from offset 0."""
+        return open_file_body(file.path, 0, file.bytes)
+
+    def open_control(self, job: JobMeta) -> Body:
+        """The raw control file to deliver."""
+        return open_file_body(job.control_path, 0, job.control_bytes)
+
     def save_unsaved(self) -> int:
         """Write what the disk refused before; returns how many changes still wait."""
         return self._index.save(self.jobs_dir, fsync=self.fsync) if self._index else 0
@@ -449,3 +458,7 @@ class Spool:
             self._syncer.close()
             self._syncer = None
         self._release_lock()
+
+
+def _is_a_backend(spool: Spool) -> SpoolBackend[IncomingJob]:
+    return spool  # checked by mypy: Spool implements relay.spoolbackend's interface
