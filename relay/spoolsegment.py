@@ -337,6 +337,49 @@ class SegmentLog:
         return os.path.join(self.directory, segment_name(number))
 
 
+@dataclass(frozen=True, slots=True)
+class LiveJob:
+    """A job the segments still hold: its newest JOB record and STATE body (b"": none)."""
+
+    record: Record
+    state: bytes
+
+
+def fold(records: Sequence[Record]) -> dict[int, LiveJob]:
+    """The jobs ``records`` leave alive, by job number (replay order = append order)."""
+    live: dict[int, LiveJob] = {}
+    for r in records:
+        if r.type == JOB:
+            live[r.job] = LiveJob(r, b"")
+        elif r.type == STATE and r.job in live:
+            live[r.job] = LiveJob(live[r.job].record, r.body)
+        elif r.type == DONE:
+            live.pop(r.job, None)
+    return live
+
+
+def read_only(directory: str) -> list[Record]:
+    """Every valid record, for a reader beside the running daemon (``lpd-relay spool``).
+
+    Creates, seals and changes nothing.  A record being appended meanwhile is
+    either whole (its CRC checks) or ends that segment's scan, so the reader
+    sees a consistent prefix of what was appended; a segment recycled between
+    listing and reading fails its header check and is skipped.
+    """
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    records: list[Record] = []
+    for number in sorted(int(m.group(1)) for n in names if (m := NAME_RE.fullmatch(n))):
+        try:
+            with open(os.path.join(directory, segment_name(number)), "rb") as f:
+                records += scan(f.read(), number).records
+        except FileNotFoundError:
+            continue  # collected meanwhile: all its jobs were done
+    return records
+
+
 def job_body(meta: bytes, control: bytes, data: Sequence[bytes]) -> list[bytes]:
     """The parts of a JOB record's body: metadata length, metadata, control file, data."""
     return [LENGTH.pack(len(meta)), meta, control, *data]
@@ -350,7 +393,3 @@ def job_meta(body: bytes) -> tuple[bytes, int]:
         raise ValueError("metadata longer than the record")
     return body[start:start + length], start + length
 
-
-__all__ = ["DONE", "HEADER", "JOB", "MAGIC", "RECORD", "SEGMENT_SIZE", "STATE",
-           "Record", "Scan", "Segment", "SegmentLog", "job_body", "job_meta", "record_crc", "scan",
-           "segment_name"]

@@ -19,8 +19,10 @@ from relay.spoolsegment import (
     STATE,
     Record,
     SegmentLog,
+    fold,
     job_body,
     job_meta,
+    read_only,
     scan,
     segment_name,
 )
@@ -190,3 +192,36 @@ def test_a_failed_append_seals_its_segment(log: SegmentLog, monkeypatch: pytest.
 def test_a_record_larger_than_a_segment_is_refused(log: SegmentLog) -> None:
     with pytest.raises(ValueError):
         log.append(JOB, 1, [b"x" * spoolsegment.SEGMENT_SIZE])
+
+
+def test_fold_keeps_the_newest_job_record_and_state_until_done(log: SegmentLog,
+                                                               seg_dir: Path) -> None:
+    log.append(JOB, 1, [b"first copy"])
+    log.append(STATE, 1, [b'{"attempts":1}'])
+    log.append(JOB, 2, [b"two"])
+    log.append(STATE, 1, [b'{"attempts":2}'])
+    log.append(JOB, 1, [b"moved forward"])       # a job moved out of an old segment
+    log.append(STATE, 1, [b'{"attempts":3}'])
+    log.append(DONE, 2)
+    log.append(STATE, 9, [b'{"orphan":1}'])      # a state for a job that is gone
+    log.sync()
+    live = fold(read_only(str(seg_dir)))
+    assert list(live) == [1]
+    assert live[1].record.body == b"moved forward" and live[1].state == b'{"attempts":3}'
+
+
+def test_a_reader_beside_the_writer_sees_a_consistent_prefix(log: SegmentLog,
+                                                             seg_dir: Path) -> None:
+    names = set(os.listdir(seg_dir))
+    assert read_only(str(seg_dir)) == [] and read_only(str(seg_dir / "absent")) == []
+    for job in range(1, 6):
+        log.append(JOB, job, [b"x" * 100])
+    path = seg_dir / segment_name(1)
+    whole = path.read_bytes()
+    # A record half-appended when the reader looks: the reader stops before it.
+    log.append(JOB, 6, [b"y" * 100])
+    data = path.read_bytes()
+    end = len(whole.rstrip(b"\0"))
+    path.write_bytes(data[:end + 50].ljust(len(data), b"\0"))
+    assert [r.job for r in read_only(str(seg_dir))] == [1, 2, 3, 4, 5]
+    assert set(os.listdir(seg_dir)) - names == {segment_name(1)}   # it created nothing
