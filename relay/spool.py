@@ -121,9 +121,11 @@ class Spool:
         self._index: SpoolIndex | None = None  # the lock holder's view (recover())
         self._closed = False
         self._stats = Counter[str]()
-        self._free_seen = -1    # last statvfs reading; -1 = none yet
-        self._free_at = 0.0     # when it was taken (monotonic)
-        self.written = 0        # bytes written since (IncomingJob reports them)
+        # The last statvfs: (free bytes, monotonic time, ``written`` then); replaced
+        # whole, also by the flush thread after each batch.
+        self._reading: tuple[int, float, int] | None = None
+        self.written = 0        # bytes the spool wrote, ever (IncomingJob reports them)
+        self._batch_reads = 0   # readings taken by the flush thread
 
     # -- start-up ----------------------------------------------------------------------
 
@@ -203,13 +205,19 @@ class Spool:
             raise DiskFull(f"spool {self.directory}: free space below min_free_disk")
 
     def _free_estimate(self, *, fresh: bool) -> tuple[int, bool]:
-        now = time.monotonic()
-        if (fresh or self._free_seen < 0 or now - self._free_at > FREE_SPACE_TTL
-                or self.written >= FREE_SPACE_EVERY):
-            self._free_seen, self._free_at, self.written = self.free_bytes(), now, 0
+        reading, now = self._reading, time.monotonic()
+        if (fresh or reading is None or now - reading[1] > FREE_SPACE_TTL
+                or self.written - reading[2] >= FREE_SPACE_EVERY):
+            reading = self._read_free(now)
             self._stats["free_space_reads"] += 1
-            return self._free_seen, True
-        return self._free_seen - self.written, False
+            return reading[0], True
+        return reading[0] - (self.written - reading[2]), False
+
+    def _read_free(self, now: float) -> tuple[int, float, int]:
+        # ``written`` is taken first: bytes written meanwhile count twice (safe side).
+        mark = self.written
+        self._reading = (self.free_bytes(), now, mark)
+        return self._reading
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -300,6 +308,9 @@ class Spool:
             self._stats["sync_calls"] += self._syncer.sync(paths)
         except OSError as exc:
             return [e or disk_error(exc, "spool sync") for e in errors]
+        with contextlib.suppress(OSError):  # one reading per batch, off the event loop
+            self._read_free(time.monotonic())
+            self._batch_reads += 1
         return errors
 
     def count_discard(self, nbytes: int) -> None:
@@ -437,7 +448,7 @@ class Spool:
             sync_calls=self._stats["sync_calls"], largest_batch=group.largest_batch,
             discarded=self._stats["discarded"], discarded_bytes=self._stats["discarded_bytes"],
             recovered=self._stats["recovered"], sync_method=method,
-            free_space_reads=self._stats["free_space_reads"])
+            free_space_reads=self._stats["free_space_reads"] + self._batch_reads)
 
     async def aclose(self) -> None:
         """Wait for a running flush, record the next id, release the lock; idempotent."""

@@ -31,7 +31,7 @@ class JobOwner(Protocol):
 
     jobs_dir: str
     fsync: bool
-    written: int     # bytes written since the last free-space reading
+    written: int     # bytes written, for the free-space estimate
 
 
     def count_discard(self, nbytes: int) -> None: ...

@@ -97,3 +97,19 @@ def test_a_disk_filled_from_outside_is_seen_after_the_interval(
     monkeypatch.setattr(spoolmod, "FREE_SPACE_TTL", 0.0)
     with pytest.raises(DiskFull):
         spool.check_space()
+
+
+def test_each_group_commit_takes_a_reading_off_the_event_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spoolmod, "FREE_SPACE_TTL", 3600.0)
+    spool, _, _ = reopen(tmp_path / "spool", fsync=True, min_free_disk=1 << 20)
+    disk = FakeDisk(spool, monkeypatch, 10 << 30)
+    receive(spool, b"x" * 1024)             # one reading at 0x02, one by the batch
+    assert disk.reads == 2
+    disk.free = (1 << 20) - 1               # another process fills the disk ...
+    run(spool.sync)                         # ... and the next batch sees it
+    assert disk.reads == 3
+    disk.free = 10 << 30
+    spool.check_space()                     # the batch's reading refused: a fresh one took it
+    assert disk.reads == 4 and spool.statistics().free_space_reads == 4
+    close(spool)
