@@ -8,6 +8,11 @@ group commit buys over one fsync per job, and what durability costs against
 fsyncing one 1-KiB file per job, and 64 threads doing the same (per-job fsync
 from a pool, the alternative to one ``syncfs`` per batch).
 
+The segment-log cases (relay.spoolsegment, not yet the spool's default path)
+put the same jobs through group commit as one record each, with one
+``fdatasync`` of the segment per batch: the storage layer a small job would
+use, without the per-job files.
+
 Quick smoke run:  LPD_BENCH_SCALE=0.01 pytest benchmarks/test_bench_spool.py --benchmark-disable
 """
 
@@ -23,7 +28,9 @@ from typing import Any
 import pytest
 import trio
 
+from relay.groupcommit import GroupCommit
 from relay.spool import Spool
+from relay.spoolsegment import JOB, SegmentLog, job_body
 
 SCALE = float(os.environ.get("LPD_BENCH_SCALE", "1.0"))
 ROUNDS = max(1, int(os.environ.get("LPD_BENCH_ROUNDS", "3")))
@@ -64,6 +71,41 @@ def _spool_rate(directory: Path, *, fsync: bool, concurrency: int, method: str) 
     return JOBS / elapsed
 
 
+# About the size of a job's metadata record (relay.spoolformat.encode_job).
+META = (b'{"v":1,"id":"000000000042","queue":"q","wire_queue":"q","peer":"127.0.0.1:721",'
+        b'"received":1732413600.25,"control_name":"cfA001bench","control_bytes":35,'
+        b'"number":"001","user":"bench","host":"bench","title":"","job_name":"",'
+        b'"files":[{"name":"dfA001bench","format":"l","bytes":1024,"offset":0}]}')
+
+
+def _segment_rate(directory: Path, *, concurrency: int) -> float:
+    log = SegmentLog(str(directory))
+    log.replay()
+
+    def flush(items: list[int]) -> list[Exception | None]:
+        for job in items:
+            log.append(JOB, job, job_body(META, CF, [PAYLOAD]))
+        log.sync()
+        return [None] * len(items)
+    group: GroupCommit[int] = GroupCommit(flush)
+
+    async def run() -> None:
+        async def worker(first: int, n: int) -> None:
+            for job in range(first, first + n):
+                await group.submit(job)
+        with trio.fail_after(600):
+            async with trio.open_nursery() as nursery:
+                per = JOBS // concurrency
+                for i in range(concurrency):
+                    nursery.start_soon(worker, i * per, per + (JOBS % concurrency if i == 0 else 0))
+    start = time.perf_counter()
+    trio.run(run)
+    elapsed = time.perf_counter() - start
+    RESULTS[f"files created, segments c{concurrency}"] = log.stats["created"]
+    log.close()
+    return JOBS / elapsed
+
+
 def _raw_file(directory: Path, i: int) -> None:
     fd = os.open(directory / f"{i:012d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
@@ -91,6 +133,8 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("spool always c64 fdatasync", {"fsync": True, "concurrency": 64, "method": "fdatasync"}),
     ("spool never c1", {"fsync": False, "concurrency": 1, "method": "auto"}),
     ("spool never c64", {"fsync": False, "concurrency": 64, "method": "auto"}),
+    ("segments always c1", {"segments": 1}),
+    ("segments always c64", {"segments": 64}),
     ("raw fsync loop", {"threads": 1}),
     ("raw fsync pool64", {"threads": 64}),
 ]
@@ -101,12 +145,16 @@ RATIOS = [
     ("spool always c64", "spool always c64 fdatasync"),   # syncfs vs the fallback
     ("spool never c64", "spool always c64"),     # what durability costs
     ("spool always c1", "raw fsync loop"),
+    ("segments always c64", "spool always c64"),   # one record per job, no files
+    ("segments always c1", "spool always c1"),
 ]
 
 
 def _run_case(directory: Path, kw: dict[str, Any]) -> float:
     if "threads" in kw:
         return _raw_rate(directory, kw["threads"])
+    if "segments" in kw:
+        return _segment_rate(directory, concurrency=kw["segments"])
     return _spool_rate(directory, **kw)
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, replace
 
@@ -51,6 +52,7 @@ from relay.groupcommit import (
     write_atomic,
     write_file,
 )
+from relay.spoolbackend import Body, SpoolBackend, open_file_body
 from relay.spoolformat import (
     ID_RE,
     ID_WIDTH,
@@ -75,6 +77,10 @@ __all__ = ["ID_BLOCK", "ID_WIDTH", "MAX_FILES_PER_JOB", "STATES", "WRITEBACK_CHU
            "SpoolBusy", "SpoolStatistics", "SpoolUsage"]
 
 ID_BLOCK = 1000              # ids reserved per durable write of the ``next-id`` file
+# A free-space reading is trusted for this long, or until this many bytes were
+# written since (docs/spool.md, "Free space"): one statvfs per interval, not 3 per job.
+FREE_SPACE_TTL = 0.5
+FREE_SPACE_EVERY = 8 << 20
 
 
 class SpoolBusy(SpoolError):
@@ -117,6 +123,11 @@ class Spool:
         self._index: SpoolIndex | None = None  # the lock holder's view (recover())
         self._closed = False
         self._stats = Counter[str]()
+        # The last statvfs: (free bytes, monotonic time, ``written`` then); replaced
+        # whole, also by the flush thread after each batch.
+        self._reading: tuple[int, float, int] | None = None
+        self.written = 0        # bytes the spool wrote, ever (IncomingJob reports them)
+        self._batch_reads = 0   # readings taken by the flush thread
 
     # -- start-up ----------------------------------------------------------------------
 
@@ -186,10 +197,29 @@ class Spool:
         """Raise DiskFull when storing ``need`` more bytes would go below ``min_free_disk``.
 
         No free byte at all is full whatever ``min_free_disk`` says: no job fits.
+        A recent reading less what was written since is used when it suffices;
+        a refusal is always based on a fresh ``statvfs``.
         """
-        free = self.free_bytes()
+        free, fresh = self._free_estimate(fresh=False)
+        if not fresh and (free <= 0 or free - need < self.min_free_disk):
+            free, _ = self._free_estimate(fresh=True)
         if free <= 0 or free - need < self.min_free_disk:
             raise DiskFull(f"spool {self.directory}: free space below min_free_disk")
+
+    def _free_estimate(self, *, fresh: bool) -> tuple[int, bool]:
+        reading, now = self._reading, time.monotonic()
+        if (fresh or reading is None or now - reading[1] > FREE_SPACE_TTL
+                or self.written - reading[2] >= FREE_SPACE_EVERY):
+            reading = self._read_free(now)
+            self._stats["free_space_reads"] += 1
+            return reading[0], True
+        return reading[0] - (self.written - reading[2]), False
+
+    def _read_free(self, now: float) -> tuple[int, float, int]:
+        # ``written`` is taken first: bytes written meanwhile count twice (safe side).
+        mark = self.written
+        self._reading = (self.free_bytes(), now, mark)
+        return self._reading
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -237,6 +267,7 @@ class Spool:
             job.discard()  # nothing the sender was not told about may stay
             raise
         job.mark("committed")
+        self.written += len(job.control_raw) + len(item.record or b"")
         self._cache[meta.id] = meta
         if self._index is not None:
             self._index.track(meta)
@@ -291,6 +322,9 @@ class Spool:
             self._stats["sync_calls"] += self._syncer.sync(paths)
         except OSError as exc:
             return [e or disk_error(exc, "spool sync") for e in errors]
+        with contextlib.suppress(OSError):  # one reading per batch, off the event loop
+            self._read_free(time.monotonic())
+            self._batch_reads += 1
         return errors
 
     def count_discard(self, nbytes: int) -> None:
@@ -392,6 +426,14 @@ class Spool:
             unlink_job(self.jobs_dir, job_id, paths)
         self._cache.pop(job_id, None)  # _load() asks the index first
 
+    def open_body(self, file: FileMeta) -> Body:
+        """A data file to deliver: its own spool file, from offset 0."""
+        return open_file_body(file.path, 0, file.bytes)
+
+    def open_control(self, job: JobMeta) -> Body:
+        """The raw control file to deliver."""
+        return open_file_body(job.control_path, 0, job.control_bytes)
+
     def save_unsaved(self) -> int:
         """Write what the disk refused before; returns how many changes still wait."""
         return self._index.save(self.jobs_dir, fsync=self.fsync) if self._index else 0
@@ -419,7 +461,8 @@ class Spool:
             commits=self._stats["commits"], batches=group.batches,
             sync_calls=self._stats["sync_calls"], largest_batch=group.largest_batch,
             discarded=self._stats["discarded"], discarded_bytes=self._stats["discarded_bytes"],
-            recovered=self._stats["recovered"], sync_method=method)
+            recovered=self._stats["recovered"], sync_method=method,
+            free_space_reads=self._stats["free_space_reads"] + self._batch_reads)
 
     async def aclose(self) -> None:
         """Wait for a running flush, record the next id, release the lock; idempotent."""
@@ -440,3 +483,7 @@ class Spool:
             self._syncer.close()
             self._syncer = None
         self._release_lock()
+
+
+def _is_a_backend(spool: Spool) -> SpoolBackend[IncomingJob]:
+    return spool  # checked by mypy: Spool implements relay.spoolbackend's interface

@@ -92,6 +92,7 @@ class SpoolStatistics:
     discarded_bytes: int
     recovered: int           # jobs found by recover()
     sync_method: str         # "syncfs" | "fdatasync" | "none"
+    free_space_reads: int = 0  # statvfs calls made by check_space
 
 
 _STATE_DEFAULTS: dict[str, Any] = {

@@ -31,6 +31,8 @@ class JobOwner(Protocol):
 
     jobs_dir: str
     fsync: bool
+    written: int     # bytes written, for the free-space estimate
+
 
     def count_discard(self, nbytes: int) -> None: ...
 
@@ -66,6 +68,7 @@ class DataWriter:
         """Account for ``n`` bytes the caller wrote to ``fileno()`` itself (splice)."""
         self._counted += n
         self._job.bytes += n
+        self._job.owner.written += n
         if self._job.spool_fsync and self._counted - self._mark >= WRITEBACK_CHUNK:
             start_writeback(self._fd, self._mark, self._counted - self._mark)
             self._mark = self._counted
@@ -95,7 +98,7 @@ class IncomingJob:
         self.id = job_id
         self.bytes = 0                                     # data + control so far
         self.spool_fsync = spool.fsync
-        self._spool = spool
+        self.owner = spool
         self._fields = {"queue": json_text(queue), "wire_queue": json_text(wire_queue),
                         "peer": json_text(peer)}
         self._control: dict[str, str] | None = None
@@ -108,7 +111,7 @@ class IncomingJob:
         self._status = "open"
 
     def _path(self, name: str) -> str:
-        return os.path.join(self._spool.jobs_dir, name)
+        return os.path.join(self.owner.jobs_dir, name)
 
     def _check_open(self) -> None:
         if self._status != "open":
@@ -176,7 +179,7 @@ class IncomingJob:
         for file, _ in self._files.values():
             unlink_quiet(self._path(file))
         self._status = "gone"
-        self._spool.count_discard(self.bytes)
+        self.owner.count_discard(self.bytes)
 
     def seal(self) -> JobMeta:
         """Check the job is complete and describe it (used by ``Spool.commit``)."""

@@ -35,11 +35,13 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from relay.errors import SpoolFileMissing
+from relay.spoolbackend import Body, BodySource, open_file_body
 
 if TYPE_CHECKING:
     from relay.uri import Destination
 
 __all__ = [
+    "Body",
     "DeliveryFile",
     "DeliveryJob",
     "Sink",
@@ -47,9 +49,12 @@ __all__ = [
     "SinkFactory",
     "destination_problem",
     "make_sink",
+    "open_body",
+    "open_control",
     "open_spool_file",
     "register",
     "registered_schemes",
+    "stream_body",
     "stream_file",
 ]
 
@@ -144,9 +149,13 @@ class SinkContext:
 
     ``origin_ports`` is the shared outbound source-port pool (SPEC §5) used by the
     ``lpd://`` sink; typed loosely here so this module does not depend on it.
+    ``bodies`` is the spool the jobs come from (``relay.spoolbackend.BodySource``):
+    sinks read bodies through it (``open_body``/``open_control``); None means
+    a local spool whose bodies are whole files at their paths.
     """
 
     origin_ports: object | None = None
+    bodies: BodySource | None = None
 
 
 class Sink(abc.ABC):
@@ -238,6 +247,23 @@ def open_spool_file(path: str) -> int:
         raise SpoolFileMissing(path, exc) from exc
 
 
+def open_body(context: SinkContext, file: DeliveryFile) -> Body:
+    """One data file of a job as a descriptor range, read through the job's spool.
+
+    ``SpoolFileMissing`` when the spool no longer has it, whatever the backend.
+    """
+    if context.bodies is not None:
+        return context.bodies.open_body(file)  # type: ignore[arg-type]  # a FileMeta
+    return open_file_body(file.path, 0, file.bytes)
+
+
+def open_control(context: SinkContext, job: DeliveryJob) -> Body:
+    """The raw control file of a job, read through its spool (see ``open_body``)."""
+    if context.bodies is not None:
+        return context.bodies.open_control(job)  # type: ignore[arg-type]  # a JobMeta
+    return open_file_body(job.control_path)
+
+
 def registered_schemes() -> tuple[str, ...]:
     """Schemes that have a sink, sorted (for messages and docs)."""
     return tuple(sorted(_factories))
@@ -254,42 +280,56 @@ def make_sink(destination: Destination, context: SinkContext | None = None) -> S
     return factory(destination, context if context is not None else SinkContext())
 
 
-async def stream_file(out_fd: int, src_fd: int, *, idle_timeout: float) -> int:
-    """Copy the whole regular file ``src_fd`` (from offset 0) into non-blocking ``out_fd``.
+async def stream_body(out_fd: int, body: Body, *, idle_timeout: float) -> int:
+    """``stream_file`` for one ``Body``: its range only, zero-copy where the kernel can."""
+    return await stream_file(out_fd, body.fd, idle_timeout=idle_timeout,
+                             offset=body.offset, length=body.length)
+
+
+async def stream_file(out_fd: int, src_fd: int, *, idle_timeout: float, offset: int = 0,
+                      length: int = -1) -> int:
+    """Copy ``length`` bytes (-1: to the end) of regular file ``src_fd`` from ``offset``
+    into non-blocking ``out_fd``.
 
     Zero-copy with ``os.sendfile``; when ``out_fd`` is full, wait for it to drain,
     at most ``idle_timeout`` seconds each time (``trio.TooSlowError`` after that:
     a peer that stops reading is as good as gone).  Returns the bytes copied.
     OS errors (EPIPE, ECONNRESET, ...) propagate for the caller to classify.
     """
-    offset = 0
+    start = pos = offset
+    end = offset + length if length >= 0 else -1
     while True:
         # sendfile on a fast path never blocks; this keeps us cancellable anyway.
         await trio.lowlevel.checkpoint()
+        want = SENDFILE_CHUNK if end < 0 else min(SENDFILE_CHUNK, end - pos)
+        if want == 0:
+            return pos - start
         try:
-            sent = os.sendfile(out_fd, src_fd, offset, SENDFILE_CHUNK)
+            sent = os.sendfile(out_fd, src_fd, pos, want)
         except BlockingIOError:
             with trio.fail_after(idle_timeout):
                 await trio.lowlevel.wait_writable(out_fd)
             continue
         except OSError as exc:
-            if exc.errno in _NO_SENDFILE and offset == 0:
-                return await _stream_buffered(out_fd, src_fd, idle_timeout=idle_timeout)
+            if exc.errno in _NO_SENDFILE and pos == start:
+                return await _stream_buffered(out_fd, src_fd, idle_timeout=idle_timeout,
+                                              offset=start, end=end)
             raise
         if sent == 0:
-            return offset
-        offset += sent
+            return pos - start
+        pos += sent
 
 
-async def _stream_buffered(out_fd: int, src_fd: int, *, idle_timeout: float) -> int:
+async def _stream_buffered(out_fd: int, src_fd: int, *, idle_timeout: float, offset: int = 0,
+                           end: int = -1) -> int:
     """``stream_file`` for targets sendfile cannot write: one reused buffer, no joins."""
     buf = bytearray(256 * 1024)
     view = memoryview(buf)
-    offset = 0
+    pos = offset
     while True:
-        got = os.preadv(src_fd, [buf], offset)
+        got = os.preadv(src_fd, [view if end < 0 else view[:min(len(buf), end - pos)]], pos)
         if got == 0:
-            return offset
+            return pos - offset
         done = 0
         while done < got:
             await trio.lowlevel.checkpoint()
@@ -298,4 +338,4 @@ async def _stream_buffered(out_fd: int, src_fd: int, *, idle_timeout: float) -> 
             except BlockingIOError:
                 with trio.fail_after(idle_timeout):
                     await trio.lowlevel.wait_writable(out_fd)
-        offset += got
+        pos += got

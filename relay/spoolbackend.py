@@ -1,0 +1,165 @@
+"""The spool's backend interface: what the relay needs of wherever jobs are kept.
+
+The local file spool (``relay.spool.Spool``) is the embedded default; a
+database-backed spool is meant to implement the same interface.  So nothing
+here assumes files: a job is known by its id and its ``JobMeta`` record
+(``relay.spoolformat``), and its bodies — the control file and each data
+file — are read through the backend as a ``Body``: a readable descriptor, an
+offset and a length.  For the local backend that is the job's own file (a
+large job, offset 0) or the segment file holding a small job's record
+(``relay.spoolsegment``); another backend may hand out a pipe or a memory
+file it filled.  Sinks read ``Body`` ranges only (``relay.sinks.base``), so
+they never learn where a body lives.
+
+Intake is ``check_space`` / ``begin`` / ``commit``: ``commit`` returns only once
+the job is durable (SPEC §4.4) and a commit that raises leaves no job.  The
+bookkeeping calls (``update``, ``remove``, ``sync``) never need free space in
+the daemon (docs/spool.md, "A full disk").
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+from relay.errors import SpoolFileMissing
+
+if TYPE_CHECKING:
+    from relay.spoolformat import FileMeta, JobMeta, Recovery, SpoolStatistics, SpoolUsage
+    from relay.spoolindex import SpoolIndex
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    """``length`` bytes at ``offset`` of the readable descriptor ``fd`` (owned: ``close``)."""
+
+    fd: int
+    offset: int
+    length: int
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def read(self) -> bytes:
+        """The whole body, for small ones (a control file); large ones are streamed."""
+        data = os.pread(self.fd, self.length, self.offset)
+        if len(data) != self.length:
+            raise SpoolFileMissing(f"descriptor {self.fd}", OSError(5, "body is short"))
+        return data
+
+    def __enter__(self) -> Body:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def open_file_body(path: str, offset: int = 0, length: int = -1) -> Body:
+    """A body held in a local file (``length`` -1: to its end); ``SpoolFileMissing`` if gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SpoolFileMissing(path, exc) from exc
+    if length < 0:
+        try:
+            length = os.fstat(fd).st_size - offset
+        except OSError as exc:
+            os.close(fd)
+            raise SpoolFileMissing(path, exc) from exc
+    return Body(fd, offset, length)
+
+
+class DataSink(Protocol):
+    """One data file being received (``relay.spooljob.DataWriter``)."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    def fileno(self) -> int:
+        """A descriptor to ``splice`` into (then ``add``); -1: use ``write`` only."""
+
+    def add(self, n: int) -> None: ...
+
+    def close(self) -> int: ...
+
+
+class Incoming(Protocol):
+    """A job being received (``relay.spooljob.IncomingJob``)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def bytes(self) -> int: ...
+
+    def set_control(self, name: str, raw: builtins.bytes, *, number: str, user: str, host: str,
+                    title: str, job_name: str, formats: Mapping[str, str]) -> None: ...
+
+    def open_data(self, name: str) -> DataSink: ...
+
+    def discard(self) -> None: ...
+
+
+J = TypeVar("J", bound=Incoming)
+
+
+class BodySource(Protocol):
+    """How delivery reads a job's bodies (what ``relay.sinks.base`` needs of a spool)."""
+
+    def open_body(self, file: FileMeta) -> Body:
+        """One data file of a job; ``SpoolFileMissing`` when the spool no longer has it."""
+
+    def open_control(self, job: JobMeta) -> Body:
+        """The raw control file of a job; ``SpoolFileMissing`` likewise."""
+
+
+class SpoolBackend(BodySource, Protocol[J]):
+    """Everything the daemon, the scheduler and ``lpd-relay spool`` use of a spool.
+
+    ``J`` is the backend's own incoming-job type: ``commit`` takes only what
+    its ``begin`` handed out.
+    """
+
+    def recover(self) -> Recovery:
+        """Once, at start: take ownership, drop partial jobs, return the jobs in id order."""
+
+    def check_space(self, need: int = 0) -> None:
+        """Raise ``DiskFull`` (0x02 to the sender) when ``need`` more bytes do not fit."""
+
+    def begin(self, *, queue: str, wire_queue: str, peer: str) -> J:
+        """Start a job and give it the next id (ids sort in arrival order)."""
+
+    async def commit(self, job: J) -> JobMeta:
+        """Return once the job is durable; if it raises, no trace of the job stays."""
+
+    def get(self, job_id: str) -> JobMeta:
+        """The job with its delivery state; ``KeyError`` when not there."""
+
+    def jobs(self, queue: str | None = None) -> list[JobMeta]:
+        """All jobs (or those of ``queue``), in id order."""
+
+    def update(self, meta: JobMeta, *, durable: bool = False) -> None:
+        """Store the delivery-state fields of ``meta``; ``KeyError`` when removed."""
+
+    def remove(self, job_id: str) -> None:
+        """Forget a job (delivered or purged); idempotent."""
+
+    async def sync(self) -> None:
+        """Make earlier ``update``/``remove`` calls durable."""
+
+    def save_unsaved(self) -> int:
+        """Retry what the store refused before; returns how many changes still wait."""
+
+    @property
+    def index(self) -> SpoolIndex | None:
+        """The daemon's live bookkeeping (gauges), None before ``recover``."""
+
+    def usage(self) -> SpoolUsage: ...
+
+    def statistics(self) -> SpoolStatistics: ...
+
+    async def aclose(self) -> None: ...
