@@ -32,6 +32,7 @@ from relay.errors import REPLY_RETRY_LATER, BindError
 from relay.metrics import Metrics
 from relay.queues import QueueRouter, hot_folder_names
 from relay.spool import Spool
+from relay.tls import InboundTls
 
 __all__ = ["Delivery", "LpdServer", "open_listener"]
 
@@ -88,6 +89,7 @@ class LpdServer:
         self._per_host: Counter[str] = Counter()
         self._accepting: trio.CancelScope | None = None
         self.listeners: list[trio.socket.SocketType] = []
+        self.tls = InboundTls(config, metrics) if config.listen_tls else None
         self.closed = trio.Event()
 
     async def serve(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]]
@@ -96,12 +98,16 @@ class LpdServer:
         self._seed_catch_all()
         self.listeners = [open_listener(listen, key=f"server.listen[{i}]")
                           for i, listen in enumerate(self.config.listen)]
+        plain = len(self.listeners)
+        self.listeners += [open_listener(listen, key=f"server.listen_tls[{i}]")
+                           for i, listen in enumerate(self.config.listen_tls)]
         try:
             async with trio.open_nursery() as connections:
                 with trio.CancelScope() as self._accepting:
                     async with trio.open_nursery() as accepts:
-                        for lsock in self.listeners:
-                            accepts.start_soon(self._accept_loop, lsock, connections)
+                        for i, lsock in enumerate(self.listeners):
+                            accepts.start_soon(self._accept_loop, lsock, connections,
+                                               i >= plain)
                         task_status.started([lsock.getsockname()[:2] for lsock in self.listeners])
                 self._close_listeners()
                 connections.cancel_scope.deadline = (
@@ -128,7 +134,7 @@ class LpdServer:
             lsock.close()
 
     async def _accept_loop(self, lsock: trio.socket.SocketType,
-                           nursery: trio.Nursery) -> None:
+                           nursery: trio.Nursery, tls: bool = False) -> None:
         while True:
             try:
                 sock, addr = await lsock.accept()
@@ -153,7 +159,7 @@ class LpdServer:
                     raise
                 nursery.start_soon(self._busy, sock, addr)
                 continue
-            nursery.start_soon(self._connection, sock, addr)
+            nursery.start_soon(self._connection, sock, addr, tls)
 
     async def _busy(self, sock: trio.socket.SocketType, addr: tuple[str, int]) -> None:
         try:
@@ -168,7 +174,8 @@ class LpdServer:
         finally:
             self._refusals.release()
 
-    async def _connection(self, sock: trio.socket.SocketType, addr: tuple[str, int]) -> None:
+    async def _connection(self, sock: trio.socket.SocketType, addr: tuple[str, int],
+                          tls: bool = False) -> None:
         host, port = addr[0], addr[1]
         self.metrics.inbound_connections.inc()
         self._per_host[host] += 1
@@ -177,7 +184,13 @@ class LpdServer:
         try:
             with sock:
                 admitted, refusal = self._admit(host, port)
-                if admitted:
+                if admitted and tls:
+                    assert self.tls is not None
+                    if (accepted := await self.tls.accept(sock, f"{host}:{port}")) is not None:
+                        stream, peer = accepted
+                        await Connection(self.context, sock, host, port, io=stream,
+                                         tls_peer=peer).run()
+                elif admitted:
                     await Connection(self.context, sock, host, port).run()
                 elif refusal:
                     await _refuse(sock, refusal)
