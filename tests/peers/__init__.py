@@ -22,6 +22,7 @@ The package re-exports every public name, fixtures included, so tests write
 - ``p910nd``: P910nd, the raw port-9100 printer;
 - ``script`` and ``recording``: LpdScript and the RecordingLpdServer it drives;
 - ``fixtures``: the pytest fixtures;
+- ``stunnel``: Stunnel, TLS in front of a plain LPD sender or receiver;
 - ``tcp``: TIME_WAIT hygiene for the reserved ports.
 """
 
@@ -45,6 +46,7 @@ from tests.peers.process import (
 from tests.peers.received import ReceivedFile, ReceivedJob
 from tests.peers.recording import RecordingLpdServer
 from tests.peers.script import REPLY_STEPS, LpdScript, RecordedConnection, lprng_error
+from tests.peers.stunnel import Stunnel
 from tests.peers.tcp import release_time_wait, time_wait_pairs
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "ReceivedJob",
     "RecordedConnection",
     "RecordingLpdServer",
+    "Stunnel",
     "free_port",
     "lpq",
     "lpr",
