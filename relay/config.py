@@ -148,6 +148,8 @@ class ServerConfig:
     max_catch_all_queues: int
     listen_tls: tuple[Listen, ...] = ()
     tls: TlsConfig | None = None           # the [tls] section when listen_tls is set
+    proxy_protocol: bool = False           # SPEC §9: PROXY headers from proxy_trusted
+    proxy_trusted: tuple[Network, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -226,6 +228,8 @@ _SERVER: Schema = {
     "min_transfer_rate": (to_size, "1KiB"),             # per second; lpd-relay extension
     "max_catch_all_queues": (to_count, 1000),           # lpd-relay extension
     "listen_tls": (list_of(_listen, '"host:port" addresses', lone=True), []),  # SPEC §9
+    "proxy_protocol": (to_bool, False),                                         # SPEC §9
+    "proxy_trusted": (list_of(to_network, "networks"), []),                     # SPEC §9
 }
 _TLS: Schema = {
     "cert": (_file, ""),
@@ -367,6 +371,9 @@ def config_from_dict(data: Mapping[str, object], source: str,
     _check_unique(names, sections["server"].get("queue_names") != "exact", problems)
     base = Path(base_dir or Path.cwd())
     tls = _tls(sections["tls"], bool(sections["server"].get("listen_tls")), base, problems)
+    if sections["server"].get("proxy_protocol") and not sections["server"].get("proxy_trusted"):
+        problems.append(("server.proxy_trusted", "missing; proxy_protocol needs the "
+                                                 "balancers' networks"))
     if problems:
         raise InvalidConfig(problems)
     server = dict(sections["server"], tls=tls)

@@ -30,6 +30,7 @@ from relay.connection import Connection
 from relay.context import ConnectionContext, Delivery
 from relay.errors import REPLY_RETRY_LATER, BindError
 from relay.metrics import Metrics
+from relay.proxysource import ProxySource
 from relay.queues import QueueRouter, hot_folder_names
 from relay.spool import Spool
 from relay.tls import InboundTls
@@ -90,6 +91,7 @@ class LpdServer:
         self._accepting: trio.CancelScope | None = None
         self.listeners: list[trio.socket.SocketType] = []
         self.tls = InboundTls(config, metrics) if config.listen_tls else None
+        self.proxy = ProxySource(config, metrics) if config.proxy_protocol else None
         self.closed = trio.Event()
 
     async def serve(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]]
@@ -178,30 +180,40 @@ class LpdServer:
                           tls: bool = False) -> None:
         host, port = addr[0], addr[1]
         self.metrics.inbound_connections.inc()
-        self._per_host[host] += 1
         self._active += 1
         self._trimmer.opened(self._active)
         try:
             with sock:
-                admitted, refusal = self._admit(host, port)
-                if admitted and tls:
-                    assert self.tls is not None
-                    if (accepted := await self.tls.accept(sock, f"{host}:{port}")) is not None:
-                        stream, peer = accepted
-                        await Connection(self.context, sock, host, port, io=stream,
-                                         tls_peer=peer).run()
-                elif admitted:
-                    await Connection(self.context, sock, host, port).run()
-                elif refusal:
-                    await _refuse(sock, refusal)
+                if self.proxy is not None:   # the client behind a balancer (SPEC §9)
+                    if (source := await self.proxy.resolve(sock, host, port)) is None:
+                        return
+                    host, port = source
+                self._per_host[host] += 1
+                try:
+                    await self._serve(sock, host, port, tls)
+                finally:
+                    self._per_host[host] -= 1
+                    if not self._per_host[host]:
+                        del self._per_host[host]
         finally:
-            self._per_host[host] -= 1
-            if not self._per_host[host]:
-                del self._per_host[host]
             self.metrics.inbound_connections.dec()
             self._slots.release()
             self._active -= 1
             self._trimmer.closed(self._active)
+
+    async def _serve(self, sock: trio.socket.SocketType, host: str, port: int,
+                     tls: bool) -> None:
+        admitted, refusal = self._admit(host, port)
+        if admitted and tls:
+            assert self.tls is not None
+            if (accepted := await self.tls.accept(sock, f"{host}:{port}")) is not None:
+                stream, peer = accepted
+                await Connection(self.context, sock, host, port, io=stream,
+                                 tls_peer=peer).run()
+        elif admitted:
+            await Connection(self.context, sock, host, port).run()
+        elif refusal:
+            await _refuse(sock, refusal)
 
     def _admit(self, host: str, port: int) -> tuple[bool, bytes]:
         """Source checks made before a single byte of the job is read (SPEC §4.3).
