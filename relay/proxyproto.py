@@ -68,6 +68,11 @@ class HeaderReader:
         self._buf = bytearray()
         self.header: ProxyHeader | None = None
 
+    @property
+    def empty(self) -> bool:
+        """No byte fed yet."""
+        return not self._buf
+
     def wanted(self) -> int:
         """How many bytes to read next without reading beyond the header (0: done)."""
         buf = self._buf

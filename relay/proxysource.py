@@ -50,6 +50,10 @@ class ProxySource:
             with trio.fail_after(HEADER_SECONDS):
                 while (want := reader.wanted()) > 0:
                     data = await sock.recv(want)
+                    if not data and reader.empty:
+                        # A balancer's plain TCP health check: connect, close.
+                        log.event("debug", "connection_closed", peer=peer)
+                        return None
                     if not data:
                         raise ProxyProtocolError("closed before a complete PROXY header")
                     reader.feed(data)

@@ -80,6 +80,17 @@ def test_local_header_is_the_balancer_itself(tmp_path: Path) -> None:
         assert b"q" in exchange(relay.port, local + b"\x03q\n", replies=100)
 
 
+def test_a_health_check_connect_and_close_is_not_a_refusal(tmp_path: Path) -> None:
+    with DaemonThread(proxy_config(tmp_path)) as relay:
+        for data in (b"", b"PROXY"):       # a connect-and-close; then half a header
+            with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as s:
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+                assert s.recv(16) == b""
+        wait_for(lambda: relay.metric("lpdrelay_jobs_rejected_total", reason="malformed") == 1)
+        assert relay.metric("lpdrelay_jobs_rejected_total", reason="timeout") == 0
+
+
 def test_an_incomplete_header_is_dropped_after_five_seconds(tmp_path: Path) -> None:
     with DaemonThread(proxy_config(tmp_path)) as relay:
         started = time.monotonic()
