@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from relay import log
+from relay.errors import ConfigError
 from relay.fastio import FastSocket
 
 if TYPE_CHECKING:
@@ -242,12 +243,17 @@ class InboundTls:
     def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
         tls = config.tls
         assert tls is not None, "config requires [tls] with listen_tls"
-        self.context = server_context(tls.cert, tls.key, tls.client_ca)
+        try:
+            self.context = server_context(tls.cert, tls.key, tls.client_ca)
+            not_after = certificate_not_after(tls.cert)
+        except (OSError, ValueError) as exc:   # at start: a clear "cannot start" line
+            raise ConfigError("tls", f"cannot load the certificate, key or client_ca: {exc}",
+                              ) from exc
         self.peers = tls.peers
         self.mutual = tls.client_ca is not None
         self.timeout = config.command_timeout
         self.metrics = metrics
-        metrics.certificate_expires("server", certificate_not_after(tls.cert))
+        metrics.certificate_expires("server", not_after)
 
     async def accept(self, sock: trio.socket.SocketType, peer: str,
                      ) -> tuple[TlsStream, TlsPeer] | None:

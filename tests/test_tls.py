@@ -214,6 +214,18 @@ def test_config_needs_cert_and_key_and_peers_need_a_client_ca(tmp_path: Path) ->
     assert "tls.cert" in text and "tls.key" in text and "tls.client_ca" in text
 
 
+def test_missing_certificate_files_stop_the_start_with_the_key(tmp_path: Path,
+                                                               pki: Pki) -> None:
+    config = tls_relay_config(tmp_path, pki)
+    config["tls"]["cert"] = str(tmp_path / "absent.pem")
+    with pytest.raises(RuntimeError, match=r"tls: cannot load"):
+        DaemonThread(config).__enter__()
+    branch = relay_config(tmp_path / "b", queues={"q": {"destinations": [
+        f"lpds://127.0.0.1:1/q?ca={tmp_path / 'absent.pem'}"]}})
+    with pytest.raises(RuntimeError, match=r"lpds://.*cannot load"):
+        DaemonThread(branch).__enter__()
+
+
 def test_spool_record_without_tls_peer_still_decodes(tmp_path: Path) -> None:
     from relay.spoolformat import decode_job
     raw = orjson.dumps({"v": 1, "id": "000000000001", "queue": "q", "wire_queue": "q",

@@ -17,7 +17,7 @@ import ssl
 import trio
 
 from relay import client, tls
-from relay.errors import SinkUnavailable
+from relay.errors import ConfigError, SinkUnavailable
 from relay.metrics import Metrics
 from relay.sinks.base import SinkContext, register
 from relay.sinks.lpd import LpdSink
@@ -30,11 +30,15 @@ class LpdsSink(LpdSink):
     def __init__(self, destination: Destination, context: SinkContext) -> None:
         super().__init__(destination, context)
         d = destination
-        self.ssl_context = tls.client_context(d.tls_ca, d.tls_cert, d.tls_key)
+        try:
+            self.ssl_context = tls.client_context(d.tls_ca, d.tls_cert, d.tls_key)
+            not_after = tls.certificate_not_after(d.tls_cert) if d.tls_cert else None
+        except (OSError, ValueError) as exc:   # at start: a clear "cannot start" line
+            raise ConfigError(d.uri, f"cannot load ca=, cert= or key=: {exc}") from exc
         self.server_hostname = d.servername or d.host
         self.metrics = context.metrics if isinstance(context.metrics, Metrics) else None
-        if d.tls_cert and self.metrics is not None:
-            self.metrics.certificate_expires("client", tls.certificate_not_after(d.tls_cert))
+        if not_after is not None and self.metrics is not None:
+            self.metrics.certificate_expires("client", not_after)
 
     def describe(self) -> str:
         return super().describe().replace("LPD ", "LPD over TLS ", 1) + (
