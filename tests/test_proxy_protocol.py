@@ -65,6 +65,17 @@ def test_refusals(tmp_path: Path, data: bytes, source: str, reason: str) -> None
         assert not (tmp_path / "out").exists()
 
 
+def test_per_host_limit_counts_the_header_source(tmp_path: Path) -> None:
+    with DaemonThread(proxy_config(tmp_path, max_connections_per_host=1)) as relay, \
+            socket.create_connection(("127.0.0.1", relay.port), timeout=10) as held:
+        held.sendall(V1 + b"\x02q\n")
+        assert held.recv(1) == b"\0"          # 192.0.2.7's one connection, open
+        other = b"PROXY TCP4 192.0.2.8 127.0.0.1 40001 515\r\n"
+        assert exchange(relay.port, V1 + b"\x02q\n", replies=100).startswith(
+            b"\x02lpd-relay: too many connections")
+        assert exchange(relay.port, other + b"\x02q\n", replies=1) == b"\0"
+
+
 def test_untrusted_address_without_a_header_is_served_directly(tmp_path: Path) -> None:
     with DaemonThread(proxy_config(tmp_path)) as relay:
         assert exchange(relay.port, job_stream("q"), source="127.0.0.2") == b"\0" * 5
