@@ -218,11 +218,13 @@ class Metrics:
             self.tls_certificate_expiry_seconds.labels(role=role).set(math.nan)
         self._expiry: dict[str, float] = {}
 
-    def certificate_expires(self, role: str, not_after: float) -> None:
-        """Record a loaded certificate; the gauge keeps the earliest per role."""
+    def certificate_expires(self, role: str, not_after: float, *, replace: bool = False,
+                            ) -> None:
+        """Record a loaded certificate; the gauge keeps the earliest per role
+        (``replace``: this one instead, after a reload)."""
         if role not in ("server", "client"):
             raise ValueError(f"unknown certificate role {role!r}")
-        earliest = min(not_after, self._expiry.get(role, math.inf))
+        earliest = not_after if replace else min(not_after, self._expiry.get(role, math.inf))
         self._expiry[role] = earliest
         self.tls_certificate_expiry_seconds.labels(role=role).set(earliest)
 

@@ -34,7 +34,7 @@ from relay.errors import ConfigError
 from relay.fastio import FastSocket
 
 if TYPE_CHECKING:
-    from relay.config import ServerConfig
+    from relay.config import ServerConfig, TlsConfig
     from relay.metrics import Metrics
 
 __all__ = ["HANDSHAKE_REASONS", "InboundTls", "TlsPeer", "TlsStream", "certificate_not_after",
@@ -241,19 +241,25 @@ class InboundTls:
     """The TLS listeners' side: one context, the handshake, the peer's identity."""
 
     def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
-        tls = config.tls
-        assert tls is not None, "config requires [tls] with listen_tls"
+        assert config.tls is not None, "config requires [tls] with listen_tls"
+        self.timeout = config.command_timeout
+        self.metrics = metrics
+        self.reload(config.tls)
+
+    def reload(self, tls: TlsConfig) -> None:
+        """Re-read the certificate, key, CA and peers (SIGHUP); new handshakes use them.
+
+        Connections already open keep the context they were accepted with.
+        On a failure nothing changes and ``ConfigError`` says why.
+        """
         try:
-            self.context = server_context(tls.cert, tls.key, tls.client_ca)
+            context = server_context(tls.cert, tls.key, tls.client_ca)
             not_after = certificate_not_after(tls.cert)
         except (OSError, ValueError) as exc:   # at start: a clear "cannot start" line
             raise ConfigError("tls", f"cannot load the certificate, key or client_ca: {exc}",
                               ) from exc
-        self.peers = tls.peers
-        self.mutual = tls.client_ca is not None
-        self.timeout = config.command_timeout
-        self.metrics = metrics
-        metrics.certificate_expires("server", not_after)
+        self.context, self.peers, self.mutual = context, tls.peers, tls.client_ca is not None
+        self.metrics.certificate_expires("server", not_after, replace=True)
 
     async def accept(self, sock: trio.socket.SocketType, peer: str,
                      ) -> tuple[TlsStream, TlsPeer] | None:

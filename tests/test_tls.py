@@ -8,6 +8,7 @@ certificate, an unmapped certificate and a queue outside a peer's list.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import ssl
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 
 from relay import tls
 from relay.config import InvalidConfig, config_from_dict
+from relay.errors import ConfigError
 from tests.daemon import DaemonThread, relay_config
 from tests.lpdwire import Job
 from tests.test_server import delivered, wait_for
@@ -224,6 +226,31 @@ def test_missing_certificate_files_stop_the_start_with_the_key(tmp_path: Path,
         f"lpds://127.0.0.1:1/q?ca={tmp_path / 'absent.pem'}"]}})
     with pytest.raises(RuntimeError, match=r"lpds://.*cannot load"):
         DaemonThread(branch).__enter__()
+
+
+def test_reload_swaps_the_certificate_for_new_handshakes_only(tmp_path: Path,
+                                                              pki: Pki) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from relay.metrics import Metrics
+    config = config_from_dict(tls_relay_config(tmp_path, pki), "<test>")
+    assert config.server.tls is not None
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, queues=["q"], destinations=[])
+    inbound = tls.InboundTls(config.server, metrics)
+    old = inbound.context
+    name, role = "lpdrelay_tls_certificate_expiry_seconds", {"role": "server"}
+    assert registry.get_sample_value(name, role) == pki.not_after.timestamp()
+    later = make_pki(tmp_path / "later", days=90)   # another CA, a renewed certificate
+    renewed = dataclasses.replace(config.server.tls, cert=Path(later.path("server.pem")),
+                                  key=Path(later.path("server.key")), peers={})
+    inbound.reload(renewed)
+    assert inbound.context is not old and inbound.peers == {}
+    assert registry.get_sample_value(name, role) == later.not_after.timestamp()
+    broken = dataclasses.replace(renewed, cert=tmp_path / "absent.pem")
+    with pytest.raises(ConfigError, match="tls: cannot load"):
+        inbound.reload(broken)
+    assert inbound.peers == {} and inbound.context is not old   # unchanged
 
 
 def test_spool_record_without_tls_peer_still_decodes(tmp_path: Path) -> None:

@@ -35,13 +35,13 @@ class Pki:
         return ctx
 
 
-def make_pki(folder: Path) -> Pki:
+def make_pki(folder: Path, days: int = 30) -> Pki:
     folder.mkdir(parents=True, exist_ok=True)
     ca, rogue = trustme.CA(), trustme.CA()
     ca.cert_pem.write_to_path(str(folder / "ca.pem"))
     rogue.cert_pem.write_to_path(str(folder / "rogue-ca.pem"))
     now = datetime.datetime.now(datetime.UTC)
-    not_after = (now + datetime.timedelta(days=30)).replace(microsecond=0)
+    not_after = (now + datetime.timedelta(days=days)).replace(microsecond=0)
     certs = {
         "server": ca.issue_cert("127.0.0.1", "localhost", not_after=not_after),
         "branch-7": ca.issue_cert("branch-7.example.org"),
