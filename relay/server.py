@@ -33,7 +33,7 @@ from relay.metrics import Metrics
 from relay.proxysource import ProxySource
 from relay.queues import QueueRouter, hot_folder_names
 from relay.spool import Spool
-from relay.tls import InboundTls
+from relay.tls import InboundTls, TlsStream
 
 __all__ = ["Delivery", "LpdServer", "open_listener"]
 
@@ -204,15 +204,21 @@ class LpdServer:
     async def _serve(self, sock: trio.socket.SocketType, host: str, port: int,
                      tls: bool) -> None:
         admitted, refusal = self._admit(host, port)
-        if admitted and tls:
+        if tls and (admitted or refusal):
+            # A refusal with words (reserved port, per-host limit) is said
+            # inside TLS: a TLS client could not read it in the clear.
             assert self.tls is not None
-            if (accepted := await self.tls.accept(sock, f"{host}:{port}")) is not None:
-                stream, peer = accepted
+            if (accepted := await self.tls.accept(sock, f"{host}:{port}")) is None:
+                return
+            stream, peer = accepted
+            if admitted:
                 await Connection(self.context, sock, host, port, io=stream,
                                  tls_peer=peer).run()
-        elif admitted:
+            else:
+                await _refuse(sock, refusal, io=stream)
+        elif admitted and not tls:
             await Connection(self.context, sock, host, port).run()
-        elif refusal:
+        elif refusal and not tls:
             await _refuse(sock, refusal)
 
     def _admit(self, host: str, port: int) -> tuple[bool, bytes]:
@@ -237,17 +243,22 @@ class LpdServer:
         return True, b""
 
 
-async def _refuse(sock: trio.socket.SocketType, message: bytes, seconds: float = 1.0) -> None:
-    """Say why, then close without reading the job.
+async def _refuse(sock: trio.socket.SocketType, message: bytes, seconds: float = 1.0,
+                  *, io: TlsStream | None = None) -> None:
+    """Say why, then close without reading the job (``io``: inside TLS).
 
     Half-close and drain briefly first: closing a socket with unread input
     sends a reset, and the reset can overtake the message we just wrote.
     """
     with trio.move_on_after(seconds):
         try:
-            await sock.send(message)
+            if io is not None:
+                await io.send_all(message)
+            else:
+                await sock.send(message)
             sock.shutdown(pysocket.SHUT_WR)
-            while await sock.recv(4096):
+            buf = bytearray(4096)
+            while await (io.recv_into(buf) if io is not None else sock.recv_into(buf)):
                 pass
         except OSError:
             pass

@@ -124,6 +124,18 @@ def test_peer_outside_its_queues_gets_0x01_and_a_line(tmp_path: Path, pki: Pki, 
         assert relay.metric("lpdrelay_jobs_rejected_total", reason="acl") == 1
 
 
+def test_per_host_limit_is_said_inside_tls(tmp_path: Path, pki: Pki) -> None:
+    config = tls_relay_config(tmp_path, pki)
+    config["server"]["max_connections_per_host"] = 1
+    with DaemonThread(config) as relay, \
+            socket.create_connection(("127.0.0.1", tls_port(relay)), timeout=10) as raw, \
+            pki.client_context().wrap_socket(raw, server_hostname="localhost") as held:
+        held.sendall(b"\x02ward3\n")
+        assert held.recv(1) == b"\0"
+        got = tls_exchange(tls_port(relay), pki.client_context(), b"\x02ward3\n", replies=100)
+        assert got.startswith(b"\x02lpd-relay: too many connections"), got
+
+
 def test_lpq_of_a_mapped_queue_answers(tmp_path: Path, pki: Pki) -> None:
     with DaemonThread(tls_relay_config(tmp_path, pki)) as relay:
         got = tls_exchange(tls_port(relay), pki.client_context(), b"\x03ward3\n", replies=1000)
