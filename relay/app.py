@@ -54,7 +54,8 @@ class Bound:
 
 def _origin_pools(config: Config, metrics: Metrics) -> PoolSet | None:
     """One pool per port range used by the lpd:// destinations; privilege checked now."""
-    lpd = [d for q in config.queues.values() for d in q.destinations if d.scheme == "lpd"]
+    lpd = [d for q in config.queues.values() for d in q.destinations
+           if d.scheme in ("lpd", "lpds")]
     if not lpd:
         return None
     op = config.origin_ports
@@ -124,7 +125,7 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
                                     for d in q.destinations])
     # Privilege for reserved source ports is checked before anything else
     # starts, so a misconfigured relay fails at once with a clear error (SPEC §5).
-    context = SinkContext(origin_ports=_origin_pools(config, metrics))
+    context = SinkContext(origin_ports=_origin_pools(config, metrics), metrics=metrics)
     spool = Spool(config.server.spool_dir, fsync=config.server.fsync,
                   min_free_disk=config.server.min_free_disk)
     recovery = spool.recover()
@@ -207,7 +208,9 @@ def partial_http(config: Config, registry: CollectorRegistry,
 def _banner(config: Config, lpd: list[tuple[str, int]], mbound: tuple[str, int] | None,
             scheduler: Scheduler, recovery: Recovery) -> tuple[str, ...]:
     lines = [f"lpd-relay {__version__} ({config.source})"]
-    lines += [f"listening for LPD on {format_hostport(h, p)}" for h, p in lpd]
+    plain = len(config.server.listen)   # then the listen_tls addresses (SPEC §9)
+    lines += [f"listening for LPD{' over TLS' if i >= plain else ''} on {format_hostport(h, p)}"
+              for i, (h, p) in enumerate(lpd)]
     for name, runner in scheduler.runners.items():
         for sink in runner.sinks:
             label = "any queue" if name == "*" else f"queue {name}"

@@ -37,6 +37,7 @@ from relay.errors import (
 )
 from relay.fastio import FastSocket
 from relay.sinks.base import open_spool_file, stream_file
+from relay.tls import TlsStream
 
 # The steps a reply answers (``SinkError.step``): the 0x02 command itself,
 # then each file's header and its end.  Probe tells a refused 0x02 from a
@@ -88,7 +89,7 @@ class Channel:
     def __init__(self, sock: trio.socket.SocketType, *, timeout: float, peer: str,
                  closer: Callable[[bool], Awaitable[None]] | None = None) -> None:
         self.sock = sock
-        self.io = FastSocket(sock)
+        self.io: FastSocket | TlsStream = FastSocket(sock)   # lpds://: a TlsStream
         self.timeout = timeout
         self.peer = peer
         self._closer = closer
@@ -127,11 +128,26 @@ class Channel:
         """Zero-copy ``sendfile`` of a spool file; the deadline restarts on progress."""
         fd = open_spool_file(path)
         try:
-            sent = await stream_file(self.sock.fileno(), fd, idle_timeout=self.timeout)
+            if isinstance(self.io, FastSocket):
+                sent = await stream_file(self.sock.fileno(), fd, idle_timeout=self.timeout)
+            else:
+                sent = await self._send_through(fd)
         finally:
             os.close(fd)
         if sent != size:
             raise SinkRejected(f"spool file {path} has {sent} bytes, expected {size}")
+
+    async def _send_through(self, fd: int) -> int:
+        # Over TLS the bytes must pass through the TLS layer: no sendfile; one
+        # reused buffer, the deadline pushed back at every chunk.
+        buf = bytearray(256 * 1024)
+        view = memoryview(buf)
+        sent = 0
+        while n := os.preadv(fd, [buf], sent):
+            with self._step():
+                await self.io.send_all(view[:n])
+            sent += n
+        return sent
 
     async def reply(self, step: str) -> _core.Reply:
         parser = self._replies

@@ -66,8 +66,9 @@ from relay.uri import Destination, format_hostport, parse_hostport
 
 __all__ = [
     "CATCH_ALL", "Config", "InvalidConfig", "Listen", "LogConfig", "MetricsConfig", "Network",
-    "OriginPortsConfig", "QueueConfig", "RetryConfig", "ServerConfig", "choose_default_port",
-    "config_from_dict", "config_from_toml", "embedded_default", "load_config",
+    "OriginPortsConfig", "QueueConfig", "RetryConfig", "ServerConfig", "TlsConfig",
+    "choose_default_port", "config_from_dict", "config_from_toml", "embedded_default",
+    "load_config",
 ]
 
 
@@ -149,6 +150,20 @@ class ServerConfig:
     command_timeout: float
     min_transfer_rate: int
     max_catch_all_queues: int
+    listen_tls: tuple[Listen, ...] = ()
+    tls: TlsConfig | None = None           # the [tls] section when listen_tls is set
+    proxy_protocol: bool = False           # SPEC §9: PROXY headers from proxy_trusted
+    proxy_trusted: tuple[Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsConfig:
+    """``[tls]``: the listeners' certificate, the client CA, queues per peer (SPEC §9)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None                 # None: no client certificate asked for
+    peers: Mapping[str, frozenset[str]]    # certificate name -> queues ("*" = any)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -189,6 +204,10 @@ def _listen(value: object) -> Listen:
     return Listen(host=host, port=port)
 
 
+def _file(value: object) -> str:
+    return to_string(value, "a file path")
+
+
 def _metrics_listen(value: object) -> Listen | None:
     return None if value == "" else _listen(value)
 
@@ -212,6 +231,15 @@ _SERVER: Schema = {
     "command_timeout": (to_positive_duration, "30s"),   # lpd-relay extension
     "min_transfer_rate": (to_size, "1KiB"),             # per second; lpd-relay extension
     "max_catch_all_queues": (to_count, 1000),           # lpd-relay extension
+    "listen_tls": (list_of(_listen, '"host:port" addresses', lone=True), []),  # SPEC §9
+    "proxy_protocol": (to_bool, False),                                         # SPEC §9
+    "proxy_trusted": (list_of(to_network, "networks"), []),                     # SPEC §9
+}
+_TLS: Schema = {
+    "cert": (_file, ""),
+    "key": (_file, ""),
+    "client_ca": (_file, ""),
+    "peers": (to_table, {}),
 }
 _METRICS: Schema = {"listen": (_metrics_listen, "127.0.0.1:9515")}
 _LOG: Schema = {
@@ -262,7 +290,7 @@ _BOUNDS: dict[str, Bounds] = {
 
 _SECTIONS: dict[str, Schema] = {
     "server": _SERVER, "metrics": _METRICS, "log": _LOG,
-    "origin_ports": _ORIGIN_PORTS, "retry": _RETRY, "queues": {},
+    "origin_ports": _ORIGIN_PORTS, "retry": _RETRY, "tls": _TLS, "queues": {},
 }
 
 
@@ -307,6 +335,29 @@ def _check_unique(names: Mapping[str, tuple[str, ...]], case_insensitive: bool,
                 problems.append((path, f"{name!r} is already used by queue {other!r}{note}"))
 
 
+def _tls(values: Mapping[str, Any], wanted: bool, base: Path,
+         problems: list[tuple[str, str]]) -> TlsConfig | None:
+    """The [tls] record; cert and key are needed once ``server.listen_tls`` is set."""
+    if not wanted:
+        return None
+    for key in ("cert", "key"):
+        if values.get(key) == "":
+            problems.append((f"tls.{key}", "missing; server.listen_tls needs a PEM file"))
+    peers: dict[str, frozenset[str]] = {}
+    for name, queues in values.get("peers", {}).items():
+        if not (isinstance(queues, list) and queues and all(isinstance(q, str) for q in queues)):
+            problems.append((key_path("tls.peers", name),
+                             f'expected an array of queue names or ["*"], got {show(queues)}'))
+            continue
+        peers[name] = frozenset(q.casefold() for q in queues)
+    if peers and not values.get("client_ca"):
+        problems.append(("tls.peers", "needs tls.client_ca: peers are named by their "
+                                      "client certificates"))
+    ca = values.get("client_ca", "")
+    return TlsConfig(cert=base / values.get("cert", ""), key=base / values.get("key", ""),
+                     client_ca=base / ca if ca else None, peers=MappingProxyType(peers))
+
+
 def config_from_dict(data: Mapping[str, object], source: str,
                      *, base_dir: str | os.PathLike[str] | None = None) -> Config:
     """Validate parsed TOML data; raise ``InvalidConfig`` listing every problem.
@@ -322,10 +373,15 @@ def config_from_dict(data: Mapping[str, object], source: str,
                 for name, schema in _SECTIONS.items() if name != "queues"}
     queues, names = _queues(data.get("queues", {}), sections["retry"], problems)
     _check_unique(names, sections["server"].get("queue_names") != "exact", problems)
+    base = Path(base_dir or Path.cwd())
+    tls = _tls(sections["tls"], bool(sections["server"].get("listen_tls")), base, problems)
+    if sections["server"].get("proxy_protocol") and not sections["server"].get("proxy_trusted"):
+        problems.append(("server.proxy_trusted", "missing; proxy_protocol needs the "
+                                                 "balancers' networks"))
     if problems:
         raise InvalidConfig(problems)
-    server = dict(sections["server"])
-    server["spool_dir"] = Path(base_dir or Path.cwd()).joinpath(server["spool_dir"]).absolute()
+    server = dict(sections["server"], tls=tls)
+    server["spool_dir"] = base.joinpath(server["spool_dir"]).absolute()
     low, high = sections["origin_ports"].pop("range")
     raw_ports = data.get("origin_ports", {})
     range_text = str(raw_ports.get("range", "721-731")) if isinstance(raw_ports, dict) \

@@ -36,6 +36,7 @@ from relay.fastio import FastSocket
 from relay.jobassembly import JobAssembly
 from relay.queues import sanitize_name
 from relay.spool import MAX_FILES_PER_JOB, DataWriter, IncomingJob, JobMeta
+from relay.tls import TlsPeer, TlsStream
 
 __all__ = ["Connection", "ConnectionContext", "Delivery", "PeerGone"]
 
@@ -56,11 +57,13 @@ class Connection:
     """One inbound connection: event dispatch and job assembly."""
 
     def __init__(self, ctx: ConnectionContext, sock: trio.socket.SocketType,
-                 host: str, port: int) -> None:
+                 host: str, port: int, *, io: FastSocket | TlsStream | None = None,
+                 tls_peer: TlsPeer | None = None) -> None:
         cfg = ctx.config
         self.ctx = ctx
         self.sock = sock
-        self.io = FastSocket(sock)
+        self.io = io or FastSocket(sock)    # a TLS listener's connection: TlsStream
+        self.tls_peer = tls_peer            # who the client certificate says (SPEC §9)
         self.host, self.port = host, port
         self.peer = f"{host}:{port}"
         self.parser = _core.ServerParser(max_line=1024, max_control=cfg.max_control_size,
@@ -200,7 +203,7 @@ class Connection:
         try:
             with trio.move_on_after(REFUSAL_DRAIN_SECONDS):
                 await self.io.send_all(bytes([code]) + b"lpd-relay: " + line + b"\n")
-                self.sock.shutdown(pysocket.SHUT_WR)
+                self.sock.shutdown(pysocket.SHUT_WR)  # over TLS too: a FIN ends the data
                 drained = 0
                 while drained < REFUSAL_DRAIN_BYTES and (n := await self.io.recv_into(buf)):
                     drained += n
@@ -266,6 +269,7 @@ class Connection:
     async def on_receive_job(self, ev: _core.ReceiveJob) -> None:
         if self.queue is None:
             queue = self.ctx.router.route(ev.queue, new_job=True)
+            self._check_tls_peer(queue.name, ev.queue)
             self.ctx.spool.check_space()
             self.queue, self.wire_queue = queue.name, ev.queue
         await self._send(b"\x00")
@@ -277,6 +281,8 @@ class Connection:
                 self._retry_leftovers()
             incoming = self.ctx.spool.begin(queue=self.queue, wire_queue=self.wire_queue,
                                             peer=self.peer)
+            if self.tls_peer is not None and self.tls_peer.name:
+                incoming.set_tls_peer(self.tls_peer.name)
             self.job = JobAssembly(incoming)
         return self.job
 
@@ -355,7 +361,8 @@ class Connection:
             self.job = None
             meta = await self._commit(job)
             log.event("debug", "job_received", job=meta.id, queue=meta.queue, peer=self.peer,
-                      user=meta.user, bytes=meta.total_bytes, files=len(meta.files))
+                      user=meta.user, bytes=meta.total_bytes, files=len(meta.files),
+                      **({"tls_peer": meta.tls_peer} if meta.tls_peer else {}))
         await self._send(b"\x00")
 
     async def _commit(self, job: JobAssembly, *, hold: str = "") -> JobMeta:
@@ -397,7 +404,26 @@ class Connection:
     async def on_command(self, ev: _core.Command) -> None:
         self.closing = True
         self.wire_queue = ev.queue
+        if self.tls_peer is not None:
+            try:
+                self._check_tls_peer(self.ctx.router.route(ev.queue).name, ev.queue)
+            except ProtocolError as exc:
+                if exc.reason == "acl":
+                    self._reject("acl", str(exc), partial=False)
+                    await self._send(b"\x01lpd-relay: " + str(exc).encode("ascii", "replace")
+                                     + b"\n")
+                    return
         await self._send(commands.answer(self.ctx, ev, self.host, self.port))
+
+    def _check_tls_peer(self, queue: str, wire_queue: str) -> None:
+        """[tls.peers]: a TLS client uses only the queues its certificate is mapped to."""
+        peer = self.tls_peer
+        if peer is None or peer.permits(queue, wire_queue):
+            return
+        who = sanitize_name(peer.name) or "a certificate without a name"
+        why = "is not mapped in tls.peers" if not peer.mapped else (
+            f"may not use queue {sanitize_name(wire_queue)}")
+        raise ProtocolError(f"TLS peer {who} {why}", reply=0x01, reason="acl")
 
 
 # Event type -> handler, kept on the class rather than as bound methods on

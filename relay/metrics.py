@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from relay.errors import REJECT_REASONS, RETRY_REASONS
+from relay.tls import HANDSHAKE_REASONS
 
 # The label value for every queue or destination name that is not configured.
 # Wire data (queue names typed by any client) must never mint new series.
@@ -76,6 +77,7 @@ class Metrics:
         self._create_delivery(registry)
         self._create_spool(registry)
         self._create_connections(registry)
+        self._create_tls(registry)
         self._precreate(routes)
 
     def queue_label(self, name: str) -> str:
@@ -196,6 +198,35 @@ class Metrics:
         self.spool_free_bytes = Gauge(
             "lpdrelay_spool_free_bytes",
             "Bytes free for the relay on the spool's file system.", registry=r)
+
+    def _create_tls(self, r: CollectorRegistry) -> None:
+        # Expiry as a timestamp (as blackbox_exporter's probe_ssl_earliest_cert_expiry);
+        # NaN until a certificate of that role is loaded, so a relay without
+        # TLS never looks like one whose certificate expired (NaN < x is false).
+        self.tls_certificate_expiry_seconds = Gauge(
+            "lpdrelay_tls_certificate_expiry_seconds",
+            "Epoch seconds when the earliest certificate of this role expires "
+            "(server: the TLS listeners'; client: an lpds:// destination's).",
+            ["role"], registry=r)
+        self.tls_handshake_failures_total = Counter(
+            "lpdrelay_tls_handshake_failures_total",
+            "TLS handshakes that failed, inbound and outbound, by reason.",
+            ["reason"], registry=r)
+        for reason in HANDSHAKE_REASONS:
+            self.tls_handshake_failures_total.labels(reason=reason)
+        for role in ("server", "client"):
+            self.tls_certificate_expiry_seconds.labels(role=role).set(math.nan)
+        self._expiry: dict[str, float] = {}
+
+    def certificate_expires(self, role: str, not_after: float, *, replace: bool = False,
+                            ) -> None:
+        """Record a loaded certificate; the gauge keeps the earliest per role
+        (``replace``: this one instead, after a reload)."""
+        if role not in ("server", "client"):
+            raise ValueError(f"unknown certificate role {role!r}")
+        earliest = not_after if replace else min(not_after, self._expiry.get(role, math.inf))
+        self._expiry[role] = earliest
+        self.tls_certificate_expiry_seconds.labels(role=role).set(earliest)
 
     def _create_connections(self, r: CollectorRegistry) -> None:
         self.inbound_connections = Gauge(

@@ -30,8 +30,10 @@ from relay.connection import Connection
 from relay.context import ConnectionContext, Delivery
 from relay.errors import REPLY_RETRY_LATER, BindError
 from relay.metrics import Metrics
+from relay.proxysource import ProxySource
 from relay.queues import QueueRouter, hot_folder_names
 from relay.spool import Spool
+from relay.tls import InboundTls, TlsStream
 
 __all__ = ["Delivery", "LpdServer", "open_listener"]
 
@@ -88,6 +90,8 @@ class LpdServer:
         self._per_host: Counter[str] = Counter()
         self._accepting: trio.CancelScope | None = None
         self.listeners: list[trio.socket.SocketType] = []
+        self.tls = InboundTls(config, metrics) if config.listen_tls else None
+        self.proxy = ProxySource(config, metrics) if config.proxy_protocol else None
         self.closed = trio.Event()
 
     async def serve(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]]
@@ -96,12 +100,16 @@ class LpdServer:
         self._seed_catch_all()
         self.listeners = [open_listener(listen, key=f"server.listen[{i}]")
                           for i, listen in enumerate(self.config.listen)]
+        plain = len(self.listeners)
+        self.listeners += [open_listener(listen, key=f"server.listen_tls[{i}]")
+                           for i, listen in enumerate(self.config.listen_tls)]
         try:
             async with trio.open_nursery() as connections:
                 with trio.CancelScope() as self._accepting:
                     async with trio.open_nursery() as accepts:
-                        for lsock in self.listeners:
-                            accepts.start_soon(self._accept_loop, lsock, connections)
+                        for i, lsock in enumerate(self.listeners):
+                            accepts.start_soon(self._accept_loop, lsock, connections,
+                                               i >= plain)
                         task_status.started([lsock.getsockname()[:2] for lsock in self.listeners])
                 self._close_listeners()
                 connections.cancel_scope.deadline = (
@@ -128,7 +136,7 @@ class LpdServer:
             lsock.close()
 
     async def _accept_loop(self, lsock: trio.socket.SocketType,
-                           nursery: trio.Nursery) -> None:
+                           nursery: trio.Nursery, tls: bool = False) -> None:
         while True:
             try:
                 sock, addr = await lsock.accept()
@@ -153,7 +161,7 @@ class LpdServer:
                     raise
                 nursery.start_soon(self._busy, sock, addr)
                 continue
-            nursery.start_soon(self._connection, sock, addr)
+            nursery.start_soon(self._connection, sock, addr, tls)
 
     async def _busy(self, sock: trio.socket.SocketType, addr: tuple[str, int]) -> None:
         try:
@@ -168,27 +176,50 @@ class LpdServer:
         finally:
             self._refusals.release()
 
-    async def _connection(self, sock: trio.socket.SocketType, addr: tuple[str, int]) -> None:
+    async def _connection(self, sock: trio.socket.SocketType, addr: tuple[str, int],
+                          tls: bool = False) -> None:
         host, port = addr[0], addr[1]
         self.metrics.inbound_connections.inc()
-        self._per_host[host] += 1
         self._active += 1
         self._trimmer.opened(self._active)
         try:
             with sock:
-                admitted, refusal = self._admit(host, port)
-                if admitted:
-                    await Connection(self.context, sock, host, port).run()
-                elif refusal:
-                    await _refuse(sock, refusal)
+                if self.proxy is not None:   # the client behind a balancer (SPEC §9)
+                    if (source := await self.proxy.resolve(sock, host, port)) is None:
+                        return
+                    host, port = source
+                self._per_host[host] += 1
+                try:
+                    await self._serve(sock, host, port, tls)
+                finally:
+                    self._per_host[host] -= 1
+                    if not self._per_host[host]:
+                        del self._per_host[host]
         finally:
-            self._per_host[host] -= 1
-            if not self._per_host[host]:
-                del self._per_host[host]
             self.metrics.inbound_connections.dec()
             self._slots.release()
             self._active -= 1
             self._trimmer.closed(self._active)
+
+    async def _serve(self, sock: trio.socket.SocketType, host: str, port: int,
+                     tls: bool) -> None:
+        admitted, refusal = self._admit(host, port)
+        if tls and (admitted or refusal):
+            # A refusal with words (reserved port, per-host limit) is said
+            # inside TLS: a TLS client could not read it in the clear.
+            assert self.tls is not None
+            if (accepted := await self.tls.accept(sock, f"{host}:{port}")) is None:
+                return
+            stream, peer = accepted
+            if admitted:
+                await Connection(self.context, sock, host, port, io=stream,
+                                 tls_peer=peer).run()
+            else:
+                await _refuse(sock, refusal, io=stream)
+        elif admitted and not tls:
+            await Connection(self.context, sock, host, port).run()
+        elif refusal and not tls:
+            await _refuse(sock, refusal)
 
     def _admit(self, host: str, port: int) -> tuple[bool, bytes]:
         """Source checks made before a single byte of the job is read (SPEC §4.3).
@@ -212,17 +243,22 @@ class LpdServer:
         return True, b""
 
 
-async def _refuse(sock: trio.socket.SocketType, message: bytes, seconds: float = 1.0) -> None:
-    """Say why, then close without reading the job.
+async def _refuse(sock: trio.socket.SocketType, message: bytes, seconds: float = 1.0,
+                  *, io: TlsStream | None = None) -> None:
+    """Say why, then close without reading the job (``io``: inside TLS).
 
     Half-close and drain briefly first: closing a socket with unread input
     sends a reset, and the reset can overtake the message we just wrote.
     """
     with trio.move_on_after(seconds):
         try:
-            await sock.send(message)
+            if io is not None:
+                await io.send_all(message)
+            else:
+                await sock.send(message)
             sock.shutdown(pysocket.SHUT_WR)
-            while await sock.recv(4096):
+            buf = bytearray(4096)
+            while await (io.recv_into(buf) if io is not None else sock.recv_into(buf)):
                 pass
         except OSError:
             pass

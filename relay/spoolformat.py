@@ -53,6 +53,7 @@ class JobMeta:
     job_name: str
     files: tuple[FileMeta, ...]
     control_bytes: int = 0
+    tls_peer: str = ""       # the sender's mapped client-certificate name (SPEC §9)
     # delivery state (from <id>.state; defaults when absent)
     state: str = "queued"    # "queued" | "held"
     attempts: int = 0
@@ -119,7 +120,8 @@ def encode_job(meta: JobMeta) -> bytes:
         "v": 1, "id": meta.id, "queue": meta.queue, "wire_queue": meta.wire_queue,
         "peer": meta.peer, "received": meta.received, "control_name": meta.control_name,
         "control_bytes": meta.control_bytes, "number": meta.number, "user": meta.user,
-        "host": meta.host, "title": meta.title, "job_name": meta.job_name, "files": files})
+        "host": meta.host, "title": meta.title, "job_name": meta.job_name, "files": files,
+        **({"tls_peer": meta.tls_peer} if meta.tls_peer else {})})
 
 
 def _field(d: Mapping[str, Any], key: str, kind: type) -> Any:
@@ -148,6 +150,8 @@ def decode_job(raw: bytes, job_id: str, jobs_dir: str) -> JobMeta:
         raise ValueError("received: expected a number")
     s = {k: _field(d, k, str) for k in ("queue", "wire_queue", "peer", "control_name",
                                         "number", "user", "host", "title", "job_name")}
+    if "tls_peer" in d:   # optional: records written before SPEC §9 have none
+        s["tls_peer"] = _field(d, "tls_peer", str)
     return JobMeta(id=job_id, received=float(received), files=tuple(files),
                    control_path=os.path.join(jobs_dir, f"{job_id}.cf"),
                    control_bytes=_field(d, "control_bytes", int), **s)

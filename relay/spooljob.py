@@ -132,6 +132,10 @@ class IncomingJob:
                          "title": json_text(title), "job_name": json_text(job_name)}
         self._formats = {json_text(k): json_text(v) for k, v in formats.items()}
 
+    def set_tls_peer(self, name: str) -> None:
+        """The client certificate's mapped name (SPEC §9), kept as ``tls_peer``."""
+        self._fields["tls_peer"] = json_text(name)
+
     def open_data(self, name: str) -> DataWriter:
         """Start a data file; ``name`` is the wire name, kept only as metadata."""
         self._check_open()

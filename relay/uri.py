@@ -40,7 +40,7 @@ from relay.units import parse_duration
 __all__ = ["DEFAULT_PORTS", "SCHEMES", "Destination", "group_label", "parse_destination",
            "parse_hostport"]
 
-SCHEMES = ("lpd", "socket", "usb", "cmd", "dir")
+SCHEMES = ("lpd", "lpds", "socket", "usb", "cmd", "dir")
 DEFAULT_PORTS = {"lpd": 515, "socket": 9100}
 
 _FORMS = ("lpd://host[:port]/queue, socket://host[:port], usb:///dev/..., "
@@ -73,6 +73,10 @@ class Destination:
     serial: str = ""              # usb://Make/Model?serial=: IEEE 1284 SN; "" = any
     file_mode: int = 0o640        # dir: mode of the files (folders: x added where r is)
     group: int | None = None      # dir: gid given to files and folders; None = the daemon's
+    tls_ca: str = ""              # lpds: PEM CA file the server is verified against
+    tls_cert: str = ""            # lpds: PEM client certificate (mutual TLS)
+    tls_key: str = ""             # lpds: its key ("" = in the cert file)
+    servername: str = ""          # lpds: name to verify and send as SNI ("" = host)
 
     @property
     def name(self) -> str:
@@ -193,8 +197,9 @@ def group_label(gid: int) -> str:
 # socket:// takes timeout too: a printer that never closes after the data
 # must not hold its queue forever.
 _Row = tuple[frozenset[str], str, Callable[[str], Any]]
-_LPD = frozenset({"lpd"})
-_NET = frozenset({"lpd", "socket"})
+_LPD = frozenset({"lpd", "lpds"})   # lpds:// takes every lpd:// option (SPEC §9)
+_LPDS = frozenset({"lpds"})
+_NET = _LPD | {"socket"}
 _OPTIONS: dict[str, tuple[_Row, ...]] = {
     "mode": ((_LPD, "mode", _MODE),
              (frozenset({"dir"}), "file_mode", _file_mode)),
@@ -210,6 +215,10 @@ _OPTIONS: dict[str, tuple[_Row, ...]] = {
     "waiteof": ((frozenset({"socket"}), "waiteof", _switch),),
     "serial": ((frozenset({"usb"}), "serial", _serial),),
     "group": ((frozenset({"dir"}), "group", _group),),
+    "ca": ((_LPDS, "tls_ca", str),),
+    "cert": ((_LPDS, "tls_cert", str),),
+    "key": ((_LPDS, "tls_key", str),),
+    "servername": ((_LPDS, "servername", str),),
 }
 
 _HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})")
@@ -247,12 +256,15 @@ def parse_destination(uri: str) -> Destination:
         if path:
             raise ValueError(f"{uri!r}: socket:// takes no path, expected {_example(scheme)}")
         return Destination(uri=uri, scheme=scheme, **fields)
-    return Destination(uri=uri, scheme=scheme, path=_queue(uri, slash + path), **fields)
+    queue = _queue(uri, slash + path, scheme)
+    return Destination(uri=uri, scheme=scheme, path=queue, **fields)
 
 
 def _example(scheme: str) -> str:
     return {
         "lpd": "lpd://host[:port]/queue, e.g. lpd://laptop.vpn/Ward3?mode=count",
+        "lpds": "lpds://host:port/queue?ca=PATH, e.g. lpds://central.example.org:6515/ward3"
+                "?ca=/etc/lpd-relay/ca.pem",
         "socket": "socket://host[:port], e.g. socket://10.1.2.3:9100",
         "usb": "usb:///dev/usb/lp0 (three slashes, then the absolute device path) or "
                "usb://Make/Model?serial=...",
@@ -300,7 +312,8 @@ def _authority(uri: str, scheme: str, authority: str) -> tuple[str, int]:
     if "@" in authority:
         raise ValueError(f"{uri!r}: user information ('user@') is not supported")
     try:
-        return parse_hostport(authority, default_port=DEFAULT_PORTS[scheme])
+        # lpds:// has no registered port: it must be written (docs/tls.md).
+        return parse_hostport(authority, default_port=DEFAULT_PORTS.get(scheme))
     except ValueError as exc:
         raise ValueError(f"{uri!r}: {exc}, expected {_example(scheme)}") from None
 
@@ -348,12 +361,12 @@ def parse_hostport(text: str, *, default_port: int | None = None,
     return host, int(port_text)
 
 
-def _queue(uri: str, path: str) -> str:
+def _queue(uri: str, path: str, scheme: str = "lpd") -> str:
     # The queue travels in an RFC 1179 command line ("02queue LF", operands
     # separated by spaces), so whitespace or control characters would break it.
     queue = unquote(path[1:]) if path.startswith("/") else ""
     if not queue:
-        raise ValueError(f"{uri!r}: missing queue name, expected {_example('lpd')}")
+        raise ValueError(f"{uri!r}: missing queue name, expected {_example(scheme)}")
     if not queue.isprintable() or any(ch.isspace() for ch in queue):
         raise ValueError(f"{uri!r}: queue name {queue!r} contains spaces or control characters")
     return queue
@@ -387,5 +400,8 @@ def _row(uri: str, scheme: str, key: str) -> tuple[str, Callable[[str], Any]]:
     for schemes, field, convert in rows:
         if scheme in schemes:
             return field, convert
-    where = " and ".join(f"{s}://" for s in sorted(set().union(*(r[0] for r in rows))))
+    takers: set[str] = set().union(*(r[0] for r in rows))
+    if "lpd" in takers:   # every lpd:// option is an lpds:// one: name lpd:// only
+        takers.discard("lpds")
+    where = " and ".join(f"{s}://" for s in sorted(takers))
     raise ValueError(f"{uri!r}: option {key!r} is only valid for {where} destinations")

@@ -2,7 +2,8 @@
 # Install the real LPD peers the test suite talks to (Debian/Ubuntu).
 #
 # Packages: lprng (lpd lpr lpq lprm checkpc), rlpr, p910nd, prometheus
-# (promtool + server), socat, nftables. Only the missing ones are installed,
+# (promtool + server), socat, nftables, stunnel4 (TLS in front of LPRng),
+# haproxy (PROXY protocol). Only the missing ones are installed,
 # with --no-install-recommends and a temporary policy-rc.d so that no system
 # service starts; --no-remove makes apt abort rather than remove a conflicting
 # package (lprng conflicts with lpr and cups-bsd). A pre-existing policy-rc.d
@@ -13,7 +14,7 @@
 # Quick and idempotent when everything is present (dpkg-query only).
 set -u
 
-PACKAGES=(lprng rlpr p910nd prometheus socat nftables)
+PACKAGES=(lprng rlpr p910nd prometheus socat nftables stunnel4 haproxy)
 declare -A COMMANDS=(
     [lprng]="lpd lpr lpq lprm checkpc"
     [rlpr]="rlpr"
@@ -21,6 +22,8 @@ declare -A COMMANDS=(
     [prometheus]="promtool prometheus"
     [socat]="socat"
     [nftables]="nft"
+    [stunnel4]="stunnel4"
+    [haproxy]="haproxy"
 )
 POLICY=/usr/sbin/policy-rc.d
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"

@@ -324,7 +324,7 @@ def test_invalid_queues(tmp_path: Path, toml: str, path: str, fragment: str) -> 
      "did you mean 'concurrency'?"),
     ("[queues.q2]\ndestinations = ['socket://h']\nretry = { jitter = 1 }",
      "queues.q2.retry.jitter", "expected one of: initial, max, give_up_after"),
-    ("zzz = 1", "zzz", "expected one of: server, metrics, log, origin_ports, retry, queues"),
+    ("zzz = 1", "zzz", "expected one of: server, metrics, log, origin_ports, retry, tls, queues"),
 ])
 def test_unknown_keys_are_errors(tmp_path: Path, toml: str, path: str, hint: str) -> None:
     problems = _problems(tmp_path, toml + "\n" + QUEUE)

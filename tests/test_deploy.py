@@ -40,7 +40,7 @@ PROM_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 DOCS = ROOT / "docs" / "observability.md"
 ALERT_NAMES = {"LpdRelayDown", "LpdRelayDestinationDown", "LpdRelayJobsHeld",
                "LpdRelayOriginPortExhaustion", "LpdRelaySpoolDiskLow",
-               "LpdRelayDeliveryLatencyHigh"}
+               "LpdRelayDeliveryLatencyHigh", "LpdRelayTlsCertificateExpiring"}
 QUEUES = ["ward3", "lab", "*"]
 DESTS = ["lpd://laptop-ward3.vpn/Ward3?mode=count", "socket://10.1.2.3:9100"]
 
@@ -264,6 +264,11 @@ ALERT_CASES = [
       series("lpdrelay_job_delivery_seconds_bucket", "0+10x40", queue="lab", le="+Inf")],
      [fires("LpdRelayDeliveryLatencyHigh", "10m"),
       fires("LpdRelayDeliveryLatencyHigh", "30m", {"queue": "ward3"})]),
+    # promtool's clock starts at 0: 1e6 s is 11.6 days ahead, 1e8 s three years
+    ([series("lpdrelay_tls_certificate_expiry_seconds", "1e6x30", role="server"),
+      series("lpdrelay_tls_certificate_expiry_seconds", "1e8x30", role="client")],
+     [fires("LpdRelayTlsCertificateExpiring", "5m"),
+      fires("LpdRelayTlsCertificateExpiring", "15m", {"role": "server"})]),
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import string
 
@@ -42,6 +43,9 @@ SPEC_TABLE = {
     "lpdrelay_origin_ports_in_use": ("gauge", set()),
     "lpdrelay_origin_port_exhausted_total": ("counter", set()),
     "lpdrelay_origin_port_wait_seconds": ("histogram", set()),
+    # SPEC §9
+    "lpdrelay_tls_certificate_expiry_seconds": ("gauge", {"role"}),
+    "lpdrelay_tls_handshake_failures_total": ("counter", {"reason"}),
     # Beyond SPEC §7's table (docs/observability.md):
     "lpdrelay_destination_failovers_total": ("counter", {"queue", "direction"}),
 }
@@ -73,6 +77,18 @@ def series(reg: CollectorRegistry) -> set[tuple[str, tuple[tuple[str, str], ...]
 
 def test_exports_exactly_the_spec_table(m: Metrics, reg: CollectorRegistry) -> None:
     assert exported(reg) == SPEC_TABLE
+
+
+def test_certificate_expiry_keeps_the_earliest_per_role(m: Metrics,
+                                                        reg: CollectorRegistry) -> None:
+    name = "lpdrelay_tls_certificate_expiry_seconds"
+    m.certificate_expires("client", 2000.0)
+    m.certificate_expires("client", 1000.0)
+    m.certificate_expires("client", 3000.0)
+    assert reg.get_sample_value(name, {"role": "client"}) == 1000.0
+    assert math.isnan(reg.get_sample_value(name, {"role": "server"}))  # none loaded
+    with pytest.raises(ValueError, match="role"):
+        m.certificate_expires("peer", 1.0)
 
 
 def test_every_name_has_the_prefix_and_counters_end_in_total(

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 # real error and must surface.
 if importlib.util.find_spec("relay.sinks.lpd") is not None:
     importlib.import_module("relay.sinks.lpd")
+if importlib.util.find_spec("relay.sinks.lpds") is not None:
+    importlib.import_module("relay.sinks.lpds")
 
 
 

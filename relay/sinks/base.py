@@ -156,6 +156,7 @@ class SinkContext:
 
     origin_ports: object | None = None
     bodies: BodySource | None = None
+    metrics: object | None = None       # relay.metrics.Metrics in the daemon (lpds:// uses it)
 
 
 class Sink(abc.ABC):

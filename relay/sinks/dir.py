@@ -177,6 +177,8 @@ def _metadata(job: DeliveryJob, entries: list[dict[str, Any]]) -> dict[str, Any]
         "number": job.number,
         "received": received.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "files": entries,
+        # SPEC §9: the client certificate's name, for jobs that came over TLS
+        **({"tls_peer": tp} if (tp := getattr(job, "tls_peer", "")) else {}),
     }
 
 

@@ -22,11 +22,14 @@ The package re-exports every public name, fixtures included, so tests write
 - ``p910nd``: P910nd, the raw port-9100 printer;
 - ``script`` and ``recording``: LpdScript and the RecordingLpdServer it drives;
 - ``fixtures``: the pytest fixtures;
+- ``haproxy``: HAProxy, a TCP balancer sending PROXY headers;
+- ``stunnel``: Stunnel, TLS in front of a plain LPD sender or receiver;
 - ``tcp``: TIME_WAIT hygiene for the reserved ports.
 """
 
 from tests.peers.clients import CLIENT_CONF, lpq, lpr, lprm, rlpr
 from tests.peers.fixtures import lprng_server, make_lprng_server, p910nd_printer, recording_lpd
+from tests.peers.haproxy import HAProxy
 from tests.peers.lprng import LprngServer
 from tests.peers.p910nd import P910nd
 from tests.peers.process import (
@@ -45,12 +48,14 @@ from tests.peers.process import (
 from tests.peers.received import ReceivedFile, ReceivedJob
 from tests.peers.recording import RecordingLpdServer
 from tests.peers.script import REPLY_STEPS, LpdScript, RecordedConnection, lprng_error
+from tests.peers.stunnel import Stunnel
 from tests.peers.tcp import release_time_wait, time_wait_pairs
 
 __all__ = [
     "CLIENT_CONF",
     "LOOPBACK",
     "REPLY_STEPS",
+    "HAProxy",
     "LpdScript",
     "LprngServer",
     "P910nd",
@@ -58,6 +63,7 @@ __all__ = [
     "ReceivedJob",
     "RecordedConnection",
     "RecordingLpdServer",
+    "Stunnel",
     "free_port",
     "lpq",
     "lpr",
