@@ -99,6 +99,14 @@ COMMANDS: tuple[Command, ...] = (
                     "nargs": "*", "metavar": "JOB",
                     "help": "spool job id (from spool list); purge takes several"}),
                 CONFIG_ARG)),
+    Command(name="reload",
+            help="make the running daemon re-read its configuration file (SIGHUP)",
+            handler="relay.reload:main_reload", args=(
+                CONFIG_ARG,
+                Arg(names=("--timeout",), options={
+                    "type": float, "default": 10.0, "metavar": "SECONDS",
+                    "help": "how long to wait for the daemon to report the outcome "
+                            "(default: 10)"}))),
     Command(name="probe", help="diagnose an LPD destination (field checklist)",
             handler="relay.probe:main_probe", args=(
                 URI_ARG,

@@ -29,12 +29,13 @@ restart; see docs/delivery.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -86,6 +87,9 @@ class QueueRunner:
         self._trial = False               # a trial is in flight
         self._first_failure: dict[str, float] = {}   # job id -> trio clock
         self._changed = trio.Event()
+        self.retired = ""                 # why the queue left the configuration (reload)
+        self._nursery: trio.Nursery | None = None
+        self._workers = 0                 # worker tasks started
         self._check_destinations()
 
     @property
@@ -173,14 +177,51 @@ class QueueRunner:
 
     # -- delivering ---------------------------------------------------------
 
+    # -- reload -------------------------------------------------------------
+
+    def reconfigure(self, queue: QueueConfig, sinks: Sequence[Sink] | None) -> None:
+        """Take a reloaded queue's settings; ``sinks`` when its destinations changed.
+
+        Jobs keep their place.  Attempts in flight finish on the sink they
+        started with; new destinations start fresh (first one, no backoff).
+        A changed ``concurrency`` starts or retires workers.
+        """
+        self.queue = queue
+        if sinks is not None:
+            self.dests = [_Dest(sink) for sink in sinks]
+            self.active, self.failures, self._trial = 0, 0, False
+            self.retry_at, self.retry_epoch, self.failback_at = -math.inf, 0.0, math.inf
+            self._check_destinations()
+        self._start_workers()
+        self._notify()
+
+    def retire(self, reason: str) -> None:
+        """The queue left the configuration: hold its waiting jobs (never delete them)."""
+        self.retired = reason
+        self._hold_pending()
+        self._notify()
+
+    def _hold_pending(self) -> None:
+        while self.pending:
+            self._hold(self.pending.popleft(), self.retired)
+
+    def _start_workers(self) -> None:
+        while self._nursery is not None and self._workers < self.queue.concurrency:
+            self._nursery.start_soon(self._worker, self._workers)
+            self._workers += 1
+
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
-            for _ in range(self.queue.concurrency):
-                nursery.start_soon(self._worker)
+            self._nursery = nursery
+            self._start_workers()
 
-    async def _worker(self) -> None:
+    async def _worker(self, slot: int) -> None:
         while True:
-            jobs, index, trial = await self._take()
+            taken = await self._take(slot)
+            if taken is None:
+                self._workers -= 1
+                return
+            jobs, index, trial = taken
             try:
                 await self._attempt(jobs, index, trial)
             finally:
@@ -188,10 +229,17 @@ class QueueRunner:
                     self.in_flight.pop(job.id, None)
                 if trial:
                     self._trial = False
+                if self.retired:
+                    self._hold_pending()
 
-    async def _take(self) -> tuple[list[JobMeta], int, bool]:
-        """The next jobs (up to the chosen sink's batch) once the queue is not backing off."""
+    async def _take(self, slot: int) -> tuple[list[JobMeta], int, bool] | None:
+        """The next jobs (up to the chosen sink's batch) once the queue is not backing off.
+
+        None: this worker is no longer wanted (queue removed, concurrency lowered).
+        """
         while True:
+            if self.retired or slot >= self.queue.concurrency:
+                return None
             if self.pending and trio.current_time() >= self.retry_at:
                 index, trial = self._route()
                 limit = self.dests[index].sink.batch
@@ -212,9 +260,13 @@ class QueueRunner:
         return self.active, False
 
     async def _attempt(self, jobs: list[JobMeta], index: int, trial: bool) -> None:
-        sink = self.dests[index].sink
+        dests = self.dests
+        sink = dests[index].sink
         dest = self.metrics.destination_label(sink.destination.uri)
         done, error = await sink.deliver_many(jobs)
+        if self.dests is not dests:     # a reload changed the destinations meanwhile
+            await self._stale_result(jobs, done, error, dest)
+            return
         for job in jobs[:done]:
             self._count_attempt(dest, "ok")
             self._delivered(job, index, dest)
@@ -241,6 +293,19 @@ class QueueRunner:
             self._count_retry(dest, sink, failed, error)
             self._failed(failed, index, _describe(error))
 
+    async def _stale_result(self, jobs: list[JobMeta], done: int, error: Exception | None,
+                            dest: str) -> None:
+        """An attempt on a destination a reload replaced: delivered jobs leave the
+        spool; the rest go back to the front, for the new destinations, no backoff."""
+        for job in jobs[:done]:
+            self._count_attempt(dest, "ok")
+            self._gone(job, dest, dest)
+        if done:
+            await self.spool.sync()
+        if error is not None:
+            self.pending.extendleft(reversed(jobs[done:]))
+            self._notify()
+
     def _count_attempt(self, dest: str, result: str) -> None:
         self.metrics.delivery_attempts_total.labels(destination=dest, result=result).inc()
 
@@ -263,18 +328,22 @@ class QueueRunner:
         ).set(1 if up else 0)
 
     def _delivered(self, job: JobMeta, index: int, dest: str) -> None:
-        self.spool.remove(job.id)
-        self._first_failure.pop(job.id, None)
         if index == self.active:
             self.failures = 0
         self._mark(index, True, "")
+        self._gone(job, dest, self.dests[index].sink.destination.uri)
+
+    def _gone(self, job: JobMeta, dest: str, uri: str) -> None:
+        """A confirmed job leaves the spool; counted and logged."""
+        self.spool.remove(job.id)
+        self._first_failure.pop(job.id, None)
         q = self.metrics.queue_label(job.queue)
         self.metrics.jobs_delivered_total.labels(queue=q, destination=dest).inc()
         self.metrics.bytes_delivered_total.labels(queue=q, destination=dest).inc(job.total_bytes)
         latency = max(0.0, time.time() - job.received)
         self.metrics.job_delivery_seconds.labels(queue=q).observe(latency)
         log.event("info", "job_delivered", job=job.id, queue=job.queue,
-                  destination=self.dests[index].sink.destination.uri, seconds=round(latency, 3))
+                  destination=uri, seconds=round(latency, 3))
 
     def _switch(self, index: int, direction: str) -> None:
         """Make ``index`` the destination in use; count and log the move."""
@@ -369,29 +438,94 @@ def _describe(error: Exception) -> str:
 
 
 class Scheduler:
-    """All queue runners; the server's ``Delivery``."""
+    """All queue runners; the server's ``Delivery``.
 
-    def __init__(self, runners: Mapping[str, QueueRunner]) -> None:
+    ``reconfigure`` applies a reloaded configuration: runners of kept queues
+    take the new settings, new queues get a runner (with the spool's jobs
+    for that name), removed queues' runners retire and hold their jobs.
+    """
+
+    def __init__(self, runners: Mapping[str, QueueRunner], spool: Spool | None = None) -> None:
         self.runners = dict(runners)
+        self.spool = spool
+        self._retired: list[QueueRunner] = []
+        self._nursery: trio.Nursery | None = None
 
     def submit(self, job: JobMeta) -> None:
         runner = self.runners.get(job.queue)
         if runner is None:
-            log.event("warning", "job_without_queue", job=job.id, queue=job.queue,
-                      error="queue no longer configured; job kept in the spool")
+            self._hold_orphan(job)
             return
         runner.submit(job)
 
+    def _hold_orphan(self, job: JobMeta) -> None:
+        """A job for a queue not (or no longer) configured: held, never deleted."""
+        reason = (removed_reason(job.queue) if any(r.queue.name == job.queue
+                                                   for r in self._retired)
+                  else f"queue {job.queue} is not configured")
+        log.event("warning", "job_without_queue", job=job.id, queue=job.queue,
+                  error=f"{reason}; job held in the spool")
+        if job.state != "held" and self.spool is not None:
+            with contextlib.suppress(KeyError):
+                self.spool.update(dataclasses.replace(job, state="held", last_error=reason),
+                                  durable=True)
+
+    def reconfigure(self, queues: Mapping[str, QueueConfig],
+                    sinks: Callable[[QueueConfig], list[Sink]],
+                    runner: Callable[[QueueConfig, list[Sink]], QueueRunner]) -> None:
+        """Apply a reloaded configuration's queues (see the class docstring)."""
+        for name in [n for n in self.runners if n not in queues]:
+            retired = self.runners.pop(name)
+            retired.retire(removed_reason(name))
+            self._retired.append(retired)
+            log.event("warning", "queue_removed", queue=name,
+                      error=f"{len(retired.held)} job(s) held in the spool")
+        self._retired = [r for r in self._retired if r.in_flight]
+        for name, queue in queues.items():
+            current = self.runners.get(name)
+            if current is not None:
+                same = current.queue.destinations == queue.destinations
+                current.reconfigure(queue, None if same else sinks(queue))
+                continue
+            self.runners[name] = current = runner(queue, sinks(queue))
+            self._adopt(current)
+            if self._nursery is not None:
+                self._nursery.start_soon(current.run)
+
+    def _adopt(self, runner: QueueRunner) -> None:
+        """A (re-)added queue takes its spooled jobs; those a reload held are released."""
+        busy = {i for r in self._retired for i in r.in_flight}
+        reason = removed_reason(runner.queue.name)
+        for job in runner.spool.jobs(runner.queue.name):
+            if job.id in busy:
+                continue
+            if job.state == "held" and job.last_error == reason:
+                job = dataclasses.replace(job, state="queued", last_error="")
+                runner.spool.update(job, durable=True)
+            runner.submit(job)
+
     def wake(self, queue: str, job_ids: Sequence[str] = ()) -> None:
-        self.runners[queue].wake(job_ids)
+        if queue in self.runners:
+            self.runners[queue].wake(job_ids)
 
     def queue_state(self, queue: str) -> status.QueueState:
-        return self.runners[queue].state()
+        runner = self.runners.get(queue)
+        if runner is None:     # asked on a connection older than a reload that removed it
+            return status.QueueState(queue=queue, jobs=(), in_flight=frozenset(),
+                                     destinations=())
+        return runner.state()
 
     def remove(self, queue: str, job_ids: Sequence[str]) -> list[str]:
-        return self.runners[queue].remove(job_ids)
+        runner = self.runners.get(queue)
+        return runner.remove(job_ids) if runner is not None else []
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for runner in self.runners.values():
                 nursery.start_soon(runner.run)
+
+
+def removed_reason(queue: str) -> str:
+    """The hold reason of a job whose queue a reload removed."""
+    return f"queue {queue} removed by reload"
