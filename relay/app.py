@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from relay import __version__, log, sdnotify
 from relay.config import Config, InvalidConfig, choose_default_port, embedded_default, load_config
+from relay.dispatch import Scheduler
 from relay.errors import BindError, ConfigError, LpdError, SpoolError
 from relay.groupcommit import overwrite, unlink_quiet, write_atomic
 from relay.httpd import serve_http
@@ -32,8 +33,9 @@ from relay.limits import fd_warning, raise_nofile
 from relay.metrics import Metrics
 from relay.originports import OriginPortPool, PoolSet
 from relay.queues import QueueRouter
+from relay.queuestate import QueueStates
 from relay.reload import Reloader, ReloadOutcome
-from relay.scheduler import QueueRunner, Scheduler
+from relay.scheduler import QueueRunner
 from relay.server import LpdServer
 from relay.sinks import SinkContext, config_warnings, make_sink
 from relay.spool import Recovery, Spool
@@ -69,13 +71,13 @@ def _origin_pools(config: Config, metrics: Metrics) -> PoolSet | None:
 
 
 def build_scheduler(config: Config, spool: Spool, metrics: Metrics,
-                    context: SinkContext) -> Scheduler:
+                    context: SinkContext, states: QueueStates | None = None) -> Scheduler:
     runners = {
         name: QueueRunner(queue, [make_sink(d, context) for d in queue.destinations],
                           spool, metrics)
         for name, queue in config.queues.items()
     }
-    return Scheduler(runners, spool)
+    return Scheduler(runners, spool, states)
 
 
 def _health(server: LpdServer, spool: Spool, config: Config) -> Callable[[], tuple[bool, str]]:
@@ -138,10 +140,11 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
     recovery = spool.recover()
     _spool_gauges(spool, metrics)
     try:
-        scheduler = build_scheduler(config, spool, metrics, context)
+        states = QueueStates(config.server.spool_dir)    # lpc's disable/stop/redirect/move
+        scheduler = build_scheduler(config, spool, metrics, context, states)
         for job in recovery.jobs:
             scheduler.submit(job)
-        server = LpdServer(config.server, spool=spool, router=QueueRouter(config),
+        server = LpdServer(config.server, spool=spool, router=QueueRouter(config, states),
                            delivery=scheduler, metrics=metrics)
         log.event("info", "started", version=__version__, recovered=len(recovery.jobs),
                   discarded=recovery.discarded)

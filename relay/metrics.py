@@ -42,6 +42,9 @@ FAILOVER_DIRECTIONS = ("failover", "failback")
 # a permanent refusal; held jobs wait for `lpd-relay spool retry`.
 SPOOL_STATES = ("queued", "held")
 
+# What an operator made of a queue (lpc / `lpd-relay ctl`): relay.queuestate.STATES.
+QUEUE_STATES = ("disabled", "stopped", "redirected")
+
 # Print jobs: a page to a LAN printer takes tens of milliseconds, a big job over
 # a VPN minutes, and with retries the end-to-end time reaches hours.
 DELIVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -76,6 +79,7 @@ class Metrics:
         self._create_intake(registry)
         self._create_delivery(registry)
         self._create_spool(registry)
+        self._create_queue_state(registry)
         self._create_connections(registry)
         self._precreate(routes)
 
@@ -226,6 +230,13 @@ class Metrics:
             "lpdrelay_spool_free_bytes",
             "Bytes free for the relay on the spool's file system.", registry=r)
 
+    def _create_queue_state(self, r: CollectorRegistry) -> None:
+        self.queue_state = Gauge(
+            "lpdrelay_queue_state",
+            "1 while an operator has the queue disabled (new jobs refused), stopped (no "
+            "delivery) or redirected (delivered by another queue), else 0.",
+            ["queue", "state"], registry=r)
+
     def _create_connections(self, r: CollectorRegistry) -> None:
         self.inbound_connections = Gauge(
             "lpdrelay_inbound_connections", "Open inbound LPD connections.", registry=r)
@@ -265,6 +276,9 @@ class Metrics:
                 self.destination_failovers_total.labels(q, direction)
             for state in SPOOL_STATES:
                 self.spool_jobs.labels(q, state)
+            if q != OTHER:     # operator states exist for configured queues only
+                for state in QUEUE_STATES:
+                    self.queue_state.labels(q, state)
 
     def _precreate_destinations(self, destinations: Iterable[str]) -> None:
         for d in destinations:

@@ -35,10 +35,11 @@ import trio
 
 from relay import log
 from relay.config import Config, InvalidConfig, Listen, QueueConfig, embedded_default, load_config
+from relay.dispatch import Scheduler
 from relay.errors import BindError, ConfigError
 from relay.metrics import Metrics
 from relay.queues import QueueRouter
-from relay.scheduler import QueueRunner, Scheduler
+from relay.scheduler import QueueRunner
 from relay.server import LpdServer
 from relay.sinks import Sink, SinkContext, make_sink
 from relay.spool import Spool
@@ -153,7 +154,7 @@ class Reloader:
         self.metrics.add_labels(config.queues, [d.uri for q in config.queues.values()
                                                 for d in q.destinations])
         self.scheduler.reconfigure(config.queues, self._sinks, self._runner)
-        self.server.reconfigure(config.server, QueueRouter(config), opened)
+        self.server.reconfigure(config.server, QueueRouter(config, self.scheduler.states), opened)
         if config.log.level != self.config.log.level:
             log.configure(fmt=config.log.format, level=config.log.level)
         self.config = config

@@ -29,13 +29,12 @@ restart; see docs/delivery.md.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
@@ -88,6 +87,7 @@ class QueueRunner:
         self._first_failure: dict[str, float] = {}   # job id -> trio clock
         self._changed = trio.Event()
         self.retired = ""                 # why the queue left the configuration (reload)
+        self.stopped = False              # lpc stop: jobs wait, none is delivered
         self._nursery: trio.Nursery | None = None
         self._workers = 0                 # worker tasks started
         self._check_destinations()
@@ -158,6 +158,35 @@ class QueueRunner:
             self.spool.remove(job_id)
             log.event("info", "job_removed", job=job_id, queue=self.queue.name)
         return sorted(wanted)
+
+    # -- lpc / ctl ------------------------------------------------------------
+
+    def hold_jobs(self, job_ids: Sequence[str], reason: str) -> list[str]:
+        """Hold the named waiting jobs (jobs being delivered are not touched)."""
+        wanted = set(job_ids)
+        chosen = [j for j in self.pending if j.id in wanted]
+        self.pending = deque(j for j in self.pending if j.id not in wanted)
+        for job in chosen:
+            self._hold(job, reason)
+        return [j.id for j in chosen]
+
+    def to_front(self, job_ids: Sequence[str]) -> list[str]:
+        """topq: the named waiting jobs go to the head of the queue, in their order."""
+        wanted = set(job_ids)
+        front = [j for j in self.pending if j.id in wanted]
+        self.pending = deque([*front, *(j for j in self.pending if j.id not in wanted)])
+        self._notify()
+        return [j.id for j in front]
+
+    def hand_over(self, queue: str) -> list[JobMeta]:
+        """Take out the waiting jobs spooled for ``queue`` (a redirect moves them)."""
+        mine = [j for j in self.pending if j.queue == queue]
+        self.pending = deque(j for j in self.pending if j.queue != queue)
+        return mine
+
+    def set_stopped(self, stopped: bool) -> None:
+        self.stopped = stopped
+        self._notify()
 
     def state(self) -> status.QueueState:
         jobs = sorted([*self.in_flight.values(), *self.pending, *self.held.values()],
@@ -240,7 +269,7 @@ class QueueRunner:
         while True:
             if self.retired or slot >= self.queue.concurrency:
                 return None
-            if self.pending and trio.current_time() >= self.retry_at:
+            if self.pending and not self.stopped and trio.current_time() >= self.retry_at:
                 index, trial = self._route()
                 limit = self.dests[index].sink.batch
                 jobs = [self.pending.popleft() for _ in range(min(limit, len(self.pending)))]
@@ -435,97 +464,3 @@ class QueueRunner:
 def _describe(error: Exception) -> str:
     """The text lpq and the log show: a sink's own message, a bug's with its type."""
     return str(error) if isinstance(error, SinkError) else f"{type(error).__name__}: {error}"
-
-
-class Scheduler:
-    """All queue runners; the server's ``Delivery``.
-
-    ``reconfigure`` applies a reloaded configuration: runners of kept queues
-    take the new settings, new queues get a runner (with the spool's jobs
-    for that name), removed queues' runners retire and hold their jobs.
-    """
-
-    def __init__(self, runners: Mapping[str, QueueRunner], spool: Spool | None = None) -> None:
-        self.runners = dict(runners)
-        self.spool = spool
-        self._retired: list[QueueRunner] = []
-        self._nursery: trio.Nursery | None = None
-
-    def submit(self, job: JobMeta) -> None:
-        runner = self.runners.get(job.queue)
-        if runner is None:
-            self._hold_orphan(job)
-            return
-        runner.submit(job)
-
-    def _hold_orphan(self, job: JobMeta) -> None:
-        """A job for a queue not (or no longer) configured: held, never deleted."""
-        reason = (removed_reason(job.queue) if any(r.queue.name == job.queue
-                                                   for r in self._retired)
-                  else f"queue {job.queue} is not configured")
-        log.event("warning", "job_without_queue", job=job.id, queue=job.queue,
-                  error=f"{reason}; job held in the spool")
-        if job.state != "held" and self.spool is not None:
-            with contextlib.suppress(KeyError):
-                self.spool.update(dataclasses.replace(job, state="held", last_error=reason),
-                                  durable=True)
-
-    def reconfigure(self, queues: Mapping[str, QueueConfig],
-                    sinks: Callable[[QueueConfig], list[Sink]],
-                    runner: Callable[[QueueConfig, list[Sink]], QueueRunner]) -> None:
-        """Apply a reloaded configuration's queues (see the class docstring)."""
-        for name in [n for n in self.runners if n not in queues]:
-            retired = self.runners.pop(name)
-            retired.retire(removed_reason(name))
-            self._retired.append(retired)
-            log.event("warning", "queue_removed", queue=name,
-                      error=f"{len(retired.held)} job(s) held in the spool")
-        self._retired = [r for r in self._retired if r.in_flight]
-        for name, queue in queues.items():
-            current = self.runners.get(name)
-            if current is not None:
-                same = current.queue.destinations == queue.destinations
-                current.reconfigure(queue, None if same else sinks(queue))
-                continue
-            self.runners[name] = current = runner(queue, sinks(queue))
-            self._adopt(current)
-            if self._nursery is not None:
-                self._nursery.start_soon(current.run)
-
-    def _adopt(self, runner: QueueRunner) -> None:
-        """A (re-)added queue takes its spooled jobs; those a reload held are released."""
-        busy = {i for r in self._retired for i in r.in_flight}
-        reason = removed_reason(runner.queue.name)
-        for job in runner.spool.jobs(runner.queue.name):
-            if job.id in busy:
-                continue
-            if job.state == "held" and job.last_error == reason:
-                job = dataclasses.replace(job, state="queued", last_error="")
-                runner.spool.update(job, durable=True)
-            runner.submit(job)
-
-    def wake(self, queue: str, job_ids: Sequence[str] = ()) -> None:
-        if queue in self.runners:
-            self.runners[queue].wake(job_ids)
-
-    def queue_state(self, queue: str) -> status.QueueState:
-        runner = self.runners.get(queue)
-        if runner is None:     # asked on a connection older than a reload that removed it
-            return status.QueueState(queue=queue, jobs=(), in_flight=frozenset(),
-                                     destinations=())
-        return runner.state()
-
-    def remove(self, queue: str, job_ids: Sequence[str]) -> list[str]:
-        runner = self.runners.get(queue)
-        return runner.remove(job_ids) if runner is not None else []
-
-    async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            for runner in self.runners.values():
-                nursery.start_soon(runner.run)
-
-
-def removed_reason(queue: str) -> str:
-    """The hold reason of a job whose queue a reload removed."""
-    return f"queue {queue} removed by reload"
