@@ -42,6 +42,7 @@ SPEC_TABLE = {
     "lpdrelay_origin_ports_in_use": ("gauge", set()),
     "lpdrelay_origin_port_exhausted_total": ("counter", set()),
     "lpdrelay_origin_port_wait_seconds": ("histogram", set()),
+    "lpdrelay_queue_state": ("gauge", {"queue", "state"}),
     # Beyond SPEC §7's table (docs/observability.md):
     "lpdrelay_destination_failovers_total": ("counter", {"queue", "direction"}),
 }
