@@ -43,6 +43,7 @@ from relay import log, status
 from relay.config import QueueConfig
 from relay.errors import SinkError, SinkRejected, SpoolFileMissing
 from relay.metrics import Metrics
+from relay.runnerctl import RunnerControl
 from relay.sinks import Sink, destination_key, destination_problem
 from relay.spool import JobMeta, Spool
 
@@ -65,7 +66,7 @@ class _Dest:
     error: str = ""
 
 
-class QueueRunner:
+class QueueRunner(RunnerControl):
     """Delivers one queue's jobs to its destinations."""
 
     def __init__(self, queue: QueueConfig, sinks: Sequence[Sink], spool: Spool,
@@ -91,6 +92,9 @@ class QueueRunner:
         self._nursery: trio.Nursery | None = None
         self._workers = 0                 # worker tasks started
         self._check_destinations()
+
+    def _dest(self, sink: Sink) -> _Dest:
+        return _Dest(sink)
 
     @property
     def sinks(self) -> tuple[Sink, ...]:
@@ -159,35 +163,6 @@ class QueueRunner:
             log.event("info", "job_removed", job=job_id, queue=self.queue.name)
         return sorted(wanted)
 
-    # -- lpc / ctl ------------------------------------------------------------
-
-    def hold_jobs(self, job_ids: Sequence[str], reason: str) -> list[str]:
-        """Hold the named waiting jobs (jobs being delivered are not touched)."""
-        wanted = set(job_ids)
-        chosen = [j for j in self.pending if j.id in wanted]
-        self.pending = deque(j for j in self.pending if j.id not in wanted)
-        for job in chosen:
-            self._hold(job, reason)
-        return [j.id for j in chosen]
-
-    def to_front(self, job_ids: Sequence[str]) -> list[str]:
-        """topq: the named waiting jobs go to the head of the queue, in their order."""
-        wanted = set(job_ids)
-        front = [j for j in self.pending if j.id in wanted]
-        self.pending = deque([*front, *(j for j in self.pending if j.id not in wanted)])
-        self._notify()
-        return [j.id for j in front]
-
-    def hand_over(self, queue: str) -> list[JobMeta]:
-        """Take out the waiting jobs spooled for ``queue`` (a redirect moves them)."""
-        mine = [j for j in self.pending if j.queue == queue]
-        self.pending = deque(j for j in self.pending if j.queue != queue)
-        return mine
-
-    def set_stopped(self, stopped: bool) -> None:
-        self.stopped = stopped
-        self._notify()
-
     def state(self) -> status.QueueState:
         jobs = sorted([*self.in_flight.values(), *self.pending, *self.held.values()],
                       key=lambda j: j.id)
@@ -205,34 +180,6 @@ class QueueRunner:
         self._changed = trio.Event()
 
     # -- delivering ---------------------------------------------------------
-
-    # -- reload -------------------------------------------------------------
-
-    def reconfigure(self, queue: QueueConfig, sinks: Sequence[Sink] | None) -> None:
-        """Take a reloaded queue's settings; ``sinks`` when its destinations changed.
-
-        Jobs keep their place.  Attempts in flight finish on the sink they
-        started with; new destinations start fresh (first one, no backoff).
-        A changed ``concurrency`` starts or retires workers.
-        """
-        self.queue = queue
-        if sinks is not None:
-            self.dests = [_Dest(sink) for sink in sinks]
-            self.active, self.failures, self._trial = 0, 0, False
-            self.retry_at, self.retry_epoch, self.failback_at = -math.inf, 0.0, math.inf
-            self._check_destinations()
-        self._start_workers()
-        self._notify()
-
-    def retire(self, reason: str) -> None:
-        """The queue left the configuration: hold its waiting jobs (never delete them)."""
-        self.retired = reason
-        self._hold_pending()
-        self._notify()
-
-    def _hold_pending(self) -> None:
-        while self.pending:
-            self._hold(self.pending.popleft(), self.retired)
 
     def _start_workers(self) -> None:
         while self._nursery is not None and self._workers < self.queue.concurrency:
