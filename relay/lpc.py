@@ -145,14 +145,24 @@ def _job_operation(scheduler: Scheduler, ctx: ConnectionContext, queue: str, ope
     elif operation == "move":
         changed = _move(scheduler, ctx, queue, chosen, options[-1])
     else:   # release, topq: a held job is released first (topq puts it at the head)
-        if held:
-            scheduler.wake(queue, held)
+        _release(scheduler, queue, held)
         changed = held if operation == "release" else runner.to_front(ids)
     done = set(changed)
     return "".join(
         printable(f"{j.control_name} {operation}: "
                   f"{'done' if j.id in done else 'not changed (being delivered, or not held)'}")
         + "\n" for j in chosen)
+
+
+def _release(scheduler: Scheduler, queue: str, held: list[str]) -> None:
+    """Release held jobs wherever they wait; a redirected queue's go to its target."""
+    own, target = scheduler.runners[queue], scheduler.runner_for(queue)
+    for runner in {id(r): r for r in (own, target) if r is not None}.values():
+        if any(i in runner.held for i in held):
+            runner.wake(held)
+    if target is not None and target is not own:
+        for job in own.hand_over(queue):
+            target.submit(job)
 
 
 def _move(scheduler: Scheduler, ctx: ConnectionContext, queue: str, chosen: list[JobMeta],

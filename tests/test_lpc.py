@@ -104,6 +104,11 @@ def test_lpc_redirect_and_move_send_jobs_to_another_queue(tmp_path: Path) -> Non
         # Back with ward3, whose destination is down (and backing off): it waits there.
         assert "1 queued" in lpc(relay, "status")
         assert len(relay.events("job_delivered")) == 3
+        # Held in ward3, released while ward3 is redirected: lab delivers it.
+        assert "hold: done" in lpc(relay, "hold", "Q", "8")
+        lpc(relay, "redirect", "Q", "lab")
+        assert "release: done" in lpc(relay, "release", "Q", "8")
+        wait_until(lambda: len(relay.events("job_delivered")) == 4)
     finally:
         relay.terminate()
 
