@@ -141,6 +141,9 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
     _spool_gauges(spool, metrics)
     try:
         states = QueueStates(config.server.spool_dir)    # lpc's disable/stop/redirect/move
+        if states.moved:   # forget moves of jobs delivered or purged since (a full disk: later)
+            with contextlib.suppress(OSError):
+                states.move([], "", keep={job.id for job in recovery.jobs})
         scheduler = build_scheduler(config, spool, metrics, context, states)
         for job in recovery.jobs:
             scheduler.submit(job)

@@ -58,6 +58,8 @@ def answer(ctx: ConnectionContext, queue: str, operands: Sequence[str], *, host:
                        peer=(host, port))
     except (ProtocolError, ValueError) as exc:
         text = f"lpd-relay: {exc}\n"
+    except OSError as exc:   # the state file could not be written (full disk): nothing changed
+        text = f"lpd-relay: cannot save the queue state: {exc}\n"
     log.event("info", "control", peer=peer, queue=queue, operation=operation,
               options=" ".join(options), user=user)
     return text.encode("utf-8", "replace")
@@ -169,14 +171,16 @@ def _move(scheduler: Scheduler, ctx: ConnectionContext, queue: str, chosen: list
           name: str) -> list[str]:
     target = _target(ctx, name, queue)
     assert scheduler.states is not None
-    runner, to = scheduler.runner_for(queue), scheduler.runners[target]
-    assert runner is not None
-    busy = set(runner.in_flight)
+    to = scheduler.runners[target]
+    runners = [r for r in {scheduler.runners[queue], scheduler.runner_for(queue)} if r]
+    busy = {i for r in runners for i in r.in_flight}
     moving = [j for j in chosen if j.id not in busy]
     ids = {j.id for j in moving}
-    runner.pending = type(runner.pending)(j for j in runner.pending if j.id not in ids)
-    held = {i: runner.held.pop(i) for i in list(runner.held) if i in ids}
-    scheduler.states.move(sorted(ids), target)
+    scheduler.states.move(sorted(ids), target)   # first: on a full disk nothing moves
+    held: dict[str, JobMeta] = {}
+    for runner in runners:   # its own runner, and its redirect target's
+        runner.pending = type(runner.pending)(j for j in runner.pending if j.id not in ids)
+        held.update({i: runner.held.pop(i) for i in list(runner.held) if i in ids})
     for job in moving:
         to.submit(held.get(job.id, job))
     return sorted(ids)

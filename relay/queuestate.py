@@ -87,25 +87,26 @@ class QueueStates:
         return self._states.get(queue, State())
 
     def change(self, queue: str, **changes: object) -> State:
-        """Change ``queue``'s state and write the file (OSError when it cannot be)."""
+        """Change ``queue``'s state and write the file; on OSError nothing changed."""
         state = replace(self.get(queue), **changes)  # type: ignore[arg-type]
-        if state == State():
-            self._states.pop(queue, None)
-        else:
-            self._states[queue] = state
-        self.save()
+        states = {q: s for q, s in self._states.items() if q != queue}
+        if state != State():
+            states[queue] = state
+        self._save(states, self.moved)
+        self._states = states
         return state
 
     def move(self, job_ids: list[str], target: str, *, keep: set[str] | None = None) -> None:
         """Record jobs as moved to ``target``; ``keep`` (spool ids) drops stale entries."""
-        self.moved.update(dict.fromkeys(job_ids, target))
+        moved = {**self.moved, **dict.fromkeys(job_ids, target)}
         if keep is not None:
-            self.moved = {k: v for k, v in self.moved.items() if k in keep}
-        self.save()
+            moved = {k: v for k, v in moved.items() if k in keep}
+        self._save(self._states, moved)
+        self.moved = moved
 
-    def save(self) -> None:
-        data = orjson.dumps({"queues": {q: asdict(s) for q, s in sorted(self._states.items())},
-                             "moved": self.moved})
+    def _save(self, states: dict[str, State], moved: dict[str, str]) -> None:
+        data = orjson.dumps({"queues": {q: asdict(s) for q, s in sorted(states.items())},
+                             "moved": moved})
         write_atomic(self.path, data, fsync=True)
 
     def redirects(self) -> dict[str, str]:
