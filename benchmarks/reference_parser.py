@@ -155,10 +155,11 @@ class ReferenceParser:
         if not line:
             raise _malformed("empty command line")
         code, rest = line[0], line[1:]
-        if _has_control(rest) or not 1 <= code <= 5:
+        if _has_control(rest) or not 1 <= code <= 6:
             raise _malformed("bad command line")
         tokens = [t.decode("latin-1") for t in rest.replace(b"\t", b" ").split()]
-        if not tokens or (code == 2 and len(tokens) != 1) or (code == 5 and len(tokens) < 2):
+        if not tokens or (code == 2 and len(tokens) != 1) or (code == 5 and len(tokens) < 2) \
+                or (code == 6 and len(tokens) < 3):
             raise _malformed("bad command operands")
         if code == 2:
             self.state = "subcommand"

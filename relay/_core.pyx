@@ -353,7 +353,7 @@ cdef class ServerParser:
             # block; our per-file events and acks do not fit it.  LPRng only
             # uses it when configured to (send_block_format), so refuse.
             raise _malformed("LPRng block transfer (0x07) is not supported")
-        if code < 0x01 or code > 0x05:
+        if code < 0x01 or code > 0x06:
             raise _malformed("unknown command byte 0x%02x" % code)
         tokens = _tokens(p + 1, n - 1)
         if not tokens:
@@ -368,7 +368,10 @@ cdef class ServerParser:
             return rj
         if code == 0x05 and len(tokens) < 2:
             raise _malformed("remove-jobs line without an agent")
-        # 0x01/0x03/0x04/0x05 are one-shot: the server answers and closes.
+        # LPRng's control request (lpc): "\6queue user operation [options]".
+        if code == 0x06 and len(tokens) < 3:
+            raise _malformed("control request without a user and an operation")
+        # 0x01/0x03/0x04/0x05/0x06 are one-shot: the server answers and closes.
         self._state = ST_DRAIN
         cmd = Command.__new__(Command)
         cmd.code = code

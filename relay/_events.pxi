@@ -37,7 +37,10 @@ cdef str _event_repr(object ev):
 @cython.no_gc
 @cython.freelist(8)
 cdef class Command:
-    """A one-shot command: 0x01 print waiting, 0x03/0x04 lpq, 0x05 lprm."""
+    """A one-shot command: 0x01 print waiting, 0x03/0x04 lpq, 0x05 lprm, 0x06 lpc.
+
+    For 0x06 (LPRng) the operands are the user, the operation and its options.
+    """
 
     __match_args__ = ("code", "queue", "operands")
     cdef readonly int code

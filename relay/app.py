@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from relay import __version__, log, sdnotify
 from relay.config import Config, InvalidConfig, choose_default_port, embedded_default, load_config
+from relay.dispatch import Scheduler
 from relay.errors import BindError, ConfigError, LpdError, SpoolError
 from relay.groupcommit import overwrite, unlink_quiet, write_atomic
 from relay.httpd import serve_http
@@ -32,7 +33,9 @@ from relay.limits import fd_warning, raise_nofile
 from relay.metrics import Metrics
 from relay.originports import OriginPortPool, PoolSet
 from relay.queues import QueueRouter
-from relay.scheduler import QueueRunner, Scheduler
+from relay.queuestate import QueueStates
+from relay.reload import Reloader, ReloadOutcome
+from relay.scheduler import QueueRunner
 from relay.server import LpdServer
 from relay.sinks import SinkContext, config_warnings, make_sink
 from relay.spool import Recovery, Spool
@@ -69,13 +72,13 @@ def _origin_pools(config: Config, metrics: Metrics) -> PoolSet | None:
 
 
 def build_scheduler(config: Config, spool: Spool, metrics: Metrics,
-                    context: SinkContext) -> Scheduler:
+                    context: SinkContext, states: QueueStates | None = None) -> Scheduler:
     runners = {
         name: QueueRunner(queue, [make_sink(d, context) for d in queue.destinations],
                           spool, metrics)
         for name, queue in config.queues.items()
     }
-    return Scheduler(runners)
+    return Scheduler(runners, spool, states)
 
 
 def _health(server: LpdServer, spool: Spool, config: Config) -> Callable[[], tuple[bool, str]]:
@@ -106,9 +109,16 @@ async def _spool_upkeep(spool: Spool, write_info: Callable[[], bool], info_writt
         info_written = info_written or write_info()
 
 
-async def _watch_signals(server: LpdServer, notifier: sdnotify.Notifier) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _watch_signals(server: LpdServer, notifier: sdnotify.Notifier,
+                         reload: Callable[[], None],
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()   # before the banner: a SIGHUP right after start reloads
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                log.event("info", "reload", signal="SIGHUP", source="configuration file")
+                reload()
+                continue
             log.event("info", "shutdown", signal=signal.Signals(signum).name)
             notifier.send("STOPPING=1", "STATUS=stopping: jobs in flight get graceful_timeout")
             server.stop_accepting()
@@ -131,10 +141,14 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
     recovery = spool.recover()
     _spool_gauges(spool, metrics)
     try:
-        scheduler = build_scheduler(config, spool, metrics, context)
+        states = QueueStates(config.server.spool_dir)    # lpc's disable/stop/redirect/move
+        if states.moved:   # forget moves of jobs delivered or purged since (a full disk: later)
+            with contextlib.suppress(OSError):
+                states.move([], "", keep={job.id for job in recovery.jobs})
+        scheduler = build_scheduler(config, spool, metrics, context, states)
         for job in recovery.jobs:
             scheduler.submit(job)
-        server = LpdServer(config.server, spool=spool, router=QueueRouter(config),
+        server = LpdServer(config.server, spool=spool, router=QueueRouter(config, states),
                            delivery=scheduler, metrics=metrics)
         log.event("info", "started", version=__version__, recovered=len(recovery.jobs),
                   discarded=recovery.discarded)
@@ -146,10 +160,15 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
                                                           _health(server, spool, config)))
             nursery.start_soon(scheduler.run)
             notifier = sdnotify.Notifier.from_environ()
+            reloader = Reloader(config=config, spool=spool, metrics=metrics,
+                                scheduler=scheduler, server=server, sinks=context,
+                                pools=_origin_pools)
+            info = DaemonInfo(config.server.spool_dir, server,
+                              reload=ReloadOutcome(0, "none").as_json())
             if handle_signals:
-                nursery.start_soon(_watch_signals, server, notifier)
-            info = functools.partial(write_daemon_info, config.server.spool_dir, lpd)
-            nursery.start_soon(_spool_upkeep, spool, info, info())
+                await nursery.start(_watch_signals, server, notifier,
+                                    functools.partial(_reload, reloader, notifier, info))
+            nursery.start_soon(_spool_upkeep, spool, info.write, info.write())
             task_status.started(Bound(lpd=tuple(lpd), metrics=mbound,
                                       banner=_banner(config, lpd, mbound, scheduler, recovery)))
             # Listening and recovered: READY=1 for Type=notify, then STATUS/WATCHDOG.
@@ -164,10 +183,32 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
             await spool.aclose()
 
 
+def _reload(reloader: Reloader, notifier: sdnotify.Notifier, info: DaemonInfo) -> None:
+    """One SIGHUP: reload, tell systemd around it, record the outcome in daemon.json."""
+    sdnotify.reloading(notifier)
+    outcome = reloader.apply()
+    info.reload = outcome.as_json()
+    info.write()
+    sdnotify.reloaded(notifier, outcome.outcome)
+
+
 DAEMON_INFO = "daemon.json"
 
 
-def write_daemon_info(spool_dir: os.PathLike[str] | str, lpd: list[tuple[str, int]]) -> bool:
+@dataclass(slots=True)
+class DaemonInfo:
+    """daemon.json's content: where the daemon listens now and its last reload."""
+
+    spool_dir: os.PathLike[str] | str
+    server: LpdServer
+    reload: dict[str, object] | None = None
+
+    def write(self) -> bool:
+        return write_daemon_info(self.spool_dir, self.server.bound(), reload=self.reload)
+
+
+def write_daemon_info(spool_dir: os.PathLike[str] | str, lpd: list[tuple[str, int]], *,
+                      reload: dict[str, object] | None = None) -> bool:
     """Where this daemon listens, for ``lpd-relay spool`` to reach it (port 0 included).
 
     Never stops the daemon: on a full disk the last daemon's file is
@@ -175,7 +216,10 @@ def write_daemon_info(spool_dir: os.PathLike[str] | str, lpd: list[tuple[str, in
     back to the configured address; False means "try again later".
     """
     path = os.path.join(os.fspath(spool_dir), DAEMON_INFO)
-    data = orjson.dumps({"pid": os.getpid(), "lpd": [list(a) for a in lpd]})
+    info: dict[str, object] = {"pid": os.getpid(), "lpd": [list(a) for a in lpd]}
+    if reload is not None:
+        info["reload"] = reload
+    data = orjson.dumps(info)
     try:
         write_atomic(path, data, fsync=False)
         return True

@@ -99,6 +99,28 @@ COMMANDS: tuple[Command, ...] = (
                     "nargs": "*", "metavar": "JOB",
                     "help": "spool job id (from spool list); purge takes several"}),
                 CONFIG_ARG)),
+    Command(name="ctl",
+            help="control a queue as LPRng's lpc does (daemon may be stopped)",
+            handler="relay.ctlcli:main_ctl", args=(
+                Arg(names=("queue",), options={
+                    "metavar": "QUEUE", "help": "the configured queue (lpc's order, OP "
+                                                "first, works too)"}),
+                Arg(names=("operation",), options={
+                    "metavar": "OP", "help": "status, hold, release, topq, move, redirect, "
+                                             "disable, enable, stop or start"}),
+                Arg(names=("args",), options={
+                    "nargs": "*", "metavar": "ARG",
+                    "help": "hold/release/topq: JOB|USER|all; move: JOB|USER|all TARGET; "
+                            "redirect: TARGET|off"}),
+                CONFIG_ARG)),
+    Command(name="reload",
+            help="make the running daemon re-read its configuration file (SIGHUP)",
+            handler="relay.reload:main_reload", args=(
+                CONFIG_ARG,
+                Arg(names=("--timeout",), options={
+                    "type": float, "default": 10.0, "metavar": "SECONDS",
+                    "help": "how long to wait for the daemon to report the outcome "
+                            "(default: 10)"}))),
     Command(name="probe", help="diagnose a destination: lpd:// (field checklist), socket://, usb://",
             handler="relay.probe:main_probe", args=(
                 URI_ARG,

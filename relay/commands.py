@@ -1,4 +1,5 @@
-"""The one-shot commands of RFC 1179 §5: 0x01 print waiting, 0x03/0x04 lpq, 0x05 lprm.
+"""The one-shot commands of RFC 1179 §5: 0x01 print waiting, 0x03/0x04 lpq, 0x05 lprm,
+and LPRng's 0x06 control request (``relay.lpc``).
 
 Each takes the connection's collaborators and the requester's address and
 returns the bytes to answer with; the connection sends them and closes.
@@ -44,6 +45,10 @@ def is_admin(ctx: ConnectionContext, host: str, port: int) -> bool:
 
 def answer(ctx: ConnectionContext, ev: _core.Command, host: str, port: int) -> bytes:
     """What to send back for ``ev``; ProtocolError for an unknown queue under 0x01."""
+    if ev.code == 0x06:
+        from relay import lpc  # lpc answers lprm through this module
+
+        return lpc.answer(ctx, ev.queue, ev.operands, host=host, port=port)
     if ev.code == 0x01:
         queue = ctx.router.route(ev.queue)
         return print_waiting(ctx, queue.name, ev.operands, admin=is_admin(ctx, host, port),

@@ -399,7 +399,7 @@ class Connection:
             self._reject("malformed", "connection closed before the job was complete",
                          partial=True)
 
-    # -- one-shot commands: 0x01, 0x03, 0x04, 0x05 ---------------------------
+    # -- one-shot commands: 0x01, 0x03, 0x04, 0x05, 0x06 (lpc) ----------------
 
     async def on_command(self, ev: _core.Command) -> None:
         self.closing = True

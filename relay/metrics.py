@@ -43,6 +43,9 @@ FAILOVER_DIRECTIONS = ("failover", "failback")
 # a permanent refusal; held jobs wait for `lpd-relay spool retry`.
 SPOOL_STATES = ("queued", "held")
 
+# What an operator made of a queue (lpc / `lpd-relay ctl`): relay.queuestate.STATES.
+QUEUE_STATES = ("disabled", "stopped", "redirected")
+
 # Print jobs: a page to a LAN printer takes tens of milliseconds, a big job over
 # a VPN minutes, and with retries the end-to-end time reaches hours.
 DELIVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -73,12 +76,37 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self._queues = frozenset(queues)
         self._destinations = frozenset(destinations)
+        self._following: Mapping[tuple[str, str], int] | None = None   # follow_spool's
         self._create_intake(registry)
         self._create_delivery(registry)
         self._create_spool(registry)
+        self._create_queue_state(registry)
         self._create_connections(registry)
         self._create_tls(registry)
         self._precreate(routes)
+
+    def add_labels(self, queues: Iterable[str], destinations: Iterable[str]) -> None:
+        """A reload's new queues and destinations: their series are created now, at 0.
+
+        Labels are only added, never dropped: a removed queue's held jobs
+        still count under its name, and counters keep their history.
+        """
+        new_q = frozenset(queues) - self._queues
+        new_d = frozenset(destinations) - self._destinations
+        self._queues |= new_q
+        self._destinations |= new_d
+        self._precreate_queues(new_q)
+        self._precreate_destinations(new_d)
+        for q in new_q:
+            for d in self._destinations:
+                self.jobs_delivered_total.labels(q, d)
+                self.bytes_delivered_total.labels(q, d)
+        for d in new_d:
+            for q in self._queues:
+                self.jobs_delivered_total.labels(q, d)
+                self.bytes_delivered_total.labels(q, d)
+        if self._following is not None:
+            self._follow_queues(self._following, new_q)
 
     def queue_label(self, name: str) -> str:
         """``name`` if it is a configured queue (or ``"*"`` when configured), else ``"other"``.
@@ -120,12 +148,17 @@ class Metrics:
         whenever they are read — no scan interval to lag behind.  Scrapes run
         on the event loop that owns the mapping.
         """
-        for queue in self._queue_values():
+        self._following = counts
+        self._follow_queues(counts, self._queue_values())
+        self.spool_bytes.set_function(stored_bytes)
+        self.spool_free_bytes.set_function(functools.partial(_or_nan, free_bytes))
+
+    def _follow_queues(self, counts: Mapping[tuple[str, str], int],
+                       queues: Iterable[str]) -> None:
+        for queue in queues:
             for state in SPOOL_STATES:
                 self.spool_jobs.labels(queue, state).set_function(
                     functools.partial(self._spool_count, counts, queue, state))
-        self.spool_bytes.set_function(stored_bytes)
-        self.spool_free_bytes.set_function(functools.partial(_or_nan, free_bytes))
 
     def _spool_count(self, counts: Mapping[tuple[str, str], int], queue: str,
                      state: str) -> float:
@@ -228,6 +261,13 @@ class Metrics:
         self._expiry[role] = earliest
         self.tls_certificate_expiry_seconds.labels(role=role).set(earliest)
 
+    def _create_queue_state(self, r: CollectorRegistry) -> None:
+        self.queue_state = Gauge(
+            "lpdrelay_queue_state",
+            "1 while an operator has the queue disabled (new jobs refused), stopped (no "
+            "delivery) or redirected (delivered by another queue), else 0.",
+            ["queue", "state"], registry=r)
+
     def _create_connections(self, r: CollectorRegistry) -> None:
         self.inbound_connections = Gauge(
             "lpdrelay_inbound_connections", "Open inbound LPD connections.", registry=r)
@@ -248,7 +288,17 @@ class Metrics:
         # its first event, so rate() and absent-value panels behave.
         for reason in REJECT_REASONS:
             self.jobs_rejected_total.labels(reason)
-        for q in self._queue_values():
+        self._precreate_queues(self._queue_values())
+        self._precreate_destinations(self._destination_values())
+        pairs = ([(q, d) for q in self._queues for d in self._destinations]
+                 if routes is None else list(routes))
+        for q, d in pairs:
+            ql, dl = self.queue_label(q), self.destination_label(d)
+            self.jobs_delivered_total.labels(ql, dl)
+            self.bytes_delivered_total.labels(ql, dl)
+
+    def _precreate_queues(self, queues: Iterable[str]) -> None:
+        for q in queues:
             self.jobs_received_total.labels(q)
             self.bytes_received_total.labels(q)
             self.jobs_held_total.labels(q)
@@ -257,7 +307,12 @@ class Metrics:
                 self.destination_failovers_total.labels(q, direction)
             for state in SPOOL_STATES:
                 self.spool_jobs.labels(q, state)
-        for d in self._destination_values():
+            if q != OTHER:     # operator states exist for configured queues only
+                for state in QUEUE_STATES:
+                    self.queue_state.labels(q, state)
+
+    def _precreate_destinations(self, destinations: Iterable[str]) -> None:
+        for d in destinations:
             for result in ATTEMPT_RESULTS:
                 self.delivery_attempts_total.labels(d, result)
             for reason in RETRY_REASONS:
@@ -265,12 +320,6 @@ class Metrics:
             # Up until an attempt says otherwise: a destination nothing was
             # sent to since start is not an outage (no alert after restart).
             self.destination_up.labels(d).set(1)
-        pairs = ([(q, d) for q in self._queues for d in self._destinations]
-                 if routes is None else list(routes))
-        for q, d in pairs:
-            ql, dl = self.queue_label(q), self.destination_label(d)
-            self.jobs_delivered_total.labels(ql, dl)
-            self.bytes_delivered_total.labels(ql, dl)
 
 
 def _or_nan(read: Callable[[], int]) -> float:

@@ -8,6 +8,9 @@ naming the queue as received; under ``queue_names = "exact"`` a case-only
 mismatch also names the configured spelling, because that mismatch is the
 most common field failure (Windows share "Ward3" vs. queue "ward3").
 
+A queue an operator disabled (``relay.queuestate``) refuses new jobs the
+same way, with a line saying so; lpq and lprm still work.
+
 ``folder_name`` turns a queue into one safe path component for hot folders;
 names from the wire are never used as paths as they are (SPEC §4.3).  A hot
 folder under the catch-all gets one subfolder per distinct wire name, so the
@@ -25,6 +28,7 @@ from collections.abc import Iterable
 
 from relay.config import CATCH_ALL, Config, QueueConfig
 from relay.errors import REPLY_NOT_ACCEPTING, ProtocolError
+from relay.queuestate import QueueStates
 
 __all__ = ["QueueRouter", "folder_name", "hot_folder_names", "sanitize_name"]
 
@@ -65,7 +69,8 @@ def folder_name(queue: str, wire_queue: str) -> str:
 class QueueRouter:
     """Maps wire queue names to configured queues; built once from a ``Config``."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, states: QueueStates | None = None) -> None:
+        self._states = states
         self._fold = config.server.queue_names != "exact"
         self._queues: tuple[QueueConfig, ...] = tuple(config.queues.values())
         self._catch_all = config.queues.get(CATCH_ALL)
@@ -89,12 +94,16 @@ class QueueRouter:
         name new to the catch-all counts against ``max_catch_all_queues``.
         """
         queue = self._table.get(wire_name.casefold() if self._fold else wire_name)
-        if queue is not None:
-            return queue
-        if self._catch_all is not None:
+        if queue is None and self._catch_all is not None:
             if new_job:
                 self._admit_catch_all(wire_name)
-            return self._catch_all
+            queue = self._catch_all
+        if queue is not None:
+            if new_job and self._states is not None and self._states.get(queue.name).disabled:
+                raise ProtocolError(f"queue '{sanitize_name(wire_name)}' is disabled (lpc "
+                                    "disable): not accepting jobs", reply=REPLY_NOT_ACCEPTING,
+                                    reason="unknown_queue")
+            return queue
         raise ProtocolError(self._refusal(wire_name), reply=REPLY_NOT_ACCEPTING,
                             reason="unknown_queue")
 

@@ -34,7 +34,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,7 @@ from relay import log, status
 from relay.config import QueueConfig
 from relay.errors import SinkError, SinkRejected, SpoolFileMissing
 from relay.metrics import Metrics
+from relay.runnerctl import RunnerControl
 from relay.sinks import Sink, destination_key, destination_problem
 from relay.spool import JobMeta, Spool
 
@@ -66,7 +67,7 @@ class _Dest:
     error: str = ""
 
 
-class QueueRunner:
+class QueueRunner(RunnerControl):
     """Delivers one queue's jobs to its destinations."""
 
     def __init__(self, queue: QueueConfig, sinks: Sequence[Sink], spool: Spool,
@@ -88,7 +89,14 @@ class QueueRunner:
         self._first_failure: dict[str, float] = {}   # job id -> trio clock
         self._changed = trio.Event()
         self._metric_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self.retired = ""                 # why the queue left the configuration (reload)
+        self.stopped = False              # lpc stop: jobs wait, none is delivered
+        self._nursery: trio.Nursery | None = None
+        self._workers = 0                 # worker tasks started
         self._check_destinations()
+
+    def _dest(self, sink: Sink) -> _Dest:
+        return _Dest(sink)
 
     @property
     def sinks(self) -> tuple[Sink, ...]:
@@ -175,14 +183,23 @@ class QueueRunner:
 
     # -- delivering ---------------------------------------------------------
 
+    def _start_workers(self) -> None:
+        while self._nursery is not None and self._workers < self.queue.concurrency:
+            self._nursery.start_soon(self._worker, self._workers)
+            self._workers += 1
+
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
-            for _ in range(self.queue.concurrency):
-                nursery.start_soon(self._worker)
+            self._nursery = nursery
+            self._start_workers()
 
-    async def _worker(self) -> None:
+    async def _worker(self, slot: int) -> None:
         while True:
-            jobs, index, trial = await self._take()
+            taken = await self._take(slot)
+            if taken is None:
+                self._workers -= 1
+                return
+            jobs, index, trial = taken
             try:
                 await self._attempt(jobs, index, trial)
             finally:
@@ -190,11 +207,18 @@ class QueueRunner:
                     self.in_flight.pop(job.id, None)
                 if trial:
                     self._trial = False
+                if self.retired:
+                    self._hold_pending()
 
-    async def _take(self) -> tuple[list[JobMeta], int, bool]:
-        """The next jobs (up to the chosen sink's batch) once the queue is not backing off."""
+    async def _take(self, slot: int) -> tuple[list[JobMeta], int, bool] | None:
+        """The next jobs (up to the chosen sink's batch) once the queue is not backing off.
+
+        None: this worker is no longer wanted (queue removed, concurrency lowered).
+        """
         while True:
-            if self.pending and trio.current_time() >= self.retry_at:
+            if self.retired or slot >= self.queue.concurrency:
+                return None
+            if self.pending and not self.stopped and trio.current_time() >= self.retry_at:
                 index, trial = self._route()
                 limit = self.dests[index].sink.batch
                 jobs = [self.pending.popleft() for _ in range(min(limit, len(self.pending)))]
@@ -214,9 +238,13 @@ class QueueRunner:
         return self.active, False
 
     async def _attempt(self, jobs: list[JobMeta], index: int, trial: bool) -> None:
-        sink = self.dests[index].sink
+        dests = self.dests
+        sink = dests[index].sink
         dest = self.metrics.destination_label(sink.destination.uri)
         done, error = await sink.deliver_many(jobs)
+        if self.dests is not dests:     # a reload changed the destinations meanwhile
+            await self._stale_result(jobs, done, error, dest)
+            return
         for job in jobs[:done]:
             self._count_attempt(dest, "ok")
             self._delivered(job, index, dest)
@@ -243,6 +271,19 @@ class QueueRunner:
             self._count_retry(dest, sink, failed, error)
             self._failed(failed, index, _describe(error))
 
+    async def _stale_result(self, jobs: list[JobMeta], done: int, error: Exception | None,
+                            dest: str) -> None:
+        """An attempt on a destination a reload replaced: delivered jobs leave the
+        spool; the rest go back to the front, for the new destinations, no backoff."""
+        for job in jobs[:done]:
+            self._count_attempt(dest, "ok")
+            self._gone(job, dest, dest)
+        if done:
+            await self.spool.sync()
+        if error is not None:
+            self.pending.extendleft(reversed(jobs[done:]))
+            self._notify()
+
     def _count_attempt(self, dest: str, result: str) -> None:
         self.metrics.delivery_attempts_total.labels(destination=dest, result=result).inc()
 
@@ -265,11 +306,15 @@ class QueueRunner:
         ).set(1 if up else 0)
 
     def _delivered(self, job: JobMeta, index: int, dest: str) -> None:
-        self.spool.remove(job.id)
-        self._first_failure.pop(job.id, None)
         if index == self.active:
             self.failures = 0
         self._mark(index, True, "")
+        self._gone(job, dest, self.dests[index].sink.destination.uri)
+
+    def _gone(self, job: JobMeta, dest: str, uri: str) -> None:
+        """A confirmed job leaves the spool; counted and logged."""
+        self.spool.remove(job.id)
+        self._first_failure.pop(job.id, None)
         jobs, size, seconds = self._children(job.queue, dest)
         jobs.inc()
         size.inc(job.total_bytes)
@@ -277,7 +322,7 @@ class QueueRunner:
         seconds.observe(latency)
         log.count("delivered")
         log.event("debug", "job_delivered", job=job.id, queue=job.queue,
-                  destination=self.dests[index].sink.destination.uri, seconds=round(latency, 3))
+                  destination=uri, seconds=round(latency, 3))
 
     def _children(self, queue: str, dest: str) -> tuple[Any, Any, Any]:
         """The labelled metric children for (queue label, destination), looked up once."""
@@ -382,33 +427,3 @@ class QueueRunner:
 def _describe(error: Exception) -> str:
     """The text lpq and the log show: a sink's own message, a bug's with its type."""
     return str(error) if isinstance(error, SinkError) else f"{type(error).__name__}: {error}"
-
-
-class Scheduler:
-    """All queue runners; the server's ``Delivery``."""
-
-    def __init__(self, runners: Mapping[str, QueueRunner]) -> None:
-        self.runners = dict(runners)
-
-    def submit(self, job: JobMeta) -> None:
-        runner = self.runners.get(job.queue)
-        if runner is None:
-            log.event("warning", "job_without_queue", job=job.id, queue=job.queue,
-                      error="queue no longer configured; job kept in the spool")
-            return
-        runner.submit(job)
-
-    def wake(self, queue: str, job_ids: Sequence[str] = ()) -> None:
-        self.runners[queue].wake(job_ids)
-
-    def queue_state(self, queue: str) -> status.QueueState:
-        return self.runners[queue].state()
-
-    def remove(self, queue: str, job_ids: Sequence[str]) -> list[str]:
-        return self.runners[queue].remove(job_ids)
-
-    async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(log.summary_loop)
-            for runner in self.runners.values():
-                nursery.start_soon(runner.run)

@@ -4,7 +4,8 @@ Under ``Type=notify`` systemd passes ``$NOTIFY_SOCKET``, a unix datagram
 socket (a name starting with ``@`` is in the abstract namespace), and
 expects newline-separated ``KEY=VALUE`` assignments in single datagrams:
 ``READY=1`` once the service is usable, ``STATUS=`` a one-line summary that
-``systemctl status`` shows, ``STOPPING=1`` when shutdown begins, and with
+``systemctl status`` shows, ``STOPPING=1`` when shutdown begins, ``RELOADING=1`` then ``READY=1``
+around a SIGHUP reload, and with
 ``WatchdogSec=`` a ``WATCHDOG=1`` at least every ``$WATCHDOG_USEC``
 microseconds (sd_watchdog_enabled(3) recommends half of it).  The protocol
 is a dozen lines of socket code, so it is spoken here rather than through
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping, Sized
 from dataclasses import dataclass
 from typing import Protocol
@@ -117,3 +119,14 @@ async def keep_alive(notifier: Notifier, status: Callable[[], str]) -> None:
             if (new := status()) != line:
                 line = new
                 notifier.send(f"STATUS={line}")
+
+
+def reloading(notifier: Notifier) -> None:
+    """RELOADING=1 (with MONOTONIC_USEC, as systemd's notify-reload wants) before a reload."""
+    usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    notifier.send("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading the configuration")
+
+
+def reloaded(notifier: Notifier, outcome: str) -> None:
+    """READY=1 after a reload, whatever its outcome (a refused file leaves the old one running)."""
+    notifier.send("READY=1", f"STATUS=reload {outcome}")

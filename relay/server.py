@@ -15,6 +15,7 @@ cancel the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import math
 import socket as pysocket
@@ -92,31 +93,95 @@ class LpdServer:
         self.listeners: list[trio.socket.SocketType] = []
         self.tls = InboundTls(config, metrics) if config.listen_tls else None
         self.proxy = ProxySource(config, metrics) if config.proxy_protocol else None
+        self._by_listen: dict[Listen, tuple[trio.socket.SocketType, trio.CancelScope]] = {}
+        self._accepts: trio.Nursery | None = None
+        self._connections: trio.Nursery | None = None
         self.closed = trio.Event()
 
     async def serve(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]]
                     = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until stop_accepting(); then let connections finish for graceful_timeout."""
         self._seed_catch_all()
-        self.listeners = [open_listener(listen, key=f"server.listen[{i}]")
-                          for i, listen in enumerate(self.config.listen)]
-        plain = len(self.listeners)
-        self.listeners += [open_listener(listen, key=f"server.listen_tls[{i}]")
-                           for i, listen in enumerate(self.config.listen_tls)]
+        opened = self.open_listeners(self.config.listen)
+        try:   # TLS listeners stay as started: listen_tls changes need a restart
+            tls_listeners = [open_listener(listen, key=f"server.listen_tls[{i}]")
+                             for i, listen in enumerate(self.config.listen_tls)]
+        except BaseException:
+            for sock in opened.values():
+                sock.close()
+            raise
         try:
             async with trio.open_nursery() as connections:
+                self._connections = connections
                 with trio.CancelScope() as self._accepting:
                     async with trio.open_nursery() as accepts:
-                        for i, lsock in enumerate(self.listeners):
-                            accepts.start_soon(self._accept_loop, lsock, connections,
-                                               i >= plain)
-                        task_status.started([lsock.getsockname()[:2] for lsock in self.listeners])
+                        self._accepts = accepts
+                        self._start_listeners(opened)
+                        for lsock in tls_listeners:
+                            self.listeners.append(lsock)
+                            accepts.start_soon(self._accept_loop, lsock, connections, True)
+                        task_status.started(self.bound())
                 self._close_listeners()
                 connections.cancel_scope.deadline = (
                     trio.current_time() + self.config.graceful_timeout)
         finally:
             self._close_listeners()
             self.closed.set()
+
+    # -- reload: listeners opened and closed, new connections get a new context --
+
+    def open_listeners(self, listen: tuple[Listen, ...]) -> dict[Listen, trio.socket.SocketType]:
+        """Bind the addresses of ``listen`` not listened on yet (all or none: BindError)."""
+        opened: dict[Listen, trio.socket.SocketType] = {}
+        try:
+            for i, address in enumerate(listen):
+                if address not in self._by_listen and address not in opened:
+                    opened[address] = open_listener(address, key=f"server.listen[{i}]")
+        except BaseException:
+            for sock in opened.values():
+                sock.close()
+            raise
+        return opened
+
+    def reload_tls(self, config: ServerConfig) -> None:
+        """Re-read the TLS listeners' certificate, key, CA and peers (ConfigError: unchanged)."""
+        if self.tls is not None and config.tls is not None:
+            self.tls.reload(config.tls)
+
+    def reconfigure(self, config: ServerConfig, router: QueueRouter,
+                    opened: dict[Listen, trio.socket.SocketType]) -> None:
+        """Serve new connections with ``config``/``router``; connections in flight keep theirs.
+
+        ``opened`` (from ``open_listeners``) start accepting; addresses no
+        longer in ``config.listen`` stop accepting and close.
+        """
+        self.config, self.router = config, router
+        self.context = dataclasses.replace(self.context, config=config, router=router)
+        self._seed_catch_all()
+        for address in [a for a in self._by_listen if a not in config.listen]:
+            sock, scope = self._by_listen.pop(address)
+            scope.cancel()
+            self.listeners.remove(sock)
+            sock.close()
+            log.event("info", "listener_closed", listen=str(address))
+        self._start_listeners(opened)
+
+    def bound(self) -> list[tuple[str, int]]:
+        """The addresses accepting now."""
+        return [lsock.getsockname()[:2] for lsock in self.listeners]
+
+    def _start_listeners(self, opened: dict[Listen, trio.socket.SocketType]) -> None:
+        assert self._accepts is not None and self._connections is not None
+        for address, lsock in opened.items():
+            scope = trio.CancelScope()
+            self._by_listen[address] = (lsock, scope)
+            self.listeners.append(lsock)
+            self._accepts.start_soon(self._listen_until_removed, lsock, scope, self._connections)
+
+    async def _listen_until_removed(self, lsock: trio.socket.SocketType, scope: trio.CancelScope,
+                                    nursery: trio.Nursery) -> None:
+        with scope:
+            await self._accept_loop(lsock, nursery)
 
     def _seed_catch_all(self) -> None:
         # max_catch_all_queues counts the names the catch-all already has:

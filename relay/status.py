@@ -49,6 +49,7 @@ class QueueState:
     destinations: tuple[DestinationState, ...]
     next_retry: float | None = None      # epoch seconds, when backing off
     server: str = ""                     # SERVER_LINE from the daemon; "" leaves it out
+    notice: str = ""                     # operator state (lpc), e.g. "disabled, printing stopped"
 
 
 def _rank(index: int, job: JobMeta, in_flight: frozenset[str]) -> str:
@@ -63,7 +64,10 @@ def _rank(index: int, job: JobMeta, in_flight: frozenset[str]) -> str:
 
 def _headline(state: QueueState) -> list[str]:
     lines = []
-    if not state.jobs:
+    if state.notice:
+        lines.append(f"{_p(state.queue)} is {state.notice}")
+        lines += [] if state.jobs else ["no entries"]
+    elif not state.jobs:
         lines += [f"{_p(state.queue)} is ready", "no entries"]
     else:
         printing = "and printing" if state.in_flight else "and waiting"

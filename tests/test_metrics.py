@@ -46,6 +46,7 @@ SPEC_TABLE = {
     # SPEC §9
     "lpdrelay_tls_certificate_expiry_seconds": ("gauge", {"role"}),
     "lpdrelay_tls_handshake_failures_total": ("counter", {"reason"}),
+    "lpdrelay_queue_state": ("gauge", {"queue", "state"}),
     # Beyond SPEC §7's table (docs/observability.md):
     "lpdrelay_destination_failovers_total": ("counter", {"queue", "direction"}),
 }

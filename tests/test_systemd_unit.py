@@ -99,8 +99,8 @@ def test_unit_is_notify_sandboxed_and_capped() -> None:
         assert s[key] == [value], key
     # Written only where it writes: the state directory.
     assert s["ReadWritePaths"] == ["/var/lib/lpd-relay"]
-    # Reload is not built: no ExecReload that would send a SIGHUP that ends it.
-    assert "ExecReload" not in s
+    # systemctl reload: the CLI's SIGHUP, which fails when the daemon refuses the file.
+    assert s["ExecReload"] == ["/usr/bin/lpd-relay reload -c /etc/lpd-relay/relay.toml"]
     # Two descriptors per connection at the default max_connections, plus room.
     max_connections = int(_SERVER["max_connections"][1])  # type: ignore[call-overload]
     assert int(s["LimitNOFILE"][0]) >= 2 * max_connections + 1024
