@@ -38,6 +38,7 @@ def metric(relay: LoggedRelay, queue: str, state: str) -> float:
 def start(tmp: Path, queues: dict[str, Any]) -> tuple[Path, LoggedRelay]:
     data = config(tmp, queues)
     data["metrics"] = {"listen": "127.0.0.1:0"}
+    data["log"] = {"format": "json", "level": "debug"}   # job_delivered is a debug event
     data["queues"]["ward3"]["concurrency"] = 1
     path = tmp / "relay.toml"
     from tests.daemon import write_config_file

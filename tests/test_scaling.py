@@ -46,8 +46,9 @@ def instance(tmp: Path, name: str, port: int, lpd_port: int) -> LoggedRelay:
     config = relay_config(
         tmp / name, server={"listen": [f"127.0.0.1:{port}"], "proxy_protocol": True,
                             "proxy_trusted": ["127.0.0.1/32"], "allow": ["127.0.0.2/32"]},
-        queues={"q": {"destinations": [f"lpd://127.0.0.1:{lpd_port}/q?timeout=2s&reserve=any"]}},
-        retry={"initial": "100ms", "max": "500ms"})
+        queues={"q": {"destinations": [f"lpd://127.0.0.1:{lpd_port}/q?timeout=2s&reserve=none"]}},
+        retry={"initial": "100ms", "max": "500ms"},
+        log={"format": "json", "level": "debug"})   # job_received is a debug event
     return LoggedRelay(write_config_file(tmp / f"{name}.toml", config))
 
 
