@@ -21,12 +21,16 @@ import sys
 import trio
 
 from relay import status
-from relay.config import Config, InvalidConfig, embedded_default, load_config
+from relay.config import Config
 from relay.errors import SinkError
 from relay.lpc import JOB_OPERATIONS, OPERATIONS
 from relay.queuestate import QueueStates
 from relay.spool import Spool
-from relay.spoolcli import _ask_daemon, daemon_running  # the daemon, found as `spool` does
+from relay.spoolcli import (  # the daemon, found as `spool` does
+    _ask_daemon,
+    cli_config,
+    daemon_running,
+)
 
 __all__ = ["main_ctl"]
 
@@ -109,10 +113,7 @@ def _offline_jobs(config: Config, spool: Spool, states: QueueStates, queue: str,
 
 
 def main_ctl(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config) if args.config else embedded_default(port=5515)
-    except InvalidConfig as exc:
-        print(f"lpd-relay: invalid configuration:\n{exc}", file=sys.stderr)
+    if (config := cli_config(args)) is None:
         return 2
     try:
         queue, operation, rest = parse_words([args.queue, args.operation, *args.args])

@@ -34,7 +34,7 @@ import orjson
 import trio
 
 from relay import log
-from relay.config import Config, InvalidConfig, Listen, QueueConfig, embedded_default, load_config
+from relay.config import Config, InvalidConfig, Listen, QueueConfig, load_config
 from relay.dispatch import Scheduler
 from relay.errors import BindError, ConfigError
 from relay.metrics import Metrics
@@ -195,12 +195,9 @@ def _wait_outcome(spool_dir: str, before: int, timeout: float) -> dict[str, Any]
 
 def main_reload(args: argparse.Namespace) -> int:
     """Send SIGHUP to the daemon serving the configuration's spool; report what it did."""
-    from relay.spoolcli import daemon_running  # the CLI side only
+    from relay.spoolcli import cli_config, daemon_running  # the CLI side only
 
-    try:
-        config = load_config(args.config) if args.config else embedded_default(port=5515)
-    except InvalidConfig as exc:
-        print(f"lpd-relay: invalid configuration:\n{exc}", file=sys.stderr)
+    if (config := cli_config(args)) is None:
         return 2
     spool_dir = str(config.server.spool_dir)
     try:

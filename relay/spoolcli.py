@@ -173,11 +173,21 @@ def _purge_each(spool: Spool, config: Config, args: argparse.Namespace) -> int:
 ACTIONS = {"list": _list, "show": _show, "retry": _retry, "purge": _purge_each}
 
 
-def main_spool(args: argparse.Namespace) -> int:
+def cli_config(args: argparse.Namespace) -> Config | None:
+    """The configuration a spool-side command (spool, ctl, reload) works on.
+
+    ``-c FILE``, else the embedded default's spool; None (said on stderr)
+    when the file is invalid, for the caller to exit 2.
+    """
     try:
-        config = load_config(args.config) if args.config else embedded_default(port=5515)
+        return load_config(args.config) if args.config else embedded_default(port=5515)
     except InvalidConfig as exc:
         print(f"lpd-relay: invalid configuration:\n{exc}", file=sys.stderr)
+        return None
+
+
+def main_spool(args: argparse.Namespace) -> int:
+    if (config := cli_config(args)) is None:
         return 2
     spool_dir = str(config.server.spool_dir)
     if not os.path.isdir(os.path.join(spool_dir, "jobs")):
