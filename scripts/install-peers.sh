@@ -61,54 +61,9 @@ warn_missing_commands() {
     done
 }
 
-POLICY_BACKUP=""
-POLICY_TMPDIR=""
-
-# Block service starts during the install: invoke-rc.d asks policy-rc.d, and
-# exit code 101 means "action forbidden".
-block_service_starts() {
-    POLICY_TMPDIR=$(mktemp -d) || return 1
-    if [ -e "$POLICY" ] || [ -L "$POLICY" ]; then
-        POLICY_BACKUP="$POLICY_TMPDIR/policy-rc.d"
-        cp -a "$POLICY" "$POLICY_BACKUP" || return 1
-    fi
-    trap restore_policy EXIT INT TERM
-    printf '#!/bin/sh\n# written by install-peers.sh for the duration of the install\nexit 101\n' >"$POLICY.install-peers" &&
-        chmod 755 "$POLICY.install-peers" &&
-        mv -f "$POLICY.install-peers" "$POLICY"
-}
-
-restore_policy() {
-    if [ -n "$POLICY_BACKUP" ]; then
-        mv -f "$POLICY_BACKUP" "$POLICY"   # same file, mode, owner and times
-    else
-        rm -f "$POLICY"
-    fi
-    [ -n "$POLICY_TMPDIR" ] && rm -rf "$POLICY_TMPDIR"
-    POLICY_BACKUP="" POLICY_TMPDIR=""
-    trap - EXIT INT TERM
-}
-
-apt_install() {
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-        --no-remove -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$@"
-}
-
-# Install, and when apt has no package lists yet (fresh image), update once
-# and retry once.
-install_packages() {
-    local log status
-    log=$(mktemp) || return 1
-    apt_install "$@" 2>&1 | tee "$log"
-    status=${PIPESTATUS[0]}
-    if [ "$status" -ne 0 ] && grep -qE 'Unable to locate package|has no installation candidate|is not available' "$log"; then
-        say "apt has no package lists for: $*; running apt-get update and retrying once"
-        DEBIAN_FRONTEND=noninteractive apt-get update -q && apt_install "$@"
-        status=$?
-    fi
-    rm -f "$log"
-    return "$status"
-}
+APT_TAG=install-peers
+# shellcheck source=scripts/apt-lib.sh
+. "$(dirname "$0")/apt-lib.sh"
 
 main() {
     local missing
