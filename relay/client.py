@@ -22,12 +22,13 @@ from __future__ import annotations
 import contextlib
 import os
 import socket as pysocket
+import ssl
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import trio
 
-from relay import _core
+from relay import _core, tls
 from relay.errors import (
     REPLY_BAD_JOB,
     REPLY_OK,
@@ -38,6 +39,7 @@ from relay.errors import (
 from relay.fastio import FastSocket
 from relay.sinks.base import open_spool_file, stream_file
 from relay.tls import TlsStream
+from relay.uri import Destination
 
 # The steps a reply answers (``SinkError.step``): the 0x02 command itself,
 # then each file's header and its end.  Probe tells a refused 0x02 from a
@@ -215,6 +217,57 @@ async def open_channel(host: str, port: int, *, io_timeout: float) -> Channel:
         raise SinkUnavailable(f"cannot connect to {host}:{port}: timed out",
                               reason="timeout") from exc
     return Channel(sock, timeout=io_timeout, peer=f"{host}:{port}")
+
+
+class TlsHandshakeFailed(SinkUnavailable):
+    """The TLS handshake of an ``lpds://`` connection failed; ``tls_reason`` is the
+    ``lpdrelay_tls_handshake_failures_total`` label (expired, unknown_ca, ...)."""
+
+    def __init__(self, message: str, *, reason: str, tls_reason: str) -> None:
+        super().__init__(message, reason=reason)
+        self.tls_reason = tls_reason
+
+
+def tls_context(dest: Destination) -> ssl.SSLContext:
+    """The client context of an ``lpds://`` destination; ValueError when a file is unreadable."""
+    try:
+        return tls.client_context(dest.tls_ca, dest.tls_cert, dest.tls_key)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{dest.uri}: cannot load ca=, cert= or key=: {exc}") from exc
+
+
+async def start_tls(ch: Channel, dest: Destination, ctx: ssl.SSLContext,
+                    handshake_timeout: float) -> None:
+    """Handshake on ``ch`` (verified as ``servername`` or the host); its I/O then goes
+    through TLS.  ``TlsHandshakeFailed`` (``ch`` closed) when the handshake fails."""
+    stream = TlsStream.wrap(ch.sock, ctx, server_hostname=dest.servername or dest.host)
+    try:
+        with trio.fail_after(handshake_timeout):
+            await stream.handshake()
+    except (OSError, trio.TooSlowError) as exc:
+        await ch.aclose()
+        if isinstance(exc, trio.TooSlowError):
+            reason, why = "other", f"timed out after {handshake_timeout:g}s"
+        else:
+            reason, why = tls.failure_reason(exc), tls.describe_failure(exc)
+        retry = "timeout" if isinstance(exc, trio.TooSlowError) else (
+            "other" if isinstance(exc, ssl.SSLError) else "reset")
+        raise TlsHandshakeFailed(f"{dest.host}:{dest.port}: TLS handshake failed ({reason}): "
+                                 f"{why}", reason=retry, tls_reason=reason) from None
+    except BaseException:
+        await ch.aclose()
+        raise
+    ch.io = stream
+
+
+async def open_destination(dest: Destination, *, io_timeout: float,
+                           ctx: ssl.SSLContext | None = None) -> Channel:
+    """A plain channel to an ``lpd://`` destination, or a TLS one to an ``lpds://`` one
+    (``ctx`` from ``tls_context``, made here when not given)."""
+    ch = await open_channel(dest.host, dest.port, io_timeout=io_timeout)
+    if dest.scheme == "lpds":
+        await start_tls(ch, dest, ctx or tls_context(dest), io_timeout)
+    return ch
 
 
 async def send_job(ch: Channel, *, queue: str, cf_name: str, control: bytes,
