@@ -30,7 +30,6 @@ import trio
 
 from relay import client, progress
 from relay.errors import SinkError, SinkRejected
-from relay.sinks.lpd import short_hostname
 from relay.units import parse_duration
 from relay.uri import Destination, parse_destination
 
@@ -120,9 +119,9 @@ async def _send(dest: Destination, args: argparse.Namespace, io_timeout: float) 
     with _documents(args.files, args.mode) as documents:
         cf_name, control, files = client.build_job(
             documents, user=user, title=args.title or documents[0].name,
-            host=short_hostname(), number=random.randrange(1000))
+            host=client.short_hostname(), number=random.randrange(1000))
         bar = _bar(files)
-        ch = _CliChannel(await client.open_destination(dest, io_timeout=io_timeout), bar)
+        ch = _CliChannel(await client.connect(dest, io_timeout=io_timeout), bar)
         try:
             await client.send_job(ch, queue=dest.path, cf_name=cf_name, control=control,
                                   files=files, mode=args.mode, order=dest.order)
@@ -136,7 +135,7 @@ async def _send(dest: Destination, args: argparse.Namespace, io_timeout: float) 
 
 
 async def _queue(dest: Destination, args: argparse.Namespace, io_timeout: float) -> None:
-    ch = await client.open_destination(dest, io_timeout=io_timeout)
+    ch = await client.connect(dest, io_timeout=io_timeout)
     try:
         sys.stdout.write(await client.query(ch, dest.path, long=args.long))
     finally:
@@ -144,7 +143,7 @@ async def _queue(dest: Destination, args: argparse.Namespace, io_timeout: float)
 
 
 async def _remove(dest: Destination, args: argparse.Namespace, io_timeout: float) -> None:
-    ch = await client.open_destination(dest, io_timeout=io_timeout)
+    ch = await client.connect(dest, io_timeout=io_timeout)
     try:
         agent = args.agent or getpass.getuser()
         sys.stdout.write(await client.remove(ch, dest.path, agent, args.items))

@@ -44,7 +44,6 @@ from relay import client, tls
 from relay.errors import ConfigError, OriginPortUnavailable, SinkError
 from relay.originports import OriginPortPool
 from relay.probematrix import Matrix, cells, empty_matrix, lpr_byte_counting, recommended, render
-from relay.sinks.lpd import short_hostname
 from relay.units import parse_duration
 from relay.uri import Destination, format_hostport, parse_destination
 
@@ -207,21 +206,9 @@ class _Checks:
         return tls.session_line(self.tls)
 
     async def _open(self, reserve: str | None) -> client.Channel:
-        d = self.dest
-        if reserve is None:
-            ch = await client.open_channel(d.host, d.port, io_timeout=self.io_timeout)
-        else:
-            # A short linger: probe runs once, nobody waits on the port afterwards.
-            pool = OriginPortPool.for_reserve(reserve, linger=1.0)
-            conn = await pool.connect(d.host, d.port, timeout=self.io_timeout)
-
-            async def release(peer_closed: bool) -> None:
-                await conn.aclose(peer_closed=peer_closed)
-            ch = client.Channel(conn.socket, timeout=self.io_timeout,
-                                peer=format_hostport(d.host, d.port), closer=release)
-        if self.ctx is not None:
-            await client.start_tls(ch, d, self.ctx, self.io_timeout)
-        return ch
+        # A short linger: probe runs once, nobody waits on the port afterwards.
+        pool = None if reserve is None else OriginPortPool.for_reserve(reserve, linger=1.0)
+        return await client.connect(self.dest, pool, io_timeout=self.io_timeout, ctx=self.ctx)
 
     async def lpq(self, reserve: str | None = None) -> str:
         ch = await self._open(reserve)
@@ -236,7 +223,7 @@ class _Checks:
 
     async def send(self, mode: str, reserve: str | None = None,
                    order: str | None = None) -> str:
-        cf_name, control, files = build_test_page(self.dest, short_hostname())
+        cf_name, control, files = build_test_page(self.dest, client.short_hostname())
         ch = await self._open(reserve)
         try:
             await client.send_job(ch, queue=self.dest.path, cf_name=cf_name, control=control,

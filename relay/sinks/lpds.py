@@ -41,15 +41,12 @@ class LpdsSink(LpdSink):
             f" verified as {self.server_hostname}")
 
     async def _connect(self) -> client.Channel:
-        ch = await super()._connect()
         try:
-            await client.start_tls(ch, self.destination, self.ssl_context,
-                                   self.destination.timeout)
+            return await super()._connect()    # client.connect: TCP, then the handshake
         except client.TlsHandshakeFailed as exc:
             if self.metrics is not None:
                 self.metrics.tls_handshake_failures_total.labels(reason=exc.tls_reason).inc()
             raise
-        return ch
 
 
 register("lpds", LpdsSink)
