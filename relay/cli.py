@@ -45,7 +45,8 @@ MODE_ARG = Arg(names=("--mode",), options={
     "help": "data-file length: count = exact byte count (every receiver takes it), "
             "stream = 0 and data until close (LPRng), windows = the fake length of "
             "Windows with LPR byte counting off (default: count)"})
-URI_ARG = Arg(names=("uri",), options={"metavar": "URI", "help": "lpd://host[:port]/queue"})
+URI_ARG = Arg(names=("uri",), options={
+    "metavar": "URI", "help": "lpd://host[:port]/queue or lpds://host:port/queue?ca=...&cert=..."})
 
 
 def _timeout_arg(what: str) -> Arg:
@@ -121,7 +122,8 @@ COMMANDS: tuple[Command, ...] = (
                     "type": float, "default": 10.0, "metavar": "SECONDS",
                     "help": "how long to wait for the daemon to report the outcome "
                             "(default: 10)"}))),
-    Command(name="probe", help="diagnose a destination: lpd:// (field checklist), socket://, usb://",
+    Command(name="probe",
+            help="diagnose a destination: lpd://, lpds:// (field checklist), socket://, usb://",
             handler="relay.probe:main_probe", args=(
                 URI_ARG,
                 Arg(names=("--json",), options={

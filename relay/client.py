@@ -1,6 +1,9 @@
 """Outbound LPD client: send a job, ask for queue state, remove jobs (RFC 1179 §5).
 
-Used by the ``lpd://`` sink and by ``lpd-relay send|queue|remove``.  The bytes
+Used by the ``lpd://`` and ``lpds://`` sinks, by ``probe`` and by ``lpd-relay
+send|queue|remove``, all through ``connect``: one way out, from an ephemeral
+port or an origin-port pool, every resolved address tried in order, with the
+TLS handshake for ``lpds://``.  The bytes
 on the wire come from ``relay._core`` (headers are written whole, in one send
 each — FIELD-NOTES pain point 11); replies are read with its ``ReplyParser``,
 which tolerates a stray LF after the reply byte and LPRng's error lines.
@@ -21,13 +24,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket as pysocket
+import ssl
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from relay import _core
+from relay import _core, tls
 from relay.errors import (
     REPLY_BAD_JOB,
     REPLY_OK,
@@ -36,8 +42,12 @@ from relay.errors import (
     reason_for_errno,
 )
 from relay.fastio import FastSocket
-from relay.sinks.base import open_spool_file, stream_file
+from relay.streams import open_spool_file, stream_file
 from relay.tls import TlsStream
+from relay.uri import Destination, format_hostport
+
+if TYPE_CHECKING:
+    from relay.originports import OriginPortPool
 
 # The steps a reply answers (``SinkError.step``): the 0x02 command itself,
 # then each file's header and its end.  Probe tells a refused 0x02 from a
@@ -57,6 +67,12 @@ class OutFile:
     size: int
     path: str | None = None
     data: bytes | None = None
+
+
+def short_hostname() -> str:
+    """This host's name as an H line and job names carry it: short, letters, digits, '-'."""
+    name = pysocket.gethostname().split(".", 1)[0]
+    return re.sub(r"[^A-Za-z0-9-]", "", name)[:32] or "lpdrelay"
 
 
 # dfA..dfZ, dfa..dfz: RFC 1179 names at most 52 data files per job.
@@ -196,25 +212,110 @@ class Channel:
 
 
 async def open_channel(host: str, port: int, *, io_timeout: float) -> Channel:
-    """A plain connection from an ephemeral port (no origin-port pool)."""
+    """A plain connection from an ephemeral port (no origin-port pool).
+
+    Every address the name resolves to is tried in getaddrinfo's order (RFC
+    6724) until one answers, all within ``io_timeout``: a name with an IPv6
+    and an IPv4 address reaches the one that listens.
+    """
     try:
         with trio.fail_after(io_timeout):
             infos = await trio.socket.getaddrinfo(host, port, type=pysocket.SOCK_STREAM)
-            family, type_, proto, _, addr = infos[0]
-            sock = trio.socket.socket(family, type_, proto)
-            try:
-                sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
-                await sock.connect(addr)
-            except BaseException:
-                sock.close()
-                raise
+            sock = await _connect_first(infos)
     except OSError as exc:
-        raise SinkUnavailable(f"cannot connect to {host}:{port}: {exc}",
+        raise SinkUnavailable(f"cannot connect to {format_hostport(host, port)}: {exc}",
                               reason=reason_for_errno(exc.errno)) from exc
     except trio.TooSlowError as exc:
-        raise SinkUnavailable(f"cannot connect to {host}:{port}: timed out",
+        raise SinkUnavailable(f"cannot connect to {format_hostport(host, port)}: timed out",
                               reason="timeout") from exc
-    return Channel(sock, timeout=io_timeout, peer=f"{host}:{port}")
+    return Channel(sock, timeout=io_timeout, peer=format_hostport(host, port))
+
+
+async def _connect_first(infos: Sequence[Any]) -> trio.socket.SocketType:
+    """The first of ``infos`` (getaddrinfo answers) that accepts a connection."""
+    error: OSError = OSError("no address")
+    for family, type_, proto, _, addr in infos:
+        sock = trio.socket.socket(family, type_, proto)
+        try:
+            sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
+            await sock.connect(addr)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise error
+
+
+async def connect(dest: Destination, pool: OriginPortPool | None = None, *,
+                  io_timeout: float, connect_timeout: float | None = None,
+                  ctx: ssl.SSLContext | None = None) -> Channel:
+    """The one outbound connect: a channel to an ``lpd://`` or ``lpds://`` destination.
+
+    From an ephemeral port, or from ``pool`` (reserved origin ports); every
+    resolved address tried in order; for ``lpds://`` the TLS handshake
+    (``ctx`` from ``tls_context``, made here when not given), so the caller
+    gets one channel type whichever it is.  ``SinkUnavailable`` (a
+    ``TlsHandshakeFailed`` for the handshake) when it cannot be had.
+    """
+    contimeout = io_timeout if connect_timeout is None else connect_timeout
+    if pool is None:
+        ch = await open_channel(dest.host, dest.port, io_timeout=contimeout)
+        ch.timeout = io_timeout
+    else:
+        conn = await pool.connect(dest.host, dest.port, timeout=contimeout)
+
+        async def release(peer_closed: bool) -> None:
+            await conn.aclose(peer_closed=peer_closed)
+        ch = Channel(conn.socket, timeout=io_timeout,
+                     peer=format_hostport(dest.host, dest.port), closer=release)
+    if dest.scheme == "lpds":
+        await start_tls(ch, dest, ctx or tls_context(dest), io_timeout)
+    return ch
+
+
+class TlsHandshakeFailed(SinkUnavailable):
+    """The TLS handshake of an ``lpds://`` connection failed; ``tls_reason`` is the
+    ``lpdrelay_tls_handshake_failures_total`` label (expired, unknown_ca, ...)."""
+
+    def __init__(self, message: str, *, reason: str, tls_reason: str) -> None:
+        super().__init__(message, reason=reason)
+        self.tls_reason = tls_reason
+
+
+def tls_context(dest: Destination) -> ssl.SSLContext:
+    """The client context of an ``lpds://`` destination; ValueError when a file is unreadable."""
+    try:
+        return tls.client_context(dest.tls_ca, dest.tls_cert, dest.tls_key)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{dest.uri}: cannot load ca=, cert= or key=: {exc}") from exc
+
+
+async def start_tls(ch: Channel, dest: Destination, ctx: ssl.SSLContext,
+                    handshake_timeout: float) -> None:
+    """Handshake on ``ch`` (verified as ``servername`` or the host); its I/O then goes
+    through TLS.  ``TlsHandshakeFailed`` (``ch`` closed) when the handshake fails."""
+    stream = TlsStream.wrap(ch.sock, ctx, server_hostname=dest.servername or dest.host)
+    try:
+        with trio.fail_after(handshake_timeout):
+            await stream.handshake()
+    except (OSError, trio.TooSlowError) as exc:
+        await ch.aclose()
+        if isinstance(exc, trio.TooSlowError):
+            reason, why = "other", f"timed out after {handshake_timeout:g}s"
+        else:
+            reason, why = tls.failure_reason(exc), tls.describe_failure(exc)
+        retry = "timeout" if isinstance(exc, trio.TooSlowError) else (
+            "other" if isinstance(exc, ssl.SSLError) else "reset")
+        raise TlsHandshakeFailed(f"{dest.host}:{dest.port}: TLS handshake failed ({reason}): "
+                                 f"{why}", reason=retry, tls_reason=reason) from None
+    except BaseException:
+        await ch.aclose()
+        raise
+    ch.io = stream
 
 
 async def send_job(ch: Channel, *, queue: str, cf_name: str, control: bytes,

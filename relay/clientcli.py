@@ -1,8 +1,9 @@
 """``lpd-relay send | queue | remove``: an lpr, lpq and lprm for any LPD (SPEC §6).
 
 They speak to any RFC 1179 server, not only to the relay, through the same
-client code the ``lpd://`` sink uses.  Exit codes: 0 ok, 1 the server refused
-or could not be reached, 2 usage error.
+client code the ``lpd://`` sink uses; an ``lpds://`` URI (with ``ca=``,
+``cert=``, ``key=``, ``servername=``) speaks to them inside TLS.  Exit codes:
+0 ok, 1 the server refused or could not be reached, 2 usage error.
 
 ``send URI -`` reads the job from standard input, the way LPRng's lpr does:
 with ``--mode count`` it is first copied to a temporary file so the exact
@@ -29,15 +30,16 @@ import trio
 
 from relay import client, progress
 from relay.errors import SinkError, SinkRejected
-from relay.sinks.lpd import short_hostname
 from relay.units import parse_duration
 from relay.uri import Destination, parse_destination
 
 
 def _destination(uri: str) -> Destination:
     dest = parse_destination(uri)
-    if dest.scheme != "lpd":
-        raise ValueError(f"{uri}: only lpd:// URIs can be used here")
+    if dest.scheme not in ("lpd", "lpds"):
+        raise ValueError(f"{uri}: only lpd:// and lpds:// URIs can be used here")
+    if dest.scheme == "lpds":
+        client.tls_context(dest)   # an unreadable ca=, cert= or key= is a usage error
     return dest
 
 
@@ -55,6 +57,7 @@ class _CliChannel(client.Channel):
 
     def __init__(self, ch: client.Channel, bar: progress.Progress | None) -> None:
         super().__init__(ch.sock, timeout=ch.timeout, peer=ch.peer)
+        self.io = ch.io            # lpds://: the TLS stream
         self.bar = bar
 
     async def send_file(self, path: str, size: int) -> None:
@@ -116,10 +119,9 @@ async def _send(dest: Destination, args: argparse.Namespace, io_timeout: float) 
     with _documents(args.files, args.mode) as documents:
         cf_name, control, files = client.build_job(
             documents, user=user, title=args.title or documents[0].name,
-            host=short_hostname(), number=random.randrange(1000))
+            host=client.short_hostname(), number=random.randrange(1000))
         bar = _bar(files)
-        ch = _CliChannel(await client.open_channel(dest.host, dest.port,
-                                                   io_timeout=io_timeout), bar)
+        ch = _CliChannel(await client.connect(dest, io_timeout=io_timeout), bar)
         try:
             await client.send_job(ch, queue=dest.path, cf_name=cf_name, control=control,
                                   files=files, mode=args.mode, order=dest.order)
@@ -133,7 +135,7 @@ async def _send(dest: Destination, args: argparse.Namespace, io_timeout: float) 
 
 
 async def _queue(dest: Destination, args: argparse.Namespace, io_timeout: float) -> None:
-    ch = await client.open_channel(dest.host, dest.port, io_timeout=io_timeout)
+    ch = await client.connect(dest, io_timeout=io_timeout)
     try:
         sys.stdout.write(await client.query(ch, dest.path, long=args.long))
     finally:
@@ -141,7 +143,7 @@ async def _queue(dest: Destination, args: argparse.Namespace, io_timeout: float)
 
 
 async def _remove(dest: Destination, args: argparse.Namespace, io_timeout: float) -> None:
-    ch = await client.open_channel(dest.host, dest.port, io_timeout=io_timeout)
+    ch = await client.connect(dest, io_timeout=io_timeout)
     try:
         agent = args.agent or getpass.getuser()
         sys.stdout.write(await client.remove(ch, dest.path, agent, args.items))

@@ -25,8 +25,8 @@ import orjson
 import trio
 
 from relay import client, progress
+from relay.client import short_hostname
 from relay.errors import SinkError
-from relay.sinks.lpd import short_hostname
 from relay.units import parse_size
 from relay.uri import Destination, parse_destination
 

@@ -115,15 +115,15 @@ class OriginConnection:
 
 
 
-async def resolve(host: str, port: int, deadline: float) -> tuple[socket.AddressFamily, Any]:
-    # The first answer, in getaddrinfo's preference order (RFC 6724).
+async def resolve(host: str, port: int,
+                  deadline: float) -> list[tuple[socket.AddressFamily, Any]]:
+    """Every answer for ``host``, in getaddrinfo's preference order (RFC 6724)."""
     with trio.move_on_at(deadline):
         try:
             infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:   # socket.gaierror included
             raise SinkUnavailable(f"cannot resolve {host!r}: {exc}") from exc
-        family, _kind, _proto, _name, sockaddr = infos[0]
-        return family, sockaddr
+        return [(family, sockaddr) for family, _kind, _proto, _name, sockaddr in infos]
     raise SinkUnavailable(f"resolving {host!r} timed out", reason="timeout")
 
 

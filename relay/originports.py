@@ -24,7 +24,7 @@ from typing import Any, Final, Protocol
 
 import trio
 
-from relay.errors import ConfigError, OriginPortUnavailable
+from relay.errors import ConfigError, OriginPortUnavailable, SinkUnavailable
 from relay.originconn import (
     AddressBusy,
     Dest,
@@ -200,7 +200,20 @@ class OriginPortPool:
         ports busy").
         """
         deadline = trio.current_time() + timeout
-        family, sockaddr = await resolve(host, port, deadline)
+        error: SinkUnavailable | None = None
+        for family, sockaddr in await resolve(host, port, deadline):
+            try:   # every address in order: refused or unreachable -> the next
+                return await self._connect_to(family, sockaddr, port, deadline)
+            except OriginPortUnavailable:
+                raise
+            except SinkUnavailable as exc:
+                error = exc
+                if exc.reason == "timeout":
+                    break
+        raise error or SinkUnavailable(f"{host!r} resolves to no address")
+
+    async def _connect_to(self, family: socket.AddressFamily, sockaddr: Any, port: int,
+                          deadline: float) -> OriginConnection:
         dest: Dest = (str(sockaddr[0]), port)
         claim = _Claim(seq=next(self._seq), dest=dest)
         try:

@@ -14,6 +14,9 @@ detail, milliseconds).  Each step runs under its own deadline, set here at
 the call site, and the run stops where going on would tell nothing more (no
 address, no connection).  The wire work goes through ``relay.client``, the
 same code the ``lpd://`` sink uses, so what probe finds is what the sink does.
+For ``lpds://`` a ``tls`` step after the connect shows the negotiated version
+and cipher, the verified chain and the days until the server certificate
+expires; every later step runs inside TLS, and the URI found is ``lpds://``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import getpass
 import os
 import random
 import socket as pysocket
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -36,11 +40,10 @@ from urllib.parse import quote
 import orjson
 import trio
 
-from relay import client
+from relay import client, tls
 from relay.errors import ConfigError, OriginPortUnavailable, SinkError
 from relay.originports import OriginPortPool
 from relay.probematrix import Matrix, cells, empty_matrix, lpr_byte_counting, recommended, render
-from relay.sinks.lpd import short_hostname
 from relay.units import parse_duration
 from relay.uri import Destination, format_hostport, parse_destination
 
@@ -91,6 +94,7 @@ class ProbeReport:
     recommended_uri: str | None = None
     windows_port: dict[str, bool | None] | None = None
     reachability: str = ""
+    tls: dict[str, Any] | None = None     # lpds://: relay.tls.session_summary
 
 
 class _Refused(Exception):
@@ -107,7 +111,8 @@ def _describe(exc: BaseException) -> str:
 
 
 def uri_for(dest: Destination, **found: Any) -> str:
-    """The lpd:// URI for ``dest`` with ``found`` options; only non-default options appear."""
+    """The lpd:// (lpds://) URI for ``dest`` with ``found`` options; only non-default
+    options appear (and the TLS ones that are set)."""
     dest = dataclasses.replace(dest, **found)
     options = []
     for f in dataclasses.fields(Destination):
@@ -118,8 +123,13 @@ def uri_for(dest: Destination, **found: Any) -> str:
             else:
                 text = f"{value:g}s" if isinstance(value, float) else str(value)
             options.append(f"{f.name}={text}")
+    for name, field in (("ca", "tls_ca"), ("cert", "tls_cert"), ("key", "tls_key"),
+                        ("servername", "servername")):
+        if getattr(dest, field):
+            options.append(f"{name}={getattr(dest, field)}")
     query = "?" + "&".join(options) if options else ""
-    return f"lpd://{format_hostport(dest.host, dest.port)}/{quote(dest.path, safe='')}{query}"
+    scheme = "lpds" if dest.scheme == "lpds" else "lpd"
+    return f"{scheme}://{format_hostport(dest.host, dest.port)}/{quote(dest.path, safe='')}{query}"
 
 
 def looks_refused(text: str) -> bool:
@@ -162,6 +172,8 @@ class _Checks:
         self.dest = dest
         self.io_timeout = io_timeout
         self.infos: list[Any] = []
+        self.ctx: ssl.SSLContext | None = None      # lpds://, set by the tls step
+        self.tls: dict[str, Any] | None = None
 
     async def resolve(self) -> str:
         d = self.dest
@@ -182,18 +194,21 @@ class _Checks:
                 return f"{format_hostport(str(addr[0]), addr[1])} from port {sock.getsockname()[1]}"
         raise error
 
-    async def _open(self, reserve: str | None) -> client.Channel:
-        d = self.dest
-        if reserve is None:
-            return await client.open_channel(d.host, d.port, io_timeout=self.io_timeout)
-        # A short linger: probe runs once, nobody waits on the port afterwards.
-        pool = OriginPortPool.for_reserve(reserve, linger=1.0)
-        conn = await pool.connect(d.host, d.port, timeout=self.io_timeout)
+    async def handshake(self) -> str:
+        """lpds://: the TLS handshake; the version, cipher, chain and days to expiry."""
+        self.ctx = client.tls_context(self.dest)
+        ch = await self._open(None)
+        try:
+            assert isinstance(ch.io, tls.TlsStream)
+            self.tls = tls.session_summary(ch.io)
+        finally:
+            await ch.aclose()
+        return tls.session_line(self.tls)
 
-        async def release(peer_closed: bool) -> None:
-            await conn.aclose(peer_closed=peer_closed)
-        return client.Channel(conn.socket, timeout=self.io_timeout,
-                              peer=format_hostport(d.host, d.port), closer=release)
+    async def _open(self, reserve: str | None) -> client.Channel:
+        # A short linger: probe runs once, nobody waits on the port afterwards.
+        pool = None if reserve is None else OriginPortPool.for_reserve(reserve, linger=1.0)
+        return await client.connect(self.dest, pool, io_timeout=self.io_timeout, ctx=self.ctx)
 
     async def lpq(self, reserve: str | None = None) -> str:
         ch = await self._open(reserve)
@@ -208,7 +223,7 @@ class _Checks:
 
     async def send(self, mode: str, reserve: str | None = None,
                    order: str | None = None) -> str:
-        cf_name, control, files = build_test_page(self.dest, short_hostname())
+        cf_name, control, files = build_test_page(self.dest, client.short_hostname())
         ch = await self._open(reserve)
         try:
             await client.send_job(ch, queue=self.dest.path, cf_name=cf_name, control=control,
@@ -245,7 +260,7 @@ class ProbeRun:
         except trio.TooSlowError:
             self.timed_out = True
             detail = f"{on_timeout} within {self.step_timeout:g}s"
-        except (SinkError, OSError, _Refused) as exc:
+        except (SinkError, OSError, ValueError, _Refused) as exc:
             self.error = exc
             detail = _describe(exc)
         result = StepResult(name=name, ok=ok, detail=detail,
@@ -274,7 +289,8 @@ class ProbeRun:
             "lpr_byte_counting": lpr_byte_counting(self.matrix)}
         return ProbeReport(target=self.dest.uri, steps=tuple(self.steps), ok=ok,
                            verdict=verdict, uri=uri, modes=self.matrix, recommended_uri=uri,
-                           windows_port=windows, reachability=self.reachability)
+                           windows_port=windows, reachability=self.reachability,
+                           tls=self.checks.tls)
 
     async def connect(self) -> StepResult:
         """The TCP connect step, telling filtered (no answer) from closed (refused)."""
@@ -324,6 +340,8 @@ async def run_probe(dest: Destination, *, send: bool = True, all_modes: bool = F
         return run.done(False, f"FAIL: cannot resolve {dest.host}: {r.detail}")
     if not (r := await run.connect()).ok:
         return run.done(False, f"FAIL: unreachable: {r.detail}")
+    if dest.scheme == "lpds" and not (r := await run.step("tls", checks.handshake)).ok:
+        return run.done(False, f"FAIL: {r.detail}")
     lpq = await run.lpq()
     if not send:
         reserve = None if lpq.ok else await run.reserved("lpq", checks.lpq)
@@ -365,9 +383,9 @@ def main_probe(args: argparse.Namespace) -> int:
     socket://, usb://: reachable, writable), 1 not, 2 usage error."""
     try:
         dest = parse_destination(args.uri)
-        if dest.scheme not in ("lpd", "socket", "usb"):
-            raise ValueError(f"{args.uri}: probe checks lpd://, socket:// and usb:// "
-                             "destinations only")
+        if dest.scheme not in ("lpd", "lpds", "socket", "usb"):
+            raise ValueError(f"{args.uri}: probe checks lpd://, lpds://, socket:// and "
+                             "usb:// destinations only")
         step_timeout = float(args.timeout) if args.timeout.isdigit() \
             else parse_duration(args.timeout)
         if step_timeout <= 0:
@@ -375,7 +393,7 @@ def main_probe(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"lpd-relay: {exc}", file=sys.stderr)
         return 2
-    if dest.scheme == "lpd":
+    if dest.scheme in ("lpd", "lpds"):
         report = trio.run(partial(run_probe, dest, send=not args.no_print,
                                   all_modes=args.all_modes, step_timeout=step_timeout))
     else:

@@ -37,8 +37,20 @@ if TYPE_CHECKING:
     from relay.config import ServerConfig, TlsConfig
     from relay.metrics import Metrics
 
-__all__ = ["HANDSHAKE_REASONS", "InboundTls", "TlsPeer", "TlsStream", "certificate_not_after",
-           "client_context", "failure_reason", "identify", "server_context"]
+__all__ = [
+    "HANDSHAKE_REASONS",
+    "InboundTls",
+    "TlsPeer",
+    "TlsStream",
+    "certificate_label",
+    "certificate_not_after",
+    "client_context",
+    "failure_reason",
+    "identify",
+    "server_context",
+    "session_line",
+    "session_summary",
+]
 
 HANDSHAKE_REASONS = ("no_certificate", "unknown_ca", "expired", "bad_name", "protocol", "other")
 ANY_QUEUE = "*"
@@ -180,6 +192,50 @@ class TlsStream:
 
     def peer_certificate(self) -> dict[str, Any]:
         return self.obj.getpeercert() or {}
+
+    def peer_chain(self) -> list[dict[str, Any]]:
+        """The verified chain, server certificate first, as ``getpeercert()`` dicts.
+
+        Python 3.13 has ``get_verified_chain``; before it the same call is on
+        the private ``_sslobj``.  Only the server certificate when neither is there.
+        """
+        obj: Any = self.obj
+        chain = getattr(obj, "get_verified_chain", None) or getattr(
+            getattr(obj, "_sslobj", None), "get_verified_chain", None)
+        if chain is None:
+            return [self.peer_certificate()]
+        return [c.get_info() for c in chain()]
+
+
+def certificate_label(cert: Mapping[str, Any]) -> str:
+    """A certificate's name for people: its first SAN or CN, else its subject's O/OU."""
+    names = certificate_names(cert)
+    if names:
+        return names[0]
+    parts = [v for rdn in cert.get("subject", ()) for _, v in rdn]
+    return ", ".join(parts) or "(no subject)"
+
+
+def session_summary(stream: TlsStream, now: float | None = None) -> dict[str, Any]:
+    """What ``probe lpds://`` shows of a handshake: version, cipher, chain, expiry."""
+    chain = stream.peer_chain()
+    cipher = stream.obj.cipher()
+    not_after = ssl.cert_time_to_seconds(chain[0]["notAfter"]) if chain and \
+        "notAfter" in chain[0] else None
+    left = None if not_after is None else (not_after - (time.time() if now is None else now))
+    return {"version": stream.obj.version() or "", "cipher": cipher[0] if cipher else "",
+            "chain": [certificate_label(c) for c in chain],
+            "not_after": None if not_after is None else time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(not_after)),
+            "days_left": None if left is None else int(left // 86400)}
+
+
+def session_line(summary: Mapping[str, Any]) -> str:
+    """``session_summary`` in one line: ``TLSv1.3 CIPHER, chain A <- B, expires T (in N days)``."""
+    line = f"{summary['version']} {summary['cipher']}, chain " + " <- ".join(summary["chain"])
+    if summary["not_after"] is not None:
+        line += f", expires {summary['not_after']} (in {summary['days_left']} days)"
+    return line
 
 
 def failure_reason(exc: BaseException) -> str:

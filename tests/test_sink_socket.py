@@ -16,8 +16,8 @@ import trio
 
 from relay.errors import SinkError, SinkUnavailable, SpoolFileMissing
 from relay.sinks import Sink, SinkContext, make_sink
-from relay.sinks.base import _stream_buffered
 from relay.sinks.socket import SocketSink
+from relay.streams import _stream_buffered
 from relay.uri import parse_destination
 from tests.peers import P910nd
 from tests.sinkjobs import Job, job_bytes, job_digest, make_job

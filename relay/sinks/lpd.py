@@ -25,14 +25,14 @@ import dataclasses
 import itertools
 import os
 import random
-import re
-import socket as pysocket
+import ssl
 from collections.abc import Sequence
 from urllib.parse import parse_qs, urlsplit
 
 import trio
 
 from relay import client, log, status
+from relay.client import short_hostname
 from relay.controlfile import parse_control_file, rewrite
 from relay.errors import LpdError, SinkError, SinkRejected, SinkUnavailable, reason_for_errno
 from relay.originports import OriginPortPool, PoolSet
@@ -45,16 +45,12 @@ AUTO_BATCH = 64
 PIPELINE_BYTES = 64 * 1024
 
 
-def short_hostname() -> str:
-    name = pysocket.gethostname().split(".", 1)[0]
-    return re.sub(r"[^A-Za-z0-9-]", "", name)[:32] or "lpdrelay"
-
-
 class LpdSink(Sink):
     """Sends each job in its own 0x02 session to one LPD queue."""
 
     def __init__(self, destination: Destination, context: SinkContext) -> None:
         super().__init__(destination, context)
+        self.ssl_context: ssl.SSLContext | None = None   # lpds://: set by LpdsSink
         pools = context.origin_ports
         if isinstance(pools, PoolSet):
             self.pool: OriginPortPool | None = pools.for_reserve(destination.reserve)
@@ -83,16 +79,8 @@ class LpdSink(Sink):
 
     async def _connect(self) -> client.Channel:
         d = self.destination
-        if self.pool is None:
-            ch = await client.open_channel(d.host, d.port, io_timeout=d.connect_timeout)
-            ch.timeout = d.timeout
-            return ch
-        conn = await self.pool.connect(d.host, d.port, timeout=d.connect_timeout)
-
-        async def release(peer_closed: bool) -> None:
-            await conn.aclose(peer_closed=peer_closed)
-        return client.Channel(conn.socket, timeout=d.timeout, peer=f"{d.host}:{d.port}",
-                              closer=release)
+        return await client.connect(d, self.pool, io_timeout=d.timeout,
+                                    connect_timeout=d.connect_timeout, ctx=self.ssl_context)
 
     def _prepare(self, job: DeliveryJob) -> tuple[str, bytes, list[client.OutFile]]:
         with open(open_spool_file(job.control_path), "rb") as f:

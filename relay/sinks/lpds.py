@@ -12,12 +12,8 @@ name mismatch) and ``lpdrelay_tls_handshake_failures_total`` counts it.
 
 from __future__ import annotations
 
-import ssl
-
-import trio
-
 from relay import client, tls
-from relay.errors import ConfigError, SinkUnavailable
+from relay.errors import ConfigError
 from relay.metrics import Metrics
 from relay.sinks.base import SinkContext, register
 from relay.sinks.lpd import LpdSink
@@ -45,33 +41,12 @@ class LpdsSink(LpdSink):
             f" verified as {self.server_hostname}")
 
     async def _connect(self) -> client.Channel:
-        ch = await super()._connect()
-        d = self.destination
-        stream = tls.TlsStream.wrap(ch.sock, self.ssl_context, server_hostname=self.server_hostname)
         try:
-            with trio.fail_after(d.timeout):
-                await stream.handshake()
-        except (OSError, trio.TooSlowError) as exc:
-            await ch.aclose()
-            raise self._failed(exc) from None
-        except BaseException:
-            await ch.aclose()
+            return await super()._connect()    # client.connect: TCP, then the handshake
+        except client.TlsHandshakeFailed as exc:
+            if self.metrics is not None:
+                self.metrics.tls_handshake_failures_total.labels(reason=exc.tls_reason).inc()
             raise
-        ch.io = stream
-        return ch
-
-    def _failed(self, exc: BaseException) -> SinkUnavailable:
-        d = self.destination
-        if isinstance(exc, trio.TooSlowError):
-            reason, why = "other", f"timed out after {d.timeout:g}s"
-        else:
-            reason, why = tls.failure_reason(exc), tls.describe_failure(exc)
-        if self.metrics is not None:
-            self.metrics.tls_handshake_failures_total.labels(reason=reason).inc()
-        retry = "timeout" if isinstance(exc, trio.TooSlowError) else (
-            "other" if isinstance(exc, ssl.SSLError) else "reset")
-        return SinkUnavailable(f"{d.host}:{d.port}: TLS handshake failed ({reason}): {why}",
-                               reason=retry)
 
 
 register("lpds", LpdsSink)
