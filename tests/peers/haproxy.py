@@ -14,18 +14,15 @@ from pathlib import Path
 
 from tests.peers.process import (
     LOOPBACK,
-    Service,
-    free_port,
-    log_tail,
-    require_binary,
-    start_process,
-    stop_process_tree,
-    wait_listening,
+    ConfigFileDaemon,
 )
 
 
-class HAProxy(Service):
+class HAProxy(ConfigFileDaemon):
     """One TCP frontend on ``LOOPBACK:port`` balancing round-robin over ``backends``."""
+
+    BINARY = "haproxy"
+    CONF_NAME = "haproxy.cfg"
 
     def __init__(self, workdir: Path, backends: Sequence[int], *, send_proxy: str = "v2",
                  startup_timeout: float = 10.0) -> None:
@@ -47,21 +44,5 @@ class HAProxy(Service):
             "frontend lpd", f"    bind {LOOPBACK}:{self.port}", "    default_backend relays",
             "backend relays", "    balance roundrobin", *servers, ""])
 
-    def start(self) -> None:
-        binary = require_binary("haproxy")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):   # another test may take the free port before we bind it
-            self.port = free_port()
-            conf = self.workdir / "haproxy.cfg"
-            conf.write_text(self._config())
-            self._proc = start_process([binary, "-db", "-f", str(conf)], self.log_path)
-            if wait_listening(self._proc, self.port, self.startup_timeout):
-                return
-            stop_process_tree(self._proc)
-            self._proc = None
-        raise RuntimeError(f"haproxy did not start:\n{log_tail(self.log_path)}")
-
-    def stop(self) -> None:
-        if self._proc is not None:
-            stop_process_tree(self._proc)
-            self._proc = None
+    def _argv(self, binary: str, conf: Path) -> list[str]:
+        return [binary, "-db", "-f", str(conf)]

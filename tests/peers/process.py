@@ -292,3 +292,50 @@ class Service:
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+class ConfigFileDaemon(Service):
+    """A peer run in the foreground from a config file naming a free loopback port.
+
+    Subclasses set ``workdir``, ``log_path``, ``startup_timeout`` and ``port``
+    in ``__init__`` and give ``BINARY``, ``CONF_NAME``, ``_config()`` and
+    ``_argv()``; ``start`` writes the file, starts the process and waits until
+    it listens (trying another port if a parallel test took the first), and
+    ``stop`` ends it by PID.
+    """
+
+    BINARY = ""
+    CONF_NAME = ""
+    workdir: Path
+    log_path: Path
+    startup_timeout: float
+    port: int
+    _proc: subprocess.Popen[bytes] | None = None
+
+    def _config(self) -> str:
+        raise NotImplementedError
+
+    def _argv(self, binary: str, conf: Path) -> list[str]:
+        raise NotImplementedError
+
+    def _output_path(self) -> Path:
+        return self.log_path
+
+    def start(self) -> None:
+        binary = require_binary(self.BINARY)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):   # another test may take the free port before we bind it
+            self.port = free_port()
+            conf = self.workdir / self.CONF_NAME
+            conf.write_text(self._config())
+            self._proc = start_process(self._argv(binary, conf), self._output_path())
+            if wait_listening(self._proc, self.port, self.startup_timeout):
+                return
+            stop_process_tree(self._proc)
+            self._proc = None
+        raise RuntimeError(f"{self.BINARY} did not start:\n{log_tail(self.log_path)}")
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            stop_process_tree(self._proc)
+            self._proc = None

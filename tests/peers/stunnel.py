@@ -16,18 +16,16 @@ from pathlib import Path
 
 from tests.peers.process import (
     LOOPBACK,
-    Service,
-    free_port,
+    ConfigFileDaemon,
     log_tail,
-    require_binary,
-    start_process,
-    stop_process_tree,
-    wait_listening,
 )
 
 
-class Stunnel(Service):
+class Stunnel(ConfigFileDaemon):
     """One stunnel service ``[lpd]`` from ``LOOPBACK:port`` to ``connect``."""
+
+    BINARY = "stunnel4"
+    CONF_NAME = "stunnel.conf"
 
     def __init__(self, workdir: Path, *, client: bool, connect: int, cert: str, key: str,
                  ca: str, check_host: str = "localhost", startup_timeout: float = 10.0) -> None:
@@ -59,24 +57,11 @@ class Stunnel(Service):
             lines += ["client = yes", f"checkHost = {self.check_host}"]
         return "\n".join(lines) + "\n"
 
-    def start(self) -> None:
-        binary = require_binary("stunnel4")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):   # another test may take the free port before we bind it
-            self.port = free_port()
-            conf = self.workdir / "stunnel.conf"
-            conf.write_text(self._config())
-            self._proc = start_process([binary, str(conf)], self.workdir / "stunnel.out")
-            if wait_listening(self._proc, self.port, self.startup_timeout):
-                return
-            stop_process_tree(self._proc)
-            self._proc = None
-        raise RuntimeError(f"stunnel did not start:\n{log_tail(self.log_path)}")
+    def _argv(self, binary: str, conf: Path) -> list[str]:
+        return [binary, str(conf)]
 
-    def stop(self) -> None:
-        if self._proc is not None:
-            stop_process_tree(self._proc)
-            self._proc = None
+    def _output_path(self) -> Path:
+        return self.workdir / "stunnel.out"
 
     def log_text(self) -> str:
         return log_tail(self.log_path, 100_000)
