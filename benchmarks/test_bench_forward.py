@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import trio
 
+from benchmarks.report import print_lines
 from relay.loadgen import run_load
 from relay.uri import parse_destination
 from tests.daemon import DaemonThread, relay_config
@@ -42,16 +43,16 @@ def _feed_and_wait(port: int, queue: str, upstream: LprngServer) -> float:
 @pytest.fixture(scope="module", autouse=True)
 def _report(request: pytest.FixtureRequest) -> Any:
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or capture is None or "LPRng -> LPRng" not in RESULTS:
-        return
-    with capture.global_and_fixture_disabled():
-        reporter.write_line("")
-        reporter.write_line(f"lpd-relay forwarding benchmark ({JOBS} 1-KiB jobs to LPRng lpd)")
-        base = RESULTS["LPRng -> LPRng"]
-        for key, value in RESULTS.items():
-            reporter.write_line(f"  {key}: {value:,.1f} jobs/s  (ratio {value / base:.2f}x)")
+    print_lines(request, _lines)
+
+
+def _lines() -> list[str]:
+    if "LPRng -> LPRng" not in RESULTS:
+        return []
+    base = RESULTS["LPRng -> LPRng"]
+    return ["", f"lpd-relay forwarding benchmark ({JOBS} 1-KiB jobs to LPRng lpd)",
+            *(f"  {key}: {value:,.1f} jobs/s  (ratio {value / base:.2f}x)"
+              for key, value in RESULTS.items())]
 
 
 def test_lprng_forwarding_baseline(tmp_path: Path, benchmark: Any) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.report import print_lines
 from tests.daemon import RelayProcess, relay_config, write_config_file
 from tests.lpdwire import Job, send_job
 
@@ -70,15 +71,9 @@ def _settle(pid: int, seconds: float = 1.0) -> int:
 @pytest.fixture(scope="module", autouse=True)
 def _report(request: pytest.FixtureRequest) -> Any:
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or capture is None or not RESULTS:
-        return
-    with capture.global_and_fixture_disabled():
-        reporter.write_line("")
-        reporter.write_line(f"lpd-relay idle connections benchmark ({IDLE} idle)")
-        for key, value in RESULTS.items():
-            reporter.write_line(f"  {key}: {value:,.2f}")
+    print_lines(request, lambda: ["", f"lpd-relay idle connections benchmark ({IDLE} idle)",
+                                  *(f"  {k}: {v:,.2f}" for k, v in RESULTS.items())]
+                if RESULTS else [])
 
 
 def test_idle_connections(tmp_path: Path, benchmark: Any) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import trio
 
+from benchmarks.report import print_lines
 from relay import client
 from relay.loadgen import run_load
 from relay.uri import parse_destination
@@ -59,19 +60,14 @@ def intake_config(tmp: Path, fsync: str) -> Path:
 @pytest.fixture(scope="module", autouse=True)
 def _report(request: pytest.FixtureRequest) -> Any:
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or capture is None or not RESULTS:
-        return
-    with capture.global_and_fixture_disabled():
-        _write_report(reporter)
+    print_lines(request, _lines)
 
 
-def _write_report(reporter: Any) -> None:
-    reporter.write_line("")
-    reporter.write_line("lpd-relay inbound benchmark")
-    for key, value in RESULTS.items():
-        reporter.write_line(f"  {key}: {value:,.1f}")
+def _lines() -> list[str]:
+    if not RESULTS:
+        return []
+    lines = ["", "lpd-relay inbound benchmark",
+             *(f"  {key}: {value:,.1f}" for key, value in RESULTS.items())]
     pairs = [
         ("small c=1: fsync always / never", "jobs/s fsync=always c=1", "jobs/s fsync=never c=1"),
         ("small c=64: fsync always / never", "jobs/s fsync=always c=64",
@@ -87,7 +83,8 @@ def _write_report(reporter: Any) -> None:
     ]
     for label, num, den in pairs:
         if num in RESULTS and den in RESULTS and RESULTS[den]:
-            reporter.write_line(f"ratio {label}: {RESULTS[num] / RESULTS[den]:.2f}x")
+            lines.append(f"ratio {label}: {RESULTS[num] / RESULTS[den]:.2f}x")
+    return lines
 
 
 def _load(port: int, queue: str, jobs: int, concurrency: int) -> float:
