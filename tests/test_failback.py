@@ -42,11 +42,21 @@ def broken_primary(tmp_path: Path) -> Path:
     return primary
 
 
-def test_queue_fails_back_once_the_primary_delivers(tmp_path: Path) -> None:
+def primary_and_backup(tmp_path: Path, *, failover_after: int, failback_after: str,
+                       initial: str = "1s", maximum: str = "1s",
+                       ) -> tuple[Path, Path, QueueRunner]:
+    """A runner over a broken primary hot folder and a working backup one."""
     primary, backup = broken_primary(tmp_path), tmp_path / "backup"
-    runner = runner_for(tmp_path, [f"dir://{primary}", f"dir://{backup}"], failover_after=1,
-                        failback_after="30s",
-                        retry={"initial": "1s", "max": "4s", "give_up_after": "1h"})
+    runner = runner_for(tmp_path, [f"dir://{primary}", f"dir://{backup}"],
+                        failover_after=failover_after, failback_after=failback_after,
+                        retry={"initial": initial, "max": maximum, "give_up_after": "1h"})
+    return primary, backup, runner
+
+
+def test_queue_fails_back_once_the_primary_delivers(tmp_path: Path) -> None:
+    primary, backup, runner = primary_and_backup(
+        tmp_path, failover_after=1, failback_after="30s",
+        initial="1s", maximum="4s")
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -81,10 +91,9 @@ def test_queue_fails_back_once_the_primary_delivers(tmp_path: Path) -> None:
 
 
 def test_failed_trial_goes_straight_on_to_the_backup(tmp_path: Path) -> None:
-    primary, backup = broken_primary(tmp_path), tmp_path / "backup"
-    runner = runner_for(tmp_path, [f"dir://{primary}", f"dir://{backup}"], failover_after=2,
-                        failback_after="20s",
-                        retry={"initial": "10s", "max": "60s", "give_up_after": "1h"})
+    primary, backup, runner = primary_and_backup(
+        tmp_path, failover_after=2, failback_after="20s",
+        initial="10s", maximum="60s")
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -113,10 +122,8 @@ def test_failed_trial_goes_straight_on_to_the_backup(tmp_path: Path) -> None:
 
 
 def test_failback_after_zero_never_fails_back(tmp_path: Path) -> None:
-    primary, backup = broken_primary(tmp_path), tmp_path / "backup"
-    runner = runner_for(tmp_path, [f"dir://{primary}", f"dir://{backup}"], failover_after=1,
-                        failback_after="0s",
-                        retry={"initial": "1s", "max": "1s", "give_up_after": "1h"})
+    primary, backup, runner = primary_and_backup(
+        tmp_path, failover_after=1, failback_after="0s")
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -134,10 +141,8 @@ def test_failback_after_zero_never_fails_back(tmp_path: Path) -> None:
 
 
 def test_wake_tries_the_primary_at_once(tmp_path: Path) -> None:
-    primary, backup = broken_primary(tmp_path), tmp_path / "backup"
-    runner = runner_for(tmp_path, [f"dir://{primary}", f"dir://{backup}"], failover_after=1,
-                        failback_after="1h",
-                        retry={"initial": "1s", "max": "1s", "give_up_after": "1h"})
+    primary, backup, runner = primary_and_backup(
+        tmp_path, failover_after=1, failback_after="1h")
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
