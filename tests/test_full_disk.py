@@ -13,7 +13,6 @@ place), job 1 gets its first one on the full disk (kept in memory)."""
 
 from __future__ import annotations
 
-import itertools
 import socket
 import subprocess
 import sys
@@ -29,14 +28,12 @@ from tests.daemon import relay_config, write_config_file
 from tests.lpdwire import Job, Wire, send_job
 from tests.relayproc import LoggedRelay, PrivateTmpfs, wait_until
 from tests.test_recovery import closed_port
+from tests.test_removal import reserved_wire
 
 pytestmark = pytest.mark.root
 
 PAYLOAD = 100_000   # bytes per job: five fill a quarter of the tmpfs
 # 0x01 from a reserved source port (as root), a fresh one each time: no TIME_WAIT clash.
-SOURCE_PORTS = itertools.count(600)
-
-
 class Printer:
     """A socket:// printer on ``port`` that takes each job to EOF, then closes."""
 
@@ -119,7 +116,7 @@ def failures(relay: LoggedRelay) -> int:
 def attempt_now(relay: LoggedRelay, n: int = 2) -> None:
     """0x01: try the queue now; wait for ``n`` more failed attempts."""
     before = failures(relay)
-    with Wire(relay.port, source_port=next(SOURCE_PORTS)) as w:
+    with reserved_wire(relay.port) as w:
         w.send(b"\x01q\n")
         assert w.reply() == 0
     wait_until(lambda: failures(relay) >= before + n)
@@ -184,7 +181,7 @@ def test_full_while_running_then_kill9_and_restart_on_the_full_disk(
         assert refused_full(relay).startswith(b"\x02lpd-relay: ")
         printer = Printer(port)
         timeline["destination up"] = time.monotonic() - t0
-        with Wire(relay.port, source_port=next(SOURCE_PORTS)) as w:
+        with reserved_wire(relay.port) as w:
             w.send(b"\x01q\n")
             assert w.reply() == 0
         wait_until(lambda: len(printer.jobs) >= 4 and not spool_jobs(tmpfs))
@@ -238,7 +235,7 @@ def test_full_before_start_starts_lists_releases_and_drains(
         assert attempts_on_disk(tmpfs, held[0]) == 2
         assert relay.alive()
         printer = Printer(port)
-        with Wire(relay.port, source_port=next(SOURCE_PORTS)) as w:
+        with reserved_wire(relay.port) as w:
             w.send(b"\x01q\n")
             assert w.reply() == 0
         wait_until(lambda: len(printer.jobs) >= 3 and spool_jobs(tmpfs) == [f"{held[0]}.json"])
