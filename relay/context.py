@@ -9,7 +9,7 @@ module imports the one that imports it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -45,3 +45,5 @@ class ConnectionContext:
     # Partial jobs whose removal failed (spool unwritable for a while): retried
     # when the next job starts, so a repaired spool keeps no debris.
     leftovers: list[IncomingJob] = field(default_factory=list)
+    # [retention]: expire kept delivered jobs until ``need`` bytes fit; False: none left.
+    make_room: Callable[[int], bool] | None = None

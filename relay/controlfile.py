@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relay.errors import ProtocolError
@@ -302,6 +303,20 @@ def rewrite(cf: ControlFile, *, number: int, host: str, digits: int = 3,
     if sanitize_title:
         lines = [("J", sanitized_title(v)) if k == "J" else (k, v) for k, v in lines]
     return ControlFile(lines=tuple(lines)), f"cfA{job}", mapping
+
+
+# The lines whose values are job or file names ([privacy], relay.privacy).
+NAME_LINES = frozenset("JNT")
+
+
+def redact_names(cf: ControlFile, name: Callable[[str], str]) -> ControlFile:
+    """``cf`` with every J, N and T value replaced by ``name(value)``.
+
+    ``[privacy] strip_downstream``: the destination sees the job's names as
+    the policy shows them (``relay.privacy``); every other line is unchanged.
+    """
+    lines = tuple((k, name(v)) if k in NAME_LINES else (k, v) for k, v in cf.lines)
+    return ControlFile(lines=lines, newline=cf.newline)
 
 
 def _renamed(cf: ControlFile, mapping: dict[str, str], fmt: str | None) -> list[tuple[str, str]]:
