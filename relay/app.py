@@ -37,6 +37,7 @@ from relay.privacy import Redactor
 from relay.queues import QueueRouter
 from relay.queuestate import QueueStates
 from relay.reload import Reloader, ReloadOutcome
+from relay.reprint import Reprinter
 from relay.retention import Retention
 from relay.scheduler import QueueRunner
 from relay.server import LpdServer
@@ -86,6 +87,7 @@ def build_scheduler(config: Config, spool: Spool, metrics: Metrics,
     scheduler = Scheduler(runners, spool, states, retention)
     scheduler.default_retention = config.retention
     retention.policy = scheduler.retention_of   # follows reloads of the queues
+    scheduler.reprinter = Reprinter(spool, scheduler.submit, events=events)
     return scheduler
 
 
@@ -160,7 +162,7 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
         server = LpdServer(config.server, spool=spool, router=QueueRouter(config, states),
                            delivery=scheduler, metrics=metrics,
                            make_room=scheduler.retention.make_room if scheduler.retention
-                           else None)
+                           else None, privacy=context.privacy)
         log.event("info", "started", version=__version__, recovered=len(recovery.jobs),
                   discarded=recovery.discarded)
         async with trio.open_nursery() as nursery:

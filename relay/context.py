@@ -17,6 +17,7 @@ from relay import status
 from relay.buffers import BufferPool
 from relay.config import ServerConfig
 from relay.metrics import Metrics
+from relay.privacy import KEEP, Redactor
 from relay.queues import QueueRouter
 from relay.spool import IncomingJob, JobMeta, Spool
 
@@ -47,3 +48,4 @@ class ConnectionContext:
     leftovers: list[IncomingJob] = field(default_factory=list)
     # [retention]: expire kept delivered jobs until ``need`` bytes fit; False: none left.
     make_room: Callable[[int], bool] | None = None
+    privacy: Redactor = KEEP      # [privacy]: job names in lpq answers to non-admins

@@ -19,6 +19,7 @@ import trio
 from relay import log, status
 from relay.config import QueueConfig, RetentionConfig
 from relay.queuestate import QueueStates, State
+from relay.reprint import Reprinter
 from relay.retention import Retention
 from relay.scheduler import QueueRunner
 from relay.sinks import Sink
@@ -42,6 +43,7 @@ class Scheduler:
         self.states = states
         self.retention = retention    # kept delivered jobs ([retention]); None: none kept
         self.default_retention = RetentionConfig()   # [retention]: for queues no longer here
+        self.reprinter: Reprinter | None = None      # spool reprint (lpc), set by the daemon
         self._retired: list[QueueRunner] = []
         self._nursery: trio.Nursery | None = None
         for name, runner in self.runners.items():
@@ -166,6 +168,8 @@ class Scheduler:
             nursery.start_soon(log.summary_loop)
             if self.retention is not None:
                 nursery.start_soon(self.retention.run)
+            if self.reprinter is not None:
+                nursery.start_soon(self.reprinter.run)
             for runner in self.runners.values():
                 nursery.start_soon(runner.run)
 
