@@ -161,8 +161,8 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
             scheduler.submit(job)
         server = LpdServer(config.server, spool=spool, router=QueueRouter(config, states),
                            delivery=scheduler, metrics=metrics,
-                           make_room=scheduler.retention.make_room if scheduler.retention
-                           else None, privacy=context.privacy)
+                           make_room=None if scheduler.retention is None
+                           else scheduler.retention.make_room, privacy=context.privacy)
         log.event("info", "started", version=__version__, recovered=len(recovery.jobs),
                   discarded=recovery.discarded)
         async with trio.open_nursery() as nursery:

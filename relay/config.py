@@ -297,9 +297,9 @@ def _keep(value: object) -> float | None:
 def _keep_jobs(value: object) -> int | None:
     if value is _UNSET:
         return None
-    if value == 0 and type(value) is int:
-        return 0
-    count = to_count(value)
+    if type(value) is not int or value < 0:
+        raise ValueError(f"expected a whole number, 0 or more, got {show(value)}")
+    count: int = value
     _KEEP_JOBS.check(count)   # here, not in _BOUNDS: an unset value has no range
     return count
 
