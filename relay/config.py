@@ -33,6 +33,7 @@ from urllib.parse import quote
 
 from relay.configschema import (
     CATCH_ALL,
+    UNSET,
     Bounds,
     Network,
     Range,
@@ -286,16 +287,15 @@ _RETRY: Schema = {
     "give_up_after": (to_duration, "24h"),
 }
 # [retention] keys are unset unless given: a queue without limits keeps nothing.
-_UNSET = object()
 _KEEP_JOBS = Range(0, 1_000_000)
 
 
 def _keep(value: object) -> float | None:
-    return None if value is _UNSET else to_duration(value)
+    return None if value is UNSET else to_duration(value)
 
 
 def _keep_jobs(value: object) -> int | None:
-    if value is _UNSET:
+    if value is UNSET:
         return None
     if type(value) is not int or value < 0:
         raise ValueError(f"expected a whole number, 0 or more, got {show(value)}")
@@ -304,7 +304,7 @@ def _keep_jobs(value: object) -> int | None:
     return count
 
 
-_RETENTION: Schema = {"keep": (_keep, _UNSET), "keep_jobs": (_keep_jobs, _UNSET)}
+_RETENTION: Schema = {"keep": (_keep, UNSET), "keep_jobs": (_keep_jobs, UNSET)}
 _PRIVACY: Schema = {
     "job_names": (one_of("keep", "hash", "drop"), "keep"),
     "strip_downstream": (to_bool, False),
