@@ -26,10 +26,8 @@ from dataclasses import dataclass
 
 from relay.config import PrivacyConfig
 
-__all__ = ["KEEP", "NAME_LETTERS", "Redactor", "redact"]
+__all__ = ["KEEP", "Redactor", "redact"]
 
-# The control-file lines whose values are job or file names (RFC 1179 §7).
-NAME_LETTERS = frozenset("JNT")
 HASH_DIGITS = 16
 
 

@@ -18,12 +18,14 @@ import pytest
 
 from relay import log, spoolcli
 from relay.controlfile import parse_control_file, redact_names
+from relay.errors import ProtocolError
 from relay.privacy import redact
+from relay.spool import Spool
 from tests.daemon import DaemonThread, relay_config, write_config_file
 from tests.lpdwire import Job, send_job
 from tests.relayproc import wait_until
 from tests.test_removal import wire_from
-from tests.test_retention import all_delivered, cli, hot_folder, states
+from tests.test_retention import all_delivered, cli, hot_folder
 
 PATIENT = "Doe Jane MRN4711"
 TAG = "sha256:" + hashlib.sha256(PATIENT.encode()).hexdigest()[:16]
@@ -55,6 +57,12 @@ def test_redact_names_rewrites_only_j_n_and_t_lines() -> None:
     assert PATIENT not in out
     assert {line[:1] for line in out.splitlines() if TAG in line} == {"J", "N", "T"}
     assert {"Palice", "Hclient", "Lalice"} <= set(out.splitlines())
+
+
+def test_a_malformed_name_line_is_refused_without_quoting_the_name() -> None:
+    with pytest.raises(ProtocolError) as refused:
+        parse_control_file(b"Hclient\nPalice\nJDoe Jane\x01MRN4711\n")
+    assert "J line" in str(refused.value) and "Doe" not in str(refused.value)
 
 
 @pytest.fixture
@@ -100,7 +108,7 @@ def test_no_job_name_leaves_the_job_in_logs_metadata_lpq_or_the_cli(
         assert all(r == 0 for r in send_job(relay.port, PatientJob(queue="q")))
         assert all(r == 0 for r in send_job(relay.port, PatientJob(queue="down", number="7")))
         [meta] = wait_until(lambda: hot_folder(tmp_path, "q"))
-        waiting = wait_until(lambda: [i for i, s in states(tmp_path).items() if s == "queued"])
+        waiting = wait_until(lambda: [j.id for j in Spool(tmp_path / "spool").jobs("down")])
         outside, admin = _lpq(relay.port, "127.0.0.2"), _lpq(relay.port, "127.0.0.1")
         listed = cli(cfg, "list").stdout
     assert PATIENT in admin                   # an admin_allow address sees the name

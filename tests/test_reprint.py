@@ -14,7 +14,15 @@ import pytest
 from tests.daemon import DaemonThread, relay_config, write_config_file
 from tests.lpdwire import Job, send_job
 from tests.relayproc import wait_until
-from tests.test_retention import Recorder, all_delivered, cli, events, hot_folder, states
+from tests.test_retention import (
+    Recorder,
+    all_delivered,
+    cli,
+    events,
+    hot_folder,
+    spool_of,
+    states,
+)
 
 __all__ = ["events"]   # the fixture, used by name
 
@@ -27,6 +35,10 @@ def config(tmp: Path) -> dict[str, object]:
                         retry={"initial": "1h", "max": "1h", "give_up_after": "24h"},
                         queues={"q": {"destinations": [out]}, "r": {"destinations": [out]},
                                 "down": {"destinations": [DOWN]}})
+
+
+def all_delivered_in(tmp: Path, queue: str) -> list[str]:
+    return wait_until(lambda: [j.id for j in spool_of(tmp).jobs(queue) if j.state == "delivered"])
 
 
 def metadata(tmp: Path, queue: str) -> list[dict[str, object]]:
@@ -88,10 +100,10 @@ def test_only_kept_jobs_are_reprinted_and_an_unknown_queue_is_refused(tmp_path: 
     with DaemonThread(data) as relay:
         assert all(r == 0 for r in send_job(relay.port, Job(queue="down")))
         assert all(r == 0 for r in send_job(relay.port, Job(queue="q", number="124")))
-        waiting = wait_until(lambda: [i for i, s in states(tmp_path).items() if s == "queued"])
+        waiting = wait_until(lambda: [j.id for j in spool_of(tmp_path).jobs("down")])
         res = cli(cfg, "reprint", waiting[0])
         assert res.returncode == 1 and "not a kept delivered job" in res.stderr
-    kept = [i for i, s in states(tmp_path).items() if s == "delivered"]
+        kept = all_delivered_in(tmp_path, "q")
     res = cli(cfg, "reprint", kept[0], "--to", "nowhere")
     assert res.returncode == 1 and "nowhere" in res.stderr
     assert len(states(tmp_path)) == 2
