@@ -158,7 +158,9 @@ def _retry(spool: Spool, config: Config, args: argparse.Namespace) -> int:
 
 def _purge(spool: Spool, config: Config, args: argparse.Namespace) -> int:
     job = _get(spool, args.job)
-    if daemon_running(spool.directory):
+    # A kept delivered job is no queue's: removed here even under a running daemon,
+    # whose retention then forgets it (relay.retention.Retention.expire).
+    if daemon_running(spool.directory) and job.state != "delivered":
         answer = trio.run(_ask_daemon, config, _core.remove_jobs(job.queue, "root", [job.id]))
         sys.stdout.write(answer)
         return 0 if "dequeued" in answer else 1

@@ -113,6 +113,11 @@ def test_delivered_jobs_are_kept_listed_never_redelivered_and_not_queued(
             assert "no entries" in w.read_all().decode()
         assert relay.metric("lpdrelay_spool_jobs", queue="q", state="queued") == 0
         assert cli(cfg, "list").stdout.splitlines()[-1] == "0 job(s)"
+        extra = send(relay.port, 1, first=9) or all_delivered(tmp_path, 3)[-1]
+        purged = cli(cfg, "purge", extra)
+        assert purged.returncode == 0 and "dequeued" in purged.stdout, purged.stderr
+        assert sorted(states(tmp_path)) == kept
+        wait_until(lambda: len(hot_folder(tmp_path)) == 3)
     # Restarted: the kept jobs are found again, and still not delivered again.
     for path in hot_folder(tmp_path):
         path.unlink()
