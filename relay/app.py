@@ -29,12 +29,16 @@ from relay.dispatch import Scheduler
 from relay.errors import BindError, ConfigError, LpdError, SpoolError
 from relay.groupcommit import overwrite, unlink_quiet, write_atomic
 from relay.httpd import serve_http
+from relay.jobevents import NO_EVENTS, JobEvents
 from relay.limits import fd_warning, raise_nofile
 from relay.metrics import Metrics
 from relay.originports import OriginPortPool, PoolSet
+from relay.privacy import Redactor
 from relay.queues import QueueRouter
 from relay.queuestate import QueueStates
 from relay.reload import Reloader, ReloadOutcome
+from relay.reprint import Reprinter
+from relay.retention import Retention
 from relay.scheduler import QueueRunner
 from relay.server import LpdServer
 from relay.sinks import SinkContext, config_warnings, make_sink
@@ -72,13 +76,19 @@ def _origin_pools(config: Config, metrics: Metrics) -> PoolSet | None:
 
 
 def build_scheduler(config: Config, spool: Spool, metrics: Metrics,
-                    context: SinkContext, states: QueueStates | None = None) -> Scheduler:
+                    context: SinkContext, states: QueueStates | None = None,
+                    events: JobEvents = NO_EVENTS) -> Scheduler:
     runners = {
         name: QueueRunner(queue, [make_sink(d, context) for d in queue.destinations],
                           spool, metrics)
         for name, queue in config.queues.items()
     }
-    return Scheduler(runners, spool, states)
+    retention = Retention(spool, lambda queue: config.retention, events=events)
+    scheduler = Scheduler(runners, spool, states, retention)
+    scheduler.default_retention = config.retention
+    retention.policy = scheduler.retention_of   # follows reloads of the queues
+    scheduler.reprinter = Reprinter(spool, scheduler.submit, events=events)
+    return scheduler
 
 
 def _health(server: LpdServer, spool: Spool, config: Config) -> Callable[[], tuple[bool, str]]:
@@ -126,7 +136,7 @@ async def _watch_signals(server: LpdServer, notifier: sdnotify.Notifier,
 
 
 async def run(config: Config, *, registry: CollectorRegistry | None = None,
-              handle_signals: bool = False,
+              handle_signals: bool = False, events: JobEvents = NO_EVENTS,
               task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the daemon until its server stops (signal or cancellation)."""
     registry = registry if registry is not None else CollectorRegistry()
@@ -135,7 +145,8 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
                                     for d in q.destinations])
     # Privilege for reserved source ports is checked before anything else
     # starts, so a misconfigured relay fails at once with a clear error (SPEC §5).
-    context = SinkContext(origin_ports=_origin_pools(config, metrics), metrics=metrics)
+    context = SinkContext(origin_ports=_origin_pools(config, metrics), metrics=metrics,
+                          privacy=Redactor(config.privacy))
     spool = Spool(config.server.spool_dir, fsync=config.server.fsync,
                   min_free_disk=config.server.min_free_disk)
     recovery = spool.recover()
@@ -145,11 +156,13 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
         if states.moved:   # forget moves of jobs delivered or purged since (a full disk: later)
             with contextlib.suppress(OSError):
                 states.move([], "", keep={job.id for job in recovery.jobs})
-        scheduler = build_scheduler(config, spool, metrics, context, states)
+        scheduler = build_scheduler(config, spool, metrics, context, states, events)
         for job in recovery.jobs:
             scheduler.submit(job)
         server = LpdServer(config.server, spool=spool, router=QueueRouter(config, states),
-                           delivery=scheduler, metrics=metrics)
+                           delivery=scheduler, metrics=metrics,
+                           make_room=None if scheduler.retention is None
+                           else scheduler.retention.make_room, privacy=context.privacy)
         log.event("info", "started", version=__version__, recovered=len(recovery.jobs),
                   discarded=recovery.discarded)
         async with trio.open_nursery() as nursery:

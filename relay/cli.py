@@ -93,12 +93,18 @@ COMMANDS: tuple[Command, ...] = (
     Command(name="spool", help="inspect and act on the spool (daemon may be stopped)",
             handler="relay.spoolcli:main_spool", args=(
                 Arg(names=("action",), options={
-                    "choices": ("list", "show", "retry", "purge"),
+                    "choices": ("list", "show", "retry", "purge", "reprint"),
                     "help": "list all jobs, show one, retry (release) one, purge (delete) "
-                            "one or more"}),
+                            "one or more, reprint a kept delivered one as a new job"}),
                 Arg(names=("job",), options={
                     "nargs": "*", "metavar": "JOB",
                     "help": "spool job id (from spool list); purge takes several"}),
+                Arg(names=("--delivered",), options={
+                    "action": "store_true",
+                    "help": "list: the delivered jobs [retention] keeps (what reprint takes)"}),
+                Arg(names=("--to",), options={
+                    "metavar": "QUEUE", "help": "reprint: the queue for the new job "
+                                                "(default: the job's own)"}),
                 CONFIG_ARG)),
     Command(name="ctl",
             help="control a queue as LPRng's lpc does (daemon may be stopped)",

@@ -58,8 +58,10 @@ def answer(ctx: ConnectionContext, ev: _core.Command, host: str, port: int) -> b
     except ProtocolError as exc:
         return f"{exc}\n".encode("ascii", "replace")
     if ev.code in (0x03, 0x04):
-        text = status.render(queue_state(ctx, queue.name, ev.queue),
-                             long=ev.code == 0x04, items=ev.operands)
+        state = queue_state(ctx, queue.name, ev.queue)
+        if ctx.privacy.active and not source_allowed(host, ctx.config.admin_allow):
+            state = status.redacted(state, ctx.privacy.name)   # [privacy] job_names
+        text = status.render(state, long=ev.code == 0x04, items=ev.operands)
     else:
         text = remove(ctx, queue.name, ev.queue, ev.operands, host=host, port=port)
     return text.encode("utf-8", "replace")

@@ -33,6 +33,7 @@ from urllib.parse import quote
 
 from relay.configschema import (
     CATCH_ALL,
+    UNSET,
     Bounds,
     Network,
     Range,
@@ -66,7 +67,8 @@ from relay.uri import Destination, format_hostport, parse_hostport
 
 __all__ = [
     "CATCH_ALL", "Config", "InvalidConfig", "Listen", "LogConfig", "MetricsConfig", "Network",
-    "OriginPortsConfig", "QueueConfig", "RetryConfig", "ServerConfig", "TlsConfig",
+    "OriginPortsConfig", "PrivacyConfig", "QueueConfig", "RetentionConfig", "RetryConfig",
+    "ServerConfig", "TlsConfig",
     "choose_default_port", "config_from_dict", "config_from_toml", "embedded_default",
     "load_config",
 ]
@@ -117,6 +119,31 @@ class RetryConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RetentionConfig:
+    """How long delivered jobs stay in the spool (``relay.retention``); None = no limit set.
+
+    A queue keeps delivered jobs when at least one limit is set and none is 0;
+    a kept job expires once either limit passes (docs/spool.md, "Retention").
+    """
+
+    keep: float | None = None          # seconds after delivery
+    keep_jobs: int | None = None       # newest delivered jobs kept per queue
+
+    @property
+    def enabled(self) -> bool:
+        limits = (self.keep, self.keep_jobs)
+        return any(v is not None for v in limits) and all(v != 0 for v in limits)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrivacyConfig:
+    """``[privacy]``: how J/N/T values leave the job (``relay.privacy``, docs/privacy.md)."""
+
+    job_names: str = "keep"            # "keep" | "hash" | "drop"
+    strip_downstream: bool = False     # rewrite J/N/T in control files sent downstream
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class QueueConfig:
     """One configured queue ("*" is the catch-all) and where its jobs go, in failover order."""
 
@@ -127,6 +154,7 @@ class QueueConfig:
     failover_after: int
     failback_after: float         # seconds between trials of the first destination; 0 = never
     retry: RetryConfig
+    retention: RetentionConfig = RetentionConfig()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -190,6 +218,8 @@ class Config:
     retry: RetryConfig
     queues: Mapping[str, QueueConfig]
     source: str
+    retention: RetentionConfig = RetentionConfig()   # the [retention] defaults
+    privacy: PrivacyConfig = PrivacyConfig()
 
 
 # ---- the key tables (SPEC §3.2); defaults are raw TOML values ----
@@ -256,6 +286,29 @@ _RETRY: Schema = {
     "max": (to_positive_duration, "5m"),
     "give_up_after": (to_duration, "24h"),
 }
+# [retention] keys are unset unless given: a queue without limits keeps nothing.
+_KEEP_JOBS = Range(0, 1_000_000)
+
+
+def _keep(value: object) -> float | None:
+    return None if value is UNSET else to_duration(value)
+
+
+def _keep_jobs(value: object) -> int | None:
+    if value is UNSET:
+        return None
+    if type(value) is not int or value < 0:
+        raise ValueError(f"expected a whole number, 0 or more, got {show(value)}")
+    count: int = value
+    _KEEP_JOBS.check(count)   # here, not in _BOUNDS: an unset value has no range
+    return count
+
+
+_RETENTION: Schema = {"keep": (_keep, UNSET), "keep_jobs": (_keep_jobs, UNSET)}
+_PRIVACY: Schema = {
+    "job_names": (one_of("keep", "hash", "drop"), "keep"),
+    "strip_downstream": (to_bool, False),
+}
 _QUEUE: Schema = {
     "aliases": (list_of(to_alias, "queue names"), []),
     "destinations": (list_of(to_destination, "destination URIs", min_items=1),
@@ -265,6 +318,7 @@ _QUEUE: Schema = {
     "failover_after": (to_count, 3),
     "failback_after": (to_duration, "30s"),   # lpd-relay extension (docs/delivery.md)
     "retry": (to_table, {}),  # per-queue overrides of [retry], read with _RETRY below
+    "retention": (to_table, {}),  # per-queue overrides of [retention] (_RETENTION)
 }
 # The range of each bounded key (after conversion: seconds, bytes, counts).
 # Every converter has a ceiling of its own (relay.configschema.MAX_*); these
@@ -291,12 +345,14 @@ _BOUNDS: dict[str, Bounds] = {
 _SECTIONS: dict[str, Schema] = {
     "server": _SERVER, "metrics": _METRICS, "log": _LOG,
     "origin_ports": _ORIGIN_PORTS, "retry": _RETRY, "tls": _TLS, "queues": {},
+    "retention": _RETENTION, "privacy": _PRIVACY,
 }
 
 
 # ---- the loader ----
 
-def _queues(raw: object, retry: Mapping[str, Any], problems: list[tuple[str, str]]
+def _queues(raw: object, defaults: Mapping[str, Mapping[str, Any]],
+            problems: list[tuple[str, str]]
             ) -> tuple[dict[str, QueueConfig], dict[str, tuple[str, ...]]]:
     """Valid queues, and every queue's aliases (valid or not) for the uniqueness check."""
     if not isinstance(raw, Mapping):
@@ -314,10 +370,14 @@ def _queues(raw: object, retry: Mapping[str, Any], problems: list[tuple[str, str
         names[name] = values.get("aliases", ())
         if name == CATCH_ALL and names[name]:
             problems.append((f"{path}.aliases", 'the catch-all queue "*" cannot have aliases'))
-        overrides = section(values.pop("retry", {}), f"{path}.retry", _RETRY, problems, retry,
-                            bounds=_BOUNDS["retry"])
-        if len(values) == len(_QUEUE) - 1 and len(overrides) == len(_RETRY):
-            queues[name] = QueueConfig(name=name, retry=RetryConfig(**overrides), **values)
+        overrides = section(values.pop("retry", {}), f"{path}.retry", _RETRY, problems,
+                            defaults["retry"], bounds=_BOUNDS["retry"])
+        kept = section(values.pop("retention", {}), f"{path}.retention", _RETENTION, problems,
+                       defaults["retention"])
+        if (len(values) == len(_QUEUE) - 2 and len(overrides) == len(_RETRY)
+                and len(kept) == len(_RETENTION)):
+            queues[name] = QueueConfig(name=name, retry=RetryConfig(**overrides),
+                                       retention=RetentionConfig(**kept), **values)
     return queues, names
 
 
@@ -371,7 +431,7 @@ def config_from_dict(data: Mapping[str, object], source: str,
     sections = {name: section(data.get(name, {}), name, schema, problems,
                               bounds=_BOUNDS.get(name))
                 for name, schema in _SECTIONS.items() if name != "queues"}
-    queues, names = _queues(data.get("queues", {}), sections["retry"], problems)
+    queues, names = _queues(data.get("queues", {}), sections, problems)
     _check_unique(names, sections["server"].get("queue_names") != "exact", problems)
     base = Path(base_dir or Path.cwd())
     tls = _tls(sections["tls"], bool(sections["server"].get("listen_tls")), base, problems)
@@ -395,6 +455,8 @@ def config_from_dict(data: Mapping[str, object], source: str,
         retry=RetryConfig(**sections["retry"]),
         queues=MappingProxyType(queues),
         source=source,
+        retention=RetentionConfig(**sections["retention"]),
+        privacy=PrivacyConfig(**sections["privacy"]),
     )
 
 

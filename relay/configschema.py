@@ -25,7 +25,8 @@ from relay.units import format_duration, format_size, parse_duration, parse_size
 from relay.uri import Destination, parse_destination
 
 __all__ = [
-    "CATCH_ALL", "Bounds", "Network", "Range", "Required", "Schema", "check_host", "key_path",
+    "CATCH_ALL", "UNSET", "Bounds", "Network", "Range", "Required", "Schema", "Unset",
+    "check_host", "key_path",
     "list_of", "one_of", "section",
     "show", "to_alias", "to_bool", "to_count", "to_destination", "to_duration", "to_fsync",
     "to_network", "to_path", "to_port_range", "to_positive_duration", "to_positive_size",
@@ -287,6 +288,15 @@ class Required:
     def __init__(self, expectation: str) -> None:
         self.expectation = expectation
 
+
+class Unset:
+    """The default of a key that is off unless given (its converter maps it to None)."""
+
+    def __repr__(self) -> str:
+        return "not set"
+
+
+UNSET = Unset()
 
 Schema = dict[str, tuple[Callable[[object], Any], object]]
 

@@ -270,15 +270,24 @@ class Connection:
         if self.queue is None:
             queue = self.ctx.router.route(ev.queue, new_job=True)
             self._check_tls_peer(queue.name, ev.queue)
-            self.ctx.spool.check_space()
+            self._check_space()
             self.queue, self.wire_queue = queue.name, ev.queue
         await self._send(b"\x00")
+
+    def _check_space(self, need: int = 0) -> None:
+        """``Spool.check_space``; kept delivered jobs give way before a refusal (docs/spool.md)."""
+        try:
+            self.ctx.spool.check_space(need)
+        except DiskFull:
+            if self.ctx.make_room is None or not self.ctx.make_room(need):
+                raise
 
     def _job(self) -> JobAssembly:
         if self.job is None:
             assert self.queue is not None, "parser emits files only inside 0x02"
             if self.ctx.leftovers:
                 self._retry_leftovers()
+            self._check_space()
             incoming = self.ctx.spool.begin(queue=self.queue, wire_queue=self.wire_queue,
                                             peer=self.peer)
             if self.tls_peer is not None and self.tls_peer.name:
@@ -327,7 +336,7 @@ class Connection:
             # A declared size must fit above min_free_disk before a byte is
             # written; the job itself passed the plain check at 0x02, and a
             # streamed file is checked as it grows (on_data_chunk).
-            self.ctx.spool.check_space(ev.length)
+            self._check_space(ev.length)
         job.opened += 1
         self.writer = job.incoming.open_data(ev.name)
         job.streamed = 0
@@ -344,7 +353,7 @@ class Connection:
         if job.streamed >= SPACE_CHECK_EVERY:
             job.streamed = 0
             self._check_size(job.incoming.bytes)
-            self.ctx.spool.check_space()
+            self._check_space()
 
     async def on_data_end(self, ev: _core.DataFileEnd) -> None:
         assert self.writer is not None and self.job is not None

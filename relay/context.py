@@ -9,7 +9,7 @@ module imports the one that imports it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,6 +17,7 @@ from relay import status
 from relay.buffers import BufferPool
 from relay.config import ServerConfig
 from relay.metrics import Metrics
+from relay.privacy import KEEP, Redactor
 from relay.queues import QueueRouter
 from relay.spool import IncomingJob, JobMeta, Spool
 
@@ -45,3 +46,6 @@ class ConnectionContext:
     # Partial jobs whose removal failed (spool unwritable for a while): retried
     # when the next job starts, so a repaired spool keeps no debris.
     leftovers: list[IncomingJob] = field(default_factory=list)
+    # [retention]: expire kept delivered jobs until ``need`` bytes fit; False: none left.
+    make_room: Callable[[int], bool] | None = None
+    privacy: Redactor = KEEP      # [privacy]: job names in lpq answers to non-admins

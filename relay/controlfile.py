@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relay.errors import ProtocolError
@@ -37,6 +38,8 @@ _BAD_HOST = re.compile(r"[\x00-\x20\x7f/\\]")
 # Lines whose value is a file name on the receiving side (RFC 1179 §7.2: N the
 # source file, 1-4 troff font files): forwarded as a base name only.
 FILE_NAME_LINES = frozenset("N1234")
+# The lines whose values are job or file names ([privacy], relay.privacy).
+NAME_LINES = frozenset("JNT")
 _PATH_SEPARATORS = re.compile(r"[/\\]")
 _NAME_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
 # cfA / dfA (RFC), cf / df, and the HP-style cA / c prefixes.
@@ -225,7 +228,10 @@ def parse_control_file(data: bytes) -> ControlFile:
         if not line or chr(line[0]) not in _LETTERS:
             raise _malformed(f"control-file line without a command letter: {raw[:40]!r}")
         if _BAD_VALUE.search(line):
-            raise _malformed(f"control character in control-file line {raw[:40]!r}")
+            # A J/N/T value may be a patient's name: the error (logged) names only
+            # the line ([privacy], docs/privacy.md).
+            shown = f"{chr(line[0])} line" if chr(line[0]) in NAME_LINES else repr(raw[:40])
+            raise _malformed(f"control character in control-file line {shown}")
         lines.append((chr(line[0]), line[1:].decode("latin-1")))
     return ControlFile(lines=tuple(lines), newline="\r\n" if crlf else "\n",
                        final_newline=final_newline)
@@ -302,6 +308,16 @@ def rewrite(cf: ControlFile, *, number: int, host: str, digits: int = 3,
     if sanitize_title:
         lines = [("J", sanitized_title(v)) if k == "J" else (k, v) for k, v in lines]
     return ControlFile(lines=tuple(lines)), f"cfA{job}", mapping
+
+
+def redact_names(cf: ControlFile, name: Callable[[str], str]) -> ControlFile:
+    """``cf`` with every J, N and T value replaced by ``name(value)``.
+
+    ``[privacy] strip_downstream``: the destination sees the job's names as
+    the policy shows them (``relay.privacy``); every other line is unchanged.
+    """
+    lines = tuple((k, name(v)) if k in NAME_LINES else (k, v) for k, v in cf.lines)
+    return ControlFile(lines=lines, newline=cf.newline)
 
 
 def _renamed(cf: ControlFile, mapping: dict[str, str], fmt: str | None) -> list[tuple[str, str]]:

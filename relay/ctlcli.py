@@ -67,7 +67,7 @@ def offline(config: Config, spool: Spool, queue: str, operation: str, args: list
     states = QueueStates(config.server.spool_dir)
     queue = _queue(config, queue)
     if operation == "status":
-        jobs = spool.jobs(queue)
+        jobs = [j for j in spool.jobs(queue) if j.state != "delivered"]
         held = sum(1 for j in jobs if j.state == "held")
         notice = states.get(queue).notice() or "enabled, printing"
         return (f"{queue}: {notice}; {len(jobs) - held} queued, {held} held "
@@ -95,7 +95,8 @@ def _offline_jobs(config: Config, spool: Spool, states: QueueStates, queue: str,
     items = args[:-1] if operation == "move" else args
     if not items:
         raise _Refused(f"{operation} needs a job number, a user, or all")
-    mine = [j for j in spool.jobs() if states.moved.get(j.id, j.queue) == queue]
+    mine = [j for j in spool.jobs() if states.moved.get(j.id, j.queue) == queue
+            and j.state != "delivered"]   # kept by [retention]: not the queue's work
     chosen = status.select_for_removal(mine, agent="root", items=items, host="", admin=True)
     if not chosen:
         return "no matching jobs\n"

@@ -17,8 +17,10 @@ from collections.abc import Callable, Mapping, Sequence
 import trio
 
 from relay import log, status
-from relay.config import QueueConfig
+from relay.config import QueueConfig, RetentionConfig
 from relay.queuestate import QueueStates, State
+from relay.reprint import Reprinter
+from relay.retention import Retention
 from relay.scheduler import QueueRunner
 from relay.sinks import Sink
 from relay.spool import JobMeta, Spool
@@ -35,14 +37,18 @@ class Scheduler:
     """
 
     def __init__(self, runners: Mapping[str, QueueRunner], spool: Spool | None = None,
-                 states: QueueStates | None = None) -> None:
+                 states: QueueStates | None = None, retention: Retention | None = None) -> None:
         self.runners = dict(runners)
         self.spool = spool
         self.states = states
+        self.retention = retention    # kept delivered jobs ([retention]); None: none kept
+        self.default_retention = RetentionConfig()   # [retention]: for queues no longer here
+        self.reprinter: Reprinter | None = None      # spool reprint (lpc), set by the daemon
         self._retired: list[QueueRunner] = []
         self._nursery: trio.Nursery | None = None
         for name, runner in self.runners.items():
             runner.stopped = self.state_of(name).stopped
+            runner.keeper = retention
             self.publish(name)
 
     def publish(self, queue: str) -> None:
@@ -51,6 +57,11 @@ class Scheduler:
         if runner is not None:
             for state, on in self.state_of(queue).flags().items():
                 runner.metrics.queue_state.labels(queue, state).set(1 if on else 0)
+
+    def retention_of(self, queue: str) -> RetentionConfig:
+        """The retention of ``queue``'s delivered jobs (``Retention``'s policy)."""
+        runner = self.runners.get(queue)
+        return runner.queue.retention if runner is not None else self.default_retention
 
     def state_of(self, queue: str) -> State:
         return self.states.get(queue) if self.states is not None else State()
@@ -63,6 +74,10 @@ class Scheduler:
         return self.runners.get(queue)
 
     def submit(self, job: JobMeta) -> None:
+        if job.state == "delivered":      # kept after delivery: never delivered again
+            if self.retention is not None:
+                self.retention.adopt(job)
+            return
         moved = self.states.moved.get(job.id, "") if self.states is not None else ""
         if moved in self.runners:
             runner: QueueRunner | None = self.runners[moved]
@@ -106,6 +121,7 @@ class Scheduler:
                 continue
             self.runners[name] = current = runner(queue, sinks(queue))
             current.stopped = self.state_of(name).stopped
+            current.keeper = self.retention
             self.publish(name)
             self._adopt(current)
             if self._nursery is not None:
@@ -116,7 +132,7 @@ class Scheduler:
         busy = {i for r in self._retired for i in r.in_flight}
         reason = removed_reason(runner.queue.name)
         for job in runner.spool.jobs(runner.queue.name):
-            if job.id in busy:
+            if job.id in busy or job.state == "delivered":   # kept jobs stay kept
                 continue
             if job.state == "held" and job.last_error == reason:
                 job = dataclasses.replace(job, state="queued", last_error="")
@@ -150,6 +166,10 @@ class Scheduler:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(log.summary_loop)
+            if self.retention is not None:
+                nursery.start_soon(self.retention.run)
+            if self.reprinter is not None:
+                nursery.start_soon(self.reprinter.run)
             for runner in self.runners.values():
                 nursery.start_soon(runner.run)
 

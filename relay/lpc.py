@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from relay import log, status
 from relay.commands import is_admin, remove
 from relay.dispatch import Scheduler
-from relay.errors import ProtocolError
+from relay.errors import ProtocolError, SpoolError
 from relay.printable import printable
 from relay.queues import sanitize_name
 from relay.spool import JobMeta
@@ -35,7 +35,7 @@ __all__ = ["OPERATIONS", "answer", "control"]
 # Operations that name jobs (JOB|USER|all), and the rest.
 JOB_OPERATIONS = ("hold", "release", "topq", "move")
 OPERATIONS = ("status", *JOB_OPERATIONS, "redirect", "disable", "enable", "stop", "start",
-              "lpq", "lprm")
+              "lpq", "lprm", "reprint")
 
 
 def answer(ctx: ConnectionContext, queue: str, operands: Sequence[str], *, host: str,
@@ -55,7 +55,7 @@ def answer(ctx: ConnectionContext, queue: str, operands: Sequence[str], *, host:
         if options and options[0] != "all" and _same(ctx, options[0], name):
             options = options[1:]     # LPRng names the queue again as the first option
         text = control(ctx.delivery, ctx, name, operation, options, user=user,
-                       peer=(host, port))
+                       peer=(host, port), wire_queue=queue)
     except (ProtocolError, ValueError) as exc:
         text = f"lpd-relay: {exc}\n"
     except OSError as exc:   # the state file could not be written (full disk): nothing changed
@@ -73,10 +73,13 @@ def _same(ctx: ConnectionContext, option: str, name: str) -> bool:
 
 
 def control(scheduler: Scheduler, ctx: ConnectionContext, queue: str, operation: str,
-            options: list[str], *, user: str, peer: tuple[str, int]) -> str:
+            options: list[str], *, user: str, peer: tuple[str, int],
+            wire_queue: str = "") -> str:
     """Do ``operation`` on ``queue``; the answer's text (ValueError for a bad request)."""
     if operation in JOB_OPERATIONS:
         return _job_operation(scheduler, ctx, queue, operation, options, user=user)
+    if operation == "reprint":    # lpd-relay's: `spool reprint JOB --to QUEUE` (relay.reprint)
+        return _reprint(scheduler, queue, wire_queue or queue, options)
     states = scheduler.states
     if operation == "status":
         return status_text(scheduler, queue)
@@ -98,6 +101,16 @@ def control(scheduler: Scheduler, ctx: ConnectionContext, queue: str, operation:
                          f"{', '.join(OPERATIONS)}")
     scheduler.publish(queue)
     return f"{queue}: {states.get(queue).notice() or 'enabled, printing'}\n"
+
+
+def _reprint(scheduler: Scheduler, queue: str, wire_queue: str, options: list[str]) -> str:
+    if len(options) != 1 or scheduler.reprinter is None:
+        raise ValueError("reprint takes one option: the spool id of a kept job")
+    try:
+        new = scheduler.reprinter.start(options[0], queue=queue, wire_queue=wire_queue)
+    except SpoolError as exc:
+        raise ValueError(f"cannot take a new job now: {exc}") from None
+    return f"job {options[0]} reprinted as job {new} on queue {queue}\n"
 
 
 def _target(ctx: ConnectionContext, name: str, queue: str) -> str:

@@ -196,6 +196,8 @@ def toml_value(value: object) -> str:
     """A schema default as it would be written in the file."""
     if isinstance(value, configschema.Required):
         return "required"
+    if isinstance(value, configschema.Unset):
+        return "not set"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list | tuple):
@@ -221,6 +223,7 @@ def sections() -> dict[str, configschema.Schema]:
     tables = {name: schema for name, schema in config._SECTIONS.items() if name != "queues"}
     tables["queues.NAME"] = config._QUEUE
     tables["queues.NAME.retry"] = config._RETRY
+    tables["queues.NAME.retention"] = config._RETENTION
     return tables
 
 
@@ -245,9 +248,8 @@ def config_page(docs_text: str | None = None) -> str:
                   'GiB, TiB), a decimal one (KB, MB, GB, TB), B, or none (bytes): "64KiB", '
                   '"4GiB"; a TOML integer is a number of bytes.')]
     for name, schema in sections().items():
-        doc_name = "queues.NAME" if name == "queues.NAME.retry" else name
-        doc = docs.get(doc_name, {}) if name != "queues.NAME.retry" else \
-            docs.get("retry", {})
+        # A per-queue override table reads the meanings of the section it overrides.
+        doc = docs.get(name.removeprefix("queues.NAME."), {})
         lines += [f".SH [{roff(name)}]", *_key_entries(schema, doc)]
     lines += [".SH DESTINATION URIS",
               roff("Forms: lpd://host[:port]/queue[?options], socket://host[:port], "

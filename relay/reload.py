@@ -51,7 +51,7 @@ RESTART_KEYS: tuple[tuple[str, str | None], ...] = (
     ("server", "spool_dir"), ("server", "fsync"), ("server", "min_free_disk"),
     ("server", "max_connections"), ("metrics", "listen"), ("log", "format"),
     ("origin_ports", None), ("server", "listen_tls"), ("server", "proxy_protocol"),
-    ("server", "proxy_trusted"),
+    ("server", "proxy_trusted"), ("privacy", None),
 )
 
 
@@ -88,7 +88,8 @@ def effective(old: Config, new: Config) -> Config:
             if section == "server" and key is not None}
     return dataclasses.replace(
         new, server=dataclasses.replace(new.server, **kept), metrics=old.metrics,
-        log=dataclasses.replace(new.log, format=old.log.format), origin_ports=old.origin_ports)
+        log=dataclasses.replace(new.log, format=old.log.format), origin_ports=old.origin_ports,
+        privacy=old.privacy)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -155,6 +156,7 @@ class Reloader:
     def _commit(self, config: Config, opened: dict[Listen, trio.socket.SocketType]) -> None:
         self.metrics.add_labels(config.queues, [d.uri for q in config.queues.values()
                                                 for d in q.destinations])
+        self.scheduler.default_retention = config.retention
         self.scheduler.reconfigure(config.queues, self._sinks, self._runner)
         self.server.reconfigure(config.server, QueueRouter(config, self.scheduler.states), opened)
         if config.log.level != self.config.log.level:

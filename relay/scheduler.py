@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -47,6 +47,9 @@ from relay.metrics import Metrics
 from relay.runnerctl import RunnerControl
 from relay.sinks import Sink, destination_key, destination_problem
 from relay.spool import JobMeta, Spool
+
+if TYPE_CHECKING:
+    from relay.retention import Retention
 
 
 def backoff_delay(failures: int, *, initial: float, maximum: float,
@@ -93,6 +96,7 @@ class QueueRunner(RunnerControl):
         self.stopped = False              # lpc stop: jobs wait, none is delivered
         self._nursery: trio.Nursery | None = None
         self._workers = 0                 # worker tasks started
+        self.keeper: Retention | None = None   # [retention]: keeps delivered jobs (dispatch)
         self._check_destinations()
 
     def _dest(self, sink: Sink) -> _Dest:
@@ -312,8 +316,9 @@ class QueueRunner(RunnerControl):
         self._gone(job, dest, self.dests[index].sink.destination.uri)
 
     def _gone(self, job: JobMeta, dest: str, uri: str) -> None:
-        """A confirmed job leaves the spool; counted and logged."""
-        self.spool.remove(job.id)
+        """A confirmed job leaves the spool (or is kept, ``[retention]``); counted and logged."""
+        if self.keeper is None or not self.keeper.keep(job):
+            self.spool.remove(job.id)
         self._first_failure.pop(job.id, None)
         jobs, size, seconds = self._children(job.queue, dest)
         jobs.inc()

@@ -20,6 +20,7 @@ import errno
 import math
 import socket as pysocket
 from collections import Counter
+from collections.abc import Callable
 
 import trio
 
@@ -31,6 +32,7 @@ from relay.connection import Connection
 from relay.context import ConnectionContext, Delivery
 from relay.errors import REPLY_RETRY_LATER, BindError
 from relay.metrics import Metrics
+from relay.privacy import KEEP, Redactor
 from relay.proxysource import ProxySource
 from relay.queues import QueueRouter, hot_folder_names
 from relay.spool import Spool
@@ -75,14 +77,17 @@ class LpdServer:
     """Accepts LPD connections on every configured address (SPEC §4)."""
 
     def __init__(self, config: ServerConfig, *, spool: Spool, router: QueueRouter,
-                 delivery: Delivery, metrics: Metrics) -> None:
+                 delivery: Delivery, metrics: Metrics,
+                 make_room: Callable[[int], bool] | None = None,
+                 privacy: Redactor = KEEP) -> None:
         self.config = config
         self.spool = spool
         self.router = router
         self.metrics = metrics
         self.context = ConnectionContext(config=config, spool=spool, router=router,
                                          delivery=delivery, metrics=metrics,
-                                         buffers=BufferPool())
+                                         buffers=BufferPool(), make_room=make_room,
+                                         privacy=privacy)
         self._slots = trio.Semaphore(config.max_connections)
         self._refusals = trio.Semaphore(REFUSAL_SLOTS)
         self._active = 0

@@ -15,9 +15,11 @@ import dataclasses
 import datetime as dt
 import errno
 import fcntl
+import functools
 import os
 import socket
 import sys
+import time
 
 import orjson
 import trio
@@ -25,7 +27,11 @@ import trio
 from relay import _core, client, progress
 from relay.app import DAEMON_INFO
 from relay.config import Config, InvalidConfig, embedded_default, load_config
-from relay.errors import SinkError, SpoolError
+from relay.errors import ProtocolError, SinkError, SpoolError
+from relay.privacy import Redactor
+from relay.queues import QueueRouter
+from relay.queuestate import QueueStates
+from relay.reprint import ReprintRefused, check_kept, reprint_offline
 from relay.spool import JobMeta, Spool
 
 
@@ -93,7 +99,9 @@ def _when(epoch: float) -> str:
 
 
 def _list(spool: Spool, config: Config, args: argparse.Namespace) -> int:
-    jobs = spool.jobs()
+    if getattr(args, "delivered", False):
+        return _list_delivered(spool)
+    jobs = [j for j in spool.jobs() if j.state != "delivered"]   # kept ones: --delivered
     print(f"{'JOB':<13}{'QUEUE':<12}{'STATE':<8}{'USER':<10}{'NUMBER':<8}"
           f"{'BYTES':>10}  {'RECEIVED (UTC)':<20}{'ATTEMPTS':>8}  LAST ERROR")
     for j in jobs:
@@ -104,10 +112,25 @@ def _list(spool: Spool, config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _list_delivered(spool: Spool) -> int:
+    """``list --delivered``: the jobs ``[retention]`` keeps, which ``reprint`` takes."""
+    jobs = [j for j in spool.jobs() if j.state == "delivered"]
+    print(f"{'JOB':<13}{'QUEUE':<12}{'USER':<10}{'NUMBER':<8}{'BYTES':>10}  "
+          f"{'RECEIVED (UTC)':<20}DELIVERED (UTC)")
+    for j in jobs:
+        print(f"{j.id:<13}{j.queue[:11]:<12}{j.user[:9]:<10}{j.number:<8}"
+              f"{j.total_bytes:>10}  {_when(j.received):<20}{_when(j.delivered_at)}")
+    print(f"{len(jobs)} delivered job(s) kept")
+    return 0
+
+
 def _show(spool: Spool, config: Config, args: argparse.Namespace) -> int:
     job = _get(spool, args.job)
     record = dataclasses.asdict(job)
     record["received_utc"] = _when(job.received)
+    if os.geteuid() != 0:   # [privacy] job_names: names in full for root only (docs/privacy.md)
+        names = Redactor(config.privacy)
+        record["title"], record["job_name"] = names.name(job.title), names.name(job.job_name)
     sys.stdout.write(orjson.dumps(record, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
 
@@ -135,7 +158,9 @@ def _retry(spool: Spool, config: Config, args: argparse.Namespace) -> int:
 
 def _purge(spool: Spool, config: Config, args: argparse.Namespace) -> int:
     job = _get(spool, args.job)
-    if daemon_running(spool.directory):
+    # A kept delivered job is no queue's: removed here even under a running daemon,
+    # whose retention then forgets it (relay.retention.Retention.expire).
+    if daemon_running(spool.directory) and job.state != "delivered":
         answer = trio.run(_ask_daemon, config, _core.remove_jobs(job.queue, "root", [job.id]))
         sys.stdout.write(answer)
         return 0 if "dequeued" in answer else 1
@@ -170,7 +195,42 @@ def _purge_each(spool: Spool, config: Config, args: argparse.Namespace) -> int:
     return code
 
 
-ACTIONS = {"list": _list, "show": _show, "retry": _retry, "purge": _purge_each}
+def _reprint(spool: Spool, config: Config, args: argparse.Namespace) -> int:
+    """``reprint JOB [--to QUEUE]``: a kept job as a new one (``relay.reprint``)."""
+    job = _get(spool, args.job)
+    check_kept(job)
+    wire = args.to or job.wire_queue
+    if not daemon_running(spool.directory):
+        try:
+            queue = QueueRouter(config, QueueStates(config.server.spool_dir)).route(wire).name
+        except ProtocolError as exc:
+            raise ReprintRefused(str(exc)) from None
+        meta = trio.run(functools.partial(reprint_offline, spool, job, queue=queue,
+                                          wire_queue=wire))
+        print(f"job {job.id} reprinted as job {meta.id} on queue {queue}; it will be "
+              "delivered when the daemon starts")
+        return 0
+    request = ("\x06" + " ".join([wire, "root", "reprint", wire, job.id]) + "\n").encode()
+    answer = trio.run(_ask_daemon, config, request)
+    sys.stdout.write(answer)
+    new = answer.split(" reprinted as job ", 1)[1].split()[0] if " as job " in answer else ""
+    return 0 if new and _appears(spool, new) else 1
+
+
+def _appears(spool: Spool, job_id: str, timeout: float = 30.0) -> bool:
+    """Whether the daemon committed the reprint ``job_id`` (it copies in the background)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(os.path.join(spool.jobs_dir, f"{job_id}.json")):
+            return True
+        time.sleep(0.05)
+    print(f"lpd-relay: job {job_id} did not reach the spool; see the daemon's log",
+          file=sys.stderr)
+    return False
+
+
+ACTIONS = {"list": _list, "show": _show, "retry": _retry, "purge": _purge_each,
+           "reprint": _reprint}
 
 
 def cli_config(args: argparse.Namespace) -> Config | None:
@@ -201,7 +261,7 @@ def main_spool(args: argparse.Namespace) -> int:
         if len(args.jobs) > 1 and args.action != "purge":
             raise _NoJob(f"{args.action} takes one JOB")
         return ACTIONS[args.action](spool, config, args)
-    except _NoJob as exc:
+    except (_NoJob, ReprintRefused) as exc:
         print(f"lpd-relay: {exc}", file=sys.stderr)
         return 2 if "JOB" in str(exc) else 1
     except SpoolError as exc:   # the CLI has no daemon bookkeeping to defer to

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 ID_WIDTH = 12
-STATES = ("queued", "held")
+STATES = ("queued", "held", "delivered")   # delivered: kept by [retention]
 
 _ID = rf"\d{{{ID_WIDTH},20}}"
 ID_RE = re.compile(_ID)                                        # a spool id
@@ -55,12 +55,13 @@ class JobMeta:
     control_bytes: int = 0
     tls_peer: str = ""       # the sender's mapped client-certificate name (SPEC §9)
     # delivery state (from <id>.state; defaults when absent)
-    state: str = "queued"    # "queued" | "held"
+    state: str = "queued"    # "queued" | "held" | "delivered" (kept, relay.retention)
     attempts: int = 0
     failures: int = 0        # consecutive failures at the current destination
     destination: int = 0     # index into the queue's destinations
     next_attempt: float = 0.0
     last_error: str = ""
+    delivered_at: float = 0.0  # epoch seconds of the delivery of a kept ("delivered") job
 
     @property
     def total_bytes(self) -> int:
@@ -98,7 +99,7 @@ class SpoolStatistics:
 
 _STATE_DEFAULTS: dict[str, Any] = {
     "state": "queued", "attempts": 0, "failures": 0, "destination": 0,
-    "next_attempt": 0.0, "last_error": ""}
+    "next_attempt": 0.0, "last_error": "", "delivered_at": 0.0}
 
 
 def json_text(value: str) -> str:

@@ -16,9 +16,10 @@ U+009B CSI included, come out as backslash-x escapes).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from relay import __version__
@@ -50,6 +51,14 @@ class QueueState:
     next_retry: float | None = None      # epoch seconds, when backing off
     server: str = ""                     # SERVER_LINE from the daemon; "" leaves it out
     notice: str = ""                     # operator state (lpc), e.g. "disabled, printing stopped"
+
+
+def redacted(state: QueueState, name: Callable[[str], str]) -> QueueState:
+    """``state`` with each job's title and job name as ``name`` shows them ([privacy]:
+    lpq answers to peers outside ``server.admin_allow``, ``relay.privacy``)."""
+    jobs = tuple(dataclasses.replace(j, title=name(j.title), job_name=name(j.job_name))
+                 for j in state.jobs)
+    return dataclasses.replace(state, jobs=jobs)
 
 
 def _rank(index: int, job: JobMeta, in_flight: frozenset[str]) -> str:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from relay.privacy import KEEP, Redactor
 from relay.spoolbackend import Body, BodySource, open_file_body
 from relay.streams import open_spool_file, stream_body, stream_file
 
@@ -143,6 +144,7 @@ class SinkContext:
     origin_ports: object | None = None
     bodies: BodySource | None = None
     metrics: object | None = None       # relay.metrics.Metrics in the daemon (lpds:// uses it)
+    privacy: Redactor = KEEP            # [privacy]: job names in metadata and downstream
 
 
 class Sink(abc.ABC):

@@ -122,7 +122,8 @@ class DirSink(Sink):
         folder = os.path.join(d.path, folder_name(job.queue, job.wire_queue))
         perms = _Perms(file_mode=d.file_mode, dir_mode=dir_mode(d.file_mode), gid=d.group)
         try:
-            await trio.to_thread.run_sync(_write_job, folder, job, perms)
+            await trio.to_thread.run_sync(_write_job, folder, job, perms,
+                                          self.context.privacy.name)
         except OSError as exc:
             hint = ""
             if d.group is not None and exc.errno == errno.EPERM:
@@ -142,7 +143,8 @@ def _describe_os_error(folder: str, exc: OSError) -> str:
     return f"hot folder {folder}: {exc.strerror or exc} [{code}]{hint}"
 
 
-def _write_job(folder: str, job: DeliveryJob, perms: _Perms) -> None:
+def _write_job(folder: str, job: DeliveryJob, perms: _Perms,
+               redact: Callable[[str], str]) -> None:
     """Runs in a worker thread: data files, directory fsync, metadata, directory fsync."""
     _ensure_dir(folder, perms)
     dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -156,14 +158,16 @@ def _write_job(folder: str, job: DeliveryJob, perms: _Perms) -> None:
         if entries:
             # Data renames must be durable before the metadata that announces them.
             os.fsync(dir_fd)
-        document = orjson.dumps(_metadata(job, entries), option=orjson.OPT_INDENT_2)
+        document = orjson.dumps(_metadata(job, entries, redact), option=orjson.OPT_INDENT_2)
         _place(dir_fd, f"{job.id}.json", lambda fd: _write_all(fd, document), perms)
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
 
-def _metadata(job: DeliveryJob, entries: list[dict[str, Any]]) -> dict[str, Any]:
+def _metadata(job: DeliveryJob, entries: list[dict[str, Any]],
+              redact: Callable[[str], str]) -> dict[str, Any]:
+    # ``redact``: [privacy] job_names for the J/T values (relay.privacy).
     received = datetime.fromtimestamp(job.received, UTC)
     return {
         "job": job.id,
@@ -172,8 +176,8 @@ def _metadata(job: DeliveryJob, entries: list[dict[str, Any]]) -> dict[str, Any]
         "peer": job.peer,
         "user": job.user,
         "host": job.host,
-        "title": job.title,
-        "job_name": job.job_name,
+        "title": redact(job.title),
+        "job_name": redact(job.job_name),
         "number": job.number,
         "received": received.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "files": entries,

@@ -33,7 +33,7 @@ import trio
 
 from relay import client, log, status
 from relay.client import short_hostname
-from relay.controlfile import parse_control_file, rewrite
+from relay.controlfile import parse_control_file, redact_names, rewrite
 from relay.errors import LpdError, SinkError, SinkRejected, SinkUnavailable, reason_for_errno
 from relay.originports import OriginPortPool, PoolSet
 from relay.sinks.base import DeliveryJob, Sink, SinkContext, open_spool_file, register
@@ -90,6 +90,8 @@ class LpdSink(Sink):
         except LpdError as exc:
             raise SinkRejected(f"spooled control file unreadable: {exc}") from exc
         d = self.destination
+        if self.context.privacy.downstream:     # [privacy] strip_downstream
+            cf = redact_names(cf, self.context.privacy.name)
         new_cf, cf_name, names = rewrite(cf, number=next(self._numbers), host=self.hostname,
                                          digits=d.jobnumbers, banner=d.banner, fmt=d.format,
                                          sanitize_title=d.sanitize_title)
