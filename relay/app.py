@@ -24,6 +24,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from relay import __version__, log, sdnotify
+from relay.audit import AuditLog, config_sha256
 from relay.config import Config, InvalidConfig, choose_default_port, embedded_default, load_config
 from relay.dispatch import Scheduler
 from relay.errors import BindError, ConfigError, LpdError, SpoolError
@@ -140,7 +141,9 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
                   min_free_disk=config.server.min_free_disk)
     recovery = spool.recover()
     _spool_gauges(spool, metrics)
+    audit = None
     try:
+        audit = _open_audit(config, spool)     # SPEC §11; None without [audit]
         states = QueueStates(config.server.spool_dir)    # lpc's disable/stop/redirect/move
         if states.moved:   # forget moves of jobs delivered or purged since (a full disk: later)
             with contextlib.suppress(OSError):
@@ -159,6 +162,8 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
                 mbound = await nursery.start(partial_http(config, registry,
                                                           _health(server, spool, config)))
             nursery.start_soon(scheduler.run)
+            if audit is not None:
+                nursery.start_soon(audit.run)
             notifier = sdnotify.Notifier.from_environ()
             reloader = Reloader(config=config, spool=spool, metrics=metrics,
                                 scheduler=scheduler, server=server, sinks=context,
@@ -181,6 +186,21 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
         # releases the spool lock, so the next start (or the CLI) finds it free.
         with trio.CancelScope(shield=True):
             await spool.aclose()
+        if audit is not None:
+            audit.record("stop")
+            audit.close()
+
+
+def _open_audit(config: Config, spool: Spool) -> AuditLog | None:
+    """The audit log, subscribed to the spool's events, with its start and config records."""
+    if config.audit is None:
+        return None
+    audit = AuditLog(config.audit, fsync=config.server.fsync)
+    audit.open()
+    spool.events = audit
+    audit.record("start")
+    audit.record("config", config_sha256=config_sha256(config.source))
+    return audit
 
 
 def _reload(reloader: Reloader, notifier: sdnotify.Notifier, info: DaemonInfo) -> None:
