@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from relay import __version__, log, sdnotify
 from relay.audit import AuditLog, config_sha256
+from relay.auditsyslog import SyslogShipper
 from relay.config import Config, InvalidConfig, choose_default_port, embedded_default, load_config
 from relay.dispatch import Scheduler
 from relay.errors import BindError, ConfigError, LpdError, SpoolError
@@ -164,6 +165,8 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
             nursery.start_soon(scheduler.run)
             if audit is not None:
                 nursery.start_soon(audit.run)
+                if config.audit is not None and config.audit.syslog:   # SPEC §11 shipping
+                    nursery.start_soon(SyslogShipper(audit, config.audit, metrics).run)
             notifier = sdnotify.Notifier.from_environ()
             reloader = Reloader(config=config, spool=spool, metrics=metrics,
                                 scheduler=scheduler, server=server, sinks=context,
