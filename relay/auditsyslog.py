@@ -30,6 +30,7 @@ import socket
 import ssl
 import struct
 import termios
+from collections import deque
 from typing import Any
 
 import orjson
@@ -48,8 +49,12 @@ PRI = 85                 # facility 10 (security/authorization), severity 5 (not
 SD_ID = "lpdrelay@32473"  # 32473: the enterprise number RFC 5612 sets aside for examples
 BATCH = 512              # records per send
 RETRY_INITIAL, RETRY_MAX = 1.0, 30.0
+# A record counts as delivered once the collector's TCP acknowledged it and the
+# connection stayed up this long after (time for the collector to store it).
+CONFIRM_GRACE = 2.0
 POLL = 1.0               # look for records other processes appended, and for confirmations
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_TCP_ESTABLISHED = 1    # linux/tcp_states.h
 _SIOCOUTQ = getattr(termios, "TIOCOUTQ", 0x5411)   # same number as SIOCOUTQ on Linux
 
 
@@ -151,6 +156,12 @@ class _Reader:
             self.next = seq + 1
 
 
+def established(sock: socket.socket) -> bool:
+    """The TCP connection is ESTABLISHED: the collector has not closed or reset it."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    return info[0] == _TCP_ESTABLISHED
+
+
 def unacknowledged(sock: socket.socket) -> int:
     """Bytes written to ``sock`` that its peer's TCP has not acknowledged (SIOCOUTQ)."""
     raw = fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0")
@@ -240,7 +251,8 @@ class SyslogShipper:
 
     async def _ship(self, stream: trio.abc.Stream, sock: Any) -> None:
         reader = _Reader(self.audit.path, self.confirmed + 1)
-        sent = self.confirmed
+        sent = acked = self.confirmed
+        grace: deque[tuple[float, int]] = deque()   # (when TCP-acknowledged, seq)
         try:
             while True:
                 wake, self._wake = self._wake, trio.Event()
@@ -251,15 +263,24 @@ class SyslogShipper:
                         frame(rec, line, hostname=self.hostname, procid=pid)
                         for rec, line in batch))
                     sent = int(batch[-1][0]["seq"])
-                if sent > self.confirmed and unacknowledged(sock) == 0:
-                    self.confirmed = sent
-                    self._save_state()
-                self._backlog()
+                now = trio.current_time()
+                if sent > acked and established(sock) and unacknowledged(sock) == 0:
+                    acked = sent
+                    grace.append((now, sent))
+                self._confirm(grace, now, sock)
                 if len(batch) < BATCH:
-                    with trio.move_on_after(0.05 if sent > self.confirmed else POLL):
+                    timeout = 0.05 if sent > acked else CONFIRM_GRACE / 4 if grace else POLL
+                    with trio.move_on_after(timeout):
                         await wake.wait()
         finally:
             reader.close()
+
+    def _confirm(self, grace: deque[tuple[float, int]], now: float, sock: Any) -> None:
+        """Records TCP-acknowledged ``CONFIRM_GRACE`` ago, the connection still up, are sent."""
+        while grace and now - grace[0][0] >= CONFIRM_GRACE and established(sock):
+            self.confirmed = grace.popleft()[1]
+            self._save_state()
+        self._backlog()
 
 
 async def _watch_close(stream: trio.abc.Stream) -> None:
