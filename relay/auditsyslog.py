@@ -10,13 +10,15 @@ costs only the disk the audit log uses anyway.
 
 Syslog over TCP has no acknowledgements.  What the collector's TCP stack
 has acknowledged is known, though: a record counts as *confirmed* once the
-socket's send queue (``SIOCOUTQ``) is empty after it was written.  The last
-confirmed ``seq`` is kept in ``FILE.syslog``; after a reconnect (or a
-restart) sending resumes after it.  The window for duplicates is therefore
-what was sent but not yet TCP-acknowledged when the connection broke
-(duplicates carry the same ``seq``); a record is lost only if the collector
-acknowledged it at the TCP level and then died before storing it
-(docs/audit.md, "Shipping to syslog").
+socket's send queue (``SIOCOUTQ``) is empty after it was written and the
+connection is still ESTABLISHED ``CONFIRM_GRACE`` later (an RST empties the
+send queue too, and a collector stopping may drop what it had not read).
+The last confirmed ``seq`` is kept in ``FILE.syslog``; after a reconnect (or
+a restart) sending resumes after it.  The window for duplicates is what was
+sent in the last ``CONFIRM_GRACE`` or not yet TCP-acknowledged when the
+connection broke (duplicates carry the same ``seq``); a record is lost only
+if the collector acknowledged it, stayed connected that long, and died
+before storing it (docs/audit.md, "Shipping to syslog").
 """
 
 from __future__ import annotations
