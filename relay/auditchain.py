@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 ZERO_HASH = "0" * 64
-# A torn tail is looked for in this much of a file's end (a record is < 64 KiB).
+# Where a chain ends is read from this much of a file's end at first (more if needed).
 TAIL_BYTES = 1 << 16
 
 
@@ -71,14 +71,24 @@ class Tail:
     torn: bool           # bytes after the last newline (a write a crash cut)
 
 
+def _tail_bytes(path: str) -> tuple[int, bytes]:
+    """The end of ``path`` holding at least one whole line (a record may exceed TAIL_BYTES)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        window = TAIL_BYTES
+        while True:   # bounded: the window doubles until it covers the file
+            start = max(0, size - window)
+            f.seek(start)
+            data = f.read()
+            if start == 0 or data.count(b"\n") >= 2:
+                return start, data
+            window *= 2
+
+
 def tail_of(path: str) -> Tail | None:
     """The last whole record of ``path``; None when the file has none (absent or empty)."""
     try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            start = max(0, size - TAIL_BYTES)
-            f.seek(start)
-            data = f.read()
+        start, data = _tail_bytes(path)
     except FileNotFoundError:
         return None
     end = data.rfind(b"\n")

@@ -213,3 +213,15 @@ def test_since_and_format() -> None:
                                                   "sha256": "ab" * 32}], "hash": "h"})
     assert line.startswith("T 1 received J q u files=dfA1h(l,3B,sha256:abababab")
     assert "hash" not in line
+
+
+def test_a_record_larger_than_the_tail_window_still_ends_the_chain(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    write_records(path, 2)
+    log = AuditLog(audit_config(path), fsync=False)
+    log.open()
+    log.record("held", None, job="big", reason="x" * 200_000)   # e.g. 1,000 data files
+    log.close()
+    write_records(path, 1)                          # a restart finds where the chain ends
+    assert [orjson.loads(x)["seq"] for x in lines(path)] == [1, 2, 3, 4]
+    assert verify(str(path)) is None
