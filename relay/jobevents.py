@@ -6,7 +6,9 @@ a job here (``received``, ``acknowledged``, ``attempt``, ``delivered``,
 daemon's own life (``config``, ``start``, ``stop``) — the event names of
 SPEC §11.  Whoever needs the trail subscribes by implementing ``JobEvents``
 (the audit log, ``relay.audit``); without one the daemon uses ``NO_EVENTS``,
-which costs one method call per event and nothing else.
+which costs one method call per event and nothing else.  The subscriber in
+use is ``Spool.events``: whatever changes a job holds its spool (intake, the
+scheduler, lprm/lpc, the CLI), so no constructor needs another argument.
 
 ``fields`` are the SPEC §11 record keys that the job's ``JobMeta`` does not
 already carry (``destination``, ``result``, ``reason``, ``by``, ``original``,
