@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import signal
 import socket
 import subprocess
 import sys
@@ -149,3 +150,20 @@ def test_kill_9_leaves_a_verifiable_chain_holding_every_acknowledged_job(
     assert verify(str(audit_path(tmp_path))) is None
     events = [r["event"] for r in audit_records(tmp_path)]
     assert events.count("start") == 2 and events[-1] == "stop"
+
+
+def test_each_reload_records_the_hash_of_the_file(tmp_path: Path) -> None:
+    data = relay_config(tmp_path, metrics={"listen": ""}, audit={"rotate_keep": 10},
+                        queues={"q": {"destinations": [f"dir://{tmp_path / 'out'}"]}})
+    cfg = write_config_file(tmp_path / "relay.toml", data)
+    with RelayProcess(cfg) as relay:
+        first = wait_record(tmp_path, event="config")
+        assert first["config_sha256"] == hashlib.sha256(cfg.read_bytes()).hexdigest()
+        cfg.write_text(cfg.read_text() + "# edited\n")
+        assert relay.proc is not None
+        relay.proc.send_signal(signal.SIGHUP)
+        second = wait_record(tmp_path, event="config",
+                             config_sha256=hashlib.sha256(cfg.read_bytes()).hexdigest())
+        assert second["seq"] > first["seq"]
+        assert relay.terminate() == 0
+    assert verify(str(audit_path(tmp_path))) is None
