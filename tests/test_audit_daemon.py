@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
+from relay.audit import AuditLog
 from relay.auditchain import records, verify
-from tests.daemon import ROOT, RelayProcess, relay_config, write_config_file
+from tests.daemon import ROOT, DaemonThread, RelayProcess, relay_config, write_config_file
 from tests.lpdwire import Job, Wire, send_job
 
 
@@ -167,3 +169,40 @@ def test_each_reload_records_the_hash_of_the_file(tmp_path: Path) -> None:
         assert second["seq"] > first["seq"]
         assert relay.terminate() == 0
     assert verify(str(audit_path(tmp_path))) is None
+
+
+def test_the_final_ack_waits_for_the_received_record_on_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = threading.Event()
+    appended: list[str] = []
+    real = AuditLog._append
+
+    def slow_append(self: AuditLog, batch: list[dict[str, Any]]) -> None:
+        if any(r["event"] == "received" for r in batch):
+            assert gate.wait(20), "the test never opened the gate"
+        real(self, batch)
+        appended.extend(r["event"] for r in batch)
+
+    monkeypatch.setattr(AuditLog, "_append", slow_append)
+    job = Job(number="321")
+    with DaemonThread(relay_config(tmp_path, audit={"rotate_keep": 10})) as relay, \
+            Wire(relay.port) as w:
+        w.send(b"\x02q\n")
+        assert w.reply() == 0
+        w.send(b"\x02%d %s\n" % (len(job.control()), job.cf_name.encode()))
+        assert w.reply() == 0
+        w.send(job.control() + b"\x00")
+        assert w.reply() == 0
+        data = job.files[0]
+        w.send(b"\x03%d %s\n" % (len(data), job.df_names()[0].encode()))
+        assert w.reply() == 0
+        w.send(data + b"\x00")                    # the job is complete: committed, not acked
+        w.sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            w.reply()
+        assert "received" not in appended
+        gate.set()
+        w.sock.settimeout(10)
+        assert w.reply() == 0
+        assert "received" in appended              # written (and fdatasync'd) before the ack
+    assert wait_record(tmp_path, event="received", job_number="321")
