@@ -24,6 +24,8 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from relay import __version__, log, sdnotify
+from relay.audit import AuditLog, config_sha256
+from relay.auditsyslog import SyslogShipper
 from relay.config import Config, InvalidConfig, choose_default_port, embedded_default, load_config
 from relay.dispatch import Scheduler
 from relay.errors import BindError, ConfigError, LpdError, SpoolError
@@ -76,18 +78,17 @@ def _origin_pools(config: Config, metrics: Metrics) -> PoolSet | None:
 
 
 def build_scheduler(config: Config, spool: Spool, metrics: Metrics,
-                    context: SinkContext, states: QueueStates | None = None,
-                    events: JobEvents = NO_EVENTS) -> Scheduler:
+                    context: SinkContext, states: QueueStates | None = None) -> Scheduler:
     runners = {
         name: QueueRunner(queue, [make_sink(d, context) for d in queue.destinations],
                           spool, metrics)
         for name, queue in config.queues.items()
     }
-    retention = Retention(spool, lambda queue: config.retention, events=events)
+    retention = Retention(spool, lambda queue: config.retention)
     scheduler = Scheduler(runners, spool, states, retention)
     scheduler.default_retention = config.retention
     retention.policy = scheduler.retention_of   # follows reloads of the queues
-    scheduler.reprinter = Reprinter(spool, scheduler.submit, events=events)
+    scheduler.reprinter = Reprinter(spool, scheduler.submit)
     return scheduler
 
 
@@ -151,12 +152,15 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
                   min_free_disk=config.server.min_free_disk)
     recovery = spool.recover()
     _spool_gauges(spool, metrics)
+    spool.events = events          # the subscriber (the audit log replaces it when configured)
+    audit = None
     try:
+        audit = _open_audit(config, spool)     # SPEC §11; None without [audit]
         states = QueueStates(config.server.spool_dir)    # lpc's disable/stop/redirect/move
         if states.moved:   # forget moves of jobs delivered or purged since (a full disk: later)
             with contextlib.suppress(OSError):
                 states.move([], "", keep={job.id for job in recovery.jobs})
-        scheduler = build_scheduler(config, spool, metrics, context, states, events)
+        scheduler = build_scheduler(config, spool, metrics, context, states)
         for job in recovery.jobs:
             scheduler.submit(job)
         server = LpdServer(config.server, spool=spool, router=QueueRouter(config, states),
@@ -172,6 +176,10 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
                 mbound = await nursery.start(partial_http(config, registry,
                                                           _health(server, spool, config)))
             nursery.start_soon(scheduler.run)
+            if audit is not None:
+                nursery.start_soon(audit.run)
+                if config.audit is not None and config.audit.syslog:   # SPEC §11 shipping
+                    nursery.start_soon(SyslogShipper(audit, config.audit, metrics).run)
             notifier = sdnotify.Notifier.from_environ()
             reloader = Reloader(config=config, spool=spool, metrics=metrics,
                                 scheduler=scheduler, server=server, sinks=context,
@@ -194,6 +202,21 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
         # releases the spool lock, so the next start (or the CLI) finds it free.
         with trio.CancelScope(shield=True):
             await spool.aclose()
+        if audit is not None:
+            audit.record("stop")
+            audit.close()
+
+
+def _open_audit(config: Config, spool: Spool) -> AuditLog | None:
+    """The audit log, subscribed to the spool's events, with its start and config records."""
+    if config.audit is None:
+        return None
+    audit = AuditLog(config.audit, fsync=config.server.fsync)
+    audit.open()
+    spool.events = audit
+    audit.record("start")
+    audit.record("config", config_sha256=config_sha256(config.source))
+    return audit
 
 
 def _reload(reloader: Reloader, notifier: sdnotify.Notifier, info: DaemonInfo) -> None:

@@ -120,6 +120,21 @@ COMMANDS: tuple[Command, ...] = (
                     "help": "hold/release/topq: JOB|USER|all; move: JOB|USER|all TARGET; "
                             "redirect: TARGET|off"}),
                 CONFIG_ARG)),
+    Command(name="audit", help="verify the audit log's hash chain, or show its records",
+            handler="relay.auditcli:main_audit", args=(
+                Arg(names=("action",), options={
+                    "choices": ("verify", "show"),
+                    "help": "verify: exit 0 when the chain is whole, 1 naming the first bad "
+                            "record; show: print the records"}),
+                Arg(names=("file",), options={
+                    "nargs": "?", "metavar": "FILE",
+                    "help": "the audit log (default: [audit] path of -c FILE)"}),
+                Arg(names=("--job",), options={"metavar": "ID", "help": "only this spool job"}),
+                Arg(names=("--user",), options={"metavar": "USER", "help": "only this user"}),
+                Arg(names=("--since",), options={
+                    "metavar": "WHEN", "help": "only records since an ISO-8601 time or a "
+                                               "duration ago (24h)"}),
+                CONFIG_ARG)),
     Command(name="reload",
             help="make the running daemon re-read its configuration file (SIGHUP)",
             handler="relay.reload:main_reload", args=(

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from relay import _core, log, status
 from relay.config import CATCH_ALL, Network
 from relay.errors import REPLY_OK, ProtocolError
+from relay.jobevents import acting
 from relay.queues import sanitize_name
 
 if TYPE_CHECKING:
@@ -75,7 +76,8 @@ def print_waiting(ctx: ConnectionContext, queue: str, operands: Sequence[str], *
     else it only resets the backoff.
     """
     if operands or admin:
-        ctx.delivery.wake(queue, operands)
+        with acting(f"lpd:{peer.rsplit(':', 1)[0]}"):   # 0x01 releases, audited (SPEC §11)
+            ctx.delivery.wake(queue, operands)
     else:
         log.event("info", "release_refused", peer=peer, queue=queue,
                   error="releasing all held jobs needs admin_allow and a reserved port")
@@ -106,5 +108,6 @@ def remove(ctx: ConnectionContext, queue: str, wire_queue: str, operands: Sequen
                 "from an admin_allow address; no job removed\n")
     chosen = status.select_for_removal(queue_state(ctx, queue, wire_queue).jobs, agent=agent,
                                        items=operands[1:], host=host, admin=admin)
-    removed = set(ctx.delivery.remove(queue, [j.id for j in chosen]))
+    with acting(f"lprm:{agent}@{host}"):   # the audit log's ``by`` (SPEC §11)
+        removed = set(ctx.delivery.remove(queue, [j.id for j in chosen]))
     return status.render_removal(chosen, removed)

@@ -66,9 +66,9 @@ from relay.errors import ConfigError
 from relay.uri import Destination, format_hostport, parse_hostport
 
 __all__ = [
-    "CATCH_ALL", "Config", "InvalidConfig", "Listen", "LogConfig", "MetricsConfig", "Network",
-    "OriginPortsConfig", "PrivacyConfig", "QueueConfig", "RetentionConfig", "RetryConfig",
-    "ServerConfig", "TlsConfig",
+    "CATCH_ALL", "AuditConfig", "Config", "InvalidConfig", "Listen", "LogConfig",
+    "MetricsConfig", "Network", "OriginPortsConfig", "PrivacyConfig", "QueueConfig",
+    "RetentionConfig", "RetryConfig", "ServerConfig", "TlsConfig",
     "choose_default_port", "config_from_dict", "config_from_toml", "embedded_default",
     "load_config",
 ]
@@ -208,6 +208,19 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AuditConfig:
+    """``[audit]`` (SPEC §11, docs/audit.md): the log file, its rotation, syslog shipping."""
+
+    path: Path                   # default <spool_dir>/audit/audit.log
+    rotate_size: int
+    rotate_keep: int
+    syslog: str                  # "" | "tcp://host:port" | "tls://host:port"
+    syslog_ca: Path | None
+    syslog_cert: Path | None
+    syslog_key: Path | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """The whole validated configuration; ``source`` is the file or "<embedded default>"."""
 
@@ -220,6 +233,7 @@ class Config:
     source: str
     retention: RetentionConfig = RetentionConfig()   # the [retention] defaults
     privacy: PrivacyConfig = PrivacyConfig()
+    audit: AuditConfig | None = None     # None: no [audit] table, no audit log
 
 
 # ---- the key tables (SPEC §3.2); defaults are raw TOML values ----
@@ -270,6 +284,22 @@ _TLS: Schema = {
     "key": (_file, ""),
     "client_ca": (_file, ""),
     "peers": (to_table, {}),
+}
+def _syslog_uri(value: object) -> str:
+    text = to_string(value, '"tcp://host:port" or "tls://host:port"')
+    if text and not re.fullmatch(r"(tcp|tls)://[^/?#]+:\d{1,5}", text):
+        raise ValueError(f'expected "tcp://host:port" or "tls://host:port", got "{text}"')
+    return text
+
+
+_AUDIT: Schema = {   # SPEC §11; the table's presence turns the audit log on
+    "path": (_file, ""),
+    "rotate_size": (to_positive_size, "64MiB"),
+    "rotate_keep": (to_count, 10),
+    "syslog": (_syslog_uri, ""),
+    "syslog_ca": (_file, ""),
+    "syslog_cert": (_file, ""),
+    "syslog_key": (_file, ""),
 }
 _METRICS: Schema = {"listen": (_metrics_listen, "127.0.0.1:9515")}
 _LOG: Schema = {
@@ -340,12 +370,13 @@ _BOUNDS: dict[str, Bounds] = {
         "give_up_after": Range(0, 365 * _DAY, "duration"),
     },
     "queue": {"concurrency": Range(1, 10_000), "failover_after": Range(1, 1000)},
+    "audit": {"rotate_size": Range(4096, 2**40, "size"), "rotate_keep": Range(1, 10_000)},
 }
 
 _SECTIONS: dict[str, Schema] = {
     "server": _SERVER, "metrics": _METRICS, "log": _LOG,
     "origin_ports": _ORIGIN_PORTS, "retry": _RETRY, "tls": _TLS, "queues": {},
-    "retention": _RETENTION, "privacy": _PRIVACY,
+    "retention": _RETENTION, "privacy": _PRIVACY, "audit": _AUDIT,
 }
 
 
@@ -418,6 +449,15 @@ def _tls(values: Mapping[str, Any], wanted: bool, base: Path,
                      client_ca=base / ca if ca else None, peers=MappingProxyType(peers))
 
 
+def _audit(values: Mapping[str, Any], base: Path, spool_dir: Path) -> AuditConfig:
+    def path(key: str) -> Path | None:
+        return base / values[key] if values[key] else None
+    return AuditConfig(path=path("path") or spool_dir / "audit" / "audit.log",
+                       rotate_size=values["rotate_size"], rotate_keep=values["rotate_keep"],
+                       syslog=values["syslog"], syslog_ca=path("syslog_ca"),
+                       syslog_cert=path("syslog_cert"), syslog_key=path("syslog_key"))
+
+
 def config_from_dict(data: Mapping[str, object], source: str,
                      *, base_dir: str | os.PathLike[str] | None = None) -> Config:
     """Validate parsed TOML data; raise ``InvalidConfig`` listing every problem.
@@ -457,6 +497,7 @@ def config_from_dict(data: Mapping[str, object], source: str,
         source=source,
         retention=RetentionConfig(**sections["retention"]),
         privacy=PrivacyConfig(**sections["privacy"]),
+        audit=_audit(sections["audit"], base, server["spool_dir"]) if "audit" in data else None,
     )
 
 

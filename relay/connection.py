@@ -34,6 +34,7 @@ from relay.context import ConnectionContext, Delivery
 from relay.errors import REPLY_BAD_JOB, REPLY_RETRY_LATER, DiskFull, ProtocolError, SpoolError
 from relay.fastio import FastSocket
 from relay.jobassembly import JobAssembly
+from relay.jobevents import NO_EVENTS
 from relay.queues import sanitize_name
 from relay.spool import MAX_FILES_PER_JOB, DataWriter, IncomingJob, JobMeta
 from relay.tls import TlsPeer, TlsStream
@@ -259,6 +260,7 @@ class Connection:
         self.job = None
         reason = job.hold_reason()
         meta = await self._commit(job, hold=reason)
+        self.ctx.spool.events.record("held", meta, reason=reason)
         self.ctx.metrics.jobs_held_total.labels(
             queue=self.ctx.metrics.queue_label(meta.queue)).inc()
         log.event("error", "job_held", job=meta.id, queue=meta.queue, peer=self.peer,
@@ -292,6 +294,8 @@ class Connection:
                                             peer=self.peer)
             if self.tls_peer is not None and self.tls_peer.name:
                 incoming.set_tls_peer(self.tls_peer.name)
+            if self.ctx.spool.events is not NO_EVENTS:   # the audit log wants SHA-256s
+                incoming.digests = {}
             self.job = JobAssembly(incoming)
         return self.job
 
@@ -372,11 +376,20 @@ class Connection:
             log.event("debug", "job_received", job=meta.id, queue=meta.queue, peer=self.peer,
                       user=meta.user, bytes=meta.total_bytes, files=len(meta.files),
                       **({"tls_peer": meta.tls_peer} if meta.tls_peer else {}))
+            await self._send(b"\x00")
+            return
         await self._send(b"\x00")
 
     async def _commit(self, job: JobAssembly, *, hold: str = "") -> JobMeta:
         try:
             meta = await self.ctx.spool.commit(job.incoming, hold=hold)
+            # SPEC §11: the received and acknowledged records are durable before the
+            # final ack (one audit flush for both; a held job is not acknowledged).
+            events = self.ctx.spool.events
+            events.record("received", meta, digests=job.incoming.digests)
+            if not hold:
+                events.record("acknowledged", meta)
+            await events.durable()
         except BaseException:
             self._drop(job.incoming)
             raise

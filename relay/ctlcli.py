@@ -21,8 +21,9 @@ import sys
 import trio
 
 from relay import status
+from relay.audit import cli_events
 from relay.config import Config
-from relay.errors import SinkError
+from relay.errors import SinkError, SpoolError
 from relay.lpc import JOB_OPERATIONS, OPERATIONS
 from relay.queuestate import QueueStates
 from relay.spool import Spool
@@ -110,6 +111,9 @@ def _offline_jobs(config: Config, spool: Spool, states: QueueStates, queue: str,
                 job, state="held" if held else "queued",
                 last_error=f"held by {getpass.getuser()} (ctl hold)" if held else "",
                 failures=job.failures if held else 0), durable=True)
+            if held != (job.state == "held"):
+                spool.events.record("held" if held else "released", job,
+                                    reason="ctl hold" if held else "")
     return "".join(f"{j.control_name} {operation}: done\n" for j in chosen)
 
 
@@ -122,11 +126,16 @@ def main_ctl(args: argparse.Namespace) -> int:
         if daemon_running(spool_dir):
             text = trio.run(_ask_daemon, config, _request(queue, operation, rest))
         else:
-            text = offline(config, Spool(spool_dir, fsync=config.server.fsync), queue,
-                           operation, rest)
+            spool = Spool(spool_dir, fsync=config.server.fsync)
+            # The audit records of what it changes, by=cli.
+            with cli_events(config, spool, operation in ("hold", "release")):
+                text = offline(config, spool, queue, operation, rest)
     except _Refused as exc:
         print(f"lpd-relay: {exc}", file=sys.stderr)
         return 2
+    except SpoolError as exc:   # the audit log cannot be written: nothing was changed
+        print(f"lpd-relay: {exc}", file=sys.stderr)
+        return 1
     except (SinkError, OSError, trio.TooSlowError) as exc:
         print(f"lpd-relay: cannot reach the running daemon: {exc}", file=sys.stderr)
         return 1

@@ -23,6 +23,7 @@ from relay import log, status
 from relay.commands import is_admin, remove
 from relay.dispatch import Scheduler
 from relay.errors import ProtocolError, SpoolError
+from relay.jobevents import acting
 from relay.printable import printable
 from relay.queues import sanitize_name
 from relay.spool import JobMeta
@@ -54,8 +55,9 @@ def answer(ctx: ConnectionContext, queue: str, operands: Sequence[str], *, host:
         name = ctx.router.route(queue).name
         if options and options[0] != "all" and _same(ctx, options[0], name):
             options = options[1:]     # LPRng names the queue again as the first option
-        text = control(ctx.delivery, ctx, name, operation, options, user=user,
-                       peer=(host, port), wire_queue=queue)
+        with acting(f"lpc:{user}@{host}"):   # the audit log's ``by`` (SPEC §11)
+            text = control(ctx.delivery, ctx, name, operation, options, user=user,
+                           peer=(host, port), wire_queue=queue)
     except (ProtocolError, ValueError) as exc:
         text = f"lpd-relay: {exc}\n"
     except OSError as exc:   # the state file could not be written (full disk): nothing changed

@@ -231,6 +231,13 @@ class Metrics:
         self.spool_free_bytes = Gauge(
             "lpdrelay_spool_free_bytes",
             "Bytes free for the relay on the spool's file system.", registry=r)
+        # SPEC §11: audit records written but not yet confirmed by the syslog collector.
+        self.audit_syslog_backlog_records = Gauge(
+            "lpdrelay_audit_syslog_backlog_records",
+            "Audit records not yet confirmed sent to [audit] syslog.", registry=r)
+        self.audit_syslog_failures_total = Counter(
+            "lpdrelay_audit_syslog_failures_total",
+            "Connections to [audit] syslog that failed or were lost.", registry=r)
 
     def _create_tls(self, r: CollectorRegistry) -> None:
         # Expiry as a timestamp (as blackbox_exporter's probe_ssl_earliest_cert_expiry);

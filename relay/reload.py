@@ -34,6 +34,7 @@ import orjson
 import trio
 
 from relay import log
+from relay.audit import config_sha256
 from relay.config import Config, InvalidConfig, Listen, QueueConfig, load_config
 from relay.dispatch import Scheduler
 from relay.errors import BindError, ConfigError
@@ -51,7 +52,7 @@ RESTART_KEYS: tuple[tuple[str, str | None], ...] = (
     ("server", "spool_dir"), ("server", "fsync"), ("server", "min_free_disk"),
     ("server", "max_connections"), ("metrics", "listen"), ("log", "format"),
     ("origin_ports", None), ("server", "listen_tls"), ("server", "proxy_protocol"),
-    ("server", "proxy_trusted"), ("privacy", None),
+    ("server", "proxy_trusted"), ("privacy", None), ("audit", None),
 )
 
 
@@ -89,7 +90,7 @@ def effective(old: Config, new: Config) -> Config:
     return dataclasses.replace(
         new, server=dataclasses.replace(new.server, **kept), metrics=old.metrics,
         log=dataclasses.replace(new.log, format=old.log.format), origin_ports=old.origin_ports,
-        privacy=old.privacy)
+        privacy=old.privacy, audit=old.audit)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -127,6 +128,7 @@ class Reloader:
         except (BindError, ConfigError) as exc:
             return self._refused(str(exc))
         self._commit(config, opened)
+        self.spool.events.record("config", config_sha256=config_sha256(self.config.source))
         if restart:
             log.event("warning", "reload_restart_needed", keys=", ".join(restart),
                       error="changed in the file; a restart applies them, the running "

@@ -30,7 +30,6 @@ import trio
 
 from relay import log
 from relay.errors import SpoolError, SpoolFileMissing
-from relay.jobevents import NO_EVENTS, JobEvents
 from relay.spool import IncomingJob, JobMeta, Spool
 from relay.spoolbackend import Body, DataSink
 
@@ -92,11 +91,9 @@ def _copy_buffered(fd: int, writer: DataSink, offset: int, size: int) -> int:
 class Reprinter:
     """The daemon's reprints: a new id now, copy and commit in the background."""
 
-    def __init__(self, spool: Spool, submit: Callable[[JobMeta], None], *,
-                 events: JobEvents = NO_EVENTS) -> None:
+    def __init__(self, spool: Spool, submit: Callable[[JobMeta], None]) -> None:
         self.spool = spool
         self.submit = submit          # the scheduler's: the new job is queued like any
-        self.events = events
         self._nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
@@ -133,13 +130,12 @@ class Reprinter:
         except BaseException:         # cancelled (daemon stopping): nothing half-made stays
             incoming.discard()
             raise
-        self.events.record("reprinted", meta, original=job.id, by="cli")
+        self.spool.events.record("reprinted", meta, original=job.id, by="cli")
         log.event("info", "job_reprinted", job=meta.id, queue=meta.queue, original=job.id)
         self.submit(meta)
 
 
-async def reprint_offline(spool: Spool, job: JobMeta, *, queue: str, wire_queue: str,
-                          events: JobEvents = NO_EVENTS) -> JobMeta:
+async def reprint_offline(spool: Spool, job: JobMeta, *, queue: str, wire_queue: str) -> JobMeta:
     """With no daemon: the reprint on the spool itself (``spool`` is recovered here,
     so this process holds the spool lock until it returns)."""
     check_kept(job)
@@ -155,5 +151,5 @@ async def reprint_offline(spool: Spool, job: JobMeta, *, queue: str, wire_queue:
     finally:
         with trio.CancelScope(shield=True):
             await spool.aclose()
-    events.record("reprinted", meta, original=job.id, by="cli")
+    spool.events.record("reprinted", meta, original=job.id, by="cli")
     return meta

@@ -33,7 +33,6 @@ import trio
 from relay import log
 from relay.config import RetentionConfig
 from relay.errors import DiskFull
-from relay.jobevents import NO_EVENTS, JobEvents
 from relay.spool import JobMeta, Spool
 
 __all__ = ["MAX_EXPIRY_WAIT", "Retention"]
@@ -48,10 +47,9 @@ Policy = Callable[[str], RetentionConfig]
 class Retention:
     """The daemon's kept delivered jobs: keep, expire by age and count, make room."""
 
-    def __init__(self, spool: Spool, policy: Policy, *, events: JobEvents = NO_EVENTS) -> None:
+    def __init__(self, spool: Spool, policy: Policy) -> None:
         self.spool = spool
         self.policy = policy          # queue name -> its retention (reload: the new one)
-        self.events = events
         self._kept: dict[str, JobMeta] = {}   # id -> job, in the order they were kept
         self._changed = trio.Event()
         self._wake_at = -math.inf     # epoch the expiry task wakes at anyway
@@ -107,7 +105,7 @@ class Retention:
         except KeyError:    # purged by the CLI meanwhile: not an expiry
             return
         self.spool.remove(job.id)
-        self.events.record("expired", job, reason=reason)
+        self.spool.events.record("expired", job, reason=reason)
         log.event("info", "job_expired", job=job.id, queue=job.queue, reason=reason)
 
     def due_at(self, job: JobMeta) -> float:

@@ -147,6 +147,7 @@ class QueueRunner(RunnerControl):
             if job.state == "held":
                 job = dataclasses.replace(job, state="queued", failures=0)
                 self.spool.update(job, durable=True)
+                self.spool.events.record("released", job)
             self._first_failure.pop(job.id, None)
             released.append(job)
         # Released jobs keep arrival order among themselves and go behind the
@@ -162,10 +163,12 @@ class QueueRunner(RunnerControl):
     def remove(self, job_ids: Sequence[str]) -> list[str]:
         """lprm: drop queued or held jobs; jobs being delivered are not touched."""
         wanted = set(job_ids) - set(self.in_flight)
+        gone = {j.id: j for j in self.pending if j.id in wanted}
         self.pending = deque(j for j in self.pending if j.id not in wanted)
         for job_id in wanted:
-            self.held.pop(job_id, None)
+            meta = self.held.pop(job_id, None) or gone.get(job_id)
             self.spool.remove(job_id)
+            self.spool.events.record("removed", meta, job=job_id, queue=self.queue.name)
             log.event("info", "job_removed", job=job_id, queue=self.queue.name)
         return sorted(wanted)
 
@@ -268,6 +271,8 @@ class QueueRunner(RunnerControl):
             self._trial_failed(failed, index, dest, error)
         elif isinstance(error, SinkRejected):
             self._count_attempt(dest, "rejected")
+            self.spool.events.record("attempt", failed, destination=sink.destination.uri,
+                                     result="rejected", reason=str(error))
             self._mark(index, False, f"refused job {failed.id}: {error}")
             self._hold(dataclasses.replace(failed, attempts=failed.attempts + 1),
                        f"rejected by {sink.destination.uri}: {error}")
@@ -316,9 +321,11 @@ class QueueRunner(RunnerControl):
         self._gone(job, dest, self.dests[index].sink.destination.uri)
 
     def _gone(self, job: JobMeta, dest: str, uri: str) -> None:
-        """A confirmed job leaves the spool (or is kept, ``[retention]``); counted and logged."""
+        """A confirmed job leaves the spool (or is kept, ``[retention]``); counted, audited."""
         if self.keeper is None or not self.keeper.keep(job):
             self.spool.remove(job.id)
+        self.spool.events.record("attempt", job, destination=uri, result="ok")
+        self.spool.events.record("delivered", job, destination=uri)
         self._first_failure.pop(job.id, None)
         jobs, size, seconds = self._children(job.queue, dest)
         jobs.inc()
@@ -363,6 +370,8 @@ class QueueRunner(RunnerControl):
         # The first destination is still bad: this job goes straight on to the
         # destination in use; no backoff, no failure counted against the queue.
         self._count_retry(dest, self.dests[index].sink, job, error)
+        self.spool.events.record("attempt", job, result="retry", reason=_describe(error),
+                                 destination=self.dests[index].sink.destination.uri)
         self._mark(index, False, _describe(error))
         self.failback_at = trio.current_time() + self.queue.failback_after
         self.pending.appendleft(job)
@@ -399,6 +408,7 @@ class QueueRunner(RunnerControl):
                 self._switch((index + 1) % len(self.dests), "failover")
         log.event("warning", "delivery_failed", job=job.id, queue=job.queue, destination=uri,
                   error=error, retry_in=round(delay, 3))
+        self.spool.events.record("attempt", job, destination=uri, result="retry", reason=error)
         job = dataclasses.replace(job, attempts=job.attempts + 1, failures=self.failures,
                                   destination=self.active, last_error=error,
                                   next_attempt=time.time() + delay)
@@ -425,6 +435,7 @@ class QueueRunner(RunnerControl):
         if not self._persist(job, durable=True):
             return
         self.held[job.id] = job
+        self.spool.events.record("held", job, reason=reason)
         self.metrics.jobs_held_total.labels(queue=self.metrics.queue_label(job.queue)).inc()
         log.event("error", "job_held", job=job.id, queue=job.queue, error=reason)
 

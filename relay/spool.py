@@ -52,6 +52,7 @@ from relay.groupcommit import (
     write_atomic,
     write_file,
 )
+from relay.jobevents import NO_EVENTS, JobEvents
 from relay.spoolbackend import Body, SpoolBackend, open_file_body
 from relay.spoolformat import (
     ID_RE,
@@ -128,6 +129,7 @@ class Spool:
         self._reading: tuple[int, float, int] | None = None
         self.written = 0        # bytes the spool wrote, ever (IncomingJob reports them)
         self._batch_reads = 0   # readings taken by the flush thread
+        self.events: JobEvents = NO_EVENTS   # who hears of job state changes (the audit log)
 
     # -- start-up ----------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ import trio
 
 from relay import _core, client, progress
 from relay.app import DAEMON_INFO
+from relay.audit import cli_events
 from relay.config import Config, InvalidConfig, embedded_default, load_config
 from relay.errors import ProtocolError, SinkError, SpoolError
 from relay.privacy import Redactor
@@ -141,6 +142,8 @@ def _retry(spool: Spool, config: Config, args: argparse.Namespace) -> int:
     try:
         spool.update(dataclasses.replace(job, state="queued", failures=0, next_attempt=0.0),
                      durable=True)
+        if job.state == "held":
+            spool.events.record("released", job)
     except SpoolError:
         if not running:
             raise
@@ -165,6 +168,7 @@ def _purge(spool: Spool, config: Config, args: argparse.Namespace) -> int:
         sys.stdout.write(answer)
         return 0 if "dequeued" in answer else 1
     spool.remove(job.id)
+    spool.events.record("removed", job)
     print(f"{job.control_name} dequeued (job {job.id})")
     return 0
 
@@ -260,7 +264,9 @@ def main_spool(args: argparse.Namespace) -> int:
     try:
         if len(args.jobs) > 1 and args.action != "purge":
             raise _NoJob(f"{args.action} takes one JOB")
-        return ACTIONS[args.action](spool, config, args)
+        # The audit records of what it changes, by=cli.
+        with cli_events(config, spool, args.action in ("retry", "purge", "reprint")):
+            return ACTIONS[args.action](spool, config, args)
     except (_NoJob, ReprintRefused) as exc:
         print(f"lpd-relay: {exc}", file=sys.stderr)
         return 2 if "JOB" in str(exc) else 1

@@ -11,6 +11,7 @@ three things of its spool (``JobOwner``), so this module does not import it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Mapping
@@ -40,7 +41,7 @@ class JobOwner(Protocol):
 class DataWriter:
     """One data file being received; ``write`` goes straight to the file, no copies."""
 
-    __slots__ = ("_counted", "_fd", "_job", "_mark", "_size", "name")
+    __slots__ = ("_counted", "_fd", "_job", "_mark", "_sha", "_size", "name")
 
     def __init__(self, job: IncomingJob, fd: int, name: str) -> None:
         self._job = job
@@ -49,6 +50,8 @@ class DataWriter:
         self._counted = 0   # bytes reported by write()/add()
         self._mark = 0      # end of the range already handed to writeback
         self._size = -1     # final size once closed
+        # The audit log's SHA-256, taken from the receive buffer as it passes (no re-read).
+        self._sha = hashlib.sha256() if job.digests is not None else None
 
     def fileno(self) -> int:
         return self._fd
@@ -56,6 +59,8 @@ class DataWriter:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         try:
             self.add(write_all(self._fd, data))
+            if self._sha is not None:
+                self._sha.update(data)
         except OSError as exc:
             error = disk_error(exc, f"job {self._job.id} data file")
             if isinstance(error, DiskFull):
@@ -87,6 +92,8 @@ class DataWriter:
             finally:
                 os.close(self._fd)
             self._job.data_closed(self, self._size, self._counted)
+            if self._sha is not None and self._job.digests is not None:
+                self._job.digests[self.name] = self._sha.hexdigest()
         return self._size
 
 
@@ -109,6 +116,7 @@ class IncomingJob:
         self._index = 0
         # open | committing | committed | discarding (an unlink failed) | gone
         self._status = "open"
+        self.digests: dict[str, str] | None = None   # a dict: hash data files (the audit log)
 
     def _path(self, name: str) -> str:
         return os.path.join(self.owner.jobs_dir, name)

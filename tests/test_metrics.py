@@ -47,6 +47,9 @@ SPEC_TABLE = {
     "lpdrelay_tls_certificate_expiry_seconds": ("gauge", {"role"}),
     "lpdrelay_tls_handshake_failures_total": ("counter", {"reason"}),
     "lpdrelay_queue_state": ("gauge", {"queue", "state"}),
+    # SPEC §11 (issue 13: in SPEC §7's table)
+    "lpdrelay_audit_syslog_backlog_records": ("gauge", set()),
+    "lpdrelay_audit_syslog_failures_total": ("counter", set()),
     # Beyond SPEC §7's table (docs/observability.md):
     "lpdrelay_destination_failovers_total": ("counter", {"queue", "direction"}),
 }

@@ -36,6 +36,9 @@ class Recorder:
     def record(self, event: str, meta: JobMeta | None = None, **fields: object) -> None:
         self.seen.append((event, meta, fields))
 
+    async def durable(self) -> None:
+        return None
+
     def ids(self, event: str, queue: str | None = None) -> list[str]:
         return [m.id for name, m, _ in list(self.seen) if name == event and m is not None
                 and queue in (None, m.queue)]
