@@ -137,7 +137,8 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
     # starts, so a misconfigured relay fails at once with a clear error (SPEC §5).
     context = SinkContext(origin_ports=_origin_pools(config, metrics), metrics=metrics)
     spool = Spool(config.server.spool_dir, fsync=config.server.fsync,
-                  min_free_disk=config.server.min_free_disk)
+                  min_free_disk=config.server.min_free_disk,
+                  segment_threshold=config.server.segment_threshold)
     recovery = spool.recover()
     _spool_gauges(spool, metrics)
     try:
