@@ -8,10 +8,13 @@ group commit buys over one fsync per job, and what durability costs against
 fsyncing one 1-KiB file per job, and 64 threads doing the same (per-job fsync
 from a pool, the alternative to one ``syncfs`` per batch).
 
-The segment-log cases (relay.spoolsegment, not yet the spool's default path)
-put the same jobs through group commit as one record each, with one
-``fdatasync`` of the segment per batch: the storage layer a small job would
-use, without the per-job files.
+The spool cases store these small jobs as segment records (the default,
+``segment_threshold`` 64 KiB: one ``fdatasync`` of the segment per batch, no
+file per job); the "files" cases force ``segment_threshold=0``, every job in
+files of its own with one ``syncfs`` per batch — the spool as it was before
+segments, measured side by side.  The "segment log" cases put the same jobs
+through group commit straight into ``relay.spoolsegment`` (no ``begin``, no
+spool bookkeeping): the storage layer's ceiling.
 
 Quick smoke run:  LPD_BENCH_SCALE=0.01 pytest benchmarks/test_bench_spool.py --benchmark-disable
 """
@@ -29,7 +32,7 @@ import pytest
 import trio
 
 from relay.groupcommit import GroupCommit
-from relay.spool import Spool
+from relay.spool import SEGMENT_THRESHOLD, Spool
 from relay.spoolsegment import JOB, SegmentLog, job_body
 
 SCALE = float(os.environ.get("LPD_BENCH_SCALE", "1.0"))
@@ -57,8 +60,9 @@ async def _commit_jobs(spool: Spool, count: int, concurrency: int) -> None:
                 nursery.start_soon(worker, count // concurrency + (i < count % concurrency))
 
 
-def _spool_rate(directory: Path, *, fsync: bool, concurrency: int, method: str) -> float:
-    spool = Spool(directory, fsync=fsync, sync_method=method)
+def _spool_rate(directory: Path, *, fsync: bool, concurrency: int, method: str,
+                threshold: int = SEGMENT_THRESHOLD) -> float:
+    spool = Spool(directory, fsync=fsync, sync_method=method, segment_threshold=threshold)
     spool.recover()
     start = time.perf_counter()
     trio.run(_commit_jobs, spool, JOBS, concurrency)
@@ -66,8 +70,11 @@ def _spool_rate(directory: Path, *, fsync: bool, concurrency: int, method: str) 
     stats = spool.statistics()
     trio.run(spool.aclose)
     assert stats.commits == JOBS and len(spool.jobs()) == JOBS
+    kind = "segments" if threshold else "files"
     if fsync:
-        RESULTS[f"jobs per flush, {method} c{concurrency}"] = stats.commits / stats.batches
+        RESULTS[f"jobs per flush, {kind} {method} c{concurrency}"] = stats.commits / stats.batches
+    RESULTS[f"files in the spool, {kind} fsync={fsync} c{concurrency}"] = sum(
+        len(files) for _, _, files in os.walk(directory))
     return JOBS / elapsed
 
 
@@ -127,26 +134,31 @@ def _raw_rate(directory: Path, threads: int) -> float:
     return JOBS / (time.perf_counter() - start)
 
 
+FILES = {"threshold": 0}   # every job in files of its own: the spool before segments
 CASES: list[tuple[str, dict[str, Any]]] = [
     ("spool always c1", {"fsync": True, "concurrency": 1, "method": "auto"}),
     ("spool always c64", {"fsync": True, "concurrency": 64, "method": "auto"}),
-    ("spool always c64 fdatasync", {"fsync": True, "concurrency": 64, "method": "fdatasync"}),
+    ("files always c1", {"fsync": True, "concurrency": 1, "method": "auto", **FILES}),
+    ("files always c64", {"fsync": True, "concurrency": 64, "method": "auto", **FILES}),
+    ("files always c64 fdatasync", {"fsync": True, "concurrency": 64, "method": "fdatasync",
+                                    **FILES}),
     ("spool never c1", {"fsync": False, "concurrency": 1, "method": "auto"}),
     ("spool never c64", {"fsync": False, "concurrency": 64, "method": "auto"}),
-    ("segments always c1", {"segments": 1}),
-    ("segments always c64", {"segments": 64}),
+    ("segment log always c1", {"segments": 1}),
+    ("segment log always c64", {"segments": 64}),
     ("raw fsync loop", {"threads": 1}),
     ("raw fsync pool64", {"threads": 64}),
 ]
 RATIOS = [
+    ("spool always c64", "files always c64"),    # what segment records buy (the change)
+    ("spool always c1", "files always c1"),
     ("spool always c64", "raw fsync loop"),      # what group commit buys over fsync per job
     ("spool always c64", "raw fsync pool64"),    # ... and over per-job fsync from a pool
     ("spool always c64", "spool always c1"),
-    ("spool always c64", "spool always c64 fdatasync"),   # syncfs vs the fallback
+    ("files always c64", "files always c64 fdatasync"),   # syncfs vs the fallback
     ("spool never c64", "spool always c64"),     # what durability costs
-    ("spool always c1", "raw fsync loop"),
-    ("segments always c64", "spool always c64"),   # one record per job, no files
-    ("segments always c1", "spool always c1"),
+    ("spool always c64", "segment log always c64"),   # the spool against its storage layer
+    ("spool always c1", "segment log always c1"),
 ]
 
 

@@ -149,7 +149,8 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
     context = SinkContext(origin_ports=_origin_pools(config, metrics), metrics=metrics,
                           privacy=Redactor(config.privacy))
     spool = Spool(config.server.spool_dir, fsync=config.server.fsync,
-                  min_free_disk=config.server.min_free_disk)
+                  min_free_disk=config.server.min_free_disk,
+                  segment_threshold=config.server.segment_threshold)
     recovery = spool.recover()
     _spool_gauges(spool, metrics)
     spool.events = events          # the subscriber (the audit log replaces it when configured)

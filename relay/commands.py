@@ -22,6 +22,7 @@ from relay.config import CATCH_ALL, Network
 from relay.errors import REPLY_OK, ProtocolError
 from relay.jobevents import acting
 from relay.queues import sanitize_name
+from relay.spoolformat import ID_RE, ID_WIDTH
 
 if TYPE_CHECKING:
     from relay.context import ConnectionContext
@@ -68,6 +69,15 @@ def answer(ctx: ConnectionContext, ev: _core.Command, host: str, port: int) -> b
     return text.encode("utf-8", "replace")
 
 
+def by_spool_id(items: Sequence[str]) -> bool:
+    """Whether a request names its jobs by spool id: ``lpd-relay spool`` asking the daemon.
+
+    LPD clients name jobs by number (at most 6 digits) or user; only the
+    relay's own CLI sends 12-digit spool ids, so the audit log says ``cli``.
+    """
+    return bool(items) and all(len(i) >= ID_WIDTH and ID_RE.fullmatch(i) for i in items)
+
+
 def print_waiting(ctx: ConnectionContext, queue: str, operands: Sequence[str], *,
                   admin: bool, peer: str) -> bytes:
     """0x01: wake the queue; operands (an lpd-relay extension) are spool ids to release.
@@ -76,7 +86,8 @@ def print_waiting(ctx: ConnectionContext, queue: str, operands: Sequence[str], *
     else it only resets the backoff.
     """
     if operands or admin:
-        with acting(f"lpd:{peer.rsplit(':', 1)[0]}"):   # 0x01 releases, audited (SPEC §11)
+        by = "cli" if admin and by_spool_id(operands) else f"lpd:{peer.rsplit(':', 1)[0]}"
+        with acting(by):   # 0x01 releases, audited (SPEC §11)
             ctx.delivery.wake(queue, operands)
     else:
         log.event("info", "release_refused", peer=peer, queue=queue,
@@ -108,6 +119,8 @@ def remove(ctx: ConnectionContext, queue: str, wire_queue: str, operands: Sequen
                 "from an admin_allow address; no job removed\n")
     chosen = status.select_for_removal(queue_state(ctx, queue, wire_queue).jobs, agent=agent,
                                        items=operands[1:], host=host, admin=admin)
-    with acting(f"lprm:{agent}@{host}"):   # the audit log's ``by`` (SPEC §11)
+    by = "cli" if admin and agent == "root" and by_spool_id(operands[1:]) else \
+        f"lprm:{agent}@{host}"
+    with acting(by):   # the audit log's ``by`` (SPEC §11)
         removed = set(ctx.delivery.remove(queue, [j.id for j in chosen]))
     return status.render_removal(chosen, removed)

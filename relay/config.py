@@ -182,6 +182,7 @@ class ServerConfig:
     tls: TlsConfig | None = None           # the [tls] section when listen_tls is set
     proxy_protocol: bool = False           # SPEC §9: PROXY headers from proxy_trusted
     proxy_trusted: tuple[Network, ...] = ()
+    segment_threshold: int = 64 * 1024     # jobs up to this size are segment records
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -266,6 +267,7 @@ _SERVER: Schema = {
     "max_job_size": (to_positive_size, "4GiB"),
     "max_control_size": (to_positive_size, "64KiB"),   # lpd-relay extension
     "min_free_disk": (to_size, "512MiB"),
+    "segment_threshold": (to_size, "64KiB"),            # docs/spool.md, "Segment files"
     "fsync": (to_fsync, "always"),
     "allow": (list_of(to_network, "networks"), []),
     "require_reserved_port": (to_bool, False),
@@ -361,6 +363,7 @@ _BOUNDS: dict[str, Bounds] = {
         "idle_timeout": Range(0.001, _DAY, "duration"),
         "max_job_size": Range(1, 2**44, "size"),          # 16 TiB, ext4's file limit
         "max_control_size": Range(1, 16 * 2**20, "size"),
+        "segment_threshold": Range(0, 2**20, "size"),     # a record fits in a 4 MiB segment
         "graceful_timeout": Range(0, 3600, "duration"),
     },
     "origin_ports": {"linger": Range(0, 3600, "duration")},

@@ -36,7 +36,7 @@ __all__ = ["OPERATIONS", "answer", "control"]
 # Operations that name jobs (JOB|USER|all), and the rest.
 JOB_OPERATIONS = ("hold", "release", "topq", "move")
 OPERATIONS = ("status", *JOB_OPERATIONS, "redirect", "disable", "enable", "stop", "start",
-              "lpq", "lprm", "reprint")
+              "lpq", "lprm", "reprint", "purge")
 
 
 def answer(ctx: ConnectionContext, queue: str, operands: Sequence[str], *, host: str,
@@ -82,6 +82,8 @@ def control(scheduler: Scheduler, ctx: ConnectionContext, queue: str, operation:
         return _job_operation(scheduler, ctx, queue, operation, options, user=user)
     if operation == "reprint":    # lpd-relay's: `spool reprint JOB --to QUEUE` (relay.reprint)
         return _reprint(scheduler, queue, wire_queue or queue, options)
+    if operation == "purge":      # lpd-relay's: `spool purge JOB` of a kept delivered job
+        return _purge_kept(scheduler, options)
     states = scheduler.states
     if operation == "status":
         return status_text(scheduler, queue)
@@ -113,6 +115,17 @@ def _reprint(scheduler: Scheduler, queue: str, wire_queue: str, options: list[st
     except SpoolError as exc:
         raise ValueError(f"cannot take a new job now: {exc}") from None
     return f"job {options[0]} reprinted as job {new} on queue {queue}\n"
+
+
+def _purge_kept(scheduler: Scheduler, options: list[str]) -> str:
+    """Remove a kept (delivered) job: no queue holds it, so lprm cannot name it."""
+    retention = scheduler.retention
+    job = retention.forget(options[0]) if retention is not None and len(options) == 1 else None
+    if job is None or scheduler.spool is None:
+        raise ValueError("purge takes one option: the spool id of a kept job")
+    scheduler.spool.remove(job.id)
+    scheduler.spool.events.record("removed", job)
+    return f"{job.control_name} dequeued (job {job.id})\n"
 
 
 def _target(ctx: ConnectionContext, name: str, queue: str) -> str:

@@ -50,6 +50,7 @@ __all__ = ["RESTART_KEYS", "ReloadOutcome", "Reloader", "main_reload", "restart_
 # (section, key or None for the whole section): what only a restart changes.
 RESTART_KEYS: tuple[tuple[str, str | None], ...] = (
     ("server", "spool_dir"), ("server", "fsync"), ("server", "min_free_disk"),
+    ("server", "segment_threshold"),
     ("server", "max_connections"), ("metrics", "listen"), ("log", "format"),
     ("origin_ports", None), ("server", "listen_tls"), ("server", "proxy_protocol"),
     ("server", "proxy_trusted"), ("privacy", None), ("audit", None),

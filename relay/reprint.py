@@ -68,6 +68,15 @@ def copy_job(spool: Spool, job: JobMeta, incoming: IncomingJob) -> None:
 def _copy(body: Body, writer: DataSink) -> None:
     offset, left, out = body.offset, body.length, writer.fileno()
     while left > 0:
+        if out < 0:        # a small job kept in memory for the segment log: write()
+            n = _copy_buffered(body.fd, writer, offset, min(left, _CHUNK))
+            out = writer.fileno()      # it may have spilled to a file of its own
+            if n == 0:
+                raise SpoolFileMissing(f"descriptor {body.fd}",
+                                       OSError(errno.EIO, "file is short"))
+            offset += n
+            left -= n
+            continue
         try:
             n = os.copy_file_range(body.fd, out, min(left, _CHUNK), offset)
         except OSError as exc:

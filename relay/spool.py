@@ -16,6 +16,12 @@ size; anything else is debris, removed and counted by ``recover()``.  Under
 ``fsync`` the ``.json`` publications of concurrent jobs share one flush
 (``relay.groupcommit``), so durability does not cost one fsync per job.
 
+A small job (up to ``segment_threshold`` bytes) has no files at all: it is one
+record in a segment file (``relay.spoolsegjobs``), appended by the flush
+thread and made durable by one ``fdatasync`` of the segment per batch; its
+state changes and its removal are records too.  ``jobs()`` and ``get()``
+merge both kinds in id (arrival) order.
+
 Nothing the daemon does to a stored job needs free space: a state change or
 removal the disk refuses is kept in its ``SpoolIndex`` (``relay.spoolindex``,
 also the source of the spool gauges) and written when the disk takes it
@@ -32,15 +38,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
+import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import trio
 
 from relay import log
-from relay.errors import DiskFull, SpoolError
+from relay.errors import SpoolError
 from relay.groupcommit import (
     GroupCommit,
     Syncer,
@@ -50,7 +58,6 @@ from relay.groupcommit import (
     read_file,
     unlink_quiet,
     write_atomic,
-    write_file,
 )
 from relay.jobevents import NO_EVENTS, JobEvents
 from relay.spoolbackend import Body, SpoolBackend, open_file_body
@@ -64,42 +71,30 @@ from relay.spoolformat import (
     SpoolStatistics,
     SpoolUsage,
     decode_job,
-    encode_job,
-    encode_state,
+    state_of,
     with_state,
 )
 from relay.spoolindex import SpoolIndex, unlink_job, write_state
 from relay.spooljob import MAX_FILES_PER_JOB, WRITEBACK_CHUNK, DataWriter, IncomingJob
+from relay.spoolpublish import Publish, make_item, publish
 from relay.spoolrecovery import sweep
+from relay.spoolsegjobs import SEGMENT_THRESHOLD, SegmentJobs
+from relay.spoolspace import FreeSpace
 
 # The public names of relay.spooljob and relay.spoolformat are this module's too.
-__all__ = ["ID_BLOCK", "ID_WIDTH", "MAX_FILES_PER_JOB", "STATES", "WRITEBACK_CHUNK",
+__all__ = ["ID_BLOCK", "ID_WIDTH", "MAX_FILES_PER_JOB", "SEGMENT_THRESHOLD", "STATES",
+           "WRITEBACK_CHUNK",
            "DataWriter", "FileMeta", "IncomingJob", "JobMeta", "Recovery", "Spool",
            "SpoolBusy", "SpoolStatistics", "SpoolUsage"]
 
 ID_BLOCK = 1000              # ids reserved per durable write of the ``next-id`` file
-# A free-space reading is trusted for this long, or until this many bytes were
-# written since (docs/spool.md, "Free space"): one statvfs per interval, not 3 per job.
-FREE_SPACE_TTL = 0.5
-FREE_SPACE_EVERY = 8 << 20
 
 
 class SpoolBusy(SpoolError):
     """Another process holds the spool lock: a daemon is running on it."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Publish:
-    """One job's ``.json`` to publish in a group commit (None: only sync)."""
-
-    job_id: str
-    record: bytes | None
-    control: bytes
-    paths: tuple[str, ...]
-    state: bytes | None = None   # a ``.state`` to write before the ``.json`` (held jobs)
-
-
-class Spool:
+class Spool(FreeSpace):
     """The spool directory: receive (``begin``/``commit``), read, update, remove jobs.
 
     ``recover()`` must run first in the daemon (it takes the spool lock and
@@ -109,15 +104,20 @@ class Spool:
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, fsync: bool = True,
-                 min_free_disk: int = 0, sync_method: str = "auto") -> None:
+                 min_free_disk: int = 0, sync_method: str = "auto",
+                 segment_threshold: int = SEGMENT_THRESHOLD) -> None:
         self.directory = os.path.abspath(os.fspath(directory))
         self.jobs_dir = os.path.join(self.directory, "jobs")
         self.fsync = fsync
+        self.segment_threshold = segment_threshold  # 0: every job gets files
+        self._seg = SegmentJobs(self.directory, fsync=fsync)
+        self._files_dirty = False  # a .state/.json changed since the last flush
         self.min_free_disk = min_free_disk
         self._sync_method = sync_method
         self._syncer: Syncer | None = None
-        self._group: GroupCommit[_Publish] = GroupCommit(self._flush)
+        self._group: GroupCommit[Publish] = GroupCommit(self._flush)
         self._lock_fd = -1
+        self._reserving = threading.Lock()
         self._next = 0          # next id to hand out; 0 = not recovered
         self._limit = 0         # ids below this may have been used (next-id file)
         self._cache: dict[str, JobMeta] = {}   # immutable parts of known jobs
@@ -149,8 +149,11 @@ class Spool:
             if self.fsync:
                 self._syncer = Syncer(self.jobs_dir, self._sync_method)
                 self._syncer.sync([])  # the sweep's unlinks are durable before new ids
+            small, seg_highest = self._seg.recover(self.count_discard)
+            jobs = sorted([*jobs, *small], key=lambda m: int(m.id))
             stored = read_file(os.path.join(self.directory, "next-id")) or b"0"
-            self._next = max(highest + 1, int(stored) if stored.strip().isdigit() else 0, 1)
+            self._next = max(highest + 1, seg_highest + 1,
+                             int(stored) if stored.strip().isdigit() else 0, 1)
         except OSError as exc:
             self._release_lock()  # a later attempt must not find its own lock taken
             raise disk_error(exc, f"spool {self.directory}") from exc
@@ -184,44 +187,13 @@ class Spool:
     def _reserve(self) -> None:
         # Ids stay unique across restarts even after every job was removed: the
         # next-id file is moved ahead in blocks, durably, before ids are used.
-        limit = self._next + ID_BLOCK
-        write_atomic(os.path.join(self.directory, "next-id"), b"%d\n" % limit, fsync=self.fsync)
-        self._limit = limit  # only once durable: a failed write reserves nothing
-
-    # -- space -------------------------------------------------------------------------
-
-    def free_bytes(self) -> int:
-        """Bytes available to this process on the spool's filesystem."""
-        st = os.statvfs(self.directory)
-        return st.f_bavail * st.f_frsize
-
-    def check_space(self, need: int = 0) -> None:
-        """Raise DiskFull when storing ``need`` more bytes would go below ``min_free_disk``.
-
-        No free byte at all is full whatever ``min_free_disk`` says: no job fits.
-        A recent reading less what was written since is used when it suffices;
-        a refusal is always based on a fresh ``statvfs``.
-        """
-        free, fresh = self._free_estimate(fresh=False)
-        if not fresh and (free <= 0 or free - need < self.min_free_disk):
-            free, _ = self._free_estimate(fresh=True)
-        if free <= 0 or free - need < self.min_free_disk:
-            raise DiskFull(f"spool {self.directory}: free space below min_free_disk")
-
-    def _free_estimate(self, *, fresh: bool) -> tuple[int, bool]:
-        reading, now = self._reading, time.monotonic()
-        if (fresh or reading is None or now - reading[1] > FREE_SPACE_TTL
-                or self.written - reading[2] >= FREE_SPACE_EVERY):
-            reading = self._read_free(now)
-            self._stats["free_space_reads"] += 1
-            return reading[0], True
-        return reading[0] - (self.written - reading[2]), False
-
-    def _read_free(self, now: float) -> tuple[int, float, int]:
-        # ``written`` is taken first: bytes written meanwhile count twice (safe side).
-        mark = self.written
-        self._reading = (self.free_bytes(), now, mark)
-        return self._reading
+        # The flush thread reserves the next block ahead of need (off the event
+        # loop); begin() only when that did not happen in time.  One at a time.
+        with self._reserving:
+            limit = max(self._limit, self._next + ID_BLOCK)
+            write_atomic(os.path.join(self.directory, "next-id"), b"%d\n" % limit,
+                         fsync=self.fsync)
+            self._limit = limit  # only once durable: a failed write reserves nothing
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -248,29 +220,35 @@ class Spool:
         before its ``.json``, so no crash can leave it queued.
         """
         job._check_open()  # a second commit must not discard the first one's job
+        small = False
         try:
             meta = job.seal()
+            if job.in_memory and not self._seg.fits(meta):
+                job.spill()  # a record this large would not fit in a segment
+            small = job.in_memory
             if hold:
                 meta = replace(meta, state="held", last_error=hold[:500])
             job.mark("committing")
-            state = encode_state(meta) if hold else None
-            paths = (meta.control_path, *(f.path for f in meta.files),
-                     *([os.path.join(self.jobs_dir, f"{meta.id}.state")] if hold else []),
-                     os.path.join(self.jobs_dir, f"{meta.id}.json"))
-            item = _Publish(meta.id, record=encode_job(meta), control=job.control_raw,
-                            paths=paths, state=state)
+            item = make_item(self.jobs_dir, job, meta, hold=bool(hold), small=small)
             if self.fsync:
                 await self._group.submit(item)
             else:
                 await trio.lowlevel.checkpoint()
-                self._publish(item)
+                publish(self.jobs_dir, self._seg, item)
         except BaseException:
+            if small:
+                self._seg.forget(job.id)  # its record, if appended, is no job
             job.mark("open")
             job.discard()  # nothing the sender was not told about may stay
             raise
         job.mark("committed")
         self.written += len(job.control_raw) + len(item.record or b"")
-        self._cache[meta.id] = meta
+        small = small and not item.filed
+        if small:
+            meta = self._seg.named(meta)
+            self._seg.committed(meta)
+        else:
+            self._cache[meta.id] = meta
         if self._index is not None:
             self._index.track(meta)
         self._stats["commits"] += 1
@@ -285,45 +263,40 @@ class Spool:
         self.save_unsaved()
         if self.fsync and self._syncer is not None:
             try:
-                await self._group.submit(_Publish("", None, b"", ()))
+                await self._group.submit(Publish("", None, b"", ()))
             except SpoolError as exc:
                 log.event("error", "spool_sync_failed", error=str(exc))
         else:
             await trio.lowlevel.checkpoint()
+            if self._seg.log is not None:  # nothing to make durable: collect at once
+                self._seg.log.collect()
+                self._seg.upkeep()
 
-    def _publish(self, item: _Publish) -> None:
-        if item.record is None:
-            return
-        tmp = os.path.join(self.jobs_dir, f".{item.job_id}.json.tmp")
-        state = os.path.join(self.jobs_dir, f"{item.job_id}.state")
-        try:
-            write_file(os.path.join(self.jobs_dir, f"{item.job_id}.cf"), item.control)
-            if item.state is not None:
-                write_file(state, item.state)
-            write_file(tmp, item.record)
-            os.rename(tmp, os.path.join(self.jobs_dir, f"{item.job_id}.json"))
-        except OSError as exc:
-            if item.state is not None:
-                unlink_quiet(state)
-            raise disk_error(exc, f"job {item.job_id} control file/metadata") from exc
-
-    def _flush(self, items: list[_Publish]) -> list[Exception | None]:
+    def _flush(self, items: list[Publish]) -> list[Exception | None]:
         # Runs in a worker thread, one at a time: publish every record, then one
         # sync makes the whole batch (and all earlier writes) durable.
         errors: list[Exception | None] = []
+        paths: list[str] = []
         for item in items:
             try:
-                self._publish(item)
+                paths += publish(self.jobs_dir, self._seg, item)
                 errors.append(None)
             except SpoolError as exc:
                 errors.append(exc)
         assert self._syncer is not None
         try:
-            paths = [p for item, e in zip(items, errors, strict=True) if e is None
-                     for p in item.paths]
-            self._stats["sync_calls"] += self._syncer.sync(paths)
+            if paths or self._files_dirty or self._seg.log is None:
+                self._files_dirty = False
+                self._stats["sync_calls"] += self._syncer.sync(paths)
+            if self._seg.log is not None:  # one fdatasync of the segment for the batch
+                self._stats["sync_calls"] += self._seg.log.sync(collect=True)
         except OSError as exc:
             return [e or disk_error(exc, "spool sync") for e in errors]
+        with contextlib.suppress(OSError):  # a record copied forward waits for the next sync
+            self._seg.upkeep()
+        if self._limit and self._limit - self._next < ID_BLOCK // 2:
+            with contextlib.suppress(OSError):  # begin() tries again when it runs out
+                self._reserve()
         with contextlib.suppress(OSError):  # one reading per batch, off the event loop
             self._read_free(time.monotonic())
             self._batch_reads += 1
@@ -354,6 +327,8 @@ class Spool:
                 return None
             if (owed := index.unsaved.get(job_id)) is not None:
                 return owed
+        if (small := self._small(job_id)) is not None:
+            return small
         base = self._base(job_id)
         # A cached record may belong to a job another process removed since.
         if base is None or not (listed or os.path.exists(
@@ -365,6 +340,12 @@ class Spool:
         if index is not None and job_id in index:
             index.track(meta)  # the state as read: the CLI may have changed it
         return meta
+
+    def _small(self, job_id: str) -> JobMeta | None:
+        # The daemon serves its segment jobs from memory; a reader reads the segments.
+        if self._index is not None:
+            return self._seg.jobs.get(job_id)
+        return self._seg.view().get(job_id) if os.path.isdir(self._seg.folder) else None
 
     def get(self, job_id: str) -> JobMeta:
         """The job with its current delivery state; KeyError when not there."""
@@ -383,12 +364,15 @@ class Spool:
                      key=int)
         for gone in self._cache.keys() - set(ids):
             self._cache.pop(gone, None)
+        small = self._seg.jobs if self._index is not None else self._seg.view()
         if self._index is not None:
-            for gone in self._index.ids() - set(ids):  # removed by another process
+            for gone in self._index.ids() - set(ids) - small.keys():  # removed by another process
                 self._index.untrack(gone)
                 self._index.unsaved.pop(gone, None)
-        found = (self._load(i, f"{i}.state" in names, listed=True) for i in ids)
-        return [m for m in found if m is not None and (queue is None or m.queue == queue)]
+        found = [self._load(i, f"{i}.state" in names, listed=True) for i in ids]
+        found += [self._load(i) if self._index is not None else m for i, m in small.items()]
+        return sorted((m for m in found if m is not None and (queue is None or m.queue == queue)),
+                      key=lambda m: int(m.id))
 
     def update(self, meta: JobMeta, *, durable: bool = False) -> None:
         """Persist the delivery-state fields of ``meta`` atomically; KeyError if removed.
@@ -401,16 +385,44 @@ class Spool:
         if meta.state not in STATES:
             raise ValueError(f"state must be one of {STATES}, not {meta.state!r}")
         index = self._index
+        if ID_RE.fullmatch(meta.id) and (small := self._small(meta.id)) is not None:
+            self._update_small(state_of(small, meta), durable=durable)
+            return
         if not (ID_RE.fullmatch(meta.id) and (index is None or meta.id not in index.unremoved)
                 and os.path.exists(os.path.join(self.jobs_dir, f"{meta.id}.json"))):
             raise KeyError(meta.id)
+        self._files_dirty = True
         if index is not None:
-            index.set_state(self.jobs_dir, meta, fsync=durable and self.fsync)
+            index.set_state(meta, functools.partial(
+                write_state, self.jobs_dir, meta, fsync=durable and self.fsync,
+                only_if_there=True))
             return
         try:
             write_state(self.jobs_dir, meta, fsync=durable and self.fsync)
         except OSError as exc:
             raise disk_error(exc, f"job {meta.id} state") from exc
+
+    def _update_small(self, meta: JobMeta, *, durable: bool) -> None:
+        # A STATE record: appended by the daemon, or by a reader holding the lock.
+        if self._index is not None:
+            if meta.id in self._index.unremoved:
+                raise KeyError(meta.id)
+            self._seg.jobs[meta.id] = meta  # served as written, even if the disk refuses
+            self._index.set_state(meta, functools.partial(
+                self._seg.write_state, meta, durable=durable))
+        else:
+            self._offline(meta.id, meta)
+
+    def _offline(self, job_id: str, state: JobMeta | None) -> None:
+        # Only the lock holder appends to segments: a running daemon's readers
+        # ask it instead (SpoolBusy is the SpoolError ``lpd-relay spool`` expects).
+        self._take_lock()
+        try:
+            self._seg.change_offline(job_id, state)
+        except OSError as exc:
+            raise disk_error(exc, f"job {job_id} segment record") from exc
+        finally:
+            self._release_lock()
 
     def remove(self, job_id: str) -> None:
         """Remove a job (after delivery, or purge); idempotent.  See also ``sync()``.
@@ -420,10 +432,18 @@ class Spool:
         """
         if not ID_RE.fullmatch(job_id):
             return
+        if self._index is not None and job_id in self._seg.jobs:
+            self._index.remove(job_id, self._seg.remove(job_id))
+            return
+        if self._index is None and self._small(job_id) is not None:
+            self._offline(job_id, None)
+            return
         base = self._base(job_id)
         paths = tuple(f.path for f in base.files) if base is not None else ()
+        self._files_dirty = True
         if self._index is not None:
-            self._index.remove(self.jobs_dir, job_id, paths)
+            self._index.remove(job_id, functools.partial(unlink_job, self.jobs_dir, job_id,
+                                                         paths))
         else:
             unlink_job(self.jobs_dir, job_id, paths)
         self._cache.pop(job_id, None)  # _load() asks the index first
@@ -438,7 +458,7 @@ class Spool:
 
     def save_unsaved(self) -> int:
         """Write what the disk refused before; returns how many changes still wait."""
-        return self._index.save(self.jobs_dir, fsync=self.fsync) if self._index else 0
+        return self._index.save() if self._index else 0
 
     @property
     def index(self) -> SpoolIndex | None:
@@ -484,6 +504,7 @@ class Spool:
         if self._syncer is not None:
             self._syncer.close()
             self._syncer = None
+        self._seg.close()
         self._release_lock()
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import builtins
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -59,8 +59,40 @@ class Body:
         self.close()
 
 
+# A small job's bodies live inside a segment file (relay.spoolsegment), which
+# moves when the job's record is moved forward; so its ``FileMeta.path`` names
+# no file but a stable *body name*, ``<spool>/segments/<id>.cf`` or ``.d<n>``,
+# that the spool which holds the job resolves to (segment file, offset,
+# length) at open time.  Spools register their resolver per folder here.
+Locator = Callable[[str], "tuple[str, int, int] | None"]
+_LOCATORS: dict[str, Locator] = {}
+
+
+def register_locator(folder: str, locate: Locator | None) -> None:
+    """Let ``open_file_body`` resolve body names under ``folder`` (None: stop)."""
+    if locate is None:
+        _LOCATORS.pop(folder, None)
+    else:
+        _LOCATORS[folder] = locate
+
+
+def locate_body(path: str) -> tuple[str, int, int] | None:
+    """(file, offset, length) of a segment body name; None for an ordinary file."""
+    folder, name = os.path.split(path)
+    locate = _LOCATORS.get(folder)
+    return locate(name) if locate is not None else None
+
+
 def open_file_body(path: str, offset: int = 0, length: int = -1) -> Body:
-    """A body held in a local file (``length`` -1: to its end); ``SpoolFileMissing`` if gone."""
+    """A body held in a local file (``length`` -1: to its end); ``SpoolFileMissing`` if gone.
+
+    A segment body name (see ``register_locator``) opens the segment file at
+    the body's range; ``offset`` and ``length`` are then within the body.
+    """
+    if (where := locate_body(path)) is not None:
+        file, start, size = where
+        body = open_file_body(file, start + offset, size - offset if length < 0 else length)
+        return body
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -72,6 +104,33 @@ def open_file_body(path: str, offset: int = 0, length: int = -1) -> Body:
             os.close(fd)
             raise SpoolFileMissing(path, exc) from exc
     return Body(fd, offset, length)
+
+
+def open_flat(path: str) -> int:
+    """A descriptor whose bytes from 0 to its end are exactly the body ``path`` names.
+
+    For readers that take a whole file (``relay.streams.open_spool_file``): an
+    ordinary spool file is opened as is; a segment body (at most a small
+    job's size) is copied into an anonymous memory file, so nothing past the
+    body's end can be read.  ``SpoolFileMissing`` when it cannot be.
+    """
+    if locate_body(path) is None:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SpoolFileMissing(path, exc) from exc
+    with open_file_body(path) as body:
+        data = body.read()
+    fd = os.memfd_create("lpd-relay-body", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:  # bounded: each pass writes at least one byte or raises
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError as exc:
+        os.close(fd)
+        raise SpoolFileMissing(path, exc) from exc
+    return fd
 
 
 class DataSink(Protocol):

@@ -161,10 +161,14 @@ def _retry(spool: Spool, config: Config, args: argparse.Namespace) -> int:
 
 def _purge(spool: Spool, config: Config, args: argparse.Namespace) -> int:
     job = _get(spool, args.job)
-    # A kept delivered job is no queue's: removed here even under a running daemon,
-    # whose retention then forgets it (relay.retention.Retention.expire).
-    if daemon_running(spool.directory) and job.state != "delivered":
-        answer = trio.run(_ask_daemon, config, _core.remove_jobs(job.queue, "root", [job.id]))
+    # With the daemon running it removes the job (only the daemon appends to the
+    # segment log): lprm for a queued or held job; a kept delivered job is no
+    # queue's, so lpd-relay's lpc ``purge`` names it by its spool id.
+    if daemon_running(spool.directory):
+        request = (_core.remove_jobs(job.queue, "root", [job.id]) if job.state != "delivered"
+                   else ("\x06" + " ".join([job.wire_queue, "root", "purge", job.id])
+                         + "\n").encode())
+        answer = trio.run(_ask_daemon, config, request)
         sys.stdout.write(answer)
         return 0 if "dequeued" in answer else 1
     spool.remove(job.id)
@@ -225,8 +229,11 @@ def _appears(spool: Spool, job_id: str, timeout: float = 30.0) -> bool:
     """Whether the daemon committed the reprint ``job_id`` (it copies in the background)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if os.path.exists(os.path.join(spool.jobs_dir, f"{job_id}.json")):
+        try:
+            spool.get(job_id)      # a job of its own files, or a record in the segments
             return True
+        except KeyError:
+            pass
         time.sleep(0.05)
     print(f"lpd-relay: job {job_id} did not reach the spool; see the daemon's log",
           file=sys.stderr)

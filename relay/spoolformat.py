@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -161,6 +161,11 @@ def decode_job(raw: bytes, job_id: str, jobs_dir: str) -> JobMeta:
 def encode_state(meta: JobMeta) -> bytes:
     """The ``<id>.state`` record of ``meta`` (its delivery-state fields)."""
     return orjson.dumps({k: getattr(meta, k) for k in _STATE_DEFAULTS})
+
+
+def state_of(base: JobMeta, meta: JobMeta) -> JobMeta:
+    """``base`` (the stored job) with the delivery-state fields of ``meta``."""
+    return replace(base, **{k: getattr(meta, k) for k in _STATE_DEFAULTS})
 
 
 def with_state(base: JobMeta, raw: bytes | None) -> JobMeta:

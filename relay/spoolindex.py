@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from relay import log
 from relay.groupcommit import disk_error, overwrite, unlink_quiet, write_atomic
@@ -33,8 +33,10 @@ class SpoolIndex:
     """Jobs by id with their queue, state and bytes; counts by (queue, state).
 
     ``unsaved`` maps a job id to the state the disk has not taken yet,
-    ``unremoved`` a removed job's id to its data files when the unlinks
-    failed.  Not thread-safe: the event loop owns it.
+    ``unremoved`` a removed job's id to the removal to try again (unlinking
+    its files, or appending its DONE record to a segment).  The spool hands
+    in the write itself, so the index does not care where a job lives.  Not
+    thread-safe: the event loop owns it.
     """
 
     def __init__(self) -> None:
@@ -42,7 +44,8 @@ class SpoolIndex:
         self._counts: Counter[tuple[str, str]] = Counter()
         self.bytes = 0                              # data + control files of all jobs
         self.unsaved: dict[str, JobMeta] = {}
-        self.unremoved: dict[str, tuple[str, ...]] = {}
+        self.unremoved: dict[str, Callable[[], None]] = {}
+        self._writes: dict[str, Callable[[], None]] = {}  # how to write each unsaved state
 
     def track(self, meta: JobMeta) -> None:
         """Count ``meta`` (a new job, or a known one with a new state)."""
@@ -78,26 +81,33 @@ class SpoolIndex:
 
     # -- writes the disk refused ---------------------------------------------------------
 
-    def set_state(self, jobs_dir: str, meta: JobMeta, *, fsync: bool) -> None:
-        """Count ``meta``'s new state and write it; a refused write is kept for ``save``."""
+    def set_state(self, meta: JobMeta, write: Callable[[], None]) -> None:
+        """Count ``meta``'s new state and ``write`` it; a refused write is kept for ``save``.
+
+        ``write`` raises OSError when refused and must itself skip a job that
+        is no longer there (``save`` calls it again later).
+        """
         self.track(meta)
         try:
-            write_state(jobs_dir, meta, fsync=fsync)
+            write()
         except OSError as exc:
             self._log_new(meta.id, "state", exc)
             self.unsaved[meta.id] = meta
+            self._writes[meta.id] = write
             return
         self.unsaved.pop(meta.id, None)
+        self._writes.pop(meta.id, None)
 
-    def remove(self, jobs_dir: str, job_id: str, data_paths: tuple[str, ...]) -> None:
-        """Stop counting a job and unlink it; refused unlinks are kept for ``save``."""
+    def remove(self, job_id: str, unlink: Callable[[], None]) -> None:
+        """Stop counting a job and ``unlink`` it; a refused removal is kept for ``save``."""
         self.untrack(job_id)
         self.unsaved.pop(job_id, None)
+        self._writes.pop(job_id, None)
         try:
-            unlink_job(jobs_dir, job_id, data_paths)
+            unlink()
         except OSError as exc:
             self._log_new(job_id, "removal", exc)
-            self.unremoved[job_id] = data_paths
+            self.unremoved[job_id] = unlink
 
     def _log_new(self, job_id: str, what: str, exc: OSError) -> None:
         # One line when a job starts to owe a write, not one per retry attempt.
@@ -105,7 +115,7 @@ class SpoolIndex:
             log.event("warning", "spool_write_deferred", job=job_id, what=what,
                       error=str(disk_error(exc, f"job {job_id} {what}")))
 
-    def save(self, jobs_dir: str, *, fsync: bool) -> int:
+    def save(self) -> int:
         """Write what is owed, removals first (they free space); returns what still waits.
 
         Stops at the first refusal: a disk that refuses one write refuses the
@@ -115,13 +125,13 @@ class SpoolIndex:
         if not before:
             return 0
         try:
-            for job_id, paths in list(self.unremoved.items()):
-                unlink_job(jobs_dir, job_id, paths)
+            for job_id, unlink in list(self.unremoved.items()):
+                unlink()
                 del self.unremoved[job_id]
-            for job_id, meta in list(self.unsaved.items()):
-                if os.path.exists(os.path.join(jobs_dir, f"{job_id}.json")):
-                    write_state(jobs_dir, meta, fsync=fsync)
+            for job_id in list(self.unsaved):
+                self._writes[job_id]()
                 del self.unsaved[job_id]
+                del self._writes[job_id]
         except OSError:
             pass  # still refused; the next save tries again
         left = len(self.unsaved) + len(self.unremoved)
@@ -130,8 +140,11 @@ class SpoolIndex:
         return left
 
 
-def write_state(jobs_dir: str, meta: JobMeta, *, fsync: bool) -> None:
+def write_state(jobs_dir: str, meta: JobMeta, *, fsync: bool, only_if_there: bool = False) -> None:
     """Replace ``<id>.state`` with the delivery state of ``meta``; OSError as is.
+
+    ``only_if_there``: do nothing when the job's ``.json`` is gone (a write
+    retried later, after another process removed the job).
 
     Atomic (dot-temp and rename) while the disk has room.  On a full disk an
     existing ``.state`` takes the record in place, in its own blocks, so a
@@ -139,6 +152,8 @@ def write_state(jobs_dir: str, meta: JobMeta, *, fsync: bool) -> None:
     one reads as the defaults (spoolformat.with_state), what a lost write
     would cost anyway.
     """
+    if only_if_there and not os.path.exists(os.path.join(jobs_dir, f"{meta.id}.json")):
+        return
     path = os.path.join(jobs_dir, f"{meta.id}.state")
     record = encode_state(meta)
     try:

@@ -2,11 +2,16 @@
 
 The server drives an ``IncomingJob`` from the first byte of a job to its end;
 only then does ``Spool.commit`` (``relay.spool``) publish it.  This code runs
-on the event loop for every received chunk, so it does little: data goes from
-the receive buffer straight to ``<id>.d<n>`` (``DataWriter``), the raw control
-file waits in memory for the group-commit thread to write, and a job that ends
-any way but committed removes what it wrote (``discard``).  A job needs only
-three things of its spool (``JobOwner``), so this module does not import it.
+on the event loop for every received chunk, so it does little.  A small job
+(control file and data within the spool's ``segment_threshold``) stays in
+memory: the group-commit thread appends it to a segment as one record, so it
+costs no file creation at all.  Once a job grows past the threshold it
+*spills*: what it holds is written to ``<id>.d<n>`` files and from then on data
+goes from the receive buffer straight to its file (``DataWriter``), as for
+every job when the threshold is 0.  The raw control file waits in memory for
+the group-commit thread either way, and a job that ends any way but committed
+removes what it wrote (``discard``).  A job needs only a few things of its
+spool (``JobOwner``), so this module does not import it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class JobOwner(Protocol):
     jobs_dir: str
     fsync: bool
     written: int     # bytes written, for the free-space estimate
+    segment_threshold: int  # jobs up to this size (control + data) stay in memory
 
 
     def count_discard(self, nbytes: int) -> None: ...
@@ -41,11 +47,12 @@ class JobOwner(Protocol):
 class DataWriter:
     """One data file being received; ``write`` goes straight to the file, no copies."""
 
-    __slots__ = ("_counted", "_fd", "_job", "_mark", "_sha", "_size", "name")
+    __slots__ = ("_buf", "_counted", "_fd", "_job", "_mark", "_sha", "_size", "name")
 
     def __init__(self, job: IncomingJob, fd: int, name: str) -> None:
         self._job = job
-        self._fd = fd
+        self._fd = fd       # -1 while the job is kept in memory (then ``_buf``)
+        self._buf: bytearray | None = bytearray() if fd < 0 else None
         self.name = name
         self._counted = 0   # bytes reported by write()/add()
         self._mark = 0      # end of the range already handed to writeback
@@ -57,10 +64,16 @@ class DataWriter:
         return self._fd
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sha is not None:
+            self._sha.update(data)
+        if self._buf is not None:
+            if self._job.bytes + len(data) <= self._job.owner.segment_threshold:
+                self._buf += data
+                self.add(len(data))
+                return
+            self._job.spill()  # too big for a segment: to files, this one included
         try:
             self.add(write_all(self._fd, data))
-            if self._sha is not None:
-                self._sha.update(data)
         except OSError as exc:
             error = disk_error(exc, f"job {self._job.id} data file")
             if isinstance(error, DiskFull):
@@ -74,26 +87,41 @@ class DataWriter:
         self._counted += n
         self._job.bytes += n
         self._job.owner.written += n
-        if self._job.spool_fsync and self._counted - self._mark >= WRITEBACK_CHUNK:
+        if (self._fd >= 0 and self._job.spool_fsync
+                and self._counted - self._mark >= WRITEBACK_CHUNK):
             start_writeback(self._fd, self._mark, self._counted - self._mark)
             self._mark = self._counted
+
+    def to_file(self, fd: int) -> None:
+        """Internal: the job spilled; what was buffered goes to ``fd``, and so will the rest."""
+        assert self._buf is not None
+        self._fd = fd
+        buf, self._buf = self._buf, None
+        try:
+            write_all(fd, buf)
+        except OSError as exc:
+            raise disk_error(exc, f"job {self._job.id} data file") from exc
 
     def abandon(self) -> None:
         # The job is being discarded: close quietly; a later close() is a no-op.
         if self._size < 0:
             self._size = self._counted
-            os.close(self._fd)
+            if self._fd >= 0:
+                os.close(self._fd)
 
     def close(self) -> int:
         """Close the file and return its size (from the file, not the counters)."""
-        if self._size < 0:
+        if self._size < 0 and self._buf is not None:
+            self._size = len(self._buf)
+            self._job.data_closed(self, self._size, self._counted, self._buf)
+        elif self._size < 0:
             try:
                 self._size = os.fstat(self._fd).st_size
             finally:
                 os.close(self._fd)
             self._job.data_closed(self, self._size, self._counted)
-            if self._sha is not None and self._job.digests is not None:
-                self._job.digests[self.name] = self._sha.hexdigest()
+        if self._sha is not None and self._job.digests is not None:
+            self._job.digests[self.name] = self._sha.hexdigest()
         return self._size
 
 
@@ -113,6 +141,8 @@ class IncomingJob:
         self._formats: dict[str, str] = {}
         self._files: dict[str, tuple[str, int]] = {}     # wire name -> (file, size)
         self._writer: DataWriter | None = None
+        # file -> bytes of the data files held in memory; None once spilled to files
+        self._memory: dict[str, bytearray] | None = {} if spool.segment_threshold > 0 else None
         self._index = 0
         # open | committing | committed | discarding (an unlink failed) | gone
         self._status = "open"
@@ -153,22 +183,60 @@ class IncomingJob:
             raise SpoolError(f"job {self.id}: more than {MAX_FILES_PER_JOB} data files")
         self._index += 1
         file = f"{self.id}.d{self._index}"
-        try:
-            fd = create(self._path(file), _NEW)
-        except OSError as exc:
-            raise disk_error(exc, f"job {self.id} data file") from exc
+        fd = -1 if self._memory is not None else self._create(file)
         name = json_text(name)
         if name in self._files:  # a re-sent file supersedes the earlier copy
             old, size = self._files.pop(name)
-            unlink_quiet(self._path(old))
+            if self._memory is None or self._memory.pop(old, None) is None:
+                unlink_quiet(self._path(old))
             self.bytes -= size
         self._files[name] = (file, -1)
         self._writer = DataWriter(self, fd, name)
         return self._writer
 
-    def data_closed(self, writer: DataWriter, size: int, counted: int) -> None:
+    def _create(self, file: str) -> int:
+        try:
+            return create(self._path(file), _NEW)
+        except OSError as exc:
+            raise disk_error(exc, f"job {self.id} data file") from exc
+
+    @property
+    def in_memory(self) -> bool:
+        """True while the whole job is held in memory (it will be a segment record)."""
+        return self._memory is not None
+
+    def spill(self) -> None:
+        """Write what the job holds in memory to its own files; from now on it has files.
+
+        On the event loop, once per job that outgrows the threshold: a large
+        job streams to its file as every job did before segments.
+        """
+        memory, self._memory = self._memory, None
+        if memory is None:
+            return
+        try:
+            for file, data in memory.items():
+                fd = self._create(file)
+                try:
+                    write_all(fd, data)
+                finally:
+                    os.close(fd)
+            if self._writer is not None:  # the file being received goes on in its file
+                self._writer.to_file(self._create(self._files[self._writer.name][0]))
+        except OSError as exc:
+            raise disk_error(exc, f"job {self.id} data file") from exc
+
+    def data_parts(self, files: tuple[FileMeta, ...]) -> list[bytes]:
+        """The bytes of an in-memory job's data files, in ``files`` order."""
+        assert self._memory is not None
+        return [bytes(self._memory[os.path.basename(f.path)]) for f in files]
+
+    def data_closed(self, writer: DataWriter, size: int, counted: int,
+                    data: bytearray | None = None) -> None:
         # Called by DataWriter.close(): the file's real size wins over the counters.
         self._writer = None
+        if data is not None and self._memory is not None:
+            self._memory[self._files[writer.name][0]] = data
         self.bytes += size - counted
         if self._files.get(writer.name, ("", 0))[1] == -1:
             self._files[writer.name] = (self._files[writer.name][0], size)
@@ -185,11 +253,13 @@ class IncomingJob:
         if self._writer is not None:
             self._writer.abandon()
             self._writer = None
-        unlink_quiet(self._path(f"{self.id}.json"))  # the job is gone first, then its parts
-        unlink_quiet(self._path(f".{self.id}.json.tmp"))
-        unlink_quiet(self._path(f"{self.id}.cf"))
-        for file, _ in self._files.values():
-            unlink_quiet(self._path(file))
+        if self._memory is None:  # an in-memory job wrote nothing to unlink
+            unlink_quiet(self._path(f"{self.id}.json"))  # the job is gone first, then its parts
+            unlink_quiet(self._path(f".{self.id}.json.tmp"))
+            unlink_quiet(self._path(f"{self.id}.cf"))
+            for file, _ in self._files.values():
+                unlink_quiet(self._path(file))
+        self._memory = None
         self._status = "gone"
         self.owner.count_discard(self.bytes)
 

@@ -16,87 +16,67 @@ is ever appended after bytes that may be torn.
 
 The log knows jobs only by number: a JOB record keeps its segment alive
 until a DONE record for that job; segments go oldest first, so a DONE (or a
-state record) never outlives the job record it refers to.  Not thread-safe:
-one caller at a time (the group-commit thread, or code that holds a lock).
+state record) never outlives the job record it refers to.  Thread-safe:
+the event loop appends STATE and DONE records while the group-commit thread
+appends JOB records and syncs, so appends and the bookkeeping share one lock,
+and a sync holds it only to take a ``SyncTicket`` (what to flush, what may
+then be collected), never during the ``fdatasync`` itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
-import struct
-import zlib
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from relay.groupcommit import create, fsync_directory, make_dir, unlink_quiet
 
-MAGIC = b"LPDRSEG1"
-HEADER = struct.Struct("<8sQ")      # magic, segment number
-RECORD = struct.Struct("<IIBQ")     # body length, crc32, type, job number
-SEED = struct.Struct("<Q")          # the segment number, as the CRC's first bytes
-LENGTH = struct.Struct("<I")        # a JOB body's metadata length
-JOB, STATE, DONE = 1, 2, 3          # record types
-TYPES = frozenset({JOB, STATE, DONE})
-SEGMENT_SIZE = 4 << 20              # bytes preallocated per segment
-SPARES = 1                          # emptied segments kept for reuse
-NAME_RE = re.compile(r"(\d{12})\.seg")
+# The format lives in relay.spoolsegformat; its names are this module's too.
+from relay.spoolsegformat import (
+    DONE,
+    HEADER,
+    JOB,
+    LENGTH,
+    MAGIC,
+    MAX_BODY,
+    NAME_RE,
+    RECORD,
+    SEED,
+    SEGMENT_SIZE,
+    SPARES,
+    STATE,
+    TYPES,
+    LiveJob,
+    Record,
+    Scan,
+    fold,
+    job_body,
+    job_meta,
+    read_only,
+    record_crc,
+    scan,
+    segment_name,
+)
 
-
-def segment_name(number: int) -> str:
-    return f"{number:012d}.seg"
-
-
-def record_crc(segment: int, rtype: int, job: int, parts: Sequence[bytes]) -> int:
-    """CRC-32 over the segment number, type, job number and body, in that order."""
-    crc = zlib.crc32(SEED.pack(segment))
-    crc = zlib.crc32(bytes((rtype,)) + SEED.pack(job), crc)
-    for part in parts:
-        crc = zlib.crc32(part, crc)
-    return crc
+__all__ = [
+    "DONE", "HEADER", "JOB", "LENGTH", "MAGIC", "MAX_BODY", "NAME_RE", "RECORD", "SEED",
+    "SEGMENT_SIZE", "SPARES", "STATE", "TYPES", "LiveJob", "Record", "Scan", "Segment",
+    "SegmentLog", "SyncTicket", "fold", "job_body", "job_meta", "read_only", "record_crc", "scan",
+    "segment_name",
+]
 
 
 @dataclass(frozen=True, slots=True)
-class Record:
-    """One record found by replay: where its body lies, and the body itself."""
+class SyncTicket:
+    """One sync's share of the log, taken under the lock: what to flush, then collect."""
 
-    segment: int
-    offset: int          # of the body in the segment file
-    type: int
-    job: int
-    body: bytes
+    fds: tuple[int, ...]            # segments holding records not yet fdatasynced
+    closing: tuple[Segment, ...]    # rotated away from: closed once synced
+    directory: bool                 # a segment name changed: fsync the directory
+    empty: tuple[int, ...]          # the oldest segments no live job needed at the start
 
-
-@dataclass(slots=True)
-class Scan:
-    """What one segment file holds: its valid records and where they end."""
-
-    number: int
-    records: list[Record] = field(default_factory=list)
-    end: int = HEADER.size   # first byte after the last valid record (0: no header)
-
-
-def scan(data: bytes, number: int) -> Scan:
-    """The valid records of a segment's bytes; stops at the first bad one."""
-    result = Scan(number)
-    magic, stored = HEADER.unpack_from(data, 0) if len(data) >= HEADER.size else (b"", -1)
-    if magic != MAGIC or stored != number:
-        result.end = 0
-        return result
-    pos = HEADER.size
-    while pos + RECORD.size <= len(data):
-        length, crc, rtype, job = RECORD.unpack_from(data, pos)
-        start = pos + RECORD.size
-        if rtype not in TYPES or length > len(data) - start:
-            break
-        body = data[start:start + length]
-        if record_crc(number, rtype, job, (body,)) != crc:
-            break
-        result.records.append(Record(number, start, rtype, job, body))
-        pos = start + length
-    result.end = pos
-    return result
 
 
 class Segment:
@@ -113,20 +93,30 @@ class Segment:
     def room(self, body: int) -> bool:
         return not self.sealed and self.tail + RECORD.size + body <= self.size
 
-    def append(self, rtype: int, job: int, parts: Sequence[bytes]) -> int:
-        """Write one record at the tail; returns its body's offset.  Seals on error."""
-        length = sum(len(p) for p in parts)
-        head = RECORD.pack(length, record_crc(self.number, rtype, job, parts), rtype, job)
+    def append_many(self, records: Sequence[tuple[int, int, Sequence[bytes]]]) -> list[int]:
+        """Write records at the tail in one ``pwritev``; returns their bodies' offsets.
+
+        Seals the segment on error: bytes after the tail may be torn.
+        """
+        buffers: list[bytes] = []
+        offsets = []
+        pos = self.tail
+        for rtype, job, parts in records:
+            length = sum(len(p) for p in parts)
+            buffers.append(RECORD.pack(length, record_crc(self.number, rtype, job, parts),
+                                       rtype, job))
+            buffers += parts
+            offsets.append(pos + RECORD.size)
+            pos += RECORD.size + length
         try:
-            written = os.pwritev(self.fd, [head, *parts], self.tail)
-            if written != len(head) + length:
+            written = os.pwritev(self.fd, buffers, self.tail)
+            if written != pos - self.tail:
                 raise OSError(5, "short write to a segment")
         except OSError:
             self.sealed = True  # bytes after the tail may be torn: never append after them
             raise
-        offset = self.tail + len(head)
-        self.tail = offset + length
-        return offset
+        self.tail = pos
+        return offsets
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -149,20 +139,30 @@ class SegmentLog:
         self.directory = directory
         self.segment_size = segment_size
         self.fsync = fsync
+        self._lock = threading.Lock()       # appends and bookkeeping
+        self._sync_lock = threading.Lock()  # one sync at a time
         self._current: Segment | None = None
         self._next = 1
         self._order: list[int] = []               # live segments, oldest first
         self._jobs: dict[int, set[int]] = {}      # segment -> jobs whose record is there
         self._where: dict[int, int] = {}          # job -> segment of its newest JOB record
+        self._bodies: dict[int, tuple[int, int]] = {}  # job -> (offset, length) of that body
+        self._states: dict[int, bytes] = {}       # job -> its newest STATE body
         self._readers: dict[int, int] = {}        # segment -> read-only fd
         self._unsynced: list[Segment] = []        # rotated away from, not yet fdatasynced
         self._dir_dirty = False                   # a segment name changed since the last sync
-        self.stats = {"created": 0, "recycled": 0, "removed": 0, "syncs": 0}
+        self._dirty = False                       # appended to since the last sync began
+        self.stats = {"created": 0, "recycled": 0, "removed": 0, "syncs": 0, "moved": 0}
 
     # -- start-up ------------------------------------------------------------------------
 
     def replay(self) -> list[Record]:
-        """Every valid record of every segment, in append order; then the log is open."""
+        """Every valid record of every segment, in append order; then the log is open.
+
+        Under ``fsync`` every segment found is fdatasynced first: records a
+        crashed daemon left in the page cache (a DONE, a moved job) must be
+        durable before anything is collected on their word.
+        """
         if self._order or self._current is not None:
             raise RuntimeError("replay() runs once, first")
         make_dir(self.directory)
@@ -172,24 +172,31 @@ class SegmentLog:
         for number in numbers:
             with open(self._path(number), "rb") as f:
                 found = scan(f.read(), number)
+                if self.fsync:
+                    os.fdatasync(f.fileno())
             self._order.append(number)
             self._jobs[number] = set()
             for record in found.records:
-                self._track(record)
+                self._track(record, len(record.body))
             records += found.records
         self._next = (numbers[-1] + 1) if numbers else 1
         return records
 
-    def _track(self, record: Record) -> None:
+    def _track(self, record: Record, length: int) -> None:
         if record.type == JOB:
             self._forget(record.job)
             self._where[record.job] = record.segment
+            self._bodies[record.job] = (record.offset, length)
             self._jobs[record.segment].add(record.job)
+        elif record.type == STATE:  # also before its JOB record (a job committed held)
+            self._states[record.job] = record.body
         elif record.type == DONE:
             self._forget(record.job)
+            self._states.pop(record.job, None)
 
     def _forget(self, job: int) -> None:
         old = self._where.pop(job, None)
+        self._bodies.pop(job, None)
         if old is not None:
             self._jobs[old].discard(job)
 
@@ -197,21 +204,34 @@ class SegmentLog:
 
     def append(self, rtype: int, job: int, parts: Sequence[bytes] = ()) -> Record:
         """Append one record; returns where its body lies (``body`` left empty)."""
-        length = sum(len(p) for p in parts)
-        if length > self.segment_size - HEADER.size - RECORD.size:
-            raise ValueError(f"record of {length} bytes does not fit in a segment")
-        segment = self._current
-        if segment is None or not segment.room(length):
-            segment = self._rotate()
-        offset = segment.append(rtype, job, parts)
-        record = Record(segment.number, offset, rtype, job, b"")
-        self._track(record)
-        return record
+        return self.append_many([(rtype, job, parts)])[-1]
+
+    def append_many(self, records: Sequence[tuple[int, int, Sequence[bytes]]]) -> list[Record]:
+        """Append records together, in one segment and one write (a job and its hold)."""
+        lengths = [sum(len(p) for p in parts) for _, _, parts in records]
+        total = sum(lengths) + RECORD.size * (len(records) - 1)
+        if total > self.segment_size - HEADER.size - RECORD.size:
+            raise ValueError(f"record of {total} bytes does not fit in a segment")
+        with self._lock:
+            segment = self._current
+            if segment is None or not segment.room(total):
+                segment = self._rotate()
+            self._dirty = True
+            offsets = segment.append_many([(t, j, p) for t, j, p in records])
+            placed = []
+            for (rtype, job, parts), offset, length in zip(records, offsets, lengths,
+                                                            strict=True):
+                body = b"".join(parts) if rtype == STATE else b""
+                record = Record(segment.number, offset, rtype, job, body)
+                self._track(record, length)
+                placed.append(record)
+            return placed
 
     def _rotate(self) -> Segment:
         old = self._current
         if old is not None:
             self._unsynced.append(old)
+            self._current = None
         number = self._next
         path = self._path(number)
         spare = self._spare()
@@ -222,6 +242,7 @@ class SegmentLog:
         else:
             fd = create(path, os.O_RDWR | os.O_EXCL)
             self.stats["created"] += 1
+        self._next = number + 1  # never reused, even when this attempt fails
         try:
             os.posix_fallocate(fd, 0, self.segment_size)
             os.pwrite(fd, HEADER.pack(MAGIC, number), 0)
@@ -229,7 +250,6 @@ class SegmentLog:
             os.close(fd)
             unlink_quiet(path)
             raise
-        self._next = number + 1
         self._dir_dirty = True
         self._current = Segment(path, number, fd, self.segment_size)
         self._order.append(number)
@@ -243,23 +263,70 @@ class SegmentLog:
                     return os.path.join(self.directory, name)
         return None
 
-    def sync(self) -> int:
-        """Make every record appended so far durable; returns the sync calls made."""
+    def sync(self, *, collect: bool = False) -> int:
+        """Make every record appended so far durable; returns the sync calls made.
+
+        ``collect``: then recycle the segments that were empty when it began.
+        Appends go on meanwhile (the lock is not held during ``fdatasync``);
+        one sync runs at a time, so no segment is closed under another.
+        """
+        with self._sync_lock:
+            ticket = self.begin_sync()
+            ok = False
+            try:
+                calls = self.flush(ticket)
+                ok = True
+            finally:
+                self.end_sync(ticket, ok=ok)
+            if collect:
+                self.collect(ticket)
+        return calls
+
+    def begin_sync(self) -> SyncTicket:
+        """Under the lock: the segments to flush and the ones empty now (``collect``)."""
+        with self._lock:
+            current = self._current
+            fds = [s.fd for s in self._unsynced if s.fd >= 0]
+            if current is not None and current.fd >= 0 and self._dirty:
+                fds.append(current.fd)
+            empty = []
+            for number in self._order:
+                if self._jobs[number] or (current is not None and number == current.number):
+                    break
+                empty.append(number)
+            ticket = SyncTicket(tuple(fds), tuple(self._unsynced), self._dir_dirty,
+                                tuple(empty))
+            self._dir_dirty = self._dirty = False
+            return ticket
+
+    def flush(self, ticket: SyncTicket) -> int:
+        """The ``fdatasync`` calls of a ticket, outside the lock; returns how many."""
         if not self.fsync:
-            self._close_unsynced()
             return 0
-        calls = 0
-        for segment in [*self._unsynced, self._current]:
-            if segment is not None and segment.fd >= 0:
-                os.fdatasync(segment.fd)
-                calls += 1
-        if self._dir_dirty:
+        for fd in ticket.fds:
+            os.fdatasync(fd)
+        if ticket.directory:
             fsync_directory(self.directory)
-            self._dir_dirty = False
-            calls += 1
-        self._close_unsynced()
+        calls = len(ticket.fds) + ticket.directory
         self.stats["syncs"] += calls
         return calls
+
+    def end_sync(self, ticket: SyncTicket, *, ok: bool) -> None:
+        """Close the segments the ticket synced; after a failure, seal the current one.
+
+        A failed ``fdatasync`` leaves the state of dirty pages unknown
+        (Linux may drop them), so nothing more is appended to that segment.
+        """
+        with self._lock:
+            if not ok:
+                self._dir_dirty = self._dir_dirty or ticket.directory
+                self._dirty = True
+                if self._current is not None:
+                    self._current.sealed = True
+                return
+            for segment in ticket.closing:
+                segment.close()
+                self._unsynced.remove(segment)
 
     def _close_unsynced(self) -> None:
         for segment in self._unsynced:
@@ -270,11 +337,12 @@ class SegmentLog:
 
     def reader(self, segment: int) -> int:
         """A read-only descriptor of ``segment`` (kept open while it lives)."""
-        fd = self._readers.get(segment)
-        if fd is None:
-            fd = os.open(self._path(segment), os.O_RDONLY | os.O_CLOEXEC)
-            self._readers[segment] = fd
-        return fd
+        with self._lock:
+            fd = self._readers.get(segment)
+            if fd is None:
+                fd = os.open(self._path(segment), os.O_RDONLY | os.O_CLOEXEC)
+                self._readers[segment] = fd
+            return fd
 
     def done(self, job: int) -> Record:
         """Append the DONE record of ``job``: its records are no longer needed."""
@@ -286,31 +354,62 @@ class SegmentLog:
 
     def pinned_by(self) -> int | None:
         """The oldest segment's oldest live job: what keeps segments from being recycled."""
-        for number in self._order:
-            if self._jobs[number]:
-                return min(self._jobs[number])
-        return None
+        with self._lock:
+            for number in self._order:
+                if self._jobs[number]:
+                    return min(self._jobs[number])
+            return None
 
-    def collect(self) -> int:
+    def move_forward(self, job: int) -> Record | None:
+        """Copy a live job's JOB record (and its newest STATE) to the current segment.
+
+        For a job held for long (docs/spool.md, step 5): its old segment —
+        and with it every later one — can then be collected once the copy is
+        durable.  Returns the new JOB record, None when the job is not live.
+        """
+        with self._lock:
+            segment = self._where.get(job)
+            if segment is None:
+                return None
+            offset, length = self._bodies[job]
+            state = self._states.get(job)
+        body = os.pread(self.reader(segment), length, offset)
+        if len(body) != length:
+            raise OSError(5, "segment shorter than its record")
+        records: list[tuple[int, int, Sequence[bytes]]] = [(JOB, job, [body])]
+        if state is not None:
+            records.append((STATE, job, [state]))
+        with self._lock:
+            if self._where.get(job) != segment:
+                return None  # done (or moved) meanwhile
+        placed = self.append_many(records)[0]
+        self.stats["moved"] += 1
+        return placed
+
+    def collect(self, ticket: SyncTicket | None = None) -> int:
         """Recycle or remove the oldest segments no live job needs; returns how many.
 
         Only a prefix goes, and only once the DONE records that emptied it are
-        durable (call after ``sync``): a later segment's DONE and state records
-        refer to jobs of earlier ones, so those must be gone first.
+        durable (call after ``sync``, or pass the ticket of a sync: then only
+        the segments empty when it began): a later segment's DONE and state
+        records refer to jobs of earlier ones, so those must be gone first.
         """
-        current = self._current.number if self._current is not None else -1
-        gone = 0
-        while self._order and self._order[0] != current and not self._jobs[self._order[0]]:
-            number = self._order.pop(0)
-            del self._jobs[number]
-            fd = self._readers.pop(number, None)
-            if fd is not None:
-                os.close(fd)
-            self._retire(number)
-            gone += 1
-        if gone:
-            self._dir_dirty = True
-        return gone
+        with self._lock:
+            current = self._current.number if self._current is not None else -1
+            allowed = set(ticket.empty) if ticket is not None else None
+            gone = 0
+            while (self._order and self._order[0] != current and not self._jobs[self._order[0]]
+                   and (allowed is None or self._order[0] in allowed)):
+                number = self._order.pop(0)
+                del self._jobs[number]
+                fd = self._readers.pop(number, None)
+                if fd is not None:
+                    os.close(fd)
+                self._retire(number)
+                gone += 1
+            if gone:
+                self._dir_dirty = True
+            return gone
 
     def _retire(self, number: int) -> None:
         spares = [n for n in os.listdir(self.directory) if n.startswith("spare-")]
@@ -322,74 +421,24 @@ class SegmentLog:
 
     def segments(self) -> list[int]:
         """Live segment numbers, oldest first."""
-        return list(self._order)
+        with self._lock:
+            return list(self._order)
+
+    def path(self, number: int) -> str:
+        """The file of segment ``number``."""
+        return self._path(number)
 
     def close(self) -> None:
-        self._close_unsynced()
-        if self._current is not None:
-            self._current.close()
-            self._current = None
-        for fd in self._readers.values():
-            os.close(fd)
-        self._readers.clear()
+        with self._lock:
+            self._close_unsynced()
+            if self._current is not None:
+                self._current.close()
+                self._current = None
+            for fd in self._readers.values():
+                os.close(fd)
+            self._readers.clear()
 
     def _path(self, number: int) -> str:
         return os.path.join(self.directory, segment_name(number))
 
-
-@dataclass(frozen=True, slots=True)
-class LiveJob:
-    """A job the segments still hold: its newest JOB record and STATE body (b"": none)."""
-
-    record: Record
-    state: bytes
-
-
-def fold(records: Sequence[Record]) -> dict[int, LiveJob]:
-    """The jobs ``records`` leave alive, by job number (replay order = append order)."""
-    live: dict[int, LiveJob] = {}
-    for r in records:
-        if r.type == JOB:
-            live[r.job] = LiveJob(r, b"")
-        elif r.type == STATE and r.job in live:
-            live[r.job] = LiveJob(live[r.job].record, r.body)
-        elif r.type == DONE:
-            live.pop(r.job, None)
-    return live
-
-
-def read_only(directory: str) -> list[Record]:
-    """Every valid record, for a reader beside the running daemon (``lpd-relay spool``).
-
-    Creates, seals and changes nothing.  A record being appended meanwhile is
-    either whole (its CRC checks) or ends that segment's scan, so the reader
-    sees a consistent prefix of what was appended; a segment recycled between
-    listing and reading fails its header check and is skipped.
-    """
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    records: list[Record] = []
-    for number in sorted(int(m.group(1)) for n in names if (m := NAME_RE.fullmatch(n))):
-        try:
-            with open(os.path.join(directory, segment_name(number)), "rb") as f:
-                records += scan(f.read(), number).records
-        except FileNotFoundError:
-            continue  # collected meanwhile: all its jobs were done
-    return records
-
-
-def job_body(meta: bytes, control: bytes, data: Sequence[bytes]) -> list[bytes]:
-    """The parts of a JOB record's body: metadata length, metadata, control file, data."""
-    return [LENGTH.pack(len(meta)), meta, control, *data]
-
-
-def job_meta(body: bytes) -> tuple[bytes, int]:
-    """A JOB body's metadata and the offset (in the body) where the control file starts."""
-    (length,) = LENGTH.unpack_from(body, 0)
-    start = LENGTH.size
-    if length > len(body) - start:
-        raise ValueError("metadata longer than the record")
-    return body[start:start + length], start + length
 

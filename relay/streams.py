@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from relay.errors import SpoolFileMissing
+from relay.spoolbackend import open_flat
 
 if TYPE_CHECKING:
     from relay.spoolbackend import Body
@@ -39,12 +39,11 @@ def open_spool_file(path: str) -> int:
     """Open one of a job's own spool files for reading; ``SpoolFileMissing`` if it cannot be.
 
     The one way a sink opens spool files, so a vanished file (purged while the
-    job was being delivered) means the same thing for every sink.
+    job was being delivered) means the same thing for every sink.  A small
+    job's body inside a segment comes as a descriptor of just that body
+    (``relay.spoolbackend.open_flat``).
     """
-    try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise SpoolFileMissing(path, exc) from exc
+    return open_flat(path)
 
 
 async def stream_body(out_fd: int, body: Body, *, idle_timeout: float) -> int:

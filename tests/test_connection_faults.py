@@ -87,7 +87,9 @@ def test_out_of_file_descriptors_refuses_that_job_and_keeps_serving(tmp_path: Pa
     if shutil.which("prlimit") is None:
         pytest.skip("needs prlimit (util-linux)")
     log = tmp_path / "relay.log"
-    cfg = fault_config(tmp_path, max_connections=500, max_connections_per_host=500)
+    # Jobs with files of their own: a small job's data waits in memory, no descriptor.
+    cfg = fault_config(tmp_path, max_connections=500, max_connections_per_host=500,
+                       segment_threshold=0)
     wrapper = ("prlimit", "--nofile=64:64", *log_wrapper(log))
     with RelayProcess(cfg, wrapper=wrapper) as relay:
         spare = Wire(relay.port)          # holds one descriptor, and no data file
@@ -181,7 +183,9 @@ def test_unwritable_spool_mid_job_says_retry_later(tmp_path: Path) -> None:
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv to drop CAP_DAC_OVERRIDE")
     log = tmp_path / "relay.log"
-    with RelayProcess(fault_config(tmp_path), wrapper=_without_dac_override(log)) as relay:
+    # The jobs folder is what loses write permission: jobs with files of their own.
+    cfg = fault_config(tmp_path, segment_threshold=0)
+    with RelayProcess(cfg, wrapper=_without_dac_override(log)) as relay:
         jobs = tmp_path / "spool" / "jobs"
         lock, unlock = (lambda: jobs.chmod(0o550)), (lambda: jobs.chmod(0o750))
         # At the open of the second data file, then at the commit of the job.
@@ -203,7 +207,7 @@ def test_read_only_spool_mid_job_says_retry_later(tmp_path: Path) -> None:
     if os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "nsenter")):
         pytest.skip("needs root, unshare and nsenter for a private read-only mount")
     log = tmp_path / "relay.log"
-    cfg = fault_config(tmp_path)
+    cfg = fault_config(tmp_path, segment_threshold=0)   # the jobs folder goes read-only
     wrapper = ("unshare", "-m", "--propagation", "private", *log_wrapper(log))
     with RelayProcess(cfg, wrapper=wrapper) as relay:
         assert relay.proc is not None

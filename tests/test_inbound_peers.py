@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.spool import Spool
 from tests.daemon import DaemonThread, relay_config
 from tests.peers import LprngServer, lpq, lpr, lprm, rlpr
 from tests.test_server import delivered, file_bytes, wait_for
@@ -69,8 +70,9 @@ def test_lprng_lpq_and_lprm_see_relay_jobs(tmp_path: Path) -> None:
         wait_for(lambda: not relay_jobs(tmp_path) or None)
 
 
-def relay_jobs(tmp_path: Path) -> list[Path]:
-    return sorted((tmp_path / "spool" / "jobs").glob("*.json"))
+def relay_jobs(tmp_path: Path) -> list[str]:
+    """Ids of the jobs in the relay's spool (files or segment records)."""
+    return [j.id for j in Spool(tmp_path / "spool").jobs()]
 
 
 def test_chain_lpr_relay_lprng(tmp_path: Path) -> None:

@@ -127,7 +127,7 @@ def test_an_acknowledged_incomplete_job_is_held_with_the_reason(tmp_path: Path) 
 def test_held_job_is_written_held_before_it_exists(tmp_path: Path) -> None:
     """Crash safety: the .state of a held job precedes its .json, so no restart sees
     it queued; a restart keeps it held."""
-    spool = Spool(tmp_path / "spool", fsync=True)
+    spool = Spool(tmp_path / "spool", fsync=True, segment_threshold=0)  # the file layout
     spool.recover()
 
     async def hold() -> None:
@@ -155,8 +155,7 @@ def test_held_job_survives_kill_and_stays_held(tmp_path: Path) -> None:
     with RelayProcess(cfg) as relay:
         replies, _ = _session(relay.port, HELD["extra name"][0])
         assert set(replies) == {0}
-        wait_for(lambda: any(p.suffix == ".json" for p in (tmp_path / "spool" / "jobs").iterdir())
-                 or None)
+        wait_for(lambda: Spool(tmp_path / "spool").jobs() or None)
         assert relay.proc is not None
         os.kill(relay.proc.pid, signal.SIGKILL)
         relay.proc.wait(10)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import trio
 
 from relay import log, spoolcli
 from relay.controlfile import parse_control_file, redact_names
@@ -136,7 +137,13 @@ def _downstream_cf(tmp: Path, privacy: dict[str, object]) -> str:
         with DaemonThread(a_data) as a:
             assert all(r == 0 for r in send_job(a.port, PatientJob(queue="q")))
             [kept] = all_delivered(tmp / "b", 1)
-    return (tmp / "b" / "spool" / "jobs" / f"{kept}.cf").read_text()
+    spool = Spool(str(tmp / "b" / "spool"))      # B stopped: its job, files or a record
+    spool.recover()
+    try:
+        with spool.open_control(spool.get(kept)) as body:
+            return body.read().decode()
+    finally:
+        trio.run(spool.aclose)
 
 
 def test_strip_downstream_rewrites_the_control_file_a_relay_receives(tmp_path: Path) -> None:

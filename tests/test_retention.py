@@ -21,7 +21,8 @@ from relay import app
 from relay.config import InvalidConfig, RetentionConfig, config_from_dict
 from relay.jobevents import JobEvents
 from relay.retention import MAX_EXPIRY_WAIT
-from relay.spool import FREE_SPACE_TTL, JobMeta, Spool
+from relay.spool import JobMeta, Spool
+from relay.spoolspace import FREE_SPACE_TTL
 from tests.daemon import DaemonThread, relay_config, write_config_file
 from tests.lpdwire import Job, Wire, send_job
 from tests.relayproc import LoggedRelay, PrivateTmpfs, wait_until
@@ -195,12 +196,16 @@ def test_spool_and_kept_files_are_no_wider_than_0640_and_owned_by_the_daemon(
     old = os.umask(0o000)   # the daemon's modes must not depend on its umask
     try:
         with DaemonThread(data) as relay:
-            send(relay.port, 2)
-            all_delivered(tmp_path, 2)
+            send(relay.port, 2)          # small: records in a segment file
+            big = Job(queue="q", number="900", files=[b"x" * (100 << 10)])   # files of its own
+            assert all(r == 0 for r in send_job(relay.port, big))
+            all_delivered(tmp_path, 3)
     finally:
         os.umask(old)
     files = list(_modes(tmp_path / "spool"))
-    assert len([p for p, _ in files if p.parent.name == "jobs"]) >= 2 * 4   # json cf state d1
+    # Small jobs live in segment files, large ones in files of their own: both are checked.
+    assert any(p.parent.name == "segments" for p, _ in files)
+    assert any(p.parent.name == "jobs" for p, _ in files)
     wide = {str(p): oct(stat.S_IMODE(st.st_mode)) for p, st in files
             if stat.S_IMODE(st.st_mode) & ~0o640}
     assert wide == {}

@@ -309,7 +309,8 @@ def test_job_whose_data_file_vanished_is_held_with_the_path(tmp_path: Path) -> N
     runner = runner_for(tmp_path, [f"dir://{tmp_path / 'out'}"])
 
     async def main() -> JobMeta:
-        job = await spool_job(runner.spool, 3)
+        # Over the segment threshold: a data file of its own (a small job has none).
+        job = await spool_job(runner.spool, 3, payload=b"x" * 70_000)
         os.unlink(job.files[0].path)
         runner.submit(job)
         await run_until(runner, lambda: job.id in runner.held, 10, 0.02)

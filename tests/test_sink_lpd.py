@@ -14,15 +14,16 @@ from relay import client
 from relay.controlfile import parse_control_file
 from relay.errors import SinkRejected, SinkUnavailable, SpoolFileMissing
 from relay.sinks import SinkContext, make_sink
-from relay.spool import JobMeta, Spool
+from relay.spool import SEGMENT_THRESHOLD, JobMeta, Spool
 from relay.uri import parse_destination
 from tests.peers import LpdScript, LprngServer, RecordingLpdServer
 
 PAYLOADS = [b"%!PS-Adobe-3.0\n" + bytes(range(256)) * 200, b"second file\n" * 100]
 
 
-def make_job(tmp_path: Path, payloads: list[bytes] = PAYLOADS) -> tuple[Spool, JobMeta]:
-    spool = Spool(tmp_path / "spool", fsync=False)
+def make_job(tmp_path: Path, payloads: list[bytes] = PAYLOADS,
+             segment_threshold: int = SEGMENT_THRESHOLD) -> tuple[Spool, JobMeta]:
+    spool = Spool(tmp_path / "spool", fsync=False, segment_threshold=segment_threshold)
     spool.recover()
 
     async def build() -> JobMeta:
@@ -205,7 +206,7 @@ def make_job_in(spool: Spool, n: int) -> JobMeta:
 
 @pytest.mark.parametrize("which", ["control", "data"])
 def test_missing_spool_file_is_spool_file_missing(tmp_path: Path, which: str) -> None:
-    _, job = make_job(tmp_path)
+    _, job = make_job(tmp_path, segment_threshold=0)  # files of its own, one deleted
     path = job.control_path if which == "control" else job.files[1].path
     os.unlink(path)
     with RecordingLpdServer() as server, pytest.raises(SpoolFileMissing) as info:

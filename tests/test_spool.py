@@ -17,9 +17,25 @@ import pytest
 import trio
 
 from relay.errors import DiskFull, SpoolError
-from relay.spool import ID_BLOCK, MAX_FILES_PER_JOB, IncomingJob, JobMeta, Spool, SpoolBusy
+from relay.spool import (
+    ID_BLOCK,
+    MAX_FILES_PER_JOB,
+    SEGMENT_THRESHOLD,
+    IncomingJob,
+    JobMeta,
+    Spool,
+    SpoolBusy,
+)
 
 T = TypeVar("T")
+
+
+def FileSpool(path: Path | str, **kw: object) -> Spool:
+    """A spool that gives every job its own files (``segment_threshold=0``): the layout
+    these tests read; small jobs as segment records are tests/test_spool_segjobs.py."""
+    return Spool(path, **{"segment_threshold": 0, **kw})  # type: ignore[arg-type]
+
+
 REPO = Path(__file__).resolve().parent.parent
 CF = b"Hhost\nPalice\nJreport.txt\nldfA001host\nNreport.txt\nUdfA001host\n"
 
@@ -59,7 +75,7 @@ def commit(spool: Spool, **kw: object) -> JobMeta:
 
 
 def reopen(path: Path, **kw: object) -> tuple[Spool, list[JobMeta], int]:
-    spool = Spool(path, **kw)  # type: ignore[arg-type]
+    spool = FileSpool(path, **kw)
     rec = spool.recover()
     return spool, rec.jobs, rec.discarded
 
@@ -70,7 +86,7 @@ def close(spool: Spool) -> None:
 
 @pytest.fixture
 def spool(tmp_path: Path) -> Iterator[Spool]:
-    s = Spool(tmp_path / "spool")
+    s = FileSpool(tmp_path / "spool")
     s.recover()
     yield s
     close(s)
@@ -424,7 +440,7 @@ def test_jobs_and_usage_by_queue_and_state(spool: Spool) -> None:
 def test_a_reader_sees_changes_made_by_another_spool_object(tmp_path: Path) -> None:
     daemon, _, _ = reopen(tmp_path / "spool")
     meta = commit(daemon)
-    cli = Spool(tmp_path / "spool")       # the CLI: no recover(), daemon still running
+    cli = FileSpool(tmp_path / "spool")       # the CLI: no recover(), daemon still running
     with pytest.raises(SpoolBusy):
         cli.recover()
     cli.update(dataclasses.replace(meta, state="held"))
@@ -444,7 +460,7 @@ def test_a_second_daemon_on_the_same_spool_is_refused(tmp_path: Path) -> None:
 
 
 def test_begin_needs_recover_and_an_open_spool(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool")
+    spool = FileSpool(tmp_path / "spool")
     with pytest.raises(SpoolError, match="recover"):
         spool.begin(queue="q", wire_queue="q", peer="p")
     spool.recover()
@@ -458,7 +474,7 @@ def test_begin_needs_recover_and_an_open_spool(tmp_path: Path) -> None:
 # --- disk space ------------------------------------------------------------------------------
 
 def test_disk_full_below_min_free_disk(tmp_path: Path) -> None:
-    probe = Spool(tmp_path)
+    probe = FileSpool(tmp_path)
     free = probe.free_bytes()
     spool, _, _ = reopen(tmp_path / "spool", min_free_disk=free + (1 << 30))
     with pytest.raises(DiskFull):
@@ -580,8 +596,8 @@ from relay.spool import Spool
 def payload(n):
     return (b"%d:" % n) * (1 + (n * 7919) % 20000)
 
-async def main(path):
-    spool = Spool(path)
+async def main(path, threshold):
+    spool = Spool(path, segment_threshold=int(threshold))
     spool.recover()
     async def worker(w):
         for i in range(400):
@@ -602,7 +618,7 @@ async def main(path):
         for w in range(16):
             nursery.start_soon(worker, w)
 
-trio.run(main, sys.argv[1])
+trio.run(main, sys.argv[1], sys.argv[2])
 """
 
 
@@ -610,11 +626,12 @@ def child_payload(n: int) -> bytes:
     return (b"%d:" % n) * (1 + (n * 7919) % 20000)
 
 
-async def run_and_kill(path: Path, script: Path, rng: random.Random) -> list[str]:
+async def run_and_kill(path: Path, script: Path, rng: random.Random,
+                       threshold: int = 0) -> list[str]:
     """Start the child, kill -9 it after a random number of acknowledged jobs."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = await trio.lowlevel.open_process([sys.executable, str(script), str(path)],
-                                            stdout=-1, env=env)
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, str(script), str(path), str(threshold)], stdout=-1, env=env)
     assert proc.stdout is not None
     kill_after = rng.randint(1, 150)
     out = b""
@@ -631,7 +648,11 @@ async def run_and_kill(path: Path, script: Path, rng: random.Random) -> list[str
     return [line for line in out.decode().split("\n") if line]
 
 
-def test_kill_9_at_random_points_loses_no_acknowledged_job(tmp_path: Path) -> None:
+# Payloads run from 2 bytes to ~120 KB: under the default threshold about half
+# the jobs are segment records and half have files, committed side by side.
+@pytest.mark.parametrize("threshold", [0, SEGMENT_THRESHOLD], ids=["files", "mixed"])
+def test_kill_9_at_random_points_loses_no_acknowledged_job(tmp_path: Path,
+                                                          threshold: int) -> None:
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     script = tmp_path / "child.py"
@@ -639,17 +660,22 @@ def test_kill_9_at_random_points_loses_no_acknowledged_job(tmp_path: Path) -> No
     path = tmp_path / "spool"
     acked: list[str] = []
     for _ in range(4):
-        acked += trio.run(run_and_kill, path, script, rng)
-        spool, jobs, _ = reopen(path)
+        acked += trio.run(run_and_kill, path, script, rng, threshold)
+        spool, jobs, _ = reopen(path, segment_threshold=threshold)
         found = {j.id: j for j in jobs}
         assert len(acked) == len(set(acked)), f"id reused (seed {seed})"
         assert set(acked) <= set(found), f"acknowledged job lost (seed {seed})"
         for job in jobs:
             n = int(job.id)
-            assert Path(job.files[0].path).read_bytes() == child_payload(n), f"seed {seed}"
-            assert Path(job.control_path).read_bytes() == b"cf%d" % n
+            with spool.open_body(job.files[0]) as body:
+                assert body.read() == child_payload(n), f"seed {seed}"
+            with spool.open_control(job) as body:
+                assert body.read() == b"cf%d" % n
             assert job.user == str(n)
-        live = {f"{j.id}.{k}" for j in jobs for k in ("json", "cf")} | {
-            os.path.basename(j.files[0].path) for j in jobs}
+        filed = [j for j in jobs if Path(j.control_path).parent.name == "jobs"]
+        assert not threshold or len(filed) < len(jobs), "no job became a segment record"
+        assert all(j.total_bytes + j.control_bytes > threshold for j in filed), f"seed {seed}"
+        live = {f"{j.id}.{k}" for j in filed for k in ("json", "cf")} | {
+            os.path.basename(j.files[0].path) for j in filed}
         assert job_files(tmp_path) == live, f"partial job survived (seed {seed})"
         close(spool)

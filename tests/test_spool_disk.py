@@ -252,7 +252,7 @@ os.umask(int(sys.argv[2], 8))
 from relay.app import write_daemon_info
 from relay.spool import Spool
 from tests.test_spool import build
-spool = Spool(sys.argv[1])
+spool = Spool(sys.argv[1], segment_threshold=int(sys.argv[3]))
 spool.recover()
 meta = trio.run(spool.commit, build(spool))
 spool.update(meta)
@@ -262,14 +262,20 @@ trio.run(spool.aclose)
 
 
 @pytest.mark.parametrize("umask", ["0", "022", "077"])
-def test_files_are_0640_and_folders_0750_whatever_the_umask(tmp_path: Path, umask: str) -> None:
+@pytest.mark.parametrize("threshold", [0, 65536], ids=["files", "segments"])
+def test_files_are_0640_and_folders_0750_whatever_the_umask(tmp_path: Path, umask: str,
+                                                           threshold: int) -> None:
     target = tmp_path / "var" / "spool"
-    subprocess.run([sys.executable, "-c", MODES_SCRIPT, str(target), umask], cwd=REPO,
-                   check=True, timeout=60)
+    subprocess.run([sys.executable, "-c", MODES_SCRIPT, str(target), umask, str(threshold)],
+                   cwd=REPO, check=True, timeout=60)
     modes = {str(p.relative_to(target)): stat.S_IMODE(p.stat().st_mode)
              for p in [target, *target.rglob("*")]}
-    assert {"daemon.json", "lock", "next-id", "jobs"} <= modes.keys()
-    assert sum(name.startswith("jobs/") for name in modes) == 4   # .d1 .cf .json .state
+    assert {"daemon.json", "lock", "next-id", "jobs", "segments"} <= modes.keys()
+    if threshold:   # the small job is a record in the first segment: no file of its own
+        assert [n for n in modes if n.startswith(("jobs/", "segments/"))] == [
+            "segments/000000000001.seg"]
+    else:
+        assert sum(name.startswith("jobs/") for name in modes) == 4   # .d1 .cf .json .state
     for name, mode in modes.items():
         want = 0o750 if (target / name).is_dir() else 0o640
         assert mode == want, f"{name}: {mode:o} under umask {umask}"

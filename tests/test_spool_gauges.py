@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.spool import Spool
 from tests.daemon import ROOT, relay_config, write_config_file
 from tests.lpdwire import Job, Wire, send_job
 from tests.relayproc import LoggedRelay, wait_until
@@ -55,9 +56,12 @@ def sample(text: str, name: str) -> float:
 
 
 def stored_bytes(tmp_path: Path) -> int:
-    """Bytes of the data and control files on disk, as lpdrelay_spool_bytes counts them."""
-    return sum(p.stat().st_size for p in (tmp_path / "spool" / "jobs").iterdir()
-               if re.fullmatch(r"\d{12}\.(cf|d\d+)", p.name))
+    """Bytes of the data and control files on disk, as lpdrelay_spool_bytes counts them:
+    each job's own files, and the bodies of the small jobs kept as segment records."""
+    files = sum(p.stat().st_size for p in (tmp_path / "spool" / "jobs").iterdir()
+                if re.fullmatch(r"\d{12}\.(cf|d\d+)", p.name))
+    small = [j for j in Spool(tmp_path / "spool").jobs() if "/segments/" in j.control_path]
+    return files + sum(j.total_bytes + j.control_bytes for j in small)
 
 
 def assert_gauges_match(relay: LoggedRelay, cfg: Path, tmp_path: Path) -> Counter[tuple[str, str]]:

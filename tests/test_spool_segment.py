@@ -58,13 +58,15 @@ def test_records_come_back_in_order_and_bodies_read_through_the_descriptor(
     log.append(JOB, 8, job_body(b"{}", b"cf", [b"x"]))
     log.append(DONE, 8)
     assert log.sync() == 2          # the segment, and the directory naming it
+    assert log.sync() == 0          # nothing appended since: nothing to flush
+    log.append(STATE, 7, [b'{"state":"queued"}'])
     assert log.sync() == 1          # later batches: that one file only
     assert os.pread(log.reader(job.segment), 8, job.offset + 4 + 10 + 13) == b"data one"
     log.close()
     again, records = opened(seg_dir)
     assert summary(records) == [(JOB, 7, b"".join(body)), (STATE, 7, b'{"state":"held"}'),
                                 (JOB, 8, b"".join(job_body(b"{}", b"cf", [b"x"]))),
-                                (DONE, 8, b"")]
+                                (DONE, 8, b""), (STATE, 7, b'{"state":"queued"}')]
     meta, control_at = job_meta(records[0].body)
     assert meta == b'{"id":"7"}' and records[0].body[control_at:control_at + 5] == b"Hhost"
     assert records[0].offset == job.offset and again.live(7) == 1 and again.live(8) is None

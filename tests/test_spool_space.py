@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import spool as spoolmod
+from relay import spoolspace as spoolmod  # where check_space reads its limits
 from relay.errors import DiskFull
 from relay.spool import Spool
 from tests.test_spool import build, close, reopen, run

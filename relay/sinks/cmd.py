@@ -7,10 +7,13 @@ such as ``lp`` then sees one job: one banner, pages collated, never interleaved
 with another job, and a failure never leaves half a job printed that a retry
 would print again.
 
-stdin is fed without loading files into memory: a single data file is opened
-and passed as stdin itself (the program reads the spool file directly); for
-several, a pipe is filled with ``os.sendfile`` from each spool file in turn
-(``relay.sinks.base.stream_file``, non-blocking, on the event loop).
+stdin is fed without loading files into memory.  Bodies are read through
+the spool (``relay.sinks.base.open_body``): a single data file that is a whole
+file of its own is passed as stdin itself (the program reads the spool file
+directly); several, or a small job's body inside a segment file (at an
+offset, among other records), fill a pipe with ``os.sendfile`` of exactly
+each body's range in turn (``relay.sinks.base.stream_body``, non-blocking, on
+the event loop).
 
 Outcome: exit 0 = delivered; 75 (EX_TEMPFAIL, sysexits.h) = retry; any other
 exit = the job is held, with the last ~2 KiB of stderr in the error; a program
@@ -37,12 +40,13 @@ import trio
 
 from relay.errors import SinkRejected, SinkUnavailable
 from relay.sinks.base import (
+    Body,
     DeliveryJob,
     Sink,
     SinkContext,
-    open_spool_file,
+    open_body,
     register,
-    stream_file,
+    stream_body,
 )
 from relay.uri import Destination
 
@@ -89,12 +93,12 @@ class CmdSink(Sink):
         return f"command {shlex.join(self.destination.argv)} (job on stdin)"
 
     async def deliver(self, job: DeliveryJob) -> None:
-        sources = _open_sources(job)
+        sources = _open_sources(self.context, job)
         try:
             code, tail = await self._run(sources, job_environment(job))
         finally:
-            for fd in sources:
-                os.close(fd)
+            for body in sources:
+                body.close()
         program = self.destination.argv[0]
         if code == 0:
             return
@@ -108,7 +112,8 @@ class CmdSink(Sink):
                                   f"{signal.Signals(-code).name}{_show(tail)}")
         raise SinkRejected(f"cmd: {program} exited {code}{_show(tail)}")
 
-    async def _run(self, sources: Sequence[int], env: dict[str, str]) -> tuple[int | None, str]:
+    async def _run(self, sources: Sequence[Body],
+                   env: dict[str, str]) -> tuple[int | None, str]:
         """Run once; returns (exit code, or None if killed for time; stderr tail)."""
         stdin, feed = _stdin_for(sources)
         spawned = False
@@ -132,7 +137,7 @@ class CmdSink(Sink):
                     await proc.stderr.aclose()
 
     async def _supervise(self, proc: trio.Process, feed: int | None,
-                         sources: Sequence[int]) -> tuple[int | None, str]:
+                         sources: Sequence[Body]) -> tuple[int | None, str]:
         """Feed stdin, keep the stderr tail, and wait for the exit, all within the run timeout."""
         tail = bytearray()
         feed_errors: list[str] = []
@@ -173,24 +178,30 @@ def program_problem(destination: Destination) -> str | None:
     return None
 
 
-def _open_sources(job: DeliveryJob) -> list[int]:
-    fds: list[int] = []
+def _open_sources(context: SinkContext, job: DeliveryJob) -> list[Body]:
+    bodies: list[Body] = []
     try:
         for spool_file in job.files:
-            fds.append(open_spool_file(spool_file.path))
+            bodies.append(open_body(context, spool_file))
     except BaseException:
-        for fd in fds:
-            os.close(fd)
+        for body in bodies:
+            body.close()
         raise
-    return fds
+    return bodies
 
 
-def _stdin_for(sources: Sequence[int]) -> tuple[int, int | None]:
+def _whole_file(body: Body) -> bool:
+    # The child may read the descriptor itself only when the body is all of it:
+    # a small job's body lies inside a segment file, among other jobs' records.
+    return body.offset == 0 and os.fstat(body.fd).st_size == body.length
+
+
+def _stdin_for(sources: Sequence[Body]) -> tuple[int, int | None]:
     """(fd the child gets as stdin, our write end of a pipe to feed or None)."""
     if not sources:
         return subprocess.DEVNULL, None
-    if len(sources) == 1:
-        return sources[0], None
+    if len(sources) == 1 and _whole_file(sources[0]):
+        return sources[0].fd, None
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)  # only our end: the child reads a blocking pipe
     return read_end, write_end
@@ -215,12 +226,13 @@ async def _spawn(argv: Sequence[str], stdin: int,
         raise SinkRejected(f"cmd: cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
 
 
-async def _feed(write_end: int, sources: Sequence[int], proc: trio.Process,
+async def _feed(write_end: int, sources: Sequence[Body], proc: trio.Process,
                 errors: list[str]) -> None:
     try:
-        for src in sources:
-            # No idle bound of its own: the run timeout bounds the whole run.
-            await stream_file(write_end, src, idle_timeout=math.inf)
+        for body in sources:
+            # No idle bound of its own: the run timeout bounds the whole run;
+            # exactly the body's range, wherever in its file it lies.
+            await stream_body(write_end, body, idle_timeout=math.inf)
     except BrokenPipeError:
         pass  # the program stopped reading; its exit code says whether that was fine
     except OSError as exc:
