@@ -29,6 +29,7 @@ from typing import Any
 import trio
 
 from relay import _core, commands, controlfile, log
+from relay.ackqueue import AckQueue
 from relay.buffers import SMALL
 from relay.context import ConnectionContext, Delivery
 from relay.errors import REPLY_BAD_JOB, REPLY_RETRY_LATER, DiskFull, ProtocolError, SpoolError
@@ -77,6 +78,9 @@ class Connection:
         self.body_since = 0.0                 # the data body being received began then
         self.body_bytes = 0
         self.limit = "idle_timeout"           # which bound the current deadline is
+        self.acks: AckQueue | None = None     # jobs committing while the next is read
+        self.completed = 0                    # jobs complete on this connection
+        self._reading: trio.CancelScope | None = None
 
     async def run(self) -> None:
         """Serve the connection; the boundary no exception but cancellation crosses."""
@@ -94,9 +98,41 @@ class Connection:
             self._discard()
 
     async def _serve(self) -> None:
+        # The nursery holds the commits of a pipelining sender's jobs
+        # (relay.ackqueue); an error of ours leaves it as itself, not as a group.
+        # The queue holds bound methods of this connection: dropped at the end,
+        # or the cycle would keep the parser's buffer exports for the GC (_HANDLERS).
+        error: Exception | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                self.acks = AckQueue(nursery, self.ctx.spool, send=self._send_now,
+                                     accepted=self._accepted, failed=self._commit_failed)
+                try:
+                    await self._serve_requests()
+                except Exception as exc:
+                    error = exc
+                finally:
+                    await self.acks.wait_idle()
+        finally:
+            self.acks = self._reading = None
+        if error is not None:
+            raise error
+
+    def _commit_failed(self, exc: Exception) -> None:
+        # A pipelined commit failed: stop reading; _serve_requests refuses.
+        if self._reading is not None:
+            self._reading.cancel()
+
+    async def _serve_requests(self) -> None:
+        acks = self.acks
+        assert acks is not None
         try:
             with trio.CancelScope() as scope:
+                self._reading = scope
                 await self._loop(scope)
+            await acks.wait_idle()
+            if acks.error is not None:
+                raise acks.error
             if scope.cancelled_caught:
                 await self._ended("timeout", self._timeout_message())
         except PeerGone as exc:
@@ -183,6 +219,11 @@ class Connection:
         return f"no data for {cfg.idle_timeout:g}s"
 
     async def _send(self, data: bytes) -> None:
+        # Behind a job still committing, a reply waits for that job's ack.
+        if self.acks is None or not self.acks.owe(data):
+            await self._send_now(data)
+
+    async def _send_now(self, data: bytes | bytearray) -> None:
         try:
             await self.io.send_all(data)
         except OSError as exc:
@@ -198,6 +239,8 @@ class Connection:
         space is free before the drain, not after.
         """
         self._discard()
+        if self.acks is not None:     # the jobs before this one are answered first
+            await self.acks.wait_idle()
         line = message.replace("\n", " ")[:200].encode("ascii", "replace")
         buf = bytearray(SMALL)
         try:
@@ -239,6 +282,10 @@ class Connection:
 
     async def _ended(self, how: str, message: str) -> None:
         """The peer went (timeout, reset): hold an acknowledged job, discard the rest."""
+        if self.acks is not None:
+            await self.acks.wait_idle()
+            if self.acks.error is not None:   # refused instead (_serve_requests)
+                return
         if self._holdable():
             await self._hold()
         elif how == "timeout":
@@ -359,10 +406,15 @@ class Connection:
         assert job is not None
         if job.complete():
             self.job = None
-            meta = await self._commit(job)
-            log.event("debug", "job_received", job=meta.id, queue=meta.queue, peer=self.peer,
-                      user=meta.user, bytes=meta.total_bytes, files=len(meta.files),
-                      **({"tls_peer": meta.tls_peer} if meta.tls_peer else {}))
+            acks = self.acks
+            self.completed += 1
+            if acks is not None and (acks.busy or self.completed > 1):
+                # A session of several jobs (another lpd-relay writes them
+                # ahead): read the next job while this one commits; its ack
+                # follows its commit.  A one-job connection commits inline.
+                await acks.commit(job.incoming)
+                return
+            await self._commit(job)
         await self._send(b"\x00")
 
     async def _commit(self, job: JobAssembly, *, hold: str = "") -> JobMeta:
@@ -371,13 +423,21 @@ class Connection:
         except BaseException:
             self._drop(job.incoming)
             raise
+        self._accepted(meta, held=bool(hold))
+        return meta
+
+    def _accepted(self, meta: JobMeta, *, held: bool = False) -> None:
+        """A job committed (in arrival order): counted, logged, handed to delivery."""
         m = self.ctx.metrics
         label = m.queue_label(meta.queue)
         m.jobs_received_total.labels(queue=label).inc()
         m.bytes_received_total.labels(queue=label).inc(meta.total_bytes)
         log.count("received")
         self.ctx.delivery.submit(meta)
-        return meta
+        if not held:
+            log.event("debug", "job_received", job=meta.id, queue=meta.queue, peer=self.peer,
+                      user=meta.user, bytes=meta.total_bytes, files=len(meta.files),
+                      **({"tls_peer": meta.tls_peer} if meta.tls_peer else {}))
 
     def _check_size(self, total: int) -> None:
         limit = self.ctx.config.max_job_size
@@ -391,6 +451,10 @@ class Connection:
 
     async def on_end(self, ev: _core.EndOfStream) -> None:
         self.closing = True
+        if self.acks is not None:
+            await self.acks.wait_idle()
+            if self.acks.error is not None:   # refused instead (_serve_requests)
+                return
         if self._holdable():
             await self._hold()
         elif self.job is not None:
