@@ -81,6 +81,8 @@ class Connection:
         self.acks: AckQueue | None = None     # jobs committing while the next is read
         self.completed = 0                    # jobs complete on this connection
         self._reading: trio.CancelScope | None = None
+        self._upgrade: IncomingJob | None = None   # a job for _serve_pipelined to commit
+        self._buf: Any = None                     # the receive buffer in use (small or pooled)
 
     async def run(self) -> None:
         """Serve the connection; the boundary no exception but cancellation crosses."""
@@ -98,23 +100,39 @@ class Connection:
             self._discard()
 
     async def _serve(self) -> None:
-        # The nursery holds the commits of a pipelining sender's jobs
-        # (relay.ackqueue); an error of ours leaves it as itself, not as a group.
-        # The queue holds bound methods of this connection: dropped at the end,
-        # or the cycle would keep the parser's buffer exports for the GC (_HANDLERS).
-        error: Exception | None = None
+        small = bytearray(SMALL)
+        self._buf = small
         try:
-            async with trio.open_nursery() as nursery:
-                self.acks = AckQueue(nursery, self.ctx.spool, send=self._send_now,
-                                     accepted=self._accepted, failed=self._commit_failed)
-                try:
-                    await self._serve_requests()
-                except Exception as exc:
-                    error = exc
-                finally:
-                    await self.acks.wait_idle()
+            if await self._serve_requests(small):
+                await self._serve_pipelined(small)
         finally:
+            if self._buf is not small:    # a pooled buffer for a large body
+                self.ctx.buffers.give(self._buf)
+            self._buf = small
+            # The queue holds bound methods of this connection: dropped here, or
+            # the cycle would keep the parser's buffer exports for the GC (_HANDLERS).
             self.acks = self._reading = None
+
+    async def _serve_pipelined(self, small: bytearray) -> None:
+        """The rest of a connection whose sender sends several jobs (relay.ackqueue).
+
+        Its nursery holds the jobs' commits; it is opened only here, so idle
+        and one-job connections do not carry one.  An error of ours leaves it
+        as itself, not as an exception group.
+        """
+        error: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            self.acks = AckQueue(nursery, self.ctx.spool, send=self._send_now,
+                                 accepted=self._accepted, failed=self._commit_failed)
+            try:
+                first, self._upgrade = self._upgrade, None
+                assert first is not None
+                await self.acks.commit(first)
+                await self._serve_requests(small)
+            except Exception as exc:
+                error = exc
+            finally:
+                await self.acks.wait_idle()
         if error is not None:
             raise error
 
@@ -123,16 +141,18 @@ class Connection:
         if self._reading is not None:
             self._reading.cancel()
 
-    async def _serve_requests(self) -> None:
+    async def _serve_requests(self, small: bytearray) -> bool:
+        """Read and answer requests; True when a session turned out to pipeline."""
         acks = self.acks
-        assert acks is not None
         try:
             with trio.CancelScope() as scope:
                 self._reading = scope
-                await self._loop(scope)
-            await acks.wait_idle()
-            if acks.error is not None:
-                raise acks.error
+                if await self._loop(scope, small):
+                    return True
+            if acks is not None:
+                await acks.wait_idle()
+                if acks.error is not None:
+                    raise acks.error
             if scope.cancelled_caught:
                 await self._ended("timeout", self._timeout_message())
         except PeerGone as exc:
@@ -144,42 +164,45 @@ class Connection:
         except DiskFull as exc:
             self._reject("disk_full", str(exc), partial=True)
             await self._send_refusal(REPLY_RETRY_LATER, "spool disk full, retry later")
+        return False
 
-    async def _loop(self, scope: trio.CancelScope) -> None:
-        small = bytearray(SMALL)
-        buf: Any = small
-        view = memoryview(small)
+    async def _loop(self, scope: trio.CancelScope, small: bytearray) -> bool:
+        """Events to handlers until the connection closes (False) or a job waits
+        for ``_serve_pipelined`` (True); the receive buffer lives in ``self._buf``."""
+        buf: Any = self._buf
+        view = memoryview(buf)
         pool = self.ctx.buffers
         parser, handlers, io = self.parser, _HANDLERS, self.io
         idle = self.ctx.config.idle_timeout
-        try:
-            while not self.closing:
-                ev = parser.next_event()
-                if ev is _core.NEED_DATA:
-                    # Here the parser holds no export of ``buf``: the one
-                    # moment a buffer may be swapped (docs/protocol.md).
-                    remaining = parser.body_remaining
-                    if remaining and buf is small and not 0 < remaining <= SMALL:
-                        if (large := pool.take()) is not None:
-                            buf, view = large, memoryview(large)
-                    elif not remaining and buf is not small:
-                        pool.give(buf)
-                        buf, view = small, memoryview(small)
-                    now = trio.current_time()
-                    scope.deadline = self._deadline(now)
-                    try:
-                        n = await io.recv_into(buf)
-                    except OSError as exc:
-                        raise PeerGone(str(exc)) from None
-                    scope.deadline = trio.current_time() + idle
-                    parser.receive_data(view[:n])
-                    continue
-                result = handlers[type(ev)](self, ev)
-                if result is not None:
-                    await result  # type: ignore[misc]
-        finally:
-            if buf is not small:
-                pool.give(buf)
+        while not self.closing:
+            ev = parser.next_event()
+            if ev is _core.NEED_DATA:
+                # Here the parser holds no export of ``buf``: the one
+                # moment a buffer may be swapped (docs/protocol.md).
+                remaining = parser.body_remaining
+                if remaining and buf is small and not 0 < remaining <= SMALL:
+                    if (large := pool.take()) is not None:
+                        buf, view = large, memoryview(large)
+                        self._buf = large
+                elif not remaining and buf is not small:
+                    pool.give(buf)
+                    buf, view = small, memoryview(small)
+                    self._buf = small
+                now = trio.current_time()
+                scope.deadline = self._deadline(now)
+                try:
+                    n = await io.recv_into(buf)
+                except OSError as exc:
+                    raise PeerGone(str(exc)) from None
+                scope.deadline = trio.current_time() + idle
+                parser.receive_data(view[:n])
+                continue
+            result = handlers[type(ev)](self, ev)
+            if result is not None:
+                await result  # type: ignore[misc]
+            if self._upgrade is not None:
+                return True
+        return False
 
     def _deadline(self, now: float) -> float:
         """When the next bytes must have come: the bound a trickling client cannot dodge.
@@ -264,6 +287,9 @@ class Connection:
         job, self.job, self.writer = self.job, None, None
         if job is not None:
             self._drop(job.incoming)
+        if self._upgrade is not None:
+            upgrade, self._upgrade = self._upgrade, None
+            self._drop(upgrade)
 
     def _drop(self, incoming: IncomingJob) -> None:
         try:
@@ -408,11 +434,14 @@ class Connection:
             self.job = None
             acks = self.acks
             self.completed += 1
-            if acks is not None and (acks.busy or self.completed > 1):
+            if acks is not None or self.completed > 1:
                 # A session of several jobs (another lpd-relay writes them
                 # ahead): read the next job while this one commits; its ack
                 # follows its commit.  A one-job connection commits inline.
-                await acks.commit(job.incoming)
+                if acks is None:
+                    self._upgrade = job.incoming    # committed by _serve_pipelined
+                else:
+                    await acks.commit(job.incoming)
                 return
             await self._commit(job)
         await self._send(b"\x00")
