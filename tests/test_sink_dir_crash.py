@@ -15,10 +15,15 @@ import time
 from pathlib import Path
 
 import orjson
+import trio
 
 from relay import _core
+from relay.errors import SpoolFileMissing
+from relay.sinks import SinkContext, make_sink
+from relay.uri import parse_destination
 from tests.daemon import RelayProcess, relay_config, write_config_file
 from tests.lpdwire import Job, send_job
+from tests.test_sink_lpd import make_job, make_job_in
 
 JOBS = 300
 
@@ -90,3 +95,21 @@ def test_kill_9_mid_batch_leaves_every_job_once_and_intact(tmp_path: Path) -> No
     want = sorted(hashlib.sha256(_payload(i)).hexdigest() for i in range(JOBS))
     assert sorted(seen) == want          # each job once, byte for byte
     assert len([n for n in names if not n.endswith(".json")]) == JOBS
+
+
+def test_a_job_that_cannot_be_copied_stops_the_batch_after_the_ones_before(
+        tmp_path: Path) -> None:
+    spool, first = make_job(tmp_path / "a", [b"first\n"])
+    jobs = [first] + [make_job_in(spool, n) for n in (2, 3)]
+    os.unlink(jobs[1].files[0].path)          # job 2's data file vanished
+    sink = make_sink(parse_destination(f"dir://{tmp_path / 'out'}"), SinkContext())
+    assert sink.batch > 1
+
+    async def main() -> tuple[int, Exception | None]:
+        with trio.fail_after(20):
+            return await sink.deliver_many(jobs)
+    done, error = trio.run(main)
+    assert done == 1 and isinstance(error, SpoolFileMissing)
+    names = os.listdir(tmp_path / "out" / "ward3")
+    assert sorted(n for n in names if n.endswith(".json")) == [f"{first.id}.json"]
+    assert not [n for n in names if n.startswith(".")]

@@ -48,7 +48,7 @@ from typing import Any
 import orjson
 import trio
 
-from relay.errors import SinkRejected, SinkUnavailable
+from relay.errors import SinkError, SinkRejected, SinkUnavailable
 from relay.groupcommit import Syncer, fsync_directory
 from relay.queues import folder_name
 from relay.sinks.base import DeliveryJob, Sink, open_spool_file, register
@@ -222,7 +222,7 @@ def _write_batch(base: str, jobs: Sequence[DeliveryJob],
         for job in jobs:
             try:
                 staged.append(_stage(base, job, folders, perms))
-            except (SinkRejected, SinkUnavailable) as exc:   # SpoolFileMissing included
+            except SinkError as exc:   # rejected, unavailable, or SpoolFileMissing
                 error = exc
                 break
         if staged:
