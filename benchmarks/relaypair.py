@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
-from relay import _core
+from relay import _core, client
 from relay.loadgen import run_load
 from relay.uri import parse_destination
 from tests.daemon import RelayProcess, relay_config, write_config_file
@@ -133,3 +135,110 @@ def drain_cpu(tmp: Path, *, jobs: int, size: int = 1024, query: str = "",
             cpu = process_cpu(a.proc.pid) - cpu0
     _check_sink(out / "q", jobs, payload)
     return jobs / seconds, cpu / jobs * 1000
+
+
+# --- one large job: into the spool, and forwarded relay -> relay ----------------------
+
+def make_big_file(path: Path, size: int) -> Path:
+    """``size`` bytes of random data (1 MiB blocks) at ``path``."""
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(max(1, size >> 20)):
+            f.write(block)
+    return path
+
+
+def raw_receiver_mb_s(path: Path, out: Path) -> float:
+    """Baseline: a sender's ``sendfile`` into a receiver doing recv_into + write + fsync.
+
+    The clock runs from the connect until the receiver's fsync returned, as
+    the relay's runs until its final acknowledgement (after its commit).
+    """
+    server = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def receive() -> None:
+        conn, _ = server.accept()
+        buf = bytearray(256 * 1024)
+        view = memoryview(buf)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            while n := conn.recv_into(buf):
+                os.write(fd, view[:n])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            conn.close()
+            done.set()
+    thread = threading.Thread(target=receive, daemon=True)
+    thread.start()
+    size = path.stat().st_size
+    start = time.perf_counter()
+    with socket.create_connection(server.getsockname()) as s, open(path, "rb") as f:
+        s.sendfile(f)
+    done.wait(600)
+    seconds = time.perf_counter() - start
+    thread.join(10)
+    server.close()
+    out.unlink()
+    return size / seconds / 1e6
+
+
+def _send_big(port: int, path: Path) -> None:
+    size = path.stat().st_size
+
+    async def main() -> None:
+        ch = await client.open_channel("127.0.0.1", port, io_timeout=120)
+        try:
+            await client.send_job(ch, queue="q", cf_name="cfA001bench",
+                                  control=b"Hbench\nPbench\nldfA001bench\n",
+                                  files=[client.OutFile(name="dfA001bench", size=size,
+                                                        path=str(path))])
+        finally:
+            await ch.aclose()
+    trio.run(main)
+
+
+def big_into_spool_mb_s(tmp: Path, path: Path) -> float:
+    """One job of ``path``'s size into a relay (``fsync = "always"``) until its final ack."""
+    with RelayProcess(_config(tmp, "B", f"socket://127.0.0.1:{_free_port()}")) as b:
+        start = time.perf_counter()
+        _send_big(b.port, path)
+        return path.stat().st_size / (time.perf_counter() - start) / 1e6
+
+
+def _queued_bytes(port: int) -> int:
+    """Total size of the jobs relay ``port``'s lpq lists for queue q (0 when none)."""
+    async def main() -> str:
+        ch = await client.open_channel("127.0.0.1", port, io_timeout=10)
+        try:
+            return await client.query(ch, "q", long=False)
+        finally:
+            await ch.aclose()
+    text = trio.run(main)
+    sizes = [int(m) for m in re.findall(r"(\d+) bytes", text)]
+    return sum(sizes)
+
+
+def big_forwarded_mb_s(tmp: Path, path: Path) -> float:
+    """One spooled job of ``path``'s size, A -> lpd://B/q, until B holds all of it.
+
+    A takes the job while B is down; B (fsync always, its own destination
+    down, so the job stays in its queue) starts, 0x01 wakes A, and the clock
+    stops when B's lpq lists the job at its full size (B lists a job only
+    once committed).
+    """
+    port, size = _free_port(), path.stat().st_size
+    with RelayProcess(_config(tmp, "A", f"lpd://127.0.0.1:{port}/q")) as a:
+        _send_big(a.port, path)
+        b_cfg = _config(tmp, "B", f"socket://127.0.0.1:{_free_port()}", port=port)
+        with RelayProcess(b_cfg) as b:
+            time.sleep(0.2)   # A's in-flight first attempt has failed and backed off
+            start = time.perf_counter()
+            _print_waiting(a.port, "q")
+            deadline = start + 600
+            while _queued_bytes(b.port) < size:
+                if time.perf_counter() > deadline:
+                    raise TimeoutError("the large job never reached B")
+                time.sleep(0.02)
+            return size / (time.perf_counter() - start) / 1e6

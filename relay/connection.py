@@ -29,6 +29,7 @@ from typing import Any
 import trio
 
 from relay import _core, commands, controlfile, log
+from relay.ackqueue import AckQueue
 from relay.buffers import SMALL
 from relay.context import ConnectionContext, Delivery
 from relay.errors import REPLY_BAD_JOB, REPLY_RETRY_LATER, DiskFull, ProtocolError, SpoolError
@@ -78,6 +79,11 @@ class Connection:
         self.body_since = 0.0                 # the data body being received began then
         self.body_bytes = 0
         self.limit = "idle_timeout"           # which bound the current deadline is
+        self.acks: AckQueue | None = None     # jobs committing while the next is read
+        self.completed = 0                    # jobs complete on this connection
+        self._reading: trio.CancelScope | None = None
+        self._upgrade: IncomingJob | None = None   # a job for _serve_pipelined to commit
+        self._buf: Any = None                     # the receive buffer in use (small or pooled)
 
     async def run(self) -> None:
         """Serve the connection; the boundary no exception but cancellation crosses."""
@@ -95,9 +101,59 @@ class Connection:
             self._discard()
 
     async def _serve(self) -> None:
+        small = bytearray(SMALL)
+        self._buf = small
+        try:
+            if await self._serve_requests(small):
+                await self._serve_pipelined(small)
+        finally:
+            if self._buf is not small:    # a pooled buffer for a large body
+                self.ctx.buffers.give(self._buf)
+            self._buf = small
+            # The queue holds bound methods of this connection: dropped here, or
+            # the cycle would keep the parser's buffer exports for the GC (_HANDLERS).
+            self.acks = self._reading = None
+
+    async def _serve_pipelined(self, small: bytearray) -> None:
+        """The rest of a connection whose sender sends several jobs (relay.ackqueue).
+
+        Its nursery holds the jobs' commits; it is opened only here, so idle
+        and one-job connections do not carry one.  An error of ours leaves it
+        as itself, not as an exception group.
+        """
+        error: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            self.acks = AckQueue(nursery, self.ctx.spool, self._durable, send=self._send_now,
+                                 accepted=self._accepted, failed=self._commit_failed)
+            try:
+                first, self._upgrade = self._upgrade, None
+                assert first is not None
+                await self.acks.commit(first)
+                await self._serve_requests(small)
+            except Exception as exc:
+                error = exc
+            finally:
+                await self.acks.wait_idle()
+        if error is not None:
+            raise error
+
+    def _commit_failed(self, exc: Exception) -> None:
+        # A pipelined commit failed: stop reading; _serve_requests refuses.
+        if self._reading is not None:
+            self._reading.cancel()
+
+    async def _serve_requests(self, small: bytearray) -> bool:
+        """Read and answer requests; True when a session turned out to pipeline."""
+        acks = self.acks
         try:
             with trio.CancelScope() as scope:
-                await self._loop(scope)
+                self._reading = scope
+                if await self._loop(scope, small):
+                    return True
+            if acks is not None:
+                await acks.wait_idle()
+                if acks.error is not None:
+                    raise acks.error
             if scope.cancelled_caught:
                 await self._ended("timeout", self._timeout_message())
         except PeerGone as exc:
@@ -109,42 +165,45 @@ class Connection:
         except DiskFull as exc:
             self._reject("disk_full", str(exc), partial=True)
             await self._send_refusal(REPLY_RETRY_LATER, "spool disk full, retry later")
+        return False
 
-    async def _loop(self, scope: trio.CancelScope) -> None:
-        small = bytearray(SMALL)
-        buf: Any = small
-        view = memoryview(small)
+    async def _loop(self, scope: trio.CancelScope, small: bytearray) -> bool:
+        """Events to handlers until the connection closes (False) or a job waits
+        for ``_serve_pipelined`` (True); the receive buffer lives in ``self._buf``."""
+        buf: Any = self._buf
+        view = memoryview(buf)
         pool = self.ctx.buffers
         parser, handlers, io = self.parser, _HANDLERS, self.io
         idle = self.ctx.config.idle_timeout
-        try:
-            while not self.closing:
-                ev = parser.next_event()
-                if ev is _core.NEED_DATA:
-                    # Here the parser holds no export of ``buf``: the one
-                    # moment a buffer may be swapped (docs/protocol.md).
-                    remaining = parser.body_remaining
-                    if remaining and buf is small and not 0 < remaining <= SMALL:
-                        if (large := pool.take()) is not None:
-                            buf, view = large, memoryview(large)
-                    elif not remaining and buf is not small:
-                        pool.give(buf)
-                        buf, view = small, memoryview(small)
-                    now = trio.current_time()
-                    scope.deadline = self._deadline(now)
-                    try:
-                        n = await io.recv_into(buf)
-                    except OSError as exc:
-                        raise PeerGone(str(exc)) from None
-                    scope.deadline = trio.current_time() + idle
-                    parser.receive_data(view[:n])
-                    continue
-                result = handlers[type(ev)](self, ev)
-                if result is not None:
-                    await result  # type: ignore[misc]
-        finally:
-            if buf is not small:
-                pool.give(buf)
+        while not self.closing:
+            ev = parser.next_event()
+            if ev is _core.NEED_DATA:
+                # Here the parser holds no export of ``buf``: the one
+                # moment a buffer may be swapped (docs/protocol.md).
+                remaining = parser.body_remaining
+                if remaining and buf is small and not 0 < remaining <= SMALL:
+                    if (large := pool.take()) is not None:
+                        buf, view = large, memoryview(large)
+                        self._buf = large
+                elif not remaining and buf is not small:
+                    pool.give(buf)
+                    buf, view = small, memoryview(small)
+                    self._buf = small
+                now = trio.current_time()
+                scope.deadline = self._deadline(now)
+                try:
+                    n = await io.recv_into(buf)
+                except OSError as exc:
+                    raise PeerGone(str(exc)) from None
+                scope.deadline = trio.current_time() + idle
+                parser.receive_data(view[:n])
+                continue
+            result = handlers[type(ev)](self, ev)
+            if result is not None:
+                await result  # type: ignore[misc]
+            if self._upgrade is not None:
+                return True
+        return False
 
     def _deadline(self, now: float) -> float:
         """When the next bytes must have come: the bound a trickling client cannot dodge.
@@ -184,6 +243,11 @@ class Connection:
         return f"no data for {cfg.idle_timeout:g}s"
 
     async def _send(self, data: bytes) -> None:
+        # Behind a job still committing, a reply waits for that job's ack.
+        if self.acks is None or not self.acks.owe(data):
+            await self._send_now(data)
+
+    async def _send_now(self, data: bytes | bytearray) -> None:
         try:
             await self.io.send_all(data)
         except OSError as exc:
@@ -199,6 +263,8 @@ class Connection:
         space is free before the drain, not after.
         """
         self._discard()
+        if self.acks is not None:     # the jobs before this one are answered first
+            await self.acks.wait_idle()
         line = message.replace("\n", " ")[:200].encode("ascii", "replace")
         buf = bytearray(SMALL)
         try:
@@ -222,6 +288,9 @@ class Connection:
         job, self.job, self.writer = self.job, None, None
         if job is not None:
             self._drop(job.incoming)
+        if self._upgrade is not None:
+            upgrade, self._upgrade = self._upgrade, None
+            self._drop(upgrade)
 
     def _drop(self, incoming: IncomingJob) -> None:
         try:
@@ -240,6 +309,10 @@ class Connection:
 
     async def _ended(self, how: str, message: str) -> None:
         """The peer went (timeout, reset): hold an acknowledged job, discard the rest."""
+        if self.acks is not None:
+            await self.acks.wait_idle()
+            if self.acks.error is not None:   # refused instead (_serve_requests)
+                return
         if self._holdable():
             await self._hold()
         elif how == "timeout":
@@ -372,34 +445,53 @@ class Connection:
         assert job is not None
         if job.complete():
             self.job = None
-            meta = await self._commit(job)
-            log.event("debug", "job_received", job=meta.id, queue=meta.queue, peer=self.peer,
-                      user=meta.user, bytes=meta.total_bytes, files=len(meta.files),
-                      **({"tls_peer": meta.tls_peer} if meta.tls_peer else {}))
-            await self._send(b"\x00")
-            return
+            acks = self.acks
+            self.completed += 1
+            if acks is not None or self.completed > 1:
+                # A session of several jobs (another lpd-relay writes them
+                # ahead): read the next job while this one commits; its ack
+                # follows its commit.  A one-job connection commits inline.
+                if acks is None:
+                    self._upgrade = job.incoming    # committed by _serve_pipelined
+                else:
+                    await acks.commit(job.incoming)
+                return
+            await self._commit(job)
         await self._send(b"\x00")
+
+    async def _durable(self, incoming: IncomingJob, hold: str = "") -> JobMeta:
+        """Commit a job and its audit records; both durable on return (SPEC §4.4, §11)."""
+        meta = await self.ctx.spool.commit(incoming, hold=hold)
+        # The received and acknowledged records are durable before the final ack
+        # (one audit flush for both; a held job is not acknowledged).
+        events = self.ctx.spool.events
+        events.record("received", meta, digests=incoming.digests)
+        if not hold:
+            events.record("acknowledged", meta)
+        await events.durable()
+        return meta
 
     async def _commit(self, job: JobAssembly, *, hold: str = "") -> JobMeta:
         try:
-            meta = await self.ctx.spool.commit(job.incoming, hold=hold)
-            # SPEC §11: the received and acknowledged records are durable before the
-            # final ack (one audit flush for both; a held job is not acknowledged).
-            events = self.ctx.spool.events
-            events.record("received", meta, digests=job.incoming.digests)
-            if not hold:
-                events.record("acknowledged", meta)
-            await events.durable()
+            meta = await self._durable(job.incoming, hold)
         except BaseException:
             self._drop(job.incoming)
             raise
+        self._accepted(meta, held=bool(hold))
+        return meta
+
+    def _accepted(self, meta: JobMeta, *, held: bool = False) -> None:
+        """A job committed (in arrival order): counted, logged, handed to delivery."""
         m = self.ctx.metrics
         label = m.queue_label(meta.queue)
         m.jobs_received_total.labels(queue=label).inc()
         m.bytes_received_total.labels(queue=label).inc(meta.total_bytes)
         log.count("received")
         self.ctx.delivery.submit(meta)
-        return meta
+        if not held:
+            log.event("debug", "job_received", job=meta.id, queue=meta.queue, peer=self.peer,
+                      user=meta.user, bytes=meta.total_bytes, files=len(meta.files),
+                      **({"tls_peer": meta.tls_peer} if meta.tls_peer else {}))
 
     def _check_size(self, total: int) -> None:
         limit = self.ctx.config.max_job_size
@@ -413,6 +505,10 @@ class Connection:
 
     async def on_end(self, ev: _core.EndOfStream) -> None:
         self.closing = True
+        if self.acks is not None:
+            await self.acks.wait_idle()
+            if self.acks.error is not None:   # refused instead (_serve_requests)
+                return
         if self._holdable():
             await self._hold()
         elif self.job is not None:

@@ -1,0 +1,81 @@
+"""Delivery rows of the targets table: many jobs through the reserved ports, one large job.
+
+* 10,000 x 1 KiB relay -> relay with A's default origin ports 721-731 (root):
+  every job counted and checksummed at B's hot folder, jobs/s (absolute target);
+* one 1 GiB job into the spool (``fsync = "always"``, until the final ack)
+  against a raw TCP -> file + fsync receiver fed by the same sendfile sender;
+* one 1 GiB job forwarded A -> lpd://B/q (until B committed it) against the
+  same raw baseline: sendfile -> recv_into + write + fsync.
+
+Each row runs ``ROUNDS`` rounds, alternating which side goes first, into
+``benchmarks.table`` (printed at the session's end, docs/benchmarks.md).
+The large job is 1 GiB x ``LPD_BENCH_SCALE`` (at least 8 MiB).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import table
+from benchmarks.relaypair import (
+    big_forwarded_mb_s,
+    big_into_spool_mb_s,
+    make_big_file,
+    raw_receiver_mb_s,
+    relay_to_relay,
+)
+
+SCALE = float(os.environ.get("LPD_BENCH_SCALE", "1.0"))
+ROUNDS = 3 if SCALE >= 1 else 1
+BIG = max(8 << 20, int((1 << 30) * SCALE))
+MANY = max(100, int(10_000 * SCALE))
+pytestmark = pytest.mark.timeout(1200)
+
+
+def _rounds(relay: Callable[[int], float], baseline: Callable[[int], float] | None,
+            row: table.Row) -> None:
+    for i in range(ROUNDS):
+        sides = [(row.relay, relay), *([(row.baseline, baseline)] if baseline else [])]
+        for values, side in (sides if i % 2 == 0 else sides[::-1]):
+            values.append(side(i))
+
+
+@pytest.fixture(scope="module")
+def big_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_big_file(tmp_path_factory.mktemp("big") / "big.bin", BIG)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ports 721-731 need root")
+def test_many_jobs_through_the_reserved_ports(tmp_path: Path, benchmark: Any) -> None:
+    row = table.row(f"relay -> relay through ports 721-731, {MANY:,} x 1 KiB, 0 failed",
+                    unit="jobs/s", baseline_name="", target=">= 500 jobs/s, 0 failed",
+                    min_value=500.0)
+    # relay_to_relay fails the round unless B has every job once, intact.
+    benchmark.pedantic(_rounds, args=(
+        lambda i: relay_to_relay(tmp_path / f"m{i}", jobs=MANY).jobs_per_second, None, row),
+        rounds=1, iterations=1)
+
+
+def test_large_job_into_the_spool(tmp_path: Path, benchmark: Any, big_file: Path) -> None:
+    row = table.row(f"one {BIG >> 20:,} MiB job into the spool, fsync always",
+                    unit="MB/s", baseline_name="raw TCP -> file + fsync",
+                    target=">= 0.9x raw receiver", min_ratio=0.9)
+    benchmark.pedantic(_rounds, args=(
+        lambda i: big_into_spool_mb_s(tmp_path / f"s{i}", big_file),
+        lambda i: raw_receiver_mb_s(big_file, tmp_path / f"raw{i}.bin"), row),
+        rounds=1, iterations=1)
+
+
+def test_large_job_forwarded(tmp_path: Path, benchmark: Any, big_file: Path) -> None:
+    row = table.row(f"one {BIG >> 20:,} MiB job forwarded relay -> relay",
+                    unit="MB/s", baseline_name="sendfile -> file + fsync",
+                    target=">= 0.7x raw sendfile baseline", min_ratio=0.7)
+    benchmark.pedantic(_rounds, args=(
+        lambda i: big_forwarded_mb_s(tmp_path / f"f{i}", big_file),
+        lambda i: raw_receiver_mb_s(big_file, tmp_path / f"raw{i}.bin"), row),
+        rounds=1, iterations=1)
