@@ -3,7 +3,8 @@
 #
 # Packages: lprng (lpd lpr lpq lprm checkpc), rlpr, p910nd, prometheus
 # (promtool + server), socat, nftables, stunnel4 (TLS in front of LPRng),
-# haproxy (PROXY protocol). Only the missing ones are installed,
+# haproxy (PROXY protocol), postgresql (the shared spool: the tests run
+# private clusters with its initdb/pg_ctl). Only the missing ones are installed,
 # with --no-install-recommends and a temporary policy-rc.d so that no system
 # service starts; --no-remove makes apt abort rather than remove a conflicting
 # package (lprng conflicts with lpr and cups-bsd). A pre-existing policy-rc.d
@@ -14,7 +15,7 @@
 # Quick and idempotent when everything is present (dpkg-query only).
 set -u
 
-PACKAGES=(lprng rlpr p910nd prometheus socat nftables stunnel4 haproxy)
+PACKAGES=(lprng rlpr p910nd prometheus socat nftables stunnel4 haproxy postgresql)
 declare -A COMMANDS=(
     [lprng]="lpd lpr lpq lprm checkpc"
     [rlpr]="rlpr"
@@ -24,6 +25,7 @@ declare -A COMMANDS=(
     [nftables]="nft"
     [stunnel4]="stunnel4"
     [haproxy]="haproxy"
+    [postgresql]="psql"
 )
 POLICY=/usr/sbin/policy-rc.d
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
