@@ -62,6 +62,7 @@ from relay.configschema import (
     unknown_key,
 )
 from relay.errors import ConfigError
+from relay.spoolpgconfig import SPOOL_BOUNDS, SPOOL_SCHEMA, SpoolConfig, check_spool
 from relay.uri import Destination, format_hostport, parse_hostport
 
 __all__ = [
@@ -190,6 +191,7 @@ class Config:
     retry: RetryConfig
     queues: Mapping[str, QueueConfig]
     source: str
+    spool: SpoolConfig = SpoolConfig()     # [spool] (SPEC §10): the local files by default
 
 
 # ---- the key tables (SPEC §3.2); defaults are raw TOML values ----
@@ -286,11 +288,13 @@ _BOUNDS: dict[str, Bounds] = {
         "give_up_after": Range(0, 365 * _DAY, "duration"),
     },
     "queue": {"concurrency": Range(1, 10_000), "failover_after": Range(1, 1000)},
+    "spool": SPOOL_BOUNDS,
 }
 
 _SECTIONS: dict[str, Schema] = {
     "server": _SERVER, "metrics": _METRICS, "log": _LOG,
     "origin_ports": _ORIGIN_PORTS, "retry": _RETRY, "tls": _TLS, "queues": {},
+    "spool": SPOOL_SCHEMA,
 }
 
 
@@ -378,6 +382,7 @@ def config_from_dict(data: Mapping[str, object], source: str,
     if sections["server"].get("proxy_protocol") and not sections["server"].get("proxy_trusted"):
         problems.append(("server.proxy_trusted", "missing; proxy_protocol needs the "
                                                  "balancers' networks"))
+    spool = check_spool(sections["spool"], problems)
     if problems:
         raise InvalidConfig(problems)
     server = dict(sections["server"], tls=tls)
@@ -395,6 +400,7 @@ def config_from_dict(data: Mapping[str, object], source: str,
         retry=RetryConfig(**sections["retry"]),
         queues=MappingProxyType(queues),
         source=source,
+        spool=spool,
     )
 
 
