@@ -39,6 +39,7 @@ from relay.scheduler import QueueRunner
 from relay.server import LpdServer
 from relay.sinks import SinkContext, config_warnings, make_sink
 from relay.spool import Recovery, Spool
+from relay.spoolopen import body_source, cluster, open_spool, problem
 from relay.uri import format_hostport
 
 # How often the daemon writes what a full disk refused (delivery state, the
@@ -85,6 +86,8 @@ def _health(server: LpdServer, spool: Spool, config: Config) -> Callable[[], tup
     def check() -> tuple[bool, str]:
         if not server.listeners or any(s.fileno() < 0 for s in server.listeners):
             return False, "LPD listener down"
+        if database := problem(spool):     # the shared spool (SPEC §10)
+            return False, database
         if not os.access(config.server.spool_dir, os.W_OK):
             return False, f"spool {config.server.spool_dir} not writable"
         free = spool.free_bytes()
@@ -135,9 +138,9 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
                                     for d in q.destinations])
     # Privilege for reserved source ports is checked before anything else
     # starts, so a misconfigured relay fails at once with a clear error (SPEC §5).
-    context = SinkContext(origin_ports=_origin_pools(config, metrics), metrics=metrics)
-    spool = Spool(config.server.spool_dir, fsync=config.server.fsync,
-                  min_free_disk=config.server.min_free_disk)
+    pools = _origin_pools(config, metrics)
+    spool = open_spool(config)
+    context = SinkContext(origin_ports=pools, metrics=metrics, bodies=body_source(spool))
     recovery = spool.recover()
     _spool_gauges(spool, metrics)
     try:
@@ -148,8 +151,9 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
         scheduler = build_scheduler(config, spool, metrics, context, states)
         for job in recovery.jobs:
             scheduler.submit(job)
+        delivery, spool_service = cluster(spool, scheduler)
         server = LpdServer(config.server, spool=spool, router=QueueRouter(config, states),
-                           delivery=scheduler, metrics=metrics)
+                           delivery=delivery, metrics=metrics)
         log.event("info", "started", version=__version__, recovered=len(recovery.jobs),
                   discarded=recovery.discarded)
         async with trio.open_nursery() as nursery:
@@ -159,6 +163,8 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
                 mbound = await nursery.start(partial_http(config, registry,
                                                           _health(server, spool, config)))
             nursery.start_soon(scheduler.run)
+            if spool_service is not None:
+                nursery.start_soon(spool_service)
             notifier = sdnotify.Notifier.from_environ()
             reloader = Reloader(config=config, spool=spool, metrics=metrics,
                                 scheduler=scheduler, server=server, sinks=context,

@@ -25,7 +25,7 @@ import re
 import socket
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -191,7 +191,7 @@ class Config:
     retry: RetryConfig
     queues: Mapping[str, QueueConfig]
     source: str
-    spool: SpoolConfig = SpoolConfig()     # [spool] (SPEC §10): the local files by default
+    spool: SpoolConfig = field(default_factory=SpoolConfig)   # [spool] (SPEC §10)
 
 
 # ---- the key tables (SPEC §3.2); defaults are raw TOML values ----
