@@ -277,6 +277,10 @@ class PgSpool:
         if meta.id not in self._updates and meta.id not in self._removals:
             self._known[meta.id] = meta
 
+    def owes(self, job_id: str) -> bool:
+        """Internal (the gauges): a change to this job the database has not taken yet."""
+        return job_id in self._updates or job_id in self._removals
+
     def forget(self, job_id: str) -> None:
         """Internal (the feeder): a job another node delivers now; its cache goes."""
         meta = self._known.pop(job_id, None)

@@ -82,17 +82,18 @@ class Feeder:
             problem = writable(conn)
             held = set() if problem else claim_leases(conn, queues, spool.node,
                                                       spool.config.lease_time)
-            jobs = [m for m, _ in load_jobs(conn, spool.jobs_dir, queues=sorted(held))]
-            return problem, held, jobs
+            return problem, held, [m for m, _ in load_jobs(conn, spool.jobs_dir)]
         try:
-            problem, held, jobs = await spool.acall(work)
+            problem, held, every = await spool.acall(work)
         except Exception as exc:   # DatabaseUnavailable; anything else must not stop delivery
-            problem, held, jobs = f"unreachable: {exc}", set(), []
+            problem, held, every = f"unreachable: {exc}", set(), []
             if trio.current_time() - self._renewed < spool.config.lease_time * _LOCAL_SHARE:
                 held = set(spool.leased)   # still ours for a while: keep delivering
         else:
             if held:
                 self._renewed = started
+            self._count(every)
+        jobs = [j for j in every if j.queue in held]
         self._health(problem)
         self._lose(spool.leased - held)
         if held - spool.leased:
@@ -102,6 +103,18 @@ class Feeder:
         if not problem:
             await spool.sync()          # state changes and removals owed since last time
             await self._feed(held, jobs)
+
+    def _count(self, jobs: list[JobMeta]) -> None:
+        """The spool gauges count the whole cluster's jobs, as the database has them."""
+        index = self.spool.index
+        if index is None:
+            return
+        current = {j.id: j for j in jobs if not self.spool.owes(j.id)}
+        for job_id in index.ids() - current.keys():
+            if not self.spool.owes(job_id):
+                index.untrack(job_id)
+        for job in current.values():
+            index.track(job)
 
     def _health(self, problem: str) -> None:
         if problem != self.spool.problem:
