@@ -173,24 +173,52 @@ def delete_jobs(conn: Any, ids: Sequence[str]) -> list[str]:
     return sorted(r[0] for r in rows)
 
 
-def claim_leases(conn: Any, queues: Sequence[str], node: str, lease_time: float) -> set[str]:
-    """Renew this node's queue leases and take free or expired ones; the queues held."""
+def claim_leases(conn: Any, queues: Sequence[str], node: str, lease_time: float
+                 ) -> tuple[set[str], int]:
+    """Renew this node's queue leases and take free or expired ones up to its share.
+
+    The share is the queues divided among the nodes seen within
+    ``lease_time`` (``lpd_nodes``), so two nodes deliver different queues.
+    Returns the queues held and the share; a node holding more than its share
+    gives the surplus back itself once idle (``release_leases``).
+    """
     if not queues:
-        return set()
+        return set(), 0
     with conn.transaction():
-        rows = conn.execute(
-            "INSERT INTO lpd_leases (queue, node, expires)"
-            " SELECT q, %s, now() + make_interval(secs => %s) FROM unnest(%s::text[]) AS q"
-            " ON CONFLICT (queue) DO UPDATE SET node = EXCLUDED.node, expires = EXCLUDED.expires"
-            " WHERE lpd_leases.node = EXCLUDED.node OR lpd_leases.expires < now()"
-            " RETURNING queue", (node, lease_time, list(queues))).fetchall()
-    return {r[0] for r in rows}
+        conn.execute("INSERT INTO lpd_nodes (node, seen) VALUES (%s, now())"
+                     " ON CONFLICT (node) DO UPDATE SET seen = now()", (node,))
+        live = conn.execute("SELECT count(*) FROM lpd_nodes WHERE seen >"
+                            " now() - make_interval(secs => %s)", (lease_time,)).fetchone()[0]
+        share = -(-len(queues) // max(1, int(live)))
+        mine = {r[0] for r in conn.execute(
+            "UPDATE lpd_leases SET expires = now() + make_interval(secs => %s)"
+            " WHERE node = %s AND queue = ANY(%s) RETURNING queue",
+            (lease_time, node, list(queues))).fetchall()}
+        free = [r[0] for r in conn.execute(
+            "SELECT q FROM unnest(%s::text[]) AS q LEFT JOIN lpd_leases l ON l.queue = q"
+            " WHERE l.queue IS NULL OR l.expires < now() ORDER BY random()",
+            (list(queues),)).fetchall()]
+        for queue in free[:max(0, share - len(mine))]:
+            taken = conn.execute(
+                "INSERT INTO lpd_leases (queue, node, expires)"
+                " VALUES (%s, %s, now() + make_interval(secs => %s)) ON CONFLICT (queue)"
+                " DO UPDATE SET node = EXCLUDED.node, expires = EXCLUDED.expires"
+                " WHERE lpd_leases.expires < now() RETURNING queue",
+                (queue, node, lease_time)).fetchone()
+            if taken:
+                mine.add(taken[0])
+    return mine, share
 
 
-def release_leases(conn: Any, node: str) -> None:
-    """A clean stop: give this node's queues to the others at once."""
+def release_leases(conn: Any, node: str, queues: Sequence[str] | None = None) -> None:
+    """Give this node's queues (all, at a clean stop) to the others at once."""
     with conn.transaction():
-        conn.execute("DELETE FROM lpd_leases WHERE node = %s", (node,))
+        if queues is None:
+            conn.execute("DELETE FROM lpd_leases WHERE node = %s", (node,))
+            conn.execute("DELETE FROM lpd_nodes WHERE node = %s", (node,))
+        else:
+            conn.execute("DELETE FROM lpd_leases WHERE node = %s AND queue = ANY(%s)",
+                         (node, list(queues)))
 
 
 def lease_holders(conn: Any) -> dict[str, str]:

@@ -10,7 +10,11 @@ are brought into the body cache and handed to the ``Scheduler`` in id order
 (a bounded window ahead of delivery), ones removed elsewhere (lprm, purge on
 another node) leave the runner, held ones released elsewhere are woken.
 A job committed anywhere wakes the holder at once: ``pg_notify`` in the
-committing transaction, ``LISTEN`` here.
+committing transaction, ``LISTEN`` here.  The live nodes (``lpd_nodes``,
+heartbeats within ``lease_time``) share the queues: a node takes free ones
+only up to its share, and one holding more stops feeding the surplus and
+gives each back once nothing of it is in flight, so a queue never has two
+nodes delivering.
 
 A node that cannot renew stops handing out its queues' jobs before the
 lease can expire elsewhere (``_LOCAL_SHARE`` of ``lease_time``); a node that
@@ -54,6 +58,7 @@ class Feeder:
         self.tick = min(1.0, lease / 4)
         self._woken = trio.Event()
         self._renewed = -math.inf            # trio clock of the last renewal that held
+        self._draining: set[str] = set()     # held beyond our share: given back once idle
         spool.on_commit = lambda meta: self.wake()
 
     def wake(self) -> None:
@@ -77,32 +82,50 @@ class Feeder:
         spool = self.spool
         queues = sorted(self.scheduler.runners)
         started = trio.current_time()
+        give_back = sorted(q for q in self._draining if self._idle(q))
 
-        def work(conn: Any) -> tuple[str, set[str], list[JobMeta]]:
+        def work(conn: Any) -> tuple[str, set[str], int, list[JobMeta]]:
             problem = writable(conn)
-            held = set() if problem else claim_leases(conn, queues, spool.node,
-                                                      spool.config.lease_time)
-            return problem, held, [m for m, _ in load_jobs(conn, spool.jobs_dir)]
+            if problem:
+                return problem, set(), 0, []
+            if give_back:
+                release_leases(conn, spool.node, give_back)
+            held, share = claim_leases(conn, queues, spool.node, spool.config.lease_time)
+            return problem, held, share, [m for m, _ in load_jobs(conn, spool.jobs_dir)]
         try:
-            problem, held, every = await spool.acall(work)
+            problem, held, share, every = await spool.acall(work)
         except Exception as exc:   # DatabaseUnavailable; anything else must not stop delivery
-            problem, held, every = f"unreachable: {exc}", set(), []
+            problem, held, share, every = f"unreachable: {exc}", set(), 0, []
             if trio.current_time() - self._renewed < spool.config.lease_time * _LOCAL_SHARE:
-                held = set(spool.leased)   # still ours for a while: keep delivering
+                held, share = set(spool.leased), len(spool.leased)   # ours for a while yet
         else:
+            self._draining -= set(give_back)
             if held:
                 self._renewed = started
             self._count(every)
-        jobs = [j for j in every if j.queue in held]
         self._health(problem)
         self._lose(spool.leased - held)
         if held - spool.leased:
             log.event("info", "queue_lease_taken", node=spool.node,
                       queues=sorted(held - spool.leased))
         spool.leased = held
+        self._drain(held, share)
         if not problem:
             await spool.sync()          # state changes and removals owed since last time
-            await self._feed(held, jobs)
+            feed = held - self._draining
+            await self._feed(feed, [j for j in every if j.queue in feed])
+
+    def _drain(self, held: set[str], share: int) -> None:
+        """More queues than this node's share: stop feeding the surplus, give it back idle."""
+        self._draining &= held
+        surplus = len(held) - share - len(self._draining)
+        for name in sorted(held - self._draining, reverse=True)[:max(0, surplus)]:
+            self._draining.add(name)
+            self._lose({name}, why="queue_lease_shared")
+
+    def _idle(self, queue: str) -> bool:
+        runner = self.scheduler.runners.get(queue)
+        return runner is None or not (runner.in_flight or runner.pending)
 
     def _count(self, jobs: list[JobMeta]) -> None:
         """The spool gauges count the whole cluster's jobs, as the database has them."""
@@ -122,7 +145,7 @@ class Feeder:
                       database=self.spool.where, error=problem or "writable again")
         self.spool.problem = problem
 
-    def _lose(self, queues: set[str]) -> None:
+    def _lose(self, queues: set[str], why: str = "queue_lease_lost") -> None:
         """Queues another node may take now: their waiting jobs leave this node."""
         for name in sorted(queues):
             runner = self.scheduler.runners.get(name)
@@ -133,8 +156,8 @@ class Feeder:
             runner.held.clear()
             for job_id in drop:
                 self.spool.forget(job_id)
-            log.event("warning", "queue_lease_lost", node=self.spool.node, queue=name,
-                      jobs=len(drop))
+            log.event("warning" if why == "queue_lease_lost" else "info", why,
+                      node=self.spool.node, queue=name, jobs=len(drop))
 
     def _runners(self) -> list[QueueRunner]:
         return list(self.scheduler.runners.values())

@@ -17,6 +17,7 @@ Tables:
   deleted with their job (``ON DELETE CASCADE``); stored uncompressed
   (``STORAGE EXTERNAL``): print data is mostly compressed already.
 - ``lpd_leases``: one row per queue: the node delivering it and until when.
+- ``lpd_nodes``: each node's last heartbeat, so the live nodes share the queues.
 - ``lpd_node_slot``: a sequence giving each starting relay the 3 digits that
   make its job ids unique in the cluster.
 """
@@ -50,6 +51,8 @@ _V1 = (
     "ALTER TABLE lpd_chunks ALTER COLUMN data SET STORAGE EXTERNAL",
     "CREATE TABLE IF NOT EXISTS lpd_leases ("
     " queue text PRIMARY KEY, node text NOT NULL, expires timestamptz NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS lpd_nodes ("
+    " node text PRIMARY KEY, seen timestamptz NOT NULL)",
     "CREATE SEQUENCE IF NOT EXISTS lpd_node_slot MAXVALUE 999 CYCLE",
 )
 # version -> the statements that bring the schema from version-1 to it
