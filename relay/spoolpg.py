@@ -246,22 +246,26 @@ class PgSpool:
         self.written += job.bytes
         if meta.queue in self.leased:
             self._known[meta.id] = meta      # its bodies are here: delivered from the cache
-        else:
-            self._drop_cache(meta)           # another node delivers it
         if self._index is not None:
             self._index.track(meta)
         self.on_commit(meta)
         return meta
 
     def _flush(self, items: list[NewJob]) -> list[Exception | None]:
-        # A worker thread: one transaction for the batch, then the control
-        # files into the cache (delivery reads them from there).
+        # A worker thread: one transaction for the batch.  Then the cache: a
+        # job this node delivers gets its control file there (delivery reads
+        # it from the cache); another node's job leaves it — here, since an
+        # unlink of a just-written file can take a millisecond.
         try:
             self.call(lambda conn: insert_jobs(conn, items, self.config.chunk_size))
         except SpoolError as exc:
             return [exc for _ in items]
         self._stats["transactions"] += 1
+        leased = self.leased
         for item in items:
+            if item.meta.queue not in leased:
+                self._drop_cache(item.meta)
+                continue
             with contextlib.suppress(OSError):
                 fd = create(item.meta.control_path, os.O_WRONLY | os.O_TRUNC)
                 try:

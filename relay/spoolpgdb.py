@@ -44,44 +44,47 @@ def file_number(path: str) -> int:
 
 
 def insert_jobs(conn: Any, jobs: Sequence[NewJob], chunk_size: int) -> None:
-    """One transaction, one commit: every job's row and chunks, then one NOTIFY per queue."""
-    with conn.transaction():
-        for job in jobs:
-            m = job.meta
-            files = [{"name": f.name, "format": f.format, "bytes": f.bytes,
-                      "n": file_number(f.path)} for f in m.files]
-            conn.execute(
-                "INSERT INTO lpd_jobs (id, queue, wire_queue, peer, received, control_name,"
-                " number, user_name, host, title, job_name, tls_peer, control, control_bytes,"
-                " files, node, state, last_error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s,"
-                " %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (m.id, m.queue, m.wire_queue, m.peer, m.received, m.control_name, m.number,
-                 m.user, m.host, m.title, m.job_name, m.tls_peer, job.control,
-                 m.control_bytes, orjson.dumps(files).decode(), job.node, m.state,
-                 m.last_error))
-            _copy_files(conn, m, chunk_size)
+    """One transaction, one commit: every job's row, all chunks in one ``COPY``, one
+    NOTIFY per queue — a few round trips per batch, not per job."""
+    rows = []
+    for job in jobs:
+        m = job.meta
+        files = [{"name": f.name, "format": f.format, "bytes": f.bytes,
+                  "n": file_number(f.path)} for f in m.files]
+        rows.append((m.id, m.queue, m.wire_queue, m.peer, m.received, m.control_name, m.number,
+                     m.user, m.host, m.title, m.job_name, m.tls_peer, job.control,
+                     m.control_bytes, orjson.dumps(files).decode(), job.node, m.state,
+                     m.last_error))
+    with conn.transaction(), conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO lpd_jobs (id, queue, wire_queue, peer, received, control_name,"
+            " number, user_name, host, title, job_name, tls_peer, control, control_bytes,"
+            " files, node, state, last_error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s,"
+            " %s, %s, %s, %s, %s, %s, %s, %s, %s)", rows)
+        _copy_files(cur, [j.meta for j in jobs], chunk_size)
         for queue in sorted({j.meta.queue for j in jobs}):
-            conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, queue))
+            cur.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, queue))
 
 
-def _copy_files(conn: Any, meta: JobMeta, chunk_size: int) -> None:
-    if not any(f.bytes for f in meta.files):
+def _copy_files(cur: Any, metas: Sequence[JobMeta], chunk_size: int) -> None:
+    if not any(f.bytes for m in metas for f in m.files):
         return
     buf = bytearray(chunk_size)
     view = memoryview(buf)
-    with conn.cursor() as cur, cur.copy(
-            "COPY lpd_chunks (job_id, file, seq, data) FROM STDIN (FORMAT BINARY)") as copy:
+    with cur.copy("COPY lpd_chunks (job_id, file, seq, data) FROM STDIN (FORMAT BINARY)"
+                  ) as copy:
         copy.set_types(["text", "int4", "int4", "bytea"])
-        for f in meta.files:
-            number = file_number(f.path)
-            fd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                seq = 0
-                while got := os.readv(fd, [view]):
-                    copy.write_row((meta.id, number, seq, view[:got]))
-                    seq += 1
-            finally:
-                os.close(fd)
+        for meta in metas:
+            for f in meta.files:
+                number = file_number(f.path)
+                fd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    seq = 0
+                    while got := os.readv(fd, [view]):
+                        copy.write_row((meta.id, number, seq, view[:got]))
+                        seq += 1
+                finally:
+                    os.close(fd)
 
 
 def row_meta(row: Sequence[Any], cache: str) -> JobMeta:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,7 +96,8 @@ class Feeder:
         try:
             problem, held, share, every = await spool.acall(work)
         except Exception as exc:   # DatabaseUnavailable; anything else must not stop delivery
-            problem, held, share, every = f"unreachable: {exc}", set(), 0, []
+            text = str(exc).removeprefix(f"database {spool.where}: ")
+            problem, held, share, every = f"unreachable: {text}", set(), 0, []
             if trio.current_time() - self._renewed < spool.config.lease_time * _LOCAL_SHARE:
                 held, share = set(spool.leased), len(spool.leased)   # ours for a while yet
         else:
@@ -162,7 +164,21 @@ class Feeder:
     def _runners(self) -> list[QueueRunner]:
         return list(self.scheduler.runners.values())
 
+    def _drop_strays(self, feed: set[str]) -> None:
+        """Jobs of queues this node does not feed (a reload adopting a queue's jobs
+        from the database) leave its runners: only the holder delivers them."""
+        for runner in self._runners():
+            stray = [j.id for j in runner.pending if j.queue not in feed]
+            stray += [i for i, j in runner.held.items() if j.queue not in feed]
+            if not stray:
+                continue
+            runner.pending = deque(j for j in runner.pending if j.queue in feed)
+            for job_id in stray:
+                runner.held.pop(job_id, None)
+                self.spool.forget(job_id)
+
     async def _feed(self, held: set[str], jobs: list[JobMeta]) -> None:
+        self._drop_strays(held)
         in_db = {j.id: j for j in jobs}
         known: dict[str, JobMeta] = {}
         for runner in self._runners():

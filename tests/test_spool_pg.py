@@ -256,6 +256,33 @@ def test_database_down_means_0x02_then_resumes(tmp_path: Path) -> None:
             relay.terminate()
 
 
+def test_read_only_database_means_0x02_until_writable(cluster: PostgresCluster,
+                                                      tmp_path: Path) -> None:
+    dsn = make_db(cluster, tmp_path)
+    db = dsn.rsplit("/", 1)[1]
+    out = tmp_path / "out"
+    relay = LoggedRelay(node_config(tmp_path / "a", dsn, "a", out=out)).start()
+    kick = ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            f" WHERE datname = '{db}' AND pid <> pg_backend_pid()")
+    try:
+        # as a standby demoted under it would be: new sessions are read-only
+        cluster.psql(f'ALTER DATABASE "{db}" SET default_transaction_read_only = on')
+        cluster.psql(kick)
+        wait_until(lambda: (h := healthz(relay))[0] == 503 and "read-only" in h[1],
+                   timeout=10)
+        replies = send_job(relay.port, Job(queue="q", title="refused"))
+        assert replies[-1] == 2
+        cluster.psql(f'ALTER DATABASE "{db}" RESET default_transaction_read_only')
+        cluster.psql(kick)
+        wait_until(lambda: healthz(relay)[0] == 200, timeout=20)
+        assert send_job(relay.port, Job(queue="q", title="taken")) == [0] * 5
+        got = wait_delivered(out, title="taken")
+        assert "refused" not in got
+        assert not own_tracebacks(relay), "\n".join(relay.lines)
+    finally:
+        relay.terminate()
+
+
 def _lpq(port: int) -> str:
     with Wire(port) as w:
         w.send(b"\x04q\n")
