@@ -83,6 +83,7 @@ class PgSpool:
         self.problem = ""                    # why the database cannot take jobs ("" = it can)
         self.leased: set[str] = set()        # queues this node delivers (relay.spoolpgfeed)
         self.on_commit: Callable[[JobMeta], None] = lambda meta: None
+        self.on_change: Callable[[], None] = lambda: None   # a job left (the feeder refills)
         self._pool: Any = None
         self._group: GroupCommit[NewJob] = GroupCommit(self._flush)
         self._limiter = trio.CapacityLimiter(max(1, config.pool_size - 1))
@@ -339,6 +340,7 @@ class PgSpool:
         self._removals.add(job_id)
         if self._index is not None:
             self._index.untrack(job_id)
+        self.on_change()
 
     def delete_now(self, job_ids: Sequence[str]) -> list[str]:
         """Remove jobs from the database at once (lprm from any node); the ids removed."""

@@ -12,7 +12,7 @@ body cache (``<cache>/<id>.d<n>``, ``<cache>/<id>.cf``).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +119,21 @@ def load_jobs(conn: Any, cache: str, *, queues: Sequence[str] | None = None,
     rows = conn.execute(sql, args).fetchall()
     node_at = _FACTS.index("node")
     return [(row_meta(r, cache), r[node_at]) for r in rows]
+
+
+def load_window(conn: Any, cache: str, limits: Mapping[str, int]) -> list[JobMeta]:
+    """Per queue its first ``limits[queue]`` queued jobs and every held one, in id order.
+
+    What a queue's holder needs each round: the jobs next in line (a deep
+    queue is never read whole) and the held ones lpq and ``spool retry`` act on.
+    """
+    rows: list[Any] = []
+    for queue, limit in sorted(limits.items()):
+        rows += conn.execute(_SELECT + " WHERE queue = %s AND state = 'queued' ORDER BY id"
+                             " LIMIT %s", (queue, limit)).fetchall()
+        rows += conn.execute(_SELECT + " WHERE queue = %s AND state = 'held' ORDER BY id",
+                             (queue,)).fetchall()
+    return sorted((row_meta(r, cache) for r in rows), key=lambda m: m.id)
 
 
 def fetch_bodies(conn: Any, meta: JobMeta) -> None:

@@ -41,7 +41,7 @@ from relay.dispatch import Scheduler
 from relay.scheduler import QueueRunner
 from relay.spoolformat import JobMeta
 from relay.spoolpg import PgSpool
-from relay.spoolpgdb import claim_leases, load_jobs, release_leases, writable
+from relay.spoolpgdb import claim_leases, load_jobs, load_window, release_leases, writable
 from relay.spoolpgschema import NOTIFY_CHANNEL
 
 _LOCAL_SHARE = 0.75    # of lease_time: after this long unrenewed, stop delivering
@@ -60,7 +60,9 @@ class Feeder:
         self._woken = trio.Event()
         self._renewed = -math.inf            # trio clock of the last renewal that held
         self._draining: set[str] = set()     # held beyond our share: given back once idle
+        self._next_full = -math.inf          # trio clock of the next full round
         spool.on_commit = lambda meta: self.wake()
+        spool.on_change = self.wake          # a delivery done: the window has room
 
     def wake(self) -> None:
         self._woken.set()
@@ -80,6 +82,22 @@ class Feeder:
                     await self._release()
 
     async def _round(self) -> None:
+        """A full round every ``tick`` (health, leases, gauges); a feeding one when woken."""
+        spool = self.spool
+        if trio.current_time() >= self._next_full:
+            await self._full_round()
+            self._next_full = trio.current_time() + self.tick
+        if not spool.problem:
+            await spool.sync()          # state changes and removals owed since last time
+            feed = spool.leased - self._draining
+            limits = {q: self._limit(q) for q in feed}
+            try:
+                jobs = await spool.acall(lambda conn: load_window(conn, spool.jobs_dir, limits))
+            except Exception:
+                return                  # the next full round says what is wrong
+            await self._feed(feed, jobs)
+
+    async def _full_round(self) -> None:
         spool = self.spool
         queues = sorted(self.scheduler.runners)
         started = trio.current_time()
@@ -112,10 +130,14 @@ class Feeder:
                       queues=sorted(held - spool.leased))
         spool.leased = held
         self._drain(held, share)
-        if not problem:
-            await spool.sync()          # state changes and removals owed since last time
-            feed = held - self._draining
-            await self._feed(feed, [j for j in every if j.queue in feed])
+
+    def _limit(self, queue: str) -> int:
+        """How many of ``queue``'s first jobs to read: what its runner has, plus its window."""
+        runner = self.scheduler.runners.get(queue)
+        if runner is None:
+            return WINDOW_PER_SLOT
+        window = WINDOW_PER_SLOT * runner.queue.concurrency
+        return window + len(runner.pending) + len(runner.in_flight)
 
     def _drain(self, held: set[str], share: int) -> None:
         """More queues than this node's share: stop feeding the surplus, give it back idle."""
