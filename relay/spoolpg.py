@@ -11,9 +11,9 @@ commit (``relay.groupcommit``), as the local spool's jobs share one flush;
 a large job gets a transaction of its own so small ones never wait behind it.
 
 psycopg's synchronous API runs in worker threads over a bounded pool of
-sessions (``pool_size``): trio has no PostgreSQL driver, and a thread per
-call is what the local spool does for its flushes (docs/spool.md says why
-and what was measured).  Nothing blocking runs on the event loop except the
+sessions (``pool_size``, ``relay.spoolpgsession``): trio has no PostgreSQL
+driver, and a thread per call is what the local spool does for its flushes
+(docs/spool.md says why and what was measured).  Nothing blocking runs on the event loop except the
 few reads the synchronous interface asks for and the daemon calls rarely
 (``jobs``, a ``get`` of a job this node never saw, lpq's cluster view).
 
@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
 
@@ -55,18 +55,14 @@ from relay.spoolpgdb import (
     load_jobs,
 )
 from relay.spoolpgschema import check_schema
+from relay.spoolpgsession import DatabaseUnavailable, Sessions, close_pool
 
-T = TypeVar("T")
 CACHE_DIR = "pg-cache"
 ID_DIGITS = 19            # 16 digits of microseconds, 3 of the node's slot
 BIG_JOB_CHUNKS = 4        # a job of more chunks than this commits in a transaction of its own
 
 
-class DatabaseUnavailable(SpoolError):
-    """The database cannot take a job now (unreachable, read-only): 0x02 to the sender."""
-
-
-class PgSpool:
+class PgSpool(Sessions):
     """The PostgreSQL backend; ``recover()`` first, then ``relay.spoolpgfeed`` runs it."""
 
     fsync = False   # for IncomingJob: durability is the database's commit, not ours
@@ -98,53 +94,6 @@ class PgSpool:
         self._stats = Counter[str]()
 
     # -- the database ------------------------------------------------------------------
-
-    def _connect_args(self) -> dict[str, Any]:
-        # Our own sessions commit durably whatever the database's default
-        # (SPEC §10); the default itself is logged at start.
-        return {"autocommit": True, "application_name": f"lpd-relay {self.node}"[:63],
-                "connect_timeout": max(1, round(self.config.db_timeout)),
-                "options": "-c synchronous_commit=on"}
-
-    def connect(self, *, plain: bool = False) -> Any:
-        """One session outside the pool (LISTEN, the CLI): same settings.
-
-        ``plain``: without our ``synchronous_commit``, to read the database's own.
-        """
-        import psycopg
-        args = self._connect_args()
-        if plain:
-            del args["options"]
-        return psycopg.connect(self.config.dsn, **args)
-
-    def _open_pool(self) -> None:
-        from psycopg_pool import ConnectionPool
-        self._pool = ConnectionPool(
-            self.config.dsn, min_size=1, max_size=self.config.pool_size, open=False,
-            kwargs=self._connect_args(), timeout=self.config.db_timeout,
-            reconnect_timeout=max(60.0, self.config.lease_time * 4), name="lpd-relay")
-        self._pool.open(wait=False)
-
-    def call(self, fn: Callable[[Any], T]) -> T:
-        """Run ``fn(connection)`` with a pooled session (blocking: a worker thread's job)."""
-        if self._pool is None:
-            raise SpoolError("recover() first")
-        try:
-            with self._pool.connection(timeout=self.config.db_timeout) as conn:
-                return fn(conn)
-        except (KeyError, SpoolError):
-            raise
-        except Exception as exc:
-            raise self.unavailable(exc) from exc
-
-    async def acall(self, fn: Callable[[Any], T]) -> T:
-        """``call`` in a worker thread (bounded by the pool's size)."""
-        return await trio.to_thread.run_sync(self.call, fn, limiter=self._limiter)
-
-    def unavailable(self, exc: BaseException) -> DatabaseUnavailable:
-        """A database error as the one error intake and delivery act on."""
-        text = " ".join(str(exc).split())[:300] or type(exc).__name__
-        return DatabaseUnavailable(f"database {self.where}: {text}")
 
     # -- start-up ----------------------------------------------------------------------
 
@@ -435,18 +384,13 @@ class PgSpool:
             with trio.move_on_after(self.config.db_timeout):
                 await self.sync()
             pool, self._pool = self._pool, None
-            await trio.to_thread.run_sync(_close_pool, pool)
+            await trio.to_thread.run_sync(close_pool, pool)
         self._release_lock()
 
 
 def _cached(meta: JobMeta) -> bool:
     # A local stat or two per job, like the local spool's own opens: not worth a thread.
     return all(os.path.exists(p) for p in (meta.control_path, *(f.path for f in meta.files)))
-
-
-def _close_pool(pool: Any) -> None:
-    with contextlib.suppress(Exception):   # a database gone away: nothing left to close
-        pool.close(timeout=2.0)
 
 
 def _is_a_backend(spool: PgSpool) -> SpoolBackend[IncomingJob]:
