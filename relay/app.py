@@ -45,6 +45,7 @@ from relay.scheduler import QueueRunner
 from relay.server import LpdServer
 from relay.sinks import SinkContext, config_warnings, make_sink
 from relay.spool import Recovery, Spool
+from relay.spoolopen import body_source, cluster, open_spool, problem
 from relay.uri import format_hostport
 
 # How often the daemon writes what a full disk refused (delivery state, the
@@ -96,6 +97,8 @@ def _health(server: LpdServer, spool: Spool, config: Config) -> Callable[[], tup
     def check() -> tuple[bool, str]:
         if not server.listeners or any(s.fileno() < 0 for s in server.listeners):
             return False, "LPD listener down"
+        if database := problem(spool):     # the shared spool (SPEC §10)
+            return False, database
         if not os.access(config.server.spool_dir, os.W_OK):
             return False, f"spool {config.server.spool_dir} not writable"
         free = spool.free_bytes()
@@ -146,11 +149,10 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
                                     for d in q.destinations])
     # Privilege for reserved source ports is checked before anything else
     # starts, so a misconfigured relay fails at once with a clear error (SPEC §5).
-    context = SinkContext(origin_ports=_origin_pools(config, metrics), metrics=metrics,
+    pools = _origin_pools(config, metrics)
+    spool = open_spool(config)
+    context = SinkContext(origin_ports=pools, metrics=metrics, bodies=body_source(spool),
                           privacy=Redactor(config.privacy))
-    spool = Spool(config.server.spool_dir, fsync=config.server.fsync,
-                  min_free_disk=config.server.min_free_disk,
-                  segment_threshold=config.server.segment_threshold)
     recovery = spool.recover()
     _spool_gauges(spool, metrics)
     spool.events = events          # the subscriber (the audit log replaces it when configured)
@@ -164,8 +166,9 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
         scheduler = build_scheduler(config, spool, metrics, context, states)
         for job in recovery.jobs:
             scheduler.submit(job)
+        delivery, spool_service = cluster(spool, scheduler)
         server = LpdServer(config.server, spool=spool, router=QueueRouter(config, states),
-                           delivery=scheduler, metrics=metrics,
+                           delivery=delivery, metrics=metrics,
                            make_room=None if scheduler.retention is None
                            else scheduler.retention.make_room, privacy=context.privacy)
         log.event("info", "started", version=__version__, recovered=len(recovery.jobs),
@@ -181,6 +184,8 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
                 nursery.start_soon(audit.run)
                 if config.audit is not None and config.audit.syslog:   # SPEC §11 shipping
                     nursery.start_soon(SyslogShipper(audit, config.audit, metrics).run)
+            if spool_service is not None:
+                nursery.start_soon(spool_service)
             notifier = sdnotify.Notifier.from_environ()
             reloader = Reloader(config=config, spool=spool, metrics=metrics,
                                 scheduler=scheduler, server=server, sinks=context,

@@ -93,9 +93,10 @@ COMMANDS: tuple[Command, ...] = (
     Command(name="spool", help="inspect and act on the spool (daemon may be stopped)",
             handler="relay.spoolcli:main_spool", args=(
                 Arg(names=("action",), options={
-                    "choices": ("list", "show", "retry", "purge", "reprint"),
+                    "choices": ("list", "show", "retry", "purge", "reprint", "init-db"),
                     "help": "list all jobs, show one, retry (release) one, purge (delete) "
-                            "one or more, reprint a kept delivered one as a new job"}),
+                            "one or more, reprint a kept delivered one as a new job; "
+                            "init-db: create/migrate the PostgreSQL schema"}),
                 Arg(names=("job",), options={
                     "nargs": "*", "metavar": "JOB",
                     "help": "spool job id (from spool list); purge takes several"}),

@@ -25,7 +25,7 @@ import re
 import socket
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -63,6 +63,7 @@ from relay.configschema import (
     unknown_key,
 )
 from relay.errors import ConfigError
+from relay.spoolpgconfig import SPOOL_BOUNDS, SPOOL_SCHEMA, SpoolConfig, check_spool
 from relay.uri import Destination, format_hostport, parse_hostport
 
 __all__ = [
@@ -235,6 +236,7 @@ class Config:
     retention: RetentionConfig = RetentionConfig()   # the [retention] defaults
     privacy: PrivacyConfig = PrivacyConfig()
     audit: AuditConfig | None = None     # None: no [audit] table, no audit log
+    spool: SpoolConfig = field(default_factory=SpoolConfig)   # [spool] (SPEC §10)
 
 
 # ---- the key tables (SPEC §3.2); defaults are raw TOML values ----
@@ -374,12 +376,13 @@ _BOUNDS: dict[str, Bounds] = {
     },
     "queue": {"concurrency": Range(1, 10_000), "failover_after": Range(1, 1000)},
     "audit": {"rotate_size": Range(4096, 2**40, "size"), "rotate_keep": Range(1, 10_000)},
+    "spool": SPOOL_BOUNDS,
 }
 
 _SECTIONS: dict[str, Schema] = {
     "server": _SERVER, "metrics": _METRICS, "log": _LOG,
     "origin_ports": _ORIGIN_PORTS, "retry": _RETRY, "tls": _TLS, "queues": {},
-    "retention": _RETENTION, "privacy": _PRIVACY, "audit": _AUDIT,
+    "retention": _RETENTION, "privacy": _PRIVACY, "audit": _AUDIT, "spool": SPOOL_SCHEMA,
 }
 
 
@@ -481,6 +484,7 @@ def config_from_dict(data: Mapping[str, object], source: str,
     if sections["server"].get("proxy_protocol") and not sections["server"].get("proxy_trusted"):
         problems.append(("server.proxy_trusted", "missing; proxy_protocol needs the "
                                                  "balancers' networks"))
+    spool = check_spool(sections["spool"], problems)
     if problems:
         raise InvalidConfig(problems)
     server = dict(sections["server"], tls=tls)
@@ -501,6 +505,7 @@ def config_from_dict(data: Mapping[str, object], source: str,
         retention=RetentionConfig(**sections["retention"]),
         privacy=PrivacyConfig(**sections["privacy"]),
         audit=_audit(sections["audit"], base, server["spool_dir"]) if "audit" in data else None,
+        spool=spool,
     )
 
 

@@ -260,6 +260,9 @@ def cli_config(args: argparse.Namespace) -> Config | None:
 def main_spool(args: argparse.Namespace) -> int:
     if (config := cli_config(args)) is None:
         return 2
+    if args.action == "init-db" or config.spool.backend == "postgresql":   # SPEC §10
+        from relay.spoolpgcli import main_pg_spool
+        return main_pg_spool(config, args)
     spool_dir = str(config.server.spool_dir)
     if not os.path.isdir(os.path.join(spool_dir, "jobs")):
         print(f"lpd-relay: no spool at {spool_dir}", file=sys.stderr)

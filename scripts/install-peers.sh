@@ -4,7 +4,8 @@
 # Packages: lprng (lpd lpr lpq lprm checkpc), rlpr, p910nd, prometheus
 # (promtool + server), socat, nftables, stunnel4 (TLS in front of LPRng),
 # haproxy (PROXY protocol), rsyslog + rsyslog-gnutls (the audit log's syslog
-# collector over TCP and TLS; never started as a service). Only the missing ones are installed,
+# collector over TCP and TLS; never started as a service), postgresql (the
+# shared spool: the tests run private clusters with its initdb/pg_ctl). Only the missing ones are installed,
 # with --no-install-recommends and a temporary policy-rc.d so that no system
 # service starts; --no-remove makes apt abort rather than remove a conflicting
 # package (lprng conflicts with lpr and cups-bsd). A pre-existing policy-rc.d
@@ -15,7 +16,8 @@
 # Quick and idempotent when everything is present (dpkg-query only).
 set -u
 
-PACKAGES=(lprng rlpr p910nd prometheus socat nftables stunnel4 haproxy rsyslog rsyslog-gnutls)
+PACKAGES=(lprng rlpr p910nd prometheus socat nftables stunnel4 haproxy rsyslog rsyslog-gnutls
+          postgresql)
 declare -A COMMANDS=(
     [lprng]="lpd lpr lpq lprm checkpc"
     [rlpr]="rlpr"
@@ -27,6 +29,7 @@ declare -A COMMANDS=(
     [haproxy]="haproxy"
     [rsyslog]="rsyslogd"
     [rsyslog-gnutls]=""
+    [postgresql]="psql"
 )
 POLICY=/usr/sbin/policy-rc.d
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"

@@ -1,0 +1,400 @@
+"""The shared spool on PostgreSQL: ``SpoolBackend`` for any number of relays (SPEC §10).
+
+Intake receives a job exactly as the local spool does (``relay.spooljob``),
+into this node's body cache (``<spool_dir>/pg-cache``), so the server can
+still splice straight from the socket to a file.  ``commit`` then stores the
+job in the database — its row, the raw control file and the data files in
+``chunk_size`` rows, streamed by binary ``COPY`` — and returns only after
+that transaction committed with ``synchronous_commit = on``: the ack follows
+the commit (SPEC §10, §4.4).  Concurrent jobs share one transaction and one
+commit (``relay.groupcommit``), as the local spool's jobs share one flush;
+a large job gets a transaction of its own so small ones never wait behind it.
+
+psycopg's synchronous API runs in worker threads over a bounded pool of
+sessions (``pool_size``, ``relay.spoolpgsession``): trio has no PostgreSQL
+driver, and a thread per call is what the local spool does for its flushes
+(docs/spool.md says why and what was measured).  Nothing blocking runs on the event loop except the
+few reads the synchronous interface asks for and the daemon calls rarely
+(``jobs``, a ``get`` of a job this node never saw, lpq's cluster view).
+
+Delivery-state changes and removals are kept in memory and written by
+``sync`` (after each delivery) or the service loop; delivery across nodes —
+queue leases, LISTEN/NOTIFY, feeding the runners — is ``relay.spoolpgfeed``.
+A database that cannot take a job (down, read-only, a hot standby) makes
+``check_space``/``begin``/``commit`` raise ``DatabaseUnavailable``: 0x02.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import trio
+
+from relay import log
+from relay.errors import DiskFull, SpoolError
+from relay.groupcommit import GroupCommit, create, make_dir, unlink_quiet
+from relay.jobevents import NO_EVENTS, JobEvents
+from relay.spoolbackend import Body, SpoolBackend, open_file_body
+from relay.spoolformat import STATES, FileMeta, JobMeta, Recovery, SpoolStatistics, SpoolUsage
+from relay.spoolindex import SpoolIndex
+from relay.spooljob import IncomingJob
+from relay.spoolpgconfig import SpoolConfig, redact_dsn
+from relay.spoolpgdb import (
+    NewJob,
+    apply_writes,
+    delete_jobs,
+    fetch_bodies,
+    insert_jobs,
+    load_jobs,
+)
+from relay.spoolpgschema import check_schema
+from relay.spoolpgsession import DatabaseUnavailable, Sessions, close_pool
+
+CACHE_DIR = "pg-cache"
+ID_DIGITS = 19            # 16 digits of microseconds, 3 of the node's slot
+BIG_JOB_CHUNKS = 4        # a job of more chunks than this commits in a transaction of its own
+
+
+class PgSpool(Sessions):
+    """The PostgreSQL backend; ``recover()`` first, then ``relay.spoolpgfeed`` runs it."""
+
+    fsync = False   # for IncomingJob: durability is the database's commit, not ours
+
+    def __init__(self, directory: str | os.PathLike[str], config: SpoolConfig, *,
+                 min_free_disk: int = 0) -> None:
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.jobs_dir = os.path.join(self.directory, CACHE_DIR)
+        self.config = config
+        self.node = config.node_name()
+        self.where = redact_dsn(config.dsn)
+        self.min_free_disk = min_free_disk
+        self.written = 0
+        self.segment_threshold = 0   # bodies go to the local cache files, then to the database
+        self.events: JobEvents = NO_EVENTS   # the audit log's subscriber, when configured
+        self.problem = ""                    # why the database cannot take jobs ("" = it can)
+        self.leased: set[str] = set()        # queues this node delivers (relay.spoolpgfeed)
+        self.on_commit: Callable[[JobMeta], None] = lambda meta: None
+        self.on_change: Callable[[], None] = lambda: None   # a job left (the feeder refills)
+        self._pool: Any = None
+        self._group: GroupCommit[NewJob] = GroupCommit(self._flush)
+        self._limiter = trio.CapacityLimiter(max(1, config.pool_size - 1))
+        self._writes_lock = trio.Lock()
+        self._known: dict[str, JobMeta] = {}     # jobs this node holds or accepted
+        self._updates: dict[str, JobMeta] = {}   # delivery state the database still owes
+        self._removals: set[str] = set()
+        self._index: SpoolIndex | None = None
+        self._lock_fd = -1
+        self._slot = 0
+        self._last_us = 0
+        self._stats = Counter[str]()
+
+    # -- the database ------------------------------------------------------------------
+
+    # -- start-up ----------------------------------------------------------------------
+
+    def recover(self) -> Recovery:
+        """Lock the local directory, empty the body cache, open the pool, check the schema.
+
+        The jobs are the cluster's, fed to the runners by ``relay.spoolpgfeed``
+        once this node holds their queue's lease, so none are returned here.
+        """
+        if self._pool is not None:
+            raise SpoolError("recover() runs once, at start")
+        try:
+            make_dir(self.directory)
+            self._take_lock()
+            shutil.rmtree(self.jobs_dir, ignore_errors=True)   # the database has every body
+            make_dir(self.jobs_dir)
+        except OSError as exc:
+            self._release_lock()
+            raise SpoolError(f"spool {self.directory}: {exc.strerror or exc}") from exc
+        try:
+            with self.connect(plain=True) as conn:
+                check_schema(conn)
+                default = conn.execute("SHOW synchronous_commit").fetchone()[0]
+                self._slot = int(conn.execute("SELECT nextval('lpd_node_slot')").fetchone()[0])
+                version = conn.execute("SHOW server_version").fetchone()[0]
+        except SpoolError:
+            self._release_lock()
+            raise
+        except Exception as exc:
+            self._release_lock()
+            raise self.unavailable(exc) from exc
+        log.event("info", "spool_database", database=self.where, node=self.node,
+                  server_version=version, synchronous_commit_default=default,
+                  synchronous_commit="on")
+        self._open_pool()
+        self._index = SpoolIndex()
+        return Recovery(jobs=[], discarded=0, discarded_bytes=0)
+
+    def _take_lock(self) -> None:
+        fd = create(os.path.join(self.directory, "lock"), os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolError(f"spool {self.directory} is in use by another process") from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    # -- intake ------------------------------------------------------------------------
+
+    def check_space(self, need: int = 0) -> None:
+        """0x02 while the database cannot take jobs, or the body cache's disk is full."""
+        if self.problem:
+            raise DatabaseUnavailable(f"database {self.where} {self.problem}")
+        st = os.statvfs(self.jobs_dir)
+        free = st.f_bavail * st.f_frsize
+        if free <= 0 or free - need < self.min_free_disk:
+            raise DiskFull(f"spool {self.directory}: free space below min_free_disk")
+
+    def begin(self, *, queue: str, wire_queue: str, peer: str) -> IncomingJob:
+        """Start a job with a cluster-unique id: microseconds, then this node's slot."""
+        if self._pool is None:
+            raise SpoolError("recover() first")
+        self.check_space()
+        now = max(time.time_ns() // 1000, self._last_us + 1)
+        self._last_us = now
+        job_id = f"{now:0{ID_DIGITS - 3}d}{self._slot:03d}"
+        return IncomingJob(self, job_id, queue=queue, wire_queue=wire_queue, peer=peer)
+
+    def count_discard(self, nbytes: int) -> None:
+        self._stats["discarded"] += 1
+        self._stats["discarded_bytes"] += nbytes
+
+    async def commit(self, job: IncomingJob, *, hold: str = "") -> JobMeta:
+        """Store the job; return once its transaction committed (a raise leaves no job)."""
+        job._check_open()
+        try:
+            meta = job.seal()
+            if hold:
+                meta = replace(meta, state="held", last_error=hold[:500])
+            job.mark("committing")
+            item = NewJob(meta, job.control_raw, self.node)
+            if job.bytes > BIG_JOB_CHUNKS * self.config.chunk_size:
+                errors = await trio.to_thread.run_sync(self._flush, [item],
+                                                       limiter=self._limiter)
+                if errors[0] is not None:
+                    raise errors[0]
+            else:
+                await self._group.submit(item)
+        except BaseException:
+            job.mark("open")
+            job.discard()
+            raise
+        job.mark("committed")
+        self._stats["commits"] += 1
+        self.written += job.bytes
+        if meta.queue in self.leased:
+            self._known[meta.id] = meta      # its bodies are here: delivered from the cache
+        if self._index is not None:
+            self._index.track(meta)
+        self.on_commit(meta)
+        return meta
+
+    def _flush(self, items: list[NewJob]) -> list[Exception | None]:
+        # A worker thread: one transaction for the batch.  Then the cache: a
+        # job this node delivers gets its control file there (delivery reads
+        # it from the cache); another node's job leaves it — here, since an
+        # unlink of a just-written file can take a millisecond.
+        try:
+            self.call(lambda conn: insert_jobs(conn, items, self.config.chunk_size))
+        except SpoolError as exc:
+            return [exc for _ in items]
+        self._stats["transactions"] += 1
+        leased = self.leased
+        for item in items:
+            if item.meta.queue not in leased:
+                self._drop_cache(item.meta)
+                continue
+            with contextlib.suppress(OSError):
+                fd = create(item.meta.control_path, os.O_WRONLY | os.O_TRUNC)
+                try:
+                    os.write(fd, item.control)
+                finally:
+                    os.close(fd)
+        return [None for _ in items]
+
+    # -- reading and changing jobs -----------------------------------------------------
+
+    def remember(self, meta: JobMeta) -> None:
+        """Internal (the feeder): a job this node now delivers, as the database has it."""
+        if meta.id not in self._updates and meta.id not in self._removals:
+            self._known[meta.id] = meta
+
+    def owes(self, job_id: str) -> bool:
+        """Internal (the gauges): a change to this job the database has not taken yet."""
+        return job_id in self._updates or job_id in self._removals
+
+    def forget(self, job_id: str) -> None:
+        """Internal (the feeder): a job another node delivers now; its cache goes."""
+        meta = self._known.pop(job_id, None)
+        if meta is not None:
+            self._drop_cache(meta)
+
+    def _drop_cache(self, meta: JobMeta) -> None:
+        for path in (meta.control_path, *(f.path for f in meta.files)):
+            unlink_quiet(path)
+
+    def get(self, job_id: str) -> JobMeta:
+        if job_id in self._removals:
+            raise KeyError(job_id)
+        meta = self._known.get(job_id)
+        if meta is not None:
+            return meta
+        found = self.call(lambda conn: load_jobs(conn, self.jobs_dir, ids=[job_id]))
+        if not found:
+            raise KeyError(job_id)
+        return found[0][0]
+
+    def jobs(self, queue: str | None = None) -> list[JobMeta]:
+        """The cluster's jobs (of ``queue``), id order: one query, blocking."""
+        return [m for m, _ in self.jobs_with_node(queue)]
+
+    def jobs_with_node(self, queue: str | None = None) -> list[tuple[JobMeta, str]]:
+        """``jobs`` with the node that accepted each (``spool list``)."""
+        found = self.call(lambda conn: load_jobs(
+            conn, self.jobs_dir, queues=None if queue is None else [queue]))
+        return [(self._updates.get(m.id, m), n) for m, n in found if m.id not in self._removals]
+
+    def update(self, meta: JobMeta, *, durable: bool = False) -> None:
+        """Keep the new delivery state; written by the next ``sync`` (or within a second)."""
+        if meta.state not in STATES:
+            raise ValueError(f"state must be one of {STATES}, not {meta.state!r}")
+        if meta.id in self._removals:
+            raise KeyError(meta.id)
+        if self._pool is None:   # the CLI: write now
+            self.call(lambda conn: apply_writes(conn, [meta], []))
+            return
+        self._known[meta.id] = meta
+        self._updates[meta.id] = meta
+        if self._index is not None and meta.id in self._index:
+            self._index.track(meta)
+
+    def remove(self, job_id: str) -> None:
+        """Forget a job; the database row (and its chunks) go with the next ``sync``."""
+        meta = self._known.pop(job_id, None)
+        if meta is not None:
+            self._drop_cache(meta)
+        self._updates.pop(job_id, None)
+        self._removals.add(job_id)
+        if self._index is not None:
+            self._index.untrack(job_id)
+        self.on_change()
+
+    def delete_now(self, job_ids: Sequence[str]) -> list[str]:
+        """Remove jobs from the database at once (lprm from any node); the ids removed."""
+        if not job_ids:
+            return []
+        removed = self.call(lambda conn: delete_jobs(conn, list(job_ids)))
+        for job_id in removed:
+            self.forget(job_id)
+            if self._index is not None:
+                self._index.untrack(job_id)
+        return removed
+
+    async def sync(self) -> None:
+        """Write the kept state changes and removals (one transaction); a failure waits."""
+        async with self._writes_lock:
+            updates, removals = dict(self._updates), set(self._removals)
+            if not updates and not removals:
+                await trio.lowlevel.checkpoint()
+                return
+            try:
+                await self.acall(lambda conn: apply_writes(conn, list(updates.values()),
+                                                           sorted(removals)))
+            except SpoolError as exc:
+                log.event("warning", "spool_sync_failed", error=str(exc),
+                          waiting=len(updates) + len(removals))
+                return
+            for job_id, meta in updates.items():
+                if self._updates.get(job_id) is meta:
+                    del self._updates[job_id]
+            self._removals -= removals
+
+    def save_unsaved(self) -> int:
+        """How many state changes and removals the database still owes (``sync`` writes them)."""
+        return len(self._updates) + len(self._removals)
+
+    # -- bodies ------------------------------------------------------------------------
+
+    async def prefetch(self, meta: JobMeta) -> None:
+        """Bring ``meta``'s bodies into the cache (a worker thread); ``KeyError`` if gone."""
+        if _cached(meta):
+            await trio.lowlevel.checkpoint()
+            return
+        await self.acall(lambda conn: fetch_bodies(conn, meta))
+
+    def _ensure(self, job_id: str, path: str) -> None:
+        if os.path.exists(path):
+            return
+        with contextlib.suppress(KeyError, SpoolError):   # then open_file_body says "missing"
+            meta = self.get(job_id)
+            self.call(lambda conn: fetch_bodies(conn, meta))
+
+    def open_body(self, file: FileMeta) -> Body:
+        self._ensure(os.path.basename(file.path).split(".", 1)[0], file.path)
+        return open_file_body(file.path, 0, file.bytes)
+
+    def open_control(self, job: JobMeta) -> Body:
+        self._ensure(job.id, job.control_path)
+        return open_file_body(job.control_path, 0, job.control_bytes)
+
+    # -- bookkeeping -------------------------------------------------------------------
+
+    @property
+    def index(self) -> SpoolIndex | None:
+        return self._index
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.directory)
+        return st.f_bavail * st.f_frsize
+
+    def usage(self) -> SpoolUsage:
+        if self._index is not None:
+            return SpoolUsage(jobs=len(self._index), bytes=self._index.bytes,
+                              free_bytes=self.free_bytes(),
+                              by_queue_state=dict(self._index.counts()))
+        jobs = self.jobs()
+        return SpoolUsage(jobs=len(jobs), bytes=sum(j.total_bytes + j.control_bytes for j in jobs),
+                          free_bytes=self.free_bytes(),
+                          by_queue_state=dict(Counter((j.queue, j.state) for j in jobs)))
+
+    def statistics(self) -> SpoolStatistics:
+        group = self._group.statistics()
+        return SpoolStatistics(
+            commits=self._stats["commits"], batches=group.batches,
+            sync_calls=self._stats["transactions"], largest_batch=group.largest_batch,
+            discarded=self._stats["discarded"], discarded_bytes=self._stats["discarded_bytes"],
+            recovered=0, sync_method="postgresql")
+
+    async def aclose(self) -> None:
+        """Wait for a running commit, write what is owed (bounded), close the pool."""
+        await self._group.wait_idle()
+        if self._pool is not None:
+            with trio.move_on_after(self.config.db_timeout):
+                await self.sync()
+            pool, self._pool = self._pool, None
+            await trio.to_thread.run_sync(close_pool, pool)
+        self._release_lock()
+
+
+def _cached(meta: JobMeta) -> bool:
+    # A local stat or two per job, like the local spool's own opens: not worth a thread.
+    return all(os.path.exists(p) for p in (meta.control_path, *(f.path for f in meta.files)))
+
+
+def _is_a_backend(spool: PgSpool) -> SpoolBackend[IncomingJob]:
+    return spool  # checked by mypy: PgSpool implements relay.spoolbackend's interface
