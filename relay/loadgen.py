@@ -145,12 +145,12 @@ def make_payload(size: int, payload: bytes | None = None) -> bytes:
 
 
 def load(uri: str, *, jobs: int, concurrency: int, size: int, mode: str = "count",
-         first: int = 0, io_timeout: float = 30.0,
+         first: int = 0, io_timeout: float = 30.0, payload: bytes | None = None,
          done: Callable[[], object] | None = None) -> LoadResult:
     """The fast path in this process: ``jobs`` jobs to ``uri`` (lpd:// or lpds://)."""
     dest = parse_destination(uri)
     ctx = client.tls_context(dest) if dest.scheme == "lpds" else None
-    return run_fast(dest, jobs=jobs, concurrency=concurrency, data=make_payload(size),
+    return run_fast(dest, jobs=jobs, concurrency=concurrency, data=make_payload(size, payload),
                     mode=mode, io_timeout=io_timeout, first=first, ctx=ctx, done=done)
 
 
