@@ -59,7 +59,7 @@ def job_steps(n: int, *, queue: str, host: str, data: bytes, mode: str = "count"
 
 
 class _Conn:
-    __slots__ = ("deadline", "n", "out", "parser", "sock", "start", "state", "steps")
+    __slots__ = ("deadline", "mask", "n", "out", "parser", "sock", "start", "state", "steps")
 
     def __init__(self, sock: socket.socket, n: int, steps: list[list[bytes]],
                  deadline: float) -> None:
@@ -67,6 +67,7 @@ class _Conn:
         self.n = n
         self.steps = steps
         self.state = -2            # -2 connecting, -1 TLS handshake, >= 0 step awaiting reply
+        self.mask = _OUT           # the events epoll waits for on it
         self.out: list[memoryview] = []
         self.parser: _core.ReplyParser | None = None
         self.start = time.perf_counter()
@@ -141,7 +142,7 @@ class FastLoad:
         conn.deadline = time.monotonic() + self.timeout
         try:
             if conn.state == -2:
-                self._connected(conn)
+                self._connected(conn, events)
             elif conn.state == -1:
                 self._handshake(conn)
             elif conn.out:
@@ -154,29 +155,33 @@ class FastLoad:
             self._fail(conn, "refused" if conn.state == -2 else "closed"
                        if exc.errno in (errno.ECONNRESET, errno.EPIPE) else "error")
 
-    def _connected(self, conn: _Conn) -> None:
-        if conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+    def _connected(self, conn: _Conn, events: int) -> None:
+        if events & (select.EPOLLERR | select.EPOLLHUP):   # the connect failed
             self._fail(conn, "refused")
             return
         if self.ctx is None:
             self._begin(conn, 0)
             return
-        fd = conn.sock.fileno()
         conn.sock = self.ctx.wrap_socket(conn.sock, do_handshake_on_connect=False,
                                          server_hostname=self.dest.servername or self.dest.host)
         conn.state = -1
-        self.poll.modify(fd, _IN | _OUT)
+        self._want(conn, _IN | _OUT)
         self._handshake(conn)
+
+    def _want(self, conn: _Conn, mask: int) -> None:
+        if conn.mask != mask:          # one epoll_ctl only when it changes
+            self.poll.modify(conn.sock.fileno(), mask)
+            conn.mask = mask
 
     def _handshake(self, conn: _Conn) -> None:
         assert isinstance(conn.sock, ssl.SSLSocket)
         try:
             conn.sock.do_handshake()
         except ssl.SSLWantReadError:
-            self.poll.modify(conn.sock.fileno(), _IN)
+            self._want(conn, _IN)
             return
         except ssl.SSLWantWriteError:
-            self.poll.modify(conn.sock.fileno(), _OUT)
+            self._want(conn, _OUT)
             return
         self._begin(conn, 0)
 
@@ -194,7 +199,7 @@ class FastLoad:
             try:
                 sent = sock.send(head[:_CHUNK] if tls else head)
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                self.poll.modify(sock.fileno(), _OUT)
+                self._want(conn, _OUT)
                 return
             if sent == len(head):
                 out.pop(0)
@@ -202,7 +207,7 @@ class FastLoad:
                 out[0] = head[sent:]
         if conn.state == len(conn.steps) - 1 and self.mode != "count":
             sock.shutdown(socket.SHUT_WR)     # stream/windows: the data ends here
-        self.poll.modify(sock.fileno(), _IN)
+        self._want(conn, _IN)
 
     def _readable(self, conn: _Conn) -> None:
         try:
