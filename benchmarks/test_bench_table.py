@@ -165,3 +165,15 @@ def test_forward_relay_to_lprng(tmp_path: Path, benchmark: Any) -> None:
     (row,) = table.rows_for(_rl_rows)
     _run(benchmark, row, lambda i: _relay_to_lprng(tmp_path / f"r{i}"),
          lambda i: _intake_lprng(tmp_path / f"l{i}", JOBS, 8))
+
+
+def test_a_row_that_did_not_run_says_why() -> None:
+    def make(**_: Any) -> table.RowSpecs:
+        return [("a row without its peer", {"unit": "x", "baseline_name": "b",
+                                             "target": ">= 1x", "min_ratio": 1.0})]
+    try:
+        table.mark_not_run(make, {}, "skipped: LPRng is not installed")
+        line = next(x for x in table.render(1).splitlines() if "a row without" in x)
+        assert "skipped: LPRng is not installed" in line and line.endswith("| - |")
+    finally:
+        table.ROWS.pop("a row without its peer", None)
