@@ -7,7 +7,8 @@ ratio goes into ``benchmark.extra_info`` and onto the terminal summary, so
 scales every size, e.g. ``LPD_BENCH_SCALE=0.01 pytest benchmarks
 --benchmark-disable`` as a quick smoke run.  The targets table
 (``test_bench_table.py``, ``benchmarks.table``) is printed last and written to
-``benchmarks/results/``.
+``benchmarks/results/``; a table row whose benchmark was skipped or failed
+says so there (``skipped: reason``) instead of stopping the table.
 """
 
 from __future__ import annotations
@@ -47,6 +48,24 @@ def record(benchmark: Any, pair: str, side: str, work: float, unit: str) -> None
     if (pair, num) in _TIMES and (pair, den) in _TIMES:
         RATIOS[pair] = _TIMES[pair, num] / _TIMES[pair, den]
         benchmark.extra_info[f"ratio_{num}_over_{den}"] = RATIOS[pair]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: Any, call: Any) -> Any:
+    """A skipped or failed table benchmark: its rows say why (``@table.rows``)."""
+    outcome = yield
+    report = outcome.get_result()
+    make = getattr(getattr(item, "function", None), "table_rows", None)
+    if make is None or not (report.skipped or report.failed):
+        return
+    from benchmarks import table
+    params = dict(getattr(getattr(item, "callspec", None), "params", {}))
+    if report.skipped and isinstance(report.longrepr, tuple):
+        note = f"skipped: {report.longrepr[2].removeprefix('Skipped: ')}"
+    else:
+        text = str(call.excinfo.value) if call.excinfo is not None else report.outcome
+        note = f"failed: {text.splitlines()[0] if text else report.when}"
+    table.mark_not_run(make, params, note)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -1,13 +1,18 @@
-"""Printing a benchmark module's own results once its benchmarks ran.
+"""Printing a benchmark module's own results, and what a relay's processes cost.
 
 Each module keeps a ``RESULTS`` dict and turns it into lines; this prints
 them on the terminal with pytest's output capture off, from a module-scoped
-fixture after its ``yield``.
+fixture after its ``yield``.  ``tree_cpu`` and ``tree_rss_kib`` read
+``/proc`` for a relay and all its processes (workers and other children
+count as the relay's own cost).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -23,3 +28,47 @@ def print_lines(request: Any, lines: Callable[[], list[str]]) -> None:
     with capture.global_and_fixture_disabled():
         for line in text:
             reporter.write_line(line)
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (field 3 onwards)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every live descendant (by parent pid, from ``/proc``)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                parents.setdefault(int(_stat(int(entry))[1]), []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += parents.get(current, [])
+    return tree
+
+
+def tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid``, its live descendants and its reaped children."""
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            fields = _stat(member)
+            total += int(fields[11]) + int(fields[12])
+            if member == pid:
+                total += int(fields[13]) + int(fields[14])   # cutime + cstime
+    return total / _TICK
+
+
+def tree_rss_kib(pid: int) -> int:
+    """VmRSS summed over ``pid`` and its live descendants, KiB."""
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{member}/status") as f:
+            total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return total

@@ -7,6 +7,11 @@ table ``make bench`` prints; ``write`` stores it with the raw rounds as
 ``benchmarks/results/latest.md`` and ``latest.json`` (at a reduced
 ``LPD_BENCH_SCALE``: ``latest-scale<s>.*``, so a smoke run never replaces
 a real one).
+
+A row whose benchmark is skipped (a missing peer, not root) or fails shows
+``skipped: reason`` (or ``failed: ...``) in place of its numbers: the table
+is always printed.  A table benchmark names its rows with ``@table.rows(...)``
+so the conftest can mark them even when the test never ran its body.
 """
 
 from __future__ import annotations
@@ -15,8 +20,13 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+RowSpecs = list[tuple[str, dict[str, Any]]]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -33,6 +43,7 @@ class Row:
     max_value: float | None = None    # an upper bound on the relay's value (CPU, RSS)
     relay: list[float] = field(default_factory=list)
     baseline: list[float] = field(default_factory=list)
+    note: str = ""                    # "skipped: reason" / "failed: reason"
 
     def ratios(self) -> list[float]:
         return [r / b for r, b in zip(self.relay, self.baseline, strict=False) if b]
@@ -64,11 +75,58 @@ def row(workload: str, **spec: object) -> Row:
     return ROWS[workload]
 
 
+def rows(make: Callable[..., RowSpecs]) -> Callable[[F], F]:
+    """Mark a benchmark with the rows it fills: ``make(**params)`` gives (workload, spec)s."""
+    def mark(fn: F) -> F:
+        fn.table_rows = make  # type: ignore[attr-defined]
+        return fn
+    return mark
+
+
+def rows_for(make: Callable[..., RowSpecs], **params: Any) -> list[Row]:
+    """The rows ``make`` names for these parameters (created the first time)."""
+    return [row(workload, **spec) for workload, spec in make(**params)]
+
+
+def mark_not_run(make: Callable[..., RowSpecs], params: dict[str, Any], note: str) -> None:
+    """``note`` ("skipped: ...") on each of ``make``'s rows that has no numbers."""
+    for r in rows_for(make, **params):
+        if not r.relay and not r.note:
+            r.note = note[:120]
+
+
+def alternate(rounds: int, relay: Callable[[int], float],
+              baseline: Callable[[int], float]) -> tuple[list[float], list[float]]:
+    """``rounds`` rounds of both sides, the first side alternating; round index passed."""
+    ours: list[float] = []
+    theirs: list[float] = []
+    for i in range(rounds):
+        if i % 2 == 0:
+            ours.append(relay(i))
+            theirs.append(baseline(i))
+        else:
+            theirs.append(baseline(i))
+            ours.append(relay(i))
+    return ours, theirs
+
+
+def run(benchmark: Any, r: Row, rounds: int, relay: Callable[[int], float],
+        baseline: Callable[[int], float]) -> None:
+    """``alternate`` under pytest-benchmark (one timed call); the rounds go into ``r``."""
+    ours, theirs = benchmark.pedantic(alternate, args=(rounds, relay, baseline),
+                                      rounds=1, iterations=1)
+    r.relay += ours
+    r.baseline += theirs
+    benchmark.extra_info.update(relay=ours, baseline=theirs)
+
+
 def _num(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:,.3g}"
 
 
 def _cells(r: Row) -> list[str]:
+    if r.note and not r.relay:
+        return [r.workload, r.note, r.baseline_name or "-", "-", "-", r.target, "-"]
     relay = f"{_num(statistics.median(r.relay))} {r.unit}" if r.relay else "-"
     base = (f"{_num(statistics.median(r.baseline))} {r.unit} ({r.baseline_name})"
             if r.baseline else r.baseline_name or "-")

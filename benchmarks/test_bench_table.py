@@ -21,7 +21,7 @@ import pytest
 from benchmarks import table
 from benchmarks.relaypair import _wait_delivered, drain_cpu, process_cpu, relay_to_relay
 from benchmarks.test_bench_forward import JOBS, _feed_and_wait
-from benchmarks.test_bench_inbound import _load
+from relay.loadgen import load
 from tests.daemon import DaemonThread, RelayProcess, relay_config, write_config_file
 from tests.peers import LprngServer, release_time_wait
 
@@ -37,28 +37,17 @@ def _n(full: int, least: int = 20) -> int:
     return max(least, int(full * SCALE))
 
 
-def _alternate(rounds: int, relay: Callable[[int], float],
-               baseline: Callable[[int], float]) -> tuple[list[float], list[float]]:
-    """``rounds`` rounds of both sides, the first side alternating; round index passed."""
-    ours: list[float] = []
-    theirs: list[float] = []
-    for i in range(rounds):
-        if i % 2 == 0:
-            ours.append(relay(i))
-            theirs.append(baseline(i))
-        else:
-            theirs.append(baseline(i))
-            ours.append(relay(i))
-    return ours, theirs
+def _load(port: int, queue: str, jobs: int, concurrency: int) -> float:
+    """jobs/s of the load generator's fast path (about 0.1 ms of its CPU a job)."""
+    result = load(f"lpd://127.0.0.1:{port}/{queue}", jobs=jobs, concurrency=concurrency,
+                  size=1024)
+    assert result.ok == jobs, result.failures
+    return result.jobs_per_second
 
 
 def _run(benchmark: Any, row: table.Row, relay: Callable[[int], float],
          baseline: Callable[[int], float]) -> None:
-    ours, theirs = benchmark.pedantic(_alternate, args=(ROUNDS, relay, baseline),
-                                      rounds=1, iterations=1)
-    row.relay += ours
-    row.baseline += theirs
-    benchmark.extra_info.update(relay=ours, baseline=theirs)
+    table.run(benchmark, row, ROUNDS, relay, baseline)
 
 
 def _intake_relay(tmp: Path, jobs: int, concurrency: int,
@@ -85,19 +74,28 @@ def _intake_lprng(tmp: Path, jobs: int, concurrency: int) -> float:
         return _load(lprng.port, "q", jobs, concurrency)
 
 
+def _intake_rows(concurrency: int, jobs: int, target: float, **_: Any) -> table.RowSpecs:
+    n = _n(jobs, least=64 if concurrency > 1 else 20)
+    specs: table.RowSpecs = [(
+        f"intake, 1 KiB, c={concurrency} ({n:,} jobs; LPRng {min(n, LPRNG_MAX)})",
+        {"unit": "jobs/s", "baseline_name": "LPRng lpd", "target": f">= {target:g}x LPRng",
+         "min_ratio": target})]
+    if concurrency == 64:
+        specs.append(("CPU per 1 KiB job, intake + dir:// delivery (c=64)",
+                      {"unit": "ms", "baseline_name": "", "target": "<= 0.4 ms",
+                       "max_value": 0.4}))
+    return specs
+
+
 @pytest.mark.peers
 @pytest.mark.parametrize(("concurrency", "jobs", "target"),
                          [(64, 3000, 10.0), (1, 500, 1.5), (512, 2000, 10.0)])
+@table.rows(_intake_rows)
 def test_intake(tmp_path: Path, benchmark: Any, concurrency: int, jobs: int,
                 target: float) -> None:
     n = _n(jobs, least=64 if concurrency > 1 else 20)
-    row = table.row(f"intake, 1 KiB, c={concurrency} ({n:,} jobs; LPRng {min(n, LPRNG_MAX)})",
-                    unit="jobs/s", baseline_name="LPRng lpd", target=f">= {target:g}x LPRng",
-                    min_ratio=target)
-    cpu_row = None
-    if concurrency == 64:
-        cpu_row = table.row("CPU per 1 KiB job, intake + dir:// delivery (c=64)", unit="ms",
-                            baseline_name="", target="<= 0.4 ms", max_value=0.4)
+    row, *cpu = table.rows_for(_intake_rows, concurrency=concurrency, jobs=jobs, target=target)
+    cpu_row = cpu[0] if cpu else None
     _run(benchmark, row,
          lambda i: _intake_relay(tmp_path / f"relay{i}", n, concurrency, cpu_row),
          lambda i: _intake_lprng(tmp_path / f"lprng{i}", min(n, LPRNG_MAX), concurrency))
@@ -109,25 +107,35 @@ def _lprng_to_lprng(tmp: Path) -> float:
         return _feed_and_wait(fw.port, "fwd", up)
 
 
+def _rr_rows(**_: Any) -> table.RowSpecs:
+    return [(f"forwarding relay -> relay, {_n(5000, least=50):,} x 1 KiB fed at c=16, lpd://B/q",
+             {"unit": "jobs/s", "baseline_name": "LPRng -> LPRng",
+              "target": ">= 1,000 jobs/s (>= 50x LPRng -> LPRng)", "min_ratio": 50.0,
+              "min_value": 1000.0})]
+
+
 @root_only
 @pytest.mark.peers
+@table.rows(_rr_rows)
 def test_forward_relay_to_relay(tmp_path: Path, benchmark: Any) -> None:
     n = _n(5000, least=50)
-    row = table.row(f"forwarding relay -> relay, {n:,} x 1 KiB fed at c=16, lpd://B/q",
-                    unit="jobs/s", baseline_name="LPRng -> LPRng",
-                    target=">= 1,000 jobs/s (>= 50x LPRng -> LPRng)", min_ratio=50.0,
-                    min_value=1000.0)
+    (row,) = table.rows_for(_rr_rows)
     _run(benchmark, row,
          lambda i: relay_to_relay(tmp_path / f"rr{i}", jobs=n).jobs_per_second,
          lambda i: _lprng_to_lprng(tmp_path / f"ll{i}"))
 
 
+def _sender_rows(**_: Any) -> table.RowSpecs:
+    return [(f"sender CPU per job, draining {_n(1000, least=50):,} spooled 1 KiB jobs to a relay",
+             {"unit": "ms", "baseline_name": "one job a connection, ?batch=1",
+              "target": "<= 0.5x one job a connection", "max_ratio": 0.5})]
+
+
 @root_only
+@table.rows(_sender_rows)
 def test_forward_sender_cpu(tmp_path: Path, benchmark: Any) -> None:
     n = _n(1000, least=50)
-    row = table.row(f"sender CPU per job, draining {n:,} spooled 1 KiB jobs to a relay",
-                    unit="ms", baseline_name="one job a connection, ?batch=1",
-                    target="<= 0.5x one job a connection", max_ratio=0.5)
+    (row,) = table.rows_for(_sender_rows)
     _run(benchmark, row,
          lambda i: drain_cpu(tmp_path / f"auto{i}", jobs=n)[1],
          lambda i: drain_cpu(tmp_path / f"one{i}", jobs=n, query="?batch=1")[1])
@@ -144,11 +152,28 @@ def _relay_to_lprng(tmp: Path) -> float:
     return rate
 
 
+def _rl_rows(**_: Any) -> table.RowSpecs:
+    return [(f"forwarding relay -> LPRng ({JOBS} jobs, c=8)",
+             {"unit": "jobs/s", "baseline_name": "LPRng's own intake, c=8",
+              "target": ">= 0.9x LPRng's intake", "min_ratio": 0.9})]
+
+
 @root_only
 @pytest.mark.peers
+@table.rows(_rl_rows)
 def test_forward_relay_to_lprng(tmp_path: Path, benchmark: Any) -> None:
-    row = table.row(f"forwarding relay -> LPRng ({JOBS} jobs, c=8)", unit="jobs/s",
-                    baseline_name="LPRng's own intake, c=8",
-                    target=">= 0.9x LPRng's intake", min_ratio=0.9)
+    (row,) = table.rows_for(_rl_rows)
     _run(benchmark, row, lambda i: _relay_to_lprng(tmp_path / f"r{i}"),
          lambda i: _intake_lprng(tmp_path / f"l{i}", JOBS, 8))
+
+
+def test_a_row_that_did_not_run_says_why() -> None:
+    def make(**_: Any) -> table.RowSpecs:
+        return [("a row without its peer", {"unit": "x", "baseline_name": "b",
+                                             "target": ">= 1x", "min_ratio": 1.0})]
+    try:
+        table.mark_not_run(make, {}, "skipped: LPRng is not installed")
+        line = next(x for x in table.render(1).splitlines() if "a row without" in x)
+        assert "skipped: LPRng is not installed" in line and line.endswith("| - |")
+    finally:
+        table.ROWS.pop("a row without its peer", None)
