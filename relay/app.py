@@ -18,6 +18,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import cast
 
 import orjson
 import trio
@@ -40,6 +41,7 @@ from relay.server import LpdServer
 from relay.sinks import SinkContext, config_warnings, make_sink
 from relay.spool import Recovery, Spool
 from relay.uri import format_hostport
+from relay.workers import WorkerPool
 
 # How often the daemon writes what a full disk refused (delivery state, the
 # daemon.json); a delivery that frees space writes it at once (Spool.sync).
@@ -81,7 +83,8 @@ def build_scheduler(config: Config, spool: Spool, metrics: Metrics,
     return Scheduler(runners, spool, states)
 
 
-def _health(server: LpdServer, spool: Spool, config: Config) -> Callable[[], tuple[bool, str]]:
+def _health(server: LpdServer | WorkerPool, spool: Spool,
+            config: Config) -> Callable[[], tuple[bool, str]]:
     def check() -> tuple[bool, str]:
         if not server.listeners or any(s.fileno() < 0 for s in server.listeners):
             return False, "LPD listener down"
@@ -109,7 +112,7 @@ async def _spool_upkeep(spool: Spool, write_info: Callable[[], bool], info_writt
         info_written = info_written or write_info()
 
 
-async def _watch_signals(server: LpdServer, notifier: sdnotify.Notifier,
+async def _watch_signals(server: LpdServer | WorkerPool, notifier: sdnotify.Notifier,
                          reload: Callable[[], None],
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -148,8 +151,7 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
         scheduler = build_scheduler(config, spool, metrics, context, states)
         for job in recovery.jobs:
             scheduler.submit(job)
-        server = LpdServer(config.server, spool=spool, router=QueueRouter(config, states),
-                           delivery=scheduler, metrics=metrics)
+        server = _intake(config, spool, QueueRouter(config, states), scheduler, metrics)
         log.event("info", "started", version=__version__, recovered=len(recovery.jobs),
                   discarded=recovery.discarded)
         async with trio.open_nursery() as nursery:
@@ -161,8 +163,8 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
             nursery.start_soon(scheduler.run)
             notifier = sdnotify.Notifier.from_environ()
             reloader = Reloader(config=config, spool=spool, metrics=metrics,
-                                scheduler=scheduler, server=server, sinks=context,
-                                pools=_origin_pools)
+                                scheduler=scheduler, server=cast(LpdServer, server),
+                                sinks=context, pools=_origin_pools)   # the same reload face
             info = DaemonInfo(config.server.spool_dir, server,
                               reload=ReloadOutcome(0, "none").as_json())
             if handle_signals:
@@ -183,10 +185,23 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
             await spool.aclose()
 
 
+def _intake(config: Config, spool: Spool, router: QueueRouter, scheduler: Scheduler,
+            metrics: Metrics) -> LpdServer | WorkerPool:
+    """This process's LPD server, or the intake worker processes (``[server] workers``)."""
+    if config.server.workers > 1:
+        return WorkerPool(config, spool=spool, router=router, delivery=scheduler,
+                          metrics=metrics)
+    return LpdServer(config.server, spool=spool, router=router, delivery=scheduler,
+                     metrics=metrics)
+
+
 def _reload(reloader: Reloader, notifier: sdnotify.Notifier, info: DaemonInfo) -> None:
     """One SIGHUP: reload, tell systemd around it, record the outcome in daemon.json."""
     sdnotify.reloading(notifier)
     outcome = reloader.apply()
+    server: object = reloader.server
+    if outcome.outcome == "ok" and isinstance(server, WorkerPool):
+        server.reloaded(reloader.config)    # the workers reload too
     info.reload = outcome.as_json()
     info.write()
     sdnotify.reloaded(notifier, outcome.outcome)
@@ -200,7 +215,7 @@ class DaemonInfo:
     """daemon.json's content: where the daemon listens now and its last reload."""
 
     spool_dir: os.PathLike[str] | str
-    server: LpdServer
+    server: LpdServer | WorkerPool
     reload: dict[str, object] | None = None
 
     def write(self) -> bool:
@@ -260,6 +275,8 @@ def _banner(config: Config, lpd: list[tuple[str, int]], mbound: tuple[str, int] 
             label = "any queue" if name == "*" else f"queue {name}"
             lines.append(f"{label} -> {sink.describe()}")
     lines += [f"warning: {w}" for w in config_warnings(config)]   # also logged by the runners
+    if config.server.workers > 1:
+        lines.append(f"intake in {config.server.workers} worker processes")
     lines.append(f"spool {config.server.spool_dir}: {len(recovery.jobs)} "
                  f"job(s) recovered, {recovery.discarded} partial discarded")
     if mbound:

@@ -59,6 +59,7 @@ from relay.configschema import (
     to_size,
     to_string,
     to_table,
+    to_workers,
     unknown_key,
 )
 from relay.errors import ConfigError
@@ -154,6 +155,7 @@ class ServerConfig:
     tls: TlsConfig | None = None           # the [tls] section when listen_tls is set
     proxy_protocol: bool = False           # SPEC §9: PROXY headers from proxy_trusted
     proxy_trusted: tuple[Network, ...] = ()
+    workers: int = 1                       # intake processes (SPEC §12); 1 = this one
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -234,6 +236,7 @@ _SERVER: Schema = {
     "listen_tls": (list_of(_listen, '"host:port" addresses', lone=True), []),  # SPEC §9
     "proxy_protocol": (to_bool, False),                                         # SPEC §9
     "proxy_trusted": (list_of(to_network, "networks"), []),                     # SPEC §9
+    "workers": (to_workers, "auto"),                                            # SPEC §12
 }
 _TLS: Schema = {
     "cert": (_file, ""),
@@ -278,6 +281,7 @@ _BOUNDS: dict[str, Bounds] = {
         "max_job_size": Range(1, 2**44, "size"),          # 16 TiB, ext4's file limit
         "max_control_size": Range(1, 16 * 2**20, "size"),
         "graceful_timeout": Range(0, 3600, "duration"),
+        "workers": Range(1, 256),
     },
     "origin_ports": {"linger": Range(0, 3600, "duration")},
     "retry": {

@@ -9,9 +9,9 @@ module imports the one that imports it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from relay import status
 from relay.buffers import BufferPool
@@ -45,3 +45,6 @@ class ConnectionContext:
     # Partial jobs whose removal failed (spool unwritable for a while): retried
     # when the next job starts, so a repaired spool keeps no debris.
     leftovers: list[IncomingJob] = field(default_factory=list)
+    # In an intake worker process: the one-shot commands (lpq, lprm, lpc) are
+    # answered by the main process (relay.intakeworker); None = here.
+    answer: Callable[[ConnectionContext, Any, str, int], Awaitable[bytes]] | None = None

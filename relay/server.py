@@ -49,19 +49,26 @@ BUSY = bytes([REPLY_RETRY_LATER]) + b"lpd-relay: server busy (max_connections), 
 
 
 def open_listener(listen: Listen, backlog: int = 1024, *, key: str = "server.listen",
-                  ) -> trio.socket.SocketType:
+                  reuse_port: bool = False, accept: bool = True) -> trio.socket.SocketType:
     """Bind one listening socket; IPv6 sockets are v6-only so [::] and 0.0.0.0 coexist.
 
     A failure is a ``BindError`` naming ``key``, the config key of ``listen``.
+    ``reuse_port``: SO_REUSEPORT, so the intake workers share the port
+    (docs/architecture.md, "Processes"); ``accept`` False binds without
+    listening: the main process holds the port and the kernel hands it no
+    connection.
     """
     family = pysocket.AF_INET6 if ":" in listen.host else pysocket.AF_INET
     sock = pysocket.socket(family, pysocket.SOCK_STREAM)
     try:
         sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_REUSEPORT, 1)
         if family == pysocket.AF_INET6:
             sock.setsockopt(pysocket.IPPROTO_IPV6, pysocket.IPV6_V6ONLY, 1)
         sock.bind((listen.host, listen.port))   # numeric host: no lookup, no await
-        sock.listen(backlog)
+        if accept:
+            sock.listen(backlog)
     except OSError as exc:
         sock.close()
         raise BindError(key, str(listen), exc) from exc
@@ -97,6 +104,7 @@ class LpdServer:
         self._accepts: trio.Nursery | None = None
         self._connections: trio.Nursery | None = None
         self.closed = trio.Event()
+        self.reuse_port = False    # an intake worker: SO_REUSEPORT beside its siblings
 
     async def serve(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]]
                     = trio.TASK_STATUS_IGNORED) -> None:
@@ -104,7 +112,8 @@ class LpdServer:
         self._seed_catch_all()
         opened = self.open_listeners(self.config.listen)
         try:   # TLS listeners stay as started: listen_tls changes need a restart
-            tls_listeners = [open_listener(listen, key=f"server.listen_tls[{i}]")
+            tls_listeners = [open_listener(listen, key=f"server.listen_tls[{i}]",
+                                           reuse_port=self.reuse_port)
                              for i, listen in enumerate(self.config.listen_tls)]
         except BaseException:
             for sock in opened.values():
@@ -136,7 +145,8 @@ class LpdServer:
         try:
             for i, address in enumerate(listen):
                 if address not in self._by_listen and address not in opened:
-                    opened[address] = open_listener(address, key=f"server.listen[{i}]")
+                    opened[address] = open_listener(address, key=f"server.listen[{i}]",
+                                                    reuse_port=self.reuse_port)
         except BaseException:
             for sock in opened.values():
                 sock.close()
