@@ -151,7 +151,8 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
         scheduler = build_scheduler(config, spool, metrics, context, states)
         for job in recovery.jobs:
             scheduler.submit(job)
-        server = _intake(config, spool, QueueRouter(config, states), scheduler, metrics)
+        server = _intake(config, spool, QueueRouter(config, states), scheduler, metrics,
+                         registry)
         log.event("info", "started", version=__version__, recovered=len(recovery.jobs),
                   discarded=recovery.discarded)
         async with trio.open_nursery() as nursery:
@@ -186,11 +187,11 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
 
 
 def _intake(config: Config, spool: Spool, router: QueueRouter, scheduler: Scheduler,
-            metrics: Metrics) -> LpdServer | WorkerPool:
+            metrics: Metrics, registry: CollectorRegistry) -> LpdServer | WorkerPool:
     """This process's LPD server, or the intake worker processes (``[server] workers``)."""
     if config.server.workers > 1:
         return WorkerPool(config, spool=spool, router=router, delivery=scheduler,
-                          metrics=metrics)
+                          metrics=metrics, registry=registry)
     return LpdServer(config.server, spool=spool, router=router, delivery=scheduler,
                      metrics=metrics)
 

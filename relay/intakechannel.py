@@ -8,7 +8,9 @@ once (one per connection waiting for its commit), matched by ``rid``.  The
 *call* socket (SOCK_SEQPACKET) is for the two things intake must learn
 without awaiting, because the connection code asks for them in plain
 function calls: a spool file for a data file too large to keep in memory
-(its descriptor comes back with SCM_RIGHTS), and "discard that job".
+(its descriptor comes back with SCM_RIGHTS), and "discard that job".  The
+*metrics* socket (SOCK_SEQPACKET) lets the main process read a worker's
+metric values at the moment its registry is read (``MetricsClient``).
 Pickle is safe here: both ends are this program, started by itself.
 """
 
@@ -19,7 +21,9 @@ import copyreg
 import pickle
 import socket as pysocket
 import struct
+import threading
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,12 +33,13 @@ from relay.config import Config
 from relay.errors import DiskFull, ProtocolError, SpoolError
 
 __all__ = ["CallClient", "Channel", "Command", "Commit", "Control", "Counts", "Discard",
-           "Failure", "Init", "Open", "Ready", "Reload", "Reply", "Stop", "call_pair",
-           "raise_failure", "stream_pair"]
+           "Failure", "Init", "MetricsClient", "Open", "Ready", "Reload", "Reply", "Stop",
+           "call_pair", "raise_failure", "serve_metrics", "stream_pair"]
 
 _LENGTH = struct.Struct("!I")
 MAX_MESSAGE = 1 << 30          # a small job is <= 64 KiB plus its control file
 MAX_CALL = 64 * 1024           # one call-socket datagram
+MAX_MESSAGE_METRICS = 4 << 20  # one worker's metric values (a few hundred series)
 
 
 def _mapping(items: dict[Any, Any]) -> types.MappingProxyType[Any, Any]:
@@ -94,9 +99,9 @@ class Command:
 
 @dataclass(frozen=True, slots=True)
 class Counts:
-    """Metric changes since the last ``Counts``: (family, labels) -> delta."""
+    """The worker's counter and gauge values: (family, labels) -> value."""
 
-    deltas: dict[tuple[str, tuple[tuple[str, str], ...]], float]
+    values: dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +250,39 @@ class CallClient:
 
     def tell(self, message: Discard) -> None:
         self.sock.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+class MetricsClient:
+    """The main process's blocking side of a worker's metrics socket (any thread)."""
+
+    def __init__(self, sock: pysocket.socket, timeout: float = 1.0) -> None:
+        sock.settimeout(timeout)
+        self.sock = sock
+        self._lock = threading.Lock()
+
+    def values(self) -> Counts | None:
+        """The worker's values now; None when it does not answer."""
+        with self._lock:
+            try:
+                self.sock.send(b"?")
+                data = self.sock.recv(MAX_MESSAGE_METRICS)
+            except OSError:
+                return None
+        if not data:
+            return None
+        counts = pickle.loads(data)
+        return counts if isinstance(counts, Counts) else None
+
+    def close(self) -> None:
+        with self._lock:
+            self.sock.close()
+
+
+def serve_metrics(sock: pysocket.socket, read: Callable[[], Counts]) -> None:
+    """The worker's side, in a thread of its own: answer each request with ``read()``."""
+    with sock:
+        while sock.recv(16):
+            sock.send(pickle.dumps(read(), protocol=pickle.HIGHEST_PROTOCOL))
 
 
 async def receive_call(sock: trio.socket.SocketType) -> object:

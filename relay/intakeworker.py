@@ -1,6 +1,6 @@
 """One intake worker process: the LPD server with a spool that lives in the main process.
 
-Started by ``relay.workers`` as ``python -m relay.intakeworker STREAM_FD CALL_FD``
+Started by ``relay.workers`` as ``python -m relay.intakeworker`` with four descriptors
 (docs/architecture.md, "Processes").  It runs the unchanged
 ``relay.server.LpdServer`` and ``relay.connection.Connection`` on its own
 ``SO_REUSEPORT`` listeners; what they ask of the spool is answered by
@@ -17,9 +17,12 @@ Started by ``relay.workers`` as ``python -m relay.intakeworker STREAM_FD CALL_FD
 * the one-shot commands go to the main process (``Command``), which answers
   for the whole daemon (lpq, lprm, lpc), and the bytes come back here.
 
-Metric changes reach the main process as deltas (``Counts``) every
-``COUNTS_INTERVAL``.  The worker exits when its channel closes (the main
-process is gone) and stops gracefully on ``Stop`` or SIGTERM.
+The main process reads this worker's metric values whenever its own
+registry is read (a scrape, a test), over the metrics socket answered by a
+thread here, so /metrics is exact; they are also pushed every
+``COUNTS_INTERVAL`` so a worker that dies loses at most that much.  The
+worker exits when its channel closes (the main process is gone) and stops
+gracefully on ``Stop`` or SIGTERM.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import os
 import signal
 import socket as pysocket
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from typing import cast
@@ -40,6 +44,7 @@ from prometheus_client import CollectorRegistry
 
 from relay import _core, log
 from relay.config import CATCH_ALL, Config
+from relay.connectioncounts import SharedCounts
 from relay.errors import DiskFull, SpoolError
 from relay.groupcommit import disk_error, start_writeback, write_all
 from relay.intakechannel import (
@@ -57,6 +62,7 @@ from relay.intakechannel import (
     Reply,
     Stop,
     raise_failure,
+    serve_metrics,
 )
 from relay.metrics import Metrics
 from relay.queues import QueueRouter
@@ -69,7 +75,7 @@ from relay.status import QueueState
 IN_MEMORY_MAX = 64 * 1024
 WRITEBACK_CHUNK = 8 << 20      # as relay.spooljob: start writeback every 8 MiB under fsync
 FREE_SPACE_TTL = 0.5           # as relay.spool: a free-space reading is good this long
-COUNTS_INTERVAL = 0.1
+COUNTS_INTERVAL = 1.0
 # Counted by the main process as it commits (exact at the moment of the ack).
 MAIN_COUNTS = frozenset({"lpdrelay_jobs_received", "lpdrelay_bytes_received"})
 
@@ -319,25 +325,14 @@ def metric_values(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[st
     return values
 
 
-class _Counts:
-    """Sends what changed in the worker's registry since the last send."""
-
-    def __init__(self, channel: Channel, registry: CollectorRegistry) -> None:
-        self.channel, self.registry = channel, registry
-        self.last: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-
-    async def flush(self) -> None:
-        now = metric_values(self.registry)
-        deltas = {k: v - self.last.get(k, 0.0) for k, v in now.items()
-                  if v != self.last.get(k, 0.0)}
-        if deltas:
-            self.last = now
-            await self.channel.send(Counts(deltas))
-
-    async def run(self) -> None:
-        while True:
-            await trio.sleep(COUNTS_INTERVAL)
-            await self.flush()
+async def _push_counts(channel: Channel, registry: CollectorRegistry) -> None:
+    """Every ``COUNTS_INTERVAL``, the values: what a worker that dies had counted stays."""
+    last: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    while True:
+        await trio.sleep(COUNTS_INTERVAL)
+        if (now := metric_values(registry)) != last:
+            await channel.send(Counts(now))
+            last = now
 
 
 class Worker:
@@ -358,6 +353,8 @@ class Worker:
         self.server.reuse_port = True
         self.server.context = dataclasses.replace(self.server.context, answer=self.spool.answer)
         self.config = config
+        self.orphaned = False
+        self._nursery: trio.Nursery | None = None
 
     def _router(self, config: Config) -> QueueRouter:
         router = QueueRouter(config, QueueStates(config.server.spool_dir))
@@ -383,9 +380,14 @@ class Worker:
             try:
                 message = await self.channel.receive()
             except (EOFError, OSError):
-                log.event("error", "worker_orphaned", pid=os.getpid(),
+                # The main process is gone (or cancelled us): nothing can be
+                # committed any more, so stop now; its restart recovers the spool.
+                log.event("warning", "worker_orphaned", pid=os.getpid(),
                           error="the main process closed the channel")
-                raise SystemExit(1) from None
+                self.orphaned = True
+                if self._nursery is not None:
+                    self._nursery.cancel_scope.cancel()
+                return
             if isinstance(message, Reply):
                 self.spool.replied(message)
             elif isinstance(message, Reload):
@@ -395,17 +397,17 @@ class Worker:
 
     async def run(self) -> None:
         stopping = trio.Event()
-        counts = _Counts(self.channel, self.registry)
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self.read_channel, stopping)
-            nursery.start_soon(counts.run)
+            nursery.start_soon(_push_counts, self.channel, self.registry)
             nursery.start_soon(_watch_term, stopping)
             await nursery.start(self._serve, stopping)
             await self.channel.send(Ready())
             await stopping.wait()
             self.server.stop_accepting()
             await self.server.closed.wait()
-            await counts.flush()    # the last changes, then done
+            await self.channel.send(Counts(metric_values(self.registry)))  # the last values
             nursery.cancel_scope.cancel()
 
     async def _serve(self, stopping: trio.Event,
@@ -424,26 +426,32 @@ async def _watch_term(stopping: trio.Event) -> None:
             return
 
 
-async def _main(stream_fd: int, call_fd: int) -> None:
+async def _main(stream_fd: int, call_fd: int, metrics_fd: int, table_fd: int) -> int:
     stream = trio.socket.from_stdlib_socket(pysocket.socket(fileno=stream_fd))
     channel = Channel(stream)
     calls = CallClient(pysocket.socket(fileno=call_fd))
-    init = await channel.receive()
+    try:
+        init = await channel.receive()
+    except (EOFError, OSError):
+        return 1
     assert isinstance(init, Init)
     log.configure(fmt=init.config.log.format, level=init.config.log.level)
     worker = Worker(init, channel, calls)
+    worker.server.others = SharedCounts(table_fd, init.index)
+    registry = worker.registry
+    threading.Thread(target=serve_metrics, daemon=True, name="metrics",
+                     args=(pysocket.socket(fileno=metrics_fd),
+                           lambda: Counts(metric_values(registry)))).start()
     log.event("debug", "worker_started", pid=os.getpid(), worker=init.index)
     await worker.run()
+    return 1 if worker.orphaned else 0
 
 
 def main(argv: list[str]) -> int:
     """The worker process (internal entry point; the main process starts it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # a terminal's ^C: the main process decides
-    try:
-        trio.run(_main, int(argv[0]), int(argv[1]))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+    stream_fd, call_fd, metrics_fd, table_fd = map(int, argv[:4])
+    return trio.run(_main, stream_fd, call_fd, metrics_fd, table_fd)
 
 
 if __name__ == "__main__":

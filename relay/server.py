@@ -28,6 +28,7 @@ from relay.buffers import BufferPool, HeapTrimmer
 from relay.commands import source_allowed
 from relay.config import CATCH_ALL, Listen, ServerConfig
 from relay.connection import Connection
+from relay.connectioncounts import NO_OTHERS, NoOthers
 from relay.context import ConnectionContext, Delivery
 from relay.errors import REPLY_RETRY_LATER, BindError
 from relay.metrics import Metrics
@@ -105,6 +106,7 @@ class LpdServer:
         self._connections: trio.Nursery | None = None
         self.closed = trio.Event()
         self.reuse_port = False    # an intake worker: SO_REUSEPORT beside its siblings
+        self.others: NoOthers = NO_OTHERS  # connections the sibling workers hold
 
     async def serve(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]]
                     = trio.TASK_STATUS_IGNORED) -> None:
@@ -225,6 +227,9 @@ class LpdServer:
                 raise
             try:
                 self._slots.acquire_nowait()
+                if self._over_total():
+                    self._slots.release()
+                    raise trio.WouldBlock
             except trio.WouldBlock:
                 # Beyond max_connections a client is told to retry later at
                 # once; only while every refusal slot is busy too does
@@ -237,6 +242,12 @@ class LpdServer:
                 nursery.start_soon(self._busy, sock, addr)
                 continue
             nursery.start_soon(self._connection, sock, addr, tls)
+
+    def _over_total(self) -> bool:
+        """Beyond max_connections counting the sibling workers' (always False alone)."""
+        others = self.others.others_total()
+        return bool(others) and (others + self.config.max_connections - self._slots.value
+                                 > self.config.max_connections)
 
     async def _busy(self, sock: trio.socket.SocketType, addr: tuple[str, int]) -> None:
         try:
@@ -264,9 +275,11 @@ class LpdServer:
                         return
                     host, port = source
                 self._per_host[host] += 1
+                self.others.add(host, 1)
                 try:
                     await self._serve(sock, host, port, tls)
                 finally:
+                    self.others.add(host, -1)
                     self._per_host[host] -= 1
                     if not self._per_host[host]:
                         del self._per_host[host]
@@ -311,7 +324,7 @@ class LpdServer:
             log.event("warning", "connection_refused", peer=peer,
                       error=f"source port {port} is not reserved")
             return False, b"\x01lpd-relay: source port must be below 1024\n"
-        if self._per_host[host] > self.config.max_connections_per_host:
+        if self._per_host[host] + self.others.others(host) > self.config.max_connections_per_host:
             log.event("warning", "connection_refused", peer=peer,
                       error="too many connections from this host")
             return False, bytes([REPLY_RETRY_LATER]) + b"lpd-relay: too many connections\n"

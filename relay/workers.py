@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
-from collections import defaultdict
+import threading
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.metrics_core import Metric
 
 from relay import commands, log
 from relay.buffers import BufferPool
 from relay.config import CATCH_ALL, Config, Listen, ServerConfig
+from relay.connectioncounts import clear_row, create_table
 from relay.context import ConnectionContext, Delivery
 from relay.errors import LpdError, ProtocolError, SpoolError
 from relay.intakechannel import (
@@ -40,6 +43,7 @@ from relay.intakechannel import (
     Discard,
     Failure,
     Init,
+    MetricsClient,
     Open,
     Ready,
     Reload,
@@ -83,14 +87,33 @@ class _Handle:
     channel: Channel | None = None
     pid: int = 0
     partials: dict[str, _Partial] = dataclasses.field(default_factory=dict)
-    gauges: dict[_Key, float] = dataclasses.field(default_factory=lambda: defaultdict(float))
+    values: dict[_Key, float] = dataclasses.field(default_factory=dict)   # as last applied
+    metrics: MetricsClient | None = None
+
+
+class _PullFirst:
+    """A collector that reads the workers' values into the main metrics first.
+
+    Registered ahead of the metric objects, so whoever reads the registry
+    (a scrape, a test) sees every worker's counts as of that moment.
+    """
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> list[Metric]:
+        self.pool.pull()
+        return []
 
 
 class WorkerPool:
     """Intake worker processes sharing the listening ports (SPEC §12, ``workers``)."""
 
     def __init__(self, config: Config, *, spool: Spool, router: QueueRouter,
-                 delivery: Delivery, metrics: Metrics) -> None:
+                 delivery: Delivery, metrics: Metrics, registry: CollectorRegistry) -> None:
         self.full_config = config
         self.config = config.server
         self.spool, self.router, self.metrics, self.delivery = spool, router, metrics, delivery
@@ -103,6 +126,9 @@ class WorkerPool:
         self._handles: dict[int, _Handle] = {}
         self._collectors = {next(iter(m.describe())).name: m for m in vars(metrics).values()
                             if isinstance(m, Counter | Gauge)}
+        self._counting = threading.Lock()
+        self._table = create_table(config.server.workers)   # relay.connectioncounts
+        _register_first(registry, _PullFirst(self), list(self._collectors.values()))
         self._stopping = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.closed = trio.Event()
@@ -136,6 +162,7 @@ class WorkerPool:
         finally:
             for sock in self.listeners:
                 sock.close()
+            os.close(self._table)
             self.closed.set()
 
     def stop_accepting(self) -> None:
@@ -223,14 +250,18 @@ class WorkerPool:
     async def _run_worker(self, handle: _Handle) -> int:
         stream, stream_child = stream_pair()
         calls, calls_child = call_pair()
-        fds = (stream_child.fileno(), calls_child.fileno())
+        pulls, pulls_child = call_pair()
+        clear_row(self._table, handle.index)
+        fds = (stream_child.fileno(), calls_child.fileno(), pulls_child.fileno(), self._table)
         try:
             proc = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "relay.intakeworker", *map(str, fds)], pass_fds=fds)
         finally:
             stream_child.close()
             calls_child.close()
+            pulls_child.close()
         handle.pid = proc.pid
+        handle.metrics = MetricsClient(pulls)
         handle.channel = Channel(trio.socket.from_stdlib_socket(stream))
         call_sock = trio.socket.from_stdlib_socket(calls)
         self._handles[handle.index] = handle
@@ -246,6 +277,7 @@ class WorkerPool:
         finally:
             handle.channel.close()   # a worker whose channel closes exits (relay.intakeworker)
             call_sock.close()
+            handle.metrics.close()
             self._forget(handle)
             with trio.CancelScope(shield=True), trio.move_on_after(2.0):
                 await proc.wait()
@@ -259,10 +291,12 @@ class WorkerPool:
         for part in handle.partials.values():
             _discard(part)
         handle.partials.clear()
-        for (family, labels), value in handle.gauges.items():
-            if family in ADDITIVE_GAUGES and value:
-                self._child(family, labels).dec(value)  # type: ignore[union-attr]
-        handle.gauges.clear()
+        with self._counting:
+            for (family, labels), value in handle.values.items():
+                if family in ADDITIVE_GAUGES and value and isinstance(
+                        child := self._child(family, labels), Gauge):
+                    child.dec(value)
+            handle.values.clear()
 
     # -- the channel -------------------------------------------------------------------
 
@@ -382,27 +416,47 @@ class WorkerPool:
         with contextlib.suppress(OSError):
             await handle.channel.send(reply)
 
-    def _count(self, handle: _Handle, message: Counts) -> None:
-        for key, delta in message.deltas.items():
-            family, labels = key
-            child = self._child(family, labels)
-            if child is None:
-                continue
-            if isinstance(child, Counter):
-                if delta > 0:
+    def pull(self) -> None:
+        """Read every worker's values now (any thread; a silent worker keeps its last)."""
+        for handle in list(self._handles.values()):
+            if handle.metrics is not None and (counts := handle.metrics.values()) is not None:
+                self._count(handle, counts)
+
+    def _count(self, handle: _Handle, counts: Counts) -> None:
+        """Apply what changed since the values last applied for this worker."""
+        with self._counting:
+            if handle.index not in self._handles:
+                return   # gone: _forget took its gauges back
+            for key, value in counts.values.items():
+                delta = value - handle.values.get(key, 0.0)
+                child = self._child(*key)
+                if child is None or not delta:
+                    continue
+                if isinstance(child, Counter):
+                    if delta > 0:
+                        child.inc(delta)
+                elif key[0] in ADDITIVE_GAUGES:
                     child.inc(delta)
-                continue
-            handle.gauges[key] += delta
-            if family in ADDITIVE_GAUGES:
-                child.inc(delta)
-            else:
-                child.set(handle.gauges[key])
+                else:
+                    child.set(value)
+            handle.values.update(counts.values)
 
     def _child(self, family: str, labels: tuple[tuple[str, str], ...]) -> Counter | Gauge | None:
         metric = self._collectors.get(family)
         if metric is None:
             return None
         return metric.labels(**dict(labels)) if labels else metric
+
+
+def _register_first(registry: CollectorRegistry, first: _PullFirst,
+                    metrics: list[Counter | Gauge]) -> None:
+    # The registry yields its collectors in the order registered: the metric
+    # objects go after ``first``.
+    for metric in metrics:
+        registry.unregister(metric)
+    registry.register(first)
+    for metric in metrics:
+        registry.register(metric)
 
 
 def _spool_error(exc: Exception) -> Exception:
