@@ -442,7 +442,6 @@ async def _main(stream_fd: int, call_fd: int, metrics_fd: int, table_fd: int) ->
     threading.Thread(target=serve_metrics, daemon=True, name="metrics",
                      args=(pysocket.socket(fileno=metrics_fd),
                            lambda: Counts(metric_values(registry)))).start()
-    log.event("debug", "worker_started", pid=os.getpid(), worker=init.index)
     await worker.run()
     return 1 if worker.orphaned else 0
 

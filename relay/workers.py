@@ -262,6 +262,7 @@ class WorkerPool:
             pulls_child.close()
         handle.pid = proc.pid
         handle.metrics = MetricsClient(pulls)
+        log.event("info", "worker_started", worker=handle.index, pid=proc.pid)
         handle.channel = Channel(trio.socket.from_stdlib_socket(stream))
         call_sock = trio.socket.from_stdlib_socket(calls)
         self._handles[handle.index] = handle
