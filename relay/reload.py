@@ -51,7 +51,7 @@ RESTART_KEYS: tuple[tuple[str, str | None], ...] = (
     ("server", "spool_dir"), ("server", "fsync"), ("server", "min_free_disk"),
     ("server", "max_connections"), ("metrics", "listen"), ("log", "format"),
     ("origin_ports", None), ("server", "listen_tls"), ("server", "proxy_protocol"),
-    ("server", "proxy_trusted"),
+    ("server", "proxy_trusted"), ("server", "workers"),
 )
 
 

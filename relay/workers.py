@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import sys
+import signal
 import threading
 
 import trio
@@ -35,6 +35,7 @@ from relay.config import CATCH_ALL, Config, Listen, ServerConfig
 from relay.connectioncounts import clear_row, create_table
 from relay.context import ConnectionContext, Delivery
 from relay.errors import LpdError, ProtocolError, SpoolError
+from relay.forkserver import fork_worker
 from relay.intakechannel import (
     Channel,
     Command,
@@ -235,56 +236,50 @@ class WorkerPool:
     async def _supervise(self, handle: _Handle) -> None:
         first = True
         while True:
-            returncode = await self._run_worker(handle)
+            await self._run_worker(handle)
             if self._stopping.is_set():
                 return
             if first and not handle.ready.is_set():
-                raise SpoolError(f"intake worker {handle.index} exited at start "
-                                 f"({returncode})")
+                raise SpoolError(f"intake worker {handle.index} exited at start")
             first = False
             log.event("error", "worker_exited", worker=handle.index, pid=handle.pid,
-                      error=f"exit status {returncode}; partial jobs discarded, restarting")
+                      error="its channel closed; partial jobs discarded, restarting")
             await trio.sleep(RESTART_DELAY)
             handle = _Handle(handle.index, ready=handle.ready)
 
-    async def _run_worker(self, handle: _Handle) -> int:
+    async def _run_worker(self, handle: _Handle) -> None:
+        """One worker's life, until its channel closes (it exited or was killed)."""
         stream, stream_child = stream_pair()
         calls, calls_child = call_pair()
         pulls, pulls_child = call_pair()
         clear_row(self._table, handle.index)
         fds = (stream_child.fileno(), calls_child.fileno(), pulls_child.fileno(), self._table)
         try:
-            proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "relay.intakeworker", *map(str, fds)], pass_fds=fds)
+            handle.pid = await trio.to_thread.run_sync(fork_worker, fds)
         finally:
             stream_child.close()
             calls_child.close()
             pulls_child.close()
-        handle.pid = proc.pid
         handle.metrics = MetricsClient(pulls)
-        log.event("info", "worker_started", worker=handle.index, pid=proc.pid)
+        log.event("info", "worker_started", worker=handle.index, pid=handle.pid)
         handle.channel = Channel(trio.socket.from_stdlib_socket(stream))
         call_sock = trio.socket.from_stdlib_socket(calls)
         self._handles[handle.index] = handle
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_stream, handle, nursery)
                 nursery.start_soon(self._read_calls, handle, call_sock)
                 await handle.channel.send(Init(config=self._worker_config(),
                                                catch_all_names=self._catch_all,
                                                index=handle.index))
-                await proc.wait()
+                await self._read_stream(handle, nursery)
                 nursery.cancel_scope.cancel()
         finally:
             handle.channel.close()   # a worker whose channel closes exits (relay.intakeworker)
             call_sock.close()
             handle.metrics.close()
             self._forget(handle)
-            with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-                await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-        return proc.returncode if proc.returncode is not None else -9
+            with trio.CancelScope(shield=True):
+                await _reap(handle.pid)
 
     def _forget(self, handle: _Handle) -> None:
         """A worker is gone: its partial jobs go, its connections no longer count."""
@@ -447,6 +442,24 @@ class WorkerPool:
         if metric is None:
             return None
         return metric.labels(**dict(labels)) if labels else metric
+
+
+async def _reap(pid: int, seconds: float = 2.0) -> None:
+    """Give an ending worker ``seconds`` to go, then SIGKILL it (its fork server reaps it)."""
+    for _ in range(int(seconds / 0.02)):   # not our child: no wait(), so poll
+        if not _exists(pid):
+            return
+        await trio.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _register_first(registry: CollectorRegistry, first: _PullFirst,
