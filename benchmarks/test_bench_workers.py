@@ -50,6 +50,7 @@ def _lines() -> list[str]:
 
 
 def _run(tmp: Path, workers: int) -> float:
+    tmp.mkdir(parents=True)
     out = tmp / "out"
     data = relay_config(tmp, server={"workers": workers, "fsync": "always",
                                      "max_connections_per_host": 2000},

@@ -88,6 +88,8 @@ def _health(server: LpdServer | WorkerPool, spool: Spool,
     def check() -> tuple[bool, str]:
         if not server.listeners or any(s.fileno() < 0 for s in server.listeners):
             return False, "LPD listener down"
+        if isinstance(server, WorkerPool) and (down := server.workers_down()) > 0:
+            return False, f"{down} intake worker process(es) down"
         if not os.access(config.server.spool_dir, os.W_OK):
             return False, f"spool {config.server.spool_dir} not writable"
         free = spool.free_bytes()

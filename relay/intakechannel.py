@@ -32,9 +32,9 @@ import trio
 from relay.config import Config
 from relay.errors import DiskFull, ProtocolError, SpoolError
 
-__all__ = ["CallClient", "Channel", "Command", "Commit", "Control", "Counts", "Discard",
-           "Failure", "Init", "MetricsClient", "Open", "Ready", "Reload", "Reply", "Stop",
-           "call_pair", "raise_failure", "serve_metrics", "stream_pair"]
+__all__ = ["Admit", "CallClient", "Channel", "Command", "Commit", "Control", "Counts",
+           "Discard", "Failure", "Init", "Log", "MetricsClient", "Open", "Ready", "Reload",
+           "Reply", "Stop", "call_pair", "raise_failure", "serve_metrics", "stream_pair"]
 
 _LENGTH = struct.Struct("!I")
 MAX_MESSAGE = 1 << 30          # a small job is <= 64 KiB plus its control file
@@ -123,9 +123,23 @@ class Open:
 
 @dataclass(frozen=True, slots=True)
 class Discard:
-    """Tell: job ``token``'s main-side half is to be removed."""
+    """Call: remove job ``token``'s main-side half (answered once its space is free)."""
 
     token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Admit:
+    """Call: may the catch-all take jobs for the new wire name ``queue`` (SPEC §3.2)?"""
+
+    queue: str
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    """Log lines the worker wrote, for the main process's log stream."""
+
+    lines: tuple[str, ...]
 
 
 # -- messages: main -> worker ----------------------------------------------------
@@ -238,7 +252,7 @@ class CallClient:
         sock.settimeout(timeout)
         self.sock = sock
 
-    def call(self, message: Open) -> tuple[Reply, list[int]]:
+    def call(self, message: Open | Discard | Admit) -> tuple[Reply, list[int]]:
         """Send ``message`` and wait for the reply and its descriptors (OSError: main gone)."""
         self.sock.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
         data, fds, _, _ = pysocket.recv_fds(self.sock, MAX_CALL, 4)
@@ -247,9 +261,6 @@ class CallClient:
         reply = pickle.loads(data)
         assert isinstance(reply, Reply)
         return reply, fds
-
-    def tell(self, message: Discard) -> None:
-        self.sock.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 class MetricsClient:

@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from typing import cast
+from typing import TextIO, cast
 
 import trio
 from prometheus_client import CollectorRegistry
@@ -48,6 +48,7 @@ from relay.connectioncounts import SharedCounts
 from relay.errors import DiskFull, SpoolError
 from relay.groupcommit import disk_error, start_writeback, write_all
 from relay.intakechannel import (
+    Admit,
     CallClient,
     Channel,
     Command,
@@ -56,6 +57,7 @@ from relay.intakechannel import (
     Counts,
     Discard,
     Init,
+    Log,
     Open,
     Ready,
     Reload,
@@ -196,8 +198,8 @@ class IncomingProxy:
             self._open.abandon()
             self._open = None
         self.files.clear()
-        if self.promoted:
-            self.spool.calls.tell(Discard(self.token))
+        if self.promoted:   # answered once its spool file is gone: the space is free
+            self.spool.call(Discard(self.token))
 
     def commit_message(self, rid: int, hold: str) -> Commit:
         if self._open is not None:
@@ -245,18 +247,21 @@ class SpoolProxy:
         return IncomingProxy(self, f"{os.getpid()}-{next(self._tokens)}", queue=queue,
                              wire_queue=wire_queue, peer=peer)
 
-    def open_file(self, job: IncomingProxy, name: str) -> int:
+    def call(self, message: Open | Discard | Admit) -> list[int]:
+        """A call to the main process; its descriptors, or the error it sent raised."""
         try:
-            reply, fds = self.calls.call(Open(token=job.token, queue=job.queue,
-                                              wire_queue=job.wire_queue, peer=job.peer,
-                                              tls_peer=job.tls_peer, name=name))
+            reply, fds = self.calls.call(message)
         except OSError as exc:
-            raise SpoolError(f"job {job.token}: no spool file from the main process: "
-                             f"{exc}") from exc
+            raise SpoolError(f"no answer from the main process: {exc}") from exc
         if reply.failure is not None:
             for fd in fds:
                 os.close(fd)
             raise_failure(reply.failure)
+        return fds
+
+    def open_file(self, job: IncomingProxy, name: str) -> int:
+        fds = self.call(Open(token=job.token, queue=job.queue, wire_queue=job.wire_queue,
+                             peer=job.peer, tls_peer=job.tls_peer, name=name))
         if len(fds) != 1:
             raise SpoolError(f"job {job.token}: the main process sent no descriptor")
         return fds[0]
@@ -293,6 +298,50 @@ class SpoolProxy:
         if (waiting := self._waiting.get(reply.rid)) is not None:
             waiting[1].append(reply)
             waiting[0].set()
+
+
+class _Router(QueueRouter):
+    """Routing in a worker: a name new to the catch-all is admitted by the main process,
+    which counts every worker's names against ``max_catch_all_queues``."""
+
+    def __init__(self, config: Config, states: QueueStates, spool: SpoolProxy) -> None:
+        super().__init__(config, states)
+        self._spool = spool
+        self._known: set[str] = set()
+
+    def _admit_catch_all(self, wire_name: str) -> None:
+        if wire_name in self._known:
+            return
+        self._spool.call(Admit(wire_name))   # ProtocolError when beyond the bound
+        if len(self._known) < 100_000:       # a cache: forgetting costs one call
+            self._known.add(wire_name)
+
+
+class _LogToMain:
+    """The worker's log stream: lines go to the main process, which writes them."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.lines: list[str] = []
+        self.wake = trio.Event()
+
+    def write(self, text: str) -> int:
+        self.lines.append(text.rstrip("\n"))
+        if threading.current_thread() is threading.main_thread():
+            self.wake.set()
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    async def run(self) -> None:
+        while True:
+            with trio.move_on_after(0.5):   # lines from other threads wait at most this
+                await self.wake.wait()
+            self.wake = trio.Event()
+            if self.lines:
+                lines, self.lines = tuple(self.lines), []
+                await self.channel.send(Log(lines))
 
 
 class _NoDelivery:
@@ -355,9 +404,10 @@ class Worker:
         self.config = config
         self.orphaned = False
         self._nursery: trio.Nursery | None = None
+        self.logs: _LogToMain | None = None
 
     def _router(self, config: Config) -> QueueRouter:
-        router = QueueRouter(config, QueueStates(config.server.spool_dir))
+        router = _Router(config, QueueStates(config.server.spool_dir), self.spool)
         if CATCH_ALL in config.queues:
             router.seed_catch_all(self.catch_all_names)
         return router
@@ -401,6 +451,8 @@ class Worker:
             self._nursery = nursery
             nursery.start_soon(self.read_channel, stopping)
             nursery.start_soon(_push_counts, self.channel, self.registry)
+            if self.logs is not None:
+                nursery.start_soon(self.logs.run)
             nursery.start_soon(_watch_term, stopping)
             await nursery.start(self._serve, stopping)
             await self.channel.send(Ready())
@@ -408,6 +460,8 @@ class Worker:
             self.server.stop_accepting()
             await self.server.closed.wait()
             await self.channel.send(Counts(metric_values(self.registry)))  # the last values
+            if self.logs is not None and self.logs.lines:
+                await self.channel.send(Log(tuple(self.logs.lines)))
             nursery.cancel_scope.cancel()
 
     async def _serve(self, stopping: trio.Event,
@@ -435,8 +489,11 @@ async def _main(stream_fd: int, call_fd: int, metrics_fd: int, table_fd: int) ->
     except (EOFError, OSError):
         return 1
     assert isinstance(init, Init)
-    log.configure(fmt=init.config.log.format, level=init.config.log.level)
+    logs = _LogToMain(channel)
+    log.configure(fmt=init.config.log.format, level=init.config.log.level,
+                  stream=cast(TextIO, logs))
     worker = Worker(init, channel, calls)
+    worker.logs = logs
     worker.server.others = SharedCounts(table_fd, init.index)
     registry = worker.registry
     threading.Thread(target=serve_metrics, daemon=True, name="metrics",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import signal
 import threading
@@ -37,6 +38,7 @@ from relay.context import ConnectionContext, Delivery
 from relay.errors import LpdError, ProtocolError, SpoolError
 from relay.forkserver import fork_worker
 from relay.intakechannel import (
+    Admit,
     Channel,
     Command,
     Commit,
@@ -44,6 +46,7 @@ from relay.intakechannel import (
     Discard,
     Failure,
     Init,
+    Log,
     MetricsClient,
     Open,
     Ready,
@@ -56,7 +59,7 @@ from relay.intakechannel import (
     stream_pair,
 )
 from relay.metrics import Metrics
-from relay.queues import QueueRouter
+from relay.queues import QueueRouter, hot_folder_names
 from relay.server import open_listener
 from relay.spool import DataWriter, IncomingJob, JobMeta, Spool
 from relay.tls import InboundTls
@@ -67,6 +70,11 @@ START_TIMEOUT = 30.0      # a worker must be listening this soon after it is sta
 RESTART_DELAY = 0.5       # between a worker's death and its replacement
 # Gauges the workers' values add up to; the others are set (e.g. certificate expiry).
 ADDITIVE_GAUGES = frozenset({"lpdrelay_inbound_connections"})
+# The only gauges a worker sets; the rest (destinations, spool, queue states,
+# the client certificate) are the main process's own.
+WORKER_GAUGES = ADDITIVE_GAUGES | {"lpdrelay_tls_certificate_expiry_seconds"}
+# The worker's own job_received lines: the main process logs the event itself.
+_WORKER_JOB_RECEIVED = ('"event":"job_received"', " job_received ")
 
 _Key = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -129,6 +137,7 @@ class WorkerPool:
                             if isinstance(m, Counter | Gauge)}
         self._counting = threading.Lock()
         self._table = create_table(config.server.workers)   # relay.connectioncounts
+        self.reload_tls(config.server)   # a bad certificate stops the start here (ConfigError)
         _register_first(registry, _PullFirst(self), list(self._collectors.values()))
         self._stopping = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -147,6 +156,7 @@ class WorkerPool:
                                                reuse_port=True, accept=False))
             self._relist()
             self._catch_all = tuple(j.wire_queue for j in self.spool.jobs(CATCH_ALL))
+            self._seed_catch_all()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 handles = [_Handle(i) for i in range(self.config.workers)]
@@ -197,6 +207,7 @@ class WorkerPool:
         """New config for the commands answered here; ``reloaded`` then tells the workers."""
         self.config, self.router = config, router
         self.context = dataclasses.replace(self.context, config=config, router=router)
+        self._seed_catch_all()
         for address in [a for a in self._plain if a not in config.listen]:
             self._plain.pop(address).close()
             log.event("info", "listener_closed", listen=str(address))
@@ -209,10 +220,18 @@ class WorkerPool:
         if self._nursery is not None:
             self._nursery.start_soon(self._broadcast, Reload(self._worker_config()))
 
-    def worker_pids(self) -> list[int]:
-        return [h.pid for h in self._handles.values() if h.pid]
+    def workers_down(self) -> int:
+        """Workers not running now (between a crash and the replacement): /healthz says so."""
+        return self.config.workers - len(self._handles)
 
     # -- workers -----------------------------------------------------------------------
+
+    def _seed_catch_all(self) -> None:
+        # As LpdServer: the catch-all's spooled names and hot-folder subfolders
+        # count against max_catch_all_queues (the workers ask this router).
+        if (queue := self.router.catch_all) is not None:
+            self.router.seed_catch_all(j.wire_queue for j in self.spool.jobs(CATCH_ALL))
+            self.router.seed_catch_all(hot_folder_names(queue))
 
     def _relist(self) -> None:
         self.listeners = [*self._plain.values(), *self._tls]
@@ -311,6 +330,10 @@ class WorkerPool:
                 self._count(handle, message)
             elif isinstance(message, Ready):
                 handle.ready.set()
+            elif isinstance(message, Log):
+                for line in message.lines:
+                    if not any(mark in line for mark in _WORKER_JOB_RECEIVED):
+                        log.write_line(line)
 
     async def _read_calls(self, handle: _Handle, sock: trio.socket.SocketType) -> None:
         while True:
@@ -324,9 +347,22 @@ class WorkerPool:
                     await answer_call(sock, reply, fds)
                 except OSError:
                     return
-            elif isinstance(message, Discard) and (
-                    part := handle.partials.pop(message.token, None)) is not None:
+            elif isinstance(message, Discard | Admit):
+                try:
+                    await answer_call(sock, self._small_call(handle, message), [])
+                except OSError:
+                    return
+
+    def _small_call(self, handle: _Handle, message: Discard | Admit) -> Reply:
+        if isinstance(message, Discard):
+            if (part := handle.partials.pop(message.token, None)) is not None:
                 _discard(part)
+            return Reply(0)
+        try:   # the catch-all's bound counts the names of every worker (here)
+            self.router.route(message.queue, new_job=True)
+        except ProtocolError as exc:
+            return Reply(0, failure=Failure.of(exc))
+        return Reply(0)
 
     def _open(self, handle: _Handle, message: Open) -> tuple[Reply, list[int]]:
         """A spool file for a worker's large data file: its descriptor goes back."""
@@ -384,14 +420,19 @@ class WorkerPool:
                 _discard(_Partial(incoming))
             reply = Reply(message.rid, failure=Failure.of(_spool_error(exc)))
         else:
-            self._received(meta)
+            self._received(meta, message.peer, bool(message.hold))
             reply = Reply(message.rid, value=meta)
         # A worker that died meanwhile: the job is stored, its sender was not
         # told, and may send it again (at-least-once, SPEC §4.4).
         with contextlib.suppress(OSError):
             await handle.channel.send(reply)
 
-    def _received(self, meta: JobMeta) -> None:
+    def _received(self, meta: JobMeta, peer: str, held: bool) -> None:
+        # Logged here, before the worker acks: as a one-process daemon does.
+        if not held:
+            log.event("debug", "job_received", job=meta.id, queue=meta.queue, peer=peer,
+                      user=meta.user, bytes=meta.total_bytes, files=len(meta.files),
+                      **({"tls_peer": meta.tls_peer} if meta.tls_peer else {}))
         m = self.metrics
         label = m.queue_label(meta.queue)
         m.jobs_received_total.labels(queue=label).inc()
@@ -431,6 +472,8 @@ class WorkerPool:
                 if isinstance(child, Counter):
                     if delta > 0:
                         child.inc(delta)
+                elif key[0] not in WORKER_GAUGES or math.isnan(value):
+                    continue
                 elif key[0] in ADDITIVE_GAUGES:
                     child.inc(delta)
                 else:
