@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import signal
-import threading
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.metrics_core import Metric
+from prometheus_client import CollectorRegistry
 
 from relay import commands, log
 from relay.buffers import BufferPool
@@ -63,20 +60,15 @@ from relay.queues import QueueRouter, hot_folder_names
 from relay.server import open_listener
 from relay.spool import DataWriter, IncomingJob, JobMeta, Spool
 from relay.tls import InboundTls
+from relay.workermetrics import Key, WorkerCounts
 
 __all__ = ["WorkerPool"]
 
 START_TIMEOUT = 30.0      # a worker must be listening this soon after it is started
 RESTART_DELAY = 0.5       # between a worker's death and its replacement
-# Gauges the workers' values add up to; the others are set (e.g. certificate expiry).
-ADDITIVE_GAUGES = frozenset({"lpdrelay_inbound_connections"})
-# The only gauges a worker sets; the rest (destinations, spool, queue states,
-# the client certificate) are the main process's own.
-WORKER_GAUGES = ADDITIVE_GAUGES | {"lpdrelay_tls_certificate_expiry_seconds"}
 # The worker's own job_received lines: the main process logs the event itself.
 _WORKER_JOB_RECEIVED = ('"event":"job_received"', " job_received ")
 
-_Key = tuple[str, tuple[tuple[str, str], ...]]
 
 
 @dataclasses.dataclass(slots=True)
@@ -96,26 +88,8 @@ class _Handle:
     channel: Channel | None = None
     pid: int = 0
     partials: dict[str, _Partial] = dataclasses.field(default_factory=dict)
-    values: dict[_Key, float] = dataclasses.field(default_factory=dict)   # as last applied
+    values: dict[Key, float] = dataclasses.field(default_factory=dict)   # as last applied
     metrics: MetricsClient | None = None
-
-
-class _PullFirst:
-    """A collector that reads the workers' values into the main metrics first.
-
-    Registered ahead of the metric objects, so whoever reads the registry
-    (a scrape, a test) sees every worker's counts as of that moment.
-    """
-
-    def __init__(self, pool: WorkerPool) -> None:
-        self.pool = pool
-
-    def describe(self) -> list[Metric]:
-        return []
-
-    def collect(self) -> list[Metric]:
-        self.pool.pull()
-        return []
 
 
 class WorkerPool:
@@ -133,12 +107,9 @@ class WorkerPool:
         self._plain: dict[Listen, trio.socket.SocketType] = {}
         self._tls: list[trio.socket.SocketType] = []
         self._handles: dict[int, _Handle] = {}
-        self._collectors = {next(iter(m.describe())).name: m for m in vars(metrics).values()
-                            if isinstance(m, Counter | Gauge)}
-        self._counting = threading.Lock()
         self._table = create_table(config.server.workers)   # relay.connectioncounts
         self.reload_tls(config.server)   # a bad certificate stops the start here (ConfigError)
-        _register_first(registry, _PullFirst(self), list(self._collectors.values()))
+        self.counts = WorkerCounts(metrics, registry, self.pull)
         self._stopping = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.closed = trio.Event()
@@ -306,12 +277,7 @@ class WorkerPool:
         for part in handle.partials.values():
             _discard(part)
         handle.partials.clear()
-        with self._counting:
-            for (family, labels), value in handle.values.items():
-                if family in ADDITIVE_GAUGES and value and isinstance(
-                        child := self._child(family, labels), Gauge):
-                    child.dec(value)
-            handle.values.clear()
+        self.counts.forget(handle.values)
 
     # -- the channel -------------------------------------------------------------------
 
@@ -460,31 +426,8 @@ class WorkerPool:
                 self._count(handle, counts)
 
     def _count(self, handle: _Handle, counts: Counts) -> None:
-        """Apply what changed since the values last applied for this worker."""
-        with self._counting:
-            if handle.index not in self._handles:
-                return   # gone: _forget took its gauges back
-            for key, value in counts.values.items():
-                delta = value - handle.values.get(key, 0.0)
-                child = self._child(*key)
-                if child is None or not delta:
-                    continue
-                if isinstance(child, Counter):
-                    if delta > 0:
-                        child.inc(delta)
-                elif key[0] not in WORKER_GAUGES or math.isnan(value):
-                    continue
-                elif key[0] in ADDITIVE_GAUGES:
-                    child.inc(delta)
-                else:
-                    child.set(value)
-            handle.values.update(counts.values)
-
-    def _child(self, family: str, labels: tuple[tuple[str, str], ...]) -> Counter | Gauge | None:
-        metric = self._collectors.get(family)
-        if metric is None:
-            return None
-        return metric.labels(**dict(labels)) if labels else metric
+        self.counts.apply(handle.values, counts.values,
+                          lambda: self._handles.get(handle.index) is handle)
 
 
 async def _reap(pid: int, seconds: float = 2.0) -> None:
@@ -503,17 +446,6 @@ def _exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def _register_first(registry: CollectorRegistry, first: _PullFirst,
-                    metrics: list[Counter | Gauge]) -> None:
-    # The registry yields its collectors in the order registered: the metric
-    # objects go after ``first``.
-    for metric in metrics:
-        registry.unregister(metric)
-    registry.register(first)
-    for metric in metrics:
-        registry.register(metric)
 
 
 def _spool_error(exc: Exception) -> Exception:
