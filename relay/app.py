@@ -18,6 +18,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import cast
 
 import orjson
 import trio
@@ -27,6 +28,7 @@ from relay import __version__, log, sdnotify
 from relay.audit import AuditLog, config_sha256
 from relay.auditsyslog import SyslogShipper
 from relay.config import Config, InvalidConfig, choose_default_port, embedded_default, load_config
+from relay.context import Delivery
 from relay.dispatch import Scheduler
 from relay.errors import BindError, ConfigError, LpdError, SpoolError
 from relay.groupcommit import overwrite, unlink_quiet, write_atomic
@@ -47,6 +49,7 @@ from relay.sinks import SinkContext, config_warnings, make_sink
 from relay.spool import Recovery, Spool
 from relay.spoolopen import body_source, cluster, open_spool, problem
 from relay.uri import format_hostport
+from relay.workers import WorkerPool
 
 # How often the daemon writes what a full disk refused (delivery state, the
 # daemon.json); a delivery that frees space writes it at once (Spool.sync).
@@ -93,12 +96,15 @@ def build_scheduler(config: Config, spool: Spool, metrics: Metrics,
     return scheduler
 
 
-def _health(server: LpdServer, spool: Spool, config: Config) -> Callable[[], tuple[bool, str]]:
+def _health(server: LpdServer | WorkerPool, spool: Spool,
+            config: Config) -> Callable[[], tuple[bool, str]]:
     def check() -> tuple[bool, str]:
         if not server.listeners or any(s.fileno() < 0 for s in server.listeners):
             return False, "LPD listener down"
         if database := problem(spool):     # the shared spool (SPEC §10)
             return False, database
+        if isinstance(server, WorkerPool) and (down := server.workers_down()) > 0:
+            return False, f"{down} intake worker process(es) down"
         if not os.access(config.server.spool_dir, os.W_OK):
             return False, f"spool {config.server.spool_dir} not writable"
         free = spool.free_bytes()
@@ -123,7 +129,7 @@ async def _spool_upkeep(spool: Spool, write_info: Callable[[], bool], info_writt
         info_written = info_written or write_info()
 
 
-async def _watch_signals(server: LpdServer, notifier: sdnotify.Notifier,
+async def _watch_signals(server: LpdServer | WorkerPool, notifier: sdnotify.Notifier,
                          reload: Callable[[], None],
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -167,10 +173,8 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
         for job in recovery.jobs:
             scheduler.submit(job)
         delivery, spool_service = cluster(spool, scheduler)
-        server = LpdServer(config.server, spool=spool, router=QueueRouter(config, states),
-                           delivery=delivery, metrics=metrics,
-                           make_room=None if scheduler.retention is None
-                           else scheduler.retention.make_room, privacy=context.privacy)
+        server = _intake(config, spool, QueueRouter(config, states), scheduler, metrics,
+                         registry, delivery=delivery, context=context)
         log.event("info", "started", version=__version__, recovered=len(recovery.jobs),
                   discarded=recovery.discarded)
         async with trio.open_nursery() as nursery:
@@ -188,8 +192,8 @@ async def run(config: Config, *, registry: CollectorRegistry | None = None,
                 nursery.start_soon(spool_service)
             notifier = sdnotify.Notifier.from_environ()
             reloader = Reloader(config=config, spool=spool, metrics=metrics,
-                                scheduler=scheduler, server=server, sinks=context,
-                                pools=_origin_pools)
+                                scheduler=scheduler, server=cast(LpdServer, server),
+                                sinks=context, pools=_origin_pools)   # the same reload face
             info = DaemonInfo(config.server.spool_dir, server,
                               reload=ReloadOutcome(0, "none").as_json())
             if handle_signals:
@@ -225,10 +229,49 @@ def _open_audit(config: Config, spool: Spool) -> AuditLog | None:
     return audit
 
 
+def _intake(config: Config, spool: Spool, router: QueueRouter, scheduler: Scheduler,
+            metrics: Metrics, registry: CollectorRegistry, *, delivery: Delivery,
+            context: SinkContext) -> LpdServer | WorkerPool:
+    """This process's LPD server, or the intake worker processes (``[server] workers``)."""
+    make_room = None if scheduler.retention is None else scheduler.retention.make_room
+    if config.server.workers > 1:
+        alone = one_process_reason(config, spool)
+        if not alone:
+            return WorkerPool(config, spool=spool, router=router, delivery=delivery,
+                              metrics=metrics, registry=registry, privacy=context.privacy)
+        log.event("info", "intake_in_one_process", workers=config.server.workers, reason=alone)
+    return LpdServer(config.server, spool=spool, router=router, delivery=delivery,
+                     metrics=metrics, make_room=make_room, privacy=context.privacy)
+
+
+def one_process_reason(config: Config, spool: Spool) -> str:
+    """Why intake stays in this process although ``workers`` > 1 ("" = it need not).
+
+    The audit log's received/acknowledged records, retention's making room
+    before a 0x02 and the PostgreSQL spool's intake are done by the process
+    that holds the connection; the worker processes do not do them yet
+    (docs/architecture.md, "Processes").
+    """
+    reasons = [name for name, on in (
+        ("[audit]", config.audit is not None),
+        ("[retention]", scheduler_keeps(config)),
+        ("[spool] backend = postgresql", type(spool) is not Spool)) if on]
+    return ", ".join(reasons) + " configured" if reasons else ""
+
+
+def scheduler_keeps(config: Config) -> bool:
+    """Whether any queue keeps delivered jobs ([retention] or a queue's own table)."""
+    return any(policy.enabled for policy in
+               [config.retention, *(q.retention for q in config.queues.values())])
+
+
 def _reload(reloader: Reloader, notifier: sdnotify.Notifier, info: DaemonInfo) -> None:
     """One SIGHUP: reload, tell systemd around it, record the outcome in daemon.json."""
     sdnotify.reloading(notifier)
     outcome = reloader.apply()
+    server: object = reloader.server
+    if outcome.outcome == "ok" and isinstance(server, WorkerPool):
+        server.reloaded(reloader.config)    # the workers reload too
     info.reload = outcome.as_json()
     info.write()
     sdnotify.reloaded(notifier, outcome.outcome)
@@ -242,7 +285,7 @@ class DaemonInfo:
     """daemon.json's content: where the daemon listens now and its last reload."""
 
     spool_dir: os.PathLike[str] | str
-    server: LpdServer
+    server: LpdServer | WorkerPool
     reload: dict[str, object] | None = None
 
     def write(self) -> bool:
@@ -302,6 +345,8 @@ def _banner(config: Config, lpd: list[tuple[str, int]], mbound: tuple[str, int] 
             label = "any queue" if name == "*" else f"queue {name}"
             lines.append(f"{label} -> {sink.describe()}")
     lines += [f"warning: {w}" for w in config_warnings(config)]   # also logged by the runners
+    if config.server.workers > 1:
+        lines.append(f"intake in {config.server.workers} worker processes")
     lines.append(f"spool {config.server.spool_dir}: {len(recovery.jobs)} "
                  f"job(s) recovered, {recovery.discarded} partial discarded")
     if mbound:

@@ -60,6 +60,7 @@ from relay.configschema import (
     to_size,
     to_string,
     to_table,
+    to_workers,
     unknown_key,
 )
 from relay.errors import ConfigError
@@ -184,6 +185,7 @@ class ServerConfig:
     proxy_protocol: bool = False           # SPEC §9: PROXY headers from proxy_trusted
     proxy_trusted: tuple[Network, ...] = ()
     segment_threshold: int = 64 * 1024     # jobs up to this size are segment records
+    workers: int = 1                       # intake processes (SPEC §12); 1 = this one
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -282,6 +284,7 @@ _SERVER: Schema = {
     "listen_tls": (list_of(_listen, '"host:port" addresses', lone=True), []),  # SPEC §9
     "proxy_protocol": (to_bool, False),                                         # SPEC §9
     "proxy_trusted": (list_of(to_network, "networks"), []),                     # SPEC §9
+    "workers": (to_workers, 1),   # SPEC §12 says cores; 1 until docs/architecture.md's gaps close
 }
 _TLS: Schema = {
     "cert": (_file, ""),
@@ -367,6 +370,7 @@ _BOUNDS: dict[str, Bounds] = {
         "max_control_size": Range(1, 16 * 2**20, "size"),
         "segment_threshold": Range(0, 2**20, "size"),     # a record fits in a 4 MiB segment
         "graceful_timeout": Range(0, 3600, "duration"),
+        "workers": Range(1, 256),
     },
     "origin_ports": {"linger": Range(0, 3600, "duration")},
     "retry": {

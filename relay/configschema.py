@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import os
 import re
 import socket
 from collections.abc import Callable, Mapping
@@ -181,6 +182,15 @@ def one_of(*choices: str) -> Callable[[object], str]:
 
 def to_fsync(value: object) -> bool:
     return one_of("always", "never")(value) == "always"
+
+
+def to_workers(value: object) -> int:
+    """``[server] workers``: a count, or "auto" for the number of cores (docs/architecture.md)."""
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, str):
+        raise ValueError(f'expected a whole number, 1 or more, or "auto", got {show(value)}')
+    return to_count(value)
 
 
 def to_path(value: object) -> Path:

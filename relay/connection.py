@@ -531,6 +531,9 @@ class Connection:
                     await self._send(b"\x01lpd-relay: " + str(exc).encode("ascii", "replace")
                                      + b"\n")
                     return
+        if self.ctx.answer is not None:   # an intake worker: the main process answers
+            await self._send(await self.ctx.answer(self.ctx, ev, self.host, self.port))
+            return
         await self._send(commands.answer(self.ctx, ev, self.host, self.port))
 
     def _check_tls_peer(self, queue: str, wire_queue: str) -> None:

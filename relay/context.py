@@ -9,9 +9,9 @@ module imports the one that imports it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from relay import status
 from relay.buffers import BufferPool
@@ -49,3 +49,6 @@ class ConnectionContext:
     # [retention]: expire kept delivered jobs until ``need`` bytes fit; False: none left.
     make_room: Callable[[int], bool] | None = None
     privacy: Redactor = KEEP      # [privacy]: job names in lpq answers to non-admins
+    # In an intake worker process: the one-shot commands (lpq, lprm, lpc) are
+    # answered by the main process (relay.intakeworker); None = here.
+    answer: Callable[[ConnectionContext, Any, str, int], Awaitable[bytes]] | None = None

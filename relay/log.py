@@ -249,6 +249,11 @@ def _escape(s: str) -> str:
     return "".join(out)
 
 
+def write_line(line: str) -> None:
+    """Write a line another process of this relay formatted (its intake workers)."""
+    _write(line)
+
+
 def _write(line: str) -> None:
     stream = _state.stream if _state.stream is not None else sys.stderr
     # A closed pipe or a full disk drops the line, never the caller.

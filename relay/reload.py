@@ -53,7 +53,7 @@ RESTART_KEYS: tuple[tuple[str, str | None], ...] = (
     ("server", "segment_threshold"),
     ("server", "max_connections"), ("metrics", "listen"), ("log", "format"),
     ("origin_ports", None), ("server", "listen_tls"), ("server", "proxy_protocol"),
-    ("server", "proxy_trusted"), ("privacy", None), ("audit", None),
+    ("server", "proxy_trusted"), ("server", "workers"), ("privacy", None), ("audit", None),
 )
 
 

@@ -29,6 +29,7 @@ from relay.buffers import BufferPool, HeapTrimmer
 from relay.commands import source_allowed
 from relay.config import CATCH_ALL, Listen, ServerConfig
 from relay.connection import Connection
+from relay.connectioncounts import NO_OTHERS, NoOthers
 from relay.context import ConnectionContext, Delivery
 from relay.errors import REPLY_RETRY_LATER, BindError
 from relay.metrics import Metrics
@@ -51,19 +52,26 @@ BUSY = bytes([REPLY_RETRY_LATER]) + b"lpd-relay: server busy (max_connections), 
 
 
 def open_listener(listen: Listen, backlog: int = 1024, *, key: str = "server.listen",
-                  ) -> trio.socket.SocketType:
+                  reuse_port: bool = False, accept: bool = True) -> trio.socket.SocketType:
     """Bind one listening socket; IPv6 sockets are v6-only so [::] and 0.0.0.0 coexist.
 
     A failure is a ``BindError`` naming ``key``, the config key of ``listen``.
+    ``reuse_port``: SO_REUSEPORT, so the intake workers share the port
+    (docs/architecture.md, "Processes"); ``accept`` False binds without
+    listening: the main process holds the port and the kernel hands it no
+    connection.
     """
     family = pysocket.AF_INET6 if ":" in listen.host else pysocket.AF_INET
     sock = pysocket.socket(family, pysocket.SOCK_STREAM)
     try:
         sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_REUSEPORT, 1)
         if family == pysocket.AF_INET6:
             sock.setsockopt(pysocket.IPPROTO_IPV6, pysocket.IPV6_V6ONLY, 1)
         sock.bind((listen.host, listen.port))   # numeric host: no lookup, no await
-        sock.listen(backlog)
+        if accept:
+            sock.listen(backlog)
     except OSError as exc:
         sock.close()
         raise BindError(key, str(listen), exc) from exc
@@ -102,6 +110,8 @@ class LpdServer:
         self._accepts: trio.Nursery | None = None
         self._connections: trio.Nursery | None = None
         self.closed = trio.Event()
+        self.reuse_port = False    # an intake worker: SO_REUSEPORT beside its siblings
+        self.others: NoOthers = NO_OTHERS  # connections the sibling workers hold
 
     async def serve(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]]
                     = trio.TASK_STATUS_IGNORED) -> None:
@@ -109,7 +119,8 @@ class LpdServer:
         self._seed_catch_all()
         opened = self.open_listeners(self.config.listen)
         try:   # TLS listeners stay as started: listen_tls changes need a restart
-            tls_listeners = [open_listener(listen, key=f"server.listen_tls[{i}]")
+            tls_listeners = [open_listener(listen, key=f"server.listen_tls[{i}]",
+                                           reuse_port=self.reuse_port)
                              for i, listen in enumerate(self.config.listen_tls)]
         except BaseException:
             for sock in opened.values():
@@ -141,7 +152,8 @@ class LpdServer:
         try:
             for i, address in enumerate(listen):
                 if address not in self._by_listen and address not in opened:
-                    opened[address] = open_listener(address, key=f"server.listen[{i}]")
+                    opened[address] = open_listener(address, key=f"server.listen[{i}]",
+                                                    reuse_port=self.reuse_port)
         except BaseException:
             for sock in opened.values():
                 sock.close()
@@ -220,6 +232,9 @@ class LpdServer:
                 raise
             try:
                 self._slots.acquire_nowait()
+                if self._over_total():
+                    self._slots.release()
+                    raise trio.WouldBlock
             except trio.WouldBlock:
                 # Beyond max_connections a client is told to retry later at
                 # once; only while every refusal slot is busy too does
@@ -232,6 +247,12 @@ class LpdServer:
                 nursery.start_soon(self._busy, sock, addr)
                 continue
             nursery.start_soon(self._connection, sock, addr, tls)
+
+    def _over_total(self) -> bool:
+        """Beyond max_connections counting the sibling workers' (always False alone)."""
+        others = self.others.others_total()
+        return bool(others) and (others + self.config.max_connections - self._slots.value
+                                 > self.config.max_connections)
 
     async def _busy(self, sock: trio.socket.SocketType, addr: tuple[str, int]) -> None:
         try:
@@ -259,9 +280,11 @@ class LpdServer:
                         return
                     host, port = source
                 self._per_host[host] += 1
+                self.others.add(host, 1)
                 try:
                     await self._serve(sock, host, port, tls)
                 finally:
+                    self.others.add(host, -1)
                     self._per_host[host] -= 1
                     if not self._per_host[host]:
                         del self._per_host[host]
@@ -306,7 +329,7 @@ class LpdServer:
             log.event("warning", "connection_refused", peer=peer,
                       error=f"source port {port} is not reserved")
             return False, b"\x01lpd-relay: source port must be below 1024\n"
-        if self._per_host[host] > self.config.max_connections_per_host:
+        if self._per_host[host] + self.others.others(host) > self.config.max_connections_per_host:
             log.event("warning", "connection_refused", peer=peer,
                       error="too many connections from this host")
             return False, bytes([REPLY_RETRY_LATER]) + b"lpd-relay: too many connections\n"

@@ -1,0 +1,79 @@
+"""Intake with one process against intake in two worker processes (``[server] workers``).
+
+The same relay subprocess configuration (fsync "always", a ``dir://``
+destination delivering as it goes) with ``workers = 1`` and ``workers = 2``,
+rounds alternating which runs first; the load is ``lpd-relay loadgen
+--processes 2`` at concurrency 64, 2,000 1-KiB jobs (x LPD_BENCH_SCALE).  The
+rate counts intake only (loadgen's jobs/s: every job acknowledged); each run
+also checks every job arrived at the hot folder, once.  Printed at the end of
+the module: the medians and the ratio workers=2 / workers=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.report import print_lines
+from tests.daemon import ROOT, RelayProcess, relay_config, write_config_file
+
+SCALE = float(os.environ.get("LPD_BENCH_SCALE", "1.0"))
+JOBS = max(100, int(2000 * SCALE))
+ROUNDS = 3 if SCALE >= 0.5 else 1
+RESULTS: dict[int, list[float]] = {1: [], 2: []}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report(request: pytest.FixtureRequest) -> Any:
+    yield
+    print_lines(request, _lines)
+
+
+def _lines() -> list[str]:
+    if not RESULTS[1] or not RESULTS[2]:
+        return []
+    one, two = statistics.median(RESULTS[1]), statistics.median(RESULTS[2])
+    spread = {w: f"{min(r):,.0f}-{max(r):,.0f}" for w, r in RESULTS.items()}
+    return ["", f"lpd-relay intake workers ({JOBS} 1-KiB jobs, c=64, loadgen --processes 2, "
+                f"fsync always, dir://; median of {len(RESULTS[1])})",
+            f"  workers=1: {one:,.0f} jobs/s ({spread[1]})",
+            f"  workers=2: {two:,.0f} jobs/s ({spread[2]})",
+            f"  ratio workers=2 / workers=1: {two / one:.2f}x"]
+
+
+def _run(tmp: Path, workers: int) -> float:
+    out = tmp / "out"
+    data = relay_config(tmp, server={"workers": workers, "fsync": "always",
+                                     "max_connections_per_host": 2000},
+                        metrics={"listen": ""}, log={"format": "json", "level": "warning"},
+                        queues={"q": {"destinations": [f"dir://{out}"]}})
+    with RelayProcess(write_config_file(tmp / "relay.toml", data)) as relay:
+        load = subprocess.run(
+            [sys.executable, "-m", "relay", "loadgen", f"lpd://127.0.0.1:{relay.port}/q",
+             "--jobs", str(JOBS), "--concurrency", "64", "--processes", "2", "--json"],
+            capture_output=True, text=True, timeout=600, cwd=ROOT, check=True)
+        result = json.loads(load.stdout.strip().splitlines()[-1])
+        assert result["ok"] == JOBS, result["failures"]
+        deadline = time.monotonic() + 120
+        while len(list((out / "q").glob("*.json"))) < JOBS and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(list((out / "q").glob("*.json"))) == JOBS, "every job delivered, once"
+        assert relay.terminate() == 0
+    return float(result["jobs_per_second"])
+
+
+# Rounds alternate which runs first; one test per run keeps each under the timeout.
+RUNS = [(r, w) for r in range(ROUNDS) for w in ((1, 2) if r % 2 == 0 else (2, 1))]
+
+
+@pytest.mark.parametrize(("round_", "workers"), RUNS, ids=[f"r{r}-w{w}" for r, w in RUNS])
+def test_intake_one_process_vs_two_workers(tmp_path: Path, round_: int, workers: int) -> None:
+    RESULTS[workers].append(_run(tmp_path, workers))

@@ -1,0 +1,84 @@
+"""Connections held by the other intake workers: ``max_connections`` for the whole daemon.
+
+``max_connections`` and ``max_connections_per_host`` bound the daemon, not
+one process (docs/architecture.md, "Processes").  Asking the main process
+at every accept would cost a round trip per connection, so the workers
+share a small table in memory instead (a ``memfd`` the main process creates
+and every worker maps): one row per worker, which only that worker writes,
+of ``SLOTS`` per-host counters (a host's slot is a CRC of its address) and
+one total.  A check reads the other rows: no lock, no message.  Two hosts
+sharing a slot make the count larger, never smaller, so a limit is never
+exceeded by it; workers admitting at the same instant can pass a limit by
+at most one connection each.  A single-process daemon uses ``NO_OTHERS``.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import zlib
+
+__all__ = ["NO_OTHERS", "NoOthers", "SharedCounts", "create_table"]
+
+SLOTS = 1 << 14
+_ROW = SLOTS + 1          # the per-host slots, then the row's total
+_INT = 4
+
+
+class NoOthers:
+    """One process: nobody else holds connections."""
+
+    def add(self, host: str, n: int) -> None:
+        pass
+
+    def others(self, host: str) -> int:
+        return 0
+
+    def others_total(self) -> int:
+        return 0
+
+
+NO_OTHERS = NoOthers()
+
+
+def create_table(workers: int) -> int:
+    """A zeroed table for ``workers`` rows; the descriptor (inheritable, for the workers)."""
+    fd = os.memfd_create("lpd-relay-connections", 0)
+    os.ftruncate(fd, workers * _ROW * _INT)
+    return fd
+
+
+def clear_row(fd: int, row: int) -> None:
+    """A worker that died held nothing: its replacement starts from zero."""
+    os.pwrite(fd, bytes(_ROW * _INT), row * _ROW * _INT)
+
+
+class SharedCounts(NoOthers):
+    """Row ``row`` of the table in ``fd`` is this worker's; the others are read."""
+
+    def __init__(self, fd: int, row: int) -> None:
+        size = os.fstat(fd).st_size
+        self._map = mmap.mmap(fd, size)
+        self._cells = memoryview(self._map).cast("i")
+        self._rows = size // (_ROW * _INT)
+        self._row = row * _ROW
+
+    @staticmethod
+    def _slot(host: str) -> int:
+        return zlib.crc32(host.encode("utf-8", "replace")) & (SLOTS - 1)
+
+    def add(self, host: str, n: int) -> None:
+        cells = self._cells
+        cells[self._row + self._slot(host)] += n
+        cells[self._row + SLOTS] += n
+
+    def others(self, host: str) -> int:
+        return self._sum(self._slot(host))
+
+    def others_total(self) -> int:
+        return self._sum(SLOTS)
+
+    def _sum(self, offset: int) -> int:
+        cells = self._cells
+        return sum(cells[r * _ROW + offset] for r in range(self._rows)
+                   if r * _ROW != self._row)

@@ -1,0 +1,272 @@
+"""The spool as an intake worker sees it: what ``Connection`` asks, answered by the main process.
+
+``SpoolProxy`` implements the part of ``relay.spoolbackend`` intake uses —
+``check_space``, ``begin``, and on the job ``set_control`` / ``open_data`` /
+``discard``, then ``commit`` (docs/architecture.md, "Processes").  A job's data
+files stay in memory (``_MemoryFile``) while they total ``IN_MEMORY_MAX``; the
+job then travels whole in one ``Commit`` and the reply comes once the main
+process made it durable (SPEC §4.4).  A data file that outgrows that is moved
+into a spool file the main process opens for it (``Open``: its descriptor by
+SCM_RIGHTS) and the rest is written straight there.  ``open_data`` and
+``write`` are plain calls in the connection code, so ``Open``, ``Discard`` and
+``Admit`` are blocking calls on their own socket (``relay.intakechannel``).
+"""
+
+from __future__ import annotations
+
+import builtins
+import itertools
+import os
+import time
+from collections.abc import Mapping
+from typing import cast
+
+import trio
+
+from relay import _core
+from relay.config import Config
+from relay.errors import DiskFull, SpoolError
+from relay.groupcommit import disk_error, start_writeback, write_all
+from relay.intakechannel import (
+    Admit,
+    CallClient,
+    Channel,
+    Command,
+    Commit,
+    Control,
+    Discard,
+    Open,
+    Reply,
+    raise_failure,
+)
+from relay.jobevents import NO_EVENTS, JobEvents
+from relay.spool import JobMeta
+
+__all__ = ["IN_MEMORY_MAX", "IncomingProxy", "SpoolProxy"]
+
+# Data kept in memory per job before a data file goes to a spool file of its own.
+IN_MEMORY_MAX = 64 * 1024
+WRITEBACK_CHUNK = 8 << 20      # as relay.spooljob: start writeback every 8 MiB under fsync
+FREE_SPACE_TTL = 0.5           # as relay.spool: a free-space reading is good this long
+
+
+class _MemoryFile:
+    """A data file held in memory until it outgrows ``IN_MEMORY_MAX`` (then: a spool file)."""
+
+    __slots__ = ("_fd", "_job", "_mark", "_size", "buf", "name", "promoted")
+
+    def __init__(self, job: IncomingProxy, name: str) -> None:
+        self._job, self.name = job, name
+        self.buf = bytearray()
+        self._fd = -1
+        self._size = 0
+        self._mark = 0
+        self.promoted = False   # in a spool file of the main process's, not in memory
+
+    def fileno(self) -> int:
+        return -1     # the connection writes through write()
+
+    def add(self, n: int) -> None:
+        raise SpoolError("an intake worker's data file takes write() only")
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        if self._fd < 0:
+            if self._job.in_memory + n <= IN_MEMORY_MAX:
+                self.buf += data
+                self._job.in_memory += n
+                self._size += n
+                self._job.bytes += n
+                return
+            self._fd = self._job.promote(self)
+            self.promoted = True
+            self._job.in_memory -= len(self.buf)
+            self._write(self.buf)
+            self.buf = bytearray()
+        self._write(data)
+        self._size += n
+        self._job.bytes += n
+
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            write_all(self._fd, data)
+        except OSError as exc:
+            raise disk_error(exc, f"job {self._job.id} data file") from exc
+        if self._job.fsync and self._size - self._mark >= WRITEBACK_CHUNK:
+            start_writeback(self._fd, self._mark, self._size - self._mark)
+            self._mark = self._size
+
+    def close(self) -> int:
+        self.abandon()
+        self._job.closed(self)
+        return self._size
+
+    def abandon(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -2
+
+
+class IncomingProxy:
+    """A job being received in a worker (the ``relay.spoolbackend.Incoming`` face)."""
+
+    def __init__(self, spool: SpoolProxy, token: str, *, queue: str, wire_queue: str,
+                 peer: str) -> None:
+        self.spool, self.token = spool, token
+        self.queue, self.wire_queue, self.peer = queue, wire_queue, peer
+        self.fsync = spool.fsync
+        self.bytes = 0
+        self.in_memory = 0
+        self.tls_peer = ""
+        self.digests: dict[str, str] | None = None   # the audit log's: not taken in a worker
+        self.control: Control | None = None
+        self.files: dict[str, bytes] = {}      # wire name -> in-memory body, arrival order
+        self.promoted = False                  # the main process holds a part of it
+        self._open: _MemoryFile | None = None
+        self.gone = False
+
+    @property
+    def id(self) -> str:
+        return self.token
+
+    def set_control(self, name: str, raw: builtins.bytes, *, number: str, user: str, host: str,
+                    title: str, job_name: str, formats: Mapping[str, str]) -> None:
+        self.bytes += len(raw) - (len(self.control.raw) if self.control else 0)
+        self.control = Control(name=name, raw=bytes(raw), number=number, user=user, host=host,
+                               title=title, job_name=job_name, formats=dict(formats))
+
+    def set_tls_peer(self, name: str) -> None:
+        self.tls_peer = name
+
+    def open_data(self, name: str) -> _MemoryFile:
+        if self._open is not None:
+            raise SpoolError(f"job {self.token}: a data file is already open")
+        if (old := self.files.pop(name, None)) is not None:  # a re-sent file supersedes
+            self.bytes -= len(old)
+            self.in_memory -= len(old)
+        self._open = _MemoryFile(self, name)
+        return self._open
+
+    def promote(self, file: _MemoryFile) -> int:
+        """A spool file for ``file`` from the main process; its descriptor."""
+        self.promoted = True
+        return self.spool.open_file(self, file.name)
+
+    def closed(self, file: _MemoryFile) -> None:
+        # A promoted file is complete in its spool file; the main process
+        # closes its end before the next Open or at the Commit.
+        self._open = None
+        if not file.promoted:
+            self.files[file.name] = bytes(file.buf)
+
+    def discard(self) -> None:
+        if self.gone:
+            return
+        self.gone = True
+        if self._open is not None:
+            self._open.abandon()
+            self._open = None
+        self.files.clear()
+        if self.promoted:   # answered once its spool file is gone: the space is free
+            self.spool.call(Discard(self.token))
+
+    def commit_message(self, rid: int, hold: str) -> Commit:
+        if self._open is not None:
+            raise SpoolError(f"job {self.token}: data file {self._open.name!r} still open")
+        return Commit(rid=rid, token=self.token, queue=self.queue, wire_queue=self.wire_queue,
+                      peer=self.peer, tls_peer=self.tls_peer, control=self.control,
+                      files=tuple(self.files.items()), promoted=self.promoted, hold=hold)
+
+
+class SpoolProxy:
+    """What intake needs of the spool, answered by the main process (module docstring)."""
+
+    def __init__(self, config: Config, channel: Channel, calls: CallClient) -> None:
+        self.directory = os.fspath(config.server.spool_dir)
+        self.min_free_disk = config.server.min_free_disk
+        self.fsync = config.server.fsync
+        self.channel, self.calls = channel, calls
+        self._tokens = itertools.count(1)
+        self._rids = itertools.count(1)
+        self._waiting: dict[int, tuple[trio.Event, list[Reply]]] = {}
+        self._reading: tuple[int, float] | None = None
+        self.catch_all_names: tuple[str, ...] = ()
+        # Intake in a worker records no events: the main process does, for the
+        # jobs it stores (and intake stays there when an audit log is configured).
+        self.events: JobEvents = NO_EVENTS
+
+    # -- space, as relay.spool.Spool.check_space: a refusal is based on a fresh reading --
+
+    def check_space(self, need: int = 0) -> None:
+        now = time.monotonic()
+        if self._reading is None or now - self._reading[1] > FREE_SPACE_TTL:
+            self._reading = (self._free(), now)
+        free = self._reading[0]
+        if free <= 0 or free - need < self.min_free_disk:
+            self._reading = (free := self._free(), now)
+            if free <= 0 or free - need < self.min_free_disk:
+                raise DiskFull(f"spool {self.directory}: free space below min_free_disk")
+
+    def _free(self) -> int:
+        st = os.statvfs(self.directory)
+        return st.f_bavail * st.f_frsize
+
+    def jobs(self, queue: str | None = None) -> list[JobMeta]:
+        return []   # only the catch-all seeding asks; Init brings those names
+
+    def begin(self, *, queue: str, wire_queue: str, peer: str) -> IncomingProxy:
+        self.check_space()
+        return IncomingProxy(self, f"{os.getpid()}-{next(self._tokens)}", queue=queue,
+                             wire_queue=wire_queue, peer=peer)
+
+    def call(self, message: Open | Discard | Admit) -> list[int]:
+        """A call to the main process; its descriptors, or the error it sent raised."""
+        try:
+            reply, fds = self.calls.call(message)
+        except OSError as exc:
+            raise SpoolError(f"no answer from the main process: {exc}") from exc
+        if reply.failure is not None:
+            for fd in fds:
+                os.close(fd)
+            raise_failure(reply.failure)
+        return fds
+
+    def open_file(self, job: IncomingProxy, name: str) -> int:
+        fds = self.call(Open(token=job.token, queue=job.queue, wire_queue=job.wire_queue,
+                             peer=job.peer, tls_peer=job.tls_peer, name=name))
+        if len(fds) != 1:
+            raise SpoolError(f"job {job.token}: the main process sent no descriptor")
+        return fds[0]
+
+    async def commit(self, job: IncomingProxy, *, hold: str = "") -> JobMeta:
+        rid = next(self._rids)
+        message = job.commit_message(rid, hold)
+        job.gone = True    # from here the main process owns the job (it discards on failure)
+        value = await self.request(message)
+        assert isinstance(value, JobMeta)
+        return value
+
+    async def answer(self, ctx: object, ev: _core.Command, host: str, port: int) -> bytes:
+        """A one-shot command, answered by the main process for the whole daemon."""
+        value = await self.request(Command(rid=next(self._rids), event=ev, host=host,
+                                           port=port))
+        assert isinstance(value, bytes)
+        return value
+
+    async def request(self, message: Commit | Command) -> object:
+        event, box = trio.Event(), cast(list[Reply], [])
+        self._waiting[message.rid] = (event, box)
+        try:
+            await self.channel.send(message)
+            await event.wait()
+        finally:
+            self._waiting.pop(message.rid, None)
+        reply = box[0]
+        if reply.failure is not None:
+            raise_failure(reply.failure)
+        return reply.value
+
+    def replied(self, reply: Reply) -> None:
+        if (waiting := self._waiting.get(reply.rid)) is not None:
+            waiting[1].append(reply)
+            waiting[0].set()

@@ -1,0 +1,262 @@
+"""Intake in worker processes (``[server] workers = 2``, SPEC §12): a real daemon subprocess.
+
+Jobs on many connections arrive once each, in per-queue order as acked;
+both workers serve connections; lpq and lprm through one worker answer for
+jobs the other received; ``kill -9`` of a worker loses no acknowledged job;
+SIGTERM stops every process; ``kill -9`` of the main process ends the
+workers and a restart delivers every acknowledged job.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.daemon import relay_config, write_config_file
+from tests.lpdwire import Job, Wire, send_job
+from tests.relayproc import LoggedRelay, wait_until
+
+DOWN = "socket://127.0.0.1:1"
+SLOW_RETRY = {"initial": "1h", "max": "1h", "give_up_after": "24h"}
+
+
+def _relay(tmp_path: Path, queues: dict[str, Any], **sections: Any) -> LoggedRelay:
+    data = relay_config(tmp_path, server={"workers": 2, "graceful_timeout": "5s"},
+                        queues=queues, **sections)
+    return LoggedRelay(write_config_file(tmp_path / "relay.toml", data)).start()
+
+
+def _workers(relay: LoggedRelay) -> dict[int, int]:
+    """Worker index -> pid of the worker running now (the last one started)."""
+    return {ev["worker"]: ev["pid"] for ev in relay.events("worker_started")}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _metric(relay: LoggedRelay, line_start: str) -> float:
+    text = urllib.request.urlopen(relay.metrics_url(), timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(line_start))
+
+
+def _established_inodes(port: int) -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                    inodes.add(fields[9])
+    return inodes
+
+
+def _held_by(pid: int, inodes: set[str]) -> int:
+    held = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in inodes:
+            held += 1
+    return held
+
+
+def _delivered(out: Path, queue: str) -> list[dict[str, Any]]:
+    folder = out / queue
+    if not folder.is_dir():
+        return []
+    return sorted((orjson.loads(p.read_bytes()) for p in folder.glob("*.json")),
+                  key=lambda m: m["job"])
+
+
+def _send_acked(port: int, job: Job, tries: int = 5) -> tuple[bool, int]:
+    """Send until every step is acked (at most ``tries``); (acked, failed attempts)."""
+    for attempt in range(tries):
+        try:
+            if all(r == 0 for r in send_job(port, job)):
+                return True, attempt
+        except OSError:
+            pass
+        time.sleep(0.05)
+    return False, tries
+
+
+def test_jobs_on_many_connections_arrive_once_in_per_queue_order(tmp_path: Path) -> None:
+    relay = _relay(tmp_path, {"lp": {"destinations": [f"dir://{tmp_path / 'out'}"]}})
+    acked: dict[int, list[str]] = {t: [] for t in range(8)}
+
+    def sender(t: int) -> None:
+        for i in range(10):
+            job = Job(queue="lp", number=f"{t}{i:02d}", title=f"t{t}-{i:02d}",
+                      files=[f"job {t}-{i}\n".encode() * (1 + i * 900)])   # up to ~90 KiB
+            ok, _ = _send_acked(relay.port, job, tries=1)
+            assert ok
+            acked[t].append(job.title)
+    try:
+        threads = [threading.Thread(target=sender, args=(t,)) for t in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert all(len(titles) == 10 for titles in acked.values())
+        metas = wait_until(lambda: (m := _delivered(tmp_path / "out", "lp")) and
+                           len(m) >= 80 and m, timeout=30)
+        time.sleep(0.3)
+        metas = _delivered(tmp_path / "out", "lp")
+        titles = [m["title"] for m in metas]
+        assert len(titles) == 80 and len(set(titles)) == 80, "each job exactly once"
+        for t, sent in acked.items():   # a connection's later job has the later spool id
+            assert [x for x in titles if x.startswith(f"t{t}-")] == sent
+        # Delivered in order as acked: a job acked before another was sent
+        # has its metadata written first.
+        mtime = {m["title"]: os.stat(tmp_path / "out" / "lp" / f"{m['job']}.json").st_mtime_ns
+                 for m in metas}
+        for sent in acked.values():
+            assert [mtime[x] for x in sent] == sorted(mtime[x] for x in sent)
+        assert _metric(relay, 'lpdrelay_jobs_received_total{queue="lp"}') == 80
+        assert not relay.tracebacks()
+    finally:
+        assert relay.terminate() == 0
+
+
+def test_both_workers_serve_and_lpq_lprm_answer_for_the_whole_daemon(tmp_path: Path) -> None:
+    relay = _relay(tmp_path, {"held": {"destinations": [DOWN]}}, retry=SLOW_RETRY)
+    idle: list[Wire] = []
+    try:
+        pids = _workers(relay)
+        assert len(pids) == 2
+        idle = [Wire(relay.port) for _ in range(24)]
+        wait_until(lambda: _metric(relay, "lpdrelay_inbound_connections") >= 24)
+        inodes = _established_inodes(relay.port)
+        held = {i: _held_by(pid, inodes) for i, pid in pids.items()}
+        assert all(n > 0 for n in held.values()), f"connections per worker: {held}"
+        assert sum(held.values()) >= 24
+        for i in range(6):
+            assert _send_acked(relay.port, Job(queue="held", number=f"{101 + i}"))[0]
+        # lpq through every idle connection: both workers' answers list all six.
+        for w in idle[:12]:
+            w.send(b"\x04held\n")
+            assert w.read_all().decode().count("spool id") == 6
+        w = idle[12]
+        w.send(b"\x05held alice 106\n")
+        assert b"dequeued" in w.read_all()
+        for w in idle[13:]:
+            w.send(b"\x04held\n")
+            answer = w.read_all().decode()
+            assert answer.count("spool id") == 5 and "[job 106 " not in answer
+    finally:
+        for w in idle:
+            w.close()
+        assert relay.terminate() == 0
+
+
+def test_kill9_of_a_worker_loses_no_acknowledged_job(tmp_path: Path) -> None:
+    relay = _relay(tmp_path, {"lp": {"destinations": [f"dir://{tmp_path / 'out'}"]}})
+    acked: list[str] = []
+    failed = [0]
+    lock = threading.Lock()
+
+    def sender(t: int) -> None:
+        for i in range(40):
+            job = Job(queue="lp", number=f"{t}{i:02d}", title=f"k{t}-{i:02d}",
+                      files=[b"x" * (100 if i % 3 else 200_000)])
+            ok, failures = _send_acked(relay.port, job)
+            with lock:
+                failed[0] += failures
+                if ok:
+                    acked.append(job.title)
+            time.sleep(0.005)
+    try:
+        victim = _workers(relay)[0]
+        threads = [threading.Thread(target=sender, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        wait_until(lambda: len(acked) >= 30, timeout=30)
+        os.kill(victim, signal.SIGKILL)
+        for th in threads:
+            th.join(120)
+        assert len(acked) == 160, "every job was acked in the end (retried when refused)"
+        wait_until(lambda: relay.events("worker_exited"))
+        wait_until(lambda: _workers(relay)[0] != victim and _alive(_workers(relay)[0]))
+        assert all(r == 0 for r in send_job(relay.port, Job(queue="lp", title="after")))
+        wait_until(lambda: "after" in {m["title"] for m in _delivered(tmp_path / "out", "lp")},
+                   timeout=30)
+        titles = [m["title"] for m in _delivered(tmp_path / "out", "lp")]
+        assert set(acked) | {"after"} <= set(titles)
+        # A duplicate needs a commit whose ack the killed worker could not send.
+        assert len(titles) - len(set(titles)) <= failed[0]
+        assert not relay.tracebacks()
+    finally:
+        assert relay.terminate() == 0
+
+
+def test_sigterm_stops_the_main_process_and_every_worker(tmp_path: Path) -> None:
+    relay = _relay(tmp_path, {"lp": {"destinations": [f"dir://{tmp_path / 'out'}"]}})
+    pids = list(_workers(relay).values())
+    assert all(r == 0 for r in send_job(relay.port, Job(queue="lp")))
+    started = time.monotonic()
+    assert relay.terminate(timeout=30) == 0
+    assert time.monotonic() - started < 10
+    wait_until(lambda: not any(_alive(pid) for pid in pids), timeout=10)
+    assert not relay.tracebacks()
+
+
+def test_kill9_of_main_ends_the_workers_and_a_restart_recovers_every_job(
+        tmp_path: Path) -> None:
+    relay = _relay(tmp_path, {"held": {"destinations": [DOWN]}}, retry=SLOW_RETRY)
+    pids = list(_workers(relay).values())
+    for i in range(10):
+        assert _send_acked(relay.port, Job(queue="held", number=f"{200 + i}",
+                                           files=[b"y" * ((i + 1) * 20_000)]), tries=1)[0]
+    relay.kill9()
+    wait_until(lambda: not any(_alive(pid) for pid in pids), timeout=10)
+    again = LoggedRelay(relay.config_file).start()
+    try:
+        assert any("10 job(s) recovered" in line for line in again.banner)
+        with Wire(again.port) as w:
+            w.send(b"\x04held\n")
+            assert w.read_all().decode().count("spool id") == 10
+    finally:
+        assert again.terminate() == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_1_is_one_process(tmp_path: Path, workers: int) -> None:
+    data = relay_config(tmp_path, server={"workers": workers})
+    relay = LoggedRelay(write_config_file(tmp_path / "relay.toml", data)).start()
+    try:
+        assert len(_workers(relay)) == (0 if workers == 1 else 2)
+        assert all(r == 0 for r in send_job(relay.port, Job()))
+    finally:
+        assert relay.terminate() == 0
+
+
+@pytest.mark.parametrize("section", ["audit", "retention"])
+def test_intake_stays_in_one_process_where_workers_do_not_cover_it(
+        tmp_path: Path, section: str) -> None:
+    extra: dict[str, Any] = {"audit": {"rotate_keep": 2}} if section == "audit" else \
+        {"retention": {"keep": "1h"}}
+    data = relay_config(tmp_path, server={"workers": 2}, **extra)
+    relay = LoggedRelay(write_config_file(tmp_path / "relay.toml", data)).start()
+    try:
+        assert _workers(relay) == {}
+        [why] = relay.events("intake_in_one_process")
+        assert f"[{section}]" in why["reason"] and why["workers"] == 2
+        assert all(r == 0 for r in send_job(relay.port, Job()))
+    finally:
+        assert relay.terminate() == 0
