@@ -115,6 +115,7 @@ class ServerParser:
     def __init__(
         self, *, max_line: int = 1024, max_control: int = 65536, max_job: int = 4 * 2**30
     ) -> None: ...
+    def release(self) -> None: ...
     def receive_data(self, data: Buffer) -> None:
         """Feed bytes; ``b""`` means EOF.  Only after NEED_DATA (or first)."""
     def next_event(self) -> ServerEvent | Literal[_NeedData.NEED_DATA]:

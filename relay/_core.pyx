@@ -143,6 +143,16 @@ cdef class ServerParser:
 
     # -- public surface
 
+    def release(self):
+        """Drop the caller's buffer (its reference and export): the connection ended.
+
+        Afterwards the parser holds nothing of the caller's, so a reference
+        cycle through an exception's traceback cannot leave a buffer export
+        for the garbage collector to trip over ("memoryview has 1 exported
+        buffer"); the parser is not fed again.
+        """
+        self._release()
+
     def receive_data(self, data):
         """Feed bytes; ``b""`` means EOF.  Only after NEED_DATA (or first)."""
         if self._state == ST_ERROR:

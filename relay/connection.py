@@ -110,6 +110,7 @@ class Connection:
             if self._buf is not small:    # a pooled buffer for a large body
                 self.ctx.buffers.give(self._buf)
             self._buf = small
+            self.parser.release()     # no export of our buffers outlives the connection
             # The queue holds bound methods of this connection: dropped here, or
             # the cycle would keep the parser's buffer exports for the GC (_HANDLERS).
             self.acks = self._reading = None
