@@ -127,12 +127,15 @@ def load_window(conn: Any, cache: str, limits: Mapping[str, int]) -> list[JobMet
     What a queue's holder needs each round: the jobs next in line (a deep
     queue is never read whole) and the held ones lpq and ``spool retry`` act on.
     """
-    rows: list[Any] = []
-    for queue, limit in sorted(limits.items()):
-        rows += conn.execute(_SELECT + " WHERE queue = %s AND state = 'queued' ORDER BY id"
-                             " LIMIT %s", (queue, limit)).fetchall()
-        rows += conn.execute(_SELECT + " WHERE queue = %s AND state = 'held' ORDER BY id",
-                             (queue,)).fetchall()
+    if not limits:
+        return []
+    queues = sorted(limits)
+    facts = ", ".join(f"j.{f}" for f in _FACTS)
+    rows = conn.execute(
+        f"SELECT {facts} FROM unnest(%s::text[], %s::int[]) AS w(q, n) CROSS JOIN LATERAL"
+        f" (SELECT * FROM lpd_jobs WHERE queue = w.q AND state = 'queued' ORDER BY id"
+        f" LIMIT w.n) AS j UNION ALL {_SELECT} j WHERE queue = ANY(%s) AND state = 'held'",
+        (queues, [limits[q] for q in queues], queues)).fetchall()
     return sorted((row_meta(r, cache) for r in rows), key=lambda m: m.id)
 
 
@@ -153,6 +156,33 @@ def fetch_bodies(conn: Any, meta: JobMeta) -> None:
             cur.execute("SELECT data FROM lpd_chunks WHERE job_id = %s AND file = %s "
                         "ORDER BY seq", (meta.id, file_number(f.path)))
             _write_whole(f.path, (bytes(r[0]) for r in cur))  # row by row, see stream()
+
+
+def fetch_small_bodies(conn: Any, metas: Sequence[JobMeta]) -> set[str]:
+    """``fetch_bodies`` for several small jobs in two queries; the ids still there.
+
+    For jobs of a few chunks only (the caller's choice): their chunks come
+    back in one result, held in memory together.
+    """
+    if not metas:
+        return set()
+    by_id = {m.id: m for m in metas}
+    ids = sorted(by_id)
+    found = set()
+    for job_id, control in conn.execute("SELECT id, control FROM lpd_jobs WHERE id = ANY(%s)",
+                                        (ids,)).fetchall():
+        found.add(job_id)
+        _write_whole(by_id[job_id].control_path, [bytes(control)])
+    rows = conn.execute("SELECT job_id, file, data FROM lpd_chunks WHERE job_id = ANY(%s)"
+                        " ORDER BY job_id, file, seq", (sorted(found),)).fetchall()
+    parts: dict[tuple[str, int], list[bytes]] = {}
+    for job_id, number, data in rows:
+        parts.setdefault((job_id, number), []).append(bytes(data))
+    for job_id in sorted(found):
+        for f in by_id[job_id].files:
+            if not os.path.exists(f.path):
+                _write_whole(f.path, parts.get((job_id, file_number(f.path)), []))
+    return found
 
 
 def _write_whole(path: str, parts: Iterable[bytes]) -> None:
@@ -176,11 +206,16 @@ def apply_writes(conn: Any, updates: Sequence[JobMeta], removals: Sequence[str])
     with conn.transaction():
         if removals:
             conn.execute("DELETE FROM lpd_jobs WHERE id = ANY(%s)", (list(removals),))
-        for m in updates:
+        if updates:   # one statement for the batch, not one per job
             conn.execute(
-                "UPDATE lpd_jobs SET state = %s, attempts = %s, failures = %s,"
-                " destination = %s, next_attempt = %s, last_error = %s WHERE id = %s",
-                (*(getattr(m, k) for k in _STATE), m.id))
+                "UPDATE lpd_jobs AS j SET state = u.state, attempts = u.attempts,"
+                " failures = u.failures, destination = u.destination,"
+                " next_attempt = u.next_attempt, last_error = u.last_error"
+                " FROM unnest(%s::text[], %s::text[], %s::int[], %s::int[], %s::int[],"
+                " %s::float8[], %s::text[]) AS u(id, state, attempts, failures, destination,"
+                " next_attempt, last_error) WHERE j.id = u.id",
+                ([m.id for m in updates],
+                 *([getattr(m, k) for m in updates] for k in _STATE)))
 
 
 def delete_jobs(conn: Any, ids: Sequence[str]) -> list[str]:

@@ -217,22 +217,26 @@ class Feeder:
                 self.spool.remember(in_db[job_id])
             if released:
                 runner.wake(released)        # ``spool retry`` on another node
+        room: dict[str, int] = {}
+        new: list[JobMeta] = []
         for job in jobs:                     # id order
             if job.id in known:
                 continue
             target = self.scheduler.runner_for(job.queue)
-            if target is not None and job.state == "queued" and self._full(target):
-                continue
-            try:
-                await self.spool.prefetch(job)
-            except KeyError:
-                continue                     # removed since the query
+            if target is not None and job.state == "queued":
+                left = room.setdefault(job.queue, self._room(target))
+                if left <= 0:
+                    continue
+                room[job.queue] = left - 1
+            new.append(job)
+        for job in await self.spool.prefetch_many(new):   # less those removed since
             self.spool.remember(job)
             self.scheduler.submit(job)
 
-    def _full(self, runner: QueueRunner) -> bool:
+    def _room(self, runner: QueueRunner) -> int:
+        """How many more jobs ``runner``'s window takes."""
         window = WINDOW_PER_SLOT * runner.queue.concurrency
-        return len(runner.pending) + len(runner.in_flight) >= window
+        return window - len(runner.pending) - len(runner.in_flight)
 
     async def _listen(self) -> None:
         """Wake on every job committed anywhere (``pg_notify`` at commit)."""
