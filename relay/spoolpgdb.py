@@ -121,6 +121,22 @@ def load_jobs(conn: Any, cache: str, *, queues: Sequence[str] | None = None,
     return [(row_meta(r, cache), r[node_at]) for r in rows]
 
 
+def load_changed(conn: Any, cache: str, seen: Mapping[str, tuple[str, str]]
+                 ) -> tuple[dict[str, tuple[str, str]], list[JobMeta]]:
+    """Every job's (queue, state), and in full only those not as in ``seen``.
+
+    The gauges' recount each tick: a deep spool costs a narrow row per job,
+    not a whole ``JobMeta`` each time.
+    """
+    rows = conn.execute("SELECT id, queue, state FROM lpd_jobs").fetchall()
+    now: dict[str, tuple[str, str]] = {r[0]: (r[1], r[2]) for r in rows}
+    changed = [i for i, key in now.items() if seen.get(i) != key]
+    metas = [m for m, _ in load_jobs(conn, cache, ids=changed)] if changed else []
+    for m in metas:
+        now[m.id] = (m.queue, m.state)
+    return now, metas
+
+
 def load_window(conn: Any, cache: str, limits: Mapping[str, int]) -> list[JobMeta]:
     """Per queue its first ``limits[queue]`` queued jobs and every held one, in id order.
 
