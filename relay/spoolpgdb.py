@@ -174,31 +174,38 @@ def fetch_bodies(conn: Any, meta: JobMeta) -> None:
             _write_whole(f.path, (bytes(r[0]) for r in cur))  # row by row, see stream()
 
 
-def fetch_small_bodies(conn: Any, metas: Sequence[JobMeta]) -> set[str]:
-    """``fetch_bodies`` for several small jobs in two queries; the ids still there.
+def fetch_small_bodies(conn: Any, metas: Sequence[JobMeta], batch: str
+                       ) -> dict[str, tuple[int, int]]:
+    """``fetch_bodies`` for several small jobs in two queries, into ONE local file.
 
-    For jobs of a few chunks only (the caller's choice): their chunks come
-    back in one result, held in memory together.
+    Every body of the jobs still there goes into ``batch``, one after the
+    other, as the local spool's segments hold small jobs: one file created
+    per batch, not two per job (a file's creation costs more than its
+    bytes).  Returns each body's path (as ``JobMeta`` names it) -> (offset,
+    length) in ``batch``; the caller resolves the paths (``register_locator``).
     """
-    if not metas:
-        return set()
     by_id = {m.id: m for m in metas}
-    ids = sorted(by_id)
-    found = set()
-    for job_id, control in conn.execute("SELECT id, control FROM lpd_jobs WHERE id = ANY(%s)",
-                                        (ids,)).fetchall():
-        found.add(job_id)
-        _write_whole(by_id[job_id].control_path, [bytes(control)])
-    rows = conn.execute("SELECT job_id, file, data FROM lpd_chunks WHERE job_id = ANY(%s)"
-                        " ORDER BY job_id, file, seq", (sorted(found),)).fetchall()
+    controls = dict(conn.execute("SELECT id, control FROM lpd_jobs WHERE id = ANY(%s)",
+                                 (sorted(by_id),)).fetchall())
+    if not controls:
+        return {}
     parts: dict[tuple[str, int], list[bytes]] = {}
-    for job_id, number, data in rows:
+    for job_id, number, data in conn.execute(
+            "SELECT job_id, file, data FROM lpd_chunks WHERE job_id = ANY(%s)"
+            " ORDER BY job_id, file, seq", (sorted(controls),)):
         parts.setdefault((job_id, number), []).append(bytes(data))
-    for job_id in sorted(found):
-        for f in by_id[job_id].files:
-            if not os.path.exists(f.path):
-                _write_whole(f.path, parts.get((job_id, file_number(f.path)), []))
-    return found
+    bodies: list[tuple[str, bytes]] = []
+    for job_id in sorted(controls):
+        bodies.append((by_id[job_id].control_path, bytes(controls[job_id])))
+        bodies += [(f.path, b"".join(parts.get((job_id, file_number(f.path)), [])))
+                   for f in by_id[job_id].files]
+    where: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for path, data in bodies:
+        where[path] = (offset, len(data))
+        offset += len(data)
+    _write_whole(batch, (data for _, data in bodies))
+    return where
 
 
 def _write_whole(path: str, parts: Iterable[bytes]) -> None:
