@@ -53,6 +53,7 @@ from relay.spoolpgdb import (
     delete_jobs,
     fetch_bodies,
     fetch_small_bodies,
+    heartbeat,
     insert_jobs,
     load_jobs,
 )
@@ -127,6 +128,7 @@ class PgSpool(Sessions):
                 default = conn.execute("SHOW synchronous_commit").fetchone()[0]
                 self._slot = int(conn.execute("SELECT nextval('lpd_node_slot')").fetchone()[0])
                 version = conn.execute("SHOW server_version").fetchone()[0]
+                heartbeat(conn, self.node)   # nodes starting together share at once
         except SpoolError:
             self._release_lock()
             raise

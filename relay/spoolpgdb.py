@@ -26,6 +26,7 @@ _FACTS = ("id", "queue", "wire_queue", "peer", "received", "control_name", "numb
           "user_name", "host", "title", "job_name", "tls_peer", "control_bytes", "files",
           "node", "state", "attempts", "failures", "destination", "next_attempt", "last_error")
 _SELECT = f"SELECT {', '.join(_FACTS)} FROM lpd_jobs"
+LEASES_FREED = ""   # the NOTIFY payload of a lease given back (a job's is its queue)
 _STATE = ("state", "attempts", "failures", "destination", "next_attempt", "last_error")
 
 
@@ -249,6 +250,12 @@ def delete_jobs(conn: Any, ids: Sequence[str]) -> list[str]:
     return sorted(r[0] for r in rows)
 
 
+def heartbeat(conn: Any, node: str) -> None:
+    """Count this node among the live ones (``claim_leases`` does it each tick too)."""
+    conn.execute("INSERT INTO lpd_nodes (node, seen) VALUES (%s, now())"
+                 " ON CONFLICT (node) DO UPDATE SET seen = now()", (node,))
+
+
 def claim_leases(conn: Any, queues: Sequence[str], node: str, lease_time: float
                  ) -> tuple[set[str], int]:
     """Renew this node's queue leases and take free or expired ones up to its share.
@@ -261,8 +268,7 @@ def claim_leases(conn: Any, queues: Sequence[str], node: str, lease_time: float
     if not queues:
         return set(), 0
     with conn.transaction():
-        conn.execute("INSERT INTO lpd_nodes (node, seen) VALUES (%s, now())"
-                     " ON CONFLICT (node) DO UPDATE SET seen = now()", (node,))
+        heartbeat(conn, node)
         live = conn.execute("SELECT count(*) FROM lpd_nodes WHERE seen >"
                             " now() - make_interval(secs => %s)", (lease_time,)).fetchone()[0]
         share = -(-len(queues) // max(1, int(live)))
@@ -295,6 +301,8 @@ def release_leases(conn: Any, node: str, queues: Sequence[str] | None = None) ->
         else:
             conn.execute("DELETE FROM lpd_leases WHERE node = %s AND queue = ANY(%s)",
                          (node, list(queues)))
+        # The others claim at once rather than at their next tick.
+        conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, LEASES_FREED))
 
 
 def lease_holders(conn: Any) -> dict[str, str]:

@@ -41,7 +41,14 @@ from relay.dispatch import Scheduler
 from relay.scheduler import QueueRunner
 from relay.spoolformat import JobMeta
 from relay.spoolpg import PgSpool
-from relay.spoolpgdb import claim_leases, load_changed, load_window, release_leases, writable
+from relay.spoolpgdb import (
+    LEASES_FREED,
+    claim_leases,
+    load_changed,
+    load_window,
+    release_leases,
+    writable,
+)
 from relay.spoolpgschema import NOTIFY_CHANNEL
 
 _LOCAL_SHARE = 0.75    # of lease_time: after this long unrenewed, stop delivering
@@ -87,6 +94,8 @@ class Feeder:
     async def _round(self) -> None:
         """A full round every ``tick`` (health, leases, gauges); a feeding one when woken."""
         spool = self.spool
+        if any(self._idle(q) for q in self._draining):
+            self._next_full = -math.inf          # give it back now, not at the next tick
         if trio.current_time() >= self._next_full:
             await self._full_round()
             self._next_full = trio.current_time() + self.tick
@@ -261,6 +270,8 @@ class Feeder:
                 while True:
                     got = await trio.to_thread.run_sync(_wait_notifies, conn, self.tick,
                                                         abandon_on_cancel=True)
+                    if LEASES_FREED in got:
+                        self._next_full = -math.inf   # claim them now
                     if got:
                         self.wake()
             except Exception:
@@ -277,8 +288,8 @@ class Feeder:
             spool.leased = set()
 
 
-def _wait_notifies(conn: Any, timeout: float) -> int:
-    return sum(1 for _ in conn.notifies(timeout=timeout, stop_after=64))
+def _wait_notifies(conn: Any, timeout: float) -> set[str]:
+    return {n.payload for n in conn.notifies(timeout=timeout, stop_after=64)}
 
 
 class ClusterDelivery:
