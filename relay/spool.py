@@ -94,6 +94,24 @@ class SpoolBusy(SpoolError):
     """Another process holds the spool lock: a daemon is running on it."""
 
 
+def take_lock(directory: str) -> int:
+    """The spool's ``lock`` file, locked for this process (one daemon or CLI writer a spool)."""
+    fd = create(os.path.join(directory, "lock"), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SpoolBusy(f"spool {directory} is in use by another process") from None
+    return fd
+
+
+def release_lock(fd: int) -> int:
+    """Give up the lock taken by ``take_lock`` (``fd`` -1: none held); returns -1."""
+    if fd >= 0:
+        os.close(fd)
+    return -1
+
+
 class Spool(FreeSpace):
     """The spool directory: receive (``begin``/``commit``), read, update, remove jobs.
 
@@ -171,18 +189,10 @@ class Spool(FreeSpace):
                         discarded_bytes=self._stats["discarded_bytes"])
 
     def _take_lock(self) -> None:
-        fd = create(os.path.join(self.directory, "lock"), os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SpoolBusy(f"spool {self.directory} is in use by another process") from None
-        self._lock_fd = fd
+        self._lock_fd = take_lock(self.directory)
 
     def _release_lock(self) -> None:
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        self._lock_fd = release_lock(self._lock_fd)
 
     def _reserve(self) -> None:
         # Ids stay unique across restarts even after every job was removed: the

@@ -27,7 +27,6 @@ A database that cannot take a job (down, read-only, a hot standby) makes
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import time
@@ -42,6 +41,7 @@ from relay import log
 from relay.errors import DiskFull, SpoolError
 from relay.groupcommit import GroupCommit, create, make_dir, unlink_quiet
 from relay.jobevents import NO_EVENTS, JobEvents
+from relay.spool import release_lock, take_lock
 from relay.spoolbackend import Body, SpoolBackend, open_file_body
 from relay.spoolformat import STATES, FileMeta, JobMeta, Recovery, SpoolStatistics, SpoolUsage
 from relay.spoolindex import SpoolIndex
@@ -136,18 +136,10 @@ class PgSpool(Sessions):
         return Recovery(jobs=[], discarded=0, discarded_bytes=0)
 
     def _take_lock(self) -> None:
-        fd = create(os.path.join(self.directory, "lock"), os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SpoolError(f"spool {self.directory} is in use by another process") from None
-        self._lock_fd = fd
+        self._lock_fd = take_lock(self.directory)   # the local spool's lock, same file
 
     def _release_lock(self) -> None:
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        self._lock_fd = release_lock(self._lock_fd)
 
     # -- intake ------------------------------------------------------------------------
 
