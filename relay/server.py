@@ -20,7 +20,7 @@ import errno
 import math
 import socket as pysocket
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 import trio
 
@@ -49,6 +49,23 @@ ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 REFUSAL_SLOTS = 64
 REFUSAL_SECONDS = 1.0
 BUSY = bytes([REPLY_RETRY_LATER]) + b"lpd-relay: server busy (max_connections), retry later\n"
+
+
+def open_new_listeners(listen: tuple[Listen, ...], held: Container[Listen], *,
+                       reuse_port: bool, accept: bool = True
+                       ) -> dict[Listen, trio.socket.SocketType]:
+    """Bind the addresses of ``listen`` not in ``held`` (all or none: BindError)."""
+    opened: dict[Listen, trio.socket.SocketType] = {}
+    try:
+        for i, address in enumerate(listen):
+            if address not in held and address not in opened:
+                opened[address] = open_listener(address, key=f"server.listen[{i}]",
+                                                reuse_port=reuse_port, accept=accept)
+    except BaseException:
+        for sock in opened.values():
+            sock.close()
+        raise
+    return opened
 
 
 def open_listener(listen: Listen, backlog: int = 1024, *, key: str = "server.listen",
@@ -148,17 +165,7 @@ class LpdServer:
 
     def open_listeners(self, listen: tuple[Listen, ...]) -> dict[Listen, trio.socket.SocketType]:
         """Bind the addresses of ``listen`` not listened on yet (all or none: BindError)."""
-        opened: dict[Listen, trio.socket.SocketType] = {}
-        try:
-            for i, address in enumerate(listen):
-                if address not in self._by_listen and address not in opened:
-                    opened[address] = open_listener(address, key=f"server.listen[{i}]",
-                                                    reuse_port=self.reuse_port)
-        except BaseException:
-            for sock in opened.values():
-                sock.close()
-            raise
-        return opened
+        return open_new_listeners(listen, self._by_listen, reuse_port=self.reuse_port)
 
     def reload_tls(self, config: ServerConfig) -> None:
         """Re-read the TLS listeners' certificate, key, CA and peers (ConfigError: unchanged)."""

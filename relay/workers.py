@@ -58,7 +58,7 @@ from relay.intakechannel import (
 from relay.metrics import Metrics
 from relay.privacy import KEEP, Redactor
 from relay.queues import QueueRouter, hot_folder_names
-from relay.server import open_listener
+from relay.server import open_listener, open_new_listeners
 from relay.spool import DataWriter, IncomingJob, JobMeta, Spool
 from relay.tls import InboundTls
 from relay.workermetrics import Key, WorkerCounts
@@ -158,17 +158,7 @@ class WorkerPool:
 
     def open_listeners(self, listen: tuple[Listen, ...]) -> dict[Listen, trio.socket.SocketType]:
         """Hold the addresses of ``listen`` not held yet (all or none: BindError)."""
-        opened: dict[Listen, trio.socket.SocketType] = {}
-        try:
-            for i, address in enumerate(listen):
-                if address not in self._plain and address not in opened:
-                    opened[address] = open_listener(address, key=f"server.listen[{i}]",
-                                                    reuse_port=True, accept=False)
-        except BaseException:
-            for sock in opened.values():
-                sock.close()
-            raise
-        return opened
+        return open_new_listeners(listen, self._plain, reuse_port=True, accept=False)
 
     def reload_tls(self, config: ServerConfig) -> None:
         """Check the new TLS material here (ConfigError: refused); workers load it on Reload."""
