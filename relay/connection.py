@@ -308,12 +308,17 @@ class Connection:
         for incoming in leftovers:
             self._drop(incoming)
 
+    async def _pipeline_failed(self) -> bool:
+        """Wait for the jobs still committing; True when one failed (the session is refused)."""
+        if self.acks is None:
+            return False
+        await self.acks.wait_idle()
+        return self.acks.error is not None
+
     async def _ended(self, how: str, message: str) -> None:
         """The peer went (timeout, reset): hold an acknowledged job, discard the rest."""
-        if self.acks is not None:
-            await self.acks.wait_idle()
-            if self.acks.error is not None:   # refused instead (_serve_requests)
-                return
+        if await self._pipeline_failed():   # refused instead (_serve_requests)
+            return
         if self._holdable():
             await self._hold()
         elif how == "timeout":
@@ -506,10 +511,8 @@ class Connection:
 
     async def on_end(self, ev: _core.EndOfStream) -> None:
         self.closing = True
-        if self.acks is not None:
-            await self.acks.wait_idle()
-            if self.acks.error is not None:   # refused instead (_serve_requests)
-                return
+        if await self._pipeline_failed():   # refused instead (_serve_requests)
+            return
         if self._holdable():
             await self._hold()
         elif self.job is not None:
