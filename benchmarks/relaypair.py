@@ -184,11 +184,13 @@ def raw_receiver_mb_s(path: Path, out: Path) -> float:
     return size / seconds / 1e6
 
 
-def _send_big(port: int, path: Path) -> None:
+def send_big(uri: str, path: Path) -> float:
+    """One job of ``path``'s bytes to ``uri`` (lpd:// or lpds://, sendfile); its MB/s."""
     size = path.stat().st_size
+    dest = parse_destination(uri)
 
     async def main() -> None:
-        ch = await client.open_channel("127.0.0.1", port, io_timeout=120)
+        ch = await client.connect(dest, io_timeout=120)
         try:
             await client.send_job(ch, queue="q", cf_name="cfA001bench",
                                   control=b"Hbench\nPbench\nldfA001bench\n",
@@ -196,14 +198,16 @@ def _send_big(port: int, path: Path) -> None:
                                                         path=str(path))])
         finally:
             await ch.aclose()
+    start = time.perf_counter()
     trio.run(main)
+    return size / (time.perf_counter() - start) / 1e6
 
 
 def big_into_spool_mb_s(tmp: Path, path: Path) -> float:
     """One job of ``path``'s size into a relay (``fsync = "always"``) until its final ack."""
     with RelayProcess(_config(tmp, "B", f"socket://127.0.0.1:{_free_port()}")) as b:
         start = time.perf_counter()
-        _send_big(b.port, path)
+        send_big(f"lpd://127.0.0.1:{b.port}/q?reserve=none", path)
         return path.stat().st_size / (time.perf_counter() - start) / 1e6
 
 
@@ -230,7 +234,7 @@ def big_forwarded_mb_s(tmp: Path, path: Path) -> float:
     """
     port, size = _free_port(), path.stat().st_size
     with RelayProcess(_config(tmp, "A", f"lpd://127.0.0.1:{port}/q")) as a:
-        _send_big(a.port, path)
+        send_big(f"lpd://127.0.0.1:{a.port}/q?reserve=none", path)
         b_cfg = _config(tmp, "B", f"socket://127.0.0.1:{_free_port()}", port=port)
         with RelayProcess(b_cfg) as b:
             time.sleep(0.2)   # A's in-flight first attempt has failed and backed off

@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 import trio
 
+from benchmarks.relaypair import send_big
 from benchmarks.report import print_lines
-from relay import client
 from relay.loadgen import run_load
 from relay.uri import parse_destination
 from tests.daemon import RelayProcess, relay_config, write_config_file
@@ -123,27 +123,11 @@ def big_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _send_big(port: int, path: Path) -> float:
-    size = path.stat().st_size
-
-    async def main() -> None:
-        ch = await client.open_channel("127.0.0.1", port, io_timeout=120)
-        try:
-            await client.send_job(ch, queue="q", cf_name="cfA001bench",
-                                  control=b"Hbench\nPbench\nldfA001bench\n",
-                                  files=[client.OutFile(name="dfA001bench", size=size,
-                                                        path=str(path))])
-        finally:
-            await ch.aclose()
-    start = time.perf_counter()
-    trio.run(main)
-    return size / (time.perf_counter() - start) / 1e6
-
-
 @pytest.mark.parametrize("fsync", ["always", "never"])
 def test_large_job(tmp_path: Path, benchmark: Any, big_file: Path, fsync: str) -> None:
     with RelayProcess(intake_config(tmp_path, fsync)) as relay:
-        rate = benchmark.pedantic(_send_big, args=(relay.port, big_file), rounds=1, iterations=1)
+        uri = f"lpd://127.0.0.1:{relay.port}/q?reserve=none"
+        rate = benchmark.pedantic(send_big, args=(uri, big_file), rounds=1, iterations=1)
     RESULTS[f"MB/s relay fsync={fsync}"] = rate
     benchmark.extra_info["mb_per_second"] = rate
 

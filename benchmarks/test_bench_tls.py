@@ -21,19 +21,15 @@ import os
 import re
 import shutil
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
 from benchmarks import table
-from benchmarks.relaypair import _check_sink, _wait_delivered
+from benchmarks.relaypair import _check_sink, _wait_delivered, send_big
 from benchmarks.report import print_lines, tree_cpu
-from relay import client
 from relay.loadgen import load
-from relay.uri import parse_destination
 from tests.daemon import RelayProcess, relay_config, write_config_file
 
 SCALE = float(os.environ.get("LPD_BENCH_SCALE", "1.0"))
@@ -91,28 +87,10 @@ def _uri(relay: RelayProcess, pki: Any, tls: bool) -> str:
             f"&cert={pki.path('branch-7.pem')}&key={pki.path('branch-7.key')}")
 
 
-def _send_big(uri: str, path: Path) -> float:
-    size = path.stat().st_size
-    dest = parse_destination(uri)
-
-    async def main() -> None:
-        ch = await client.connect(dest, io_timeout=120)
-        try:
-            await client.send_job(ch, queue="q", cf_name="cfA001bench",
-                                  control=b"Hbench\nPbench\nldfA001bench\n",
-                                  files=[client.OutFile(name="dfA001bench", size=size,
-                                                        path=str(path))])
-        finally:
-            await ch.aclose()
-    start = time.perf_counter()
-    trio.run(main)
-    return size / (time.perf_counter() - start) / 1e6
-
-
 def _big_round(tmp: Path, pki: Any, path: Path, tls: bool) -> float:
     try:
         with _relay(tmp, pki, f"socket://127.0.0.1:{_closed_port()}") as relay:
-            return _send_big(_uri(relay, pki, tls), path)
+            return send_big(_uri(relay, pki, tls), path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)     # a GiB a round
 
