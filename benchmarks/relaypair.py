@@ -41,6 +41,7 @@ class PairResult:
     sender_cpu_ms_per_job: float
     loadgen_cpu_ms_per_job: float
     feed_jobs_per_second: float          # the load generator's own rate into A
+    receiver_cpu_ms_per_job: float = 0.0    # relay B's CPU (intake + its dir:// delivery)
 
 
 def _config(tmp: Path, name: str, destination: str, fsync: str = "always",
@@ -84,8 +85,9 @@ def relay_to_relay(tmp: Path, *, jobs: int, feed_concurrency: int = 16,
     b_cfg = _config(tmp, "B", f"dir://{out}", fsync_b, concurrency=16)
     with RelayProcess(b_cfg) as b, RelayProcess(
             _config(tmp, "A", f"lpd://127.0.0.1:{b.port}/q{query}")) as a:
-        assert a.proc is not None
+        assert a.proc is not None and b.proc is not None
         cpu0, lg0 = process_cpu(a.proc.pid), time.process_time()
+        cpu_b0 = process_cpu(b.proc.pid)
         start = time.perf_counter()
         dest = parse_destination(f"lpd://127.0.0.1:{a.port}/q")
         sent = trio.run(lambda: run_load(dest, jobs=jobs, concurrency=feed_concurrency,
@@ -95,8 +97,10 @@ def relay_to_relay(tmp: Path, *, jobs: int, feed_concurrency: int = 16,
         _wait_delivered(out / "q", jobs, timeout=120 + jobs / 20)
         seconds = time.perf_counter() - start
         cpu = process_cpu(a.proc.pid) - cpu0
+        cpu_b = process_cpu(b.proc.pid) - cpu_b0
     _check_sink(out / "q", jobs, payload)
-    return PairResult(jobs / seconds, cpu / jobs * 1000, lg / jobs * 1000, sent.jobs_per_second)
+    return PairResult(jobs / seconds, cpu / jobs * 1000, lg / jobs * 1000, sent.jobs_per_second,
+                      cpu_b / jobs * 1000)
 
 
 def _free_port() -> int:
