@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import random
 import ssl
 from collections.abc import Sequence
@@ -36,7 +35,15 @@ from relay.client import short_hostname
 from relay.controlfile import parse_control_file, redact_names, rewrite
 from relay.errors import LpdError, SinkError, SinkRejected, SinkUnavailable, reason_for_errno
 from relay.originports import OriginPortPool, PoolSet
-from relay.sinks.base import DeliveryJob, Sink, SinkContext, open_spool_file, register
+from relay.sinks.base import (
+    DeliveryFile,
+    DeliveryJob,
+    Sink,
+    SinkContext,
+    open_body,
+    open_control,
+    register,
+)
 from relay.uri import Destination
 
 # Relay -> relay: jobs per 0x02 session once the receiver answered lpq as an
@@ -83,8 +90,13 @@ class LpdSink(Sink):
                                     connect_timeout=d.connect_timeout, ctx=self.ssl_context)
 
     def _prepare(self, job: DeliveryJob) -> tuple[str, bytes, list[client.OutFile]]:
-        with open(open_spool_file(job.control_path), "rb") as f:
-            raw = f.read()
+        """(control-file name, rewritten control file, data files to send).
+
+        A small job's data comes back loaded (one ``pread`` of its range of the
+        spool: a segment record); a larger one as its spool file, for sendfile.
+        """
+        with open_control(self.context, job) as body:
+            raw = body.read()
         try:
             cf = parse_control_file(raw)
         except LpdError as exc:
@@ -95,7 +107,8 @@ class LpdSink(Sink):
         new_cf, cf_name, names = rewrite(cf, number=next(self._numbers), host=self.hostname,
                                          digits=d.jobnumbers, banner=d.banner, fmt=d.format,
                                          sanitize_title=d.sanitize_title)
-        files = [client.OutFile(name=names[f.name], size=f.bytes, path=f.path)
+        load = sum(f.bytes for f in job.files) <= PIPELINE_BYTES
+        files = [self._out_file(names[f.name], f, load)
                  for f in job.files if f.name in names and f.bytes > 0]
         # An empty data file cannot be sent with an exact count: a count of 0
         # means "until EOF" to every receiver.  It prints nothing, so it and
@@ -105,6 +118,12 @@ class LpdSink(Sink):
             kept = tuple(line for line in new_cf.lines if line[1] not in empty)
             new_cf = dataclasses.replace(new_cf, lines=kept or new_cf.lines[:1])
         return cf_name, new_cf.serialize(), files
+
+    def _out_file(self, name: str, file: DeliveryFile, load: bool) -> client.OutFile:
+        if not load:
+            return client.OutFile(name=name, size=file.bytes, path=file.path)
+        with open_body(self.context, file) as body:
+            return client.OutFile(name=name, size=file.bytes, data=body.read())
 
     async def _detect(self) -> None:
         """Once per destination: does its lpq answer carry ``status.SERVER_LINE``?
@@ -137,17 +156,7 @@ class LpdSink(Sink):
         if sum(f.bytes for f in job.files) > PIPELINE_BYTES:
             return None
         cf_name, control, files = self._prepare(job)
-        loaded = []
-        for f in files:
-            fd = open_spool_file(f.path or "")
-            try:
-                data = os.read(fd, f.size + 1)
-            finally:
-                os.close(fd)
-            if len(data) != f.size:
-                raise SinkRejected(f"spool file {f.path} has {len(data)} bytes, expected {f.size}")
-            loaded.append(client.OutFile(name=f.name, size=f.size, data=data))
-        return cf_name, client.job_bytes(cf_name, control, loaded), len(loaded)
+        return cf_name, client.job_bytes(cf_name, control, files), len(files)
 
     async def deliver(self, job: DeliveryJob) -> None:
         _, error = await self.deliver_many([job])
