@@ -227,7 +227,7 @@ class QueueRunner(RunnerControl):
                 return None
             if self.pending and not self.stopped and trio.current_time() >= self.retry_at:
                 index, trial = self._route()
-                limit = self.dests[index].sink.batch
+                limit = self.dests[index].sink.per_attempt
                 jobs = [self.pending.popleft() for _ in range(min(limit, len(self.pending)))]
                 for job in jobs:
                     self.in_flight[job.id] = job
