@@ -209,6 +209,19 @@ def test_one_job_a_connection_runs_in_order_and_stops_at_the_first_failure(
     assert len(connections) == 3
 
 
+@pytest.mark.parametrize("query", ["?batch=1", "?batch=1&reserve=none&mode=stream"])
+def test_a_large_body_in_a_segment_goes_out_as_its_range(tmp_path: Path, query: str) -> None:
+    # Above PIPELINE_BYTES a body is sent from the spool, not loaded: from a
+    # segment that is its range of the segment file, nothing before or after.
+    payloads = [os.urandom(100_000), os.urandom(70_000)]
+    _, job = make_job(tmp_path, payloads, segment_threshold=1 << 20)
+    assert all("/segments/" in f.path for f in job.files)
+    with RecordingLpdServer() as server:
+        deliver(f"lpd://127.0.0.1:{server.port}/q{query}", job)
+        (received,) = server.wait_jobs(1)
+    assert [f.data for f in received.files] == payloads
+
+
 def test_streamed_mode_never_batches(tmp_path: Path) -> None:
     sink = make_sink(parse_destination("lpd://127.0.0.1:9/q?batch=8&mode=stream"),
                      SinkContext())
