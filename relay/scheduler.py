@@ -218,7 +218,7 @@ class QueueRunner(RunnerControl):
                     self._hold_pending()
 
     async def _take(self, slot: int) -> tuple[list[JobMeta], int, bool] | None:
-        """The next jobs (up to the chosen sink's batch) once the queue is not backing off.
+        """The next jobs (up to the sink's ``per_attempt``) once the queue is not backing off.
 
         None: this worker is no longer wanted (queue removed, concurrency lowered).
         """

@@ -16,7 +16,9 @@ Source ports come from the daemon's origin-port pool for the destination's
 range (``[origin_ports]`` or its ``reserve=``).  After the final
 acknowledgement the connection is closed through the pool, which lingers for
 the receiver's close and cools the port for this destination if the
-TIME_WAIT is ours (docs/origin-ports.md).
+TIME_WAIT is ours (docs/origin-ports.md).  A receiver that takes one job per
+connection gets a run of jobs per attempt, one session each, in order, with
+each close lingering while the next job goes (docs/delivery.md).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ SESSION_RUN = 8
 
 
 class LpdSink(Sink):
-    """Sends each job in its own 0x02 session to one LPD queue."""
+    """Sends jobs to one LPD queue: a batch per 0x02 session, or one job per session."""
 
     def __init__(self, destination: Destination, context: SinkContext) -> None:
         super().__init__(destination, context)
