@@ -42,7 +42,8 @@ from relay.errors import (
     reason_for_errno,
 )
 from relay.fastio import FastSocket
-from relay.streams import open_spool_file, stream_file
+from relay.spoolbackend import Body, open_file_body
+from relay.streams import stream_body
 from relay.tls import TlsStream
 from relay.uri import Destination, format_hostport
 
@@ -141,25 +142,28 @@ class Channel:
             await self.io.send_all(data)
 
     async def send_file(self, path: str, size: int) -> None:
-        """Zero-copy ``sendfile`` of a spool file; the deadline restarts on progress."""
-        fd = open_spool_file(path)
-        try:
+        """Zero-copy ``sendfile`` of a spool file; the deadline restarts on progress.
+
+        A small job's body inside a segment file goes out as its range of
+        that file (``open_file_body``), with no copy into a file of its own.
+        """
+        with open_file_body(path) as body:
             if isinstance(self.io, FastSocket):
-                sent = await stream_file(self.sock.fileno(), fd, idle_timeout=self.timeout)
+                sent = await stream_body(self.sock.fileno(), body, idle_timeout=self.timeout)
             else:
-                sent = await self._send_through(fd)
-        finally:
-            os.close(fd)
+                sent = await self._send_through(body)
         if sent != size:
             raise SinkRejected(f"spool file {path} has {sent} bytes, expected {size}")
 
-    async def _send_through(self, fd: int) -> int:
+    async def _send_through(self, body: Body) -> int:
         # Over TLS the bytes must pass through the TLS layer: no sendfile; one
         # reused buffer, the deadline pushed back at every chunk.
         buf = bytearray(256 * 1024)
         view = memoryview(buf)
         sent = 0
-        while n := os.preadv(fd, [buf], sent):
+        while sent < body.length and (
+                n := os.preadv(body.fd, [view[:min(len(buf), body.length - sent)]],
+                               body.offset + sent)):
             with self._step():
                 await self.io.send_all(view[:n])
             sent += n

@@ -218,7 +218,7 @@ class QueueRunner(RunnerControl):
                     self._hold_pending()
 
     async def _take(self, slot: int) -> tuple[list[JobMeta], int, bool] | None:
-        """The next jobs (up to the chosen sink's batch) once the queue is not backing off.
+        """The next jobs (up to the sink's ``per_attempt``) once the queue is not backing off.
 
         None: this worker is no longer wanted (queue removed, concurrency lowered).
         """
@@ -227,7 +227,7 @@ class QueueRunner(RunnerControl):
                 return None
             if self.pending and not self.stopped and trio.current_time() >= self.retry_at:
                 index, trial = self._route()
-                limit = self.dests[index].sink.batch
+                limit = self.dests[index].sink.per_attempt
                 jobs = [self.pending.popleft() for _ in range(min(limit, len(self.pending)))]
                 for job in jobs:
                     self.in_flight[job.id] = job

@@ -14,6 +14,7 @@ from relay import client
 from relay.controlfile import parse_control_file
 from relay.errors import SinkRejected, SinkUnavailable, SpoolFileMissing
 from relay.sinks import SinkContext, make_sink
+from relay.sinks.lpd import SESSION_RUN
 from relay.spool import SEGMENT_THRESHOLD, JobMeta, Spool
 from relay.uri import parse_destination
 from tests.peers import LpdScript, LprngServer, RecordingLpdServer
@@ -182,6 +183,43 @@ def test_batch_to_lprng(tmp_path: Path) -> None:
         assert trio.run(main) == (5, None)
         received = lprng.wait_jobs("q", 5)
     assert sorted(j.user for j in received) == ["nurse", "u2", "u3", "u4", "u5"]
+
+
+def test_one_job_a_connection_runs_in_order_and_stops_at_the_first_failure(
+        tmp_path: Path) -> None:
+    # Without batching an attempt carries SESSION_RUN jobs, each in its own
+    # session, in order; the one that fails ends the run and later ones stay.
+    spool, first = make_job(tmp_path, segment_threshold=0)
+    jobs = [first] + [make_job_in(spool, n) for n in range(2, 5)]
+    os.unlink(jobs[2].files[0].path)
+    with RecordingLpdServer() as server:
+        sink = make_sink(parse_destination(f"lpd://127.0.0.1:{server.port}/q?batch=1"),
+                         SinkContext())
+        assert (sink.batch, sink.per_attempt) == (1, SESSION_RUN)
+
+        async def main() -> tuple[int, Exception | None]:
+            with trio.fail_after(30):
+                return await sink.deliver_many(jobs)
+        done, error = trio.run(main)
+        assert done == 2 and isinstance(error, SpoolFileMissing)
+        connections = server.wait_connections(3)
+        received = server.jobs
+    assert [j.user for j in received] == ["nurse", "u2"]
+    # One connection a job; the third ended before its files; the fourth never opened.
+    assert len(connections) == 3
+
+
+@pytest.mark.parametrize("query", ["?batch=1", "?batch=1&reserve=none&mode=stream"])
+def test_a_large_body_in_a_segment_goes_out_as_its_range(tmp_path: Path, query: str) -> None:
+    # Above PIPELINE_BYTES a body is sent from the spool, not loaded: from a
+    # segment that is its range of the segment file, nothing before or after.
+    payloads = [os.urandom(100_000), os.urandom(70_000)]
+    _, job = make_job(tmp_path, payloads, segment_threshold=1 << 20)
+    assert all("/segments/" in f.path for f in job.files)
+    with RecordingLpdServer() as server:
+        deliver(f"lpd://127.0.0.1:{server.port}/q{query}", job)
+        (received,) = server.wait_jobs(1)
+    assert [f.data for f in received.files] == payloads
 
 
 def test_streamed_mode_never_batches(tmp_path: Path) -> None:

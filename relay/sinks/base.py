@@ -157,6 +157,11 @@ class Sink(abc.ABC):
     # How many queued jobs one delivery may carry (``lpd://...?batch=N``).
     batch = 1
 
+    @property
+    def per_attempt(self) -> int:
+        """How many queued jobs one ``deliver_many`` call is handed (default ``batch``)."""
+        return self.batch
+
     def __init__(self, destination: Destination, context: SinkContext) -> None:
         self.destination = destination
         self.context = context
