@@ -92,22 +92,27 @@ class Feeder:
                     await self._release()
 
     async def _round(self) -> None:
-        """A full round every ``tick`` (health, leases, gauges); a feeding one when woken."""
+        """A full round every ``tick`` (health, leases, gauges, every queue's window);
+        a feeding one when woken, reading only the queues whose window is half empty."""
         spool = self.spool
         if any(self._idle(q) for q in self._draining):
             self._next_full = -math.inf          # give it back now, not at the next tick
-        if trio.current_time() >= self._next_full:
+        full = trio.current_time() >= self._next_full
+        if full:
             await self._full_round()
             self._next_full = trio.current_time() + self.tick
         if not spool.problem:
             await spool.sync()          # state changes and removals owed since last time
             feed = spool.leased - self._draining
-            limits = {q: self._limit(q) for q in feed}
+            read = feed if full else {q for q in feed if self._hungry(q)}
+            if not read:
+                return                  # every window still at least half full
+            limits = {q: self._limit(q) for q in read}
             try:
                 jobs = await spool.acall(lambda conn: load_window(conn, spool.jobs_dir, limits))
             except Exception:
                 return                  # the next full round says what is wrong
-            await self._feed(feed, jobs)
+            await self._feed(feed, read, jobs)
 
     async def _full_round(self) -> None:
         spool = self.spool
@@ -218,7 +223,8 @@ class Feeder:
                 runner.held.pop(job_id, None)
                 self.spool.forget(job_id)
 
-    async def _feed(self, held: set[str], jobs: list[JobMeta]) -> None:
+    async def _feed(self, held: set[str], read: set[str], jobs: list[JobMeta]) -> None:
+        """Hand ``jobs`` (the windows of the queues in ``read``) to the runners."""
         self._drop_strays(held)
         in_db = {j.id: j for j in jobs}
         known: dict[str, JobMeta] = {}
@@ -227,7 +233,7 @@ class Feeder:
             known.update(runner.held)
             known.update(runner.in_flight)
             gone = [i for i, j in [*((j.id, j) for j in runner.pending), *runner.held.items()]
-                    if j.queue in held and i not in in_db]
+                    if j.queue in read and i not in in_db]
             if gone:
                 runner.remove(gone)          # lprm or purge on another node
             released = [i for i, j in runner.held.items()
@@ -251,6 +257,14 @@ class Feeder:
         for job in await self.spool.prefetch_many(new):   # less those removed since
             self.spool.remember(job)
             self.scheduler.submit(job)
+
+    def _hungry(self, queue: str) -> bool:
+        """Its window is at least half empty: worth a query (a delivery done makes room
+        for one job; feeding in halves reads each job once or twice, not every round)."""
+        runner = self.scheduler.runners.get(queue)
+        if runner is None:
+            return True
+        return 2 * self._room(runner) >= WINDOW_PER_SLOT * runner.queue.concurrency
 
     def _room(self, runner: QueueRunner) -> int:
         """How many more jobs ``runner``'s window takes."""
