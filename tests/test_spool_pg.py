@@ -116,6 +116,35 @@ def test_init_db_is_idempotent_and_versioned(cluster: PostgresCluster, tmp_path:
     assert cluster.psql("SELECT version FROM lpd_schema", db="initdb") == "1"
 
 
+def test_a_sync_writes_changes_and_removals_in_one_statement(cluster: PostgresCluster,
+                                                             tmp_path: Path) -> None:
+    import dataclasses
+
+    import psycopg
+
+    from relay.spoolpgdb import apply_writes, load_jobs
+    dsn = make_db(cluster, tmp_path)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = [(f"{i:019d}", "q", "q", "p", 0.0, f"cfA00{i}h", f"00{i}", "u", "h", "t",
+                 "", "", b"H", 1, "[]", "n", "queued") for i in range(3)]
+        conn.cursor().executemany(
+            "INSERT INTO lpd_jobs (id, queue, wire_queue, peer, received, control_name,"
+            " number, user_name, host, title, job_name, tls_peer, control, control_bytes,"
+            " files, node, state) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
+            " %s, %s, %s, %s, %s)", rows)
+        jobs = [m for m, _ in load_jobs(conn, str(tmp_path))]
+        held = dataclasses.replace(jobs[0], state="held", attempts=2, last_error="refused")
+        apply_writes(conn, [held], [jobs[1].id])
+        after = {m.id: m for m, _ in load_jobs(conn, str(tmp_path))}
+        assert sorted(after) == [jobs[0].id, jobs[2].id]
+        assert (after[jobs[0].id].state, after[jobs[0].id].attempts,
+                after[jobs[0].id].last_error) == ("held", 2, "refused")
+        assert after[jobs[2].id].state == "queued"
+        apply_writes(conn, [], [jobs[2].id])          # a delivery's sync: removals only
+        apply_writes(conn, [], [])
+        assert [m.id for m, _ in load_jobs(conn, str(tmp_path))] == [jobs[0].id]
+
+
 def test_relay_refuses_a_database_without_schema(cluster: PostgresCluster,
                                                  tmp_path: Path) -> None:
     dsn = cluster.create_db("noschema")
