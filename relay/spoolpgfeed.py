@@ -7,7 +7,8 @@ its leases and takes free or expired ones in one statement, checks that the
 database is writable (the health ``/healthz`` and intake read), and, for the
 queues it holds, compares the database's jobs with its runners': new ones
 are brought into the body cache and handed to the ``Scheduler`` in id order
-(a bounded window ahead of delivery), ones removed elsewhere (lprm, purge on
+(a bounded window ahead of delivery; a round woken by a finished delivery
+reads only the queues whose window is half empty), ones removed elsewhere (lprm, purge on
 another node) leave the runner, held ones released elsewhere are woken.
 A job committed anywhere wakes the holder at once: ``pg_notify`` in the
 committing transaction, ``LISTEN`` here.  The live nodes (``lpd_nodes``,
