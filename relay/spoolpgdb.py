@@ -26,6 +26,7 @@ _FACTS = ("id", "queue", "wire_queue", "peer", "received", "control_name", "numb
           "user_name", "host", "title", "job_name", "tls_peer", "control_bytes", "files",
           "node", "state", "attempts", "failures", "destination", "next_attempt", "last_error")
 _SELECT = f"SELECT {', '.join(_FACTS)} FROM lpd_jobs"
+LEASES_FREED = ""   # the NOTIFY payload of a lease given back (a job's is its queue)
 _STATE = ("state", "attempts", "failures", "destination", "next_attempt", "last_error")
 
 
@@ -121,18 +122,37 @@ def load_jobs(conn: Any, cache: str, *, queues: Sequence[str] | None = None,
     return [(row_meta(r, cache), r[node_at]) for r in rows]
 
 
+def load_changed(conn: Any, cache: str, seen: Mapping[str, tuple[str, str]]
+                 ) -> tuple[dict[str, tuple[str, str]], list[JobMeta]]:
+    """Every job's (queue, state), and in full only those not as in ``seen``.
+
+    The gauges' recount each tick: a deep spool costs a narrow row per job,
+    not a whole ``JobMeta`` each time.
+    """
+    rows = conn.execute("SELECT id, queue, state FROM lpd_jobs").fetchall()
+    now: dict[str, tuple[str, str]] = {r[0]: (r[1], r[2]) for r in rows}
+    changed = [i for i, key in now.items() if seen.get(i) != key]
+    metas = [m for m, _ in load_jobs(conn, cache, ids=changed)] if changed else []
+    for m in metas:
+        now[m.id] = (m.queue, m.state)
+    return now, metas
+
+
 def load_window(conn: Any, cache: str, limits: Mapping[str, int]) -> list[JobMeta]:
     """Per queue its first ``limits[queue]`` queued jobs and every held one, in id order.
 
     What a queue's holder needs each round: the jobs next in line (a deep
     queue is never read whole) and the held ones lpq and ``spool retry`` act on.
     """
-    rows: list[Any] = []
-    for queue, limit in sorted(limits.items()):
-        rows += conn.execute(_SELECT + " WHERE queue = %s AND state = 'queued' ORDER BY id"
-                             " LIMIT %s", (queue, limit)).fetchall()
-        rows += conn.execute(_SELECT + " WHERE queue = %s AND state = 'held' ORDER BY id",
-                             (queue,)).fetchall()
+    if not limits:
+        return []
+    queues = sorted(limits)
+    facts = ", ".join(f"j.{f}" for f in _FACTS)
+    rows = conn.execute(
+        f"SELECT {facts} FROM unnest(%s::text[], %s::int[]) AS w(q, n) CROSS JOIN LATERAL"
+        f" (SELECT * FROM lpd_jobs WHERE queue = w.q AND state = 'queued' ORDER BY id"
+        f" LIMIT w.n) AS j UNION ALL {_SELECT} j WHERE queue = ANY(%s) AND state = 'held'",
+        (queues, [limits[q] for q in queues], queues)).fetchall()
     return sorted((row_meta(r, cache) for r in rows), key=lambda m: m.id)
 
 
@@ -155,6 +175,40 @@ def fetch_bodies(conn: Any, meta: JobMeta) -> None:
             _write_whole(f.path, (bytes(r[0]) for r in cur))  # row by row, see stream()
 
 
+def fetch_small_bodies(conn: Any, metas: Sequence[JobMeta], batch: str
+                       ) -> dict[str, tuple[int, int]]:
+    """``fetch_bodies`` for several small jobs in two queries, into ONE local file.
+
+    Every body of the jobs still there goes into ``batch``, one after the
+    other, as the local spool's segments hold small jobs: one file created
+    per batch, not two per job (a file's creation costs more than its
+    bytes).  Returns each body's path (as ``JobMeta`` names it) -> (offset,
+    length) in ``batch``; the caller resolves the paths (``register_locator``).
+    """
+    by_id = {m.id: m for m in metas}
+    controls = dict(conn.execute("SELECT id, control FROM lpd_jobs WHERE id = ANY(%s)",
+                                 (sorted(by_id),)).fetchall())
+    if not controls:
+        return {}
+    parts: dict[tuple[str, int], list[bytes]] = {}
+    for job_id, number, data in conn.execute(
+            "SELECT job_id, file, data FROM lpd_chunks WHERE job_id = ANY(%s)"
+            " ORDER BY job_id, file, seq", (sorted(controls),)):
+        parts.setdefault((job_id, number), []).append(bytes(data))
+    bodies: list[tuple[str, bytes]] = []
+    for job_id in sorted(controls):
+        bodies.append((by_id[job_id].control_path, bytes(controls[job_id])))
+        bodies += [(f.path, b"".join(parts.get((job_id, file_number(f.path)), [])))
+                   for f in by_id[job_id].files]
+    where: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for path, data in bodies:
+        where[path] = (offset, len(data))
+        offset += len(data)
+    _write_whole(batch, (data for _, data in bodies))
+    return where
+
+
 def _write_whole(path: str, parts: Iterable[bytes]) -> None:
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
     fd = create(tmp, os.O_WRONLY | os.O_TRUNC)
@@ -172,15 +226,24 @@ def _write_whole(path: str, parts: Iterable[bytes]) -> None:
 
 
 def apply_writes(conn: Any, updates: Sequence[JobMeta], removals: Sequence[str]) -> None:
-    """Delivery-state changes and removals, in one transaction."""
-    with conn.transaction():
-        if removals:
-            conn.execute("DELETE FROM lpd_jobs WHERE id = ANY(%s)", (list(removals),))
-        for m in updates:
-            conn.execute(
-                "UPDATE lpd_jobs SET state = %s, attempts = %s, failures = %s,"
-                " destination = %s, next_attempt = %s, last_error = %s WHERE id = %s",
-                (*(getattr(m, k) for k in _STATE), m.id))
+    """Delivery-state changes and removals, atomically, in ONE statement (one round
+    trip in autocommit: no BEGIN/COMMIT of their own, which cost a delivery as much
+    as the DELETE)."""
+    if not updates:
+        if removals:   # a delivery's usual sync: the plain DELETE, one parameter to send
+            conn.execute("DELETE FROM lpd_jobs WHERE id = ANY(%s::text[])", (list(removals),))
+        return
+    args: list[Any] = [list(removals), [m.id for m in updates],
+                       *([getattr(m, k) for m in updates] for k in _STATE)]
+    conn.execute(
+        "WITH gone AS (DELETE FROM lpd_jobs WHERE id = ANY(%s::text[])),"
+        " changed AS (UPDATE lpd_jobs AS j SET state = u.state, attempts = u.attempts,"
+        " failures = u.failures, destination = u.destination,"
+        " next_attempt = u.next_attempt, last_error = u.last_error"
+        " FROM unnest(%s::text[], %s::text[], %s::int[], %s::int[], %s::int[],"
+        " %s::float8[], %s::text[]) AS u(id, state, attempts, failures, destination,"
+        " next_attempt, last_error) WHERE j.id = u.id)"
+        " SELECT 1", args)
 
 
 def delete_jobs(conn: Any, ids: Sequence[str]) -> list[str]:
@@ -189,6 +252,12 @@ def delete_jobs(conn: Any, ids: Sequence[str]) -> list[str]:
         rows = conn.execute("DELETE FROM lpd_jobs WHERE id = ANY(%s) RETURNING id",
                             (list(ids),)).fetchall()
     return sorted(r[0] for r in rows)
+
+
+def heartbeat(conn: Any, node: str) -> None:
+    """Count this node among the live ones (``claim_leases`` does it each tick too)."""
+    conn.execute("INSERT INTO lpd_nodes (node, seen) VALUES (%s, now())"
+                 " ON CONFLICT (node) DO UPDATE SET seen = now()", (node,))
 
 
 def claim_leases(conn: Any, queues: Sequence[str], node: str, lease_time: float
@@ -203,8 +272,7 @@ def claim_leases(conn: Any, queues: Sequence[str], node: str, lease_time: float
     if not queues:
         return set(), 0
     with conn.transaction():
-        conn.execute("INSERT INTO lpd_nodes (node, seen) VALUES (%s, now())"
-                     " ON CONFLICT (node) DO UPDATE SET seen = now()", (node,))
+        heartbeat(conn, node)
         live = conn.execute("SELECT count(*) FROM lpd_nodes WHERE seen >"
                             " now() - make_interval(secs => %s)", (lease_time,)).fetchone()[0]
         share = -(-len(queues) // max(1, int(live)))
@@ -237,6 +305,8 @@ def release_leases(conn: Any, node: str, queues: Sequence[str] | None = None) ->
         else:
             conn.execute("DELETE FROM lpd_leases WHERE node = %s AND queue = ANY(%s)",
                          (node, list(queues)))
+        # The others claim at once rather than at their next tick.
+        conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, LEASES_FREED))
 
 
 def lease_holders(conn: Any) -> dict[str, str]:

@@ -7,7 +7,8 @@ its leases and takes free or expired ones in one statement, checks that the
 database is writable (the health ``/healthz`` and intake read), and, for the
 queues it holds, compares the database's jobs with its runners': new ones
 are brought into the body cache and handed to the ``Scheduler`` in id order
-(a bounded window ahead of delivery), ones removed elsewhere (lprm, purge on
+(a bounded window ahead of delivery; a round woken by a finished delivery
+reads only the queues whose window is half empty), ones removed elsewhere (lprm, purge on
 another node) leave the runner, held ones released elsewhere are woken.
 A job committed anywhere wakes the holder at once: ``pg_notify`` in the
 committing transaction, ``LISTEN`` here.  The live nodes (``lpd_nodes``,
@@ -41,12 +42,21 @@ from relay.dispatch import Scheduler
 from relay.scheduler import QueueRunner
 from relay.spoolformat import JobMeta
 from relay.spoolpg import PgSpool
-from relay.spoolpgdb import claim_leases, load_jobs, load_window, release_leases, writable
+from relay.spoolpgdb import (
+    LEASES_FREED,
+    claim_leases,
+    load_changed,
+    load_window,
+    release_leases,
+    writable,
+)
 from relay.spoolpgschema import NOTIFY_CHANNEL
 
 _LOCAL_SHARE = 0.75    # of lease_time: after this long unrenewed, stop delivering
 _MIN_TICK = 0.02       # woken ticks are batched this much
 WINDOW_PER_SLOT = 8    # jobs fed ahead of delivery per unit of a queue's concurrency
+
+Counted = tuple[dict[str, tuple[str, str]], list[JobMeta]]   # spoolpgdb.load_changed
 
 
 class Feeder:
@@ -61,6 +71,7 @@ class Feeder:
         self._renewed = -math.inf            # trio clock of the last renewal that held
         self._draining: set[str] = set()     # held beyond our share: given back once idle
         self._next_full = -math.inf          # trio clock of the next full round
+        self._seen: dict[str, tuple[str, str]] = {}   # (queue, state) the gauges counted
         spool.on_commit = lambda meta: self.wake()
         spool.on_change = self.wake          # a delivery done: the window has room
 
@@ -82,20 +93,27 @@ class Feeder:
                     await self._release()
 
     async def _round(self) -> None:
-        """A full round every ``tick`` (health, leases, gauges); a feeding one when woken."""
+        """A full round every ``tick`` (health, leases, gauges, every queue's window);
+        a feeding one when woken, reading only the queues whose window is half empty."""
         spool = self.spool
-        if trio.current_time() >= self._next_full:
+        if any(self._idle(q) for q in self._draining):
+            self._next_full = -math.inf          # give it back now, not at the next tick
+        full = trio.current_time() >= self._next_full
+        if full:
             await self._full_round()
             self._next_full = trio.current_time() + self.tick
         if not spool.problem:
             await spool.sync()          # state changes and removals owed since last time
             feed = spool.leased - self._draining
-            limits = {q: self._limit(q) for q in feed}
+            read = feed if full else {q for q in feed if self._hungry(q)}
+            if not read:
+                return                  # every window still at least half full
+            limits = {q: self._limit(q) for q in read}
             try:
                 jobs = await spool.acall(lambda conn: load_window(conn, spool.jobs_dir, limits))
             except Exception:
                 return                  # the next full round says what is wrong
-            await self._feed(feed, jobs)
+            await self._feed(feed, read, jobs)
 
     async def _full_round(self) -> None:
         spool = self.spool
@@ -103,19 +121,22 @@ class Feeder:
         started = trio.current_time()
         give_back = sorted(q for q in self._draining if self._idle(q))
 
-        def work(conn: Any) -> tuple[str, set[str], int, list[JobMeta]]:
+        index = spool.index
+        seen = {i: k for i, k in self._seen.items() if index is not None and i in index}
+
+        def work(conn: Any) -> tuple[str, set[str], int, Counted]:
             problem = writable(conn)
             if problem:
-                return problem, set(), 0, []
+                return problem, set(), 0, ({}, [])
             if give_back:
                 release_leases(conn, spool.node, give_back)
             held, share = claim_leases(conn, queues, spool.node, spool.config.lease_time)
-            return problem, held, share, [m for m, _ in load_jobs(conn, spool.jobs_dir)]
+            return problem, held, share, load_changed(conn, spool.jobs_dir, seen)
         try:
             problem, held, share, every = await spool.acall(work)
         except Exception as exc:   # DatabaseUnavailable; anything else must not stop delivery
             text = str(exc).removeprefix(f"database {spool.where}: ")
-            problem, held, share, every = f"unreachable: {text}", set(), 0, []
+            problem, held, share, every = f"unreachable: {text}", set(), 0, ({}, [])
             if trio.current_time() - self._renewed < spool.config.lease_time * _LOCAL_SHARE:
                 held, share = set(spool.leased), len(spool.leased)   # ours for a while yet
         else:
@@ -151,17 +172,21 @@ class Feeder:
         runner = self.scheduler.runners.get(queue)
         return runner is None or not (runner.in_flight or runner.pending)
 
-    def _count(self, jobs: list[JobMeta]) -> None:
-        """The spool gauges count the whole cluster's jobs, as the database has them."""
+    def _count(self, counted: Counted) -> None:
+        """The spool gauges count the whole cluster's jobs, as the database has them:
+        all of them by (queue, state), re-read in full only where that changed."""
         index = self.spool.index
         if index is None:
             return
-        current = {j.id: j for j in jobs if not self.spool.owes(j.id)}
-        for job_id in index.ids() - current.keys():
-            if not self.spool.owes(job_id):
+        now, changed = counted
+        owes = self.spool.owes
+        for job_id in index.ids() - now.keys():
+            if not owes(job_id):
                 index.untrack(job_id)
-        for job in current.values():
-            index.track(job)
+        for job in changed:
+            if not owes(job.id):
+                index.track(job)
+        self._seen = {i: k for i, k in now.items() if not owes(i)}
 
     def _health(self, problem: str) -> None:
         if problem != self.spool.problem:
@@ -199,7 +224,8 @@ class Feeder:
                 runner.held.pop(job_id, None)
                 self.spool.forget(job_id)
 
-    async def _feed(self, held: set[str], jobs: list[JobMeta]) -> None:
+    async def _feed(self, held: set[str], read: set[str], jobs: list[JobMeta]) -> None:
+        """Hand ``jobs`` (the windows of the queues in ``read``) to the runners."""
         self._drop_strays(held)
         in_db = {j.id: j for j in jobs}
         known: dict[str, JobMeta] = {}
@@ -208,7 +234,7 @@ class Feeder:
             known.update(runner.held)
             known.update(runner.in_flight)
             gone = [i for i, j in [*((j.id, j) for j in runner.pending), *runner.held.items()]
-                    if j.queue in held and i not in in_db]
+                    if j.queue in read and i not in in_db]
             if gone:
                 runner.remove(gone)          # lprm or purge on another node
             released = [i for i, j in runner.held.items()
@@ -217,22 +243,34 @@ class Feeder:
                 self.spool.remember(in_db[job_id])
             if released:
                 runner.wake(released)        # ``spool retry`` on another node
+        room: dict[str, int] = {}
+        new: list[JobMeta] = []
         for job in jobs:                     # id order
             if job.id in known:
                 continue
             target = self.scheduler.runner_for(job.queue)
-            if target is not None and job.state == "queued" and self._full(target):
-                continue
-            try:
-                await self.spool.prefetch(job)
-            except KeyError:
-                continue                     # removed since the query
+            if target is not None and job.state == "queued":
+                left = room.setdefault(job.queue, self._room(target))
+                if left <= 0:
+                    continue
+                room[job.queue] = left - 1
+            new.append(job)
+        for job in await self.spool.prefetch_many(new):   # less those removed since
             self.spool.remember(job)
             self.scheduler.submit(job)
 
-    def _full(self, runner: QueueRunner) -> bool:
+    def _hungry(self, queue: str) -> bool:
+        """Its window is at least half empty: worth a query (a delivery done makes room
+        for one job; feeding in halves reads each job once or twice, not every round)."""
+        runner = self.scheduler.runners.get(queue)
+        if runner is None:
+            return True
+        return 2 * self._room(runner) >= WINDOW_PER_SLOT * runner.queue.concurrency
+
+    def _room(self, runner: QueueRunner) -> int:
+        """How many more jobs ``runner``'s window takes."""
         window = WINDOW_PER_SLOT * runner.queue.concurrency
-        return len(runner.pending) + len(runner.in_flight) >= window
+        return window - len(runner.pending) - len(runner.in_flight)
 
     async def _listen(self) -> None:
         """Wake on every job committed anywhere (``pg_notify`` at commit)."""
@@ -247,6 +285,8 @@ class Feeder:
                 while True:
                     got = await trio.to_thread.run_sync(_wait_notifies, conn, self.tick,
                                                         abandon_on_cancel=True)
+                    if LEASES_FREED in got:
+                        self._next_full = -math.inf   # claim them now
                     if got:
                         self.wake()
             except Exception:
@@ -263,8 +303,8 @@ class Feeder:
             spool.leased = set()
 
 
-def _wait_notifies(conn: Any, timeout: float) -> int:
-    return sum(1 for _ in conn.notifies(timeout=timeout, stop_after=64))
+def _wait_notifies(conn: Any, timeout: float) -> set[str]:
+    return {n.payload for n in conn.notifies(timeout=timeout, stop_after=64)}
 
 
 class ClusterDelivery:

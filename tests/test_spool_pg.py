@@ -116,6 +116,35 @@ def test_init_db_is_idempotent_and_versioned(cluster: PostgresCluster, tmp_path:
     assert cluster.psql("SELECT version FROM lpd_schema", db="initdb") == "1"
 
 
+def test_a_sync_writes_changes_and_removals_in_one_statement(cluster: PostgresCluster,
+                                                             tmp_path: Path) -> None:
+    import dataclasses
+
+    import psycopg
+
+    from relay.spoolpgdb import apply_writes, load_jobs
+    dsn = make_db(cluster, tmp_path)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = [(f"{i:019d}", "q", "q", "p", 0.0, f"cfA00{i}h", f"00{i}", "u", "h", "t",
+                 "", "", b"H", 1, "[]", "n", "queued") for i in range(3)]
+        conn.cursor().executemany(
+            "INSERT INTO lpd_jobs (id, queue, wire_queue, peer, received, control_name,"
+            " number, user_name, host, title, job_name, tls_peer, control, control_bytes,"
+            " files, node, state) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
+            " %s, %s, %s, %s, %s)", rows)
+        jobs = [m for m, _ in load_jobs(conn, str(tmp_path))]
+        held = dataclasses.replace(jobs[0], state="held", attempts=2, last_error="refused")
+        apply_writes(conn, [held], [jobs[1].id])
+        after = {m.id: m for m, _ in load_jobs(conn, str(tmp_path))}
+        assert sorted(after) == [jobs[0].id, jobs[2].id]
+        assert (after[jobs[0].id].state, after[jobs[0].id].attempts,
+                after[jobs[0].id].last_error) == ("held", 2, "refused")
+        assert after[jobs[2].id].state == "queued"
+        apply_writes(conn, [], [jobs[2].id])          # a delivery's sync: removals only
+        apply_writes(conn, [], [])
+        assert [m.id for m, _ in load_jobs(conn, str(tmp_path))] == [jobs[0].id]
+
+
 def test_relay_refuses_a_database_without_schema(cluster: PostgresCluster,
                                                  tmp_path: Path) -> None:
     dsn = cluster.create_db("noschema")
@@ -183,13 +212,33 @@ def _send_numbered(relays: list[LoggedRelay], i: int) -> tuple[int, str] | None:
     return (i, hashlib.sha256(data).hexdigest()) if replies == [0] * 5 else None
 
 
+# A printer that takes one job per run (``cmd:``, batch 1): the body lands in
+# ``<out>/<title>`` and every completed run appends the title to ``prints.log``,
+# so a job printed twice shows twice there, whichever node ran it.
+_PRINTER = """set -e
+tmp="$1/.$LPD_JOB_ID.$$"
+cat > "$tmp"
+mv "$tmp" "$1/$LPD_TITLE"
+echo "$LPD_TITLE" >> "$1/prints.log"
+"""
+
+
+def printed(out: Path) -> list[str]:
+    log = out / "prints.log"
+    return log.read_text().split() if log.exists() else []
+
+
 @pytest.mark.parametrize("total", [400, pytest.param(1000, marks=pytest.mark.slow)])
 def test_kill9_of_the_lease_holder_loses_nothing(cluster: PostgresCluster, tmp_path: Path,
                                                  total: int) -> None:
     dsn = make_db(cluster, tmp_path)
     out = tmp_path / "out"
-    relays = {n: LoggedRelay(node_config(tmp_path / n, dsn, n, out=out, concurrency=4,
-                                         level="debug")).start() for n in ("a", "b")}
+    out.mkdir()
+    script = tmp_path / "printer.sh"
+    script.write_text(_PRINTER)
+    printer = [f"cmd:/bin/sh {script} {out}"]
+    relays = {n: LoggedRelay(node_config(tmp_path / n, dsn, n, destinations=printer,
+                                         concurrency=4)).start() for n in ("a", "b")}
     try:
         acked: dict[int, str] = {}
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -197,21 +246,24 @@ def test_kill9_of_the_lease_holder_loses_nothing(cluster: PostgresCluster, tmp_p
                                   range(total // 2)))
             acked.update(r for r in first if r)
             holder = wait_until(lambda: lease_holder(cluster, dsn), timeout=10)
-            wait_until(lambda: len(delivered(out)) > 50, timeout=30)
+            wait_until(lambda: len(printed(out)) > 50, timeout=30)
             relays[holder].kill9()
             survivor = next(r for n, r in relays.items() if n != holder)
             rest = list(pool.map(lambda i: _send_numbered([survivor], i),
                                  range(total // 2, total)))
             acked.update(r for r in rest if r)
         assert len(acked) >= total // 2
-        got = wait_delivered(out, at_least=len(acked), timeout=60)
+        titles = {f"job{i:05d}" for i in acked}
+        wait_until(lambda: titles <= set(printed(out)), timeout=60)
         for i, digest in acked.items():
-            assert body_digest(out, got[f"job{i:05d}"]) == digest
-        events = [e["job"] for r in relays.values() for e in r.events("job_delivered")]
-        duplicates = len(events) - len(set(events))
-        print(f"kill -9 test: {len(acked)} acknowledged, {len(got)} delivered, "
-              f"{duplicates} delivered twice")
-        assert duplicates <= 4      # the holder's in-flight jobs (concurrency 4, batch 1)
+            assert hashlib.sha256((out / f"job{i:05d}").read_bytes()).hexdigest() == digest
+        prints = printed(out)
+        duplicates = len(prints) - len(set(prints))
+        print(f"kill -9 test: {len(acked)} acknowledged, {len(set(prints))} printed, "
+              f"{duplicates} printed twice")
+        # The documented window (docs/delivery.md): the holder's in-flight jobs,
+        # concurrency 4 x this sink's batch 1.
+        assert duplicates <= 4
         assert not survivor.tracebacks()
     finally:
         for r in relays.values():
