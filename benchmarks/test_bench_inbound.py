@@ -35,7 +35,7 @@ from tests.daemon import RelayProcess, relay_config, write_config_file
 from tests.peers import LprngServer
 
 SCALE = float(os.environ.get("LPD_BENCH_SCALE", "1.0"))
-SMALL_JOBS = max(64, int(3000 * SCALE))
+SMALL_JOBS = max(64, int(1000 * SCALE))
 LPRNG_JOBS = min(900, SMALL_JOBS)   # LPRng holds at most 1,000 jobs a queue (FIELD-NOTES)
 BIG = max(8 << 20, int((1 << 30) * SCALE))
 RESULTS: dict[str, float] = {}

@@ -26,7 +26,7 @@ from tests.lpdacker import Acker
 
 SCALE = float(os.environ.get("LPD_BENCH_SCALE", "1.0"))
 ROUNDS = 3 if SCALE >= 1 else 1
-JOBS = max(200, int(5000 * SCALE))
+JOBS = max(200, int(2000 * SCALE))
 RESULTS: dict[str, float] = {}
 
 
