@@ -159,3 +159,23 @@ def wait_for_jobs(folder: Path, jobs: int, *, timeout: float, stall: float = 60.
                                f"{stall:g}s ({now - start:.0f}s in)")
         time.sleep(0.01)
     raise TimeoutError(f"{_count(folder)} of {jobs} jobs reached {folder} in {timeout:g}s")
+
+
+def spool_jobs(spool_dir: Path, jobs: int, payload: bytes, first: int = 0) -> None:
+    """The spool at ``spool_dir`` (its relay stopped) holds exactly jobs ``first``..,
+    each once by title, every data file's bytes ``payload``."""
+    import trio
+
+    from relay.spool import Spool
+    spool = Spool(spool_dir, fsync=False)
+    spool.recover()
+    try:
+        held = spool.jobs()
+        for meta in held:
+            for file in meta.files:
+                with spool.open_body(file) as body:
+                    if body.read() != payload:
+                        raise SinkMismatch(f"{spool_dir}: {meta.title!r} is corrupt")
+        check_titles(str(spool_dir), (m.title for m in held), jobs, first)
+    finally:
+        trio.run(spool.aclose)

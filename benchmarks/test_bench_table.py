@@ -34,7 +34,7 @@ ROUNDS = 3 if SCALE >= 1 else 1
 LPRNG_MAX = 900        # LPRng holds at most 1,000 jobs a queue (FIELD-NOTES)
 # Sizes: each row's rate or CPU per job is steady after a few hundred jobs.
 SENDER_JOBS = 500      # drained by A, each side of the sender CPU row
-LL_JOBS = max(20, int(150 * SCALE))   # LPRng -> LPRng: ~15 jobs/s, one delayed ACK a job
+LL_JOBS = max(20, int(100 * SCALE))   # LPRng -> LPRng: ~15 jobs/s, one delayed ACK a job
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="ports 721-731 need root")
 # A row is several relay and baseline runs: longer than a unit test's timeout.
 pytestmark = pytest.mark.timeout(1200)

@@ -41,7 +41,7 @@ SCALE = float(os.environ.get("LPD_BENCH_SCALE", "1.0"))
 ROUNDS = 3 if SCALE >= 1 else 1
 JOBS = max(64, int(2000 * SCALE))
 BIG = max(4 << 20, int((1 << 30) * SCALE))
-DELIVER = max(40, int(2000 * SCALE))
+DELIVER = max(40, int(2000 * SCALE))   # as test_bench_pg: the start-up share stays small
 pytestmark = pytest.mark.timeout(1800)
 
 
