@@ -50,22 +50,38 @@ def record(benchmark: Any, pair: str, side: str, work: float, unit: str) -> None
         benchmark.extra_info[f"ratio_{num}_over_{den}"] = RATIOS[pair]
 
 
+def pytest_sessionstart(session: Any) -> None:
+    from benchmarks import table
+    table.session_started()
+
+
+def pytest_runtest_setup(item: Any) -> None:
+    from benchmarks import table
+    table.TOUCHED.clear()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: Any, call: Any) -> Any:
-    """A skipped or failed table benchmark: its rows say why (``@table.rows``)."""
+    """A skipped or failed table benchmark: its rows say why.
+
+    The rows are those it names with ``@table.rows`` and those it asked
+    ``table.row`` for before it failed; a failure fails a row that already
+    has numbers from earlier rounds too.
+    """
     outcome = yield
     report = outcome.get_result()
-    make = getattr(getattr(item, "function", None), "table_rows", None)
-    if make is None or not (report.skipped or report.failed):
+    if not (report.skipped or report.failed):
         return
     from benchmarks import table
+    make = getattr(getattr(item, "function", None), "table_rows", None)
     params = dict(getattr(getattr(item, "callspec", None), "params", {}))
+    rows = [*table.TOUCHED, *(table.rows_for(make, **params) if make is not None else [])]
     if report.skipped and isinstance(report.longrepr, tuple):
         note = f"skipped: {report.longrepr[2].removeprefix('Skipped: ')}"
     else:
         text = str(call.excinfo.value) if call.excinfo is not None else report.outcome
         note = f"failed: {text.splitlines()[0] if text else report.when}"
-    table.mark_not_run(make, params, note)
+    table.mark(rows, note)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import trio
 
+from benchmarks import sinkcheck
 from relay import _core, client
 from relay.loadgen import load, run_load
 from relay.uri import parse_destination
@@ -45,12 +46,12 @@ class PairResult:
 
 
 def _config(tmp: Path, name: str, destination: str, fsync: str = "always",
-            concurrency: int = 1, port: int = 0) -> Path:
+            concurrency: int = 1, port: int = 0, retry: str = "1h") -> Path:
     data = relay_config(
         tmp / name, server={"spool_dir": str(tmp / name / "spool"), "fsync": fsync,
                             "max_connections": 2000, "max_connections_per_host": 2000},
         metrics={"listen": ""}, log={"format": "json", "level": "warning"},
-        retry={"initial": "1h", "max": "1h"},
+        retry={"initial": retry, "max": retry},
         queues={"q": {"destinations": [destination], "concurrency": concurrency}})
     data["server"]["listen"] = [f"127.0.0.1:{port}"]
     (tmp / name).mkdir(parents=True, exist_ok=True)
@@ -58,12 +59,8 @@ def _config(tmp: Path, name: str, destination: str, fsync: str = "always",
 
 
 def _wait_delivered(folder: Path, jobs: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if folder.is_dir() and sum(1 for n in os.listdir(folder) if n.endswith(".json")) >= jobs:
-            return
-        time.sleep(0.01)
-    raise TimeoutError(f"not all {jobs} jobs reached {folder} in {timeout:g}s")
+    """Until ``folder`` has ``jobs`` jobs; fails after ``timeout``, or a minute with none new."""
+    sinkcheck.wait_for_jobs(folder, jobs, timeout=timeout, stall=60)
 
 
 def _check_sink(folder: Path, jobs: int, payload: bytes) -> None:
@@ -83,8 +80,10 @@ def relay_to_relay(tmp: Path, *, jobs: int, feed_concurrency: int = 16,
     payload = os.urandom(size)
     out = tmp / "B" / "out"
     b_cfg = _config(tmp, "B", f"dir://{out}", fsync_b, concurrency=16)
+    # B is up throughout: a failed attempt (the ports 721-731 held by another
+    # program on this host) is retried within a second, not after an hour.
     with RelayProcess(b_cfg) as b, RelayProcess(
-            _config(tmp, "A", f"lpd://127.0.0.1:{b.port}/q{query}")) as a:
+            _config(tmp, "A", f"lpd://127.0.0.1:{b.port}/q{query}", retry="1s")) as a:
         assert a.proc is not None and b.proc is not None
         cpu0, lg0 = process_cpu(a.proc.pid), time.process_time()
         cpu_b0 = process_cpu(b.proc.pid)
@@ -95,7 +94,10 @@ def relay_to_relay(tmp: Path, *, jobs: int, feed_concurrency: int = 16,
                     size=size, payload=payload)
         lg = time.process_time() - lg0
         assert sent.ok == jobs, sent.failures
-        _wait_delivered(out / "q", jobs, timeout=120 + jobs / 20)
+        try:
+            _wait_delivered(out / "q", jobs, timeout=120 + jobs / 20)
+        except TimeoutError as exc:    # say where the jobs are: A's queue as lpq shows it
+            raise TimeoutError(f"{exc}; A's lpq: {_lpq(a.port)[:400]!r}") from None
         seconds = time.perf_counter() - start
         cpu = process_cpu(a.proc.pid) - cpu0
         cpu_b = process_cpu(b.proc.pid) - cpu_b0
@@ -185,6 +187,7 @@ def raw_receiver_mb_s(path: Path, out: Path) -> float:
     seconds = time.perf_counter() - start
     thread.join(10)
     server.close()
+    sinkcheck.same_file(out, path)     # the baseline's sink counts too: all bytes, intact
     out.unlink()
     return size / seconds / 1e6
 
@@ -213,18 +216,25 @@ def big_into_spool_mb_s(tmp: Path, path: Path) -> float:
     with RelayProcess(_config(tmp, "B", f"socket://127.0.0.1:{_free_port()}")) as b:
         start = time.perf_counter()
         send_big(f"lpd://127.0.0.1:{b.port}/q?reserve=none", path)
-        return path.stat().st_size / (time.perf_counter() - start) / 1e6
+        rate = path.stat().st_size / (time.perf_counter() - start) / 1e6
+    sinkcheck.spooled_big_job(tmp / "B" / "spool", path)
+    return rate
+
+
+def _lpq(port: int, long: bool = False) -> str:
+    """Relay ``port``'s lpq answer for queue q."""
+    async def main() -> str:
+        ch = await client.open_channel("127.0.0.1", port, io_timeout=10)
+        try:
+            return await client.query(ch, "q", long=long)
+        finally:
+            await ch.aclose()
+    return trio.run(main)
 
 
 def _queued_bytes(port: int) -> int:
     """Total size of the jobs relay ``port``'s lpq lists for queue q (0 when none)."""
-    async def main() -> str:
-        ch = await client.open_channel("127.0.0.1", port, io_timeout=10)
-        try:
-            return await client.query(ch, "q", long=False)
-        finally:
-            await ch.aclose()
-    text = trio.run(main)
+    text = _lpq(port)
     sizes = [int(m) for m in re.findall(r"(\d+) bytes", text)]
     return sum(sizes)
 
@@ -250,4 +260,6 @@ def big_forwarded_mb_s(tmp: Path, path: Path) -> float:
                 if time.perf_counter() > deadline:
                     raise TimeoutError("the large job never reached B")
                 time.sleep(0.02)
-            return size / (time.perf_counter() - start) / 1e6
+            rate = size / (time.perf_counter() - start) / 1e6
+    sinkcheck.spooled_big_job(tmp / "B" / "spool", path)
+    return rate

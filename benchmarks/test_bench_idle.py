@@ -10,11 +10,13 @@ p50/p99 unloaded and loaded and their ratio.  At full scale 3 rounds (1 at a
 reduced scale) in one relay, alternating whether the unloaded or the loaded
 probes go first; the three table rows (<= 16 KiB a connection, 0 accept
 failures, p99 <= 2x unloaded) take every round.  Numbers, not assertions on
-wall-clock time (docs/server.md "Measured" has the figures).
+wall-clock time (docs/server.md "Measured" has the figures).  Every probe job
+is counted and checksummed in the relay's hot folder at the end.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import resource
 import socket
@@ -25,7 +27,8 @@ from typing import Any
 
 import pytest
 
-from benchmarks import table
+from benchmarks import sinkcheck, table
+from benchmarks.relaypair import _wait_delivered
 from benchmarks.report import print_lines, tree_rss_kib
 from tests.daemon import RelayProcess, relay_config, write_config_file
 from tests.lpdwire import Job, send_job
@@ -37,11 +40,16 @@ ROUNDS = 3 if SCALE >= 1 else 1
 RESULTS: dict[str, float] = {}
 
 
+PAYLOAD = os.urandom(1024)
+SENT = itertools.count()     # probe jobs are titled "load <n>", checked at the sink
+
+
 def _latencies(port: int, n: int) -> list[float]:
     out = []
     for i in range(n):
+        job = Job(number=f"{i % 1000:03d}", title=f"load {next(SENT)}", files=[PAYLOAD])
         start = time.perf_counter()
-        assert all(r == 0 for r in send_job(port, Job(number=f"{i % 1000:03d}")))
+        assert all(r == 0 for r in send_job(port, job))
         out.append(time.perf_counter() - start)
     return out
 
@@ -153,6 +161,9 @@ def test_idle_connections(tmp_path: Path, benchmark: Any) -> None:
             lambda: [_round(relay.port, pid, i % 2 == 1) for i in range(ROUNDS)],
             rounds=1, iterations=1)
         after = _settle(pid, 3.0)
+        sent = next(SENT)
+        _wait_delivered(tmp_path / "out" / "q", sent, timeout=60)
+    sinkcheck.dir_sink(tmp_path / "out" / "q", sent, PAYLOAD)
     for got in rounds:
         rss_row.relay.append(got["per_conn"])
         fail_row.relay.append(got["failed"])

@@ -10,8 +10,10 @@ in the same run: ``cat file > /dev/null`` (page-cache read speed) and a plain
 Python receiver doing recv_into + write into a file (raw TCP-to-disk).
 
 The relay's destination is down (a closed port, retry in an hour), so only
-intake is measured.  Results: a table and ratios printed at the end of the
-module, and ``benchmark.extra_info``.
+intake is measured; afterwards the spool must hold every job once, intact
+(``benchmarks.sinkcheck``), as must LPRng's queue and the raw receiver's
+file.  Results: a table and ratios printed at the end of the module, and
+``benchmark.extra_info``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import pytest
 import trio
 
+from benchmarks import sinkcheck
 from benchmarks.relaypair import send_big
 from benchmarks.report import print_lines
 from relay.loadgen import run_load
@@ -35,7 +38,7 @@ from tests.daemon import RelayProcess, relay_config, write_config_file
 from tests.peers import LprngServer
 
 SCALE = float(os.environ.get("LPD_BENCH_SCALE", "1.0"))
-SMALL_JOBS = max(64, int(3000 * SCALE))
+SMALL_JOBS = max(64, int(1000 * SCALE))
 LPRNG_JOBS = min(900, SMALL_JOBS)   # LPRng holds at most 1,000 jobs a queue (FIELD-NOTES)
 BIG = max(8 << 20, int((1 << 30) * SCALE))
 RESULTS: dict[str, float] = {}
@@ -87,9 +90,13 @@ def _lines() -> list[str]:
     return lines
 
 
+PAYLOAD = os.urandom(1024)
+
+
 def _load(port: int, queue: str, jobs: int, concurrency: int) -> float:
     dest = parse_destination(f"lpd://127.0.0.1:{port}/{queue}")
-    result = trio.run(lambda: run_load(dest, jobs=jobs, concurrency=concurrency, size=1024))
+    result = trio.run(lambda: run_load(dest, jobs=jobs, concurrency=concurrency, size=1024,
+                                       payload=PAYLOAD))
     assert result.ok == jobs, result.failures
     return result.jobs_per_second
 
@@ -100,6 +107,8 @@ def test_small_jobs(tmp_path: Path, benchmark: Any, fsync: str, concurrency: int
     with RelayProcess(intake_config(tmp_path, fsync)) as relay:
         rate = benchmark.pedantic(_load, args=(relay.port, "q", SMALL_JOBS, concurrency),
                                   rounds=1, iterations=1)
+    # The destination is down: every job must be in the spool, once, intact.
+    sinkcheck.spool_jobs(tmp_path / f"spool-{fsync}", SMALL_JOBS, PAYLOAD)
     RESULTS[f"jobs/s fsync={fsync} c={concurrency}"] = rate
     benchmark.extra_info["jobs_per_second"] = rate
 
@@ -109,6 +118,8 @@ def test_small_jobs_lprng_baseline(tmp_path: Path, benchmark: Any) -> None:
     with LprngServer(tmp_path / "lprng", queues=("q",)) as lprng:
         rate = benchmark.pedantic(_load, args=(lprng.port, "q", LPRNG_JOBS, 16),
                                   rounds=1, iterations=1)
+        lprng.wait_jobs("q", LPRNG_JOBS, timeout=60)
+        sinkcheck.lprng_queue(lprng, "q", LPRNG_JOBS, PAYLOAD)
     RESULTS["jobs/s LPRng lpd c=16"] = rate
     benchmark.extra_info["jobs_per_second"] = rate
 
@@ -128,6 +139,7 @@ def test_large_job(tmp_path: Path, benchmark: Any, big_file: Path, fsync: str) -
     with RelayProcess(intake_config(tmp_path, fsync)) as relay:
         uri = f"lpd://127.0.0.1:{relay.port}/q?reserve=none"
         rate = benchmark.pedantic(send_big, args=(uri, big_file), rounds=1, iterations=1)
+    sinkcheck.spooled_big_job(tmp_path / f"spool-{fsync}", big_file)
     RESULTS[f"MB/s relay fsync={fsync}"] = rate
     benchmark.extra_info["mb_per_second"] = rate
 
@@ -156,7 +168,9 @@ def _raw_tcp_to_file(path: Path, out: Path) -> float:
         s.sendfile(f)
     thread.join(120)
     server.close()
-    return size / (time.perf_counter() - start) / 1e6
+    rate = size / (time.perf_counter() - start) / 1e6
+    sinkcheck.same_file(out, path)
+    return rate
 
 
 def test_large_job_baselines(tmp_path: Path, benchmark: Any, big_file: Path) -> None:

@@ -1,6 +1,6 @@
 """Spool commit throughput: 1-KiB jobs, fsync always vs never, concurrency 1 vs 64.
 
-Each case commits a bounded number of jobs (2,000 x ``LPD_BENCH_SCALE``, default
+Each case commits a bounded number of jobs (500 x ``LPD_BENCH_SCALE``, default
 1.0) into a fresh spool and records jobs/s, round-robin over ``LPD_BENCH_ROUNDS``
 rounds (default 3).  The table and the ratios that matter are printed: what
 group commit buys over one fsync per job, and what durability costs against
@@ -37,7 +37,7 @@ from relay.spoolsegment import JOB, SegmentLog, job_body
 
 SCALE = float(os.environ.get("LPD_BENCH_SCALE", "1.0"))
 ROUNDS = max(1, int(os.environ.get("LPD_BENCH_ROUNDS", "3")))
-JOBS = max(64, int(2000 * SCALE))
+JOBS = max(64, int(500 * SCALE))
 PAYLOAD = os.urandom(1024)
 CF = b"Hbench\nPbench\nldfA001bench\nNbench\n"
 RESULTS: dict[str, float] = {}

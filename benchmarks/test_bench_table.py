@@ -11,23 +11,30 @@ the other benchmark modules (their loads, configs and LPRng forwarding).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from benchmarks import table
+from benchmarks import sinkcheck, table
 from benchmarks.relaypair import _wait_delivered, drain_cpu, process_cpu, relay_to_relay
-from benchmarks.test_bench_forward import JOBS, _feed_and_wait
+from benchmarks.test_bench_forward import JOBS
 from relay.loadgen import load
-from tests.daemon import DaemonThread, RelayProcess, relay_config, write_config_file
+from tests.daemon import RelayProcess, relay_config, write_config_file
 from tests.peers import LprngServer, release_time_wait
+from tests.peers.tcp import time_wait_pairs
 
 SCALE = float(os.environ.get("LPD_BENCH_SCALE", "1.0"))
 ROUNDS = 3 if SCALE >= 1 else 1
 LPRNG_MAX = 900        # LPRng holds at most 1,000 jobs a queue (FIELD-NOTES)
+# Sizes: each row's rate or CPU per job is steady after a few hundred jobs.
+SENDER_JOBS = 500      # drained by A, each side of the sender CPU row
+LL_JOBS = max(20, int(100 * SCALE))   # LPRng -> LPRng: ~15 jobs/s, one delayed ACK a job
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="ports 721-731 need root")
 # A row is several relay and baseline runs: longer than a unit test's timeout.
 pytestmark = pytest.mark.timeout(1200)
@@ -37,10 +44,10 @@ def _n(full: int, least: int = 20) -> int:
     return max(least, int(full * SCALE))
 
 
-def _load(port: int, queue: str, jobs: int, concurrency: int) -> float:
+def _load(port: int, queue: str, jobs: int, concurrency: int, payload: bytes) -> float:
     """jobs/s of the load generator's fast path (about 0.1 ms of its CPU a job)."""
     result = load(f"lpd://127.0.0.1:{port}/{queue}", jobs=jobs, concurrency=concurrency,
-                  size=1024)
+                  size=len(payload), payload=payload)
     assert result.ok == jobs, result.failures
     return result.jobs_per_second
 
@@ -59,19 +66,26 @@ def _intake_relay(tmp: Path, jobs: int, concurrency: int,
                      "max_connections": 2000, "max_connections_per_host": 2000},
         metrics={"listen": ""}, log={"format": "json", "level": "warning"},
         queues={"q": {"destinations": [f"dir://{out}"], "concurrency": 4}})
+    payload = os.urandom(1024)
     with RelayProcess(write_config_file(tmp / "relay.toml", data)) as relay:
         assert relay.proc is not None
         cpu = process_cpu(relay.proc.pid)
-        rate = _load(relay.port, "q", jobs, concurrency)
-        if cpu_row is not None:    # intake + delivery: until the hot folder has every job
-            _wait_delivered(out / "q", jobs, timeout=120 + jobs / 20)
+        rate = _load(relay.port, "q", jobs, concurrency, payload)
+        # intake + delivery: the CPU until the hot folder has every job
+        _wait_delivered(out / "q", jobs, timeout=120 + jobs / 20)
+        if cpu_row is not None:
             cpu_row.relay.append((process_cpu(relay.proc.pid) - cpu) / jobs * 1000)
+    sinkcheck.dir_sink(out / "q", jobs, payload)
     return rate
 
 
 def _intake_lprng(tmp: Path, jobs: int, concurrency: int) -> float:
+    payload = os.urandom(1024)
     with LprngServer(tmp, queues=("q",)) as lprng:
-        return _load(lprng.port, "q", jobs, concurrency)
+        rate = _load(lprng.port, "q", jobs, concurrency, payload)
+        lprng.wait_jobs("q", jobs, timeout=60)
+        sinkcheck.lprng_queue(lprng, "q", jobs, payload)
+    return rate
 
 
 def _intake_rows(concurrency: int, jobs: int, target: float, **_: Any) -> table.RowSpecs:
@@ -89,7 +103,7 @@ def _intake_rows(concurrency: int, jobs: int, target: float, **_: Any) -> table.
 
 @pytest.mark.peers
 @pytest.mark.parametrize(("concurrency", "jobs", "target"),
-                         [(64, 3000, 10.0), (1, 500, 1.5), (512, 2000, 10.0)])
+                         [(64, 2000, 10.0), (1, 500, 1.5), (512, 2000, 10.0)])
 @table.rows(_intake_rows)
 def test_intake(tmp_path: Path, benchmark: Any, concurrency: int, jobs: int,
                 target: float) -> None:
@@ -101,15 +115,48 @@ def test_intake(tmp_path: Path, benchmark: Any, concurrency: int, jobs: int,
          lambda i: _intake_lprng(tmp_path / f"lprng{i}", min(n, LPRNG_MAX), concurrency))
 
 
-def _lprng_to_lprng(tmp: Path) -> float:
+def _feed_and_wait(port: int, queue: str, upstream: LprngServer, jobs: int = JOBS) -> float:
+    """``jobs`` 1 KiB jobs at c=8 into a forwarder; jobs/s until all sit at ``upstream``.
+
+    Then the upstream queue must hold exactly those jobs, each once and intact.
+    """
+    payload = os.urandom(1024)
+    start = time.perf_counter()
+    _load(port, queue, jobs, 8, payload)
+    upstream.wait_jobs("q", jobs, timeout=120 + jobs / 5)
+    rate = jobs / (time.perf_counter() - start)
+    sinkcheck.lprng_queue(upstream, "q", jobs, payload)
+    return rate
+
+
+def _free_reserved_ports() -> None:
+    """Move this host's TIME_WAITs on ports 721-731 off them (``release_time_wait``).
+
+    LPRng binds its source ports without SO_REUSEADDR, so the TIME_WAITs a
+    relay round just before left there would slow the LPRng baseline down.
+    """
+    for remote in sorted({r for p, r in time_wait_pairs() if 721 <= p <= 731}):
+        with contextlib.suppress(OSError):    # a live listener there: not ours to touch
+            release_time_wait(range(721, 732), remote)
+
+
+def _lprng_to_lprng(tmp: Path, jobs: int) -> float:
+    _free_reserved_ports()
     with LprngServer(tmp / "up", queues=("q",)) as up, LprngServer(
             tmp / "fw", queues={"fwd": f"lp=q@127.0.0.1%{up.port}:ah@"}) as fw:
-        return _feed_and_wait(fw.port, "fwd", up)
+        return _feed_and_wait(fw.port, "fwd", up, jobs)
+
+
+def _relay_to_relay(tmp: Path, jobs: int) -> float:
+    """relay_to_relay (it counts and checksums B's hot folder); then each job once, by title."""
+    rate = relay_to_relay(tmp, jobs=jobs).jobs_per_second
+    sinkcheck.dir_sink(tmp / "B" / "out" / "q", jobs, None)
+    return rate
 
 
 def _rr_rows(**_: Any) -> table.RowSpecs:
     return [(f"forwarding relay -> relay, {_n(5000, least=50):,} x 1 KiB fed at c=16, lpd://B/q",
-             {"unit": "jobs/s", "baseline_name": "LPRng -> LPRng",
+             {"unit": "jobs/s", "baseline_name": f"LPRng -> LPRng, {LL_JOBS} jobs",
               "target": ">= 1,000 jobs/s (>= 50x LPRng -> LPRng)", "min_ratio": 50.0,
               "min_value": 1000.0})]
 
@@ -121,12 +168,13 @@ def test_forward_relay_to_relay(tmp_path: Path, benchmark: Any) -> None:
     n = _n(5000, least=50)
     (row,) = table.rows_for(_rr_rows)
     _run(benchmark, row,
-         lambda i: relay_to_relay(tmp_path / f"rr{i}", jobs=n).jobs_per_second,
-         lambda i: _lprng_to_lprng(tmp_path / f"ll{i}"))
+         lambda i: _relay_to_relay(tmp_path / f"rr{i}", n),
+         lambda i: _lprng_to_lprng(tmp_path / f"ll{i}", LL_JOBS))
 
 
 def _sender_rows(**_: Any) -> table.RowSpecs:
-    return [(f"sender CPU per job, draining {_n(1000, least=50):,} spooled 1 KiB jobs to a relay",
+    return [(f"sender CPU per job, draining {_n(SENDER_JOBS, least=50):,} spooled 1 KiB jobs "
+             "to a relay",
              {"unit": "ms", "baseline_name": "one job a connection, ?batch=1",
               "target": "<= 0.5x one job a connection", "max_ratio": 0.5})]
 
@@ -134,19 +182,28 @@ def _sender_rows(**_: Any) -> table.RowSpecs:
 @root_only
 @table.rows(_sender_rows)
 def test_forward_sender_cpu(tmp_path: Path, benchmark: Any) -> None:
-    n = _n(1000, least=50)
+    n = _n(SENDER_JOBS, least=50)
     (row,) = table.rows_for(_sender_rows)
     _run(benchmark, row,
-         lambda i: drain_cpu(tmp_path / f"auto{i}", jobs=n)[1],
-         lambda i: drain_cpu(tmp_path / f"one{i}", jobs=n, query="?batch=1")[1])
+         lambda i: _drain_cpu(tmp_path / f"auto{i}", n, ""),
+         lambda i: _drain_cpu(tmp_path / f"one{i}", n, "?batch=1"))
+
+
+def _drain_cpu(tmp: Path, jobs: int, query: str) -> float:
+    """drain_cpu (count and checksum at B); then each job once, by title."""
+    cpu = drain_cpu(tmp, jobs=jobs, query=query)[1]
+    sinkcheck.dir_sink(tmp / "B" / "out" / "q", jobs, None)
+    return cpu
 
 
 def _relay_to_lprng(tmp: Path) -> float:
+    """A relay process (not a thread of this one: the load generator would share its
+    interpreter lock) forwarding to LPRng."""
     with LprngServer(tmp / "up", queues=("q",)) as up:
-        cfg = relay_config(tmp, server={"fsync": "always"},
+        cfg = relay_config(tmp, server={"fsync": "always", "spool_dir": str(tmp / "spool")},
                            queues={"q": {"destinations": [f"lpd://127.0.0.1:{up.port}/q"]}},
                            metrics={"listen": ""}, log={"format": "json", "level": "warning"})
-        with DaemonThread(cfg) as relay:
+        with RelayProcess(write_config_file(tmp / "relay.toml", cfg)) as relay:
             rate = _feed_and_wait(relay.port, "q", up)
     release_time_wait(range(721, 732), up.port)
     return rate
@@ -177,3 +234,47 @@ def test_a_row_that_did_not_run_says_why() -> None:
         assert "skipped: LPRng is not installed" in line and line.endswith("| - |")
     finally:
         table.ROWS.pop("a row without its peer", None)
+
+
+def _hot_folder(folder: Path, titles: list[str], payload: bytes) -> None:
+    folder.mkdir(parents=True)
+    for i, title in enumerate(titles):
+        data = folder / f"job{i}-1.prn"
+        data.write_bytes(payload)
+        (folder / f"job{i}.json").write_text(json.dumps(
+            {"title": title, "files": [{"path": str(data), "bytes": len(payload)}]}))
+
+
+@pytest.mark.parametrize(("titles", "corrupt", "problem"), [
+    (["load 0", "load 1", "load 2"], False, None),
+    (["load 0", "load 1", "load 1"], False, "duplicated 1"),
+    (["load 0", "load 1"], False, "missing 1"),
+    (["load 0", "load 1", "load 2"], True, "corrupt"),
+])
+def test_the_sink_check_finds_a_lost_duplicated_or_corrupt_job(
+        tmp_path: Path, titles: list[str], corrupt: bool, problem: str | None) -> None:
+    payload = os.urandom(1024)
+    _hot_folder(tmp_path / "q", titles, payload)
+    if corrupt:
+        (tmp_path / "q" / "job1-1.prn").write_bytes(payload[:-1] + b"!")
+    if problem is None:
+        sinkcheck.dir_sink(tmp_path / "q", 3, payload)
+    else:
+        with pytest.raises(sinkcheck.SinkMismatch, match=problem):
+            sinkcheck.dir_sink(tmp_path / "q", 3, payload)
+
+
+def test_a_failed_round_fails_a_row_that_has_numbers() -> None:
+    r = table.row("a row whose last round lost a job", unit="jobs/s", baseline_name="b",
+                  target=">= 1x", min_ratio=1.0)
+    try:
+        r.relay += [5.0, 6.0]
+        r.baseline += [1.0, 1.0]
+        assert r.met() is True
+        table.mark([r], "failed: 4999 of 5000 jobs reached the sink")
+        assert r.met() is False
+        line = next(x for x in table.render(3).splitlines() if "lost a job" in x)
+        assert "| 2 |" in line and "no (failed: 4999 of 5000" in line
+        assert "load average" in table.render(3)
+    finally:
+        table.ROWS.pop("a row whose last round lost a job", None)

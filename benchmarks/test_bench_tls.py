@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from benchmarks import table
-from benchmarks.relaypair import _check_sink, _wait_delivered, send_big
+from benchmarks import sinkcheck, table
+from benchmarks.relaypair import _wait_delivered, send_big
 from benchmarks.report import print_lines, tree_cpu
 from relay.loadgen import load
 from tests.daemon import RelayProcess, relay_config, write_config_file
@@ -35,7 +35,7 @@ from tests.daemon import RelayProcess, relay_config, write_config_file
 SCALE = float(os.environ.get("LPD_BENCH_SCALE", "1.0"))
 ROUNDS = 3 if SCALE >= 1 else 1
 BIG = max(8 << 20, int((1 << 30) * SCALE))
-SMALL = max(64, int(3000 * SCALE))
+SMALL = max(64, int(1000 * SCALE))
 RESULTS: dict[str, float] = {}
 pytestmark = pytest.mark.timeout(1200)
 _TLS_PORT = re.compile(r"listening for LPD over TLS on \[?([0-9a-f.:]+)\]?:(\d+)")
@@ -90,7 +90,9 @@ def _uri(relay: RelayProcess, pki: Any, tls: bool) -> str:
 def _big_round(tmp: Path, pki: Any, path: Path, tls: bool) -> float:
     try:
         with _relay(tmp, pki, f"socket://127.0.0.1:{_closed_port()}") as relay:
-            return send_big(_uri(relay, pki, tls), path)
+            rate = send_big(_uri(relay, pki, tls), path)
+        sinkcheck.spooled_big_job(tmp / "spool", path)
+        return rate
     finally:
         shutil.rmtree(tmp, ignore_errors=True)     # a GiB a round
 
@@ -127,7 +129,7 @@ def _small_round(tmp: Path, pki: Any, tls: bool) -> float:
         assert result.ok == SMALL, result.failures
         _wait_delivered(out / "q", SMALL, timeout=120 + SMALL / 20)
         used = tree_cpu(relay.proc.pid) - cpu
-    _check_sink(out / "q", SMALL, payload)
+    sinkcheck.dir_sink(out / "q", SMALL, payload)
     side = "TLS" if tls else "plain"
     RESULTS[f"small {side} jobs/s (last round)"] = result.jobs_per_second
     RESULTS[f"small {side} relay CPU ms/job (last round)"] = used / SMALL * 1000
