@@ -17,6 +17,7 @@ Quick smoke run:  LPD_BENCH_SCALE=0.01 pytest benchmarks/test_bench_pg.py --benc
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import threading
@@ -146,12 +147,15 @@ def test_intake_large_job(benchmark: Any, cluster: PostgresCluster, tmp_path: Pa
     assert RESULTS["large job pg MB/s"] > 0
 
 
-class _Discard:
-    """A destination that is never the bottleneck: read each connection to EOF, close."""
+class CountingSink:
+    """A ``socket://`` destination that is never the bottleneck: each connection is one
+    job; its bytes are hashed and the digest kept."""
 
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
         self.port = self.sock.getsockname()[1]
+        self.digests: list[bytes] = []
+        self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -160,19 +164,27 @@ class _Discard:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
 
-    @staticmethod
-    def _drain(conn: socket.socket) -> None:
+    def _read(self, conn: socket.socket) -> None:
+        digest = hashlib.sha256()
         with conn:
-            while conn.recv(1 << 16):
-                pass
+            while data := conn.recv(1 << 16):
+                digest.update(data)
+            with self._lock:
+                self.digests.append(digest.digest())
+
+    def take(self) -> list[bytes]:
+        """The digests so far, forgotten here (the next round starts from none)."""
+        with self._lock:
+            got, self.digests = self.digests, []
+        return got
 
     def close(self) -> None:
         self.sock.close()
 
 
-def _deliver(cluster: PostgresCluster, tmp: Path, nodes: int, sink: _Discard) -> float:
+def _deliver(cluster: PostgresCluster, tmp: Path, nodes: int, sink: CountingSink) -> float:
     dsn = _db(cluster, f"deliver{nodes}")
     fill = _pg_spool(tmp / "fill", dsn)
     trio.run(_commit, fill, DELIVER, 16, QUEUES)
@@ -202,7 +214,7 @@ def _deliver(cluster: PostgresCluster, tmp: Path, nodes: int, sink: _Discard) ->
 
 def test_delivery_two_nodes_vs_one(benchmark: Any, cluster: PostgresCluster,
                                    tmp_path: Path) -> None:
-    sink = _Discard()
+    sink = CountingSink()
 
     def measure() -> None:
         RESULTS["delivery 1 node jobs/s"] = _deliver(cluster, tmp_path / "one", 1, sink)

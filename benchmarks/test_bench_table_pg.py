@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +31,7 @@ import pytest
 import trio
 
 from benchmarks import sinkcheck, table
-from benchmarks.test_bench_pg import PAYLOAD, _commit, _db, _deliver, _pg_spool
+from benchmarks.test_bench_pg import PAYLOAD, CountingSink, _commit, _db, _deliver, _pg_spool
 from relay.spool import Spool
 from tests.peers.postgres import PostgresCluster, require_postgres
 
@@ -184,45 +182,8 @@ def test_pg_large_job(cluster: PostgresCluster, tmp_path: Path, benchmark: Any) 
               lambda i: _local_round(tmp_path / f"local{i}", 1, BIG))
 
 
-class _CountingSink:
-    """A ``socket://`` destination that is never the bottleneck: each connection is one
-    job; its bytes are hashed and the digest kept."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self.port = self.sock.getsockname()[1]
-        self.digests: list[bytes] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
-
-    def _read(self, conn: socket.socket) -> None:
-        digest = hashlib.sha256()
-        with conn:
-            while data := conn.recv(1 << 16):
-                digest.update(data)
-            with self._lock:
-                self.digests.append(digest.digest())
-
-    def take(self) -> list[bytes]:
-        """The digests so far, forgotten here (the next round starts from none)."""
-        with self._lock:
-            got, self.digests = self.digests, []
-        return got
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def _deliver_round(cluster: PostgresCluster, tmp: Path, nodes: int,
-                   sink: _CountingSink) -> float:
+                   sink: CountingSink) -> float:
     sink.take()
     rate = float(_deliver(cluster, tmp, nodes, sink))   # until the database has no job
     got, want = sink.take(), hashlib.sha256(PAYLOAD).digest()
@@ -238,7 +199,7 @@ def _deliver_round(cluster: PostgresCluster, tmp: Path, nodes: int,
 def test_pg_delivery_two_nodes_vs_one(cluster: PostgresCluster, tmp_path: Path,
                                       benchmark: Any) -> None:
     (row,) = table.rows_for(_delivery_rows)
-    sink = _CountingSink()
+    sink = CountingSink()
     try:
         table.run(benchmark, row, ROUNDS,
                   lambda i: _deliver_round(cluster, tmp_path / f"two{i}", 2, sink),
