@@ -488,13 +488,10 @@ class Connection:
 
     def _accepted(self, meta: JobMeta, *, held: bool = False) -> None:
         """A job committed (in arrival order): counted, logged, handed to delivery."""
-        m = self.ctx.metrics
-        label = m.queue_label(meta.queue)
-        m.jobs_received_total.labels(queue=label).inc()
-        m.bytes_received_total.labels(queue=label).inc(meta.total_bytes)
+        self.ctx.metrics.count_received(meta.queue, meta.total_bytes)
         log.count("received")
         self.ctx.delivery.submit(meta)
-        if not held:
+        if not held and log.enabled("debug"):
             log.event("debug", "job_received", job=meta.id, queue=meta.queue, peer=self.peer,
                       user=meta.user, bytes=meta.total_bytes, files=len(meta.files),
                       **({"tls_peer": meta.tls_peer} if meta.tls_peer else {}))
