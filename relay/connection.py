@@ -82,6 +82,8 @@ class Connection:
         self.acks: AckQueue | None = None     # jobs committing while the next is read
         self.completed = 0                    # jobs complete on this connection
         self._reading: trio.CancelScope | None = None
+        self._last_byte = 0.0                 # when the reading loop last got bytes
+        self._stale = False                   # the deadline predates that (_refresh)
         self._upgrade: IncomingJob | None = None   # a job for _serve_pipelined to commit
         self._buf: Any = None                     # the receive buffer in use (small or pooled)
 
@@ -175,7 +177,8 @@ class Connection:
         view = memoryview(buf)
         pool = self.ctx.buffers
         parser, handlers, io = self.parser, _HANDLERS, self.io
-        idle = self.ctx.config.idle_timeout
+        fast = io if isinstance(io, FastSocket) else None
+        self._stale = False    # no byte read under this scope yet
         while not self.closing:
             ev = parser.next_event()
             if ev is _core.NEED_DATA:
@@ -190,13 +193,19 @@ class Connection:
                     pool.give(buf)
                     buf, view = small, memoryview(small)
                     self._buf = small
-                now = trio.current_time()
-                scope.deadline = self._deadline(now)
                 try:
-                    n = await io.recv_into(buf)
+                    n = fast.recv_nowait(buf) if fast is not None else None
+                    if n is None or n < 0:
+                        # A read that may wait: only it needs the deadline armed.
+                        scope.deadline = self._deadline(trio.current_time())
+                        self._stale = False
+                        n = await (io.recv_into(buf) if fast is None
+                                   else fast.recv_into(buf, blocked=n is not None))
                 except OSError as exc:
                     raise PeerGone(str(exc)) from None
-                scope.deadline = trio.current_time() + idle
+                # idle_timeout from this byte holds for what the handlers
+                # await; armed only when one may wait (_refresh), not per read.
+                self._last_byte, self._stale = trio.current_time(), True
                 parser.receive_data(view[:n])
                 continue
             result = handlers[type(ev)](self, ev)
@@ -205,6 +214,19 @@ class Connection:
             if self._upgrade is not None:
                 return True
         return False
+
+    def _refresh(self) -> None:
+        """Before a handler's await that may wait: ``idle_timeout`` since the last byte.
+
+        The reading loop arms a deadline only before a read that waits; a
+        commit, a worker's answer or a send into a full socket buffer also
+        waits under the reading scope, bounded as if armed right after the
+        last read (each deadline change costs trio a context manager and a
+        heap update, so it is not made per read).
+        """
+        if self._stale and self._reading is not None:
+            self._stale = False
+            self._reading.deadline = self._last_byte + self.ctx.config.idle_timeout
 
     def _deadline(self, now: float) -> float:
         """When the next bytes must have come: the bound a trickling client cannot dodge.
@@ -249,8 +271,15 @@ class Connection:
             await self._send_now(data)
 
     async def _send_now(self, data: bytes | bytearray) -> None:
+        io = self.io
         try:
-            await self.io.send_all(data)
+            if isinstance(io, FastSocket):
+                sent = io.send_nowait(data)
+                if sent == len(data):   # an ack: written without waiting
+                    return
+                data = data[sent:]
+            self._refresh()
+            await io.send_all(data)
         except OSError as exc:
             raise PeerGone(str(exc)) from None
 
@@ -460,8 +489,10 @@ class Connection:
                 if acks is None:
                     self._upgrade = job.incoming    # committed by _serve_pipelined
                 else:
+                    self._refresh()
                     await acks.commit(job.incoming)
                 return
+            self._refresh()
             await self._commit(job)
         await self._send(b"\x00")
 
@@ -508,6 +539,7 @@ class Connection:
 
     async def on_end(self, ev: _core.EndOfStream) -> None:
         self.closing = True
+        self._refresh()
         if await self._pipeline_failed():   # refused instead (_serve_requests)
             return
         if self._holdable():
@@ -532,6 +564,7 @@ class Connection:
                     await self._send(b"\x01lpd-relay: " + str(exc).encode("ascii", "replace")
                                      + b"\n")
                     return
+        self._refresh()
         if self.ctx.answer is not None:   # an intake worker: the main process answers
             await self._send(await self.ctx.answer(self.ctx, ev, self.host, self.port))
             return
