@@ -17,7 +17,7 @@ reply is due, one log line and a count.  The collaborators arrive as one
 frozen ``ConnectionContext`` (``relay.context``) built by the server.
 Receive buffers: ``relay.buffers``; which files make a job:
 ``relay.jobassembly``; the one-shot commands: ``relay.commands``; deadlines
-that trickling clients cannot dodge: ``_deadline``.
+that trickling clients cannot dodge: ``relay.readdeadline``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from relay.fastio import FastSocket
 from relay.jobassembly import JobAssembly
 from relay.jobevents import NO_EVENTS
 from relay.queues import sanitize_name
+from relay.readdeadline import ReadDeadline
 from relay.spool import MAX_FILES_PER_JOB, DataWriter, IncomingJob, JobMeta
 from relay.tls import TlsPeer, TlsStream
 
@@ -75,15 +76,10 @@ class Connection:
         self.job: JobAssembly | None = None
         self.writer: DataWriter | None = None
         self.closing = False
-        self.line_since: float | None = None  # a partial line or control file since then
-        self.body_since = 0.0                 # the data body being received began then
-        self.body_bytes = 0
-        self.limit = "idle_timeout"           # which bound the current deadline is
+        self.deadline = ReadDeadline(cfg)     # the read timeouts (relay.readdeadline)
         self.acks: AckQueue | None = None     # jobs committing while the next is read
         self.completed = 0                    # jobs complete on this connection
         self._reading: trio.CancelScope | None = None
-        self._last_byte = 0.0                 # when the reading loop last got bytes
-        self._stale = False                   # the deadline predates that (_refresh)
         self._upgrade: IncomingJob | None = None   # a job for _serve_pipelined to commit
         self._buf: Any = None                     # the receive buffer in use (small or pooled)
 
@@ -158,7 +154,7 @@ class Connection:
                 if acks.error is not None:
                     raise acks.error
             if scope.cancelled_caught:
-                await self._ended("timeout", self._timeout_message())
+                await self._ended("timeout", self.deadline.message())
         except PeerGone as exc:
             await self._ended("lost", str(exc))
         except ProtocolError as exc:
@@ -178,7 +174,8 @@ class Connection:
         pool = self.ctx.buffers
         parser, handlers, io = self.parser, _HANDLERS, self.io
         fast = io if isinstance(io, FastSocket) else None
-        self._stale = False    # no byte read under this scope yet
+        deadline = self.deadline
+        deadline.begin()
         while not self.closing:
             ev = parser.next_event()
             if ev is _core.NEED_DATA:
@@ -197,15 +194,12 @@ class Connection:
                     n = fast.recv_nowait(buf) if fast is not None else None
                     if n is None or n < 0:
                         # A read that may wait: only it needs the deadline armed.
-                        scope.deadline = self._deadline(trio.current_time())
-                        self._stale = False
+                        deadline.arm(scope, parser, trio.current_time())
                         n = await (io.recv_into(buf) if fast is None
                                    else fast.recv_into(buf, blocked=n is not None))
                 except OSError as exc:
                     raise PeerGone(str(exc)) from None
-                # idle_timeout from this byte holds for what the handlers
-                # await; armed only when one may wait (_refresh), not per read.
-                self._last_byte, self._stale = trio.current_time(), True
+                deadline.read(trio.current_time())   # armed for handlers only if they wait
                 parser.receive_data(view[:n])
                 continue
             result = handlers[type(ev)](self, ev)
@@ -214,56 +208,6 @@ class Connection:
             if self._upgrade is not None:
                 return True
         return False
-
-    def _refresh(self) -> None:
-        """Before a handler's await that may wait: ``idle_timeout`` since the last byte.
-
-        The reading loop arms a deadline only before a read that waits; a
-        commit, a worker's answer or a send into a full socket buffer also
-        waits under the reading scope, bounded as if armed right after the
-        last read (each deadline change costs trio a context manager and a
-        heap update, so it is not made per read).
-        """
-        if self._stale and self._reading is not None:
-            self._stale = False
-            self._reading.deadline = self._last_byte + self.ctx.config.idle_timeout
-
-    def _deadline(self, now: float) -> float:
-        """When the next bytes must have come: the bound a trickling client cannot dodge.
-
-        ``idle_timeout`` since the last byte always; a partial command line,
-        file header or control file must be complete within
-        ``command_timeout`` of its first byte; a data body must average
-        ``min_transfer_rate`` after a grace of ``command_timeout``.
-        """
-        cfg = self.ctx.config
-        deadline, self.limit = now + cfg.idle_timeout, "idle_timeout"
-        parser = self.parser
-        if parser.body_remaining:
-            self.line_since = None
-            if cfg.min_transfer_rate:
-                due = (self.body_since + cfg.command_timeout
-                       + self.body_bytes / cfg.min_transfer_rate)
-                if due < deadline:
-                    deadline, self.limit = due, "min_transfer_rate"
-        elif parser.buffered:
-            if self.line_since is None:
-                self.line_since = now
-            due = self.line_since + cfg.command_timeout
-            if due < deadline:
-                deadline, self.limit = due, "command_timeout"
-        else:
-            self.line_since = None
-        return deadline
-
-    def _timeout_message(self) -> str:
-        cfg = self.ctx.config
-        if self.limit == "command_timeout":
-            return f"line not complete within {cfg.command_timeout:g}s (command_timeout)"
-        if self.limit == "min_transfer_rate":
-            return (f"data file slower than {cfg.min_transfer_rate} bytes/s "
-                    "(min_transfer_rate)")
-        return f"no data for {cfg.idle_timeout:g}s"
 
     async def _send(self, data: bytes) -> None:
         # Behind a job still committing, a reply waits for that job's ack.
@@ -278,7 +222,7 @@ class Connection:
                 if sent == len(data):   # an ack: written without waiting
                     return
                 data = data[sent:]
-            self._refresh()
+            self.deadline.refresh(self._reading)
             await io.send_all(data)
         except OSError as exc:
             raise PeerGone(str(exc)) from None
@@ -452,7 +396,7 @@ class Connection:
         job.opened += 1
         self.writer = job.incoming.open_data(ev.name)
         job.streamed = 0
-        self.body_since, self.body_bytes = trio.current_time(), 0
+        self.deadline.body_since, self.deadline.body_bytes = trio.current_time(), 0
         await self._send(b"\x00")
 
     def on_data_chunk(self, ev: _core.DataChunk) -> None:
@@ -461,7 +405,7 @@ class Connection:
         self.writer.write(data)
         job = self.job
         job.streamed += len(data)
-        self.body_bytes += len(data)
+        self.deadline.body_bytes += len(data)
         if job.streamed >= SPACE_CHECK_EVERY:
             job.streamed = 0
             self._check_size(job.incoming.bytes)
@@ -489,10 +433,10 @@ class Connection:
                 if acks is None:
                     self._upgrade = job.incoming    # committed by _serve_pipelined
                 else:
-                    self._refresh()
+                    self.deadline.refresh(self._reading)
                     await acks.commit(job.incoming)
                 return
-            self._refresh()
+            self.deadline.refresh(self._reading)
             await self._commit(job)
         await self._send(b"\x00")
 
@@ -539,7 +483,7 @@ class Connection:
 
     async def on_end(self, ev: _core.EndOfStream) -> None:
         self.closing = True
-        self._refresh()
+        self.deadline.refresh(self._reading)
         if await self._pipeline_failed():   # refused instead (_serve_requests)
             return
         if self._holdable():
@@ -564,7 +508,7 @@ class Connection:
                     await self._send(b"\x01lpd-relay: " + str(exc).encode("ascii", "replace")
                                      + b"\n")
                     return
-        self._refresh()
+        self.deadline.refresh(self._reading)
         if self.ctx.answer is not None:   # an intake worker: the main process answers
             await self._send(await self.ctx.answer(self.ctx, ev, self.host, self.port))
             return
