@@ -17,7 +17,7 @@ reply is due, one log line and a count.  The collaborators arrive as one
 frozen ``ConnectionContext`` (``relay.context``) built by the server.
 Receive buffers: ``relay.buffers``; which files make a job:
 ``relay.jobassembly``; the one-shot commands: ``relay.commands``; deadlines
-that trickling clients cannot dodge: ``_deadline``.
+that trickling clients cannot dodge: ``relay.readdeadline``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from relay.fastio import FastSocket
 from relay.jobassembly import JobAssembly
 from relay.jobevents import NO_EVENTS
 from relay.queues import sanitize_name
+from relay.readdeadline import ReadDeadline
 from relay.spool import MAX_FILES_PER_JOB, DataWriter, IncomingJob, JobMeta
 from relay.tls import TlsPeer, TlsStream
 
@@ -75,10 +76,7 @@ class Connection:
         self.job: JobAssembly | None = None
         self.writer: DataWriter | None = None
         self.closing = False
-        self.line_since: float | None = None  # a partial line or control file since then
-        self.body_since = 0.0                 # the data body being received began then
-        self.body_bytes = 0
-        self.limit = "idle_timeout"           # which bound the current deadline is
+        self.deadline = ReadDeadline(cfg)     # the read timeouts (relay.readdeadline)
         self.acks: AckQueue | None = None     # jobs committing while the next is read
         self.completed = 0                    # jobs complete on this connection
         self._reading: trio.CancelScope | None = None
@@ -156,7 +154,7 @@ class Connection:
                 if acks.error is not None:
                     raise acks.error
             if scope.cancelled_caught:
-                await self._ended("timeout", self._timeout_message())
+                await self._ended("timeout", self.deadline.message())
         except PeerGone as exc:
             await self._ended("lost", str(exc))
         except ProtocolError as exc:
@@ -175,7 +173,9 @@ class Connection:
         view = memoryview(buf)
         pool = self.ctx.buffers
         parser, handlers, io = self.parser, _HANDLERS, self.io
-        idle = self.ctx.config.idle_timeout
+        fast = io if isinstance(io, FastSocket) else None
+        deadline = self.deadline
+        deadline.begin()
         while not self.closing:
             ev = parser.next_event()
             if ev is _core.NEED_DATA:
@@ -190,13 +190,16 @@ class Connection:
                     pool.give(buf)
                     buf, view = small, memoryview(small)
                     self._buf = small
-                now = trio.current_time()
-                scope.deadline = self._deadline(now)
                 try:
-                    n = await io.recv_into(buf)
+                    n = fast.recv_nowait(buf) if fast is not None else None
+                    if n is None or n < 0:
+                        # A read that may wait: only it needs the deadline armed.
+                        deadline.arm(scope, parser, trio.current_time())
+                        n = await (io.recv_into(buf) if fast is None
+                                   else fast.recv_into(buf, blocked=n is not None))
                 except OSError as exc:
                     raise PeerGone(str(exc)) from None
-                scope.deadline = trio.current_time() + idle
+                deadline.read(trio.current_time())   # armed for handlers only if they wait
                 parser.receive_data(view[:n])
                 continue
             result = handlers[type(ev)](self, ev)
@@ -206,51 +209,21 @@ class Connection:
                 return True
         return False
 
-    def _deadline(self, now: float) -> float:
-        """When the next bytes must have come: the bound a trickling client cannot dodge.
-
-        ``idle_timeout`` since the last byte always; a partial command line,
-        file header or control file must be complete within
-        ``command_timeout`` of its first byte; a data body must average
-        ``min_transfer_rate`` after a grace of ``command_timeout``.
-        """
-        cfg = self.ctx.config
-        deadline, self.limit = now + cfg.idle_timeout, "idle_timeout"
-        parser = self.parser
-        if parser.body_remaining:
-            self.line_since = None
-            if cfg.min_transfer_rate:
-                due = (self.body_since + cfg.command_timeout
-                       + self.body_bytes / cfg.min_transfer_rate)
-                if due < deadline:
-                    deadline, self.limit = due, "min_transfer_rate"
-        elif parser.buffered:
-            if self.line_since is None:
-                self.line_since = now
-            due = self.line_since + cfg.command_timeout
-            if due < deadline:
-                deadline, self.limit = due, "command_timeout"
-        else:
-            self.line_since = None
-        return deadline
-
-    def _timeout_message(self) -> str:
-        cfg = self.ctx.config
-        if self.limit == "command_timeout":
-            return f"line not complete within {cfg.command_timeout:g}s (command_timeout)"
-        if self.limit == "min_transfer_rate":
-            return (f"data file slower than {cfg.min_transfer_rate} bytes/s "
-                    "(min_transfer_rate)")
-        return f"no data for {cfg.idle_timeout:g}s"
-
     async def _send(self, data: bytes) -> None:
         # Behind a job still committing, a reply waits for that job's ack.
         if self.acks is None or not self.acks.owe(data):
             await self._send_now(data)
 
     async def _send_now(self, data: bytes | bytearray) -> None:
+        io = self.io
         try:
-            await self.io.send_all(data)
+            if isinstance(io, FastSocket):
+                sent = io.send_nowait(data)
+                if sent == len(data):   # an ack: written without waiting
+                    return
+                data = data[sent:]
+            self.deadline.refresh(self._reading)
+            await io.send_all(data)
         except OSError as exc:
             raise PeerGone(str(exc)) from None
 
@@ -423,7 +396,7 @@ class Connection:
         job.opened += 1
         self.writer = job.incoming.open_data(ev.name)
         job.streamed = 0
-        self.body_since, self.body_bytes = trio.current_time(), 0
+        self.deadline.body_since, self.deadline.body_bytes = trio.current_time(), 0
         await self._send(b"\x00")
 
     def on_data_chunk(self, ev: _core.DataChunk) -> None:
@@ -432,7 +405,7 @@ class Connection:
         self.writer.write(data)
         job = self.job
         job.streamed += len(data)
-        self.body_bytes += len(data)
+        self.deadline.body_bytes += len(data)
         if job.streamed >= SPACE_CHECK_EVERY:
             job.streamed = 0
             self._check_size(job.incoming.bytes)
@@ -460,8 +433,10 @@ class Connection:
                 if acks is None:
                     self._upgrade = job.incoming    # committed by _serve_pipelined
                 else:
+                    self.deadline.refresh(self._reading)
                     await acks.commit(job.incoming)
                 return
+            self.deadline.refresh(self._reading)
             await self._commit(job)
         await self._send(b"\x00")
 
@@ -488,13 +463,10 @@ class Connection:
 
     def _accepted(self, meta: JobMeta, *, held: bool = False) -> None:
         """A job committed (in arrival order): counted, logged, handed to delivery."""
-        m = self.ctx.metrics
-        label = m.queue_label(meta.queue)
-        m.jobs_received_total.labels(queue=label).inc()
-        m.bytes_received_total.labels(queue=label).inc(meta.total_bytes)
+        self.ctx.metrics.count_received(meta.queue, meta.total_bytes)
         log.count("received")
         self.ctx.delivery.submit(meta)
-        if not held:
+        if not held and log.enabled("debug"):
             log.event("debug", "job_received", job=meta.id, queue=meta.queue, peer=self.peer,
                       user=meta.user, bytes=meta.total_bytes, files=len(meta.files),
                       **({"tls_peer": meta.tls_peer} if meta.tls_peer else {}))
@@ -511,6 +483,7 @@ class Connection:
 
     async def on_end(self, ev: _core.EndOfStream) -> None:
         self.closing = True
+        self.deadline.refresh(self._reading)
         if await self._pipeline_failed():   # refused instead (_serve_requests)
             return
         if self._holdable():
@@ -535,6 +508,7 @@ class Connection:
                     await self._send(b"\x01lpd-relay: " + str(exc).encode("ascii", "replace")
                                      + b"\n")
                     return
+        self.deadline.refresh(self._reading)
         if self.ctx.answer is not None:   # an intake worker: the main process answers
             await self._send(await self.ctx.answer(self.ctx, ev, self.host, self.port))
             return

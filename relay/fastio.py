@@ -31,8 +31,38 @@ class FastSocket:
         self.fd = sock.fileno()
         self._streak = 0
 
-    async def recv_into(self, buf: bytearray) -> int:
-        """Read what is there into ``buf``; 0 means the peer closed its side."""
+    def recv_nowait(self, buf: bytearray) -> int | None:
+        """What is there now, without yielding; otherwise the caller must ``recv_into``.
+
+        -1: the read would block (``recv_into(blocked=True)`` waits first);
+        None: this reader's turn to yield has come (``recv_into`` reads and
+        checkpoints).  The caller arms its deadline only for a read that can
+        wait (relay.connection).
+        """
+        if self._streak + 1 >= YIELD_EVERY:
+            return None
+        try:
+            n = os.readv(self.fd, (buf,))
+        except BlockingIOError:
+            self._streak = 0
+            return -1
+        self._streak += 1
+        return n
+
+    def send_nowait(self, data: bytes | bytearray) -> int:
+        """Write what the socket buffer takes now (0 when full); never yields."""
+        try:
+            return os.write(self.fd, data)
+        except BlockingIOError:
+            return 0
+
+    async def recv_into(self, buf: bytearray, *, blocked: bool = False) -> int:
+        """Read what is there into ``buf``; 0 means the peer closed its side.
+
+        ``blocked``: a ``recv_nowait`` just found nothing, so wait before reading.
+        """
+        if blocked:
+            await trio.lowlevel.wait_readable(self.fd)
         while True:
             try:
                 n = os.readv(self.fd, (buf,))
@@ -48,7 +78,13 @@ class FastSocket:
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data``, parking only while the socket buffer is full."""
-        view = memoryview(data)
+        try:   # an acknowledgement: one byte, one write (no view, no loop)
+            sent = os.write(self.fd, data)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        view = memoryview(data)[sent:]
         while view:
             try:
                 sent = os.write(self.fd, view)

@@ -77,6 +77,7 @@ class Metrics:
         self._queues = frozenset(queues)
         self._destinations = frozenset(destinations)
         self._following: Mapping[tuple[str, str], int] | None = None   # follow_spool's
+        self._received: dict[str, tuple[Counter, Counter]] = {}    # count_received's
         self._create_intake(registry)
         self._create_delivery(registry)
         self._create_spool(registry)
@@ -114,6 +115,21 @@ class Metrics:
         Pass the routed, configured queue name, not the name the client sent.
         """
         return name if name in self._queues else OTHER
+
+    def count_received(self, queue: str, nbytes: int) -> None:
+        """One job of ``nbytes`` received on configured ``queue``: the two intake counters.
+
+        Per job on the event loop, so each label's children are looked up once
+        (``labels()`` hashes and locks on every call); bounded by the labels.
+        """
+        label = self.queue_label(queue)
+        children = self._received.get(label)
+        if children is None:
+            children = self._received[label] = (
+                self.jobs_received_total.labels(queue=label),
+                self.bytes_received_total.labels(queue=label))
+        children[0].inc()
+        children[1].inc(nbytes)
 
     def destination_label(self, name: str) -> str:
         """``name`` if it is a configured destination URI, else ``"other"``."""

@@ -71,6 +71,7 @@ from relay.spoolformat import (
     SpoolStatistics,
     SpoolUsage,
     decode_job,
+    in_folder,
     state_of,
     with_state,
 )
@@ -232,9 +233,12 @@ class Spool(FreeSpace):
         job._check_open()  # a second commit must not discard the first one's job
         small = False
         try:
-            meta = job.seal()
+            # A job held in memory is sealed with its body names in the segment
+            # folder at once (no copy of the metadata per job afterwards).
+            meta = job.seal(self._seg.folder if job.in_memory else None)
             if job.in_memory and not self._seg.fits(meta):
                 job.spill()  # a record this large would not fit in a segment
+                meta = job.seal()
             small = job.in_memory
             if hold:
                 meta = replace(meta, state="held", last_error=hold[:500])
@@ -253,11 +257,11 @@ class Spool(FreeSpace):
             raise
         job.mark("committed")
         self.written += len(job.control_raw) + len(item.record or b"")
-        small = small and not item.filed
-        if small:
-            meta = self._seg.named(meta)
+        if small and not item.filed:
             self._seg.committed(meta)
         else:
+            if small:  # written as files after all (relay.spoolpublish)
+                meta = in_folder(meta, self.jobs_dir)
             self._cache[meta.id] = meta
         if self._index is not None:
             self._index.track(meta)

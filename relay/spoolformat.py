@@ -125,6 +125,13 @@ def encode_job(meta: JobMeta) -> bytes:
         **({"tls_peer": meta.tls_peer} if meta.tls_peer else {})})
 
 
+def in_folder(meta: JobMeta, folder: str) -> JobMeta:
+    """``meta`` with its control and data paths moved to ``folder`` (same file names)."""
+    files = tuple(replace(f, path=os.path.join(folder, os.path.basename(f.path)))
+                  for f in meta.files)
+    return replace(meta, control_path=os.path.join(folder, f"{meta.id}.cf"), files=files)
+
+
 def _field(d: Mapping[str, Any], key: str, kind: type) -> Any:
     value = d.get(key)
     if type(value) is not kind:  # exact: bool is not an int here

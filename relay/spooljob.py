@@ -263,8 +263,12 @@ class IncomingJob:
         self._status = "gone"
         self.owner.count_discard(self.bytes)
 
-    def seal(self) -> JobMeta:
-        """Check the job is complete and describe it (used by ``Spool.commit``)."""
+    def seal(self, folder: str | None = None) -> JobMeta:
+        """Check the job is complete and describe it (used by ``Spool.commit``).
+
+        ``folder``: where its paths point instead of the jobs folder (a segment
+        job's body names, ``relay.spoolsegjobs``), so no copy is made later.
+        """
         self._check_open()
         if self._writer is not None:
             raise SpoolError(f"job {self.id}: data file {self._writer.name!r} still open")
@@ -274,12 +278,13 @@ class IncomingJob:
         # file does not name, in arrival order.
         order = [n for n in self._formats if n in self._files]
         order += [n for n in self._files if n not in self._formats]
+        base = self.owner.jobs_dir if folder is None else folder
         files = tuple(FileMeta(name=n, format=self._formats.get(n, ""),
-                               bytes=self._files[n][1], path=self._path(self._files[n][0]))
+                               bytes=self._files[n][1], path=f"{base}/{self._files[n][0]}")
                       for n in order)
         text: dict[str, Any] = {**self._fields, **self._control}
         return JobMeta(id=self.id, received=time.time(), files=files,
-                       control_path=self._path(f"{self.id}.cf"),
+                       control_path=f"{base}/{self.id}.cf",
                        control_bytes=len(self.control_raw), **text)
 
     def mark(self, status: str) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from relay.errors import DiskFull, SpoolError
 from relay.groupcommit import disk_error, unlink_quiet, write_file
-from relay.spoolformat import JobMeta, encode_job, encode_state
+from relay.spoolformat import JobMeta, encode_job, encode_state, in_folder
 from relay.spooljob import IncomingJob
 from relay.spoolsegjobs import SegmentJobs
 
@@ -81,18 +81,19 @@ def publish(jobs_dir: str, seg: SegmentJobs, item: Publish) -> tuple[str, ...]:
 def _publish_files(jobs_dir: str, seg: SegmentJobs, item: Publish) -> tuple[str, ...]:
     # A segment job written as files after all: data first, then as any job.
     assert item.meta is not None
+    meta = in_folder(item.meta, jobs_dir)   # sealed with its segment body names
     written = []
     try:
-        for f, data in zip(item.meta.files, item.data, strict=True):
+        for f, data in zip(meta.files, item.data, strict=True):
             written.append(f.path)
             write_file(f.path, data, flags=os.O_EXCL)
         state = [os.path.join(jobs_dir, f"{item.job_id}.state")] if item.state else []
-        paths = (*written, item.meta.control_path, *state,
+        paths = (*written, meta.control_path, *state,
                  os.path.join(jobs_dir, f"{item.job_id}.json"))
-        publish(jobs_dir, seg, replace(item, record=encode_job(item.meta), meta=None,
+        publish(jobs_dir, seg, replace(item, record=encode_job(meta), meta=None,
                                         paths=paths))
     except (OSError, SpoolError) as exc:
-        for path in [*written, item.meta.control_path]:  # the rest _publish undid
+        for path in [*written, meta.control_path]:  # the rest _publish undid
             unlink_quiet(path)
         if isinstance(exc, SpoolError):
             raise

@@ -23,7 +23,6 @@ import contextlib
 import os
 import re
 from collections.abc import Callable
-from dataclasses import replace
 
 from relay.spoolbackend import register_locator
 from relay.spoolformat import ID_WIDTH, JobMeta, decode_job, encode_job, encode_state, with_state
@@ -97,12 +96,6 @@ class SegmentJobs:
         return (meta.control_bytes + meta.total_bytes + len(encode_job(meta)) + LENGTH.size
                 <= min(MAX_BODY, self.segment_size // 2))
 
-    def named(self, meta: JobMeta) -> JobMeta:
-        """``meta`` with body names in the segment folder for its control and data paths."""
-        files = tuple(replace(f, path=os.path.join(self.folder, os.path.basename(f.path)))
-                      for f in meta.files)
-        return replace(meta, control_path=os.path.join(self.folder, f"{meta.id}.cf"),
-                       files=files)
 
     def append_job(self, meta: JobMeta, control: bytes, data: list[bytes],
                    state: bytes | None) -> None:
