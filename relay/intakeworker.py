@@ -165,7 +165,7 @@ class Worker:
         self.catch_all_names = init.catch_all_names
         self.server = LpdServer(config.server, spool=cast(Spool, self.spool),
                                 router=self._router(config), delivery=_NoDelivery(),
-                                metrics=self.metrics)
+                                metrics=self.metrics, make_room=self.spool.make_room)
         self.server.reuse_port = True
         self.server.context = dataclasses.replace(self.server.context, answer=self.spool.answer)
         self.config = config

@@ -15,9 +15,10 @@ SCM_RIGHTS) and the rest is written straight there.  ``open_data`` and
 from __future__ import annotations
 
 import builtins
+import hashlib
 import itertools
 import os
-import time
+from collections import Counter
 from collections.abc import Mapping
 from typing import cast
 
@@ -25,7 +26,7 @@ import trio
 
 from relay import _core
 from relay.config import Config
-from relay.errors import DiskFull, SpoolError
+from relay.errors import SpoolError
 from relay.groupcommit import disk_error, start_writeback, write_all
 from relay.intakechannel import (
     Admit,
@@ -35,25 +36,26 @@ from relay.intakechannel import (
     Commit,
     Control,
     Discard,
+    MakeRoom,
     Open,
     Reply,
     raise_failure,
 )
 from relay.jobevents import NO_EVENTS, JobEvents
 from relay.spool import JobMeta
+from relay.spoolspace import FreeSpace
 
 __all__ = ["IN_MEMORY_MAX", "IncomingProxy", "SpoolProxy"]
 
 # Data kept in memory per job before a data file goes to a spool file of its own.
 IN_MEMORY_MAX = 64 * 1024
 WRITEBACK_CHUNK = 8 << 20      # as relay.spooljob: start writeback every 8 MiB under fsync
-FREE_SPACE_TTL = 0.5           # as relay.spool: a free-space reading is good this long
 
 
 class _MemoryFile:
     """A data file held in memory until it outgrows ``IN_MEMORY_MAX`` (then: a spool file)."""
 
-    __slots__ = ("_fd", "_job", "_mark", "_size", "buf", "name", "promoted")
+    __slots__ = ("_fd", "_job", "_mark", "_sha", "_size", "buf", "name", "promoted")
 
     def __init__(self, job: IncomingProxy, name: str) -> None:
         self._job, self.name = job, name
@@ -62,6 +64,8 @@ class _MemoryFile:
         self._size = 0
         self._mark = 0
         self.promoted = False   # in a spool file of the main process's, not in memory
+        # The audit log's SHA-256, taken as the bytes pass (as relay.spooljob.DataWriter).
+        self._sha = hashlib.sha256() if job.digests is not None else None
 
     def fileno(self) -> int:
         return -1     # the connection writes through write()
@@ -71,12 +75,15 @@ class _MemoryFile:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         n = len(data)
+        if self._sha is not None:
+            self._sha.update(data)
         if self._fd < 0:
             if self._job.in_memory + n <= IN_MEMORY_MAX:
                 self.buf += data
                 self._job.in_memory += n
                 self._size += n
                 self._job.bytes += n
+                self._job.spool.written += n
                 return
             self._fd = self._job.promote(self)
             self.promoted = True
@@ -86,6 +93,7 @@ class _MemoryFile:
         self._write(data)
         self._size += n
         self._job.bytes += n
+        self._job.spool.written += n
 
     def _write(self, data: bytes | bytearray | memoryview) -> None:
         try:
@@ -99,6 +107,8 @@ class _MemoryFile:
     def close(self) -> int:
         self.abandon()
         self._job.closed(self)
+        if self._sha is not None and self._job.digests is not None:
+            self._job.digests[self.name] = self._sha.hexdigest()
         return self._size
 
     def abandon(self) -> None:
@@ -118,7 +128,7 @@ class IncomingProxy:
         self.bytes = 0
         self.in_memory = 0
         self.tls_peer = ""
-        self.digests: dict[str, str] | None = None   # the audit log's: not taken in a worker
+        self.digests: dict[str, str] | None = None   # a dict: hash data files (the audit log)
         self.control: Control | None = None
         self.files: dict[str, bytes] = {}      # wire name -> in-memory body, arrival order
         self.promoted = False                  # the main process holds a part of it
@@ -175,11 +185,30 @@ class IncomingProxy:
             raise SpoolError(f"job {self.token}: data file {self._open.name!r} still open")
         return Commit(rid=rid, token=self.token, queue=self.queue, wire_queue=self.wire_queue,
                       peer=self.peer, tls_peer=self.tls_peer, control=self.control,
-                      files=tuple(self.files.items()), promoted=self.promoted, hold=hold)
+                      files=tuple(self.files.items()), promoted=self.promoted, hold=hold,
+                      digests=self.digests)
 
 
-class SpoolProxy:
-    """What intake needs of the spool, answered by the main process (module docstring)."""
+class _RecordedInMain:
+    """A worker's events: recorded by the main process as it commits the job (``Commit``)."""
+
+    def record(self, event: str, meta: JobMeta | None = None, **fields: object) -> None:
+        return None
+
+    async def durable(self) -> None:
+        return None
+
+
+RECORDED_IN_MAIN: JobEvents = _RecordedInMain()
+
+
+class SpoolProxy(FreeSpace):
+    """What intake needs of the spool, answered by the main process (module docstring).
+
+    ``check_space`` is the spool's own (``relay.spoolspace``): a reading of
+    the spool's file system less what this worker received since, a refusal
+    always on a fresh reading.
+    """
 
     def __init__(self, config: Config, channel: Channel, calls: CallClient) -> None:
         self.directory = os.fspath(config.server.spool_dir)
@@ -189,27 +218,27 @@ class SpoolProxy:
         self._tokens = itertools.count(1)
         self._rids = itertools.count(1)
         self._waiting: dict[int, tuple[trio.Event, list[Reply]]] = {}
-        self._reading: tuple[int, float] | None = None
+        self._reading: tuple[int, float, int] | None = None
+        self.written = 0            # bytes this worker received into jobs, ever
+        self._stats: Counter[str] = Counter()
         self.catch_all_names: tuple[str, ...] = ()
-        # Intake in a worker records no events: the main process does, for the
-        # jobs it stores (and intake stays there when an audit log is configured).
-        self.events: JobEvents = NO_EVENTS
+        # The main process records a worker's job events (received, acknowledged,
+        # held) with the job's commit, durably before it replies; here only the
+        # connection's cue that the audit log wants the data files' SHA-256s.
+        self.events: JobEvents = RECORDED_IN_MAIN if config.audit is not None else NO_EVENTS
 
-    # -- space, as relay.spool.Spool.check_space: a refusal is based on a fresh reading --
+    def make_room(self, need: int = 0) -> bool:
+        """Retention in the main process expires kept jobs until ``need`` fits (docs/spool.md).
 
-    def check_space(self, need: int = 0) -> None:
-        now = time.monotonic()
-        if self._reading is None or now - self._reading[1] > FREE_SPACE_TTL:
-            self._reading = (self._free(), now)
-        free = self._reading[0]
-        if free <= 0 or free - need < self.min_free_disk:
-            self._reading = (free := self._free(), now)
-            if free <= 0 or free - need < self.min_free_disk:
-                raise DiskFull(f"spool {self.directory}: free space below min_free_disk")
-
-    def _free(self) -> int:
-        st = os.statvfs(self.directory)
-        return st.f_bavail * st.f_frsize
+        ``Connection`` asks this when ``check_space`` refused; False: nothing
+        kept could make room (the job is refused with 0x02).
+        """
+        try:
+            reply, _ = self.calls.call(MakeRoom(need))
+        except OSError:
+            return False
+        self._reading = None   # the next check reads the space afresh
+        return bool(reply.value)
 
     def jobs(self, queue: str | None = None) -> list[JobMeta]:
         return []   # only the catch-all seeding asks; Init brings those names

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+from collections.abc import Callable
 
 import trio
 from prometheus_client import CollectorRegistry
@@ -44,6 +45,7 @@ from relay.intakechannel import (
     Failure,
     Init,
     Log,
+    MakeRoom,
     MetricsClient,
     Open,
     Ready,
@@ -98,10 +100,12 @@ class WorkerPool:
 
     def __init__(self, config: Config, *, spool: Spool, router: QueueRouter,
                  delivery: Delivery, metrics: Metrics, registry: CollectorRegistry,
+                 make_room: Callable[[int], bool] | None = None,
                  privacy: Redactor = KEEP) -> None:
         self.full_config = config
         self.config = config.server
         self.spool, self.router, self.metrics, self.delivery = spool, router, metrics, delivery
+        self.make_room = make_room   # retention's: a worker asks before refusing for space
         self.context = ConnectionContext(config=config.server, spool=spool, router=router,
                                          delivery=delivery, metrics=metrics,
                                          buffers=BufferPool(), privacy=privacy)
@@ -305,17 +309,19 @@ class WorkerPool:
                     await answer_call(sock, reply, fds)
                 except OSError:
                     return
-            elif isinstance(message, Discard | Admit):
+            elif isinstance(message, Discard | Admit | MakeRoom):
                 try:
                     await answer_call(sock, self._small_call(handle, message), [])
                 except OSError:
                     return
 
-    def _small_call(self, handle: _Handle, message: Discard | Admit) -> Reply:
+    def _small_call(self, handle: _Handle, message: Discard | Admit | MakeRoom) -> Reply:
         if isinstance(message, Discard):
             if (part := handle.partials.pop(message.token, None)) is not None:
                 _discard(part)
             return Reply(0)
+        if isinstance(message, MakeRoom):
+            return Reply(0, value=self.make_room is not None and self.make_room(message.need))
         try:   # the catch-all's bound counts the names of every worker (here)
             self.router.route(message.queue, new_job=True)
         except ProtocolError as exc:
@@ -331,8 +337,7 @@ class WorkerPool:
                                        message.tls_peer)
                 part = handle.partials[message.token] = _Partial(incoming)
             if part.writer is not None:   # the job's previous large file is complete
-                part.writer.close()
-                part.writer = None
+                self._close_writer(part)
             part.writer = part.incoming.open_data(message.name)
             if part.writer.fileno() < 0:    # held for a segment record: a large job has files
                 part.incoming.spill()
@@ -345,6 +350,13 @@ class WorkerPool:
             return Reply(0, failure=Failure.of(_spool_error(exc))), []
         return Reply(0, value=part.incoming.id), [part.writer.fileno()]
 
+    def _close_writer(self, part: _Partial) -> None:
+        """A large file the worker wrote is complete: its bytes count in the spool's
+        free-space estimate (they were written past the spool's own counters)."""
+        assert part.writer is not None
+        writer, part.writer = part.writer, None
+        self.spool.written += writer.close()
+
     def _begin(self, queue: str, wire_queue: str, peer: str, tls_peer: str) -> IncomingJob:
         incoming = self.spool.begin(queue=queue, wire_queue=wire_queue, peer=peer)
         if tls_peer:
@@ -352,8 +364,30 @@ class WorkerPool:
         return incoming
 
     async def _commit(self, handle: _Handle, message: Commit) -> None:
-        """Store a worker's job; reply once it is durable (the worker acks then)."""
+        """Store a worker's job and its audit records; reply once both are durable
+        (the worker acks then, SPEC §4.4, §11)."""
         assert handle.channel is not None
+        try:
+            meta = await self._store(handle, message)
+        except (LpdError, OSError) as exc:
+            reply = Reply(message.rid, failure=Failure.of(_spool_error(exc)))
+        else:
+            events = self.spool.events   # as relay.connection.Connection._durable
+            events.record("received", meta, digests=message.digests)
+            if not message.hold:
+                events.record("acknowledged", meta)
+            await events.durable()
+            if message.hold:
+                events.record("held", meta, reason=message.hold)
+            self._received(meta, message.peer, bool(message.hold))
+            reply = Reply(message.rid, value=meta)
+        # A worker that died meanwhile: the job is stored, its sender was not
+        # told, and may send it again (at-least-once, SPEC §4.4).
+        with contextlib.suppress(OSError):
+            await handle.channel.send(reply)
+
+    async def _store(self, handle: _Handle, message: Commit) -> JobMeta:
+        """The job of ``message`` committed into the spool (a raise leaves no job)."""
         incoming: IncomingJob | None = None
         try:
             part = handle.partials.pop(message.token, None) if message.promoted else None
@@ -362,7 +396,7 @@ class WorkerPool:
             if part is not None:
                 incoming = part.incoming
                 if part.writer is not None:
-                    part.writer.close()
+                    self._close_writer(part)
             else:
                 incoming = self._begin(message.queue, message.wire_queue, message.peer,
                                        message.tls_peer)
@@ -374,18 +408,11 @@ class WorkerPool:
                 incoming.set_control(c.name, c.raw, number=c.number, user=c.user,
                                      host=c.host, title=c.title, job_name=c.job_name,
                                      formats=c.formats)
-            meta = await self.spool.commit(incoming, hold=message.hold)
-        except (LpdError, OSError) as exc:
+            return await self.spool.commit(incoming, hold=message.hold)
+        except (LpdError, OSError):
             if incoming is not None:
                 _discard(_Partial(incoming))
-            reply = Reply(message.rid, failure=Failure.of(_spool_error(exc)))
-        else:
-            self._received(meta, message.peer, bool(message.hold))
-            reply = Reply(message.rid, value=meta)
-        # A worker that died meanwhile: the job is stored, its sender was not
-        # told, and may send it again (at-least-once, SPEC §4.4).
-        with contextlib.suppress(OSError):
-            await handle.channel.send(reply)
+            raise
 
     def _received(self, meta: JobMeta, peer: str, held: bool) -> None:
         # Logged here, before the worker acks: as a one-process daemon does.
