@@ -36,7 +36,8 @@ from relay.errors import DiskFull, ProtocolError, SpoolError
 
 __all__ = ["Admit", "CallClient", "Channel", "Command", "Commit", "Control", "Counts",
            "Discard", "Failure", "Init", "Log", "MakeRoom", "MetricsClient", "Open", "Ready",
-           "Reload", "Reply", "Stop", "call_pair", "raise_failure", "serve_metrics", "stream_pair"]
+           "Reload", "Reply", "Settled", "Stop", "call_pair", "raise_failure", "serve_metrics",
+           "stream_pair"]
 
 _LENGTH = struct.Struct("!I")
 MAX_MESSAGE = 1 << 30          # a small job is <= 64 KiB plus its control file
@@ -99,6 +100,16 @@ class Command:
     event: Any          # relay._core.Command (it pickles)
     host: str
     port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What the worker's connections made of committed jobs: ``accepted`` were
+    acknowledged in order (hand them to delivery), ``withdrawn`` were never
+    acknowledged because a commit before them in their session failed (remove)."""
+
+    accepted: tuple[str, ...]
+    withdrawn: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)

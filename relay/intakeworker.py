@@ -111,11 +111,15 @@ class _LogToMain:
                 await self.channel.send(Log(lines))
 
 
-class _NoDelivery:
-    """The worker delivers nothing: the main process submits what it committed."""
+class _DeliveryInMain:
+    """The worker delivers nothing: a job its connection accepted is handed, by
+    ``Settled``, to the main process's scheduler (which committed it)."""
+
+    def __init__(self, spool: SpoolProxy) -> None:
+        self.spool = spool
 
     def submit(self, job: JobMeta) -> None:
-        pass
+        self.spool.accepted(job.id)
 
     def wake(self, queue: str, job_ids: object = ()) -> None:
         raise AssertionError("commands are answered by the main process")
@@ -164,7 +168,7 @@ class Worker:
         self.channel = channel
         self.catch_all_names = init.catch_all_names
         self.server = LpdServer(config.server, spool=cast(Spool, self.spool),
-                                router=self._router(config), delivery=_NoDelivery(),
+                                router=self._router(config), delivery=_DeliveryInMain(self.spool),
                                 metrics=self.metrics, make_room=self.spool.make_room)
         self.server.reuse_port = True
         self.server.context = dataclasses.replace(self.server.context, answer=self.spool.answer)
@@ -218,6 +222,7 @@ class Worker:
             self._nursery = nursery
             nursery.start_soon(self.read_channel, stopping)
             nursery.start_soon(_push_counts, self.channel, self.registry)
+            nursery.start_soon(self.spool.run_settled)
             if self.logs is not None:
                 nursery.start_soon(self.logs.run)
             nursery.start_soon(_watch_term, stopping)
@@ -226,6 +231,7 @@ class Worker:
             await stopping.wait()
             self.server.stop_accepting()
             await self.server.closed.wait()
+            await self.spool.send_settled()
             await self.channel.send(Counts(metric_values(self.registry)))  # the last values
             if self.logs is not None and self.logs.lines:
                 await self.channel.send(Log(tuple(self.logs.lines)))

@@ -39,6 +39,7 @@ from relay.intakechannel import (
     MakeRoom,
     Open,
     Reply,
+    Settled,
     raise_failure,
 )
 from relay.jobevents import NO_EVENTS, JobEvents
@@ -78,7 +79,9 @@ class _MemoryFile:
         if self._sha is not None:
             self._sha.update(data)
         if self._fd < 0:
-            if self._job.in_memory + n <= IN_MEMORY_MAX:
+            # Promoting takes the job's id now: not before the job before it in its
+            # session has sent its Commit (ids go in the order jobs were acked).
+            if self._job.in_memory + n <= IN_MEMORY_MAX or not self._job.after.is_set():
                 self.buf += data
                 self._job.in_memory += n
                 self._size += n
@@ -117,6 +120,10 @@ class _MemoryFile:
             self._fd = -2
 
 
+_SET = trio.Event()
+_SET.set()
+
+
 class IncomingProxy:
     """A job being received in a worker (the ``relay.spoolbackend.Incoming`` face)."""
 
@@ -134,6 +141,8 @@ class IncomingProxy:
         self.promoted = False                  # the main process holds a part of it
         self._open: _MemoryFile | None = None
         self.gone = False
+        self.after = _SET          # set once the session's previous job sent its Commit
+        self.sent = trio.Event()   # set once this job sent its Commit (or was discarded)
 
     @property
     def id(self) -> str:
@@ -170,6 +179,7 @@ class IncomingProxy:
             self.files[file.name] = bytes(file.buf)
 
     def discard(self) -> None:
+        self.spool.sent(self)
         if self.gone:
             return
         self.gone = True
@@ -220,6 +230,10 @@ class SpoolProxy(FreeSpace):
         self._waiting: dict[int, tuple[trio.Event, list[Reply]]] = {}
         self._reading: tuple[int, float, int] | None = None
         self.written = 0            # bytes this worker received into jobs, ever
+        self._last: dict[str, IncomingProxy] = {}   # peer -> its session's latest job
+        self._accepted: list[str] = []    # committed jobs acked in order, for Settled
+        self._withdrawn: list[str] = []   # committed jobs a failed session never acked
+        self._settle = trio.Event()
         self._stats: Counter[str] = Counter()
         self.catch_all_names: tuple[str, ...] = ()
         # The main process records a worker's job events (received, acknowledged,
@@ -245,8 +259,19 @@ class SpoolProxy(FreeSpace):
 
     def begin(self, *, queue: str, wire_queue: str, peer: str) -> IncomingProxy:
         self.check_space()
-        return IncomingProxy(self, f"{os.getpid()}-{next(self._tokens)}", queue=queue,
-                             wire_queue=wire_queue, peer=peer)
+        job = IncomingProxy(self, f"{os.getpid()}-{next(self._tokens)}", queue=queue,
+                            wire_queue=wire_queue, peer=peer)
+        # A session's jobs commit in tasks of their own (relay.ackqueue), whose
+        # order trio does not keep: each Commit waits for the one before it.
+        if (last := self._last.get(peer)) is not None:
+            job.after = last.sent
+        self._last[peer] = job
+        return job
+
+    def sent(self, job: IncomingProxy) -> None:
+        job.sent.set()
+        if self._last.get(job.peer) is job:
+            del self._last[job.peer]
 
     def call(self, message: Open | Discard | Admit) -> list[int]:
         """A call to the main process; its descriptors, or the error it sent raised."""
@@ -268,10 +293,13 @@ class SpoolProxy(FreeSpace):
         return fds[0]
 
     async def commit(self, job: IncomingProxy, *, hold: str = "") -> JobMeta:
-        rid = next(self._rids)
-        message = job.commit_message(rid, hold)
-        job.gone = True    # from here the main process owns the job (it discards on failure)
-        value = await self.request(message)
+        try:
+            await job.after.wait()
+            message = job.commit_message(next(self._rids), hold)
+            job.gone = True    # from here the main process owns the job (it discards on failure)
+            value = await self.request(message, job)
+        finally:
+            self.sent(job)
         assert isinstance(value, JobMeta)
         return value
 
@@ -282,11 +310,41 @@ class SpoolProxy(FreeSpace):
         assert isinstance(value, bytes)
         return value
 
-    async def request(self, message: Commit | Command) -> object:
+    # -- committed jobs: delivery is the main process's once a connection accepted them --
+
+    def accepted(self, job_id: str) -> None:
+        """A committed job was acknowledged in its session's order: it may be delivered."""
+        self._accepted.append(job_id)
+        self._settle.set()
+
+    def remove(self, job_id: str) -> None:
+        """A committed job its session never acknowledged (``relay.ackqueue``): it goes."""
+        self._withdrawn.append(job_id)
+        self._settle.set()
+
+    async def send_settled(self) -> None:
+        """Tell the main process what became of committed jobs (in the stream's order)."""
+        if self._accepted or self._withdrawn:
+            message = Settled(tuple(self._accepted), tuple(self._withdrawn))
+            self._accepted, self._withdrawn = [], []
+            await self.channel.send(message)
+
+    async def run_settled(self) -> None:
+        """Send ``Settled`` as jobs are accepted, a batch per wake-up."""
+        while True:
+            await self._settle.wait()
+            self._settle = trio.Event()
+            await self.send_settled()
+
+    async def request(self, message: Commit | Command,
+                      job: IncomingProxy | None = None) -> object:
         event, box = trio.Event(), cast(list[Reply], [])
         self._waiting[message.rid] = (event, box)
         try:
+            await self.send_settled()   # an lpq after an ack here sees that job queued
             await self.channel.send(message)
+            if job is not None:
+                self.sent(job)
             await event.wait()
         finally:
             self._waiting.pop(message.rid, None)

@@ -51,6 +51,7 @@ from relay.intakechannel import (
     Ready,
     Reload,
     Reply,
+    Settled,
     Stop,
     answer_call,
     call_pair,
@@ -93,6 +94,8 @@ class _Handle:
     partials: dict[str, _Partial] = dataclasses.field(default_factory=dict)
     values: dict[Key, float] = dataclasses.field(default_factory=dict)   # as last applied
     metrics: MetricsClient | None = None
+    # Committed jobs its connections have not yet accepted or withdrawn (Settled).
+    unsettled: dict[str, JobMeta] = dataclasses.field(default_factory=dict)
 
 
 class WorkerPool:
@@ -273,6 +276,9 @@ class WorkerPool:
         for part in handle.partials.values():
             _discard(part)
         handle.partials.clear()
+        for meta in handle.unsettled.values():   # committed: delivered (at-least-once)
+            self.delivery.submit(meta)
+        handle.unsettled.clear()
         self.counts.forget(handle.values)
 
     # -- the channel -------------------------------------------------------------------
@@ -284,8 +290,10 @@ class WorkerPool:
                 message = await handle.channel.receive()
             except (EOFError, OSError):
                 return
-            if isinstance(message, Commit):
-                nursery.start_soon(self._commit, handle, message)
+            if isinstance(message, Commit):   # prepared here: ids in the order they came
+                nursery.start_soon(self._commit, handle, message, self._prepare(handle, message))
+            elif isinstance(message, Settled):
+                self._settle(handle, message)
             elif isinstance(message, Command):
                 nursery.start_soon(self._command, handle, message)
             elif isinstance(message, Counts):
@@ -363,22 +371,21 @@ class WorkerPool:
             incoming.set_tls_peer(tls_peer)
         return incoming
 
-    async def _commit(self, handle: _Handle, message: Commit) -> None:
+    async def _commit(self, handle: _Handle, message: Commit,
+                      incoming: IncomingJob | Exception) -> None:
         """Store a worker's job and its audit records; reply once both are durable
-        (the worker acks then, SPEC §4.4, §11)."""
+        (the worker acks then, SPEC §4.4, §11).  Delivery gets the job once the
+        worker says its connection accepted it (``Settled``), as ``relay.ackqueue``
+        hands jobs over in one process."""
         assert handle.channel is not None
         try:
-            meta = await self._store(handle, message)
+            if isinstance(incoming, Exception):
+                raise incoming
+            meta = await self._durable(incoming, message)
         except (LpdError, OSError) as exc:
             reply = Reply(message.rid, failure=Failure.of(_spool_error(exc)))
         else:
-            events = self.spool.events   # as relay.connection.Connection._durable
-            events.record("received", meta, digests=message.digests)
-            if not message.hold:
-                events.record("acknowledged", meta)
-            await events.durable()
-            if message.hold:
-                events.record("held", meta, reason=message.hold)
+            handle.unsettled[meta.id] = meta
             self._received(meta, message.peer, bool(message.hold))
             reply = Reply(message.rid, value=meta)
         # A worker that died meanwhile: the job is stored, its sender was not
@@ -386,8 +393,25 @@ class WorkerPool:
         with contextlib.suppress(OSError):
             await handle.channel.send(reply)
 
-    async def _store(self, handle: _Handle, message: Commit) -> JobMeta:
-        """The job of ``message`` committed into the spool (a raise leaves no job)."""
+    async def _durable(self, incoming: IncomingJob, message: Commit) -> JobMeta:
+        """Commit the job and its records, as relay.connection.Connection._durable does."""
+        try:
+            meta = await self.spool.commit(incoming, hold=message.hold)
+        except (LpdError, OSError):
+            _discard(_Partial(incoming))
+            raise
+        events = self.spool.events
+        events.record("received", meta, digests=message.digests)
+        if not message.hold:
+            events.record("acknowledged", meta)
+        await events.durable()
+        if message.hold:
+            events.record("held", meta, reason=message.hold)
+        return meta
+
+    def _prepare(self, handle: _Handle, message: Commit) -> IncomingJob | Exception:
+        """The job of ``message`` in the spool, not yet committed, its id taken in the
+        order the worker's commits come (so as they were acked); or why not."""
         incoming: IncomingJob | None = None
         try:
             part = handle.partials.pop(message.token, None) if message.promoted else None
@@ -408,11 +432,11 @@ class WorkerPool:
                 incoming.set_control(c.name, c.raw, number=c.number, user=c.user,
                                      host=c.host, title=c.title, job_name=c.job_name,
                                      formats=c.formats)
-            return await self.spool.commit(incoming, hold=message.hold)
-        except (LpdError, OSError):
+            return incoming
+        except (LpdError, OSError) as exc:
             if incoming is not None:
                 _discard(_Partial(incoming))
-            raise
+            return exc
 
     def _received(self, meta: JobMeta, peer: str, held: bool) -> None:
         # Logged here, before the worker acks: as a one-process daemon does.
@@ -425,7 +449,16 @@ class WorkerPool:
         m.jobs_received_total.labels(queue=label).inc()
         m.bytes_received_total.labels(queue=label).inc(meta.total_bytes)
         log.count("received")
-        self.delivery.submit(meta)
+
+    def _settle(self, handle: _Handle, message: Settled) -> None:
+        """Accepted jobs to delivery, in the order their connections acked them;
+        withdrawn ones (a failed commit before them in the session) removed."""
+        for job_id in message.accepted:
+            if (meta := handle.unsettled.pop(job_id, None)) is not None:
+                self.delivery.submit(meta)
+        for job_id in message.withdrawn:
+            if handle.unsettled.pop(job_id, None) is not None:
+                self.spool.remove(job_id)
 
     async def _command(self, handle: _Handle, message: Command) -> None:
         """0x01, 0x03-0x06 for a worker's client, answered with the whole daemon's state."""
