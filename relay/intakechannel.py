@@ -35,9 +35,9 @@ from relay.config import Config
 from relay.errors import DiskFull, ProtocolError, SpoolError
 
 __all__ = ["Admit", "CallClient", "Channel", "Command", "Commit", "Control", "Counts",
-           "Discard", "Failure", "Init", "Log", "MakeRoom", "MetricsClient", "Open", "Ready",
-           "Reload", "Reply", "Settled", "Stop", "call_pair", "raise_failure", "serve_metrics",
-           "stream_pair"]
+           "Discard", "Failure", "Flush", "Flushed", "Init", "Log", "MakeRoom",
+           "MetricsClient", "Open", "Ready", "Reload", "Reply", "Settled", "Stop", "call_pair",
+           "raise_failure", "serve_metrics", "stream_pair"]
 
 _LENGTH = struct.Struct("!I")
 MAX_MESSAGE = 1 << 30          # a small job is <= 64 KiB plus its control file
@@ -113,6 +113,13 @@ class Settled:
 
 
 @dataclass(frozen=True, slots=True)
+class Flushed:
+    """Every job accepted before ``Flush(rid)`` came is in a ``Settled`` sent before this."""
+
+    rid: int
+
+
+@dataclass(frozen=True, slots=True)
 class Counts:
     """The worker's counter and gauge values: (family, labels) -> value."""
 
@@ -180,6 +187,13 @@ class Reload:
     """A new configuration (SIGHUP) or new queue states (lpc): rebuild routing."""
 
     config: Config
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    """Send what is to settle now, then ``Flushed(rid)`` (before lpq & co. are answered)."""
+
+    rid: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,8 @@ from relay.intakechannel import (
     CallClient,
     Channel,
     Counts,
+    Flush,
+    Flushed,
     Init,
     Log,
     Ready,
@@ -215,6 +217,12 @@ class Worker:
                 self.reload(message.config)
             elif isinstance(message, Stop):
                 stopping.set()
+            elif isinstance(message, Flush) and self._nursery is not None:
+                self._nursery.start_soon(self._flushed, message.rid)
+
+    async def _flushed(self, rid: int) -> None:
+        await self.spool.send_settled()
+        await self.channel.send(Flushed(rid))
 
     async def run(self) -> None:
         stopping = trio.Event()
@@ -268,6 +276,7 @@ async def _main(stream_fd: int, call_fd: int, metrics_fd: int, table_fd: int) ->
     worker = Worker(init, channel, calls)
     worker.logs = logs
     worker.server.others = SharedCounts(table_fd, init.index)
+    worker.spool.share(worker.server.others)
     registry = worker.registry
     threading.Thread(target=serve_metrics, daemon=True, name="metrics",
                      args=(pysocket.socket(fileno=metrics_fd),

@@ -26,6 +26,7 @@ import trio
 
 from relay import _core
 from relay.config import Config
+from relay.connectioncounts import NO_OTHERS, NoOthers, Received
 from relay.errors import SpoolError
 from relay.groupcommit import disk_error, start_writeback, write_all
 from relay.intakechannel import (
@@ -86,7 +87,7 @@ class _MemoryFile:
                 self._job.in_memory += n
                 self._size += n
                 self._job.bytes += n
-                self._job.spool.written += n
+                self._job.spool.add_written(n)
                 return
             self._fd = self._job.promote(self)
             self.promoted = True
@@ -96,7 +97,7 @@ class _MemoryFile:
         self._write(data)
         self._size += n
         self._job.bytes += n
-        self._job.spool.written += n
+        self._job.spool.add_written(n)
 
     def _write(self, data: bytes | bytearray | memoryview) -> None:
         try:
@@ -229,7 +230,9 @@ class SpoolProxy(FreeSpace):
         self._rids = itertools.count(1)
         self._waiting: dict[int, tuple[trio.Event, list[Reply]]] = {}
         self._reading: tuple[int, float, int] | None = None
-        self.written = 0            # bytes this worker received into jobs, ever
+        self.own_written = 0        # bytes this worker received into jobs, ever
+        self.shared: NoOthers = NO_OTHERS          # the workers' table (connectioncounts)
+        self._others = Received(NO_OTHERS)
         self._last: dict[str, IncomingProxy] = {}   # peer -> its session's latest job
         self._accepted: list[str] = []    # committed jobs acked in order, for Settled
         self._withdrawn: list[str] = []   # committed jobs a failed session never acked
@@ -240,6 +243,19 @@ class SpoolProxy(FreeSpace):
         # held) with the job's commit, durably before it replies; here only the
         # connection's cue that the audit log wants the data files' SHA-256s.
         self.events: JobEvents = RECORDED_IN_MAIN if config.audit is not None else NO_EVENTS
+
+    @property
+    def written(self) -> int:   # type: ignore[override]
+        """Bytes every worker received into jobs since this one started (FreeSpace's)."""
+        return self.own_written + self._others.now()
+
+    def share(self, table: NoOthers) -> None:
+        """Publish this worker's bytes in ``table`` and count the others'."""
+        self.shared, self._others = table, Received(table)
+
+    def add_written(self, n: int) -> None:
+        self.own_written += n
+        self.shared.received(self.own_written)
 
     def make_room(self, need: int = 0) -> bool:
         """Retention in the main process expires kept jobs until ``need`` fits (docs/spool.md).
