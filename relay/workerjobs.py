@@ -20,7 +20,47 @@ from relay.intakechannel import Commit, Failure, Open, Reply, Settled
 from relay.metrics import Metrics
 from relay.spool import DataWriter, IncomingJob, JobMeta, Spool
 
-__all__ = ["WorkerJobs"]
+__all__ = ["Handover", "WorkerJobs"]
+
+
+class Handover:
+    """Committed jobs of every worker to delivery in id order, queue by queue.
+
+    A job goes to the scheduler once its connection accepted it and no job of
+    its queue with a smaller id still waits for its worker's word: a job
+    acked on one worker before another was sent on a second worker is queued
+    first, whichever ``Settled`` arrives first.
+    """
+
+    def __init__(self, spool: Spool, delivery: Delivery) -> None:
+        self.spool, self.delivery = spool, delivery
+        self._unsettled: dict[str, dict[str, JobMeta]] = {}   # queue -> id -> job
+        self._ready: dict[str, dict[str, JobMeta]] = {}
+
+    def committed(self, meta: JobMeta) -> None:
+        self._unsettled.setdefault(meta.queue, {})[meta.id] = meta
+
+    def accept(self, meta: JobMeta) -> None:
+        self._unsettled[meta.queue].pop(meta.id, None)
+        self._ready.setdefault(meta.queue, {})[meta.id] = meta
+        self._release(meta.queue)
+
+    def withdraw(self, meta: JobMeta) -> None:
+        self._unsettled[meta.queue].pop(meta.id, None)
+        self.spool.remove(meta.id)
+        self._release(meta.queue)
+
+    def _release(self, queue: str) -> None:
+        waiting, ready = self._unsettled.get(queue, {}), self._ready.get(queue, {})
+        first = min(waiting, default=None)
+        for job_id in sorted(ready):
+            if first is not None and job_id > first:
+                break
+            self.delivery.submit(ready.pop(job_id))
+        if not waiting:
+            self._unsettled.pop(queue, None)
+        if not ready:
+            self._ready.pop(queue, None)
 
 
 @dataclasses.dataclass(slots=True)
@@ -34,8 +74,8 @@ class _Partial:
 class WorkerJobs:
     """One worker's jobs in the main process (module docstring)."""
 
-    def __init__(self, spool: Spool, delivery: Delivery, metrics: Metrics) -> None:
-        self.spool, self.delivery, self.metrics = spool, delivery, metrics
+    def __init__(self, spool: Spool, handover: Handover, metrics: Metrics) -> None:
+        self.spool, self.handover, self.metrics = spool, handover, metrics
         self.partials: dict[str, _Partial] = {}    # token -> a job streaming into files
         self.unsettled: dict[str, JobMeta] = {}    # committed, not yet accepted/withdrawn
 
@@ -50,7 +90,7 @@ class WorkerJobs:
             _discard(part)
         self.partials.clear()
         for meta in self.unsettled.values():
-            self.delivery.submit(meta)
+            self.handover.accept(meta)
         self.unsettled.clear()
 
     def open(self, message: Open) -> tuple[Reply, list[int]]:
@@ -101,6 +141,7 @@ class WorkerJobs:
             reply = Reply(message.rid, failure=Failure.of(_spool_error(exc)))
         else:
             self.unsettled[meta.id] = meta
+            self.handover.committed(meta)
             self._received(meta, message.peer, bool(message.hold))
             reply = Reply(message.rid, value=meta)
         return reply
@@ -167,10 +208,10 @@ class WorkerJobs:
         withdrawn ones (a failed commit before them in the session) removed."""
         for job_id in message.accepted:
             if (meta := self.unsettled.pop(job_id, None)) is not None:
-                self.delivery.submit(meta)
+                self.handover.accept(meta)
         for job_id in message.withdrawn:
-            if self.unsettled.pop(job_id, None) is not None:
-                self.spool.remove(job_id)
+            if (meta := self.unsettled.pop(job_id, None)) is not None:
+                self.handover.withdraw(meta)
 
 
 def _spool_error(exc: Exception) -> Exception:

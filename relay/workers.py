@@ -67,7 +67,7 @@ from relay.queues import QueueRouter, hot_folder_names
 from relay.server import open_listener, open_new_listeners
 from relay.spool import IncomingJob, Spool
 from relay.tls import InboundTls
-from relay.workerjobs import WorkerJobs
+from relay.workerjobs import Handover, WorkerJobs
 from relay.workermetrics import Key, WorkerCounts
 
 __all__ = ["WorkerPool"]
@@ -115,6 +115,7 @@ class WorkerPool:
         self.reload_tls(config.server)   # a bad certificate stops the start here (ConfigError)
         self.counts = WorkerCounts(metrics, registry, self.pull)
         self._stopping = trio.Event()
+        self._handover = Handover(spool, delivery)   # jobs to delivery in id order
         self._flushes: dict[int, trio.Event] = {}
         self._flush_ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
@@ -247,7 +248,7 @@ class WorkerPool:
             calls_child.close()
             pulls_child.close()
         handle.metrics = MetricsClient(pulls)
-        handle.jobs = WorkerJobs(self.spool, self.delivery, self.metrics)
+        handle.jobs = WorkerJobs(self.spool, self._handover, self.metrics)
         log.event("info", "worker_started", worker=handle.index, pid=handle.pid)
         handle.channel = Channel(trio.socket.from_stdlib_socket(stream))
         call_sock = trio.socket.from_stdlib_socket(calls)
