@@ -1,12 +1,13 @@
-"""Intake with one process against intake in two worker processes (``[server] workers``).
+"""Intake with one process against intake in worker processes (``[server] workers``).
 
 The same relay subprocess configuration (fsync "always", a ``dir://``
-destination delivering as it goes) with ``workers = 1`` and ``workers = 2``,
+destination delivering as it goes) with ``workers = 1`` and the default
+``workers = "auto"`` (one per core),
 rounds alternating which runs first; the load is ``lpd-relay loadgen
 --processes 2`` at concurrency 64, 2,000 1-KiB jobs (x LPD_BENCH_SCALE).  The
 rate counts intake only (loadgen's jobs/s: every job acknowledged); each run
 also checks every job arrived at the hot folder, once.  Printed at the end of
-the module: the medians and the ratio workers=2 / workers=1.
+the module: the medians and the ratio workers=auto / workers=1.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from tests.daemon import ROOT, RelayProcess, relay_config, write_config_file
 SCALE = float(os.environ.get("LPD_BENCH_SCALE", "1.0"))
 JOBS = max(100, int(2000 * SCALE))
 ROUNDS = 3 if SCALE >= 0.5 else 1
-RESULTS: dict[int, list[float]] = {1: [], 2: []}
+AUTO = "auto"
+RESULTS: dict[int | str, list[float]] = {1: [], AUTO: []}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,18 +40,18 @@ def _report(request: pytest.FixtureRequest) -> Any:
 
 
 def _lines() -> list[str]:
-    if not RESULTS[1] or not RESULTS[2]:
+    if not RESULTS[1] or not RESULTS[AUTO]:
         return []
-    one, two = statistics.median(RESULTS[1]), statistics.median(RESULTS[2])
+    one, auto = statistics.median(RESULTS[1]), statistics.median(RESULTS[AUTO])
     spread = {w: f"{min(r):,.0f}-{max(r):,.0f}" for w, r in RESULTS.items()}
     return ["", f"lpd-relay intake workers ({JOBS} 1-KiB jobs, c=64, loadgen --processes 2, "
                 f"fsync always, dir://; median of {len(RESULTS[1])})",
             f"  workers=1: {one:,.0f} jobs/s ({spread[1]})",
-            f"  workers=2: {two:,.0f} jobs/s ({spread[2]})",
-            f"  ratio workers=2 / workers=1: {two / one:.2f}x"]
+            f"  workers=auto ({os.cpu_count()}): {auto:,.0f} jobs/s ({spread[AUTO]})",
+            f"  ratio workers=auto / workers=1: {auto / one:.2f}x"]
 
 
-def _run(tmp: Path, workers: int) -> float:
+def _run(tmp: Path, workers: int | str) -> float:
     out = tmp / "out"
     data = relay_config(tmp, server={"workers": workers, "fsync": "always",
                                      "max_connections_per_host": 2000},
@@ -71,9 +73,10 @@ def _run(tmp: Path, workers: int) -> float:
 
 
 # Rounds alternate which runs first; one test per run keeps each under the timeout.
-RUNS = [(r, w) for r in range(ROUNDS) for w in ((1, 2) if r % 2 == 0 else (2, 1))]
+RUNS = [(r, w) for r in range(ROUNDS) for w in ((1, AUTO) if r % 2 == 0 else (AUTO, 1))]
 
 
 @pytest.mark.parametrize(("round_", "workers"), RUNS, ids=[f"r{r}-w{w}" for r, w in RUNS])
-def test_intake_one_process_vs_two_workers(tmp_path: Path, round_: int, workers: int) -> None:
+def test_intake_one_process_vs_workers_auto(tmp_path: Path, round_: int,
+                                            workers: int | str) -> None:
     RESULTS[workers].append(_run(tmp_path, workers))

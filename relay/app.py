@@ -238,7 +238,8 @@ def _intake(config: Config, spool: Spool, router: QueueRouter, scheduler: Schedu
         alone = one_process_reason(config, spool)
         if not alone:
             return WorkerPool(config, spool=spool, router=router, delivery=delivery,
-                              metrics=metrics, registry=registry, privacy=context.privacy)
+                              metrics=metrics, registry=registry, make_room=make_room,
+                              privacy=context.privacy)
         log.event("info", "intake_in_one_process", workers=config.server.workers, reason=alone)
     return LpdServer(config.server, spool=spool, router=router, delivery=delivery,
                      metrics=metrics, make_room=make_room, privacy=context.privacy)
@@ -247,22 +248,12 @@ def _intake(config: Config, spool: Spool, router: QueueRouter, scheduler: Schedu
 def one_process_reason(config: Config, spool: Spool) -> str:
     """Why intake stays in this process although ``workers`` > 1 ("" = it need not).
 
-    The audit log's received/acknowledged records, retention's making room
-    before a 0x02 and the PostgreSQL spool's intake are done by the process
-    that holds the connection; the worker processes do not do them yet
-    (docs/architecture.md, "Processes").
+    The PostgreSQL spool's intake stays in the process that holds the
+    database pool (docs/architecture.md, "Processes").
     """
-    reasons = [name for name, on in (
-        ("[audit]", config.audit is not None),
-        ("[retention]", scheduler_keeps(config)),
-        ("[spool] backend = postgresql", type(spool) is not Spool)) if on]
-    return ", ".join(reasons) + " configured" if reasons else ""
-
-
-def scheduler_keeps(config: Config) -> bool:
-    """Whether any queue keeps delivered jobs ([retention] or a queue's own table)."""
-    return any(policy.enabled for policy in
-               [config.retention, *(q.retention for q in config.queues.values())])
+    if type(spool) is not Spool:
+        return "[spool] backend = postgresql configured"
+    return ""
 
 
 def _reload(reloader: Reloader, notifier: sdnotify.Notifier, info: DaemonInfo) -> None:

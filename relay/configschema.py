@@ -187,7 +187,7 @@ def to_fsync(value: object) -> bool:
 def to_workers(value: object) -> int:
     """``[server] workers``: a count, or "auto" for the number of cores (docs/architecture.md)."""
     if value == "auto":
-        return os.cpu_count() or 1
+        return min(os.cpu_count() or 1, 256)   # the key's bound
     if isinstance(value, str):
         raise ValueError(f'expected a whole number, 1 or more, or "auto", got {show(value)}')
     return to_count(value)

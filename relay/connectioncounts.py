@@ -5,8 +5,10 @@ one process (docs/architecture.md, "Processes").  Asking the main process
 at every accept would cost a round trip per connection, so the workers
 share a small table in memory instead (a ``memfd`` the main process creates
 and every worker maps): one row per worker, which only that worker writes,
-of ``SLOTS`` per-host counters (a host's slot is a CRC of its address) and
-one total.  A check reads the other rows: no lock, no message.  Two hosts
+of ``SLOTS`` per-host counters (a host's slot is a CRC of its address), one
+total, and the bytes the worker received into jobs (in 4 KiB units, modulo
+2**31), so each worker's free-space estimate counts every worker's bytes.
+A check reads the other rows: no lock, no message.  Two hosts
 sharing a slot make the count larger, never smaller, so a limit is never
 exceeded by it; workers admitting at the same instant can pass a limit by
 at most one connection each.  A single-process daemon uses ``NO_OTHERS``.
@@ -18,11 +20,13 @@ import mmap
 import os
 import zlib
 
-__all__ = ["NO_OTHERS", "NoOthers", "SharedCounts", "create_table"]
+__all__ = ["NO_OTHERS", "NoOthers", "Received", "SharedCounts", "create_table"]
 
 SLOTS = 1 << 14
-_ROW = SLOTS + 1          # the per-host slots, then the row's total
+_ROW = SLOTS + 2          # the per-host slots, the row's total, its bytes received
 _INT = 4
+_BLOCK = 12               # bytes received are kept in units of 1 << _BLOCK
+_WRAP = 1 << 31
 
 
 class NoOthers:
@@ -35,6 +39,13 @@ class NoOthers:
         return 0
 
     def others_total(self) -> int:
+        return 0
+
+    def received(self, total: int) -> None:
+        """This process has received ``total`` bytes into jobs, ever."""
+
+    def others_received(self) -> int:
+        """What the other workers received, ever, modulo ``_WRAP`` units (see ``Received``)."""
         return 0
 
 
@@ -78,7 +89,28 @@ class SharedCounts(NoOthers):
     def others_total(self) -> int:
         return self._sum(SLOTS)
 
+    def received(self, total: int) -> None:
+        self._cells[self._row + SLOTS + 1] = (total >> _BLOCK) % _WRAP
+
+    def others_received(self) -> int:
+        return self._sum(SLOTS + 1) % _WRAP
+
     def _sum(self, offset: int) -> int:
         cells = self._cells
         return sum(cells[r * _ROW + offset] for r in range(self._rows)
                    if r * _ROW != self._row)
+
+
+class Received:
+    """The other workers' bytes received, ever, as a growing count (their cells wrap)."""
+
+    def __init__(self, others: NoOthers) -> None:
+        self.others = others
+        self._last = others.others_received()
+        self.total = 0
+
+    def now(self) -> int:
+        seen = self.others.others_received()
+        self.total += ((seen - self._last) % _WRAP) << _BLOCK
+        self._last = seen
+        return self.total

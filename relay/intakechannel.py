@@ -8,7 +8,9 @@ once (one per connection waiting for its commit), matched by ``rid``.  The
 *call* socket (SOCK_SEQPACKET) is for the two things intake must learn
 without awaiting, because the connection code asks for them in plain
 function calls: a spool file for a data file too large to keep in memory
-(its descriptor comes back with SCM_RIGHTS), and "discard that job".  The
+(its descriptor comes back with SCM_RIGHTS), "discard that job", "may the
+catch-all take this name" and "make room" (retention expires kept jobs
+before a refusal for space).  The
 *metrics* socket (SOCK_SEQPACKET) lets the main process read a worker's
 metric values at the moment its registry is read (``MetricsClient``).
 Pickle is safe here: both ends are this program, started by itself.
@@ -33,8 +35,9 @@ from relay.config import Config
 from relay.errors import DiskFull, ProtocolError, SpoolError
 
 __all__ = ["Admit", "CallClient", "Channel", "Command", "Commit", "Control", "Counts",
-           "Discard", "Failure", "Init", "Log", "MetricsClient", "Open", "Ready", "Reload",
-           "Reply", "Stop", "call_pair", "raise_failure", "serve_metrics", "stream_pair"]
+           "Discard", "Failure", "Flush", "Flushed", "Init", "Log", "MakeRoom",
+           "MetricsClient", "Open", "Ready", "Reload", "Reply", "Settled", "Stop", "call_pair",
+           "raise_failure", "serve_metrics", "stream_pair"]
 
 _LENGTH = struct.Struct("!I")
 MAX_MESSAGE = 1 << 30          # a small job is <= 64 KiB plus its control file
@@ -71,8 +74,9 @@ class Commit:
     """Commit a job: ``files`` kept in memory (wire name, bytes), in arrival order.
 
     ``token`` names the job's main-side half when a data file of it went
-    straight to a spool file (``Open``); ``open_size`` is the size of such
-    a file still open on the main side (-1: none).
+    straight to a spool file (``Open``).  ``digests`` are the data files'
+    SHA-256s taken as the bytes passed, when an audit log is configured (the
+    main process writes the job's ``received`` record with them).
     """
 
     rid: int
@@ -85,6 +89,7 @@ class Commit:
     files: tuple[tuple[str, bytes], ...]
     promoted: bool
     hold: str
+    digests: dict[str, str] | None = None   # SHA-256 per data file, for the audit log
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,6 +100,23 @@ class Command:
     event: Any          # relay._core.Command (it pickles)
     host: str
     port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What the worker's connections made of committed jobs: ``accepted`` were
+    acknowledged in order (hand them to delivery), ``withdrawn`` were never
+    acknowledged because a commit before them in their session failed (remove)."""
+
+    accepted: tuple[str, ...]
+    withdrawn: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Flushed:
+    """Every job accepted before ``Flush(rid)`` came is in a ``Settled`` sent before this."""
+
+    rid: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +158,13 @@ class Admit:
 
 
 @dataclass(frozen=True, slots=True)
+class MakeRoom:
+    """Call: expire kept jobs until ``need`` bytes fit (retention); the value: whether they do."""
+
+    need: int
+
+
+@dataclass(frozen=True, slots=True)
 class Log:
     """Log lines the worker wrote, for the main process's log stream."""
 
@@ -158,6 +187,13 @@ class Reload:
     """A new configuration (SIGHUP) or new queue states (lpc): rebuild routing."""
 
     config: Config
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    """Send what is to settle now, then ``Flushed(rid)`` (before lpq & co. are answered)."""
+
+    rid: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +288,7 @@ class CallClient:
         sock.settimeout(timeout)
         self.sock = sock
 
-    def call(self, message: Open | Discard | Admit) -> tuple[Reply, list[int]]:
+    def call(self, message: Open | Discard | Admit | MakeRoom) -> tuple[Reply, list[int]]:
         """Send ``message`` and wait for the reply and its descriptors (OSError: main gone)."""
         self.sock.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
         data, fds, _, _ = pysocket.recv_fds(self.sock, MAX_CALL, 4)

@@ -46,6 +46,8 @@ from relay.intakechannel import (
     CallClient,
     Channel,
     Counts,
+    Flush,
+    Flushed,
     Init,
     Log,
     Ready,
@@ -111,11 +113,15 @@ class _LogToMain:
                 await self.channel.send(Log(lines))
 
 
-class _NoDelivery:
-    """The worker delivers nothing: the main process submits what it committed."""
+class _DeliveryInMain:
+    """The worker delivers nothing: a job its connection accepted is handed, by
+    ``Settled``, to the main process's scheduler (which committed it)."""
+
+    def __init__(self, spool: SpoolProxy) -> None:
+        self.spool = spool
 
     def submit(self, job: JobMeta) -> None:
-        pass
+        self.spool.accepted(job.id)
 
     def wake(self, queue: str, job_ids: object = ()) -> None:
         raise AssertionError("commands are answered by the main process")
@@ -164,8 +170,8 @@ class Worker:
         self.channel = channel
         self.catch_all_names = init.catch_all_names
         self.server = LpdServer(config.server, spool=cast(Spool, self.spool),
-                                router=self._router(config), delivery=_NoDelivery(),
-                                metrics=self.metrics)
+                                router=self._router(config), delivery=_DeliveryInMain(self.spool),
+                                metrics=self.metrics, make_room=self.spool.make_room)
         self.server.reuse_port = True
         self.server.context = dataclasses.replace(self.server.context, answer=self.spool.answer)
         self.config = config
@@ -211,6 +217,12 @@ class Worker:
                 self.reload(message.config)
             elif isinstance(message, Stop):
                 stopping.set()
+            elif isinstance(message, Flush) and self._nursery is not None:
+                self._nursery.start_soon(self._flushed, message.rid)
+
+    async def _flushed(self, rid: int) -> None:
+        await self.spool.send_settled()
+        await self.channel.send(Flushed(rid))
 
     async def run(self) -> None:
         stopping = trio.Event()
@@ -218,6 +230,7 @@ class Worker:
             self._nursery = nursery
             nursery.start_soon(self.read_channel, stopping)
             nursery.start_soon(_push_counts, self.channel, self.registry)
+            nursery.start_soon(self.spool.run_settled)
             if self.logs is not None:
                 nursery.start_soon(self.logs.run)
             nursery.start_soon(_watch_term, stopping)
@@ -226,6 +239,7 @@ class Worker:
             await stopping.wait()
             self.server.stop_accepting()
             await self.server.closed.wait()
+            await self.spool.send_settled()
             await self.channel.send(Counts(metric_values(self.registry)))  # the last values
             if self.logs is not None and self.logs.lines:
                 await self.channel.send(Log(tuple(self.logs.lines)))
@@ -262,6 +276,7 @@ async def _main(stream_fd: int, call_fd: int, metrics_fd: int, table_fd: int) ->
     worker = Worker(init, channel, calls)
     worker.logs = logs
     worker.server.others = SharedCounts(table_fd, init.index)
+    worker.spool.share(worker.server.others)
     registry = worker.registry
     threading.Thread(target=serve_metrics, daemon=True, name="metrics",
                      args=(pysocket.socket(fileno=metrics_fd),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import math
+import os
 import socket as pysocket
 from collections import Counter
 from collections.abc import Callable, Container
@@ -49,6 +50,10 @@ ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 REFUSAL_SLOTS = 64
 REFUSAL_SECONDS = 1.0
 BUSY = bytes([REPLY_RETRY_LATER]) + b"lpd-relay: server busy (max_connections), retry later\n"
+NOFILE = bytes([REPLY_RETRY_LATER]) + b"lpd-relay: out of file descriptors, retry later\n"
+# Out of descriptors this long without a successful accept: the waiting client is
+# accepted with the spare descriptor and refused (a brief shortage just waits).
+NOFILE_GRACE = 0.5
 
 
 def open_new_listeners(listen: tuple[Listen, ...], held: Container[Listen], *,
@@ -129,12 +134,15 @@ class LpdServer:
         self.closed = trio.Event()
         self.reuse_port = False    # an intake worker: SO_REUSEPORT beside its siblings
         self.others: NoOthers = NO_OTHERS  # connections the sibling workers hold
+        self._reserve = -1   # a spare descriptor: out of them, it accepts a client to refuse
+        self._nofile_since = math.inf   # since when accept() has found no descriptor
 
     async def serve(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]]
                     = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until stop_accepting(); then let connections finish for graceful_timeout."""
         self._seed_catch_all()
         opened = self.open_listeners(self.config.listen)
+        self._reserve = _spare_descriptor()
         try:   # TLS listeners stay as started: listen_tls changes need a restart
             tls_listeners = [open_listener(listen, key=f"server.listen_tls[{i}]",
                                            reuse_port=self.reuse_port)
@@ -159,6 +167,9 @@ class LpdServer:
                     trio.current_time() + self.config.graceful_timeout)
         finally:
             self._close_listeners()
+            if self._reserve >= 0:
+                os.close(self._reserve)
+                self._reserve = -1
             self.closed.set()
 
     # -- reload: listeners opened and closed, new connections get a new context --
@@ -229,10 +240,12 @@ class LpdServer:
         while True:
             try:
                 sock, addr = await lsock.accept()
+                self._nofile_since = math.inf
             except OSError as exc:
                 if exc.errno in ACCEPT_RETRY_ERRNOS:   # out of descriptors: never an exit
-                    log.event("error", "accept_failed", error=str(exc))
-                    await trio.sleep(0.1)
+                    if not await self._refuse_unaccepted(lsock, nursery, exc):
+                        log.event("error", "accept_failed", error=str(exc))
+                        await trio.sleep(0.1)
                     continue
                 if exc.errno == errno.EBADF:  # listener closed by shutdown
                     return
@@ -254,6 +267,35 @@ class LpdServer:
                 nursery.start_soon(self._busy, sock, addr)
                 continue
             nursery.start_soon(self._connection, sock, addr, tls)
+
+    async def _refuse_unaccepted(self, lsock: trio.socket.SocketType, nursery: trio.Nursery,
+                                 exc: OSError) -> bool:
+        """Out of descriptors: the spare one takes the waiting client, told 0x02 and why
+        (as a connection whose spool file cannot be opened); False: none spare now."""
+        now = trio.current_time()
+        self._nofile_since = min(self._nofile_since, now)
+        if (self._reserve < 0 or exc.errno not in (errno.EMFILE, errno.ENFILE)
+                or now - self._nofile_since < NOFILE_GRACE):
+            return False
+        os.close(self._reserve)
+        self._reserve = -1
+        with trio.move_on_after(0.1):   # it is waiting: accept() returns at once
+            sock, addr = await lsock.accept()
+            nursery.start_soon(self._out_of_descriptors, sock, addr, str(exc))
+            return True
+        self._reserve = _spare_descriptor()
+        return False
+
+    async def _out_of_descriptors(self, sock: trio.socket.SocketType, addr: tuple[str, int],
+                                  error: str) -> None:
+        try:
+            with sock:
+                self.metrics.jobs_rejected_total.labels(reason="spool_error").inc()
+                log.event("warning", "job_refused", peer=f"{addr[0]}:{addr[1]}", queue="",
+                          reason="spool_error", error=error, partial=False)
+                await _refuse(sock, NOFILE, seconds=REFUSAL_SECONDS)
+        finally:
+            self._reserve = _spare_descriptor()
 
     def _over_total(self) -> bool:
         """Beyond max_connections counting the sibling workers' (always False alone)."""
@@ -341,6 +383,14 @@ class LpdServer:
                       error="too many connections from this host")
             return False, bytes([REPLY_RETRY_LATER]) + b"lpd-relay: too many connections\n"
         return True, b""
+
+
+def _spare_descriptor() -> int:
+    """A descriptor held in reserve (-1 when even that one is not to be had)."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
 
 
 async def _refuse(sock: trio.socket.SocketType, message: bytes, seconds: float = 1.0,

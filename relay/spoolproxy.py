@@ -15,9 +15,10 @@ SCM_RIGHTS) and the rest is written straight there.  ``open_data`` and
 from __future__ import annotations
 
 import builtins
+import hashlib
 import itertools
 import os
-import time
+from collections import Counter
 from collections.abc import Mapping
 from typing import cast
 
@@ -25,7 +26,8 @@ import trio
 
 from relay import _core
 from relay.config import Config
-from relay.errors import DiskFull, SpoolError
+from relay.connectioncounts import NO_OTHERS, NoOthers, Received
+from relay.errors import SpoolError
 from relay.groupcommit import disk_error, start_writeback, write_all
 from relay.intakechannel import (
     Admit,
@@ -35,25 +37,27 @@ from relay.intakechannel import (
     Commit,
     Control,
     Discard,
+    MakeRoom,
     Open,
     Reply,
+    Settled,
     raise_failure,
 )
 from relay.jobevents import NO_EVENTS, JobEvents
 from relay.spool import JobMeta
+from relay.spoolspace import FreeSpace
 
 __all__ = ["IN_MEMORY_MAX", "IncomingProxy", "SpoolProxy"]
 
 # Data kept in memory per job before a data file goes to a spool file of its own.
 IN_MEMORY_MAX = 64 * 1024
 WRITEBACK_CHUNK = 8 << 20      # as relay.spooljob: start writeback every 8 MiB under fsync
-FREE_SPACE_TTL = 0.5           # as relay.spool: a free-space reading is good this long
 
 
 class _MemoryFile:
     """A data file held in memory until it outgrows ``IN_MEMORY_MAX`` (then: a spool file)."""
 
-    __slots__ = ("_fd", "_job", "_mark", "_size", "buf", "name", "promoted")
+    __slots__ = ("_fd", "_job", "_mark", "_sha", "_size", "buf", "name", "promoted")
 
     def __init__(self, job: IncomingProxy, name: str) -> None:
         self._job, self.name = job, name
@@ -62,6 +66,8 @@ class _MemoryFile:
         self._size = 0
         self._mark = 0
         self.promoted = False   # in a spool file of the main process's, not in memory
+        # The audit log's SHA-256, taken as the bytes pass (as relay.spooljob.DataWriter).
+        self._sha = hashlib.sha256() if job.digests is not None else None
 
     def fileno(self) -> int:
         return -1     # the connection writes through write()
@@ -71,12 +77,17 @@ class _MemoryFile:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         n = len(data)
+        if self._sha is not None:
+            self._sha.update(data)
         if self._fd < 0:
-            if self._job.in_memory + n <= IN_MEMORY_MAX:
+            # Promoting takes the job's id now: not before the job before it in its
+            # session has sent its Commit (ids go in the order jobs were acked).
+            if self._job.in_memory + n <= IN_MEMORY_MAX or not self._job.after.is_set():
                 self.buf += data
                 self._job.in_memory += n
                 self._size += n
                 self._job.bytes += n
+                self._job.spool.add_written(n)
                 return
             self._fd = self._job.promote(self)
             self.promoted = True
@@ -86,6 +97,7 @@ class _MemoryFile:
         self._write(data)
         self._size += n
         self._job.bytes += n
+        self._job.spool.add_written(n)
 
     def _write(self, data: bytes | bytearray | memoryview) -> None:
         try:
@@ -99,12 +111,18 @@ class _MemoryFile:
     def close(self) -> int:
         self.abandon()
         self._job.closed(self)
+        if self._sha is not None and self._job.digests is not None:
+            self._job.digests[self.name] = self._sha.hexdigest()
         return self._size
 
     def abandon(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -2
+
+
+_SET = trio.Event()
+_SET.set()
 
 
 class IncomingProxy:
@@ -118,12 +136,14 @@ class IncomingProxy:
         self.bytes = 0
         self.in_memory = 0
         self.tls_peer = ""
-        self.digests: dict[str, str] | None = None   # the audit log's: not taken in a worker
+        self.digests: dict[str, str] | None = None   # a dict: hash data files (the audit log)
         self.control: Control | None = None
         self.files: dict[str, bytes] = {}      # wire name -> in-memory body, arrival order
         self.promoted = False                  # the main process holds a part of it
         self._open: _MemoryFile | None = None
         self.gone = False
+        self.after = _SET          # set once the session's previous job sent its Commit
+        self.sent = trio.Event()   # set once this job sent its Commit (or was discarded)
 
     @property
     def id(self) -> str:
@@ -160,6 +180,7 @@ class IncomingProxy:
             self.files[file.name] = bytes(file.buf)
 
     def discard(self) -> None:
+        self.spool.sent(self)
         if self.gone:
             return
         self.gone = True
@@ -175,11 +196,30 @@ class IncomingProxy:
             raise SpoolError(f"job {self.token}: data file {self._open.name!r} still open")
         return Commit(rid=rid, token=self.token, queue=self.queue, wire_queue=self.wire_queue,
                       peer=self.peer, tls_peer=self.tls_peer, control=self.control,
-                      files=tuple(self.files.items()), promoted=self.promoted, hold=hold)
+                      files=tuple(self.files.items()), promoted=self.promoted, hold=hold,
+                      digests=self.digests)
 
 
-class SpoolProxy:
-    """What intake needs of the spool, answered by the main process (module docstring)."""
+class _RecordedInMain:
+    """A worker's events: recorded by the main process as it commits the job (``Commit``)."""
+
+    def record(self, event: str, meta: JobMeta | None = None, **fields: object) -> None:
+        return None
+
+    async def durable(self) -> None:
+        return None
+
+
+RECORDED_IN_MAIN: JobEvents = _RecordedInMain()
+
+
+class SpoolProxy(FreeSpace):
+    """What intake needs of the spool, answered by the main process (module docstring).
+
+    ``check_space`` is the spool's own (``relay.spoolspace``): a reading of
+    the spool's file system less what this worker received since, a refusal
+    always on a fresh reading.
+    """
 
     def __init__(self, config: Config, channel: Channel, calls: CallClient) -> None:
         self.directory = os.fspath(config.server.spool_dir)
@@ -189,35 +229,65 @@ class SpoolProxy:
         self._tokens = itertools.count(1)
         self._rids = itertools.count(1)
         self._waiting: dict[int, tuple[trio.Event, list[Reply]]] = {}
-        self._reading: tuple[int, float] | None = None
+        self._reading: tuple[int, float, int] | None = None
+        self.own_written = 0        # bytes this worker received into jobs, ever
+        self.shared: NoOthers = NO_OTHERS          # the workers' table (connectioncounts)
+        self._others = Received(NO_OTHERS)
+        self._last: dict[str, IncomingProxy] = {}   # peer -> its session's latest job
+        self._accepted: list[str] = []    # committed jobs acked in order, for Settled
+        self._withdrawn: list[str] = []   # committed jobs a failed session never acked
+        self._settle = trio.Event()
+        self._stats: Counter[str] = Counter()
         self.catch_all_names: tuple[str, ...] = ()
-        # Intake in a worker records no events: the main process does, for the
-        # jobs it stores (and intake stays there when an audit log is configured).
-        self.events: JobEvents = NO_EVENTS
+        # The main process records a worker's job events (received, acknowledged,
+        # held) with the job's commit, durably before it replies; here only the
+        # connection's cue that the audit log wants the data files' SHA-256s.
+        self.events: JobEvents = RECORDED_IN_MAIN if config.audit is not None else NO_EVENTS
 
-    # -- space, as relay.spool.Spool.check_space: a refusal is based on a fresh reading --
+    @property
+    def written(self) -> int:   # type: ignore[override]
+        """Bytes every worker received into jobs since this one started (FreeSpace's)."""
+        return self.own_written + self._others.now()
 
-    def check_space(self, need: int = 0) -> None:
-        now = time.monotonic()
-        if self._reading is None or now - self._reading[1] > FREE_SPACE_TTL:
-            self._reading = (self._free(), now)
-        free = self._reading[0]
-        if free <= 0 or free - need < self.min_free_disk:
-            self._reading = (free := self._free(), now)
-            if free <= 0 or free - need < self.min_free_disk:
-                raise DiskFull(f"spool {self.directory}: free space below min_free_disk")
+    def share(self, table: NoOthers) -> None:
+        """Publish this worker's bytes in ``table`` and count the others'."""
+        self.shared, self._others = table, Received(table)
 
-    def _free(self) -> int:
-        st = os.statvfs(self.directory)
-        return st.f_bavail * st.f_frsize
+    def add_written(self, n: int) -> None:
+        self.own_written += n
+        self.shared.received(self.own_written)
+
+    def make_room(self, need: int = 0) -> bool:
+        """Retention in the main process expires kept jobs until ``need`` fits (docs/spool.md).
+
+        ``Connection`` asks this when ``check_space`` refused; False: nothing
+        kept could make room (the job is refused with 0x02).
+        """
+        try:
+            reply, _ = self.calls.call(MakeRoom(need))
+        except OSError:
+            return False
+        self._reading = None   # the next check reads the space afresh
+        return bool(reply.value)
 
     def jobs(self, queue: str | None = None) -> list[JobMeta]:
         return []   # only the catch-all seeding asks; Init brings those names
 
     def begin(self, *, queue: str, wire_queue: str, peer: str) -> IncomingProxy:
         self.check_space()
-        return IncomingProxy(self, f"{os.getpid()}-{next(self._tokens)}", queue=queue,
-                             wire_queue=wire_queue, peer=peer)
+        job = IncomingProxy(self, f"{os.getpid()}-{next(self._tokens)}", queue=queue,
+                            wire_queue=wire_queue, peer=peer)
+        # A session's jobs commit in tasks of their own (relay.ackqueue), whose
+        # order trio does not keep: each Commit waits for the one before it.
+        if (last := self._last.get(peer)) is not None:
+            job.after = last.sent
+        self._last[peer] = job
+        return job
+
+    def sent(self, job: IncomingProxy) -> None:
+        job.sent.set()
+        if self._last.get(job.peer) is job:
+            del self._last[job.peer]
 
     def call(self, message: Open | Discard | Admit) -> list[int]:
         """A call to the main process; its descriptors, or the error it sent raised."""
@@ -239,10 +309,13 @@ class SpoolProxy:
         return fds[0]
 
     async def commit(self, job: IncomingProxy, *, hold: str = "") -> JobMeta:
-        rid = next(self._rids)
-        message = job.commit_message(rid, hold)
-        job.gone = True    # from here the main process owns the job (it discards on failure)
-        value = await self.request(message)
+        try:
+            await job.after.wait()
+            message = job.commit_message(next(self._rids), hold)
+            job.gone = True    # from here the main process owns the job (it discards on failure)
+            value = await self.request(message, job)
+        finally:
+            self.sent(job)
         assert isinstance(value, JobMeta)
         return value
 
@@ -253,11 +326,41 @@ class SpoolProxy:
         assert isinstance(value, bytes)
         return value
 
-    async def request(self, message: Commit | Command) -> object:
+    # -- committed jobs: delivery is the main process's once a connection accepted them --
+
+    def accepted(self, job_id: str) -> None:
+        """A committed job was acknowledged in its session's order: it may be delivered."""
+        self._accepted.append(job_id)
+        self._settle.set()
+
+    def remove(self, job_id: str) -> None:
+        """A committed job its session never acknowledged (``relay.ackqueue``): it goes."""
+        self._withdrawn.append(job_id)
+        self._settle.set()
+
+    async def send_settled(self) -> None:
+        """Tell the main process what became of committed jobs (in the stream's order)."""
+        if self._accepted or self._withdrawn:
+            message = Settled(tuple(self._accepted), tuple(self._withdrawn))
+            self._accepted, self._withdrawn = [], []
+            await self.channel.send(message)
+
+    async def run_settled(self) -> None:
+        """Send ``Settled`` as jobs are accepted, a batch per wake-up."""
+        while True:
+            await self._settle.wait()
+            self._settle = trio.Event()
+            await self.send_settled()
+
+    async def request(self, message: Commit | Command,
+                      job: IncomingProxy | None = None) -> object:
         event, box = trio.Event(), cast(list[Reply], [])
         self._waiting[message.rid] = (event, box)
         try:
+            await self.send_settled()   # an lpq after an ack here sees that job queued
             await self.channel.send(message)
+            if job is not None:
+                self.sent(job)
             await event.wait()
         finally:
             self._waiting.pop(message.rid, None)

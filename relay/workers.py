@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import signal
+from collections.abc import Callable
 
 import trio
 from prometheus_client import CollectorRegistry
@@ -32,7 +34,7 @@ from relay.buffers import BufferPool
 from relay.config import CATCH_ALL, Config, Listen, ServerConfig
 from relay.connectioncounts import clear_row, create_table
 from relay.context import ConnectionContext, Delivery
-from relay.errors import LpdError, ProtocolError, SpoolError
+from relay.errors import ProtocolError, SpoolError
 from relay.forkserver import fork_worker
 from relay.intakechannel import (
     Admit,
@@ -42,13 +44,17 @@ from relay.intakechannel import (
     Counts,
     Discard,
     Failure,
+    Flush,
+    Flushed,
     Init,
     Log,
+    MakeRoom,
     MetricsClient,
     Open,
     Ready,
     Reload,
     Reply,
+    Settled,
     Stop,
     answer_call,
     call_pair,
@@ -59,25 +65,19 @@ from relay.metrics import Metrics
 from relay.privacy import KEEP, Redactor
 from relay.queues import QueueRouter, hot_folder_names
 from relay.server import open_listener, open_new_listeners
-from relay.spool import DataWriter, IncomingJob, JobMeta, Spool
+from relay.spool import IncomingJob, Spool
 from relay.tls import InboundTls
+from relay.workerjobs import Handover, WorkerJobs
 from relay.workermetrics import Key, WorkerCounts
 
 __all__ = ["WorkerPool"]
 
 START_TIMEOUT = 30.0      # a worker must be listening this soon after it is started
 RESTART_DELAY = 0.5       # between a worker's death and its replacement
+FLUSH_TIMEOUT = 1.0       # a command waits this long at most for the workers' Flushed
 # The worker's own job_received lines: the main process logs the event itself.
 _WORKER_JOB_RECEIVED = ('"event":"job_received"', " job_received ")
 
-
-
-@dataclasses.dataclass(slots=True)
-class _Partial:
-    """A job a worker streams into a spool file: its main-side half."""
-
-    incoming: IncomingJob
-    writer: DataWriter | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -88,7 +88,7 @@ class _Handle:
     ready: trio.Event = dataclasses.field(default_factory=trio.Event)
     channel: Channel | None = None
     pid: int = 0
-    partials: dict[str, _Partial] = dataclasses.field(default_factory=dict)
+    jobs: WorkerJobs | None = None     # its jobs' main-side half
     values: dict[Key, float] = dataclasses.field(default_factory=dict)   # as last applied
     metrics: MetricsClient | None = None
 
@@ -98,10 +98,12 @@ class WorkerPool:
 
     def __init__(self, config: Config, *, spool: Spool, router: QueueRouter,
                  delivery: Delivery, metrics: Metrics, registry: CollectorRegistry,
+                 make_room: Callable[[int], bool] | None = None,
                  privacy: Redactor = KEEP) -> None:
         self.full_config = config
         self.config = config.server
         self.spool, self.router, self.metrics, self.delivery = spool, router, metrics, delivery
+        self.make_room = make_room   # retention's: a worker asks before refusing for space
         self.context = ConnectionContext(config=config.server, spool=spool, router=router,
                                          delivery=delivery, metrics=metrics,
                                          buffers=BufferPool(), privacy=privacy)
@@ -113,6 +115,9 @@ class WorkerPool:
         self.reload_tls(config.server)   # a bad certificate stops the start here (ConfigError)
         self.counts = WorkerCounts(metrics, registry, self.pull)
         self._stopping = trio.Event()
+        self._handover = Handover(spool, delivery)   # jobs to delivery in id order
+        self._flushes: dict[int, trio.Event] = {}
+        self._flush_ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
         self.closed = trio.Event()
 
@@ -243,6 +248,7 @@ class WorkerPool:
             calls_child.close()
             pulls_child.close()
         handle.metrics = MetricsClient(pulls)
+        handle.jobs = WorkerJobs(self.spool, self._handover, self.metrics)
         log.event("info", "worker_started", worker=handle.index, pid=handle.pid)
         handle.channel = Channel(trio.socket.from_stdlib_socket(stream))
         call_sock = trio.socket.from_stdlib_socket(calls)
@@ -266,22 +272,26 @@ class WorkerPool:
     def _forget(self, handle: _Handle) -> None:
         """A worker is gone: its partial jobs go, its connections no longer count."""
         self._handles.pop(handle.index, None)
-        for part in handle.partials.values():
-            _discard(part)
-        handle.partials.clear()
+        if handle.jobs is not None:
+            handle.jobs.forget()
         self.counts.forget(handle.values)
 
     # -- the channel -------------------------------------------------------------------
 
     async def _read_stream(self, handle: _Handle, nursery: trio.Nursery) -> None:
-        assert handle.channel is not None
+        assert handle.channel is not None and handle.jobs is not None
         while True:
             try:
                 message = await handle.channel.receive()
             except (EOFError, OSError):
                 return
-            if isinstance(message, Commit):
-                nursery.start_soon(self._commit, handle, message)
+            if isinstance(message, Commit):   # prepared here: ids in the order they came
+                nursery.start_soon(self._commit, handle, message, handle.jobs.prepare(message))
+            elif isinstance(message, Settled):
+                handle.jobs.settle(message)
+            elif isinstance(message, Flushed):
+                if (flushed := self._flushes.get(message.rid)) is not None:
+                    flushed.set()
             elif isinstance(message, Command):
                 nursery.start_soon(self._command, handle, message)
             elif isinstance(message, Counts):
@@ -300,109 +310,44 @@ class WorkerPool:
             except (EOFError, OSError):
                 return
             if isinstance(message, Open):
-                reply, fds = self._open(handle, message)
+                assert handle.jobs is not None
+                reply, fds = handle.jobs.open(message)
                 try:
                     await answer_call(sock, reply, fds)
                 except OSError:
                     return
-            elif isinstance(message, Discard | Admit):
+            elif isinstance(message, Discard | Admit | MakeRoom):
                 try:
                     await answer_call(sock, self._small_call(handle, message), [])
                 except OSError:
                     return
 
-    def _small_call(self, handle: _Handle, message: Discard | Admit) -> Reply:
+    def _small_call(self, handle: _Handle, message: Discard | Admit | MakeRoom) -> Reply:
         if isinstance(message, Discard):
-            if (part := handle.partials.pop(message.token, None)) is not None:
-                _discard(part)
+            assert handle.jobs is not None
+            handle.jobs.discard(message.token)
             return Reply(0)
+        if isinstance(message, MakeRoom):
+            return Reply(0, value=self.make_room is not None and self.make_room(message.need))
         try:   # the catch-all's bound counts the names of every worker (here)
             self.router.route(message.queue, new_job=True)
         except ProtocolError as exc:
             return Reply(0, failure=Failure.of(exc))
         return Reply(0)
 
-    def _open(self, handle: _Handle, message: Open) -> tuple[Reply, list[int]]:
-        """A spool file for a worker's large data file: its descriptor goes back."""
-        part = handle.partials.get(message.token)
-        try:
-            if part is None:
-                incoming = self._begin(message.queue, message.wire_queue, message.peer,
-                                       message.tls_peer)
-                part = handle.partials[message.token] = _Partial(incoming)
-            if part.writer is not None:   # the job's previous large file is complete
-                part.writer.close()
-                part.writer = None
-            part.writer = part.incoming.open_data(message.name)
-            if part.writer.fileno() < 0:    # held for a segment record: a large job has files
-                part.incoming.spill()
-            if part.writer.fileno() < 0:
-                raise SpoolError("the spool gave no file to stream into")
-        except (LpdError, OSError) as exc:
-            if part is not None:
-                handle.partials.pop(message.token, None)
-                _discard(part)
-            return Reply(0, failure=Failure.of(_spool_error(exc))), []
-        return Reply(0, value=part.incoming.id), [part.writer.fileno()]
-
-    def _begin(self, queue: str, wire_queue: str, peer: str, tls_peer: str) -> IncomingJob:
-        incoming = self.spool.begin(queue=queue, wire_queue=wire_queue, peer=peer)
-        if tls_peer:
-            incoming.set_tls_peer(tls_peer)
-        return incoming
-
-    async def _commit(self, handle: _Handle, message: Commit) -> None:
-        """Store a worker's job; reply once it is durable (the worker acks then)."""
-        assert handle.channel is not None
-        incoming: IncomingJob | None = None
-        try:
-            part = handle.partials.pop(message.token, None) if message.promoted else None
-            if message.promoted and part is None:
-                raise SpoolError(f"job {message.token}: its spool file is gone")
-            if part is not None:
-                incoming = part.incoming
-                if part.writer is not None:
-                    part.writer.close()
-            else:
-                incoming = self._begin(message.queue, message.wire_queue, message.peer,
-                                       message.tls_peer)
-            for name, data in message.files:
-                writer = incoming.open_data(name)
-                writer.write(data)
-                writer.close()
-            if (c := message.control) is not None:
-                incoming.set_control(c.name, c.raw, number=c.number, user=c.user,
-                                     host=c.host, title=c.title, job_name=c.job_name,
-                                     formats=c.formats)
-            meta = await self.spool.commit(incoming, hold=message.hold)
-        except (LpdError, OSError) as exc:
-            if incoming is not None:
-                _discard(_Partial(incoming))
-            reply = Reply(message.rid, failure=Failure.of(_spool_error(exc)))
-        else:
-            self._received(meta, message.peer, bool(message.hold))
-            reply = Reply(message.rid, value=meta)
+    async def _commit(self, handle: _Handle, message: Commit,
+                      incoming: IncomingJob | Exception) -> None:
+        assert handle.channel is not None and handle.jobs is not None
+        reply = await handle.jobs.commit(message, incoming)
         # A worker that died meanwhile: the job is stored, its sender was not
         # told, and may send it again (at-least-once, SPEC §4.4).
         with contextlib.suppress(OSError):
             await handle.channel.send(reply)
 
-    def _received(self, meta: JobMeta, peer: str, held: bool) -> None:
-        # Logged here, before the worker acks: as a one-process daemon does.
-        if not held:
-            log.event("debug", "job_received", job=meta.id, queue=meta.queue, peer=peer,
-                      user=meta.user, bytes=meta.total_bytes, files=len(meta.files),
-                      **({"tls_peer": meta.tls_peer} if meta.tls_peer else {}))
-        m = self.metrics
-        label = m.queue_label(meta.queue)
-        m.jobs_received_total.labels(queue=label).inc()
-        m.bytes_received_total.labels(queue=label).inc(meta.total_bytes)
-        log.count("received")
-        self.delivery.submit(meta)
-
     async def _command(self, handle: _Handle, message: Command) -> None:
         """0x01, 0x03-0x06 for a worker's client, answered with the whole daemon's state."""
         assert handle.channel is not None
+        await self._flush()
         try:
             reply = Reply(message.rid, value=commands.answer(self.context, message.event,
                                                              message.host, message.port))
@@ -412,6 +357,23 @@ class WorkerPool:
             await self._broadcast(Reload(self._worker_config()))
         with contextlib.suppress(OSError):
             await handle.channel.send(reply)
+
+    async def _flush(self) -> None:
+        """Every job a worker's connection accepted (and acked) is handed to delivery
+        first: an lpq sent after an ack on any worker lists that job."""
+        waits = []
+        for handle in list(self._handles.values()):
+            rid, event = next(self._flush_ids), trio.Event()
+            if handle.channel is not None:
+                self._flushes[rid] = event
+                waits.append(rid)
+                with contextlib.suppress(OSError):
+                    await handle.channel.send(Flush(rid))
+        with trio.move_on_after(FLUSH_TIMEOUT):
+            for rid in waits:
+                await self._flushes[rid].wait()
+        for rid in waits:
+            del self._flushes[rid]
 
     def pull(self) -> None:
         """Read every worker's values now (any thread; a silent worker keeps its last)."""
@@ -440,15 +402,3 @@ def _exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def _spool_error(exc: Exception) -> Exception:
-    return exc if isinstance(exc, LpdError) else SpoolError(str(exc))
-
-
-def _discard(part: _Partial) -> None:
-    try:
-        part.incoming.discard()
-    except OSError as exc:   # a spool gone read-only: the next start sweeps it
-        log.event("error", "discard_failed", job=part.incoming.id, error=str(exc))
-

@@ -52,9 +52,10 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=60, check=False)
 
 
-def mixed_config(tmp_path: Path) -> Path:
+def mixed_config(tmp_path: Path, workers: int = 1) -> Path:
     down = f"lpd://127.0.0.1:{closed_port()}/x?reserve=none&timeout=2s"
-    data = relay_config(tmp_path, metrics={"listen": ""}, audit={"rotate_keep": 10},
+    data = relay_config(tmp_path, server={"workers": workers}, metrics={"listen": ""},
+                        audit={"rotate_keep": 10},
                         retry={"initial": "1h", "max": "1h"},
                         queues={"q": {"destinations": [f"dir://{tmp_path / 'out'}"],
                                       "retention": {"keep": "8s"}},
@@ -63,8 +64,11 @@ def mixed_config(tmp_path: Path) -> Path:
     return write_config_file(tmp_path / "relay.toml", data)
 
 
-def test_a_mixed_run_leaves_a_whole_chain_of_every_event(tmp_path: Path) -> None:
-    cfg = mixed_config(tmp_path)
+# workers = 2: the main process writes the worker's received/acknowledged records
+# (with the SHA-256s the worker took) before the worker sends the final ack.
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_mixed_run_leaves_a_whole_chain_of_every_event(tmp_path: Path, workers: int) -> None:
+    cfg = mixed_config(tmp_path, workers)
     data = b"%PDF-1.4 patient chart\n" * 40
     with RelayProcess(cfg) as relay:
         assert send_job(relay.port, Job(queue="q", number="101", files=[data])) == [0] * 5
@@ -124,9 +128,11 @@ _KEYS = ("seq", "ts", "event", "job", "queue", "wire_queue", "job_number", "user
          "config_sha256", "prev", "hash")
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_kill_9_leaves_a_verifiable_chain_holding_every_acknowledged_job(
-        tmp_path: Path) -> None:
-    data = relay_config(tmp_path, metrics={"listen": ""}, audit={"rotate_keep": 10},
+        tmp_path: Path, workers: int) -> None:
+    data = relay_config(tmp_path, server={"workers": workers}, metrics={"listen": ""},
+                        audit={"rotate_keep": 10},
                         queues={"q": {"destinations": [f"dir://{tmp_path / 'out'}"]}})
     cfg = write_config_file(tmp_path / "relay.toml", data)
     acked: list[str] = []

@@ -82,14 +82,18 @@ def test_more_data_files_than_the_limit_is_refused_at_that_header(tmp_path: Path
     assert [e["reason"] for e in refusal_events(log)] == ["too_large"]
 
 
-def test_out_of_file_descriptors_refuses_that_job_and_keeps_serving(tmp_path: Path) -> None:
+# workers = 2: a worker's connections hold no data file (a small job waits in
+# memory); out of descriptors it accepts the next client with its spare one to refuse it.
+@pytest.mark.parametrize("workers", [1, 2])
+def test_out_of_file_descriptors_refuses_that_job_and_keeps_serving(tmp_path: Path,
+                                                                    workers: int) -> None:
     """A tiny RLIMIT_NOFILE; connections each holding an open data file exhaust it."""
     if shutil.which("prlimit") is None:
         pytest.skip("needs prlimit (util-linux)")
     log = tmp_path / "relay.log"
     # Jobs with files of their own: a small job's data waits in memory, no descriptor.
     cfg = fault_config(tmp_path, max_connections=500, max_connections_per_host=500,
-                       segment_threshold=0)
+                       segment_threshold=0, workers=workers)
     wrapper = ("prlimit", "--nofile=64:64", *log_wrapper(log))
     with RelayProcess(cfg, wrapper=wrapper) as relay:
         spare = Wire(relay.port)          # holds one descriptor, and no data file

@@ -213,11 +213,13 @@ def test_spool_and_kept_files_are_no_wider_than_0640_and_owned_by_the_daemon(
 
 
 @pytest.mark.root
+# workers = 2: a worker whose free-space check fails asks the main process to make room.
+@pytest.mark.parametrize("workers", [1, 2])
 def test_kept_jobs_expire_oldest_first_before_a_new_job_is_refused_for_space(
-        tmp_path: Path) -> None:
+        tmp_path: Path, workers: int) -> None:
     fs = PrivateTmpfs(tmp_path / "spool", "4m")
     try:
-        data = relay_config(tmp_path, server={"min_free_disk": "2MiB"},
+        data = relay_config(tmp_path, server={"min_free_disk": "2MiB", "workers": workers},
                             metrics={"listen": ""}, retention={"keep": "1h"},
                             queues={"q": {"destinations": [f"dir://{tmp_path / 'out'}"]}})
         relay = LoggedRelay(write_config_file(tmp_path / "relay.toml", data),

@@ -9,20 +9,26 @@ workers and a restart delivers every acknowledged job.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
+import socket
 import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
 
+from relay.app import one_process_reason
+from relay.config import config_from_dict
+from relay.spool import Spool
 from tests.daemon import relay_config, write_config_file
 from tests.lpdwire import Job, Wire, send_job
 from tests.relayproc import LoggedRelay, wait_until
+from tests.test_tls import job_stream
 
 DOWN = "socket://127.0.0.1:1"
 SLOW_RETRY = {"initial": "1h", "max": "1h", "give_up_after": "24h"}
@@ -247,16 +253,49 @@ def test_workers_1_is_one_process(tmp_path: Path, workers: int) -> None:
 
 
 @pytest.mark.parametrize("section", ["audit", "retention"])
-def test_intake_stays_in_one_process_where_workers_do_not_cover_it(
-        tmp_path: Path, section: str) -> None:
+def test_audit_and_retention_run_in_the_workers(tmp_path: Path, section: str) -> None:
     extra: dict[str, Any] = {"audit": {"rotate_keep": 2}} if section == "audit" else \
         {"retention": {"keep": "1h"}}
     data = relay_config(tmp_path, server={"workers": 2}, **extra)
     relay = LoggedRelay(write_config_file(tmp_path / "relay.toml", data)).start()
     try:
-        assert _workers(relay) == {}
-        [why] = relay.events("intake_in_one_process")
-        assert f"[{section}]" in why["reason"] and why["workers"] == 2
+        assert len(_workers(relay)) == 2
+        assert relay.events("intake_in_one_process") == []
         assert all(r == 0 for r in send_job(relay.port, Job()))
     finally:
         assert relay.terminate() == 0
+
+
+def test_the_postgresql_spool_keeps_intake_in_one_process(tmp_path: Path) -> None:
+    config = config_from_dict(relay_config(tmp_path, server={"workers": 2}), "<test>")
+    assert one_process_reason(config, Spool(tmp_path / "spool")) == ""
+    not_local = cast(Spool, object())      # any other backend: the PostgreSQL spool
+    assert "postgresql" in one_process_reason(config, not_local)
+
+
+@pytest.mark.parametrize("size", [100, 200_000])   # kept in memory; streamed to a spool file
+def test_a_workers_audit_records_carry_the_proxy_source_and_the_sha256s(
+        tmp_path: Path, size: int) -> None:
+    payload = bytes(range(256)) * (size // 256) + b"end\n"
+    data = relay_config(tmp_path, server={"workers": 2, "proxy_protocol": True,
+                                          "proxy_trusted": ["127.0.0.1/32"]},
+                        audit={"rotate_keep": 2})
+    relay = LoggedRelay(write_config_file(tmp_path / "relay.toml", data)).start()
+    try:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as s:
+            s.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 40001 515\r\n" + job_stream("q", payload))
+            got = b""
+            while len(got) < 5 and (chunk := s.recv(16)):
+                got += chunk
+        assert got == b"\0" * 5
+        # The final ack came after both records were written: they are there now.
+        recs = [orjson.loads(x) for x in (tmp_path / "spool" / "audit" / "audit.log")
+                .read_bytes().splitlines()]
+    finally:
+        assert relay.terminate() == 0
+    [received] = [r for r in recs if r["event"] == "received"]
+    [acked] = [r for r in recs if r["event"] == "acknowledged"]
+    assert received["peer"] == acked["peer"] == "192.0.2.7:40001"
+    assert received["files"] == [{"name": "dfA123client", "format": "l", "bytes": len(payload),
+                                  "sha256": hashlib.sha256(payload).hexdigest()}]
+    assert acked["seq"] > received["seq"] and acked["job"] == received["job"]
