@@ -197,10 +197,7 @@ class WorkerJobs:
             log.event("debug", "job_received", job=meta.id, queue=meta.queue, peer=peer,
                       user=meta.user, bytes=meta.total_bytes, files=len(meta.files),
                       **({"tls_peer": meta.tls_peer} if meta.tls_peer else {}))
-        m = self.metrics
-        label = m.queue_label(meta.queue)
-        m.jobs_received_total.labels(queue=label).inc()
-        m.bytes_received_total.labels(queue=label).inc(meta.total_bytes)
+        self.metrics.count_received(meta.queue, meta.total_bytes)
         log.count("received")
 
     def settle(self, message: Settled) -> None:
