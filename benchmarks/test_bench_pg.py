@@ -8,7 +8,7 @@ Three cases (SPEC §10, docs/spool.md "PostgreSQL"), on a private cluster
   ``fsync = "always"`` (2,000 x ``LPD_BENCH_SCALE`` jobs; target >= 0.5);
 - one large job's intake in MB/s (1 GiB x ``LPD_BENCH_SCALE``), both spools;
 - delivery by two relay processes vs one from a database pre-filled with jobs
-  of four queues, to a destination that only reads and discards
+  of four queues (``concurrency = 4`` each), to a destination that only reads and discards
   (``socket://``), timed from the relays' start until the spool is empty
   (target >= 1.5x).
 
@@ -44,6 +44,12 @@ JOBS = max(64, int(2000 * SCALE))
 BIG = max(4 << 20, int((1 << 30) * SCALE))
 DELIVER = max(40, int(2000 * SCALE))
 QUEUES = ("q0", "q1", "q2", "q3")
+# Deliveries a queue may have in flight in the whole cluster.  At 1, the four
+# queues allow four deliveries in flight whatever the number of nodes, so a
+# second node could only add CPU: the row would measure per-queue order, not
+# what a node adds.  At 4 (16 in flight), one node is limited by its own
+# database round trips and a second node brings its own (docs/scaling.md).
+CONCURRENCY = 4
 PAYLOAD = os.urandom(1024)
 CF = b"Hbench\nPbench\nldfA001bench\nNbench\n"
 RESULTS: dict[str, float] = {}
@@ -192,7 +198,8 @@ def _deliver(cluster: PostgresCluster, tmp: Path, nodes: int, sink: CountingSink
     dest = [f"socket://127.0.0.1:{sink.port}"]
     relays = []
     for n in range(nodes):
-        data = relay_config(tmp / f"n{n}", queues={q: {"destinations": dest} for q in QUEUES},
+        queues = {q: {"destinations": dest, "concurrency": CONCURRENCY} for q in QUEUES}
+        data = relay_config(tmp / f"n{n}", queues=queues,
                             spool={"backend": "postgresql", "dsn": dsn, "lease_time": "2s",
                                    "node": f"n{n}"})
         relays.append(LoggedRelay(write_config_file(tmp / f"n{n}.toml", data)))

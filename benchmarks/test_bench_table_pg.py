@@ -10,7 +10,7 @@ reason without PostgreSQL), with the load and delivery of
 - one large job's intake (1 GiB x ``LPD_BENCH_SCALE``), PostgreSQL against
   local (no target: reported);
 - delivery by two relay processes against one from a database pre-filled
-  with four queues' jobs to a ``socket://`` destination that only reads,
+  with four queues' jobs (concurrency 4 each) to a ``socket://`` destination that only reads,
   hashes and counts (target >= 1.5x).
 
 Every job is counted and checksummed where it ended up: the database's rows
@@ -159,7 +159,8 @@ def _large_rows(**_: Any) -> table.RowSpecs:
 
 
 def _delivery_rows(**_: Any) -> table.RowSpecs:
-    return [(f"PostgreSQL spool: delivery, 2 nodes vs 1 ({DELIVER:,} jobs, 4 queues)",
+    return [(f"PostgreSQL spool: delivery, 2 nodes vs 1 ({DELIVER:,} jobs, "
+             "4 queues of concurrency 4)",
              {"unit": "jobs/s", "baseline_name": "1 node", "target": ">= 1.5x one node",
               "min_ratio": 1.5})]
 
