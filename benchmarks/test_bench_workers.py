@@ -3,7 +3,7 @@
 The same relay subprocess configuration (fsync "always", a ``dir://``
 destination delivering as it goes) with ``workers = 1`` and the default
 ``workers = "auto"`` (one per core),
-rounds alternating which runs first; the load is ``lpd-relay loadgen
+rounds alternating which runs first (a row of the targets table); the load is ``lpd-relay loadgen
 --processes 2`` at concurrency 64, 2,000 1-KiB jobs (x LPD_BENCH_SCALE).  The
 rate counts intake only (loadgen's jobs/s: every job acknowledged); each run
 also checks every job arrived at the hot folder, once.  Printed at the end of
@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks import table
 from benchmarks.report import print_lines
 from tests.daemon import ROOT, RelayProcess, relay_config, write_config_file
 
@@ -53,6 +54,7 @@ def _lines() -> list[str]:
 
 def _run(tmp: Path, workers: int | str) -> float:
     out = tmp / "out"
+    tmp.mkdir(parents=True, exist_ok=True)
     data = relay_config(tmp, server={"workers": workers, "fsync": "always",
                                      "max_connections_per_host": 2000},
                         metrics={"listen": ""}, log={"format": "json", "level": "warning"},
@@ -72,11 +74,22 @@ def _run(tmp: Path, workers: int | str) -> float:
     return float(result["jobs_per_second"])
 
 
-# Rounds alternate which runs first; one test per run keeps each under the timeout.
-RUNS = [(r, w) for r in range(ROUNDS) for w in ((1, AUTO) if r % 2 == 0 else (AUTO, 1))]
+def _rows(**_: Any) -> table.RowSpecs:
+    return [(f"intake, 1 KiB, c=64, workers = \"auto\" ({os.cpu_count()}) vs workers = 1 "
+             f"({JOBS:,} jobs)",
+             {"unit": "jobs/s", "baseline_name": "workers = 1",
+              "target": "reported (SPEC: default one per core)"})]
 
 
-@pytest.mark.parametrize(("round_", "workers"), RUNS, ids=[f"r{r}-w{w}" for r, w in RUNS])
-def test_intake_one_process_vs_workers_auto(tmp_path: Path, round_: int,
-                                            workers: int | str) -> None:
-    RESULTS[workers].append(_run(tmp_path, workers))
+@table.rows(_rows)
+def test_intake_one_process_vs_workers_auto(tmp_path: Path, benchmark: Any) -> None:
+    """A row of the targets table too, so ``make bench`` (``--benchmark-only``) runs it."""
+    (row,) = table.rows_for(_rows)
+    table.run(benchmark, row, ROUNDS,
+              lambda i: _record(AUTO, _run(tmp_path / f"auto{i}", AUTO)),
+              lambda i: _record(1, _run(tmp_path / f"one{i}", 1)))
+
+
+def _record(workers: int | str, rate: float) -> float:
+    RESULTS[workers].append(rate)
+    return rate
