@@ -75,7 +75,7 @@ from relay.spoolformat import (
     state_of,
     with_state,
 )
-from relay.spoolindex import SpoolIndex, unlink_job, write_state
+from relay.spoolindex import SpoolIndex, unlink_job, usage_of, write_state
 from relay.spooljob import MAX_FILES_PER_JOB, WRITEBACK_CHUNK, DataWriter, IncomingJob
 from relay.spoolpublish import Publish, make_item, publish
 from relay.spoolrecovery import sweep
@@ -481,14 +481,7 @@ class Spool(FreeSpace):
 
     def usage(self) -> SpoolUsage:
         """Jobs and bytes held, free space, and job counts by (queue, state)."""
-        if self._index is not None:  # the daemon's bookkeeping, no scan
-            return SpoolUsage(jobs=len(self._index), bytes=self._index.bytes,
-                              free_bytes=self.free_bytes(),
-                              by_queue_state=dict(self._index.counts()))
-        jobs = self.jobs()
-        return SpoolUsage(jobs=len(jobs), bytes=sum(j.total_bytes + j.control_bytes for j in jobs),
-                          free_bytes=self.free_bytes(),
-                          by_queue_state=dict(Counter((j.queue, j.state) for j in jobs)))
+        return usage_of(self._index, self.jobs, self.free_bytes())
 
     def statistics(self) -> SpoolStatistics:
         group = self._group.statistics()

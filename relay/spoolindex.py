@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from relay import log
 from relay.groupcommit import disk_error, overwrite, unlink_quiet, write_atomic
-from relay.spoolformat import JobMeta, encode_state
+from relay.spoolformat import JobMeta, SpoolUsage, encode_state
 
 # A job's files in removal order: the .json first — from then on the job does
 # not exist, whatever a crash leaves of the rest (recovery sweeps it).
@@ -138,6 +138,21 @@ class SpoolIndex:
         if left < before:
             log.event("info", "spool_writes_saved", saved=before - left, waiting=left)
         return left
+
+
+def usage_of(index: SpoolIndex | None, jobs: Callable[[], list[JobMeta]],
+             free_bytes: int) -> SpoolUsage:
+    """A spool's usage: from the daemon's ``index`` when it has one, else a scan of ``jobs()``.
+
+    Both spool backends answer ``usage()`` with this.
+    """
+    if index is not None:  # the daemon's bookkeeping, no scan
+        return SpoolUsage(jobs=len(index), bytes=index.bytes, free_bytes=free_bytes,
+                          by_queue_state=dict(index.counts()))
+    found = jobs()
+    return SpoolUsage(jobs=len(found), bytes=sum(j.total_bytes + j.control_bytes for j in found),
+                      free_bytes=free_bytes,
+                      by_queue_state=dict(Counter((j.queue, j.state) for j in found)))
 
 
 def write_state(jobs_dir: str, meta: JobMeta, *, fsync: bool, only_if_there: bool = False) -> None:

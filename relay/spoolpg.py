@@ -44,7 +44,7 @@ from relay.jobevents import NO_EVENTS, JobEvents
 from relay.spool import release_lock, take_lock
 from relay.spoolbackend import Body, SpoolBackend, open_file_body, register_locator
 from relay.spoolformat import STATES, FileMeta, JobMeta, Recovery, SpoolStatistics, SpoolUsage
-from relay.spoolindex import SpoolIndex
+from relay.spoolindex import SpoolIndex, usage_of
 from relay.spooljob import IncomingJob
 from relay.spoolpgconfig import SpoolConfig, redact_dsn
 from relay.spoolpgdb import (
@@ -405,14 +405,7 @@ class PgSpool(Sessions):
         return st.f_bavail * st.f_frsize
 
     def usage(self) -> SpoolUsage:
-        if self._index is not None:
-            return SpoolUsage(jobs=len(self._index), bytes=self._index.bytes,
-                              free_bytes=self.free_bytes(),
-                              by_queue_state=dict(self._index.counts()))
-        jobs = self.jobs()
-        return SpoolUsage(jobs=len(jobs), bytes=sum(j.total_bytes + j.control_bytes for j in jobs),
-                          free_bytes=self.free_bytes(),
-                          by_queue_state=dict(Counter((j.queue, j.state) for j in jobs)))
+        return usage_of(self._index, self.jobs, self.free_bytes())
 
     def statistics(self) -> SpoolStatistics:
         group = self._group.statistics()
