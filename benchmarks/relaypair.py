@@ -155,8 +155,8 @@ def make_big_file(path: Path, size: int) -> Path:
     return path
 
 
-def raw_receiver_mb_s(path: Path, out: Path) -> float:
-    """Baseline: a sender's ``sendfile`` into a receiver doing recv_into + write + fsync.
+def raw_receiver_mb_s(path: Path, out: Path, *, fsync: bool = True) -> float:
+    """Baseline: a sender's ``sendfile`` into a receiver doing recv_into + write (+ fsync).
 
     The clock runs from the connect until the receiver's fsync returned, as
     the relay's runs until its final acknowledgement (after its commit).
@@ -172,7 +172,8 @@ def raw_receiver_mb_s(path: Path, out: Path) -> float:
         try:
             while n := conn.recv_into(buf):
                 os.write(fd, view[:n])
-            os.fsync(fd)
+            if fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
             conn.close()

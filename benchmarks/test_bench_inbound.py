@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import pytest
 import trio
 
 from benchmarks import sinkcheck
-from benchmarks.relaypair import send_big
+from benchmarks.relaypair import raw_receiver_mb_s, send_big
 from benchmarks.report import print_lines
 from relay.loadgen import run_load
 from relay.uri import parse_destination
@@ -145,32 +144,8 @@ def test_large_job(tmp_path: Path, benchmark: Any, big_file: Path, fsync: str) -
 
 
 def _raw_tcp_to_file(path: Path, out: Path) -> float:
-    """Baseline: recv_into one buffer + os.write into a file, sender uses sendfile."""
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-
-    def receive() -> None:
-        conn, _ = server.accept()
-        buf = bytearray(256 * 1024)
-        view = memoryview(buf)
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            while n := conn.recv_into(buf):
-                os.write(fd, view[:n])
-        finally:
-            os.close(fd)
-            conn.close()
-    thread = threading.Thread(target=receive)
-    thread.start()
-    size = path.stat().st_size
-    start = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port)) as s, open(path, "rb") as f:
-        s.sendfile(f)
-    thread.join(120)
-    server.close()
-    rate = size / (time.perf_counter() - start) / 1e6
-    sinkcheck.same_file(out, path)
-    return rate
+    """Baseline: recv_into one buffer + os.write into a file (no fsync), sender uses sendfile."""
+    return raw_receiver_mb_s(path, out, fsync=False)
 
 
 def test_large_job_baselines(tmp_path: Path, benchmark: Any, big_file: Path) -> None:
