@@ -37,12 +37,9 @@ MANY = max(100, int(10_000 * SCALE))
 pytestmark = pytest.mark.timeout(1200)
 
 
-def _rounds(relay: Callable[[int], float], baseline: Callable[[int], float] | None,
-            row: table.Row) -> None:
-    for i in range(ROUNDS):
-        sides = [(row.relay, relay), *([(row.baseline, baseline)] if baseline else [])]
-        for values, side in (sides if i % 2 == 0 else sides[::-1]):
-            values.append(side(i))
+def _relay_only(relay: Callable[[int], float], row: table.Row) -> None:
+    """``ROUNDS`` rounds of a row with no baseline (its target is absolute)."""
+    row.relay.extend(relay(i) for i in range(ROUNDS))
 
 
 @pytest.fixture(scope="module")
@@ -56,26 +53,29 @@ def test_many_jobs_through_the_reserved_ports(tmp_path: Path, benchmark: Any) ->
                     unit="jobs/s", baseline_name="", target=">= 500 jobs/s, 0 failed",
                     min_value=500.0)
     # relay_to_relay fails the round unless B has every job once, intact.
-    benchmark.pedantic(_rounds, args=(
-        lambda i: relay_to_relay(tmp_path / f"m{i}", jobs=MANY).jobs_per_second, None, row),
+    benchmark.pedantic(_relay_only, args=(
+        lambda i: relay_to_relay(tmp_path / f"m{i}", jobs=MANY).jobs_per_second, row),
         rounds=1, iterations=1)
+
+
+def _against_raw(benchmark: Any, row: table.Row, relay: Callable[[int], float],
+                 big_file: Path, tmp: Path) -> None:
+    """The relay's rounds against the raw sendfile -> file + fsync receiver, alternating."""
+    table.run(benchmark, row, ROUNDS, relay,
+              lambda i: raw_receiver_mb_s(big_file, tmp / f"raw{i}.bin"))
 
 
 def test_large_job_into_the_spool(tmp_path: Path, benchmark: Any, big_file: Path) -> None:
     row = table.row(f"one {BIG >> 20:,} MiB job into the spool, fsync always",
                     unit="MB/s", baseline_name="raw TCP -> file + fsync",
                     target=">= 0.9x raw receiver", min_ratio=0.9)
-    benchmark.pedantic(_rounds, args=(
-        lambda i: big_into_spool_mb_s(tmp_path / f"s{i}", big_file),
-        lambda i: raw_receiver_mb_s(big_file, tmp_path / f"raw{i}.bin"), row),
-        rounds=1, iterations=1)
+    _against_raw(benchmark, row, lambda i: big_into_spool_mb_s(tmp_path / f"s{i}", big_file),
+                 big_file, tmp_path)
 
 
 def test_large_job_forwarded(tmp_path: Path, benchmark: Any, big_file: Path) -> None:
     row = table.row(f"one {BIG >> 20:,} MiB job forwarded relay -> relay",
                     unit="MB/s", baseline_name="sendfile -> file + fsync",
                     target=">= 0.7x raw sendfile baseline", min_ratio=0.7)
-    benchmark.pedantic(_rounds, args=(
-        lambda i: big_forwarded_mb_s(tmp_path / f"f{i}", big_file),
-        lambda i: raw_receiver_mb_s(big_file, tmp_path / f"raw{i}.bin"), row),
-        rounds=1, iterations=1)
+    _against_raw(benchmark, row, lambda i: big_forwarded_mb_s(tmp_path / f"f{i}", big_file),
+                 big_file, tmp_path)
