@@ -193,11 +193,8 @@ def test_two_relays_deliver_every_job_once_in_order(cluster: PostgresCluster,
                                         db=dsn.rsplit("/", 1)[1]) == "0", timeout=10)
         assert not a.tracebacks() and not b.tracebacks()
     finally:
-        t0 = time.monotonic()
         a.terminate()
-        print("terminate a", time.monotonic() - t0)
         b.terminate()
-        print("terminate b", time.monotonic() - t0)
 
 
 def _send_numbered(relays: list[LoggedRelay], i: int) -> tuple[int, str] | None:
@@ -368,8 +365,5 @@ def test_lpq_lprm_and_spool_list_see_the_other_nodes_jobs(cluster: PostgresClust
         assert "carol" not in spool_cli(node_config(tmp_path / "cli", dsn, "cli"),
                                         "list").stdout
     finally:
-        t0 = time.monotonic()
         a.terminate()
-        print("terminate a", time.monotonic() - t0)
         b.terminate()
-        print("terminate b", time.monotonic() - t0)
