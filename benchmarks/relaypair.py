@@ -26,6 +26,7 @@ from relay import _core, client
 from relay.loadgen import load, run_load
 from relay.uri import parse_destination
 from tests.daemon import RelayProcess, relay_config, write_config_file
+from tests.relayproc import relay_lpq
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -97,7 +98,7 @@ def relay_to_relay(tmp: Path, *, jobs: int, feed_concurrency: int = 16,
         try:
             _wait_delivered(out / "q", jobs, timeout=120 + jobs / 20)
         except TimeoutError as exc:    # say where the jobs are: A's queue as lpq shows it
-            raise TimeoutError(f"{exc}; A's lpq: {_lpq(a.port)[:400]!r}") from None
+            raise TimeoutError(f"{exc}; A's lpq: {relay_lpq(a.port)[:400]!r}") from None
         seconds = time.perf_counter() - start
         cpu = process_cpu(a.proc.pid) - cpu0
         cpu_b = process_cpu(b.proc.pid) - cpu_b0
@@ -222,20 +223,9 @@ def big_into_spool_mb_s(tmp: Path, path: Path) -> float:
     return rate
 
 
-def _lpq(port: int, long: bool = False) -> str:
-    """Relay ``port``'s lpq answer for queue q."""
-    async def main() -> str:
-        ch = await client.open_channel("127.0.0.1", port, io_timeout=10)
-        try:
-            return await client.query(ch, "q", long=long)
-        finally:
-            await ch.aclose()
-    return trio.run(main)
-
-
 def _queued_bytes(port: int) -> int:
     """Total size of the jobs relay ``port``'s lpq lists for queue q (0 when none)."""
-    text = _lpq(port)
+    text = relay_lpq(port)
     sizes = [int(m) for m in re.findall(r"(\d+) bytes", text)]
     return sum(sizes)
 

@@ -22,7 +22,9 @@ from typing import Any
 
 import orjson
 import pytest
+import trio
 
+from relay import client
 from tests.daemon import ROOT, RelayProcess
 
 METRICS_LINE = re.compile(r"metrics on http://([0-9.]+):(\d+)/metrics")
@@ -115,3 +117,14 @@ class PrivateTmpfs:
         if self.holder.poll() is None:
             self.holder.kill()
         self.holder.wait(10)
+
+
+def relay_lpq(port: int, queue: str = "q", *, long: bool = False) -> str:
+    """The relay at ``port``'s lpq answer for ``queue``, through the relay's own client."""
+    async def main() -> str:
+        ch = await client.open_channel("127.0.0.1", port, io_timeout=10)
+        try:
+            return await client.query(ch, queue, long=long)
+        finally:
+            await ch.aclose()
+    return trio.run(main)

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import trio
 
-from relay import client, status
+from relay import status
 from relay.sinks import SinkContext, make_sink
 from relay.sinks.lpd import AUTO_BATCH, LpdSink
 from relay.spool import JobMeta, Spool
 from relay.uri import parse_destination
 from tests.daemon import DaemonThread, relay_config
 from tests.peers import LpdScript, RecordingLpdServer
+from tests.relayproc import relay_lpq
 from tests.test_sink_lpd import make_job, make_job_in
 
 
@@ -56,16 +57,6 @@ def _deliver(sink: LpdSink, jobs: list[JobMeta]) -> tuple[int, Exception | None]
     return trio.run(main)
 
 
-def _lpq(port: int) -> str:
-    async def main() -> str:
-        ch = await client.open_channel("127.0.0.1", port, io_timeout=10)
-        try:
-            return await client.query(ch, "q", long=False)
-        finally:
-            await ch.aclose()
-    return trio.run(main)
-
-
 def _owners(lpq: str) -> list[str]:
     """The Owner column of lpq's table, in rank order (an in-flight job shows "active")."""
     rows = [line.split() for line in lpq.splitlines()]
@@ -79,7 +70,7 @@ def test_relay_receiver_gets_pipelined_batches_in_order(tmp_path: Path) -> None:
         assert isinstance(sink, LpdSink) and sink.batch == 1     # not known yet
         assert _deliver(sink, jobs) == (12, None)
         assert (sink.relay_peer, sink.batch) == (True, AUTO_BATCH)
-        answer = _lpq(b.port)
+        answer = relay_lpq(b.port)
     assert status.SERVER_LINE in answer
     assert _owners(answer) == ["nurse"] + [f"u{n}" for n in range(2, 13)]
 
@@ -91,7 +82,7 @@ def test_a_refusal_mid_batch_keeps_the_jobs_before_it(tmp_path: Path) -> None:
         sink = make_sink(parse_destination(f"lpd://127.0.0.1:{b.port}/q"), SinkContext())
         done, error = _deliver(sink, jobs)
         assert sink.relay_peer is True
-        answer = _lpq(b.port)
+        answer = relay_lpq(b.port)
     assert done == 3 and error is not None
     assert _owners(answer) == ["nurse", "u2", "u3"]
 
@@ -139,7 +130,7 @@ def test_loadgen_processes_report_their_cpu(tmp_path: Path) -> None:
     with _receiver(tmp_path) as b:
         result = run_load_processes(f"lpd://127.0.0.1:{b.port}/q", jobs=40, concurrency=8,
                                     size=512, processes=2)
-        answer = _lpq(b.port)
+        answer = relay_lpq(b.port)
     assert (result.ok, result.processes, result.failures) == (40, 2, {})
     assert result.cpu_seconds > 0 and result.summary()["loadgen_cpu_ms_per_job"] > 0
     # Titles are "load <n>": the two processes numbered their jobs apart.
