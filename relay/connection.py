@@ -466,10 +466,8 @@ class Connection:
         self.ctx.metrics.count_received(meta.queue, meta.total_bytes)
         log.count("received")
         self.ctx.delivery.submit(meta)
-        if not held and log.enabled("debug"):
-            log.event("debug", "job_received", job=meta.id, queue=meta.queue, peer=self.peer,
-                      user=meta.user, bytes=meta.total_bytes, files=len(meta.files),
-                      **({"tls_peer": meta.tls_peer} if meta.tls_peer else {}))
+        if not held:
+            log_received(meta, self.peer)
 
     def _check_size(self, total: int) -> None:
         limit = self.ctx.config.max_job_size
@@ -540,3 +538,12 @@ _HANDLERS: dict[type, Callable[[Connection, Any], object]] = {
     _core.EndOfStream: Connection.on_end,
     _core.Command: Connection.on_command,
 }
+
+
+def log_received(meta: JobMeta, peer: str) -> None:
+    """The job's ``job_received`` event (debug), built only when debug is logged:
+    per job on the hot path, in one process and in the workers' main process alike."""
+    if log.enabled("debug"):
+        log.event("debug", "job_received", job=meta.id, queue=meta.queue, peer=peer,
+                  user=meta.user, bytes=meta.total_bytes, files=len(meta.files),
+                  **({"tls_peer": meta.tls_peer} if meta.tls_peer else {}))

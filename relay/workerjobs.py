@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from relay import log
+from relay.connection import log_received
 from relay.context import Delivery
 from relay.errors import LpdError, SpoolError
 from relay.intakechannel import Commit, Failure, Open, Reply, Settled
@@ -194,9 +195,7 @@ class WorkerJobs:
     def _received(self, meta: JobMeta, peer: str, held: bool) -> None:
         # Logged here, before the worker acks: as a one-process daemon does.
         if not held:
-            log.event("debug", "job_received", job=meta.id, queue=meta.queue, peer=peer,
-                      user=meta.user, bytes=meta.total_bytes, files=len(meta.files),
-                      **({"tls_peer": meta.tls_peer} if meta.tls_peer else {}))
+            log_received(meta, peer)
         self.metrics.count_received(meta.queue, meta.total_bytes)
         log.count("received")
 
