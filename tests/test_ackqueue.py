@@ -14,7 +14,8 @@ from relay.errors import SpoolError
 from relay.sinks import SinkContext, make_sink
 from relay.spool import IncomingJob, JobMeta, Spool
 from relay.uri import parse_destination
-from tests.test_relay_batching import _deliver, _jobs, _lpq, _owners, _receiver
+from tests.relayproc import relay_lpq
+from tests.test_relay_batching import _deliver, _jobs, _owners, _receiver
 
 
 def _spooled_users(spool_dir: Path) -> list[str]:
@@ -45,7 +46,7 @@ def test_pipelined_jobs_are_acked_and_queued_in_order(tmp_path: Path) -> None:
         sink = make_sink(parse_destination(f"lpd://127.0.0.1:{b.port}/q"), SinkContext())
         assert _deliver(sink, jobs) == (30, None)
         commits = b.registry.get_sample_value("lpdrelay_jobs_received_total", {"queue": "q"})
-        answer = _lpq(b.port)
+        answer = relay_lpq(b.port)
     assert commits == 30
     assert _owners(answer) == ["nurse"] + [f"u{n}" for n in range(2, 31)]
 
@@ -58,7 +59,7 @@ def test_a_failed_commit_mid_session_keeps_the_jobs_before_it(
     with _receiver(tmp_path) as b:
         sink = make_sink(parse_destination(f"lpd://127.0.0.1:{b.port}/q"), SinkContext())
         done, error = _deliver(sink, jobs)
-        answer = _lpq(b.port)
+        answer = relay_lpq(b.port)
     assert done == 3 and error is not None
     assert "0x02" in str(error)                      # retry later: it will be sent again
     assert _owners(answer) == ["nurse", "u2", "u3"]
