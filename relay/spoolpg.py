@@ -27,6 +27,7 @@ A database that cannot take a job (down, read-only, a hot standby) makes
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import time
@@ -56,9 +57,11 @@ from relay.spoolpgdb import (
     heartbeat,
     insert_jobs,
     load_jobs,
+    write_batch,
 )
 from relay.spoolpgschema import check_schema
 from relay.spoolpgsession import DatabaseUnavailable, Sessions, close_pool
+from relay.spoolsegjobs import SEGMENT_THRESHOLD
 
 CACHE_DIR = "pg-cache"
 ID_DIGITS = 19            # 16 digits of microseconds, 3 of the node's slot
@@ -79,7 +82,10 @@ class PgSpool(Sessions):
         self.where = redact_dsn(config.dsn)
         self.min_free_disk = min_free_disk
         self.written = 0
-        self.segment_threshold = 0   # bodies go to the local cache files, then to the database
+        # Jobs up to this size stay in memory from intake to the database (no
+        # cache file is created or unlinked for them); larger ones spill to
+        # the body cache and are streamed from there by COPY.
+        self.segment_threshold = min(SEGMENT_THRESHOLD, config.chunk_size)
         self.events: JobEvents = NO_EVENTS   # the audit log's subscriber, when configured
         self.problem = ""                    # why the database cannot take jobs ("" = it can)
         self.leased: set[str] = set()        # queues this node delivers (relay.spoolpgfeed)
@@ -99,7 +105,7 @@ class PgSpool(Sessions):
         self._stats = Counter[str]()
         self._located: dict[str, tuple[str, int, int]] = {}   # body name -> (batch, off, len)
         self._batch_refs = Counter[str]()    # batch file -> bodies still located in it
-        self._batches = 0
+        self._batch_numbers = itertools.count(1)   # next() is atomic: threads share it
 
     # -- the database ------------------------------------------------------------------
 
@@ -181,7 +187,8 @@ class PgSpool(Sessions):
             if hold:
                 meta = replace(meta, state="held", last_error=hold[:500])
             job.mark("committing")
-            item = NewJob(meta, job.control_raw, self.node)
+            data = tuple(job.data_parts(meta.files)) if job.in_memory else None
+            item = NewJob(meta, job.control_raw, self.node, data)
             if job.bytes > BIG_JOB_CHUNKS * self.config.chunk_size:
                 errors = await trio.to_thread.run_sync(self._flush, [item],
                                                        limiter=self._limiter)
@@ -205,26 +212,43 @@ class PgSpool(Sessions):
 
     def _flush(self, items: list[NewJob]) -> list[Exception | None]:
         # A worker thread: one transaction for the batch.  Then the cache: a
-        # job this node delivers gets its control file there (delivery reads
-        # it from the cache); another node's job leaves it — here, since an
-        # unlink of a just-written file can take a millisecond.
+        # job this node delivers keeps its bodies there (delivery reads them
+        # from the cache): an in-memory job's in one batch file for the whole
+        # group, a spilled job's control file beside its data files.  Another
+        # node's job leaves it — here, since an unlink of a just-written file
+        # can take a millisecond.
         try:
             self.call(lambda conn: insert_jobs(conn, items, self.config.chunk_size))
         except SpoolError as exc:
             return [exc for _ in items]
         self._stats["transactions"] += 1
         leased = self.leased
+        kept: list[tuple[str, bytes]] = []
         for item in items:
             if item.meta.queue not in leased:
-                self._drop_cache(item.meta)
-                continue
-            with contextlib.suppress(OSError):
-                fd = create(item.meta.control_path, os.O_WRONLY | os.O_TRUNC)
-                try:
-                    os.write(fd, item.control)
-                finally:
-                    os.close(fd)
+                if item.data is None:
+                    self._drop_cache(item.meta)
+            elif item.data is not None:
+                kept.append((item.meta.control_path, item.control))
+                kept += zip((f.path for f in item.meta.files), item.data, strict=True)
+            else:
+                with contextlib.suppress(OSError):
+                    fd = create(item.meta.control_path, os.O_WRONLY | os.O_TRUNC)
+                    try:
+                        os.write(fd, item.control)
+                    finally:
+                        os.close(fd)
+        if kept:
+            with contextlib.suppress(OSError):   # then a delivery fetches them back
+                self._keep_batch(kept)
         return [None for _ in items]
+
+    def _keep_batch(self, bodies: list[tuple[str, bytes]]) -> None:
+        batch = os.path.join(self.jobs_dir, f"batch-{next(self._batch_numbers)}.bodies")
+        where = write_batch(batch, bodies)
+        self._batch_refs[batch] += len(where)   # counted first: _drop_cache may run next
+        for path, at in where.items():
+            self._located[os.path.basename(path)] = (batch, *at)
 
     # -- reading and changing jobs -----------------------------------------------------
 
@@ -353,8 +377,7 @@ class PgSpool(Sessions):
         small = [m for m in todo if m.total_bytes <= limit]
         gone: set[str] = set()
         if small:
-            self._batches += 1
-            batch = os.path.join(self.jobs_dir, f"batch-{self._batches}.bodies")
+            batch = os.path.join(self.jobs_dir, f"batch-{next(self._batch_numbers)}.bodies")
             where = await self.acall(lambda conn: fetch_small_bodies(conn, small, batch))
             for path, (offset, length) in where.items():
                 self._located[os.path.basename(path)] = (batch, offset, length)
