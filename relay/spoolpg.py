@@ -49,6 +49,7 @@ from relay.spoolindex import SpoolIndex, usage_of
 from relay.spooljob import IncomingJob
 from relay.spoolpgconfig import SpoolConfig, redact_dsn
 from relay.spoolpgdb import (
+    REMOVE_SQL,
     NewJob,
     apply_writes,
     delete_jobs,
@@ -57,8 +58,10 @@ from relay.spoolpgdb import (
     heartbeat,
     insert_jobs,
     load_jobs,
+    text_array,
     write_batch,
 )
+from relay.spoolpgloop import LoopSession
 from relay.spoolpgschema import check_schema
 from relay.spoolpgsession import DatabaseUnavailable, Sessions, close_pool
 from relay.spoolsegjobs import SEGMENT_THRESHOLD
@@ -92,6 +95,7 @@ class PgSpool(Sessions):
         self.on_commit: Callable[[JobMeta], None] = lambda meta: None
         self.on_change: Callable[[], None] = lambda: None   # a job left (the feeder refills)
         self._pool: Any = None
+        self._loop: LoopSession | None = None    # removals, from the event loop
         self._group: GroupCommit[NewJob] = GroupCommit(self._flush)
         self._limiter = trio.CapacityLimiter(max(1, config.pool_size - 1))
         self._writes_lock = trio.Lock()
@@ -145,6 +149,7 @@ class PgSpool(Sessions):
                   server_version=version, synchronous_commit_default=default,
                   synchronous_commit="on")
         self._open_pool()
+        self._loop = LoopSession(self.connect, {"remove": REMOVE_SQL}, self.config.db_timeout)
         self._index = SpoolIndex()
         return Recovery(jobs=[], discarded=0, discarded_bytes=0)
 
@@ -344,8 +349,7 @@ class PgSpool(Sessions):
                 await trio.lowlevel.checkpoint()
                 return
             try:
-                await self.acall(lambda conn: apply_writes(conn, list(updates.values()),
-                                                           sorted(removals)))
+                await self._write(list(updates.values()), sorted(removals))
             except SpoolError as exc:
                 log.event("warning", "spool_sync_failed", error=str(exc),
                           waiting=len(updates) + len(removals))
@@ -354,6 +358,16 @@ class PgSpool(Sessions):
                 if self._updates.get(job_id) is meta:
                     del self._updates[job_id]
             self._removals -= removals
+
+    async def _write(self, updates: list[JobMeta], removals: list[str]) -> None:
+        if updates or self._loop is None:
+            await self.acall(lambda conn: apply_writes(conn, updates, removals))
+            return
+        # A delivery's usual sync, removals only: on the event loop's own session.
+        try:
+            await self._loop.execute("remove", [text_array(removals)])
+        except Exception as exc:   # the driver's, a timeout: as every database error
+            raise self.unavailable(exc) from exc
 
     def save_unsaved(self) -> int:
         """How many state changes and removals the database still owes (``sync`` writes them)."""
@@ -445,6 +459,8 @@ class PgSpool(Sessions):
             with trio.move_on_after(self.config.db_timeout):
                 await self.sync()
             pool, self._pool = self._pool, None
+            if self._loop is not None:
+                self._loop.close()
             await trio.to_thread.run_sync(close_pool, pool)
             register_locator(self.jobs_dir, None)
         self._release_lock()

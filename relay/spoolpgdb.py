@@ -267,6 +267,16 @@ def _write_whole(path: str, parts: Iterable[bytes]) -> None:
     os.rename(tmp, path)
 
 
+# A delivery's sync: its removals (``relay.spoolpgloop`` prepares it, one text[] parameter).
+REMOVE_SQL = "DELETE FROM lpd_jobs WHERE id = ANY($1::text[])"
+
+
+def text_array(values: Sequence[str]) -> bytes:
+    """A text[] literal of ``values`` (each quoted, so any text is safe)."""
+    quoted = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
+    return ("{" + ",".join(quoted) + "}").encode()
+
+
 def apply_writes(conn: Any, updates: Sequence[JobMeta], removals: Sequence[str]) -> None:
     """Delivery-state changes and removals, atomically, in ONE statement (one round
     trip in autocommit: no BEGIN/COMMIT of their own, which cost a delivery as much
