@@ -1,14 +1,16 @@
 """The shared spool on PostgreSQL: ``SpoolBackend`` for any number of relays (SPEC §10).
 
-Intake receives a job exactly as the local spool does (``relay.spooljob``),
-into this node's body cache (``<spool_dir>/pg-cache``), so the server can
+Intake receives a job exactly as the local spool does (``relay.spooljob``):
+a small one (up to the local spool's segment threshold) in memory, a larger
+one into this node's body cache (``<spool_dir>/pg-cache``), so the server can
 still splice straight from the socket to a file.  ``commit`` then stores the
 job in the database — its row, the raw control file and the data files in
-``chunk_size`` rows, streamed by binary ``COPY`` — and returns only after
-that transaction committed with ``synchronous_commit = on``: the ack follows
-the commit (SPEC §10, §4.4).  Concurrent jobs share one transaction and one
-commit (``relay.groupcommit``), as the local spool's jobs share one flush;
-a large job gets a transaction of its own so small ones never wait behind it.
+``chunk_size`` rows — and returns only after that transaction committed with
+``synchronous_commit = on``: the ack follows the commit (SPEC §10, §4.4).
+Concurrent jobs share one transaction and one commit (``relay.groupcommit``),
+as the local spool's jobs share one flush: one statement for the group's rows
+and in-memory chunks, a binary ``COPY`` for cached files; a large job gets a
+transaction of its own so small ones never wait behind it.
 
 psycopg's synchronous API runs in worker threads over a bounded pool of
 sessions (``pool_size``, ``relay.spoolpgsession``): trio has no PostgreSQL
@@ -18,7 +20,8 @@ few reads the synchronous interface asks for and the daemon calls rarely
 (``jobs``, a ``get`` of a job this node never saw, lpq's cluster view).
 
 Delivery-state changes and removals are kept in memory and written by
-``sync`` (after each delivery) or the service loop; delivery across nodes —
+``sync`` (after each delivery: removals alone on the event loop's own
+session, ``relay.spoolpgloop``) or the service loop; delivery across nodes —
 queue leases, LISTEN/NOTIFY, feeding the runners — is ``relay.spoolpgfeed``.
 A database that cannot take a job (down, read-only, a hot standby) makes
 ``check_space``/``begin``/``commit`` raise ``DatabaseUnavailable``: 0x02.
@@ -27,7 +30,6 @@ A database that cannot take a job (down, read-only, a hot standby) makes
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import shutil
 import time
@@ -40,13 +42,14 @@ import trio
 
 from relay import log
 from relay.errors import DiskFull, SpoolError
-from relay.groupcommit import GroupCommit, create, make_dir, unlink_quiet
+from relay.groupcommit import GroupCommit, create, make_dir
 from relay.jobevents import NO_EVENTS, JobEvents
 from relay.spool import release_lock, take_lock
 from relay.spoolbackend import Body, SpoolBackend, open_file_body, register_locator
 from relay.spoolformat import STATES, FileMeta, JobMeta, Recovery, SpoolStatistics, SpoolUsage
 from relay.spoolindex import SpoolIndex, usage_of
 from relay.spooljob import IncomingJob
+from relay.spoolpgcache import BodyCache
 from relay.spoolpgconfig import SpoolConfig, redact_dsn
 from relay.spoolpgdb import (
     REMOVE_SQL,
@@ -59,7 +62,6 @@ from relay.spoolpgdb import (
     insert_jobs,
     load_jobs,
     text_array,
-    write_batch,
 )
 from relay.spoolpgloop import LoopSession
 from relay.spoolpgschema import check_schema
@@ -107,9 +109,7 @@ class PgSpool(Sessions):
         self._slot = 0
         self._last_us = 0
         self._stats = Counter[str]()
-        self._located: dict[str, tuple[str, int, int]] = {}   # body name -> (batch, off, len)
-        self._batch_refs = Counter[str]()    # batch file -> bodies still located in it
-        self._batch_numbers = itertools.count(1)   # next() is atomic: threads share it
+        self._cache = BodyCache(self.jobs_dir)
 
     # -- the database ------------------------------------------------------------------
 
@@ -128,7 +128,7 @@ class PgSpool(Sessions):
             self._take_lock()
             shutil.rmtree(self.jobs_dir, ignore_errors=True)   # the database has every body
             make_dir(self.jobs_dir)
-            register_locator(self.jobs_dir, self._locate)
+            register_locator(self.jobs_dir, self._cache.locate)
         except OSError as exc:
             self._release_lock()
             raise SpoolError(f"spool {self.directory}: {exc.strerror or exc}") from exc
@@ -232,7 +232,7 @@ class PgSpool(Sessions):
         for item in items:
             if item.meta.queue not in leased:
                 if item.data is None:
-                    self._drop_cache(item.meta)
+                    self._cache.drop(item.meta)
             elif item.data is not None:
                 kept.append((item.meta.control_path, item.control))
                 kept += zip((f.path for f in item.meta.files), item.data, strict=True)
@@ -245,15 +245,8 @@ class PgSpool(Sessions):
                         os.close(fd)
         if kept:
             with contextlib.suppress(OSError):   # then a delivery fetches them back
-                self._keep_batch(kept)
+                self._cache.keep(kept)
         return [None for _ in items]
-
-    def _keep_batch(self, bodies: list[tuple[str, bytes]]) -> None:
-        batch = os.path.join(self.jobs_dir, f"batch-{next(self._batch_numbers)}.bodies")
-        where = write_batch(batch, bodies)
-        self._batch_refs[batch] += len(where)   # counted first: _drop_cache may run next
-        for path, at in where.items():
-            self._located[os.path.basename(path)] = (batch, *at)
 
     # -- reading and changing jobs -----------------------------------------------------
 
@@ -270,19 +263,7 @@ class PgSpool(Sessions):
         """Internal (the feeder): a job another node delivers now; its cache goes."""
         meta = self._known.pop(job_id, None)
         if meta is not None:
-            self._drop_cache(meta)
-
-    def _drop_cache(self, meta: JobMeta) -> None:
-        for path in (meta.control_path, *(f.path for f in meta.files)):
-            where = self._located.pop(os.path.basename(path), None)
-            if where is None:
-                unlink_quiet(path)
-                continue
-            batch = where[0]
-            self._batch_refs[batch] -= 1
-            if self._batch_refs[batch] <= 0:   # its last body gone: the batch file goes
-                del self._batch_refs[batch]
-                unlink_quiet(batch)
+            self._cache.drop(meta)
 
     def get(self, job_id: str) -> JobMeta:
         if job_id in self._removals:
@@ -323,7 +304,7 @@ class PgSpool(Sessions):
         """Forget a job; the database row (and its chunks) go with the next ``sync``."""
         meta = self._known.pop(job_id, None)
         if meta is not None:
-            self._drop_cache(meta)
+            self._cache.drop(meta)
         self._updates.pop(job_id, None)
         self._removals.add(job_id)
         if self._index is not None:
@@ -377,7 +358,7 @@ class PgSpool(Sessions):
 
     async def prefetch(self, meta: JobMeta) -> None:
         """Bring ``meta``'s bodies into the cache (a worker thread); ``KeyError`` if gone."""
-        if self._cached(meta):
+        if self._cache.cached(meta):
             await trio.lowlevel.checkpoint()
             return
         await self.acall(lambda conn: fetch_bodies(conn, meta))
@@ -386,16 +367,14 @@ class PgSpool(Sessions):
         """``prefetch`` for several jobs: the small ones in one call (two queries, one
         batch file), not a thread, a few round trips and two files each; the jobs
         still in the database, in order."""
-        todo = [m for m in metas if not self._cached(m)]
+        todo = [m for m in metas if not self._cache.cached(m)]
         limit = BIG_JOB_CHUNKS * self.config.chunk_size
         small = [m for m in todo if m.total_bytes <= limit]
         gone: set[str] = set()
         if small:
-            batch = os.path.join(self.jobs_dir, f"batch-{next(self._batch_numbers)}.bodies")
+            batch = self._cache.new_batch()
             where = await self.acall(lambda conn: fetch_small_bodies(conn, small, batch))
-            for path, (offset, length) in where.items():
-                self._located[os.path.basename(path)] = (batch, offset, length)
-            self._batch_refs[batch] += len(where)
+            self._cache.add(batch, where)
             gone.update(m.id for m in small if m.control_path not in where)
         for meta in todo:
             if meta.total_bytes > limit:
@@ -406,18 +385,8 @@ class PgSpool(Sessions):
         await trio.lowlevel.checkpoint()
         return [m for m in metas if m.id not in gone]
 
-    def _locate(self, name: str) -> tuple[str, int, int] | None:
-        return self._located.get(name)
-
-    def _has(self, path: str) -> bool:
-        return os.path.basename(path) in self._located or os.path.exists(path)
-
-    def _cached(self, meta: JobMeta) -> bool:
-        # A local stat or two per job, like the local spool's own opens: not worth a thread.
-        return all(self._has(p) for p in (meta.control_path, *(f.path for f in meta.files)))
-
     def _ensure(self, job_id: str, path: str) -> None:
-        if self._has(path):
+        if self._cache.has(path):
             return
         with contextlib.suppress(KeyError, SpoolError):   # then open_file_body says "missing"
             meta = self.get(job_id)
