@@ -5,7 +5,8 @@ the reason without PostgreSQL), committing concurrently so jobs share
 transactions: small jobs that intake kept in memory, jobs that spilled to
 the body cache, a job large enough for a transaction of its own, several
 data files and an empty one.  The rows and chunks are read back by SQL and
-compared with the bytes sent; the body cache is checked for what it keeps.
+compared with the bytes sent; the body cache is checked for what it keeps;
+and the removals' own session (``relay.spoolpgloop``) is lost and reopened.
 """
 
 from __future__ import annotations
@@ -145,3 +146,44 @@ def test_a_delivering_node_keeps_the_bodies_in_batch_files(cluster: PostgresClus
     assert 0 < len(batches) < small
     assert len(cached) - len(batches) == spilled   # their data files and control files
     assert _stored(dsn) == sent
+
+
+def test_removals_reopen_their_session_after_losing_it(cluster: PostgresCluster,
+                                                       tmp_path: Path) -> None:
+    """A delivery's removals go over the event loop's own session; a session the
+    server dropped fails one sync (the removals wait), and the next opens a new one."""
+    import psycopg
+    spool, dsn = _spool(cluster, tmp_path)
+
+    def count() -> int:
+        with psycopg.connect(dsn) as conn:
+            return int(conn.execute("SELECT count(*) FROM lpd_jobs").fetchone()[0])
+
+    async def main() -> list[int]:
+        with trio.fail_after(30):
+            return await steps()
+
+    async def steps() -> list[int]:
+        ids = [m.id for m in spool.jobs()]
+        seen = []
+        spool.remove(ids[0])
+        await spool.sync()
+        seen.append(count())
+        assert spool._loop is not None and spool._loop._conn is not None
+        pid = spool._loop._conn.pgconn.backend_pid
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        spool.remove(ids[1])
+        await spool.sync()                 # the lost session: fails, the removal waits
+        seen.append(spool.save_unsaved())
+        await spool.sync()                 # a new session
+        seen += [spool.save_unsaved(), count()]
+        return seen
+
+    try:
+        trio.run(_send, spool, 1)
+        total = count()
+        seen = trio.run(main)
+    finally:
+        trio.run(spool.aclose)
+    assert seen == [total - 1, 1, 0, total - 2]
