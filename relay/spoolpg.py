@@ -1,14 +1,16 @@
 """The shared spool on PostgreSQL: ``SpoolBackend`` for any number of relays (SPEC §10).
 
-Intake receives a job exactly as the local spool does (``relay.spooljob``),
-into this node's body cache (``<spool_dir>/pg-cache``), so the server can
+Intake receives a job exactly as the local spool does (``relay.spooljob``):
+a small one (up to the local spool's segment threshold) in memory, a larger
+one into this node's body cache (``<spool_dir>/pg-cache``), so the server can
 still splice straight from the socket to a file.  ``commit`` then stores the
 job in the database — its row, the raw control file and the data files in
-``chunk_size`` rows, streamed by binary ``COPY`` — and returns only after
-that transaction committed with ``synchronous_commit = on``: the ack follows
-the commit (SPEC §10, §4.4).  Concurrent jobs share one transaction and one
-commit (``relay.groupcommit``), as the local spool's jobs share one flush;
-a large job gets a transaction of its own so small ones never wait behind it.
+``chunk_size`` rows — and returns only after that transaction committed with
+``synchronous_commit = on``: the ack follows the commit (SPEC §10, §4.4).
+Concurrent jobs share one transaction and one commit (``relay.groupcommit``),
+as the local spool's jobs share one flush: one statement for the group's rows
+and in-memory chunks, a binary ``COPY`` for cached files; a large job gets a
+transaction of its own so small ones never wait behind it.
 
 psycopg's synchronous API runs in worker threads over a bounded pool of
 sessions (``pool_size``, ``relay.spoolpgsession``): trio has no PostgreSQL
@@ -18,7 +20,8 @@ few reads the synchronous interface asks for and the daemon calls rarely
 (``jobs``, a ``get`` of a job this node never saw, lpq's cluster view).
 
 Delivery-state changes and removals are kept in memory and written by
-``sync`` (after each delivery) or the service loop; delivery across nodes —
+``sync`` (after each delivery: removals alone on the event loop's own
+session, ``relay.spoolpgloop``) or the service loop; delivery across nodes —
 queue leases, LISTEN/NOTIFY, feeding the runners — is ``relay.spoolpgfeed``.
 A database that cannot take a job (down, read-only, a hot standby) makes
 ``check_space``/``begin``/``commit`` raise ``DatabaseUnavailable``: 0x02.
@@ -39,15 +42,17 @@ import trio
 
 from relay import log
 from relay.errors import DiskFull, SpoolError
-from relay.groupcommit import GroupCommit, create, make_dir, unlink_quiet
+from relay.groupcommit import GroupCommit, create, make_dir
 from relay.jobevents import NO_EVENTS, JobEvents
 from relay.spool import release_lock, take_lock
 from relay.spoolbackend import Body, SpoolBackend, open_file_body, register_locator
 from relay.spoolformat import STATES, FileMeta, JobMeta, Recovery, SpoolStatistics, SpoolUsage
 from relay.spoolindex import SpoolIndex, usage_of
 from relay.spooljob import IncomingJob
+from relay.spoolpgcache import BodyCache
 from relay.spoolpgconfig import SpoolConfig, redact_dsn
 from relay.spoolpgdb import (
+    REMOVE_SQL,
     NewJob,
     apply_writes,
     delete_jobs,
@@ -56,9 +61,12 @@ from relay.spoolpgdb import (
     heartbeat,
     insert_jobs,
     load_jobs,
+    text_array,
 )
+from relay.spoolpgloop import LoopSession
 from relay.spoolpgschema import check_schema
 from relay.spoolpgsession import DatabaseUnavailable, Sessions, close_pool
+from relay.spoolsegjobs import SEGMENT_THRESHOLD
 
 CACHE_DIR = "pg-cache"
 ID_DIGITS = 19            # 16 digits of microseconds, 3 of the node's slot
@@ -79,13 +87,17 @@ class PgSpool(Sessions):
         self.where = redact_dsn(config.dsn)
         self.min_free_disk = min_free_disk
         self.written = 0
-        self.segment_threshold = 0   # bodies go to the local cache files, then to the database
+        # Jobs up to this size stay in memory from intake to the database (no
+        # cache file is created or unlinked for them); larger ones spill to
+        # the body cache and are streamed from there by COPY.
+        self.segment_threshold = min(SEGMENT_THRESHOLD, config.chunk_size)
         self.events: JobEvents = NO_EVENTS   # the audit log's subscriber, when configured
         self.problem = ""                    # why the database cannot take jobs ("" = it can)
         self.leased: set[str] = set()        # queues this node delivers (relay.spoolpgfeed)
         self.on_commit: Callable[[JobMeta], None] = lambda meta: None
         self.on_change: Callable[[], None] = lambda: None   # a job left (the feeder refills)
         self._pool: Any = None
+        self._loop: LoopSession | None = None    # removals, from the event loop
         self._group: GroupCommit[NewJob] = GroupCommit(self._flush)
         self._limiter = trio.CapacityLimiter(max(1, config.pool_size - 1))
         self._writes_lock = trio.Lock()
@@ -97,9 +109,7 @@ class PgSpool(Sessions):
         self._slot = 0
         self._last_us = 0
         self._stats = Counter[str]()
-        self._located: dict[str, tuple[str, int, int]] = {}   # body name -> (batch, off, len)
-        self._batch_refs = Counter[str]()    # batch file -> bodies still located in it
-        self._batches = 0
+        self._cache = BodyCache(self.jobs_dir)
 
     # -- the database ------------------------------------------------------------------
 
@@ -118,7 +128,7 @@ class PgSpool(Sessions):
             self._take_lock()
             shutil.rmtree(self.jobs_dir, ignore_errors=True)   # the database has every body
             make_dir(self.jobs_dir)
-            register_locator(self.jobs_dir, self._locate)
+            register_locator(self.jobs_dir, self._cache.locate)
         except OSError as exc:
             self._release_lock()
             raise SpoolError(f"spool {self.directory}: {exc.strerror or exc}") from exc
@@ -139,6 +149,7 @@ class PgSpool(Sessions):
                   server_version=version, synchronous_commit_default=default,
                   synchronous_commit="on")
         self._open_pool()
+        self._loop = LoopSession(self.connect, {"remove": REMOVE_SQL}, self.config.db_timeout)
         self._index = SpoolIndex()
         return Recovery(jobs=[], discarded=0, discarded_bytes=0)
 
@@ -181,7 +192,8 @@ class PgSpool(Sessions):
             if hold:
                 meta = replace(meta, state="held", last_error=hold[:500])
             job.mark("committing")
-            item = NewJob(meta, job.control_raw, self.node)
+            data = tuple(job.data_parts(meta.files)) if job.in_memory else None
+            item = NewJob(meta, job.control_raw, self.node, data)
             if job.bytes > BIG_JOB_CHUNKS * self.config.chunk_size:
                 errors = await trio.to_thread.run_sync(self._flush, [item],
                                                        limiter=self._limiter)
@@ -205,25 +217,35 @@ class PgSpool(Sessions):
 
     def _flush(self, items: list[NewJob]) -> list[Exception | None]:
         # A worker thread: one transaction for the batch.  Then the cache: a
-        # job this node delivers gets its control file there (delivery reads
-        # it from the cache); another node's job leaves it — here, since an
-        # unlink of a just-written file can take a millisecond.
+        # job this node delivers keeps its bodies there (delivery reads them
+        # from the cache): an in-memory job's in one batch file for the whole
+        # group, a spilled job's control file beside its data files.  Another
+        # node's job leaves it — here, since an unlink of a just-written file
+        # can take a millisecond.
         try:
             self.call(lambda conn: insert_jobs(conn, items, self.config.chunk_size))
         except SpoolError as exc:
             return [exc for _ in items]
         self._stats["transactions"] += 1
         leased = self.leased
+        kept: list[tuple[str, bytes]] = []
         for item in items:
             if item.meta.queue not in leased:
-                self._drop_cache(item.meta)
-                continue
-            with contextlib.suppress(OSError):
-                fd = create(item.meta.control_path, os.O_WRONLY | os.O_TRUNC)
-                try:
-                    os.write(fd, item.control)
-                finally:
-                    os.close(fd)
+                if item.data is None:
+                    self._cache.drop(item.meta)
+            elif item.data is not None:
+                kept.append((item.meta.control_path, item.control))
+                kept += zip((f.path for f in item.meta.files), item.data, strict=True)
+            else:
+                with contextlib.suppress(OSError):
+                    fd = create(item.meta.control_path, os.O_WRONLY | os.O_TRUNC)
+                    try:
+                        os.write(fd, item.control)
+                    finally:
+                        os.close(fd)
+        if kept:
+            with contextlib.suppress(OSError):   # then a delivery fetches them back
+                self._cache.keep(kept)
         return [None for _ in items]
 
     # -- reading and changing jobs -----------------------------------------------------
@@ -241,19 +263,7 @@ class PgSpool(Sessions):
         """Internal (the feeder): a job another node delivers now; its cache goes."""
         meta = self._known.pop(job_id, None)
         if meta is not None:
-            self._drop_cache(meta)
-
-    def _drop_cache(self, meta: JobMeta) -> None:
-        for path in (meta.control_path, *(f.path for f in meta.files)):
-            where = self._located.pop(os.path.basename(path), None)
-            if where is None:
-                unlink_quiet(path)
-                continue
-            batch = where[0]
-            self._batch_refs[batch] -= 1
-            if self._batch_refs[batch] <= 0:   # its last body gone: the batch file goes
-                del self._batch_refs[batch]
-                unlink_quiet(batch)
+            self._cache.drop(meta)
 
     def get(self, job_id: str) -> JobMeta:
         if job_id in self._removals:
@@ -294,7 +304,7 @@ class PgSpool(Sessions):
         """Forget a job; the database row (and its chunks) go with the next ``sync``."""
         meta = self._known.pop(job_id, None)
         if meta is not None:
-            self._drop_cache(meta)
+            self._cache.drop(meta)
         self._updates.pop(job_id, None)
         self._removals.add(job_id)
         if self._index is not None:
@@ -320,8 +330,7 @@ class PgSpool(Sessions):
                 await trio.lowlevel.checkpoint()
                 return
             try:
-                await self.acall(lambda conn: apply_writes(conn, list(updates.values()),
-                                                           sorted(removals)))
+                await self._write(list(updates.values()), sorted(removals))
             except SpoolError as exc:
                 log.event("warning", "spool_sync_failed", error=str(exc),
                           waiting=len(updates) + len(removals))
@@ -331,6 +340,16 @@ class PgSpool(Sessions):
                     del self._updates[job_id]
             self._removals -= removals
 
+    async def _write(self, updates: list[JobMeta], removals: list[str]) -> None:
+        if updates or self._loop is None:
+            await self.acall(lambda conn: apply_writes(conn, updates, removals))
+            return
+        # A delivery's usual sync, removals only: on the event loop's own session.
+        try:
+            await self._loop.execute("remove", [text_array(removals)])
+        except Exception as exc:   # the driver's, a timeout: as every database error
+            raise self.unavailable(exc) from exc
+
     def save_unsaved(self) -> int:
         """How many state changes and removals the database still owes (``sync`` writes them)."""
         return len(self._updates) + len(self._removals)
@@ -339,7 +358,7 @@ class PgSpool(Sessions):
 
     async def prefetch(self, meta: JobMeta) -> None:
         """Bring ``meta``'s bodies into the cache (a worker thread); ``KeyError`` if gone."""
-        if self._cached(meta):
+        if self._cache.cached(meta):
             await trio.lowlevel.checkpoint()
             return
         await self.acall(lambda conn: fetch_bodies(conn, meta))
@@ -348,17 +367,14 @@ class PgSpool(Sessions):
         """``prefetch`` for several jobs: the small ones in one call (two queries, one
         batch file), not a thread, a few round trips and two files each; the jobs
         still in the database, in order."""
-        todo = [m for m in metas if not self._cached(m)]
+        todo = [m for m in metas if not self._cache.cached(m)]
         limit = BIG_JOB_CHUNKS * self.config.chunk_size
         small = [m for m in todo if m.total_bytes <= limit]
         gone: set[str] = set()
         if small:
-            self._batches += 1
-            batch = os.path.join(self.jobs_dir, f"batch-{self._batches}.bodies")
+            batch = self._cache.new_batch()
             where = await self.acall(lambda conn: fetch_small_bodies(conn, small, batch))
-            for path, (offset, length) in where.items():
-                self._located[os.path.basename(path)] = (batch, offset, length)
-            self._batch_refs[batch] += len(where)
+            self._cache.add(batch, where)
             gone.update(m.id for m in small if m.control_path not in where)
         for meta in todo:
             if meta.total_bytes > limit:
@@ -369,18 +385,8 @@ class PgSpool(Sessions):
         await trio.lowlevel.checkpoint()
         return [m for m in metas if m.id not in gone]
 
-    def _locate(self, name: str) -> tuple[str, int, int] | None:
-        return self._located.get(name)
-
-    def _has(self, path: str) -> bool:
-        return os.path.basename(path) in self._located or os.path.exists(path)
-
-    def _cached(self, meta: JobMeta) -> bool:
-        # A local stat or two per job, like the local spool's own opens: not worth a thread.
-        return all(self._has(p) for p in (meta.control_path, *(f.path for f in meta.files)))
-
     def _ensure(self, job_id: str, path: str) -> None:
-        if self._has(path):
+        if self._cache.has(path):
             return
         with contextlib.suppress(KeyError, SpoolError):   # then open_file_body says "missing"
             meta = self.get(job_id)
@@ -422,6 +428,8 @@ class PgSpool(Sessions):
             with trio.move_on_after(self.config.db_timeout):
                 await self.sync()
             pool, self._pool = self._pool, None
+            if self._loop is not None:
+                self._loop.close()
             await trio.to_thread.run_sync(close_pool, pool)
             register_locator(self.jobs_dir, None)
         self._release_lock()

@@ -32,11 +32,17 @@ _STATE = ("state", "attempts", "failures", "destination", "next_attempt", "last_
 
 @dataclass(frozen=True, slots=True)
 class NewJob:
-    """A job to insert: its record, raw control file, and data files by number."""
+    """A job to insert: its record, raw control file, and data files by number.
+
+    ``data``: a small job's data files, in ``meta.files`` order, when intake
+    kept it in memory (``PgSpool.segment_threshold``); ``None``: they are the
+    local files ``meta.files`` names, streamed by ``COPY``.
+    """
 
     meta: JobMeta
     control: bytes
     node: str
+    data: tuple[bytes, ...] | None = None
 
 
 def file_number(path: str) -> int:
@@ -44,32 +50,62 @@ def file_number(path: str) -> int:
     return int(path.rsplit(".d", 1)[1])
 
 
-def insert_jobs(conn: Any, jobs: Sequence[NewJob], chunk_size: int) -> None:
-    """One transaction, one commit: every job's row, all chunks in one ``COPY``, one
-    NOTIFY per queue — a few round trips per batch, not per job."""
-    rows = []
+# Every job's row, the in-memory jobs' chunks and one NOTIFY per queue, in ONE
+# statement: each column is one array parameter, so a group of any size is a
+# single round trip, parsed and planned once (prepared after a few groups),
+# and in autocommit its own transaction: one commit for the group.  Binary
+# parameters (``%b``): psycopg's text arrays quote each element with a regular
+# expression in Python, 80 us of the relay's CPU per job; binary ones, 8.
+_INSERT = (
+    "WITH j AS (INSERT INTO lpd_jobs (id, queue, wire_queue, peer, received, control_name,"
+    " number, user_name, host, title, job_name, tls_peer, control, control_bytes, files,"
+    " node, state, last_error) SELECT * FROM unnest(%b::text[], %b::text[], %b::text[],"
+    " %b::text[], %b::float8[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],"
+    " %b::text[], %b::text[], %b::bytea[], %b::int[], %b::jsonb[], %b::text[], %b::text[],"
+    " %b::text[])), c AS (INSERT INTO lpd_chunks (job_id, file, seq, data)"
+    " SELECT * FROM unnest(%b::text[], %b::int[], %b::int[], %b::bytea[]))"
+    " SELECT pg_notify(%b, q) FROM unnest(%b::text[]) AS q")
+
+
+def _insert_args(jobs: Sequence[NewJob], chunk_size: int) -> list[Any]:
+    columns: list[list[Any]] = [[] for _ in range(18)]
+    chunks: list[list[Any]] = [[], [], [], []]
     for job in jobs:
         m = job.meta
         files = [{"name": f.name, "format": f.format, "bytes": f.bytes,
                   "n": file_number(f.path)} for f in m.files]
-        rows.append((m.id, m.queue, m.wire_queue, m.peer, m.received, m.control_name, m.number,
-                     m.user, m.host, m.title, m.job_name, m.tls_peer, job.control,
-                     m.control_bytes, orjson.dumps(files).decode(), job.node, m.state,
-                     m.last_error))
+        row = (m.id, m.queue, m.wire_queue, m.peer, m.received, m.control_name, m.number,
+               m.user, m.host, m.title, m.job_name, m.tls_peer, job.control,
+               m.control_bytes, orjson.dumps(files).decode(), job.node, m.state,
+               m.last_error)
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+        if job.data is None:   # its files: by COPY
+            continue
+        for f, data in zip(m.files, job.data, strict=True):
+            number = file_number(f.path)
+            for seq, at in enumerate(range(0, len(data), chunk_size)):
+                for column, value in zip(chunks, (m.id, number, seq,
+                                                  data[at:at + chunk_size]), strict=True):
+                    column.append(value)
+    return [*columns, *chunks, NOTIFY_CHANNEL, sorted({j.meta.queue for j in jobs})]
+
+
+def insert_jobs(conn: Any, jobs: Sequence[NewJob], chunk_size: int) -> None:
+    """One commit for the batch: every row and every in-memory chunk in one statement
+    (one round trip when no job has files), then the other jobs' files by ``COPY``
+    inside the same transaction."""
+    args = _insert_args(jobs, chunk_size)
+    on_disk = [j.meta for j in jobs if j.data is None and any(f.bytes for f in j.meta.files)]
+    if not on_disk:
+        conn.execute(_INSERT, args)
+        return
     with conn.transaction(), conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO lpd_jobs (id, queue, wire_queue, peer, received, control_name,"
-            " number, user_name, host, title, job_name, tls_peer, control, control_bytes,"
-            " files, node, state, last_error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s,"
-            " %s, %s, %s, %s, %s, %s, %s, %s, %s)", rows)
-        _copy_files(cur, [j.meta for j in jobs], chunk_size)
-        for queue in sorted({j.meta.queue for j in jobs}):
-            cur.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, queue))
+        cur.execute(_INSERT, args)
+        _copy_files(cur, on_disk, chunk_size)
 
 
 def _copy_files(cur: Any, metas: Sequence[JobMeta], chunk_size: int) -> None:
-    if not any(f.bytes for m in metas for f in m.files):
-        return
     buf = bytearray(chunk_size)
     view = memoryview(buf)
     with cur.copy("COPY lpd_chunks (job_id, file, seq, data) FROM STDIN (FORMAT BINARY)"
@@ -200,6 +236,12 @@ def fetch_small_bodies(conn: Any, metas: Sequence[JobMeta], batch: str
         bodies.append((by_id[job_id].control_path, bytes(controls[job_id])))
         bodies += [(f.path, b"".join(parts.get((job_id, file_number(f.path)), [])))
                    for f in by_id[job_id].files]
+    return write_batch(batch, bodies)
+
+
+def write_batch(batch: str, bodies: Sequence[tuple[str, bytes]]) -> dict[str, tuple[int, int]]:
+    """Write ``bodies`` one after the other into the file ``batch``; each path -> (offset,
+    length) in it."""
     where: dict[str, tuple[int, int]] = {}
     offset = 0
     for path, data in bodies:
@@ -223,6 +265,16 @@ def _write_whole(path: str, parts: Iterable[bytes]) -> None:
         raise
     os.close(fd)
     os.rename(tmp, path)
+
+
+# A delivery's sync: its removals (``relay.spoolpgloop`` prepares it, one text[] parameter).
+REMOVE_SQL = "DELETE FROM lpd_jobs WHERE id = ANY($1::text[])"
+
+
+def text_array(values: Sequence[str]) -> bytes:
+    """A text[] literal of ``values`` (each quoted, so any text is safe)."""
+    quoted = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
+    return ("{" + ",".join(quoted) + "}").encode()
 
 
 def apply_writes(conn: Any, updates: Sequence[JobMeta], removals: Sequence[str]) -> None:
