@@ -10,11 +10,14 @@ instead (aiohttp-style "c"/"py" ids): both must give the same events.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
+
+import pytest
 
 from benchmarks.reference_parser import ReferenceParser
 from relay import _core
+from tests.peers.postgres import PostgresCluster, require_postgres
 
 
 def _as_core(ev: Any) -> Any:
@@ -49,3 +52,12 @@ def parse_chunks(chunks: Iterable[bytes | bytearray | memoryview], impl: str = "
                 return events
     raise AssertionError("no EndOfStream after EOF")
 
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[PostgresCluster]:
+    """One private PostgreSQL cluster for every test module that asks for it
+    (each test makes its own database); skips where PostgreSQL is missing."""
+    require_postgres()
+    with PostgresCluster() as pg:
+        yield pg

@@ -15,7 +15,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +27,6 @@ from tests.peers.postgres import PostgresCluster, require_postgres
 from tests.relayproc import LoggedRelay, wait_until
 
 _names = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[PostgresCluster]:
-    require_postgres()
-    with PostgresCluster() as pg:
-        yield pg
 
 
 def spool_cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -14,28 +14,19 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import trio
 
 from relay.spoolpg import PgSpool
 from relay.spoolpgconfig import SpoolConfig
 from relay.spoolpgschema import init_db
-from tests.peers.postgres import PostgresCluster, require_postgres
+from tests.peers.postgres import PostgresCluster
 
 CHUNK = 64 << 10
 # (data files' sizes) per job: in memory (<= 64 KiB in all), spilled to the
 # cache (grouped with the others), over 4 chunks (its own transaction), none.
 SHAPES = [(1024,), (10, 20, 0), (CHUNK - 200,), (100 << 10,), (CHUNK, 1), (300 << 10,), (0,)]
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[PostgresCluster]:
-    require_postgres()
-    with PostgresCluster() as pg:
-        yield pg
 
 
 def _spool(cluster: PostgresCluster, tmp: Path) -> tuple[PgSpool, str]:
