@@ -40,7 +40,7 @@ from relay.intakechannel import (
     MakeRoom,
     Open,
     Reply,
-    Settled,
+    Withdrawn,
     raise_failure,
 )
 from relay.jobevents import NO_EVENTS, JobEvents
@@ -51,6 +51,8 @@ __all__ = ["IN_MEMORY_MAX", "IncomingProxy", "SpoolProxy"]
 
 # Data kept in memory per job before a data file goes to a spool file of its own.
 IN_MEMORY_MAX = 64 * 1024
+# A connection whose commit failed: jobs it begins this soon after are refused too.
+FAILED_SESSION_MEMORY = 60.0
 WRITEBACK_CHUNK = 8 << 20      # as relay.spooljob: start writeback every 8 MiB under fsync
 
 
@@ -144,6 +146,10 @@ class IncomingProxy:
         self.gone = False
         self.after = _SET          # set once the session's previous job sent its Commit
         self.sent = trio.Event()   # set once this job sent its Commit (or was discarded)
+        self.previous: IncomingProxy | None = None   # that job, unanswered at begin()
+        self.answered = False      # its commit's reply came (or it failed here, or went)
+        self.failed = False        # its commit failed: the session's later jobs fail too
+        self.failed_before = False  # a commit of its connection failed before it began
 
     @property
     def id(self) -> str:
@@ -181,6 +187,8 @@ class IncomingProxy:
 
     def discard(self) -> None:
         self.spool.sent(self)
+        if not self.answered:
+            self.spool.answered(self, failed=False)
         if self.gone:
             return
         self.gone = True
@@ -194,10 +202,15 @@ class IncomingProxy:
     def commit_message(self, rid: int, hold: str) -> Commit:
         if self._open is not None:
             raise SpoolError(f"job {self.token}: data file {self._open.name!r} still open")
+        before = self.previous
+        if self.failed_before or (before is not None and before.failed):
+            raise SpoolError("a job before it on this connection was not committed")
+        # Not answered yet: the main process decides after that job (Commit.previous).
+        previous = before.token if before is not None and not before.answered else ""
         return Commit(rid=rid, token=self.token, queue=self.queue, wire_queue=self.wire_queue,
                       peer=self.peer, tls_peer=self.tls_peer, control=self.control,
                       files=tuple(self.files.items()), promoted=self.promoted, hold=hold,
-                      digests=self.digests)
+                      digests=self.digests, previous=previous)
 
 
 class _RecordedInMain:
@@ -233,10 +246,8 @@ class SpoolProxy(FreeSpace):
         self.own_written = 0        # bytes this worker received into jobs, ever
         self.shared: NoOthers = NO_OTHERS          # the workers' table (connectioncounts)
         self._others = Received(NO_OTHERS)
-        self._last: dict[str, IncomingProxy] = {}   # peer -> its session's latest job
-        self._accepted: list[str] = []    # committed jobs acked in order, for Settled
-        self._withdrawn: list[str] = []   # committed jobs a failed session never acked
-        self._settle = trio.Event()
+        self._last: dict[str, IncomingProxy] = {}   # peer -> its latest job not answered
+        self._failed: dict[str, float] = {}   # peer -> when a commit of its session failed
         self._stats: Counter[str] = Counter()
         self.catch_all_names: tuple[str, ...] = ()
         # The main process records a worker's job events (received, acknowledged,
@@ -278,18 +289,34 @@ class SpoolProxy(FreeSpace):
         job = IncomingProxy(self, f"{os.getpid()}-{next(self._tokens)}", queue=queue,
                             wire_queue=wire_queue, peer=peer)
         # A session's jobs commit in tasks of their own (relay.ackqueue), whose
-        # order trio does not keep: each Commit waits for the one before it.
+        # order trio does not keep: each Commit waits for the one before it, and
+        # is acknowledged only if that one was committed (as relay.ackqueue does).
         if (last := self._last.get(peer)) is not None:
-            job.after = last.sent
+            job.after, job.previous = last.sent, last
+        elif (when := self._failed.get(peer)) is not None:
+            if trio.current_time() - when < FAILED_SESSION_MEMORY:
+                job.failed_before = True
+            else:
+                del self._failed[peer]
         self._last[peer] = job
         return job
 
     def sent(self, job: IncomingProxy) -> None:
         job.sent.set()
+
+    def answered(self, job: IncomingProxy, *, failed: bool) -> None:
+        """The job's commit is decided (or it went): later jobs need not wait for its word."""
+        job.answered, job.failed = True, failed
+        if failed:
+            now = trio.current_time()
+            if len(self._failed) > 1000:
+                self._failed = {p: t for p, t in self._failed.items()
+                                if now - t < FAILED_SESSION_MEMORY}
+            self._failed[job.peer] = now
         if self._last.get(job.peer) is job:
             del self._last[job.peer]
 
-    def call(self, message: Open | Discard | Admit) -> list[int]:
+    def call(self, message: Open | Discard | Admit | Withdrawn) -> list[int]:
         """A call to the main process; its descriptors, or the error it sent raised."""
         try:
             reply, fds = self.calls.call(message)
@@ -309,12 +336,17 @@ class SpoolProxy(FreeSpace):
         return fds[0]
 
     async def commit(self, job: IncomingProxy, *, hold: str = "") -> JobMeta:
+        """Commit in the main process; it hands the job to delivery before it replies,
+        so the job is in every lpq once this returns (the connection acks then)."""
+        failed = True
         try:
             await job.after.wait()
             message = job.commit_message(next(self._rids), hold)
             job.gone = True    # from here the main process owns the job (it discards on failure)
             value = await self.request(message, job)
+            failed = False
         finally:
+            self.answered(job, failed=failed)   # before ``sent``: the next job looks
             self.sent(job)
         assert isinstance(value, JobMeta)
         return value
@@ -326,38 +358,21 @@ class SpoolProxy(FreeSpace):
         assert isinstance(value, bytes)
         return value
 
-    # -- committed jobs: delivery is the main process's once a connection accepted them --
-
-    def accepted(self, job_id: str) -> None:
-        """A committed job was acknowledged in its session's order: it may be delivered."""
-        self._accepted.append(job_id)
-        self._settle.set()
+    # -- committed jobs: delivery is the main process's -------------------------------
 
     def remove(self, job_id: str) -> None:
-        """A committed job its session never acknowledged (``relay.ackqueue``): it goes."""
-        self._withdrawn.append(job_id)
-        self._settle.set()
+        """A committed job its connection did not acknowledge (``relay.ackqueue``).
 
-    async def send_settled(self) -> None:
-        """Tell the main process what became of committed jobs (in the stream's order)."""
-        if self._accepted or self._withdrawn:
-            message = Settled(tuple(self._accepted), tuple(self._withdrawn))
-            self._accepted, self._withdrawn = [], []
-            await self.channel.send(message)
-
-    async def run_settled(self) -> None:
-        """Send ``Settled`` as jobs are accepted, a batch per wake-up."""
-        while True:
-            await self._settle.wait()
-            self._settle = trio.Event()
-            await self.send_settled()
+        Not expected: the main process refuses a session's jobs after a failed
+        commit itself (``Commit.previous``); should one slip through, it goes.
+        """
+        self.call(Withdrawn((job_id,)))
 
     async def request(self, message: Commit | Command,
                       job: IncomingProxy | None = None) -> object:
         event, box = trio.Event(), cast(list[Reply], [])
         self._waiting[message.rid] = (event, box)
         try:
-            await self.send_settled()   # an lpq after an ack here sees that job queued
             await self.channel.send(message)
             if job is not None:
                 self.sent(job)

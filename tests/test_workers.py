@@ -16,15 +16,22 @@ import socket
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import orjson
 import pytest
+import trio
+from prometheus_client import CollectorRegistry
 
 from relay.app import one_process_reason
 from relay.config import config_from_dict
-from relay.spool import Spool
+from relay.context import Delivery
+from relay.intakechannel import Commit, Control, Reply
+from relay.metrics import Metrics
+from relay.spool import JobMeta, Spool
+from relay.workerjobs import Prepared, WorkerJobs
 from tests.daemon import relay_config, write_config_file
 from tests.lpdwire import Job, Wire, send_job
 from tests.relayproc import LoggedRelay, wait_until
@@ -299,3 +306,80 @@ def test_a_workers_audit_records_carry_the_proxy_source_and_the_sha256s(
     assert received["files"] == [{"name": "dfA123client", "format": "l", "bytes": len(payload),
                                   "sha256": hashlib.sha256(payload).hexdigest()}]
     assert acked["seq"] > received["seq"] and acked["job"] == received["job"]
+
+
+# -- the main process's half of a worker's commits (relay.workerjobs), in one process --
+
+class _Submitted:
+    """A ``Delivery`` that keeps what intake handed it."""
+
+    def __init__(self) -> None:
+        self.jobs: list[str] = []
+
+    def submit(self, job: JobMeta) -> None:
+        self.jobs.append(job.id)
+
+    def remove(self, queue: str, job_ids: Sequence[str]) -> list[str]:
+        return []
+
+
+def _commit_message(rid: int, token: str, *, previous: str = "",
+                    promoted: bool = False) -> Commit:
+    control = Control(name=f"cfA{rid:03d}client", raw=b"Hclient\nPalice\nldfA001client\n",
+                      number=f"{rid:03d}", user="alice", host="client", title="t",
+                      job_name="t", formats={"dfA001client": "l"})
+    return Commit(rid=rid, token=token, queue="lp", wire_queue="lp", peer="127.0.0.1:721",
+                  tls_peer="", control=control, files=(("dfA001client", b"data\n"),),
+                  promoted=promoted, hold="", previous=previous)
+
+
+def _worker_jobs(tmp_path: Path) -> tuple[WorkerJobs, Spool, _Submitted, Metrics]:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.recover()
+    metrics = Metrics(CollectorRegistry(), queues=["lp"], destinations=[])
+    delivery = _Submitted()
+    return WorkerJobs(spool, cast(Delivery, delivery), metrics), spool, delivery, metrics
+
+
+def _received(metrics: Metrics) -> float:
+    return metrics.jobs_received_total.labels(queue="lp")._value.get()  # type: ignore[no-any-return]
+
+
+async def _pipelined(jobs: WorkerJobs, *messages: Commit) -> list[Reply]:
+    """The messages as a worker's stream brings them: prepared in order, committed at once."""
+    replies: dict[int, Reply] = {}
+
+    async def one(message: Commit, prepared: Prepared) -> None:
+        replies[message.rid] = await jobs.commit(message, prepared)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for message in messages:
+                nursery.start_soon(one, message, jobs.prepare(message))
+    return [replies[m.rid] for m in messages]
+
+
+def test_a_commit_behind_a_failed_one_on_its_connection_is_removed_and_not_counted(
+        tmp_path: Path) -> None:
+    # Job 1's spool file is gone (its commit fails); job 2 names it as the job
+    # before it, still unanswered: never acknowledged, so removed and not counted.
+    jobs, spool, delivery, metrics = _worker_jobs(tmp_path)
+    first, second = _commit_message(1, "w-1", promoted=True), _commit_message(2, "w-2",
+                                                                             previous="w-1")
+    replies = trio.run(_pipelined, jobs, first, second)
+    assert [r.failure is not None for r in replies] == [True, True]
+    assert spool.jobs() == [] and delivery.jobs == []
+    assert _received(metrics) == 0
+    # A third naming job 2 after both were answered: refused the same way.
+    [late] = trio.run(_pipelined, jobs, _commit_message(3, "w-3", previous="w-2"))
+    assert late.failure is not None and spool.jobs() == [] and _received(metrics) == 0
+
+
+def test_a_commit_is_with_delivery_when_its_reply_goes_and_in_connection_order(
+        tmp_path: Path) -> None:
+    jobs, spool, delivery, metrics = _worker_jobs(tmp_path)
+    messages = [_commit_message(1, "w-1"), *(_commit_message(i, f"w-{i}", previous=f"w-{i - 1}")
+                                            for i in range(2, 6))]
+    replies = trio.run(_pipelined, jobs, *messages)
+    ids = [cast(JobMeta, r.value).id for r in replies]
+    assert delivery.jobs == ids == sorted(ids) and len(spool.jobs()) == 5
+    assert _received(metrics) == 5
