@@ -30,11 +30,15 @@ from relay.config import config_from_dict
 from relay.context import Delivery
 from relay.intakechannel import Commit, Control, Reply
 from relay.metrics import Metrics
+from relay.sinks import SinkContext, make_sink
 from relay.spool import JobMeta, Spool
+from relay.uri import parse_destination
 from relay.workerjobs import Prepared, WorkerJobs
 from tests.daemon import relay_config, write_config_file
 from tests.lpdwire import Job, Wire, send_job
 from tests.relayproc import LoggedRelay, wait_until
+from tests.test_ackqueue import _failing_commit, _spooled_users
+from tests.test_relay_batching import _deliver, _jobs, _receiver
 from tests.test_tls import job_stream
 
 DOWN = "socket://127.0.0.1:1"
@@ -383,3 +387,21 @@ def test_a_commit_is_with_delivery_when_its_reply_goes_and_in_connection_order(
     ids = [cast(JobMeta, r.value).id for r in replies]
     assert delivery.jobs == ids == sorted(ids) and len(spool.jobs()) == 5
     assert _received(metrics) == 5
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_jobs_removed_behind_a_failed_pipelined_commit_are_not_counted_as_received(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
+    # Another lpd-relay sends 8 jobs ahead; job 4's commit fails (slowly, so
+    # jobs behind it commit first): 3 acked, the rest removed, 3 counted.
+    _, jobs = _jobs(tmp_path, 8)
+    commits: list[str] = []
+    _failing_commit(monkeypatch, "u4", commits)
+    with _receiver(tmp_path, workers=workers) as b:
+        sink = make_sink(parse_destination(f"lpd://127.0.0.1:{b.port}/q"), SinkContext())
+        done, error = _deliver(sink, jobs)
+        received = b.metric("lpdrelay_jobs_received_total", queue="q")
+    assert done == 3 and error is not None
+    assert any(u in commits for u in ("u5", "u6", "u7", "u8")), commits
+    assert _spooled_users(tmp_path / "b-spool") == ["nurse", "u2", "u3"]
+    assert received == 3
