@@ -63,7 +63,7 @@ from relay.spoolproxy import SpoolProxy
 from relay.status import QueueState
 
 COUNTS_INTERVAL = 1.0
-# Counted by the main process as it commits (exact at the moment of the ack).
+# Counted by the main process as it hands a job to delivery, before the ack.
 MAIN_COUNTS = frozenset({"lpdrelay_jobs_received", "lpdrelay_bytes_received"})
 
 
