@@ -84,7 +84,7 @@ class _MemoryFile:
         if self._fd < 0:
             # Promoting takes the job's id now: not before the job before it in its
             # session has sent its Commit (ids go in the order jobs were acked).
-            if self._job.in_memory + n <= IN_MEMORY_MAX or not self._job.after.is_set():
+            if self._job.in_memory + n <= IN_MEMORY_MAX or not self._job.its_turn():
                 self.buf += data
                 self._job.in_memory += n
                 self._size += n
@@ -123,10 +123,6 @@ class _MemoryFile:
             self._fd = -2
 
 
-_SET = trio.Event()
-_SET.set()
-
-
 class IncomingProxy:
     """A job being received in a worker (the ``relay.spoolbackend.Incoming`` face)."""
 
@@ -144,11 +140,13 @@ class IncomingProxy:
         self.promoted = False                  # the main process holds a part of it
         self._open: _MemoryFile | None = None
         self.gone = False
-        self.after = _SET          # set once the session's previous job sent its Commit
         self.sent = trio.Event()   # set once this job sent its Commit (or was discarded)
-        self.previous: IncomingProxy | None = None   # that job, unanswered at begin()
+        # The session's job before it, unanswered at begin(); dropped once this one is
+        # answered, so a long session holds only its jobs in flight.
+        self.previous: IncomingProxy | None = None
         self.answered = False      # its commit's reply came (or it failed here, or went)
         self.failed = False        # its commit failed: the session's later jobs fail too
+        self.skipped = False       # discarded before its commit: the next looks past it
         self.failed_before = False  # a commit of its connection failed before it began
 
     @property
@@ -185,10 +183,27 @@ class IncomingProxy:
         if not file.promoted:
             self.files[file.name] = bytes(file.buf)
 
+    def before(self) -> IncomingProxy | None:
+        """The job before this one in its session that commits (discarded ones skipped)."""
+        job = self.previous
+        while job is not None and job.skipped:
+            job = job.previous
+        return job
+
+    def its_turn(self) -> bool:
+        """The job before it sent its Commit: this one may take its id now."""
+        before = self.before()
+        return before is None or before.sent.is_set()
+
+    async def wait_turn(self) -> None:
+        while (before := self.before()) is not None and not before.sent.is_set():
+            await before.sent.wait()
+
     def discard(self) -> None:
-        self.spool.sent(self)
         if not self.answered:
+            self.skipped = True
             self.spool.answered(self, failed=False)
+        self.spool.sent(self)
         if self.gone:
             return
         self.gone = True
@@ -202,7 +217,7 @@ class IncomingProxy:
     def commit_message(self, rid: int, hold: str) -> Commit:
         if self._open is not None:
             raise SpoolError(f"job {self.token}: data file {self._open.name!r} still open")
-        before = self.previous
+        before = self.before()
         if self.failed_before or (before is not None and before.failed):
             raise SpoolError("a job before it on this connection was not committed")
         # Not answered yet: the main process decides after that job (Commit.previous).
@@ -292,7 +307,7 @@ class SpoolProxy(FreeSpace):
         # order trio does not keep: each Commit waits for the one before it, and
         # is acknowledged only if that one was committed (as relay.ackqueue does).
         if (last := self._last.get(peer)) is not None:
-            job.after, job.previous = last.sent, last
+            job.previous = last
         elif (when := self._failed.get(peer)) is not None:
             if trio.current_time() - when < FAILED_SESSION_MEMORY:
                 job.failed_before = True
@@ -307,14 +322,21 @@ class SpoolProxy(FreeSpace):
     def answered(self, job: IncomingProxy, *, failed: bool) -> None:
         """The job's commit is decided (or it went): later jobs need not wait for its word."""
         job.answered, job.failed = True, failed
+        before = job.before()
+        if not job.skipped:   # decided: what came before it no longer matters
+            job.previous = None
+            job.files.clear()
         if failed:
             now = trio.current_time()
             if len(self._failed) > 1000:
                 self._failed = {p: t for p, t in self._failed.items()
                                 if now - t < FAILED_SESSION_MEMORY}
             self._failed[job.peer] = now
-        if self._last.get(job.peer) is job:
-            del self._last[job.peer]
+        if self._last.get(job.peer) is job:   # a discarded job: the one before stays latest
+            if job.skipped and before is not None and not before.answered:
+                self._last[job.peer] = before
+            else:
+                del self._last[job.peer]
 
     def call(self, message: Open | Discard | Admit | Withdrawn) -> list[int]:
         """A call to the main process; its descriptors, or the error it sent raised."""
@@ -340,7 +362,7 @@ class SpoolProxy(FreeSpace):
         so the job is in every lpq once this returns (the connection acks then)."""
         failed = True
         try:
-            await job.after.wait()
+            await job.wait_turn()
             message = job.commit_message(next(self._rids), hold)
             job.gone = True    # from here the main process owns the job (it discards on failure)
             value = await self.request(message, job)

@@ -28,10 +28,12 @@ from prometheus_client import CollectorRegistry
 from relay.app import one_process_reason
 from relay.config import config_from_dict
 from relay.context import Delivery
-from relay.intakechannel import Commit, Control, Reply
+from relay.errors import SpoolError
+from relay.intakechannel import CallClient, Channel, Commit, Control, Reply
 from relay.metrics import Metrics
 from relay.sinks import SinkContext, make_sink
 from relay.spool import JobMeta, Spool
+from relay.spoolproxy import IncomingProxy, SpoolProxy
 from relay.uri import parse_destination
 from relay.workerjobs import Prepared, WorkerJobs
 from tests.daemon import relay_config, write_config_file
@@ -405,3 +407,33 @@ def test_jobs_removed_behind_a_failed_pipelined_commit_are_not_counted_as_receiv
     assert any(u in commits for u in ("u5", "u6", "u7", "u8")), commits
     assert _spooled_users(tmp_path / "b-spool") == ["nurse", "u2", "u3"]
     assert received == 3
+
+
+def test_a_workers_commit_names_the_unanswered_job_before_it_past_a_discarded_one(
+        tmp_path: Path) -> None:
+    config = config_from_dict(relay_config(tmp_path), "<test>")
+    (tmp_path / "spool").mkdir()
+    proxy = SpoolProxy(config, cast(Channel, None), cast(CallClient, None))
+
+    def begin() -> IncomingProxy:
+        return proxy.begin(queue="lp", wire_queue="lp", peer="127.0.0.1:721")
+
+    async def session() -> None:   # in trio: the proxy reads trio's clock
+        a, b, c = begin(), begin(), begin()
+        assert not b.its_turn()             # a has not sent its Commit: b takes no id yet
+        a.sent.set()                        # a's Commit is out, its reply not yet in
+        b.discard()                         # b aborted: c comes right after a
+        assert c.its_turn() and c.commit_message(3, "").previous == a.token
+        d = begin()                         # behind c, which is not answered either
+        proxy.answered(a, failed=True)      # a's commit failed: c fails here
+        with pytest.raises(SpoolError):
+            c.commit_message(3, "")
+        d.sent.set()                        # d names c: the main process decides it after c
+        e = begin()
+        assert d.previous is c and e.commit_message(5, "").previous == d.token
+        for job in (c, d, e):
+            proxy.answered(job, failed=True)
+        assert c.previous is None and d.previous is None   # answered: no chain kept
+        with pytest.raises(SpoolError):     # a job begun after the session's failure fails
+            begin().commit_message(6, "")
+    trio.run(session)
