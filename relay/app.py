@@ -24,7 +24,7 @@ import orjson
 import trio
 from prometheus_client import CollectorRegistry
 
-from relay import __version__, log, sdnotify
+from relay import __version__, forkserver, log, sdnotify
 from relay.audit import AuditLog, config_sha256
 from relay.auditsyslog import SyslogShipper
 from relay.config import Config, InvalidConfig, choose_default_port, embedded_default, load_config
@@ -361,6 +361,8 @@ def main_serve(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr, flush=True)
     log.configure(fmt=config.log.format, level=config.log.level)
+    if config.server.workers > 1 and config.spool.backend != "postgresql":
+        forkserver.prefork()    # before trio: the workers' helper without a new interpreter
     started = False
 
     async def main() -> None:

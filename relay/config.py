@@ -185,7 +185,7 @@ class ServerConfig:
     proxy_protocol: bool = False           # SPEC §9: PROXY headers from proxy_trusted
     proxy_trusted: tuple[Network, ...] = ()
     segment_threshold: int = 64 * 1024     # jobs up to this size are segment records
-    workers: int = 1                       # intake processes (SPEC §12; see the key table)
+    workers: int = 1                       # intake processes; a file's default: "auto"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -284,7 +284,7 @@ _SERVER: Schema = {
     "listen_tls": (list_of(_listen, '"host:port" addresses', lone=True), []),  # SPEC §9
     "proxy_protocol": (to_bool, False),                                         # SPEC §9
     "proxy_trusted": (list_of(to_network, "networks"), []),                     # SPEC §9
-    "workers": (to_workers, 1),   # SPEC §12: cores; 1 until docs/architecture.md gap closes
+    "workers": (to_workers, "auto"),   # SPEC §12: the number of cores
 }
 _TLS: Schema = {
     "cert": (_file, ""),

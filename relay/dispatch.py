@@ -45,6 +45,10 @@ class Scheduler:
         self.default_retention = RetentionConfig()   # [retention]: for queues no longer here
         self.reprinter: Reprinter | None = None      # spool reprint (lpc), set by the daemon
         self._retired: list[QueueRunner] = []
+        # Queues a reload removed (until one re-adds them), and queued jobs a re-added
+        # queue took from the spool before intake handed them over (submitted once).
+        self._removed: set[str] = set()
+        self._adopted: set[str] = set()
         self._nursery: trio.Nursery | None = None
         for name, runner in self.runners.items():
             runner.stopped = self.state_of(name).stopped
@@ -78,6 +82,9 @@ class Scheduler:
             if self.retention is not None:
                 self.retention.adopt(job)
             return
+        if job.id in self._adopted:       # a re-added queue has it already (_adopt)
+            self._adopted.discard(job.id)
+            return
         moved = self.states.moved.get(job.id, "") if self.states is not None else ""
         if moved in self.runners:
             runner: QueueRunner | None = self.runners[moved]
@@ -92,8 +99,9 @@ class Scheduler:
 
     def _hold_orphan(self, job: JobMeta) -> None:
         """A job for a queue not (or no longer) configured: held, never deleted."""
-        reason = (removed_reason(job.queue) if any(r.queue.name == job.queue
-                                                   for r in self._retired)
+        # Committed before a reload removed its queue, handed over after: held
+        # like the retired runner's jobs, so re-adding the queue releases it.
+        reason = (removed_reason(job.queue) if job.queue in self._removed
                   else f"queue {job.queue} is not configured")
         log.event("warning", "job_without_queue", job=job.id, queue=job.queue,
                   error=f"{reason}; job held in the spool")
@@ -110,6 +118,7 @@ class Scheduler:
             retired = self.runners.pop(name)
             retired.retire(removed_reason(name))
             self._retired.append(retired)
+            self._removed.add(name)
             log.event("warning", "queue_removed", queue=name,
                       error=f"{len(retired.held)} job(s) held in the spool")
         self._retired = [r for r in self._retired if r.in_flight]
@@ -120,6 +129,7 @@ class Scheduler:
                 current.reconfigure(queue, None if same else sinks(queue))
                 continue
             self.runners[name] = current = runner(queue, sinks(queue))
+            self._removed.discard(name)
             current.stopped = self.state_of(name).stopped
             current.keeper = self.retention
             self.publish(name)
@@ -137,6 +147,8 @@ class Scheduler:
             if job.state == "held" and job.last_error == reason:
                 job = dataclasses.replace(job, state="queued", last_error="")
                 runner.spool.update(job, durable=True)
+            elif job.state != "held":     # committed, maybe not yet handed over by intake
+                self._adopted.add(job.id)
             runner.submit(job)
 
     def wake(self, queue: str, job_ids: Sequence[str] = ()) -> None:

@@ -3,14 +3,18 @@
 A fresh ``python -m relay.intakeworker`` spends 0.5-0.8 s importing trio,
 prometheus-client and the relay before it can listen; a daemon with two
 workers started that much slower (docs/architecture.md, "Processes").
-Forking the main process itself is not safe: it is a trio program, and in
+Forking the running main process is not safe: it is a trio program, and in
 the tests it runs in a thread beside others, whose locks a fork would copy.
-So one helper process per main process — started on first use, with
-nothing running but this loop — imports the worker module once and forks a
-worker for each request: the request carries the worker's descriptors
-(``SCM_RIGHTS``), the reply its pid.  The helper exits when the main process
-closes its socket (or dies); it reaps its children itself, so a worker is
-known to the main process by its channel, not by ``wait``.
+So one helper process per main process, with nothing running but this loop,
+forks a worker for each request: the request carries the worker's
+descriptors (``SCM_RIGHTS``), the reply its pid.  ``lpd-relay serve`` forks
+the helper from itself before trio starts (``prefork``: one thread, the
+relay imported, so the helper costs no interpreter start and no imports);
+anywhere else (a daemon in a test's thread) the helper is a fresh
+``python -m relay.forkserver`` started on first use, which imports the
+worker module once.  The helper exits when the main process closes its
+socket (or dies); it reaps its children itself, so a worker is known to the
+main process by its channel, not by ``wait``.
 """
 
 from __future__ import annotations
@@ -24,10 +28,53 @@ import subprocess
 import sys
 import threading
 
-__all__ = ["fork_worker"]
+__all__ = ["fork_worker", "prefork"]
+
+
+class _Forked:
+    """The helper as ``prefork`` made it: a child of this process, polled like a Popen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:   # reaped elsewhere: gone all the same
+                pid, status = self.pid, 0
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
 
 _lock = threading.Lock()
-_server: tuple[subprocess.Popen[bytes], pysocket.socket] | None = None
+_server: tuple[subprocess.Popen[bytes] | _Forked, pysocket.socket] | None = None
+
+
+def prefork() -> bool:
+    """Fork the helper from this process now; False (nothing done) unless it is safe:
+    only one thread runs.  Call before trio starts, with nothing locked."""
+    global _server
+    if _server is not None or threading.active_count() != 1:
+        return False
+    from relay import intakeworker  # noqa: F401  imported before the fork, for every worker
+
+    ours, theirs = pysocket.socketpair(pysocket.AF_UNIX, pysocket.SOCK_SEQPACKET)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:   # the helper: never returns into the caller's code
+        code = 1
+        try:
+            ours.close()
+            code = _serve(theirs.detach())
+        finally:
+            os._exit(code)
+    theirs.close()
+    _server = (_Forked(pid), ours)
+    return True
 
 
 def _start() -> tuple[subprocess.Popen[bytes], pysocket.socket]:

@@ -9,8 +9,8 @@ once (one per connection waiting for its commit), matched by ``rid``.  The
 without awaiting, because the connection code asks for them in plain
 function calls: a spool file for a data file too large to keep in memory
 (its descriptor comes back with SCM_RIGHTS), "discard that job", "may the
-catch-all take this name" and "make room" (retention expires kept jobs
-before a refusal for space).  The
+catch-all take this name", "make room" (retention expires kept jobs
+before a refusal for space) and, rarely, "remove these committed jobs".  The
 *metrics* socket (SOCK_SEQPACKET) lets the main process read a worker's
 metric values at the moment its registry is read (``MetricsClient``).
 Pickle is safe here: both ends are this program, started by itself.
@@ -35,9 +35,9 @@ from relay.config import Config
 from relay.errors import DiskFull, ProtocolError, SpoolError
 
 __all__ = ["Admit", "CallClient", "Channel", "Command", "Commit", "Control", "Counts",
-           "Discard", "Failure", "Flush", "Flushed", "Init", "Log", "MakeRoom",
-           "MetricsClient", "Open", "Ready", "Reload", "Reply", "Settled", "Stop", "call_pair",
-           "raise_failure", "serve_metrics", "stream_pair"]
+           "Discard", "Failure", "Init", "Log", "MakeRoom", "MetricsClient", "Open", "Ready",
+           "Reload", "Reply", "Stop", "Withdrawn", "call_pair", "raise_failure",
+           "serve_metrics", "stream_pair"]
 
 _LENGTH = struct.Struct("!I")
 MAX_MESSAGE = 1 << 30          # a small job is <= 64 KiB plus its control file
@@ -76,7 +76,10 @@ class Commit:
     ``token`` names the job's main-side half when a data file of it went
     straight to a spool file (``Open``).  ``digests`` are the data files'
     SHA-256s taken as the bytes passed, when an audit log is configured (the
-    main process writes the job's ``received`` record with them).
+    main process writes the job's ``received`` record with them).  ``previous``
+    is the token of the job before it on its connection when that job's reply
+    had not come yet: the main process acknowledges this one only if that one
+    was committed (a session's jobs after a failed commit are never acked).
     """
 
     rid: int
@@ -90,6 +93,7 @@ class Commit:
     promoted: bool
     hold: str
     digests: dict[str, str] | None = None   # SHA-256 per data file, for the audit log
+    previous: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,20 +107,11 @@ class Command:
 
 
 @dataclass(frozen=True, slots=True)
-class Settled:
-    """What the worker's connections made of committed jobs: ``accepted`` were
-    acknowledged in order (hand them to delivery), ``withdrawn`` were never
-    acknowledged because a commit before them in their session failed (remove)."""
+class Withdrawn:
+    """Committed jobs the worker's connection did not acknowledge after all (a
+    commit before them on their connection failed): the main process removes them."""
 
-    accepted: tuple[str, ...]
-    withdrawn: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Flushed:
-    """Every job accepted before ``Flush(rid)`` came is in a ``Settled`` sent before this."""
-
-    rid: int
+    job_ids: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,13 +182,6 @@ class Reload:
     """A new configuration (SIGHUP) or new queue states (lpc): rebuild routing."""
 
     config: Config
-
-
-@dataclass(frozen=True, slots=True)
-class Flush:
-    """Send what is to settle now, then ``Flushed(rid)`` (before lpq & co. are answered)."""
-
-    rid: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,7 +276,8 @@ class CallClient:
         sock.settimeout(timeout)
         self.sock = sock
 
-    def call(self, message: Open | Discard | Admit | MakeRoom) -> tuple[Reply, list[int]]:
+    def call(self, message: Open | Discard | Admit | MakeRoom | Withdrawn
+             ) -> tuple[Reply, list[int]]:
         """Send ``message`` and wait for the reply and its descriptors (OSError: main gone)."""
         self.sock.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
         data, fds, _, _ = pysocket.recv_fds(self.sock, MAX_CALL, 4)

@@ -46,8 +46,6 @@ from relay.intakechannel import (
     CallClient,
     Channel,
     Counts,
-    Flush,
-    Flushed,
     Init,
     Log,
     Ready,
@@ -65,7 +63,7 @@ from relay.spoolproxy import SpoolProxy
 from relay.status import QueueState
 
 COUNTS_INTERVAL = 1.0
-# Counted by the main process as it commits (exact at the moment of the ack).
+# Counted by the main process as it hands a job to delivery, before the ack.
 MAIN_COUNTS = frozenset({"lpdrelay_jobs_received", "lpdrelay_bytes_received"})
 
 
@@ -114,14 +112,11 @@ class _LogToMain:
 
 
 class _DeliveryInMain:
-    """The worker delivers nothing: a job its connection accepted is handed, by
-    ``Settled``, to the main process's scheduler (which committed it)."""
-
-    def __init__(self, spool: SpoolProxy) -> None:
-        self.spool = spool
+    """The worker delivers nothing: the main process handed each job to its
+    scheduler before it replied to the job's ``Commit``."""
 
     def submit(self, job: JobMeta) -> None:
-        self.spool.accepted(job.id)
+        return None
 
     def wake(self, queue: str, job_ids: object = ()) -> None:
         raise AssertionError("commands are answered by the main process")
@@ -170,7 +165,7 @@ class Worker:
         self.channel = channel
         self.catch_all_names = init.catch_all_names
         self.server = LpdServer(config.server, spool=cast(Spool, self.spool),
-                                router=self._router(config), delivery=_DeliveryInMain(self.spool),
+                                router=self._router(config), delivery=_DeliveryInMain(),
                                 metrics=self.metrics, make_room=self.spool.make_room)
         self.server.reuse_port = True
         self.server.context = dataclasses.replace(self.server.context, answer=self.spool.answer)
@@ -217,12 +212,6 @@ class Worker:
                 self.reload(message.config)
             elif isinstance(message, Stop):
                 stopping.set()
-            elif isinstance(message, Flush) and self._nursery is not None:
-                self._nursery.start_soon(self._flushed, message.rid)
-
-    async def _flushed(self, rid: int) -> None:
-        await self.spool.send_settled()
-        await self.channel.send(Flushed(rid))
 
     async def run(self) -> None:
         stopping = trio.Event()
@@ -230,7 +219,6 @@ class Worker:
             self._nursery = nursery
             nursery.start_soon(self.read_channel, stopping)
             nursery.start_soon(_push_counts, self.channel, self.registry)
-            nursery.start_soon(self.spool.run_settled)
             if self.logs is not None:
                 nursery.start_soon(self.logs.run)
             nursery.start_soon(_watch_term, stopping)
@@ -239,7 +227,6 @@ class Worker:
             await stopping.wait()
             self.server.stop_accepting()
             await self.server.closed.wait()
-            await self.spool.send_settled()
             await self.channel.send(Counts(metric_values(self.registry)))  # the last values
             if self.logs is not None and self.logs.lines:
                 await self.channel.send(Log(tuple(self.logs.lines)))

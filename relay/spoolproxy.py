@@ -40,7 +40,7 @@ from relay.intakechannel import (
     MakeRoom,
     Open,
     Reply,
-    Settled,
+    Withdrawn,
     raise_failure,
 )
 from relay.jobevents import NO_EVENTS, JobEvents
@@ -51,6 +51,8 @@ __all__ = ["IN_MEMORY_MAX", "IncomingProxy", "SpoolProxy"]
 
 # Data kept in memory per job before a data file goes to a spool file of its own.
 IN_MEMORY_MAX = 64 * 1024
+# A connection whose commit failed: jobs it begins this soon after are refused too.
+FAILED_SESSION_MEMORY = 60.0
 WRITEBACK_CHUNK = 8 << 20      # as relay.spooljob: start writeback every 8 MiB under fsync
 
 
@@ -82,7 +84,7 @@ class _MemoryFile:
         if self._fd < 0:
             # Promoting takes the job's id now: not before the job before it in its
             # session has sent its Commit (ids go in the order jobs were acked).
-            if self._job.in_memory + n <= IN_MEMORY_MAX or not self._job.after.is_set():
+            if self._job.in_memory + n <= IN_MEMORY_MAX or not self._job.its_turn():
                 self.buf += data
                 self._job.in_memory += n
                 self._size += n
@@ -121,10 +123,6 @@ class _MemoryFile:
             self._fd = -2
 
 
-_SET = trio.Event()
-_SET.set()
-
-
 class IncomingProxy:
     """A job being received in a worker (the ``relay.spoolbackend.Incoming`` face)."""
 
@@ -142,8 +140,14 @@ class IncomingProxy:
         self.promoted = False                  # the main process holds a part of it
         self._open: _MemoryFile | None = None
         self.gone = False
-        self.after = _SET          # set once the session's previous job sent its Commit
         self.sent = trio.Event()   # set once this job sent its Commit (or was discarded)
+        # The session's job before it, unanswered at begin(); dropped once this one is
+        # answered, so a long session holds only its jobs in flight.
+        self.previous: IncomingProxy | None = None
+        self.answered = False      # its commit's reply came (or it failed here, or went)
+        self.failed = False        # its commit failed: the session's later jobs fail too
+        self.skipped = False       # discarded before its commit: the next looks past it
+        self.failed_before = False  # a commit of its connection failed before it began
 
     @property
     def id(self) -> str:
@@ -179,7 +183,26 @@ class IncomingProxy:
         if not file.promoted:
             self.files[file.name] = bytes(file.buf)
 
+    def before(self) -> IncomingProxy | None:
+        """The job before this one in its session that commits (discarded ones skipped)."""
+        job = self.previous
+        while job is not None and job.skipped:
+            job = job.previous
+        return job
+
+    def its_turn(self) -> bool:
+        """The job before it sent its Commit: this one may take its id now."""
+        before = self.before()
+        return before is None or before.sent.is_set()
+
+    async def wait_turn(self) -> None:
+        while (before := self.before()) is not None and not before.sent.is_set():
+            await before.sent.wait()
+
     def discard(self) -> None:
+        if not self.answered:
+            self.skipped = True
+            self.spool.answered(self, failed=False)
         self.spool.sent(self)
         if self.gone:
             return
@@ -194,10 +217,15 @@ class IncomingProxy:
     def commit_message(self, rid: int, hold: str) -> Commit:
         if self._open is not None:
             raise SpoolError(f"job {self.token}: data file {self._open.name!r} still open")
+        before = self.before()
+        if self.failed_before or (before is not None and before.failed):
+            raise SpoolError("a job before it on this connection was not committed")
+        # Not answered yet: the main process decides after that job (Commit.previous).
+        previous = before.token if before is not None and not before.answered else ""
         return Commit(rid=rid, token=self.token, queue=self.queue, wire_queue=self.wire_queue,
                       peer=self.peer, tls_peer=self.tls_peer, control=self.control,
                       files=tuple(self.files.items()), promoted=self.promoted, hold=hold,
-                      digests=self.digests)
+                      digests=self.digests, previous=previous)
 
 
 class _RecordedInMain:
@@ -233,10 +261,8 @@ class SpoolProxy(FreeSpace):
         self.own_written = 0        # bytes this worker received into jobs, ever
         self.shared: NoOthers = NO_OTHERS          # the workers' table (connectioncounts)
         self._others = Received(NO_OTHERS)
-        self._last: dict[str, IncomingProxy] = {}   # peer -> its session's latest job
-        self._accepted: list[str] = []    # committed jobs acked in order, for Settled
-        self._withdrawn: list[str] = []   # committed jobs a failed session never acked
-        self._settle = trio.Event()
+        self._last: dict[str, IncomingProxy] = {}   # peer -> its latest job not answered
+        self._failed: dict[str, float] = {}   # peer -> when a commit of its session failed
         self._stats: Counter[str] = Counter()
         self.catch_all_names: tuple[str, ...] = ()
         # The main process records a worker's job events (received, acknowledged,
@@ -278,18 +304,41 @@ class SpoolProxy(FreeSpace):
         job = IncomingProxy(self, f"{os.getpid()}-{next(self._tokens)}", queue=queue,
                             wire_queue=wire_queue, peer=peer)
         # A session's jobs commit in tasks of their own (relay.ackqueue), whose
-        # order trio does not keep: each Commit waits for the one before it.
+        # order trio does not keep: each Commit waits for the one before it, and
+        # is acknowledged only if that one was committed (as relay.ackqueue does).
         if (last := self._last.get(peer)) is not None:
-            job.after = last.sent
+            job.previous = last
+        elif (when := self._failed.get(peer)) is not None:
+            if trio.current_time() - when < FAILED_SESSION_MEMORY:
+                job.failed_before = True
+            else:
+                del self._failed[peer]
         self._last[peer] = job
         return job
 
     def sent(self, job: IncomingProxy) -> None:
         job.sent.set()
-        if self._last.get(job.peer) is job:
-            del self._last[job.peer]
 
-    def call(self, message: Open | Discard | Admit) -> list[int]:
+    def answered(self, job: IncomingProxy, *, failed: bool) -> None:
+        """The job's commit is decided (or it went): later jobs need not wait for its word."""
+        job.answered, job.failed = True, failed
+        before = job.before()
+        if not job.skipped:   # decided: what came before it no longer matters
+            job.previous = None
+            job.files.clear()
+        if failed:
+            now = trio.current_time()
+            if len(self._failed) > 1000:
+                self._failed = {p: t for p, t in self._failed.items()
+                                if now - t < FAILED_SESSION_MEMORY}
+            self._failed[job.peer] = now
+        if self._last.get(job.peer) is job:   # a discarded job: the one before stays latest
+            if job.skipped and before is not None and not before.answered:
+                self._last[job.peer] = before
+            else:
+                del self._last[job.peer]
+
+    def call(self, message: Open | Discard | Admit | Withdrawn) -> list[int]:
         """A call to the main process; its descriptors, or the error it sent raised."""
         try:
             reply, fds = self.calls.call(message)
@@ -309,12 +358,17 @@ class SpoolProxy(FreeSpace):
         return fds[0]
 
     async def commit(self, job: IncomingProxy, *, hold: str = "") -> JobMeta:
+        """Commit in the main process; it hands the job to delivery before it replies,
+        so the job is in every lpq once this returns (the connection acks then)."""
+        failed = True
         try:
-            await job.after.wait()
+            await job.wait_turn()
             message = job.commit_message(next(self._rids), hold)
             job.gone = True    # from here the main process owns the job (it discards on failure)
             value = await self.request(message, job)
+            failed = False
         finally:
+            self.answered(job, failed=failed)   # before ``sent``: the next job looks
             self.sent(job)
         assert isinstance(value, JobMeta)
         return value
@@ -326,38 +380,21 @@ class SpoolProxy(FreeSpace):
         assert isinstance(value, bytes)
         return value
 
-    # -- committed jobs: delivery is the main process's once a connection accepted them --
-
-    def accepted(self, job_id: str) -> None:
-        """A committed job was acknowledged in its session's order: it may be delivered."""
-        self._accepted.append(job_id)
-        self._settle.set()
+    # -- committed jobs: delivery is the main process's -------------------------------
 
     def remove(self, job_id: str) -> None:
-        """A committed job its session never acknowledged (``relay.ackqueue``): it goes."""
-        self._withdrawn.append(job_id)
-        self._settle.set()
+        """A committed job its connection did not acknowledge (``relay.ackqueue``).
 
-    async def send_settled(self) -> None:
-        """Tell the main process what became of committed jobs (in the stream's order)."""
-        if self._accepted or self._withdrawn:
-            message = Settled(tuple(self._accepted), tuple(self._withdrawn))
-            self._accepted, self._withdrawn = [], []
-            await self.channel.send(message)
-
-    async def run_settled(self) -> None:
-        """Send ``Settled`` as jobs are accepted, a batch per wake-up."""
-        while True:
-            await self._settle.wait()
-            self._settle = trio.Event()
-            await self.send_settled()
+        Not expected: the main process refuses a session's jobs after a failed
+        commit itself (``Commit.previous``); should one slip through, it goes.
+        """
+        self.call(Withdrawn((job_id,)))
 
     async def request(self, message: Commit | Command,
                       job: IncomingProxy | None = None) -> object:
         event, box = trio.Event(), cast(list[Reply], [])
         self._waiting[message.rid] = (event, box)
         try:
-            await self.send_settled()   # an lpq after an ack here sees that job queued
             await self.channel.send(message)
             if job is not None:
                 self.sent(job)

@@ -2,66 +2,55 @@
 
 ``WorkerJobs`` is what the main process keeps for one intake worker: the
 jobs that stream into spool files it opened for them (``Open``), and the
-jobs it committed that the worker's connections have not yet accepted or
-withdrawn (``Settled``).  It turns a worker's ``Commit`` into a spool commit
-and the job's audit records — durable before the reply, as
-``relay.connection.Connection._durable`` does in one process — and hands a
-job to delivery once its connection accepted it.
+jobs whose ``Commit`` it is working on.  It turns a worker's ``Commit`` into
+a spool commit and the job's audit records — durable before the reply, as
+``relay.connection.Connection._durable`` does in one process — and hands the
+job to delivery before it replies, so the worker's final ack follows the job's
+entry in the scheduler (an lpq through any worker after the ack lists it).
+
+A connection that sends jobs ahead (``relay.ackqueue``) has several commits in
+flight; in one process a job behind a failed commit is never acknowledged and
+is removed again.  Here the same rule: a ``Commit`` naming the job before it
+(``previous``, not yet answered when the worker sent it) waits for that job's
+outcome, and is removed and refused when that one failed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import trio
+
 from relay import log
 from relay.connection import log_received
 from relay.context import Delivery
 from relay.errors import LpdError, SpoolError
-from relay.intakechannel import Commit, Failure, Open, Reply, Settled
+from relay.intakechannel import Commit, Failure, Open, Reply, Withdrawn
 from relay.metrics import Metrics
 from relay.spool import DataWriter, IncomingJob, JobMeta, Spool
 
-__all__ = ["Handover", "WorkerJobs"]
+__all__ = ["Prepared", "WorkerJobs"]
+
+# A failed commit is remembered this long for a later Commit that names it.
+FAILED_MEMORY = 60.0
 
 
-class Handover:
-    """Committed jobs of every worker to delivery in id order, queue by queue.
+@dataclasses.dataclass(slots=True)
+class _Outcome:
+    """Whether a job's commit succeeded, once decided (``done``)."""
 
-    A job goes to the scheduler once its connection accepted it and no job of
-    its queue with a smaller id still waits for its worker's word: a job
-    acked on one worker before another was sent on a second worker is queued
-    first, whichever ``Settled`` arrives first.
-    """
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+    ok: bool = False
 
-    def __init__(self, spool: Spool, delivery: Delivery) -> None:
-        self.spool, self.delivery = spool, delivery
-        self._unsettled: dict[str, dict[str, JobMeta]] = {}   # queue -> id -> job
-        self._ready: dict[str, dict[str, JobMeta]] = {}
 
-    def committed(self, meta: JobMeta) -> None:
-        self._unsettled.setdefault(meta.queue, {})[meta.id] = meta
+@dataclasses.dataclass(slots=True)
+class Prepared:
+    """A worker's ``Commit`` as prepared in stream order: its spool job (or why not),
+    its outcome for the jobs behind it, and the outcome of the job before it."""
 
-    def accept(self, meta: JobMeta) -> None:
-        self._unsettled[meta.queue].pop(meta.id, None)
-        self._ready.setdefault(meta.queue, {})[meta.id] = meta
-        self._release(meta.queue)
-
-    def withdraw(self, meta: JobMeta) -> None:
-        self._unsettled[meta.queue].pop(meta.id, None)
-        self.spool.remove(meta.id)
-        self._release(meta.queue)
-
-    def _release(self, queue: str) -> None:
-        waiting, ready = self._unsettled.get(queue, {}), self._ready.get(queue, {})
-        first = min(waiting, default=None)
-        for job_id in sorted(ready):
-            if first is not None and job_id > first:
-                break
-            self.delivery.submit(ready.pop(job_id))
-        if not waiting:
-            self._unsettled.pop(queue, None)
-        if not ready:
-            self._ready.pop(queue, None)
+    incoming: IncomingJob | Exception
+    outcome: _Outcome
+    before: _Outcome | None
 
 
 @dataclasses.dataclass(slots=True)
@@ -75,24 +64,22 @@ class _Partial:
 class WorkerJobs:
     """One worker's jobs in the main process (module docstring)."""
 
-    def __init__(self, spool: Spool, handover: Handover, metrics: Metrics) -> None:
-        self.spool, self.handover, self.metrics = spool, handover, metrics
+    def __init__(self, spool: Spool, delivery: Delivery, metrics: Metrics) -> None:
+        self.spool, self.delivery, self.metrics = spool, delivery, metrics
         self.partials: dict[str, _Partial] = {}    # token -> a job streaming into files
-        self.unsettled: dict[str, JobMeta] = {}    # committed, not yet accepted/withdrawn
+        self._deciding: dict[str, _Outcome] = {}   # token -> a commit not decided yet
+        self._failed: dict[str, float] = {}        # token -> when its commit failed
 
     def discard(self, token: str) -> None:
         if (part := self.partials.pop(token, None)) is not None:
             _discard(part)
 
     def forget(self) -> None:
-        """The worker is gone: its partial jobs go; what it committed is delivered
-        (its sender was maybe not told: at-least-once, SPEC §4.4)."""
+        """The worker is gone: its partial jobs go.  What it committed is with delivery
+        already (its sender was maybe not told: at-least-once, SPEC §4.4)."""
         for part in self.partials.values():
             _discard(part)
         self.partials.clear()
-        for meta in self.unsettled.values():
-            self.handover.accept(meta)
-        self.unsettled.clear()
 
     def open(self, message: Open) -> tuple[Reply, list[int]]:
         """A spool file for a worker's large data file: its descriptor goes back."""
@@ -129,23 +116,43 @@ class WorkerJobs:
             incoming.set_tls_peer(tls_peer)
         return incoming
 
-    async def commit(self, message: Commit, incoming: IncomingJob | Exception) -> Reply:
-        """Store a worker's job and its audit records; reply once both are durable
-        (the worker acks then, SPEC §4.4, §11).  Delivery gets the job once the
-        worker says its connection accepted it (``Settled``), as ``relay.ackqueue``
-        hands jobs over in one process."""
+    async def commit(self, message: Commit, prepared: Prepared) -> Reply:
+        """Store a worker's job and its audit records, hand it to delivery, then reply
+        (the worker acks then, SPEC §4.4, §11) — unless a job before it on its
+        connection failed: then it is removed and refused, never acknowledged."""
+        outcome = prepared.outcome
         try:
-            if isinstance(incoming, Exception):
-                raise incoming
-            meta = await self._durable(incoming, message)
+            if isinstance(prepared.incoming, Exception):
+                raise prepared.incoming
+            meta = await self._durable(prepared.incoming, message)
+            with trio.CancelScope(shield=True):   # committed: decided even if cancelled
+                await self._after(prepared.before, meta)
+                self._accepted(meta, message.peer, bool(message.hold))
+            outcome.ok = True
+            return Reply(message.rid, value=meta)
         except (LpdError, OSError) as exc:
-            reply = Reply(message.rid, failure=Failure.of(_spool_error(exc)))
-        else:
-            self.unsettled[meta.id] = meta
-            self.handover.committed(meta)
-            self._received(meta, message.peer, bool(message.hold))
-            reply = Reply(message.rid, value=meta)
-        return reply
+            return Reply(message.rid, failure=Failure.of(_spool_error(exc)))
+        finally:
+            self._decided(message.token, outcome)
+
+    async def _after(self, before: _Outcome | None, meta: JobMeta) -> None:
+        """Wait for the job before it on its connection; removed and refused if that failed."""
+        if before is None:
+            return
+        await before.done.wait()
+        if not before.ok:
+            self.spool.remove(meta.id)
+            raise SpoolError("a job before it on this connection was not committed")
+
+    def _decided(self, token: str, outcome: _Outcome) -> None:
+        outcome.done.set()
+        self._deciding.pop(token, None)
+        if not outcome.ok:
+            now = trio.current_time()
+            if len(self._failed) > 1000:
+                self._failed = {t: w for t, w in self._failed.items()
+                                if now - w < FAILED_MEMORY}
+            self._failed[token] = now
 
     async def _durable(self, incoming: IncomingJob, message: Commit) -> JobMeta:
         """Commit the job and its records, as relay.connection.Connection._durable does."""
@@ -154,18 +161,28 @@ class WorkerJobs:
         except (LpdError, OSError):
             _discard(_Partial(incoming))
             raise
-        events = self.spool.events
-        events.record("received", meta, digests=message.digests)
-        if not message.hold:
-            events.record("acknowledged", meta)
-        await events.durable()
-        if message.hold:
-            events.record("held", meta, reason=message.hold)
+        with trio.CancelScope(shield=True):   # committed: its records follow
+            events = self.spool.events
+            events.record("received", meta, digests=message.digests)
+            if not message.hold:
+                events.record("acknowledged", meta)
+            await events.durable()
+            if message.hold:
+                events.record("held", meta, reason=message.hold)
         return meta
 
-    def prepare(self, message: Commit) -> IncomingJob | Exception:
-        """The job of ``message`` in the spool, not yet committed, its id taken in the
-        order the worker's commits come (so as they were acked); or why not."""
+    def prepare(self, message: Commit) -> Prepared:
+        """``message``'s job, called in the order the worker's commits come: its id is
+        taken in that order (so as they were acked), and the job before it on its
+        connection, if that was not answered, is found while still known."""
+        before = self._deciding.get(message.previous) if message.previous else None
+        if before is None and message.previous in self._failed:
+            before = _Outcome(ok=False)
+            before.done.set()
+        outcome = self._deciding[message.token] = _Outcome()
+        return Prepared(self._prepare(message), outcome, before)
+
+    def _prepare(self, message: Commit) -> IncomingJob | Exception:
         incoming: IncomingJob | None = None
         try:
             part = self.partials.pop(message.token, None) if message.promoted else None
@@ -192,22 +209,25 @@ class WorkerJobs:
                 _discard(_Partial(incoming))
             return exc
 
-    def _received(self, meta: JobMeta, peer: str, held: bool) -> None:
-        # Logged here, before the worker acks: as a one-process daemon does.
-        if not held:
-            log_received(meta, peer)
+    def _accepted(self, meta: JobMeta, peer: str, held: bool) -> None:
+        """Committed and acknowledged next: counted, logged and handed to delivery (as
+        relay.connection.Connection._accepted; a job removed again is not counted)."""
         self.metrics.count_received(meta.queue, meta.total_bytes)
         log.count("received")
+        self.delivery.submit(meta)
+        if not held:
+            log_received(meta, peer)
 
-    def settle(self, message: Settled) -> None:
-        """Accepted jobs to delivery, in the order their connections acked them;
-        withdrawn ones (a failed commit before them in the session) removed."""
-        for job_id in message.accepted:
-            if (meta := self.unsettled.pop(job_id, None)) is not None:
-                self.handover.accept(meta)
-        for job_id in message.withdrawn:
-            if (meta := self.unsettled.pop(job_id, None)) is not None:
-                self.handover.withdraw(meta)
+    def withdraw(self, message: Withdrawn) -> None:
+        """Jobs a worker's connection did not acknowledge after all: they go."""
+        for job_id in message.job_ids:
+            try:
+                meta = self.spool.get(job_id)
+            except KeyError:
+                continue
+            log.event("warning", "job_withdrawn", job=job_id, queue=meta.queue,
+                      error="committed, then not acknowledged: removed unless in delivery")
+            self.delivery.remove(meta.queue, [job_id])
 
 
 def _spool_error(exc: Exception) -> Exception:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import os
 import signal
 from collections.abc import Callable
@@ -44,8 +43,6 @@ from relay.intakechannel import (
     Counts,
     Discard,
     Failure,
-    Flush,
-    Flushed,
     Init,
     Log,
     MakeRoom,
@@ -54,8 +51,8 @@ from relay.intakechannel import (
     Ready,
     Reload,
     Reply,
-    Settled,
     Stop,
+    Withdrawn,
     answer_call,
     call_pair,
     receive_call,
@@ -65,16 +62,15 @@ from relay.metrics import Metrics
 from relay.privacy import KEEP, Redactor
 from relay.queues import QueueRouter, hot_folder_names
 from relay.server import open_listener, open_new_listeners
-from relay.spool import IncomingJob, Spool
+from relay.spool import Spool
 from relay.tls import InboundTls
-from relay.workerjobs import Handover, WorkerJobs
+from relay.workerjobs import Prepared, WorkerJobs
 from relay.workermetrics import Key, WorkerCounts
 
 __all__ = ["WorkerPool"]
 
 START_TIMEOUT = 30.0      # a worker must be listening this soon after it is started
 RESTART_DELAY = 0.5       # between a worker's death and its replacement
-FLUSH_TIMEOUT = 1.0       # a command waits this long at most for the workers' Flushed
 # The worker's own job_received lines: the main process logs the event itself.
 _WORKER_JOB_RECEIVED = ('"event":"job_received"', " job_received ")
 
@@ -115,9 +111,6 @@ class WorkerPool:
         self.reload_tls(config.server)   # a bad certificate stops the start here (ConfigError)
         self.counts = WorkerCounts(metrics, registry, self.pull)
         self._stopping = trio.Event()
-        self._handover = Handover(spool, delivery)   # jobs to delivery in id order
-        self._flushes: dict[int, trio.Event] = {}
-        self._flush_ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
         self.closed = trio.Event()
 
@@ -248,7 +241,7 @@ class WorkerPool:
             calls_child.close()
             pulls_child.close()
         handle.metrics = MetricsClient(pulls)
-        handle.jobs = WorkerJobs(self.spool, self._handover, self.metrics)
+        handle.jobs = WorkerJobs(self.spool, self.delivery, self.metrics)
         log.event("info", "worker_started", worker=handle.index, pid=handle.pid)
         handle.channel = Channel(trio.socket.from_stdlib_socket(stream))
         call_sock = trio.socket.from_stdlib_socket(calls)
@@ -287,11 +280,6 @@ class WorkerPool:
                 return
             if isinstance(message, Commit):   # prepared here: ids in the order they came
                 nursery.start_soon(self._commit, handle, message, handle.jobs.prepare(message))
-            elif isinstance(message, Settled):
-                handle.jobs.settle(message)
-            elif isinstance(message, Flushed):
-                if (flushed := self._flushes.get(message.rid)) is not None:
-                    flushed.set()
             elif isinstance(message, Command):
                 nursery.start_soon(self._command, handle, message)
             elif isinstance(message, Counts):
@@ -316,13 +304,18 @@ class WorkerPool:
                     await answer_call(sock, reply, fds)
                 except OSError:
                     return
-            elif isinstance(message, Discard | Admit | MakeRoom):
+            elif isinstance(message, Discard | Admit | MakeRoom | Withdrawn):
                 try:
                     await answer_call(sock, self._small_call(handle, message), [])
                 except OSError:
                     return
 
-    def _small_call(self, handle: _Handle, message: Discard | Admit | MakeRoom) -> Reply:
+    def _small_call(self, handle: _Handle,
+                    message: Discard | Admit | MakeRoom | Withdrawn) -> Reply:
+        if isinstance(message, Withdrawn):
+            assert handle.jobs is not None
+            handle.jobs.withdraw(message)
+            return Reply(0)
         if isinstance(message, Discard):
             assert handle.jobs is not None
             handle.jobs.discard(message.token)
@@ -335,10 +328,9 @@ class WorkerPool:
             return Reply(0, failure=Failure.of(exc))
         return Reply(0)
 
-    async def _commit(self, handle: _Handle, message: Commit,
-                      incoming: IncomingJob | Exception) -> None:
+    async def _commit(self, handle: _Handle, message: Commit, prepared: Prepared) -> None:
         assert handle.channel is not None and handle.jobs is not None
-        reply = await handle.jobs.commit(message, incoming)
+        reply = await handle.jobs.commit(message, prepared)
         # A worker that died meanwhile: the job is stored, its sender was not
         # told, and may send it again (at-least-once, SPEC §4.4).
         with contextlib.suppress(OSError):
@@ -347,7 +339,8 @@ class WorkerPool:
     async def _command(self, handle: _Handle, message: Command) -> None:
         """0x01, 0x03-0x06 for a worker's client, answered with the whole daemon's state."""
         assert handle.channel is not None
-        await self._flush()
+        # No wait for the other workers: a job acked anywhere was handed to
+        # delivery before its Commit's reply (relay.workerjobs).
         try:
             reply = Reply(message.rid, value=commands.answer(self.context, message.event,
                                                              message.host, message.port))
@@ -357,23 +350,6 @@ class WorkerPool:
             await self._broadcast(Reload(self._worker_config()))
         with contextlib.suppress(OSError):
             await handle.channel.send(reply)
-
-    async def _flush(self) -> None:
-        """Every job a worker's connection accepted (and acked) is handed to delivery
-        first: an lpq sent after an ack on any worker lists that job."""
-        waits = []
-        for handle in list(self._handles.values()):
-            rid, event = next(self._flush_ids), trio.Event()
-            if handle.channel is not None:
-                self._flushes[rid] = event
-                waits.append(rid)
-                with contextlib.suppress(OSError):
-                    await handle.channel.send(Flush(rid))
-        with trio.move_on_after(FLUSH_TIMEOUT):
-            for rid in waits:
-                await self._flushes[rid].wait()
-        for rid in waits:
-            del self._flushes[rid]
 
     def pull(self) -> None:
         """Read every worker's values now (any thread; a silent worker keeps its last)."""

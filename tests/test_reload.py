@@ -11,14 +11,22 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import trio
+from prometheus_client import CollectorRegistry
 
-from relay.config import config_from_dict
+from relay.config import QueueConfig, config_from_dict
+from relay.dispatch import Scheduler, removed_reason
+from relay.metrics import Metrics
 from relay.reload import effective, restart_changes
+from relay.scheduler import QueueRunner
+from relay.sinks import Sink, SinkContext, make_sink
+from relay.spool import JobMeta, Spool
 from tests.daemon import ROOT, relay_config, write_config_file
 from tests.lpdwire import Job, Wire, send_job, start_data_file
 from tests.relayproc import LoggedRelay, wait_until
@@ -235,7 +243,10 @@ def test_removed_queue_holds_its_jobs_and_readding_releases_them(tmp_path: Path)
         write_config_file(cfg, config(tmp_path, {"lab": hot(tmp_path, "out"),
                                                  "ward3": hot(tmp_path, "out")}))
         reload(relay, count=2)
-        wait_until(lambda: len(out(tmp_path, "out", "ward3")) == 2)
+        try:
+            wait_until(lambda: len(out(tmp_path, "out", "ward3")) == 2)
+        except AssertionError:
+            raise AssertionError(relay.lines[-20:]) from None
     finally:
         relay.terminate()
     assert not relay.tracebacks()
@@ -249,3 +260,66 @@ def test_reload_cli_without_a_daemon_says_so(tmp_path: Path) -> None:
     cfg = write_config_file(tmp_path / "relay.toml", config(tmp_path, {"q": hot(tmp_path, "out")}))
     result = cli("reload", "-c", str(cfg))
     assert result.returncode == 1 and "no running daemon" in result.stderr
+
+
+# -- a job intake hands to delivery while a reload removes or re-adds its queue --------
+
+def _scheduler(tmp_path: Path) -> tuple[Scheduler, Spool, Callable[[bool], None]]:
+    """A scheduler with queue ward3 (dir://) and ``reload(present)`` removing/re-adding it."""
+    raw = {"queues": {"ward3": hot(tmp_path, "out")},
+           "server": {"spool_dir": str(tmp_path / "spool")}}
+    queues = config_from_dict(raw, "<test>").queues
+    metrics = Metrics(CollectorRegistry(), queues=["ward3"],
+                      destinations=[d.uri for d in queues["ward3"].destinations])
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.recover()
+
+    def sinks(queue: QueueConfig) -> list[Sink]:
+        return [make_sink(d, SinkContext()) for d in queue.destinations]
+
+    def runner(queue: QueueConfig, made: list[Sink]) -> QueueRunner:
+        return QueueRunner(queue, made, spool, metrics)
+
+    scheduler = Scheduler({"ward3": runner(queues["ward3"], sinks(queues["ward3"]))}, spool)
+
+    def reload(present: bool) -> None:
+        scheduler.reconfigure(queues if present else {}, sinks, runner)
+    return scheduler, spool, reload
+
+
+async def _committed(spool: Spool) -> JobMeta:
+    job = spool.begin(queue="ward3", wire_queue="ward3", peer="127.0.0.1:721")
+    writer = job.open_data("dfA001client")
+    writer.write(b"data\n")
+    writer.close()
+    job.set_control("cfA001client", b"Hclient\nPalice\nldfA001client\n", number="001",
+                    user="alice", host="client", title="t", job_name="t",
+                    formats={"dfA001client": "l"})
+    return await spool.commit(job)
+
+
+def test_a_job_handed_over_after_its_queue_was_removed_is_released_when_it_returns(
+        tmp_path: Path) -> None:
+    # Committed before the reload, handed to delivery after it (a worker's
+    # connection acked it meanwhile): held as "removed by reload", so re-adding
+    # the queue releases it like the jobs the retired runner held.
+    scheduler, spool, reload = _scheduler(tmp_path)
+    meta = trio.run(_committed, spool)
+    reload(False)
+    scheduler.submit(meta)
+    held = spool.get(meta.id)
+    assert (held.state, held.last_error) == ("held", removed_reason("ward3"))
+    reload(True)
+    assert [j.id for j in scheduler.runners["ward3"].pending] == [meta.id]
+    assert spool.get(meta.id).state == "queued"
+
+
+def test_a_job_handed_over_after_its_queue_was_re_added_is_queued_once(tmp_path: Path) -> None:
+    # Committed, then its queue removed and re-added before intake handed it over:
+    # the re-added queue takes it from the spool, intake's submit adds no second copy.
+    scheduler, spool, reload = _scheduler(tmp_path)
+    meta = trio.run(_committed, spool)
+    reload(False)
+    reload(True)
+    scheduler.submit(meta)
+    assert [j.id for j in scheduler.runners["ward3"].pending] == [meta.id]

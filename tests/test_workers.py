@@ -16,18 +16,31 @@ import socket
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import orjson
 import pytest
+import trio
+from prometheus_client import CollectorRegistry
 
 from relay.app import one_process_reason
 from relay.config import config_from_dict
-from relay.spool import Spool
+from relay.context import Delivery
+from relay.errors import SpoolError
+from relay.intakechannel import CallClient, Channel, Commit, Control, Reply
+from relay.metrics import Metrics
+from relay.sinks import SinkContext, make_sink
+from relay.spool import JobMeta, Spool
+from relay.spoolproxy import IncomingProxy, SpoolProxy
+from relay.uri import parse_destination
+from relay.workerjobs import Prepared, WorkerJobs
 from tests.daemon import relay_config, write_config_file
 from tests.lpdwire import Job, Wire, send_job
 from tests.relayproc import LoggedRelay, wait_until
+from tests.test_ackqueue import _failing_commit, _spooled_users
+from tests.test_relay_batching import _deliver, _jobs, _receiver
 from tests.test_tls import job_stream
 
 DOWN = "socket://127.0.0.1:1"
@@ -299,3 +312,128 @@ def test_a_workers_audit_records_carry_the_proxy_source_and_the_sha256s(
     assert received["files"] == [{"name": "dfA123client", "format": "l", "bytes": len(payload),
                                   "sha256": hashlib.sha256(payload).hexdigest()}]
     assert acked["seq"] > received["seq"] and acked["job"] == received["job"]
+
+
+# -- the main process's half of a worker's commits (relay.workerjobs), in one process --
+
+class _Submitted:
+    """A ``Delivery`` that keeps what intake handed it."""
+
+    def __init__(self) -> None:
+        self.jobs: list[str] = []
+
+    def submit(self, job: JobMeta) -> None:
+        self.jobs.append(job.id)
+
+    def remove(self, queue: str, job_ids: Sequence[str]) -> list[str]:
+        return []
+
+
+def _commit_message(rid: int, token: str, *, previous: str = "",
+                    promoted: bool = False) -> Commit:
+    control = Control(name=f"cfA{rid:03d}client", raw=b"Hclient\nPalice\nldfA001client\n",
+                      number=f"{rid:03d}", user="alice", host="client", title="t",
+                      job_name="t", formats={"dfA001client": "l"})
+    return Commit(rid=rid, token=token, queue="lp", wire_queue="lp", peer="127.0.0.1:721",
+                  tls_peer="", control=control, files=(("dfA001client", b"data\n"),),
+                  promoted=promoted, hold="", previous=previous)
+
+
+def _worker_jobs(tmp_path: Path) -> tuple[WorkerJobs, Spool, _Submitted, Metrics]:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.recover()
+    metrics = Metrics(CollectorRegistry(), queues=["lp"], destinations=[])
+    delivery = _Submitted()
+    return WorkerJobs(spool, cast(Delivery, delivery), metrics), spool, delivery, metrics
+
+
+def _received(metrics: Metrics) -> float:
+    return metrics.jobs_received_total.labels(queue="lp")._value.get()  # type: ignore[no-any-return]
+
+
+async def _pipelined(jobs: WorkerJobs, *messages: Commit) -> list[Reply]:
+    """The messages as a worker's stream brings them: prepared in order, committed at once."""
+    replies: dict[int, Reply] = {}
+
+    async def one(message: Commit, prepared: Prepared) -> None:
+        replies[message.rid] = await jobs.commit(message, prepared)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for message in messages:
+                nursery.start_soon(one, message, jobs.prepare(message))
+    return [replies[m.rid] for m in messages]
+
+
+def test_a_commit_behind_a_failed_one_on_its_connection_is_removed_and_not_counted(
+        tmp_path: Path) -> None:
+    # Job 1's spool file is gone (its commit fails); job 2 names it as the job
+    # before it, still unanswered: never acknowledged, so removed and not counted.
+    jobs, spool, delivery, metrics = _worker_jobs(tmp_path)
+    first, second = _commit_message(1, "w-1", promoted=True), _commit_message(2, "w-2",
+                                                                             previous="w-1")
+    replies = trio.run(_pipelined, jobs, first, second)
+    assert [r.failure is not None for r in replies] == [True, True]
+    assert spool.jobs() == [] and delivery.jobs == []
+    assert _received(metrics) == 0
+    # A third naming job 2 after both were answered: refused the same way.
+    [late] = trio.run(_pipelined, jobs, _commit_message(3, "w-3", previous="w-2"))
+    assert late.failure is not None and spool.jobs() == [] and _received(metrics) == 0
+
+
+def test_a_commit_is_with_delivery_when_its_reply_goes_and_in_connection_order(
+        tmp_path: Path) -> None:
+    jobs, spool, delivery, metrics = _worker_jobs(tmp_path)
+    messages = [_commit_message(1, "w-1"), *(_commit_message(i, f"w-{i}", previous=f"w-{i - 1}")
+                                            for i in range(2, 6))]
+    replies = trio.run(_pipelined, jobs, *messages)
+    ids = [cast(JobMeta, r.value).id for r in replies]
+    assert delivery.jobs == ids == sorted(ids) and len(spool.jobs()) == 5
+    assert _received(metrics) == 5
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_jobs_removed_behind_a_failed_pipelined_commit_are_not_counted_as_received(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
+    # Another lpd-relay sends 8 jobs ahead; job 4's commit fails (slowly, so
+    # jobs behind it commit first): 3 acked, the rest removed, 3 counted.
+    _, jobs = _jobs(tmp_path, 8)
+    commits: list[str] = []
+    _failing_commit(monkeypatch, "u4", commits)
+    with _receiver(tmp_path, workers=workers) as b:
+        sink = make_sink(parse_destination(f"lpd://127.0.0.1:{b.port}/q"), SinkContext())
+        done, error = _deliver(sink, jobs)
+        received = b.metric("lpdrelay_jobs_received_total", queue="q")
+    assert done == 3 and error is not None
+    assert any(u in commits for u in ("u5", "u6", "u7", "u8")), commits
+    assert _spooled_users(tmp_path / "b-spool") == ["nurse", "u2", "u3"]
+    assert received == 3
+
+
+def test_a_workers_commit_names_the_unanswered_job_before_it_past_a_discarded_one(
+        tmp_path: Path) -> None:
+    config = config_from_dict(relay_config(tmp_path), "<test>")
+    (tmp_path / "spool").mkdir()
+    proxy = SpoolProxy(config, cast(Channel, None), cast(CallClient, None))
+
+    def begin() -> IncomingProxy:
+        return proxy.begin(queue="lp", wire_queue="lp", peer="127.0.0.1:721")
+
+    async def session() -> None:   # in trio: the proxy reads trio's clock
+        a, b, c = begin(), begin(), begin()
+        assert not b.its_turn()             # a has not sent its Commit: b takes no id yet
+        a.sent.set()                        # a's Commit is out, its reply not yet in
+        b.discard()                         # b aborted: c comes right after a
+        assert c.its_turn() and c.commit_message(3, "").previous == a.token
+        d = begin()                         # behind c, which is not answered either
+        proxy.answered(a, failed=True)      # a's commit failed: c fails here
+        with pytest.raises(SpoolError):
+            c.commit_message(3, "")
+        d.sent.set()                        # d names c: the main process decides it after c
+        e = begin()
+        assert d.previous is c and e.commit_message(5, "").previous == d.token
+        for job in (c, d, e):
+            proxy.answered(job, failed=True)
+        assert c.previous is None and d.previous is None   # answered: no chain kept
+        with pytest.raises(SpoolError):     # a job begun after the session's failure fails
+            begin().commit_message(6, "")
+    trio.run(session)
