@@ -8,8 +8,9 @@ is the sum over the workers, the certificate expiry is set.  The values are
 read from every worker whenever the main registry is read (``PullFirst``,
 registered ahead of the metric objects), and a worker also pushes them once
 a second, so one that dies loses at most that.  Jobs and bytes received are
-counted by the main process as it commits; the gauges the main process owns
-(destinations, spool, queue states) are never taken from a worker.
+counted by the main process as it hands a durable job to delivery; the
+gauges the main process owns (destinations, spool, queue states) are never
+taken from a worker.
 """
 
 from __future__ import annotations
