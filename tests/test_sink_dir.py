@@ -19,7 +19,14 @@ import trio
 from relay.config import config_from_dict
 from relay.errors import SinkRejected, SinkUnavailable, SpoolFileMissing
 from relay.sinks import Sink, SinkContext, config_warnings, make_sink, register
-from relay.sinks.dir import DirSink, _copy_fd, data_file_name, extension_for
+from relay.sinks.dir import (
+    DirSink,
+    _copy_buffered,
+    _copy_fd,
+    _copy_from,
+    data_file_name,
+    extension_for,
+)
 from relay.uri import parse_destination
 from tests.sinkjobs import Job, make_job
 
@@ -314,3 +321,24 @@ def test_group_the_daemon_cannot_give_is_a_config_warning(
     assert config_warnings(config) == [
         'queues.ward3.destinations[0]: group "daemon": the daemon\'s user is not a member, '
         "so hot-folder files cannot be given this group"]
+
+
+def test_a_body_range_is_copied_exactly_and_a_short_one_is_missing(tmp_path: Path) -> None:
+    # A small job's body is a range of a segment file: copied with offsets,
+    # every fallback too, and a body shorter than its record is the spool's fault.
+    src = tmp_path / "segment"
+    src.write_bytes(b"h" * 100 + b"the body" + b"t" * 100)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        for copy in (_copy_fd, _copy_buffered):
+            with open(tmp_path / "out", "wb") as out:
+                assert copy(fd, out.fileno(), 100, 8) == 8
+            assert (tmp_path / "out").read_bytes() == b"the body"
+    finally:
+        os.close(fd)
+    with open(tmp_path / "out", "wb") as out:
+        assert _copy_from(str(src), 208, out.fileno()) == 208
+        with pytest.raises(SpoolFileMissing):
+            _copy_from(str(src), 300, out.fileno())
+        with pytest.raises(SpoolFileMissing):
+            _copy_from(str(tmp_path / "gone"), 1, out.fileno())

@@ -48,10 +48,11 @@ from typing import Any
 import orjson
 import trio
 
-from relay.errors import SinkError, SinkRejected, SinkUnavailable
+from relay.errors import SinkError, SinkRejected, SinkUnavailable, SpoolFileMissing
 from relay.groupcommit import Syncer, fsync_directory
 from relay.queues import folder_name
-from relay.sinks.base import DeliveryJob, Sink, open_spool_file, register
+from relay.sinks.base import DeliveryJob, Sink, register
+from relay.spoolbackend import open_file_body
 from relay.uri import Destination, group_label
 
 __all__ = ["DirSink", "data_file_name", "dir_mode", "extension_for", "group_problem"]
@@ -250,8 +251,8 @@ def _stage(base: str, job: DeliveryJob, folders: _Folders, perms: _Perms) -> _St
         for index, spool_file in enumerate(job.files, start=1):
             name = data_file_name(job.id, index, spool_file.format)
             staged.data.append(name)
-            size = _write_dot_file(dir_fd, name, functools.partial(_copy_from, spool_file.path),
-                                   perms)
+            size = _write_dot_file(dir_fd, name, functools.partial(
+                _copy_from, spool_file.path, spool_file.bytes), perms)
             staged.entries.append({"name": spool_file.name, "format": spool_file.format,
                                    "bytes": size, "path": os.path.join(folder, name)})
     except OSError as exc:
@@ -376,45 +377,63 @@ def _write_all(fd: int, data: bytes) -> int:
     return done
 
 
-def _copy_from(src_path: str, dst_fd: int) -> int:
-    src_fd = open_spool_file(src_path)
-    try:
-        return _copy_fd(src_fd, dst_fd)
-    finally:
-        os.close(src_fd)
+def _copy_from(src_path: str, length: int, dst_fd: int) -> int:
+    """The body ``src_path`` names, ``length`` bytes, wherever it lies.
+
+    A small job's body is a range of a segment file (relay.spoolbackend):
+    copied from there with offsets, not through a memory file of its own
+    (that was a memfd, a write, a seek and a failed copy_file_range a file).
+    """
+    with open_file_body(src_path, 0, length) as body:   # SpoolFileMissing when gone
+        copied = _copy_fd(body.fd, dst_fd, body.offset, body.length)
+    if copied != length:
+        raise SpoolFileMissing(src_path, OSError(errno.EIO, f"{copied} of {length} bytes"))
+    return copied
 
 
-def _copy_fd(src_fd: int, dst_fd: int) -> int:
-    """Copy all of ``src_fd``: copy_file_range, else sendfile, else a reused buffer."""
+def _copy_fd(src_fd: int, dst_fd: int, offset: int | None = None, length: int = -1) -> int:
+    """Copy ``src_fd`` (from ``offset``, ``length`` bytes; None/-1: from where it is, to
+    its end): copy_file_range, else sendfile, else a reused buffer."""
     for fast in (_copy_range, _copy_sendfile):
         try:
-            return fast(src_fd, dst_fd)
+            return fast(src_fd, dst_fd, offset, length)
         except OSError as exc:
             # Only fall back before anything was written; later errors are real.
             if exc.errno not in _NO_FAST_COPY or os.lseek(dst_fd, 0, os.SEEK_CUR) != 0:
                 raise
-    return _copy_buffered(src_fd, dst_fd)
+    return _copy_buffered(src_fd, dst_fd, offset, length)
 
 
-def _copy_range(src_fd: int, dst_fd: int) -> int:
+def _want(done: int, length: int) -> int:
+    return _COPY_CHUNK if length < 0 else min(_COPY_CHUNK, length - done)
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int | None, length: int) -> int:
     total = 0
-    while copied := os.copy_file_range(src_fd, dst_fd, _COPY_CHUNK):
+    while (want := _want(total, length)) and (copied := os.copy_file_range(
+            src_fd, dst_fd, want, None if offset is None else offset + total)):
         total += copied
     return total
 
 
-def _copy_sendfile(src_fd: int, dst_fd: int) -> int:
+def _copy_sendfile(src_fd: int, dst_fd: int, offset: int | None, length: int) -> int:
     total = 0
-    while copied := os.sendfile(dst_fd, src_fd, None, _COPY_CHUNK):
+    while (want := _want(total, length)) and (copied := os.sendfile(
+            dst_fd, src_fd, None if offset is None else offset + total, want)):
         total += copied
     return total
 
 
-def _copy_buffered(src_fd: int, dst_fd: int) -> int:
+def _copy_buffered(src_fd: int, dst_fd: int, offset: int | None, length: int) -> int:
     buf = bytearray(1024 * 1024)
     view = memoryview(buf)
     total = 0
-    while got := os.readv(src_fd, [buf]):
+    while want := _want(total, length):
+        part = view[:want]
+        got = (os.readv(src_fd, [part]) if offset is None
+               else os.preadv(src_fd, [part], offset + total))
+        if not got:
+            break
         done = 0
         while done < got:
             done += os.write(dst_fd, view[done:got])
