@@ -22,7 +22,13 @@ from typing import Any
 import pytest
 
 from benchmarks import sinkcheck, table
-from benchmarks.relaypair import _wait_delivered, drain_cpu, process_cpu, relay_to_relay
+from benchmarks.relaypair import (
+    Attempts,
+    _wait_delivered,
+    drain_cpu,
+    process_cpu,
+    relay_to_relay,
+)
 from benchmarks.test_bench_forward import JOBS
 from relay.loadgen import load
 from tests.daemon import RelayProcess, relay_config, write_config_file
@@ -147,11 +153,30 @@ def _lprng_to_lprng(tmp: Path, jobs: int) -> float:
         return _feed_and_wait(fw.port, "fwd", up, jobs)
 
 
-def _relay_to_relay(tmp: Path, jobs: int) -> float:
-    """relay_to_relay (it counts and checksums B's hot folder); then each job once, by title."""
-    rate = relay_to_relay(tmp, jobs=jobs).jobs_per_second
+def _relay_to_relay(tmp: Path, jobs: int, attempts: list[Attempts]) -> float:
+    """relay_to_relay (it counts and checksums B's hot folder); then each job once, by title.
+
+    A's failed delivery attempts of the round go into ``attempts``.
+    """
+    result = relay_to_relay(tmp, jobs=jobs)
+    attempts.append(result.attempts)
     sinkcheck.dir_sink(tmp / "B" / "out" / "q", jobs, None)
-    return rate
+    return result.jobs_per_second
+
+
+def _note_attempts(row: table.Row, attempts: list[Attempts], benchmark: Any) -> None:
+    """The sender's failed attempts, round by round, beside the row's verdict.
+
+    A failed attempt backs the queue off for up to a second (the harness's
+    ``[retry]``), so it shows only as a slower round unless it is counted.
+    """
+    benchmark.extra_info["failed_attempts"] = [a.failed for a in attempts]
+    if any(a != Attempts() for a in attempts):
+        text = "; ".join(f"round {i + 1}: {a.describe()}" for i, a in enumerate(attempts))
+    else:
+        text = f"0 failed attempts in {len(attempts)} round{'s' if len(attempts) != 1 else ''}"
+    if not row.note:
+        row.note = f"sender: {text}"
 
 
 def _rr_rows(**_: Any) -> table.RowSpecs:
@@ -167,9 +192,11 @@ def _rr_rows(**_: Any) -> table.RowSpecs:
 def test_forward_relay_to_relay(tmp_path: Path, benchmark: Any) -> None:
     n = _n(5000, least=50)
     (row,) = table.rows_for(_rr_rows)
+    attempts: list[Attempts] = []
     _run(benchmark, row,
-         lambda i: _relay_to_relay(tmp_path / f"rr{i}", n),
+         lambda i: _relay_to_relay(tmp_path / f"rr{i}", n, attempts),
          lambda i: _lprng_to_lprng(tmp_path / f"ll{i}", LL_JOBS))
+    _note_attempts(row, attempts, benchmark)
 
 
 def _sender_rows(**_: Any) -> table.RowSpecs:
