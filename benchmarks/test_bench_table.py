@@ -26,6 +26,8 @@ from benchmarks.relaypair import (
     Attempts,
     _wait_delivered,
     drain_cpu,
+    failed_attempts,
+    metrics_url,
     process_cpu,
     relay_to_relay,
 )
@@ -223,32 +225,43 @@ def _drain_cpu(tmp: Path, jobs: int, query: str) -> float:
     return cpu
 
 
-def _relay_to_lprng(tmp: Path) -> float:
+def _relay_to_lprng(tmp: Path, attempts: list[Attempts], query: str = "") -> float:
     """A relay process (not a thread of this one: the load generator would share its
-    interpreter lock) forwarding to LPRng."""
+    interpreter lock) forwarding to LPRng's ``lpd://.../q`` + ``query``; its failed
+    delivery attempts go into ``attempts``."""
     with LprngServer(tmp / "up", queues=("q",)) as up:
+        dest = f"lpd://127.0.0.1:{up.port}/q{query}"
         cfg = relay_config(tmp, server={"fsync": "always", "spool_dir": str(tmp / "spool")},
-                           queues={"q": {"destinations": [f"lpd://127.0.0.1:{up.port}/q"]}},
-                           metrics={"listen": ""}, log={"format": "json", "level": "warning"})
+                           queues={"q": {"destinations": [dest]}},
+                           metrics={"listen": "127.0.0.1:0"},
+                           log={"format": "json", "level": "warning"})
         with RelayProcess(write_config_file(tmp / "relay.toml", cfg)) as relay:
+            url = metrics_url(relay)
             rate = _feed_and_wait(relay.port, "q", up)
+            attempts.append(failed_attempts(url))
     release_time_wait(range(721, 732), up.port)
     return rate
 
 
-def _rl_rows(**_: Any) -> table.RowSpecs:
-    return [(f"forwarding relay -> LPRng ({JOBS} jobs, c=8)",
+def _rl_rows(query: str = "", **_: Any) -> table.RowSpecs:
+    shown = f", lpd://.../q{query}" if query else ""
+    return [(f"forwarding relay -> LPRng ({JOBS} jobs, c=8{shown})",
              {"unit": "jobs/s", "baseline_name": "LPRng's own intake, c=8",
               "target": ">= 0.9x LPRng's intake", "min_ratio": 0.9})]
 
 
 @root_only
 @pytest.mark.peers
+@pytest.mark.parametrize("query", ["", "?batch=8"])
 @table.rows(_rl_rows)
-def test_forward_relay_to_lprng(tmp_path: Path, benchmark: Any) -> None:
-    (row,) = table.rows_for(_rl_rows)
-    _run(benchmark, row, lambda i: _relay_to_lprng(tmp_path / f"r{i}"),
+def test_forward_relay_to_lprng(tmp_path: Path, benchmark: Any, query: str) -> None:
+    """The plain URI (one job a connection: LPRng is no lpd-relay), and ``batch=8``,
+    the documented option for a receiver that takes several jobs a session."""
+    (row,) = table.rows_for(_rl_rows, query=query)
+    attempts: list[Attempts] = []
+    _run(benchmark, row, lambda i: _relay_to_lprng(tmp_path / f"r{i}", attempts, query),
          lambda i: _intake_lprng(tmp_path / f"l{i}", JOBS, 8))
+    _note_attempts(row, attempts, benchmark)
 
 
 def test_a_row_that_did_not_run_says_why() -> None:
