@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -166,17 +167,22 @@ def _relay_to_relay(tmp: Path, jobs: int, attempts: list[Attempts]) -> float:
     return result.jobs_per_second
 
 
-def _note_attempts(row: table.Row, attempts: list[Attempts], benchmark: Any) -> None:
-    """The sender's failed attempts, round by round, beside the row's verdict.
+def _note_attempts(row: table.Row, attempts: list[Attempts], benchmark: Any,
+                   jobs: int) -> None:
+    """The sender's failed attempts, round by round, beside the row's verdict,
+    and its jobs per connection (median of the rounds).
 
     A failed attempt backs the queue off for up to a second (the harness's
     ``[retry]``), so it shows only as a slower round unless it is counted.
     """
     benchmark.extra_info["failed_attempts"] = [a.failed for a in attempts]
-    if any(a != Attempts() for a in attempts):
+    benchmark.extra_info["connects"] = [a.connects for a in attempts]
+    if any(a.failed or a.port_waits for a in attempts):
         text = "; ".join(f"round {i + 1}: {a.describe()}" for i, a in enumerate(attempts))
     else:
         text = f"0 failed attempts in {len(attempts)} round{'s' if len(attempts) != 1 else ''}"
+    if connects := [a.connects for a in attempts if a.connects]:
+        text += f", {jobs / statistics.median(connects):.1f} jobs a connection"
     if not row.note:
         row.note = f"sender: {text}"
 
@@ -198,7 +204,7 @@ def test_forward_relay_to_relay(tmp_path: Path, benchmark: Any) -> None:
     _run(benchmark, row,
          lambda i: _relay_to_relay(tmp_path / f"rr{i}", n, attempts),
          lambda i: _lprng_to_lprng(tmp_path / f"ll{i}", LL_JOBS))
-    _note_attempts(row, attempts, benchmark)
+    _note_attempts(row, attempts, benchmark, n)
 
 
 def _sender_rows(**_: Any) -> table.RowSpecs:
@@ -261,7 +267,7 @@ def test_forward_relay_to_lprng(tmp_path: Path, benchmark: Any, query: str) -> N
     attempts: list[Attempts] = []
     _run(benchmark, row, lambda i: _relay_to_lprng(tmp_path / f"r{i}", attempts, query),
          lambda i: _intake_lprng(tmp_path / f"l{i}", JOBS, 8))
-    _note_attempts(row, attempts, benchmark)
+    _note_attempts(row, attempts, benchmark, JOBS)
 
 
 def test_a_row_that_did_not_run_says_why() -> None:
