@@ -173,6 +173,32 @@ def relay_to_relay(tmp: Path, *, jobs: int, feed_concurrency: int = 16,
                       cpu_b / jobs * 1000, attempts)
 
 
+def _bindable(port: int) -> bool:
+    """Whether ``port`` binds now as the relay's origin-port pool binds it (SO_REUSEADDR)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_reserved_ports_bindable(timeout: float = 65.0) -> None:
+    """Until ports 721-731 bind again (at most ``timeout``: TIME_WAIT lasts 60 s).
+
+    LPRng binds its source ports (512-1023) without SO_REUSEADDR and closes
+    first, so the TIME_WAITs its forwarding leaves on 721-731 refuse every
+    bind there, SO_REUSEADDR or not, and cannot be moved off
+    (``release_time_wait``).  A relay round right after the baseline then
+    failed ~50 attempts, one a second, until they expired (90 jobs/s
+    instead of ~300): the baseline's doing, not the relay's.
+    """
+    deadline = time.monotonic() + timeout
+    while not all(_bindable(p) for p in range(721, 732)) and time.monotonic() < deadline:
+        time.sleep(0.25)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,7 +16,13 @@ from typing import Any
 
 import pytest
 
-from benchmarks.relaypair import _config, _free_port, failed_attempts, metrics_url
+from benchmarks.relaypair import (
+    _config,
+    _free_port,
+    failed_attempts,
+    metrics_url,
+    wait_reserved_ports_bindable,
+)
 from benchmarks.report import print_lines
 from relay.loadgen import load
 from tests.daemon import DaemonThread, RelayProcess, relay_config
@@ -75,6 +81,7 @@ def test_lprng_forwarding_baseline(tmp_path: Path, benchmark: Any) -> None:
 
 @pytest.mark.parametrize(("concurrency", "batch"), [(1, 1), (4, 1), (4, 10)])
 def test_relay_forwarding(tmp_path: Path, benchmark: Any, concurrency: int, batch: int) -> None:
+    wait_reserved_ports_bindable()     # the LPRng baseline's TIME_WAITs on 721-731
     with LprngServer(tmp_path / "up", queues=("q",)) as up:
         dest = f"lpd://127.0.0.1:{up.port}/q?batch={batch}"
         cfg = relay_config(tmp_path, queues={"q": {"destinations": [dest],

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from benchmarks.relaypair import (
     metrics_url,
     process_cpu,
     relay_to_relay,
+    wait_reserved_ports_bindable,
 )
 from benchmarks.test_bench_forward import JOBS
 from relay.loadgen import load
@@ -150,32 +150,6 @@ def _free_reserved_ports() -> None:
             release_time_wait(range(721, 732), remote)
 
 
-def _bindable(port: int) -> bool:
-    """Whether ``port`` binds now as the relay's origin-port pool binds it (SO_REUSEADDR)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
-def _wait_reserved_ports_bindable(timeout: float = 65.0) -> None:
-    """Until ports 721-731 bind again (at most ``timeout``: TIME_WAIT lasts 60 s).
-
-    LPRng binds its source ports (512-1023) without SO_REUSEADDR and closes
-    first, so the TIME_WAITs its forwarding leaves on 721-731 refuse every
-    bind there, SO_REUSEADDR or not, and cannot be moved off
-    (``release_time_wait``).  A relay round right after the baseline then
-    failed ~50 attempts, one a second, until they expired (90 jobs/s
-    instead of ~300): the baseline's doing, not the relay's.
-    """
-    deadline = time.monotonic() + timeout
-    while not all(_bindable(p) for p in range(721, 732)) and time.monotonic() < deadline:
-        time.sleep(0.25)
-
-
 def _lprng_to_lprng(tmp: Path, jobs: int) -> float:
     _free_reserved_ports()
     with LprngServer(tmp / "up", queues=("q",)) as up, LprngServer(
@@ -189,7 +163,7 @@ def _relay_to_relay(tmp: Path, jobs: int, attempts: list[Attempts]) -> float:
     A's failed delivery attempts of the round go into ``attempts``.  It starts once
     721-731 bind again: after the LPRng -> LPRng baseline that takes up to 60 s.
     """
-    _wait_reserved_ports_bindable()
+    wait_reserved_ports_bindable()
     result = relay_to_relay(tmp, jobs=jobs)
     attempts.append(result.attempts)
     sinkcheck.dir_sink(tmp / "B" / "out" / "q", jobs, None)
