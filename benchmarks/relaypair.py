@@ -6,6 +6,12 @@ options (its defaults: origin ports 721-731 when root, batching when it finds
 B is an lpd-relay).  The load generator feeds A; the clock stops when B's hot
 folder holds every job's metadata file, and every job is checked there once
 (count and checksum).  A's and B's CPU come from ``/proc/<pid>/stat``.
+
+A's failed delivery attempts are counted too (its ``/metrics`` at the end of
+the round: attempts that did not deliver, by retry reason, and connects that
+waited for an origin port): each one costs the queue a backoff of up to a
+second, so a slow round with failures says why it was slow, and a failure in
+a benchmark is a finding to report, not noise.
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ import re
 import socket
 import threading
 import time
-from dataclasses import dataclass
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import sinkcheck
 from relay import _core, client
@@ -29,6 +37,11 @@ from tests.daemon import RelayProcess, relay_config, write_config_file
 from tests.relayproc import relay_lpq
 
 _TICK = os.sysconf("SC_CLK_TCK")
+# B's dir:// queue runs 4 deliveries at once, as the intake rows' relay does.
+# With 16, the jobs of each arriving session were split into batches of a
+# few jobs, one hot-folder sync each: B spent 1.44 ms of CPU a job instead
+# of 0.98 (3 alternating rounds of 5,000 jobs, load average 6.5-9.8).
+B_CONCURRENCY = 4
 
 
 def process_cpu(pid: int) -> float:
@@ -38,20 +51,70 @@ def process_cpu(pid: int) -> float:
 
 
 @dataclass(frozen=True, slots=True)
+class Attempts:
+    """A sender's delivery attempts that did not deliver, from its ``/metrics``."""
+
+    failed: int = 0                  # lpdrelay_delivery_attempts_total, result != ok
+    reasons: dict[str, int] = field(default_factory=dict)   # retries by reason
+    port_waits: int = 0              # lpdrelay_origin_port_exhausted_total
+    connects: int = 0                # pooled connects (lpdrelay_origin_port_wait_seconds_count)
+
+    def describe(self) -> str:
+        """``0 failed attempts`` or ``2 failed attempts (reset 2), 1 origin-port wait``."""
+        text = f"{self.failed} failed attempt{'s' if self.failed != 1 else ''}"
+        if self.reasons:
+            text += " (" + ", ".join(f"{k} {v}" for k, v in sorted(self.reasons.items())) + ")"
+        if self.port_waits:
+            text += f", {self.port_waits} origin-port wait{'s' if self.port_waits != 1 else ''}"
+        return text
+
+
+@dataclass(frozen=True, slots=True)
 class PairResult:
     jobs_per_second: float
     sender_cpu_ms_per_job: float
     loadgen_cpu_ms_per_job: float
     feed_jobs_per_second: float          # the load generator's own rate into A
     receiver_cpu_ms_per_job: float = 0.0    # relay B's CPU (intake + its dir:// delivery)
+    attempts: Attempts = field(default_factory=Attempts)   # A's failed attempts
+
+
+def metrics_url(relay: RelayProcess) -> str:
+    """The ``/metrics`` address a relay started with ``metrics=True`` prints last."""
+    assert relay.proc is not None and relay.proc.stdout is not None
+    line = relay.proc.stdout.readline()     # the banner line after "spool ..."
+    match = re.search(r"metrics on (http://\S+)", line)
+    assert match, f"no metrics line in the banner: {line!r}"
+    return match.group(1)
+
+
+def failed_attempts(url: str) -> Attempts:
+    """A relay's failed delivery attempts so far, from its ``/metrics`` at ``url``."""
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        text = answer.read().decode()
+    failed = waits = connects = 0
+    reasons: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "lpdrelay_delivery_attempts_total" and s.labels["result"] != "ok":
+                failed += int(s.value)
+            elif s.name == "lpdrelay_delivery_retries_total" and s.value:
+                reasons[s.labels["reason"]] = reasons.get(s.labels["reason"], 0) + int(s.value)
+            elif s.name == "lpdrelay_origin_port_exhausted_total":
+                waits += int(s.value)
+            elif s.name == "lpdrelay_origin_port_wait_seconds_count":
+                connects += int(s.value)
+    return Attempts(failed, reasons, waits, connects)
 
 
 def _config(tmp: Path, name: str, destination: str, fsync: str = "always",
-            concurrency: int = 1, port: int = 0, retry: str = "1h") -> Path:
+            concurrency: int = 1, port: int = 0, retry: str = "1h",
+            metrics: bool = False) -> Path:
     data = relay_config(
         tmp / name, server={"spool_dir": str(tmp / name / "spool"), "fsync": fsync,
                             "max_connections": 2000, "max_connections_per_host": 2000},
-        metrics={"listen": ""}, log={"format": "json", "level": "warning"},
+        metrics={"listen": "127.0.0.1:0" if metrics else ""},
+        log={"format": "json", "level": "warning"},
         retry={"initial": retry, "max": retry},
         queues={"q": {"destinations": [destination], "concurrency": concurrency}})
     data["server"]["listen"] = [f"127.0.0.1:{port}"]
@@ -76,16 +139,18 @@ def _check_sink(folder: Path, jobs: int, payload: bytes) -> None:
 
 
 def relay_to_relay(tmp: Path, *, jobs: int, feed_concurrency: int = 16,
-                   size: int = 1024, query: str = "", fsync_b: str = "always") -> PairResult:
+                   size: int = 1024, query: str = "", fsync_b: str = "always",
+                   b_concurrency: int = B_CONCURRENCY) -> PairResult:
     """Feed ``jobs`` jobs into A -> lpd://B/q``query``; time until all are at B."""
     payload = os.urandom(size)
     out = tmp / "B" / "out"
-    b_cfg = _config(tmp, "B", f"dir://{out}", fsync_b, concurrency=16)
+    b_cfg = _config(tmp, "B", f"dir://{out}", fsync_b, concurrency=b_concurrency)
     # B is up throughout: a failed attempt (the ports 721-731 held by another
     # program on this host) is retried within a second, not after an hour.
-    with RelayProcess(b_cfg) as b, RelayProcess(
-            _config(tmp, "A", f"lpd://127.0.0.1:{b.port}/q{query}", retry="1s")) as a:
+    with RelayProcess(b_cfg) as b, RelayProcess(_config(
+            tmp, "A", f"lpd://127.0.0.1:{b.port}/q{query}", retry="1s", metrics=True)) as a:
         assert a.proc is not None and b.proc is not None
+        a_metrics = metrics_url(a)
         cpu0, lg0 = process_cpu(a.proc.pid), time.process_time()
         cpu_b0 = process_cpu(b.proc.pid)
         start = time.perf_counter()
@@ -102,9 +167,36 @@ def relay_to_relay(tmp: Path, *, jobs: int, feed_concurrency: int = 16,
         seconds = time.perf_counter() - start
         cpu = process_cpu(a.proc.pid) - cpu0
         cpu_b = process_cpu(b.proc.pid) - cpu_b0
+        attempts = failed_attempts(a_metrics)
     _check_sink(out / "q", jobs, payload)
     return PairResult(jobs / seconds, cpu / jobs * 1000, lg / jobs * 1000, sent.jobs_per_second,
-                      cpu_b / jobs * 1000)
+                      cpu_b / jobs * 1000, attempts)
+
+
+def _bindable(port: int) -> bool:
+    """Whether ``port`` binds now as the relay's origin-port pool binds it (SO_REUSEADDR)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_reserved_ports_bindable(timeout: float = 65.0) -> None:
+    """Until ports 721-731 bind again (at most ``timeout``: TIME_WAIT lasts 60 s).
+
+    LPRng binds its source ports (512-1023) without SO_REUSEADDR and closes
+    first, so the TIME_WAITs its forwarding leaves on 721-731 refuse every
+    bind there, SO_REUSEADDR or not, and cannot be moved off
+    (``release_time_wait``).  A relay round right after the baseline then
+    failed ~50 attempts, one a second, until they expired (90 jobs/s
+    instead of ~300): the baseline's doing, not the relay's.
+    """
+    deadline = time.monotonic() + timeout
+    while not all(_bindable(p) for p in range(721, 732)) and time.monotonic() < deadline:
+        time.sleep(0.25)
 
 
 def _free_port() -> int:
@@ -134,7 +226,8 @@ def drain_cpu(tmp: Path, *, jobs: int, size: int = 1024, query: str = "",
         sent = trio.run(lambda: run_load(dest, jobs=jobs, concurrency=16, size=size,
                                          payload=payload))
         assert sent.ok == jobs, sent.failures
-        with RelayProcess(_config(tmp, "B", f"dir://{out}", fsync_b, concurrency=16, port=port)):
+        with RelayProcess(_config(tmp, "B", f"dir://{out}", fsync_b, concurrency=B_CONCURRENCY,
+                                  port=port)):
             time.sleep(0.2)   # A's in-flight first attempt has failed and backed off
             cpu0, start = process_cpu(a.proc.pid), time.perf_counter()
             _print_waiting(a.port, "q")

@@ -16,9 +16,16 @@ from typing import Any
 
 import pytest
 
+from benchmarks.relaypair import (
+    _config,
+    _free_port,
+    failed_attempts,
+    metrics_url,
+    wait_reserved_ports_bindable,
+)
 from benchmarks.report import print_lines
 from relay.loadgen import load
-from tests.daemon import DaemonThread, relay_config
+from tests.daemon import DaemonThread, RelayProcess, relay_config
 from tests.peers import LprngServer, release_time_wait
 
 pytestmark = [pytest.mark.peers, pytest.mark.root,
@@ -74,6 +81,7 @@ def test_lprng_forwarding_baseline(tmp_path: Path, benchmark: Any) -> None:
 
 @pytest.mark.parametrize(("concurrency", "batch"), [(1, 1), (4, 1), (4, 10)])
 def test_relay_forwarding(tmp_path: Path, benchmark: Any, concurrency: int, batch: int) -> None:
+    wait_reserved_ports_bindable()     # the LPRng baseline's TIME_WAITs on 721-731
     with LprngServer(tmp_path / "up", queues=("q",)) as up:
         dest = f"lpd://127.0.0.1:{up.port}/q?batch={batch}"
         cfg = relay_config(tmp_path, queues={"q": {"destinations": [dest],
@@ -84,3 +92,20 @@ def test_relay_forwarding(tmp_path: Path, benchmark: Any, concurrency: int, batc
                                       iterations=1)
     release_time_wait(range(721, 732), up.port)   # after LPRng let go of its port
     RESULTS[f"relay -> LPRng, concurrency {concurrency}, batch {batch}"] = rate
+
+
+def test_a_senders_failed_attempts_are_counted(tmp_path: Path) -> None:
+    """The harness's count (``failed_attempts``) sees every attempt that did not deliver."""
+    port = _free_port()      # nothing listens there: every connect is refused
+    cfg = _config(tmp_path, "A", f"lpd://127.0.0.1:{port}/q?reserve=none", retry="50ms",
+                  metrics=True)
+    with RelayProcess(cfg) as a:
+        url = metrics_url(a)
+        assert failed_attempts(url).failed == 0
+        assert load(f"lpd://127.0.0.1:{a.port}/q", jobs=1, concurrency=1, size=100).ok == 1
+        deadline = time.monotonic() + 20
+        while (attempts := failed_attempts(url)).failed < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert attempts.failed >= 3
+    assert attempts.reasons == {"refused": attempts.failed}
+    assert attempts.describe() == f"{attempts.failed} failed attempts (refused {attempts.failed})"

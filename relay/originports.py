@@ -178,6 +178,17 @@ class OriginPortPool:
                 "capability (systemd: AmbientCapabilities=CAP_NET_BIND_SERVICE), or use "
                 '"none" if the destination does not check source ports')) from exc
 
+    def has_spare(self) -> bool:
+        """Whether a connect now would leave a port free and make nobody wait.
+
+        For optional connections (``lpd://``'s connect ahead): with the 11
+        ports of 721-731 shared by every destination, they must never take a
+        port another delivery is waiting for.  "none" (ephemeral) always has.
+        """
+        if not self._ports:
+            return True
+        return not self._queue and len(self._busy) + 2 <= len(self._ports)
+
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot (see :class:`PoolStatistics`)."""
         self._prune()

@@ -166,6 +166,24 @@ def test_connections_take_distinct_source_ports() -> None:
     run(main)
 
 
+def test_a_spare_port_means_one_left_free_and_nobody_waiting() -> None:
+    # has_spare gates optional connections (lpd://'s connect ahead).
+    ports = free_range(3)
+
+    async def main() -> None:
+        pool = OriginPortPool(ports.start, ports[-1])
+        assert OriginPortPool(None, None).has_spare()      # "none": ephemeral ports
+        async with receiver("wait") as rx:
+            conns = [await pool.connect(LOOPBACK, rx.port, timeout=5)]
+            assert pool.has_spare()                  # 1 of 3 busy: a second leaves one
+            conns.append(await pool.connect(LOOPBACK, rx.port, timeout=5))
+            assert not pool.has_spare()              # a third would take the last one
+            for c in conns:
+                await c.aclose()
+        assert pool.has_spare()
+    run(main)
+
+
 def test_waiters_are_served_in_arrival_order_as_ports_free() -> None:
     ports = free_range(3)
 

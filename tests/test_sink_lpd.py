@@ -4,6 +4,7 @@ misbehaves the ways FIELD-NOTES lists (stray LF, error lines, silence)."""
 from __future__ import annotations
 
 import errno
+import functools
 import os
 from pathlib import Path
 
@@ -251,3 +252,102 @@ def test_missing_spool_file_is_spool_file_missing(tmp_path: Path, which: str) ->
         deliver(f"lpd://127.0.0.1:{server.port}/q", job)
     assert (info.value.path, info.value.errno) == (path, errno.ENOENT)
     assert not server.jobs        # nothing acknowledged as a whole job
+
+
+class _AheadWatcher:
+    """A minimal trio LPD receiver that logs connects, sessions and acks in order;
+    it closes the connections whose index is in ``drop`` at once, unread."""
+
+    def __init__(self, drop: frozenset[int] = frozenset()) -> None:
+        self.drop = drop
+        self.events: list[str] = []
+        self.jobs = 0
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        index = sum(1 for e in self.events if e.startswith("connect"))
+        self.events.append(f"connect {index}")
+        if index in self.drop:
+            await stream.aclose()
+            return
+        buf = bytearray()
+
+        async def need(n: int) -> bool:
+            while len(buf) < n:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return False
+                buf.extend(data)
+            return True
+
+        async def line() -> bytes | None:
+            while b"\n" not in buf:
+                if not await need(len(buf) + 1):
+                    return None
+            end = buf.index(b"\n")
+            text = bytes(buf[:end])
+            del buf[:end + 1]
+            return text
+
+        async def ack() -> None:
+            self.events.append(f"ack {index}")
+            await stream.send_all(b"\x00")
+
+        if (command := await line()) is None:
+            return
+        assert command[:1] == b"\x02"
+        self.events.append(f"session {index}")
+        await ack()
+        while (header := await line()) is not None:
+            size = int(header[1:].split()[0])
+            await ack()
+            assert await need(size + 1)
+            del buf[:size + 1]
+            await ack()
+            self.jobs += header[:1] == b"\x02"
+
+    def first(self, event: str) -> int:
+        return self.events.index(event)
+
+    def last(self, event: str) -> int:
+        return len(self.events) - 1 - self.events[::-1].index(event)
+
+
+def _deliver_run(tmp_path: Path, watcher: _AheadWatcher, count: int
+                 ) -> tuple[int, Exception | None]:
+    spool, first = make_job(tmp_path)
+    jobs = [first] + [make_job_in(spool, n) for n in range(2, count + 1)]
+
+    async def main() -> tuple[int, Exception | None]:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                (listener,) = await nursery.start(
+                    functools.partial(trio.serve_tcp, host="127.0.0.1"), watcher.handle, 0)
+                port = listener.socket.getsockname()[1]
+                sink = make_sink(parse_destination(f"lpd://127.0.0.1:{port}/q?batch=1"),
+                                 SinkContext())
+                result = await sink.deliver_many(jobs)
+                nursery.cancel_scope.cancel()
+        return result
+    return trio.run(main)
+
+
+def test_one_job_a_connection_connects_the_next_while_a_job_is_sent(tmp_path: Path) -> None:
+    # The TCP connect of job n+1 overlaps job n (LPRng forks and sets up its
+    # server meanwhile); its 0x02 goes only after job n's final ack.
+    watcher = _AheadWatcher()
+    assert _deliver_run(tmp_path, watcher, 3) == (3, None)
+    events = watcher.events
+    assert watcher.jobs == 3 and sum(e.startswith("connect") for e in events) == 3
+    for n in (0, 1):
+        assert watcher.first(f"connect {n + 1}") < watcher.last(f"ack {n}")
+        assert watcher.first(f"session {n + 1}") > watcher.last(f"ack {n}")
+
+
+def test_a_connection_made_ahead_and_dropped_by_the_receiver_costs_no_failure(
+        tmp_path: Path) -> None:
+    # A receiver serving one connection at a time may close the one made
+    # ahead: that job goes out on a fresh connection instead, in order.
+    watcher = _AheadWatcher(drop=frozenset({1}))
+    assert _deliver_run(tmp_path, watcher, 3) == (3, None)
+    assert watcher.jobs == 3
+    assert sum(e.startswith("session") for e in watcher.events) == 3

@@ -18,7 +18,8 @@ acknowledgement the connection is closed through the pool, which lingers for
 the receiver's close and cools the port for this destination if the
 TIME_WAIT is ours (docs/origin-ports.md).  A receiver that takes one job per
 connection gets a run of jobs per attempt, one session each, in order, with
-each close lingering while the next job goes (docs/delivery.md).
+each close lingering while the next job goes and the next connection
+made while a small job is sent (docs/delivery.md).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import dataclasses
 import itertools
 import random
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import parse_qs, urlsplit
 
 import trio
@@ -55,9 +56,10 @@ PIPELINE_BYTES = 64 * 1024
 # A receiver that takes one job per connection (LPRng, cups-lpd, any not known
 # to take more): one delivery carries up to SESSION_RUN jobs, each in a session
 # of its own, in order, and each session's lingering close runs while the next
-# job connects and is sent.  The next session is not opened ahead: LPRng does
-# not answer a second session's control file while the first one's server
-# process lives (measured: 30 s stalls with 16 queue workers).
+# job connects and is sent.  The next job's TCP connection is made while a
+# small job is sent (``_Ahead``), but its session is not opened ahead: LPRng
+# does not answer a second session's control file while the first one's
+# server process lives (measured: 30 s stalls with 16 queue workers).
 SESSION_RUN = 8
 
 
@@ -221,31 +223,71 @@ class LpdSink(Sink):
     async def _deliver_sessions(self, jobs: Sequence[DeliveryJob]
                                 ) -> tuple[int, Exception | None]:
         """One session per job, in order, each closed in the background once its
-        job's final acknowledgement came (the close waits for the receiver's)."""
+        job's final acknowledgement came (the close waits for the receiver's).
+
+        While a small job is sent, the next job's connection is made
+        (``_Ahead``); its session starts only after this job's final ack.
+        """
         done = 0
+        ahead: _Ahead | None = None
         async with trio.open_nursery() as closing:
-            for job in jobs:
-                try:
-                    ch = await self._connect()
-                except SinkError as exc:
-                    return done, exc
-                try:
-                    with ch.stall_guard():
-                        await client.open_session(ch, self.destination.path)
-                        await self._send_one(ch, job)
-                except (SinkError, OSError, trio.TooSlowError) as exc:
-                    await ch.aclose()
-                    return done, self._classify(exc)
-                except BaseException:
-                    await ch.aclose()
-                    raise
-                closing.start_soon(ch.aclose)
-                done += 1
+            try:
+                for i, job in enumerate(jobs):
+                    early = await ahead.take() if ahead is not None else None
+                    ahead = None
+                    try:
+                        ch = early if early is not None else await self._connect()
+                    except SinkError as exc:
+                        return done, exc
+                    try:    # the spool is read before the session opens
+                        prepared = self._prepare(job)
+                    except SinkError as exc:
+                        await ch.aclose()
+                        return done, exc
+                    if i + 1 < len(jobs) and _small(job) and (
+                            self.pool is None or self.pool.has_spare()):
+                        ahead = _Ahead()
+                        closing.start_soon(ahead.connect, self._connect)
+                    error = await self._session(ch, prepared)
+                    if early is not None and _stale(error):
+                        # The receiver dropped the connection made ahead before
+                        # answering: once more on a fresh one, as without it.
+                        try:
+                            ch = await self._connect()
+                        except SinkError as exc:
+                            return done, exc
+                        error = await self._session(ch, prepared)
+                    if error is not None:
+                        return done, error
+                    closing.start_soon(ch.aclose)
+                    done += 1
+            finally:
+                if ahead is not None:    # the run ended before the next job
+                    await ahead.drop()
         return done, None
 
+    async def _session(self, ch: client.Channel,
+                       prepared: tuple[str, bytes, list[client.OutFile]]) -> SinkError | None:
+        """A ``_prepare``d job in a session of its own on ``ch``; on failure ``ch`` is closed."""
+        try:
+            with ch.stall_guard():
+                await client.open_session(ch, self.destination.path)
+                await self._send_prepared(ch, prepared)
+        except (SinkError, OSError, trio.TooSlowError) as exc:
+            await ch.aclose()
+            return self._classify(exc)
+        except BaseException:
+            await ch.aclose()
+            raise
+        return None
+
     async def _send_one(self, ch: client.Channel, job: DeliveryJob) -> None:
+        await self._send_prepared(ch, self._prepare(job))
+
+    async def _send_prepared(self, ch: client.Channel,
+                             prepared: tuple[str, bytes, list[client.OutFile]]) -> None:
         d = self.destination
-        cf_name, control, files = self._prepare(job)
+        cf_name, control, files = prepared
         if files:   # only empty data files: nothing to print, nothing to send
             await client.send_job_files(ch, cf_name=cf_name, control=control,
                                         files=files, mode=d.mode, order=d.order)
@@ -277,6 +319,57 @@ class LpdSink(Sink):
                 await flush()
                 progress.done += 1
         await flush()
+
+
+def _small(job: DeliveryJob) -> bool:
+    return sum(f.bytes for f in job.files) <= PIPELINE_BYTES
+
+
+def _stale(error: SinkError | None) -> bool:
+    """A connection closed or reset before the receiver answered our ``0x02``."""
+    return (isinstance(error, SinkUnavailable) and error.reply is None
+            and (error.step == client.RECEIVE_JOB_STEP
+                 or (not error.step and error.reason == "reset")))
+
+
+class _Ahead:
+    """The connection for the next job of a run, made while the current job is sent.
+
+    Only the TCP connect (LPRng forks and sets up its server process then, a
+    few ms); the ``0x02`` waits for the current job's final ack.  A receiver
+    that refuses a second connection meanwhile (a printer serving one at a
+    time) costs nothing: ``take`` gives None and the next job connects as
+    it would have.  Made only after a small job (``PIPELINE_BYTES``), so the
+    connection is never idle for longer than a few round trips.
+    """
+
+    def __init__(self) -> None:
+        self._ready = trio.Event()
+        self._channel: client.Channel | None = None
+        self._wanted = True
+
+    async def connect(self, connect: Callable[[], Awaitable[client.Channel]]) -> None:
+        try:
+            self._channel = await connect()
+        except SinkError as exc:
+            log.event("debug", "connect_ahead_failed", error=str(exc))
+        finally:
+            self._ready.set()
+        if not self._wanted:
+            await self.drop()
+
+    async def take(self) -> client.Channel | None:
+        """The connection once made; None when it could not be."""
+        await self._ready.wait()
+        channel, self._channel = self._channel, None
+        return channel
+
+    async def drop(self) -> None:
+        """Not needed after all: closed now, or as soon as it is made."""
+        self._wanted = False
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.aclose()
 
 
 register("lpd", LpdSink)
