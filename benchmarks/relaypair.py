@@ -29,7 +29,7 @@ from pathlib import Path
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks import sinkcheck
+from benchmarks import pagecache, sinkcheck
 from relay import _core, client
 from relay.loadgen import load, run_load
 from relay.uri import parse_destination
@@ -249,11 +249,13 @@ def make_big_file(path: Path, size: int) -> Path:
     return path
 
 
-def raw_receiver_mb_s(path: Path, out: Path, *, fsync: bool = True) -> float:
+def raw_receiver_mb_s(path: Path, out: Path, *, fsync: bool = True, warm: int = 0) -> float:
     """Baseline: a sender's ``sendfile`` into a receiver doing recv_into + write (+ fsync).
 
     The clock runs from the connect until the receiver's fsync returned, as
     the relay's runs until its final acknowledgement (after its commit).
+    ``warm`` bytes of free memory are made ready first (``benchmarks.pagecache``),
+    in the big-job functions below too.
     """
     server = socket.create_server(("127.0.0.1", 0))
     done = threading.Event()
@@ -275,6 +277,7 @@ def raw_receiver_mb_s(path: Path, out: Path, *, fsync: bool = True) -> float:
     thread = threading.Thread(target=receive, daemon=True)
     thread.start()
     size = path.stat().st_size
+    pagecache.warm(out.parent, warm)
     start = time.perf_counter()
     with socket.create_connection(server.getsockname()) as s, open(path, "rb") as f:
         s.sendfile(f)
@@ -306,9 +309,10 @@ def send_big(uri: str, path: Path) -> float:
     return size / (time.perf_counter() - start) / 1e6
 
 
-def big_into_spool_mb_s(tmp: Path, path: Path) -> float:
+def big_into_spool_mb_s(tmp: Path, path: Path, *, warm: int = 0) -> float:
     """One job of ``path``'s size into a relay (``fsync = "always"``) until its final ack."""
     with RelayProcess(_config(tmp, "B", f"socket://127.0.0.1:{_free_port()}")) as b:
+        pagecache.warm(tmp, warm)
         start = time.perf_counter()
         send_big(f"lpd://127.0.0.1:{b.port}/q?reserve=none", path)
         rate = path.stat().st_size / (time.perf_counter() - start) / 1e6
@@ -323,7 +327,7 @@ def _queued_bytes(port: int) -> int:
     return sum(sizes)
 
 
-def big_forwarded_mb_s(tmp: Path, path: Path) -> float:
+def big_forwarded_mb_s(tmp: Path, path: Path, *, warm: int = 0) -> float:
     """One spooled job of ``path``'s size, A -> lpd://B/q, until B holds all of it.
 
     A takes the job while B is down; B (fsync always, its own destination
@@ -337,6 +341,7 @@ def big_forwarded_mb_s(tmp: Path, path: Path) -> float:
         b_cfg = _config(tmp, "B", f"socket://127.0.0.1:{_free_port()}", port=port)
         with RelayProcess(b_cfg) as b:
             time.sleep(0.2)   # A's in-flight first attempt has failed and backed off
+            pagecache.warm(tmp, warm)
             start = time.perf_counter()
             _print_waiting(a.port, "q")
             deadline = start + 600
