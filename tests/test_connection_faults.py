@@ -20,6 +20,7 @@ import pytest
 from relay.spool import MAX_FILES_PER_JOB
 from tests.daemon import RelayProcess, relay_config, write_config_file
 from tests.lpdwire import Job, Wire, send_job, start_data_file
+from tests.peers.tcp import tcp_pairs
 from tests.test_server import wait_for
 
 _LIVE = re.compile(r"(\d{12,20})\.(json|cf|state|d\d{1,4})")
@@ -110,6 +111,9 @@ def test_out_of_file_descriptors_refuses_that_job_and_keeps_serving(tmp_path: Pa
         finally:
             for w in [spare, *holders]:
                 w.close()
+        # Until the relay has closed its side of those connections (CLOSE_WAIT
+        # here), it still holds their descriptors and rightly refuses with 0x02.
+        wait_for(lambda: not any(p == relay.port for p, _ in tcp_pairs("08")))
         assert_healthy(relay, tmp_path, log, "601")
     errors = " ".join(e["error"] for e in refusal_events(log) if e["reason"] == "spool_error")
     assert "Too many open files" in errors, refusal_events(log)

@@ -13,14 +13,20 @@ from pathlib import Path
 from tests.peers.process import LOOPBACK
 
 
-def time_wait_pairs() -> set[tuple[int, int]]:
-    """(local port, remote port) of every IPv4 TIME_WAIT socket (state 06)."""
+def tcp_pairs(state: str) -> set[tuple[int, int]]:
+    """(local port, remote port) of every IPv4 socket in ``state`` (/proc/net/tcp
+    hex code: 06 TIME_WAIT, 08 CLOSE_WAIT)."""
     pairs = set()
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        if fields[3] == "06":
+        if fields[3] == state:
             pairs.add((int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16)))
     return pairs
+
+
+def time_wait_pairs() -> set[tuple[int, int]]:
+    """(local port, remote port) of every IPv4 TIME_WAIT socket."""
+    return tcp_pairs("06")
 
 
 def release_time_wait(ports: range, remote_port: int, host: str = LOOPBACK) -> None:
