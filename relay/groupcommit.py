@@ -5,9 +5,10 @@ cap intake at the disk's flush rate (one journal commit per job).  So jobs that
 finish while a flush is running wait together and share the next one.
 
 There is no background task: the first ``submit()`` that finds no flush
-running becomes the *leader*, takes every pending item and runs the flush in a
-worker thread; the others wait and one of them leads the next batch.  Nothing
-has to be started or stopped, and it works in whatever trio run calls it.
+running becomes the *leader*, takes every pending item and runs the flush in
+the commit's own long-lived thread (relay.handoff); the others wait and one
+of them leads the next batch.  Nothing has to be started or stopped, and it
+works in whatever trio run calls it.
 
 The flush itself is the spool's business; this module also holds the
 durability primitives it uses: ``syncfs(2)`` with an ``fdatasync`` fallback,
@@ -28,6 +29,7 @@ from typing import Generic, TypeVar
 import trio
 
 from relay.errors import DiskFull, SpoolError
+from relay.handoff import HandOffThread
 
 T = TypeVar("T")
 
@@ -274,7 +276,7 @@ class _Slot(Generic[T]):
 class GroupCommit(Generic[T]):
     """Batches ``submit()`` calls from many tasks into one ``flush`` per batch.
 
-    ``flush(items)`` runs in a worker thread, one at a time, and returns one
+    ``flush(items)`` runs in the commit's thread, one at a time, and returns one
     ``Exception | None`` per item.  When ``submit`` returns or raises, the
     flush no longer touches its item, so the caller may clean it up.
     """
@@ -283,8 +285,10 @@ class GroupCommit(Generic[T]):
         self._flush = flush
         self._pending: list[_Slot[T]] = []
         self._flushing: trio.Event | None = None
-        # Our own limiter: a busy default thread pool must not delay durability.
-        self._limiter = trio.CapacityLimiter(1)
+        # Our own thread, one flush at a time: a busy default thread pool must
+        # not delay durability, and a long-lived thread costs no prctl/futex
+        # round through trio's thread cache per batch.
+        self._thread = HandOffThread("group-commit")
         self._batches = 0
         self._items = 0
         self._largest = 0
@@ -328,8 +332,7 @@ class GroupCommit(Generic[T]):
             slot.taken = flushed
         try:
             # Not abandonable: a cancelled leader still waits for the thread.
-            errors = await trio.to_thread.run_sync(
-                self._flush, [s.item for s in batch], limiter=self._limiter)
+            errors = await self._thread.run_sync(self._flush, [s.item for s in batch])
         except Exception as exc:  # the flush broke its contract; fail the batch
             errors = [SpoolError(f"group commit failed: {exc}") for _ in batch]
         except BaseException:
