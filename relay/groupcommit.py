@@ -263,12 +263,44 @@ class GroupCommitStatistics:
     largest_batch: int
 
 
+def _never_abort(_: object) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.FAILED
+
+
+class _Batch:
+    """The flush that took some slots; their tasks wait for its end, uncancellably.
+
+    What ``with CancelScope(shield=True): await event.wait()`` did, without a
+    cancel scope and a parking lot per waiting job: a cancel that arrives
+    meanwhile is delivered at the waiter's next checkpoint.
+    """
+
+    __slots__ = ("ended", "waiters")
+
+    def __init__(self) -> None:
+        self.ended = False
+        self.waiters: list[trio.lowlevel.Task] = []
+
+    def end(self) -> None:
+        self.ended = True
+        waiters, self.waiters = self.waiters, []
+        for task in waiters:
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> None:
+        if self.ended:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        self.waiters.append(trio.lowlevel.current_task())
+        await trio.lowlevel.wait_task_rescheduled(_never_abort)
+
+
 class _Slot(Generic[T]):
     __slots__ = ("done", "error", "item", "taken")
 
     def __init__(self, item: T) -> None:
         self.item = item
-        self.taken: trio.Event | None = None  # the batch's "flushed" event once taken
+        self.taken: _Batch | None = None  # the flush that took it
         self.done = False
         self.error: Exception | None = None
 
@@ -316,8 +348,7 @@ class GroupCommit(Generic[T]):
             if slot.taken is not None:
                 # Our item is inside a running flush: wait it out even when
                 # cancelled, so no thread still writes it when we return.
-                with trio.CancelScope(shield=True):
-                    await slot.taken.wait()
+                await slot.taken.wait()
             elif self._flushing is None:
                 await self._lead()
             else:
@@ -328,8 +359,9 @@ class GroupCommit(Generic[T]):
         batch, self._pending = self._pending, []
         flushed = trio.Event()
         self._flushing = flushed
+        taken = _Batch()
         for slot in batch:
-            slot.taken = flushed
+            slot.taken = taken
         try:
             # Not abandonable: a cancelled leader still waits for the thread.
             errors = await self._thread.run_sync(self._flush, [s.item for s in batch])
@@ -345,6 +377,7 @@ class GroupCommit(Generic[T]):
         finally:
             self._flushing = None
             flushed.set()
+            taken.end()
         for slot, error in zip(batch, errors, strict=True):
             slot.error = error
             slot.done = True
