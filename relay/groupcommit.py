@@ -5,9 +5,10 @@ cap intake at the disk's flush rate (one journal commit per job).  So jobs that
 finish while a flush is running wait together and share the next one.
 
 There is no background task: the first ``submit()`` that finds no flush
-running becomes the *leader*, takes every pending item and runs the flush in a
-worker thread; the others wait and one of them leads the next batch.  Nothing
-has to be started or stopped, and it works in whatever trio run calls it.
+running becomes the *leader*, takes every pending item and runs the flush in
+the commit's own long-lived thread (relay.handoff); the others wait and one
+of them leads the next batch.  Nothing has to be started or stopped, and it
+works in whatever trio run calls it.
 
 The flush itself is the spool's business; this module also holds the
 durability primitives it uses: ``syncfs(2)`` with an ``fdatasync`` fallback,
@@ -28,6 +29,7 @@ from typing import Generic, TypeVar
 import trio
 
 from relay.errors import DiskFull, SpoolError
+from relay.handoff import HandOffThread
 
 T = TypeVar("T")
 
@@ -261,12 +263,44 @@ class GroupCommitStatistics:
     largest_batch: int
 
 
+def _never_abort(_: object) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.FAILED
+
+
+class _Batch:
+    """The flush that took some slots; their tasks wait for its end, uncancellably.
+
+    What ``with CancelScope(shield=True): await event.wait()`` did, without a
+    cancel scope and a parking lot per waiting job: a cancel that arrives
+    meanwhile is delivered at the waiter's next checkpoint.
+    """
+
+    __slots__ = ("ended", "waiters")
+
+    def __init__(self) -> None:
+        self.ended = False
+        self.waiters: list[trio.lowlevel.Task] = []
+
+    def end(self) -> None:
+        self.ended = True
+        waiters, self.waiters = self.waiters, []
+        for task in waiters:
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> None:
+        if self.ended:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        self.waiters.append(trio.lowlevel.current_task())
+        await trio.lowlevel.wait_task_rescheduled(_never_abort)
+
+
 class _Slot(Generic[T]):
     __slots__ = ("done", "error", "item", "taken")
 
     def __init__(self, item: T) -> None:
         self.item = item
-        self.taken: trio.Event | None = None  # the batch's "flushed" event once taken
+        self.taken: _Batch | None = None  # the flush that took it
         self.done = False
         self.error: Exception | None = None
 
@@ -274,7 +308,7 @@ class _Slot(Generic[T]):
 class GroupCommit(Generic[T]):
     """Batches ``submit()`` calls from many tasks into one ``flush`` per batch.
 
-    ``flush(items)`` runs in a worker thread, one at a time, and returns one
+    ``flush(items)`` runs in the commit's thread, one at a time, and returns one
     ``Exception | None`` per item.  When ``submit`` returns or raises, the
     flush no longer touches its item, so the caller may clean it up.
     """
@@ -283,8 +317,10 @@ class GroupCommit(Generic[T]):
         self._flush = flush
         self._pending: list[_Slot[T]] = []
         self._flushing: trio.Event | None = None
-        # Our own limiter: a busy default thread pool must not delay durability.
-        self._limiter = trio.CapacityLimiter(1)
+        # Our own thread, one flush at a time: a busy default thread pool must
+        # not delay durability, and a long-lived thread costs no prctl/futex
+        # round through trio's thread cache per batch.
+        self._thread = HandOffThread("group-commit")
         self._batches = 0
         self._items = 0
         self._largest = 0
@@ -312,8 +348,7 @@ class GroupCommit(Generic[T]):
             if slot.taken is not None:
                 # Our item is inside a running flush: wait it out even when
                 # cancelled, so no thread still writes it when we return.
-                with trio.CancelScope(shield=True):
-                    await slot.taken.wait()
+                await slot.taken.wait()
             elif self._flushing is None:
                 await self._lead()
             else:
@@ -324,12 +359,12 @@ class GroupCommit(Generic[T]):
         batch, self._pending = self._pending, []
         flushed = trio.Event()
         self._flushing = flushed
+        taken = _Batch()
         for slot in batch:
-            slot.taken = flushed
+            slot.taken = taken
         try:
             # Not abandonable: a cancelled leader still waits for the thread.
-            errors = await trio.to_thread.run_sync(
-                self._flush, [s.item for s in batch], limiter=self._limiter)
+            errors = await self._thread.run_sync(self._flush, [s.item for s in batch])
         except Exception as exc:  # the flush broke its contract; fail the batch
             errors = [SpoolError(f"group commit failed: {exc}") for _ in batch]
         except BaseException:
@@ -342,6 +377,7 @@ class GroupCommit(Generic[T]):
         finally:
             self._flushing = None
             flushed.set()
+            taken.end()
         for slot, error in zip(batch, errors, strict=True):
             slot.error = error
             slot.done = True

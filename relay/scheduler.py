@@ -92,6 +92,8 @@ class QueueRunner(RunnerControl):
         self._first_failure: dict[str, float] = {}   # job id -> trio clock
         self._changed = trio.Event()
         self._metric_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self._attempt_children: dict[tuple[str, str], Any] = {}   # (destination, result)
+        self._up_children: dict[str, Any] = {}                     # destination URI
         self.retired = ""                 # why the queue left the configuration (reload)
         self.stopped = False              # lpc stop: jobs wait, none is delivered
         self._nursery: trio.Nursery | None = None
@@ -252,10 +254,8 @@ class QueueRunner(RunnerControl):
         if self.dests is not dests:     # a reload changed the destinations meanwhile
             await self._stale_result(jobs, done, error, dest)
             return
-        for job in jobs[:done]:
-            self._count_attempt(dest, "ok")
-            self._delivered(job, index, dest)
         if done:
+            self._delivered(jobs[:done], index, dest)
             # Make the removals durable too (shared with other commits), so
             # even a power loss right after cannot print a job a second time.
             await self.spool.sync()
@@ -284,17 +284,22 @@ class QueueRunner(RunnerControl):
                             dest: str) -> None:
         """An attempt on a destination a reload replaced: delivered jobs leave the
         spool; the rest go back to the front, for the new destinations, no backoff."""
-        for job in jobs[:done]:
-            self._count_attempt(dest, "ok")
-            self._gone(job, dest, dest)
         if done:
+            self._count_attempt(dest, "ok", done)
+            for job in jobs[:done]:
+                self._gone(job, dest, dest)
             await self.spool.sync()
         if error is not None:
             self.pending.extendleft(reversed(jobs[done:]))
             self._notify()
 
-    def _count_attempt(self, dest: str, result: str) -> None:
-        self.metrics.delivery_attempts_total.labels(destination=dest, result=result).inc()
+    def _count_attempt(self, dest: str, result: str, n: int = 1) -> None:
+        key = (dest, result)       # bounded: destinations x results, like the labels
+        child = self._attempt_children.get(key)
+        if child is None:
+            child = self.metrics.delivery_attempts_total.labels(destination=dest, result=result)
+            self._attempt_children[key] = child
+        child.inc(n)
 
     def _count_retry(self, dest: str, sink: Sink, job: JobMeta, error: Exception) -> None:
         self._count_attempt(dest, "retry")
@@ -308,17 +313,26 @@ class QueueRunner(RunnerControl):
         self.metrics.delivery_retries_total.labels(destination=dest, reason=reason).inc()
 
     def _mark(self, index: int, up: bool, error: str) -> None:
-        self.dests[index].up = up
-        self.dests[index].error = error
-        self.metrics.destination_up.labels(
-            destination=self.metrics.destination_label(self.dests[index].sink.destination.uri),
-        ).set(1 if up else 0)
+        d = self.dests[index]
+        d.up = up
+        d.error = error
+        uri = d.sink.destination.uri
+        child = self._up_children.get(uri)
+        if child is None:
+            child = self.metrics.destination_up.labels(
+                destination=self.metrics.destination_label(uri))
+            self._up_children[uri] = child
+        child.set(1 if up else 0)
 
-    def _delivered(self, job: JobMeta, index: int, dest: str) -> None:
+    def _delivered(self, jobs: list[JobMeta], index: int, dest: str) -> None:
+        """``jobs`` (one attempt's, in order) reached destination ``index``."""
         if index == self.active:
             self.failures = 0
-        self._mark(index, True, "")
-        self._gone(job, dest, self.dests[index].sink.destination.uri)
+        self._mark(index, True, "")   # once an attempt: the same state for each of its jobs
+        self._count_attempt(dest, "ok", len(jobs))
+        uri = self.dests[index].sink.destination.uri
+        for job in jobs:
+            self._gone(job, dest, uri)
 
     def _gone(self, job: JobMeta, dest: str, uri: str) -> None:
         """A confirmed job leaves the spool (or is kept, ``[retention]``); counted, audited."""
@@ -333,8 +347,9 @@ class QueueRunner(RunnerControl):
         latency = max(0.0, time.time() - job.received)
         seconds.observe(latency)
         log.count("delivered")
-        log.event("debug", "job_delivered", job=job.id, queue=job.queue,
-                  destination=uri, seconds=round(latency, 3))
+        if log.enabled("debug"):     # off in production: no fields built a job
+            log.event("debug", "job_delivered", job=job.id, queue=job.queue,
+                      destination=uri, seconds=round(latency, 3))
 
     def _children(self, queue: str, dest: str) -> tuple[Any, Any, Any]:
         """The labelled metric children for (queue label, destination), looked up once."""

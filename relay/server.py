@@ -368,18 +368,18 @@ class LpdServer:
 
         Returns (admitted, what to say before closing when not).
         """
-        peer = f"{host}:{port}"
         if self.config.allow and not source_allowed(host, self.config.allow):
             self.metrics.jobs_rejected_total.labels(reason="acl").inc()
-            log.event("warning", "connection_refused", peer=peer, error="source not in allow")
+            log.event("warning", "connection_refused", peer=f"{host}:{port}",
+                      error="source not in allow")
             return False, b""
         if self.config.require_reserved_port and port >= 1024:
             self.metrics.jobs_rejected_total.labels(reason="acl").inc()
-            log.event("warning", "connection_refused", peer=peer,
+            log.event("warning", "connection_refused", peer=f"{host}:{port}",
                       error=f"source port {port} is not reserved")
             return False, b"\x01lpd-relay: source port must be below 1024\n"
         if self._per_host[host] + self.others.others(host) > self.config.max_connections_per_host:
-            log.event("warning", "connection_refused", peer=peer,
+            log.event("warning", "connection_refused", peer=f"{host}:{port}",
                       error="too many connections from this host")
             return False, bytes([REPLY_RETRY_LATER]) + b"lpd-relay: too many connections\n"
         return True, b""

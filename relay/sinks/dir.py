@@ -27,7 +27,8 @@ partial file, and the spool deletes its copy as soon as ``deliver`` returns, so:
   the sink creates is touched, never an existing folder;
 * bytes move with ``os.copy_file_range`` (a reflink or in-kernel copy), falling
   back to ``os.sendfile`` and then a buffered copy, in a worker thread so the
-  event loop never waits on the disk.
+  event loop never waits on the disk (long-lived ones, relay.handoff: no
+  thread-cache round and ``prctl`` a batch).
 
 A local copy is not timed: it is bounded by the disk, and a thread blocked in
 the kernel could not be interrupted anyway.
@@ -46,10 +47,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-import trio
 
 from relay.errors import SinkError, SinkRejected, SinkUnavailable, SpoolFileMissing
 from relay.groupcommit import Syncer, fsync_directory
+from relay.handoff import HandOffPool
 from relay.queues import folder_name
 from relay.sinks.base import DeliveryJob, Sink, register
 from relay.spoolbackend import open_file_body
@@ -76,6 +77,9 @@ _EXTENSIONS = {
 # The spool makes ids; checking them anyway keeps a bug elsewhere from ever
 # turning into a path outside the hot folder.
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+# The batches' threads, shared by every hot folder (as many as batches run at once).
+_THREADS = HandOffPool("dir-sink")
 
 # Jobs placed together (one queue's waiting jobs, in order): they share the syncs.
 BATCH = 32
@@ -141,8 +145,8 @@ class DirSink(Sink):
         """
         d = self.destination
         perms = _Perms(file_mode=d.file_mode, dir_mode=dir_mode(d.file_mode), gid=d.group)
-        return await trio.to_thread.run_sync(_write_batch, d.path, jobs, perms,
-                                            self.context.privacy.name)
+        return await _THREADS.run_sync(_write_batch, d.path, jobs, perms,
+                                       self.context.privacy.name)
 
 
 def _unavailable(folder: str, exc: OSError, perms: _Perms) -> SinkUnavailable:
