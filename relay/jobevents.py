@@ -47,7 +47,7 @@ class JobEvents(Protocol):
         """Return once every event recorded so far is durable."""
 
 
-class _NoEvents:
+class NoEvents:
     """The default subscriber: drops every event."""
 
     def record(self, event: str, meta: JobMeta | None = None, **fields: object) -> None:
@@ -57,7 +57,7 @@ class _NoEvents:
         return None
 
 
-NO_EVENTS: JobEvents = _NoEvents()
+NO_EVENTS: JobEvents = NoEvents()
 
 
 # Who causes the events recorded in this task now ("" = the daemon itself).
