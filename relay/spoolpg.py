@@ -42,7 +42,7 @@ import trio
 
 from relay import log
 from relay.errors import DiskFull, SpoolError
-from relay.groupcommit import GroupCommit, create, make_dir
+from relay.groupcommit import GroupCommit, make_dir, write_file
 from relay.jobevents import NO_EVENTS, JobEvents
 from relay.spool import release_lock, take_lock
 from relay.spoolbackend import Body, SpoolBackend, open_file_body, register_locator
@@ -238,11 +238,7 @@ class PgSpool(Sessions):
                 kept += zip((f.path for f in item.meta.files), item.data, strict=True)
             else:
                 with contextlib.suppress(OSError):
-                    fd = create(item.meta.control_path, os.O_WRONLY | os.O_TRUNC)
-                    try:
-                        os.write(fd, item.control)
-                    finally:
-                        os.close(fd)
+                    write_file(item.meta.control_path, item.control)
         if kept:
             with contextlib.suppress(OSError):   # then a delivery fetches them back
                 self._cache.keep(kept)
@@ -428,8 +424,9 @@ class PgSpool(Sessions):
             with trio.move_on_after(self.config.db_timeout):
                 await self.sync()
             pool, self._pool = self._pool, None
-            if self._loop is not None:
-                self._loop.close()
+            loop, self._loop = self._loop, None
+            if loop is not None:
+                loop.close()
             await trio.to_thread.run_sync(close_pool, pool)
             register_locator(self.jobs_dir, None)
         self._release_lock()

@@ -44,6 +44,8 @@ class BodyCache:
 
     def add(self, batch: str, where: Mapping[str, tuple[int, int]]) -> None:
         """Bodies (path -> (offset, length)) written in ``batch``."""
+        if not where:    # nothing written: no file, and no count a drop would clear
+            return
         self._refs[batch] += len(where)   # counted first: a drop may run next
         for path, (offset, length) in where.items():
             self._located[os.path.basename(path)] = (batch, offset, length)

@@ -43,8 +43,7 @@ def make_db(pg: PostgresCluster, tmp: Path) -> str:
 
 
 def node_config(tmp: Path, dsn: str, node: str, *, out: Path | None = None,
-                destinations: list[str] | None = None, concurrency: int = 1,
-                level: str = "info") -> Path:
+                destinations: list[str] | None = None, concurrency: int = 1) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     dest = destinations or [f"dir://{out or tmp / 'out'}"]
     data: dict[str, Any] = relay_config(
@@ -52,7 +51,6 @@ def node_config(tmp: Path, dsn: str, node: str, *, out: Path | None = None,
                            "retry": {"initial": "100ms", "max": "500ms"}}},
         spool={"backend": "postgresql", "dsn": dsn, "lease_time": "2s", "node": node,
                "db_timeout": "2s", "chunk_size": "64KiB"})
-    data["log"]["level"] = level
     return write_config_file(tmp / f"{node}.toml", data)
 
 
@@ -73,11 +71,6 @@ def wait_delivered(out: Path, *, at_least: int = 0, title: str = "",
         return found if len(found) >= at_least and (not title or title in found) else None
     result: dict[str, dict[str, Any]] = wait_until(check, timeout=timeout)
     return result
-
-
-def body_digest(out: Path, record: dict[str, Any]) -> str:
-    return hashlib.sha256(b"".join(Path(f["path"]).read_bytes()
-                                   for f in record["files"])).hexdigest()
 
 
 def healthz(relay: LoggedRelay) -> tuple[int, str]:
