@@ -217,13 +217,14 @@ class Connection:
     async def _send_now(self, data: bytes | bytearray) -> None:
         io = self.io
         try:
+            rest: bytes | bytearray | memoryview = data
             if isinstance(io, FastSocket):
                 sent = io.send_nowait(data)
                 if sent == len(data):   # an ack: written without waiting
                     return
-                data = data[sent:]
+                rest = memoryview(data)[sent:]
             self.deadline.refresh(self._reading)
-            await io.send_all(data)
+            await io.send_all(rest)
         except OSError as exc:
             raise PeerGone(str(exc)) from None
 

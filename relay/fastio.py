@@ -49,7 +49,7 @@ class FastSocket:
         self._streak += 1
         return n
 
-    def send_nowait(self, data: bytes | bytearray) -> int:
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
         """Write what the socket buffer takes now (0 when full); never yields."""
         try:
             return os.write(self.fd, data)
@@ -78,10 +78,7 @@ class FastSocket:
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data``, parking only while the socket buffer is full."""
-        try:   # an acknowledgement: one byte, one write (no view, no loop)
-            sent = os.write(self.fd, data)
-        except BlockingIOError:
-            sent = 0
+        sent = self.send_nowait(data)   # an acknowledgement: one write, no view, no loop
         if sent == len(data):
             return
         view = memoryview(data)[sent:]

@@ -118,7 +118,7 @@ class LpdSink(Sink):
         new_cf, cf_name, names = rewrite(cf, number=next(self._numbers), host=self.hostname,
                                          digits=d.jobnumbers, banner=d.banner, fmt=d.format,
                                          sanitize_title=d.sanitize_title)
-        load = sum(f.bytes for f in job.files) <= PIPELINE_BYTES
+        load = _small(job)
         files = [self._out_file(names[f.name], f, load)
                  for f in job.files if f.name in names and f.bytes > 0]
         # An empty data file cannot be sent with an exact count: a count of 0
@@ -164,7 +164,7 @@ class LpdSink(Sink):
 
     def _inline(self, job: DeliveryJob) -> tuple[str, bytes, int] | None:
         """``job`` as pipelined bytes when it is small, else None (sent step by step)."""
-        if sum(f.bytes for f in job.files) > PIPELINE_BYTES:
+        if not _small(job):
             return None
         cf_name, control, files = self._prepare(job)
         return cf_name, client.job_bytes(cf_name, control, files), len(files)
