@@ -34,6 +34,7 @@ from relay import _core, client
 from relay.loadgen import load, run_load
 from relay.uri import parse_destination
 from tests.daemon import RelayProcess, relay_config, write_config_file
+from tests.peers import free_port
 from tests.relayproc import relay_lpq
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -75,7 +76,6 @@ class PairResult:
     sender_cpu_ms_per_job: float
     loadgen_cpu_ms_per_job: float
     feed_jobs_per_second: float          # the load generator's own rate into A
-    receiver_cpu_ms_per_job: float = 0.0    # relay B's CPU (intake + its dir:// delivery)
     attempts: Attempts = field(default_factory=Attempts)   # A's failed attempts
 
 
@@ -152,7 +152,6 @@ def relay_to_relay(tmp: Path, *, jobs: int, feed_concurrency: int = 16,
         assert a.proc is not None and b.proc is not None
         a_metrics = metrics_url(a)
         cpu0, lg0 = process_cpu(a.proc.pid), time.process_time()
-        cpu_b0 = process_cpu(b.proc.pid)
         start = time.perf_counter()
         # The load generator's fast path (~0.1 ms of CPU a job, not the trio
         # client's ~0.9): it shares the two cores with A and B.
@@ -166,11 +165,10 @@ def relay_to_relay(tmp: Path, *, jobs: int, feed_concurrency: int = 16,
             raise TimeoutError(f"{exc}; A's lpq: {relay_lpq(a.port)[:400]!r}") from None
         seconds = time.perf_counter() - start
         cpu = process_cpu(a.proc.pid) - cpu0
-        cpu_b = process_cpu(b.proc.pid) - cpu_b0
         attempts = failed_attempts(a_metrics)
     _check_sink(out / "q", jobs, payload)
     return PairResult(jobs / seconds, cpu / jobs * 1000, lg / jobs * 1000, sent.jobs_per_second,
-                      cpu_b / jobs * 1000, attempts)
+                      attempts)
 
 
 def _bindable(port: int) -> bool:
@@ -199,12 +197,6 @@ def wait_reserved_ports_bindable(timeout: float = 65.0) -> None:
         time.sleep(0.25)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _print_waiting(port: int, queue: str) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(_core.print_waiting(queue))
@@ -219,7 +211,7 @@ def drain_cpu(tmp: Path, *, jobs: int, size: int = 1024, query: str = "",
     then B starts on the port A forwards to, 0x01 wakes A's queue, and A's
     CPU is counted from there until B's hot folder has every job.
     """
-    port, out, payload = _free_port(), tmp / "B" / "out", os.urandom(size)
+    port, out, payload = free_port(), tmp / "B" / "out", os.urandom(size)
     with RelayProcess(_config(tmp, "A", f"lpd://127.0.0.1:{port}/q{query}")) as a:
         assert a.proc is not None
         dest = parse_destination(f"lpd://127.0.0.1:{a.port}/q")
@@ -311,7 +303,7 @@ def send_big(uri: str, path: Path) -> float:
 
 def big_into_spool_mb_s(tmp: Path, path: Path, *, warm: int = 0) -> float:
     """One job of ``path``'s size into a relay (``fsync = "always"``) until its final ack."""
-    with RelayProcess(_config(tmp, "B", f"socket://127.0.0.1:{_free_port()}")) as b:
+    with RelayProcess(_config(tmp, "B", f"socket://127.0.0.1:{free_port()}")) as b:
         pagecache.warm(tmp, warm)
         start = time.perf_counter()
         send_big(f"lpd://127.0.0.1:{b.port}/q?reserve=none", path)
@@ -335,10 +327,10 @@ def big_forwarded_mb_s(tmp: Path, path: Path, *, warm: int = 0) -> float:
     stops when B's lpq lists the job at its full size (B lists a job only
     once committed).
     """
-    port, size = _free_port(), path.stat().st_size
+    port, size = free_port(), path.stat().st_size
     with RelayProcess(_config(tmp, "A", f"lpd://127.0.0.1:{port}/q")) as a:
         send_big(f"lpd://127.0.0.1:{a.port}/q?reserve=none", path)
-        b_cfg = _config(tmp, "B", f"socket://127.0.0.1:{_free_port()}", port=port)
+        b_cfg = _config(tmp, "B", f"socket://127.0.0.1:{free_port()}", port=port)
         with RelayProcess(b_cfg) as b:
             time.sleep(0.2)   # A's in-flight first attempt has failed and backed off
             pagecache.warm(tmp, warm)

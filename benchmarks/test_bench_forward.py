@@ -18,7 +18,6 @@ import pytest
 
 from benchmarks.relaypair import (
     _config,
-    _free_port,
     failed_attempts,
     metrics_url,
     wait_reserved_ports_bindable,
@@ -26,7 +25,7 @@ from benchmarks.relaypair import (
 from benchmarks.report import print_lines
 from relay.loadgen import load
 from tests.daemon import DaemonThread, RelayProcess, relay_config
-from tests.peers import LprngServer, release_time_wait
+from tests.peers import LprngServer, free_port, release_time_wait
 
 pytestmark = [pytest.mark.peers, pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="ports 721-731 need root")]
@@ -96,7 +95,7 @@ def test_relay_forwarding(tmp_path: Path, benchmark: Any, concurrency: int, batc
 
 def test_a_senders_failed_attempts_are_counted(tmp_path: Path) -> None:
     """The harness's count (``failed_attempts``) sees every attempt that did not deliver."""
-    port = _free_port()      # nothing listens there: every connect is refused
+    port = free_port()      # nothing listens there: every connect is refused
     cfg = _config(tmp_path, "A", f"lpd://127.0.0.1:{port}/q?reserve=none", retry="50ms",
                   metrics=True)
     with RelayProcess(cfg) as a:
