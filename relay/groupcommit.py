@@ -29,7 +29,7 @@ from typing import Generic, TypeVar
 import trio
 
 from relay.errors import DiskFull, SpoolError
-from relay.handoff import HandOffThread
+from relay.handoff import HandOffThread, never_abort
 
 T = TypeVar("T")
 
@@ -263,10 +263,6 @@ class GroupCommitStatistics:
     largest_batch: int
 
 
-def _never_abort(_: object) -> trio.lowlevel.Abort:
-    return trio.lowlevel.Abort.FAILED
-
-
 class _Batch:
     """The flush that took some slots; their tasks wait for its end, uncancellably.
 
@@ -292,7 +288,7 @@ class _Batch:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
         self.waiters.append(trio.lowlevel.current_task())
-        await trio.lowlevel.wait_task_rescheduled(_never_abort)
+        await trio.lowlevel.wait_task_rescheduled(never_abort)
 
 
 class _Slot(Generic[T]):

@@ -39,6 +39,11 @@ _IDLE = 10.0  # seconds a thread waits for its next call before it ends
 _ALL: weakref.WeakSet[HandOffThread] = weakref.WeakSet()
 
 
+def never_abort(_: object) -> trio.lowlevel.Abort:
+    """For ``wait_task_rescheduled``: a cancelled waiter waits on until it is rescheduled."""
+    return trio.lowlevel.Abort.FAILED
+
+
 def _after_fork_in_child() -> None:
     for worker in list(_ALL):
         worker._forget_thread()
@@ -74,11 +79,9 @@ class HandOffThread:
                     target=self._serve, name=self._name, daemon=True)
                 self._thread.start()
 
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            return trio.lowlevel.Abort.FAILED  # handed over: wait for the call to end
-
-        # Resumed by the thread with the call's outcome, unwrapped here.
-        result: T = await trio.lowlevel.wait_task_rescheduled(abort)
+        # Handed over: wait for the call to end (never aborted); resumed by the
+        # thread with the call's outcome, unwrapped here.
+        result: T = await trio.lowlevel.wait_task_rescheduled(never_abort)
         return result
 
     def _serve(self) -> None:
