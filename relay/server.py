@@ -274,6 +274,8 @@ class LpdServer:
         (as a connection whose spool file cannot be opened); False: none spare now."""
         now = trio.current_time()
         self._nofile_since = min(self._nofile_since, now)
+        if self._reserve < 0:   # not re-taken last time: every descriptor was in use
+            self._reserve = _spare_descriptor()
         if (self._reserve < 0 or exc.errno not in (errno.EMFILE, errno.ENFILE)
                 or now - self._nofile_since < NOFILE_GRACE):
             return False
