@@ -72,13 +72,13 @@ class WorkerJobs:
 
     def discard(self, token: str) -> None:
         if (part := self.partials.pop(token, None)) is not None:
-            _discard(part)
+            _discard(part.incoming)
 
     def forget(self) -> None:
         """The worker is gone: its partial jobs go.  What it committed is with delivery
         already (its sender was maybe not told: at-least-once, SPEC §4.4)."""
         for part in self.partials.values():
-            _discard(part)
+            _discard(part.incoming)
         self.partials.clear()
 
     def open(self, message: Open) -> tuple[Reply, list[int]]:
@@ -99,7 +99,7 @@ class WorkerJobs:
         except (LpdError, OSError) as exc:
             if part is not None:
                 self.partials.pop(message.token, None)
-                _discard(part)
+                _discard(part.incoming)
             return Reply(0, failure=Failure.of(_spool_error(exc))), []
         return Reply(0, value=part.incoming.id), [part.writer.fileno()]
 
@@ -159,7 +159,7 @@ class WorkerJobs:
         try:
             meta = await self.spool.commit(incoming, hold=message.hold)
         except (LpdError, OSError):
-            _discard(_Partial(incoming))
+            _discard(incoming)
             raise
         with trio.CancelScope(shield=True):   # committed: its records follow
             events = self.spool.events
@@ -206,7 +206,7 @@ class WorkerJobs:
             return incoming
         except (LpdError, OSError) as exc:
             if incoming is not None:
-                _discard(_Partial(incoming))
+                _discard(incoming)
             return exc
 
     def _accepted(self, meta: JobMeta, peer: str, held: bool) -> None:
@@ -234,9 +234,9 @@ def _spool_error(exc: Exception) -> Exception:
     return exc if isinstance(exc, LpdError) else SpoolError(str(exc))
 
 
-def _discard(part: _Partial) -> None:
+def _discard(incoming: IncomingJob) -> None:
     try:
-        part.incoming.discard()
+        incoming.discard()
     except OSError as exc:   # a spool gone read-only: the next start sweeps it
-        log.event("error", "discard_failed", job=part.incoming.id, error=str(exc))
+        log.event("error", "discard_failed", job=incoming.id, error=str(exc))
 
