@@ -35,7 +35,8 @@ from relay.context import ConnectionContext, Delivery
 from relay.errors import REPLY_BAD_JOB, REPLY_RETRY_LATER, DiskFull, ProtocolError, SpoolError
 from relay.fastio import FastSocket
 from relay.jobassembly import JobAssembly
-from relay.jobevents import NO_EVENTS
+from relay.jobevents import NO_EVENTS, JobEvents
+from relay.metrics import Metrics
 from relay.queues import sanitize_name
 from relay.readdeadline import ReadDeadline
 from relay.spool import MAX_FILES_PER_JOB, DataWriter, IncomingJob, JobMeta
@@ -444,13 +445,7 @@ class Connection:
     async def _durable(self, incoming: IncomingJob, hold: str = "") -> JobMeta:
         """Commit a job and its audit records; both durable on return (SPEC §4.4, §11)."""
         meta = await self.ctx.spool.commit(incoming, hold=hold)
-        # The received and acknowledged records are durable before the final ack
-        # (one audit flush for both; a held job is not acknowledged).
-        events = self.ctx.spool.events
-        events.record("received", meta, digests=incoming.digests)
-        if not hold:
-            events.record("acknowledged", meta)
-        await events.durable()
+        await record_committed(self.ctx.spool.events, meta, incoming.digests, hold)
         return meta
 
     async def _commit(self, job: JobAssembly, *, hold: str = "") -> JobMeta:
@@ -464,11 +459,7 @@ class Connection:
 
     def _accepted(self, meta: JobMeta, *, held: bool = False) -> None:
         """A job committed (in arrival order): counted, logged, handed to delivery."""
-        self.ctx.metrics.count_received(meta.queue, meta.total_bytes)
-        log.count("received")
-        self.ctx.delivery.submit(meta)
-        if not held:
-            log_received(meta, self.peer)
+        accepted(self.ctx.metrics, self.ctx.delivery, meta, self.peer, held=held)
 
     def _check_size(self, total: int) -> None:
         limit = self.ctx.config.max_job_size
@@ -539,6 +530,27 @@ _HANDLERS: dict[type, Callable[[Connection, Any], object]] = {
     _core.EndOfStream: Connection.on_end,
     _core.Command: Connection.on_command,
 }
+
+
+async def record_committed(events: JobEvents, meta: JobMeta, digests: dict[str, str] | None,
+                           hold: str) -> None:
+    """A committed job's received and acknowledged records, durable on return: before
+    the final ack (one audit flush for both; a held job is not acknowledged)."""
+    events.record("received", meta, digests=digests)
+    if not hold:
+        events.record("acknowledged", meta)
+    await events.durable()
+
+
+def accepted(metrics: Metrics, delivery: Delivery, meta: JobMeta, peer: str, *,
+             held: bool) -> None:
+    """A committed job, in arrival order: counted, logged and handed to delivery
+    (one process's connections and the workers' main process alike)."""
+    metrics.count_received(meta.queue, meta.total_bytes)
+    log.count("received")
+    delivery.submit(meta)
+    if not held:
+        log_received(meta, peer)
 
 
 def log_received(meta: JobMeta, peer: str) -> None:

@@ -22,7 +22,7 @@ import dataclasses
 import trio
 
 from relay import log
-from relay.connection import log_received
+from relay.connection import accepted, record_committed
 from relay.context import Delivery
 from relay.errors import LpdError, SpoolError
 from relay.intakechannel import Commit, Failure, Open, Reply, Withdrawn
@@ -163,10 +163,7 @@ class WorkerJobs:
             raise
         with trio.CancelScope(shield=True):   # committed: its records follow
             events = self.spool.events
-            events.record("received", meta, digests=message.digests)
-            if not message.hold:
-                events.record("acknowledged", meta)
-            await events.durable()
+            await record_committed(events, meta, message.digests, message.hold)
             if message.hold:
                 events.record("held", meta, reason=message.hold)
         return meta
@@ -212,11 +209,7 @@ class WorkerJobs:
     def _accepted(self, meta: JobMeta, peer: str, held: bool) -> None:
         """Committed and acknowledged next: counted, logged and handed to delivery (as
         relay.connection.Connection._accepted; a job removed again is not counted)."""
-        self.metrics.count_received(meta.queue, meta.total_bytes)
-        log.count("received")
-        self.delivery.submit(meta)
-        if not held:
-            log_received(meta, peer)
+        accepted(self.metrics, self.delivery, meta, peer, held=held)
 
     def withdraw(self, message: Withdrawn) -> None:
         """Jobs a worker's connection did not acknowledge after all: they go."""
