@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
@@ -77,7 +78,7 @@ class Metrics:
         self._queues = frozenset(queues)
         self._destinations = frozenset(destinations)
         self._following: Mapping[tuple[str, str], int] | None = None   # follow_spool's
-        self._received: dict[str, tuple[Counter, Counter]] = {}    # count_received's
+        self._labelled: dict[tuple[Any, tuple[str, ...]], Any] = {}   # child()'s
         self._create_intake(registry)
         self._create_delivery(registry)
         self._create_spool(registry)
@@ -123,13 +124,18 @@ class Metrics:
         (``labels()`` hashes and locks on every call); bounded by the labels.
         """
         label = self.queue_label(queue)
-        children = self._received.get(label)
-        if children is None:
-            children = self._received[label] = (
-                self.jobs_received_total.labels(queue=label),
-                self.bytes_received_total.labels(queue=label))
-        children[0].inc()
-        children[1].inc(nbytes)
+        self.child(self.jobs_received_total, label).inc()
+        self.child(self.bytes_received_total, label).inc(nbytes)
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)`` (label values in the metric's order), looked up
+        once: ``labels()`` hashes and locks on every call, and the per-job paths
+        (intake, delivery) would pay it each time.  Bounded by the labels."""
+        key = (metric, values)
+        found = self._labelled.get(key)
+        if found is None:
+            found = self._labelled[key] = metric.labels(*values)
+        return found
 
     def destination_label(self, name: str) -> str:
         """``name`` if it is a configured destination URI, else ``"other"``."""

@@ -91,9 +91,6 @@ class QueueRunner(RunnerControl):
         self._trial = False               # a trial is in flight
         self._first_failure: dict[str, float] = {}   # job id -> trio clock
         self._changed = trio.Event()
-        self._metric_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
-        self._attempt_children: dict[tuple[str, str], Any] = {}   # (destination, result)
-        self._up_children: dict[str, Any] = {}                     # destination URI
         self.retired = ""                 # why the queue left the configuration (reload)
         self.stopped = False              # lpc stop: jobs wait, none is delivered
         self._nursery: trio.Nursery | None = None
@@ -294,12 +291,7 @@ class QueueRunner(RunnerControl):
             self._notify()
 
     def _count_attempt(self, dest: str, result: str, n: int = 1) -> None:
-        key = (dest, result)       # bounded: destinations x results, like the labels
-        child = self._attempt_children.get(key)
-        if child is None:
-            child = self.metrics.delivery_attempts_total.labels(destination=dest, result=result)
-            self._attempt_children[key] = child
-        child.inc(n)
+        self.metrics.child(self.metrics.delivery_attempts_total, dest, result).inc(n)
 
     def _count_retry(self, dest: str, sink: Sink, job: JobMeta, error: Exception) -> None:
         self._count_attempt(dest, "retry")
@@ -316,13 +308,9 @@ class QueueRunner(RunnerControl):
         d = self.dests[index]
         d.up = up
         d.error = error
-        uri = d.sink.destination.uri
-        child = self._up_children.get(uri)
-        if child is None:
-            child = self.metrics.destination_up.labels(
-                destination=self.metrics.destination_label(uri))
-            self._up_children[uri] = child
-        child.set(1 if up else 0)
+        m = self.metrics
+        m.child(m.destination_up, m.destination_label(d.sink.destination.uri)).set(
+            1 if up else 0)
 
     def _delivered(self, jobs: list[JobMeta], index: int, dest: str) -> None:
         """``jobs`` (one attempt's, in order) reached destination ``index``."""
@@ -354,15 +342,9 @@ class QueueRunner(RunnerControl):
     def _children(self, queue: str, dest: str) -> tuple[Any, Any, Any]:
         """The labelled metric children for (queue label, destination), looked up once."""
         m = self.metrics
-        q = m.queue_label(queue)      # a bounded set of labels: so is this cache
-        key = (q, dest)
-        children = self._metric_children.get(key)
-        if children is None:
-            children = (m.jobs_delivered_total.labels(queue=q, destination=dest),
-                        m.bytes_delivered_total.labels(queue=q, destination=dest),
-                        m.job_delivery_seconds.labels(queue=q))
-            self._metric_children[key] = children
-        return children
+        q = m.queue_label(queue)
+        return (m.child(m.jobs_delivered_total, q, dest),
+                m.child(m.bytes_delivered_total, q, dest), m.child(m.job_delivery_seconds, q))
 
     def _switch(self, index: int, direction: str) -> None:
         """Make ``index`` the destination in use; count and log the move."""
