@@ -30,6 +30,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import pagecache, sinkcheck
+from benchmarks.report import tree_cpu
 from relay import _core, client
 from relay.loadgen import load, run_load
 from relay.uri import parse_destination
@@ -37,18 +38,11 @@ from tests.daemon import RelayProcess, relay_config, write_config_file
 from tests.peers import free_port
 from tests.relayproc import relay_lpq
 
-_TICK = os.sysconf("SC_CLK_TCK")
 # B's dir:// queue runs 4 deliveries at once, as the intake rows' relay does.
 # With 16, the jobs of each arriving session were split into batches of a
 # few jobs, one hot-folder sync each: B spent 1.44 ms of CPU a job instead
 # of 0.98 (3 alternating rounds of 5,000 jobs, load average 6.5-9.8).
 B_CONCURRENCY = 4
-
-
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +145,7 @@ def relay_to_relay(tmp: Path, *, jobs: int, feed_concurrency: int = 16,
             tmp, "A", f"lpd://127.0.0.1:{b.port}/q{query}", retry="1s", metrics=True)) as a:
         assert a.proc is not None and b.proc is not None
         a_metrics = metrics_url(a)
-        cpu0, lg0 = process_cpu(a.proc.pid), time.process_time()
+        cpu0, lg0 = tree_cpu(a.proc.pid), time.process_time()
         start = time.perf_counter()
         # The load generator's fast path (~0.1 ms of CPU a job, not the trio
         # client's ~0.9): it shares the two cores with A and B.
@@ -164,7 +158,7 @@ def relay_to_relay(tmp: Path, *, jobs: int, feed_concurrency: int = 16,
         except TimeoutError as exc:    # say where the jobs are: A's queue as lpq shows it
             raise TimeoutError(f"{exc}; A's lpq: {relay_lpq(a.port)[:400]!r}") from None
         seconds = time.perf_counter() - start
-        cpu = process_cpu(a.proc.pid) - cpu0
+        cpu = tree_cpu(a.proc.pid) - cpu0
         attempts = failed_attempts(a_metrics)
     _check_sink(out / "q", jobs, payload)
     return PairResult(jobs / seconds, cpu / jobs * 1000, lg / jobs * 1000, sent.jobs_per_second,
@@ -221,11 +215,11 @@ def drain_cpu(tmp: Path, *, jobs: int, size: int = 1024, query: str = "",
         with RelayProcess(_config(tmp, "B", f"dir://{out}", fsync_b, concurrency=B_CONCURRENCY,
                                   port=port)):
             time.sleep(0.2)   # A's in-flight first attempt has failed and backed off
-            cpu0, start = process_cpu(a.proc.pid), time.perf_counter()
+            cpu0, start = tree_cpu(a.proc.pid), time.perf_counter()
             _print_waiting(a.port, "q")
             _wait_delivered(out / "q", jobs, timeout=120 + jobs / 20)
             seconds = time.perf_counter() - start
-            cpu = process_cpu(a.proc.pid) - cpu0
+            cpu = tree_cpu(a.proc.pid) - cpu0
     _check_sink(out / "q", jobs, payload)
     return jobs / seconds, cpu / jobs * 1000
 

@@ -54,14 +54,17 @@ def process_tree(pid: int) -> list[int]:
 
 
 def tree_cpu(pid: int) -> float:
-    """User + system CPU seconds of ``pid``, its live descendants and its reaped children."""
+    """User + system CPU seconds of ``pid``, its live descendants and their reaped children.
+
+    A reaped process's CPU moves into its own parent's cutime + cstime (the
+    relay's intake workers are reaped by the helper that forks them), and a
+    live one's is not there yet: every member's own and reaped-children
+    columns, summed, count each process once.
+    """
     total = 0
     for member in process_tree(pid):
         with contextlib.suppress(OSError):
-            fields = _stat(member)
-            total += int(fields[11]) + int(fields[12])
-            if member == pid:
-                total += int(fields[13]) + int(fields[14])   # cutime + cstime
+            total += sum(int(f) for f in _stat(member)[11:15])   # utime stime cutime cstime
     return total / _TICK
 
 

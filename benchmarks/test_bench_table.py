@@ -29,10 +29,10 @@ from benchmarks.relaypair import (
     drain_cpu,
     failed_attempts,
     metrics_url,
-    process_cpu,
     relay_to_relay,
     wait_reserved_ports_bindable,
 )
+from benchmarks.report import tree_cpu
 from benchmarks.test_bench_forward import JOBS
 from relay.loadgen import load
 from tests.daemon import RelayProcess, relay_config, write_config_file
@@ -79,12 +79,12 @@ def _intake_relay(tmp: Path, jobs: int, concurrency: int,
     payload = os.urandom(1024)
     with RelayProcess(write_config_file(tmp / "relay.toml", data)) as relay:
         assert relay.proc is not None
-        cpu = process_cpu(relay.proc.pid)
+        cpu = tree_cpu(relay.proc.pid)
         rate = _load(relay.port, "q", jobs, concurrency, payload)
         # intake + delivery: the CPU until the hot folder has every job
         _wait_delivered(out / "q", jobs, timeout=120 + jobs / 20)
         if cpu_row is not None:
-            cpu_row.relay.append((process_cpu(relay.proc.pid) - cpu) / jobs * 1000)
+            cpu_row.relay.append((tree_cpu(relay.proc.pid) - cpu) / jobs * 1000)
     sinkcheck.dir_sink(out / "q", jobs, payload)
     return rate
 
