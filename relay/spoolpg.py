@@ -70,7 +70,7 @@ from relay.spoolsegjobs import SEGMENT_THRESHOLD
 
 CACHE_DIR = "pg-cache"
 ID_DIGITS = 19            # 16 digits of microseconds, 3 of the node's slot
-BIG_JOB_CHUNKS = 4        # a job of more chunks than this commits in a transaction of its own
+BIG_JOB_CHUNKS = 4        # a job of more chunks than this is big (PgSpool.big_job)
 
 
 class PgSpool(Sessions):
@@ -91,6 +91,9 @@ class PgSpool(Sessions):
         # cache file is created or unlinked for them); larger ones spill to
         # the body cache and are streamed from there by COPY.
         self.segment_threshold = min(SEGMENT_THRESHOLD, config.chunk_size)
+        # Jobs above this commit in a transaction of their own, so small ones never
+        # wait behind them, and are fetched back one by one, not in a batch file.
+        self.big_job = BIG_JOB_CHUNKS * config.chunk_size
         self.events: JobEvents = NO_EVENTS   # the audit log's subscriber, when configured
         self.problem = ""                    # why the database cannot take jobs ("" = it can)
         self.leased: set[str] = set()        # queues this node delivers (relay.spoolpgfeed)
@@ -194,7 +197,7 @@ class PgSpool(Sessions):
             job.mark("committing")
             data = tuple(job.data_parts(meta.files)) if job.in_memory else None
             item = NewJob(meta, job.control_raw, self.node, data)
-            if job.bytes > BIG_JOB_CHUNKS * self.config.chunk_size:
+            if job.bytes > self.big_job:
                 errors = await trio.to_thread.run_sync(self._flush, [item],
                                                        limiter=self._limiter)
                 if errors[0] is not None:
@@ -364,8 +367,7 @@ class PgSpool(Sessions):
         batch file), not a thread, a few round trips and two files each; the jobs
         still in the database, in order."""
         todo = [m for m in metas if not self._cache.cached(m)]
-        limit = BIG_JOB_CHUNKS * self.config.chunk_size
-        small = [m for m in todo if m.total_bytes <= limit]
+        small = [m for m in todo if m.total_bytes <= self.big_job]
         gone: set[str] = set()
         if small:
             batch = self._cache.new_batch()
@@ -373,7 +375,7 @@ class PgSpool(Sessions):
             self._cache.add(batch, where)
             gone.update(m.id for m in small if m.control_path not in where)
         for meta in todo:
-            if meta.total_bytes > limit:
+            if meta.total_bytes > self.big_job:
                 try:
                     await self.prefetch(meta)
                 except KeyError:
