@@ -117,12 +117,16 @@ class LprngServer(Service):
         """What lpd wrote to stderr (its log under ``-F``)."""
         return log_tail(self.log_path, 100_000)
 
-    def jobs(self, queue: str) -> list[ReceivedJob]:
-        """The complete jobs in ``queue`` now, in arrival order."""
+    def _tickets(self, queue: str) -> list[Path]:
+        """The job tickets in ``queue``'s spool directory, complete jobs or not."""
         if queue not in self.queues:
             raise KeyError(f"no queue {queue!r} in this LprngServer: {list(self.queues)}")
+        return list(self.spool_dir(queue).glob("hfA*"))
+
+    def jobs(self, queue: str) -> list[ReceivedJob]:
+        """The complete jobs in ``queue`` now, in arrival order."""
         found = []
-        for hf in self.spool_dir(queue).glob("hfA*"):
+        for hf in self._tickets(queue):
             entry = _read_lprng_job(queue, hf)
             if entry is not None:
                 found.append(entry)
@@ -132,11 +136,16 @@ class LprngServer(Service):
         """Wait until ``queue`` holds at least ``n`` complete jobs; return them all."""
         deadline = time.monotonic() + timeout
         while True:
-            jobs = self.jobs(queue)
-            if len(jobs) >= n:
-                return jobs
+            # A complete job is read from its ticket, so there are never fewer
+            # tickets than complete jobs: reading the jobs (each ticket and data
+            # file whole) waits until there are n tickets at least.
+            if len(self._tickets(queue)) >= n:
+                jobs = self.jobs(queue)
+                if len(jobs) >= n:
+                    return jobs
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"LPRng queue {queue!r} holds {len(jobs)} of {n} jobs "
+                held = len(self.jobs(queue))
+                raise TimeoutError(f"LPRng queue {queue!r} holds {held} of {n} jobs "
                                    f"after {timeout}s; lpd log:\n{log_tail(self.log_path)}")
             time.sleep(0.02)
 
