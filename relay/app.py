@@ -245,13 +245,15 @@ def _intake(config: Config, spool: Spool, router: QueueRouter, scheduler: Schedu
                      metrics=metrics, make_room=make_room, privacy=context.privacy)
 
 
-def one_process_reason(config: Config, spool: Spool) -> str:
+def one_process_reason(config: Config, spool: Spool | None = None) -> str:
     """Why intake stays in this process although ``workers`` > 1 ("" = it need not).
 
     The PostgreSQL spool's intake stays in the process that holds the
-    database pool (docs/architecture.md, "Processes").
+    database pool (docs/architecture.md, "Processes").  ``spool``: the opened
+    backend; without it (before one is opened), the configured one.
     """
-    if type(spool) is not Spool:
+    local = config.spool.backend != "postgresql" if spool is None else type(spool) is Spool
+    if not local:
         return "[spool] backend = postgresql configured"
     return ""
 
@@ -361,7 +363,7 @@ def main_serve(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr, flush=True)
     log.configure(fmt=config.log.format, level=config.log.level)
-    if config.server.workers > 1 and config.spool.backend != "postgresql":
+    if config.server.workers > 1 and not one_process_reason(config):
         forkserver.prefork()    # before trio: the workers' helper without a new interpreter
     started = False
 
