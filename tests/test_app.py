@@ -1,4 +1,4 @@
-"""relay.app's choices made before the daemon runs: where intake runs, what is forked first.
+"""The daemon's choices made before it runs: where intake runs, what is forked first.
 
 The daemon itself runs in the tests of what it wires (tests/daemon.py starts
 ``app.run`` in-process); here ``serve``'s start is stopped short of trio, so
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from relay import app
+from relay import app, servecli
 from relay.config import config_from_dict
 from tests.daemon import relay_config, write_config_file
 
@@ -35,8 +35,8 @@ def test_serve_forks_the_workers_helper_only_for_workers_that_will_run(
     data = relay_config(tmp_path, server={"workers": 2}, **({"spool": spool} if spool else {}))
     path = write_config_file(tmp_path / "relay.toml", data)
     calls: list[str] = []
-    monkeypatch.setattr(app.log, "configure", lambda **_: None)
-    monkeypatch.setattr(app.forkserver, "prefork", lambda: calls.append("prefork"))
-    monkeypatch.setattr(app.trio, "run", lambda main: calls.append("run"))
-    assert app.main_serve(argparse.Namespace(config=str(path))) == 0
+    monkeypatch.setattr(servecli.log, "configure", lambda **_: None)
+    monkeypatch.setattr(servecli.forkserver, "prefork", lambda: calls.append("prefork"))
+    monkeypatch.setattr(servecli.trio, "run", lambda main: calls.append("run"))
+    assert servecli.main_serve(argparse.Namespace(config=str(path))) == 0
     assert calls == (["prefork", "run"] if forked else ["run"])
