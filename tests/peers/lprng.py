@@ -20,9 +20,7 @@ from tests.peers.process import (
     namespace_argv,
     require_binary,
     require_namespaces,
-    start_process,
-    stop_process_tree,
-    wait_listening,
+    start_listening,
     write_private_etc,
 )
 from tests.peers.received import ReceivedFile, ReceivedJob
@@ -76,12 +74,8 @@ class LprngServer(Service):
         binds: dict[str, Path | str] = {"/etc/lprng": etc / "lprng",
                                         **write_private_etc(etc)}
         argv = namespace_argv([require_binary("lpd"), "-F"], binds, pid_namespace=True)
-        self._proc = start_process(argv, self.log_path)
-        if wait_listening(self._proc, self.port, self.startup_timeout):
-            return True
-        stop_process_tree(self._proc)
-        self._proc = None
-        return False
+        self._proc = start_listening(argv, self.log_path, self.port, self.startup_timeout)
+        return self._proc is not None
 
     def _write_config(self) -> None:
         w = self.workdir
@@ -105,9 +99,7 @@ class LprngServer(Service):
 
     def stop(self) -> None:
         """Stop lpd and everything it forked (its PID namespace ends)."""
-        if self._proc is not None:
-            stop_process_tree(self._proc)
-            self._proc = None
+        self._stop_process()
 
     @property
     def running(self) -> bool:
