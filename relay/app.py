@@ -1,40 +1,34 @@
 """Daemon wiring: config -> spool, sinks, scheduler, server, metrics endpoint.
 
 ``run()`` is the whole daemon as one trio task, so tests start it in-process
-with port 0 and read the bound addresses from ``task_status``; ``main_serve``
-is the CLI face (embedded default without ``-c``, SIGTERM/SIGINT = graceful
-stop: no new connections, jobs in flight get ``graceful_timeout``).
+with port 0 and read the bound addresses from ``task_status``; the CLI face
+(``lpd-relay serve``, signals, exit codes) is ``relay.servecli``, daemon.json
+``relay.daemoninfo``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import errno
 import functools
 import os
-import resource
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
-import orjson
 import trio
 from prometheus_client import CollectorRegistry
 
-from relay import __version__, forkserver, log, sdnotify
+from relay import __version__, log, sdnotify
 from relay.audit import AuditLog, config_sha256
 from relay.auditsyslog import SyslogShipper
-from relay.config import Config, InvalidConfig, choose_default_port, embedded_default, load_config
+from relay.config import Config
 from relay.context import Delivery
+from relay.daemoninfo import DaemonInfo
 from relay.dispatch import Scheduler
-from relay.errors import BindError, ConfigError, LpdError, SpoolError
-from relay.groupcommit import overwrite, unlink_quiet, write_atomic
+from relay.errors import BindError
 from relay.httpd import serve_http
 from relay.jobevents import NO_EVENTS, JobEvents
-from relay.limits import fd_warning, raise_nofile
 from relay.metrics import Metrics
 from relay.originports import OriginPortPool, PoolSet
 from relay.privacy import Redactor
@@ -245,13 +239,15 @@ def _intake(config: Config, spool: Spool, router: QueueRouter, scheduler: Schedu
                      metrics=metrics, make_room=make_room, privacy=context.privacy)
 
 
-def one_process_reason(config: Config, spool: Spool) -> str:
+def one_process_reason(config: Config, spool: Spool | None = None) -> str:
     """Why intake stays in this process although ``workers`` > 1 ("" = it need not).
 
     The PostgreSQL spool's intake stays in the process that holds the
-    database pool (docs/architecture.md, "Processes").
+    database pool (docs/architecture.md, "Processes").  ``spool``: the opened
+    backend; without it (before one is opened), the configured one.
     """
-    if type(spool) is not Spool:
+    local = config.spool.backend != "postgresql" if spool is None else type(spool) is Spool
+    if not local:
         return "[spool] backend = postgresql configured"
     return ""
 
@@ -266,49 +262,6 @@ def _reload(reloader: Reloader, notifier: sdnotify.Notifier, info: DaemonInfo) -
     info.reload = outcome.as_json()
     info.write()
     sdnotify.reloaded(notifier, outcome.outcome)
-
-
-DAEMON_INFO = "daemon.json"
-
-
-@dataclass(slots=True)
-class DaemonInfo:
-    """daemon.json's content: where the daemon listens now and its last reload."""
-
-    spool_dir: os.PathLike[str] | str
-    server: LpdServer | WorkerPool
-    reload: dict[str, object] | None = None
-
-    def write(self) -> bool:
-        return write_daemon_info(self.spool_dir, self.server.bound(), reload=self.reload)
-
-
-def write_daemon_info(spool_dir: os.PathLike[str] | str, lpd: list[tuple[str, int]], *,
-                      reload: dict[str, object] | None = None) -> bool:
-    """Where this daemon listens, for ``lpd-relay spool`` to reach it (port 0 included).
-
-    Never stops the daemon: on a full disk the last daemon's file is
-    overwritten in place (it has the blocks), else removed so the CLI falls
-    back to the configured address; False means "try again later".
-    """
-    path = os.path.join(os.fspath(spool_dir), DAEMON_INFO)
-    info: dict[str, object] = {"pid": os.getpid(), "lpd": [list(a) for a in lpd]}
-    if reload is not None:
-        info["reload"] = reload
-    data = orjson.dumps(info)
-    try:
-        write_atomic(path, data, fsync=False)
-        return True
-    except OSError as exc:
-        error = str(exc)
-    try:
-        overwrite(path, data)
-        return True
-    except OSError:
-        with contextlib.suppress(OSError):
-            unlink_quiet(path)
-    log.event("warning", "daemon_info_unsaved", path=path, error=error)
-    return False
 
 
 def partial_http(config: Config, registry: CollectorRegistry,
@@ -343,100 +296,3 @@ def _banner(config: Config, lpd: list[tuple[str, int]], mbound: tuple[str, int] 
     if mbound:
         lines.append(f"metrics on http://{mbound[0]}:{mbound[1]}/metrics")
     return tuple(lines)
-
-
-def _load(args: argparse.Namespace) -> Config:
-    if getattr(args, "config", None):
-        return load_config(args.config)
-    return embedded_default(port=choose_default_port())
-
-
-def main_serve(args: argparse.Namespace) -> int:
-    try:
-        config = _load(args)
-    except InvalidConfig as exc:
-        print(f"lpd-relay: invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
-    warning = fd_warning(config, *raise_nofile())
-    if warning:
-        print(warning, file=sys.stderr, flush=True)
-    log.configure(fmt=config.log.format, level=config.log.level)
-    if config.server.workers > 1 and config.spool.backend != "postgresql":
-        forkserver.prefork()    # before trio: the workers' helper without a new interpreter
-    started = False
-
-    async def main() -> None:
-        nonlocal started
-        async with trio.open_nursery() as nursery:
-            bound: Bound = await nursery.start(functools.partial(run, config,
-                                                                 handle_signals=True))
-            started = True
-            for line in bound.banner:
-                print(line, flush=True)
-
-    try:
-        trio.run(main)
-    except BaseException as exc:  # one line and an exit code, never a traceback
-        code, line = failure(exc, started=started)
-        print(line, file=sys.stderr)
-        return code
-    return 0
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    """The exceptions inside nested groups, flattened (trio nests one per nursery)."""
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
-
-
-# Bind errors that mean "this configuration cannot work here" (exit 2, like a
-# bad file): no privilege for the port, an address this host does not have.
-_CONFIG_ERRNOS = {errno.EACCES, errno.EPERM, errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT}
-
-
-def failure(exc: BaseException, *, started: bool) -> tuple[int, str]:
-    """Exit code and the one stderr line for what ended (or prevented) the daemon.
-
-    2 for configuration errors, including a listen address this host or user
-    cannot have; 1 for everything else (port in use, spool unwritable or
-    locked, an unexpected error).  docs/configuration.md lists the cases.
-    """
-    leaves = [e for e in _leaves(exc) if not isinstance(e, trio.Cancelled)] or [exc]
-    first = next((e for e in leaves if isinstance(e, LpdError | OSError)), leaves[0])
-    what = "stopped" if started else "cannot start"
-    if isinstance(first, KeyboardInterrupt):
-        return 130, "lpd-relay: interrupted"
-    if isinstance(first, BindError):
-        code = 2 if first.error.errno in _CONFIG_ERRNOS else 1
-        return code, _one_line(f"lpd-relay: {what}: {first}")
-    if isinstance(first, ConfigError):
-        return 2, _one_line(f"lpd-relay: {first}")
-    if isinstance(first, SpoolError):
-        return 1, _one_line(f"lpd-relay: {what}: server.spool_dir: {first}")
-    if isinstance(first, OSError):
-        where = f": {first.filename}" if first.filename else ""
-        return 1, _one_line(f"lpd-relay: {what}: {first.strerror or first}{where}")
-    return 1, _one_line(f"lpd-relay: {what}: {type(first).__name__}: {first}")
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def main_check_config(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except InvalidConfig as exc:
-        print(f"{args.config}: invalid\n{exc}", file=sys.stderr)
-        return 2
-    # serve raises the soft limit to the hard one: judge by what it will get.
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    warning = fd_warning(config, hard, hard)
-    if warning:
-        print(warning, file=sys.stderr)
-    for warning in config_warnings(config):   # usable config, but a destination will fail
-        print(f"warning: {warning}", file=sys.stderr)
-    queues = ", ".join(config.queues) or "none"
-    print(f"{args.config}: ok ({len(config.queues)} queue(s): {queues})")
-    return 0

@@ -58,9 +58,9 @@ def _timeout_arg(what: str) -> Arg:
 
 COMMANDS: tuple[Command, ...] = (
     Command(name="serve", help="run the relay (embedded default without -c)",
-            handler="relay.app:main_serve", args=(CONFIG_ARG,)),
+            handler="relay.servecli:main_serve", args=(CONFIG_ARG,)),
     Command(name="check-config", help="validate a config file, name every bad key, and exit",
-            handler="relay.app:main_check_config",
+            handler="relay.servecli:main_check_config",
             args=(Arg(names=("-c", "--config"), options={
                 "metavar": "FILE", "required": True, "help": "the TOML configuration file"}),)),
     Command(name="send", help="send files as one print job (an lpr)",

@@ -5,8 +5,9 @@ SPEC §3.  A converter turns one raw TOML value into a typed value or raises
 table against a schema (key -> (converter, default)) and turns every unknown
 key and failed conversion into a ``(key path, problem)`` pair, so the loader in
 ``relay.config`` can report all problems at once.  Nothing here knows a
-particular key or a config record: ``relay.config`` holds the key tables next
-to the records they fill, and this module imports nothing from it (no cycle).
+particular key or a config record: ``relay.configsections`` holds the key
+tables, ``relay.configrecords`` the records they fill, and this module imports
+nothing from either (no cycle).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def to_string(value: object, what: str) -> str:
 # Ceilings every value of a kind obeys, whatever its key: a typo of a few
 # extra digits (or a hostile file) must not become a huge number that some
 # later system call or deadline overflows on.  Keys that need less have their
-# own Range in relay.config's bounds tables.
+# own Range in relay.configsections.BOUNDS.
 MAX_COUNT = 2**63 - 1        # int64: what any system call or C field can take
 MAX_SIZE = 2**50             # 1 PiB; the protocol core needs sizes below 2**60
 MAX_DURATION = 10 * 365 * 86400.0

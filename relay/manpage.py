@@ -2,8 +2,8 @@
 
 ``lpd-relay(8)`` is written from the argparse parser of ``relay.cli`` (every
 subcommand, its usage line and every option with its help text), and
-``lpd-relay.toml(5)`` from the key tables of ``relay.config`` (every section
-and key with its default, rendered from the very value the loader uses) and
+``lpd-relay.toml(5)`` from the key tables of ``relay.configsections`` (every
+section and key with its default, rendered from the very value the loader uses) and
 the option table of ``relay.uri``; neither can drift from what the program
 accepts.  The prose for each key (type and meaning) comes from the tables of
 ``docs/configuration.md`` when the source tree is at hand, so the words are
@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from relay import __version__, config, configschema, uri
+from relay import __version__, configschema, configsections, uri
 from relay.cli import build_parser, subcommands
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
@@ -220,10 +220,11 @@ def _key_entries(schema: configschema.Schema, docs: Mapping[str, tuple[str, str]
 
 def sections() -> dict[str, configschema.Schema]:
     """Every table of the file and its key table, as the loader reads them."""
-    tables = {name: schema for name, schema in config._SECTIONS.items() if name != "queues"}
-    tables["queues.NAME"] = config._QUEUE
-    tables["queues.NAME.retry"] = config._RETRY
-    tables["queues.NAME.retention"] = config._RETENTION
+    tables = {name: schema for name, schema in configsections.SECTIONS.items()
+              if name != "queues"}
+    tables["queues.NAME"] = configsections.QUEUE
+    tables["queues.NAME.retry"] = configsections.RETRY
+    tables["queues.NAME.retention"] = configsections.RETENTION
     return tables
 
 

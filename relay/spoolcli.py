@@ -25,9 +25,9 @@ import orjson
 import trio
 
 from relay import _core, client, progress
-from relay.app import DAEMON_INFO
 from relay.audit import cli_events
 from relay.config import Config, InvalidConfig, embedded_default, load_config
+from relay.daemoninfo import DAEMON_INFO
 from relay.errors import ProtocolError, SinkError, SpoolError
 from relay.privacy import Redactor
 from relay.queues import QueueRouter

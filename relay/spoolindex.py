@@ -69,6 +69,10 @@ class SpoolIndex:
     def ids(self) -> set[str]:
         return set(self._jobs)
 
+    def states(self) -> dict[str, tuple[str, str]]:
+        """Each job's (queue, state), as counted."""
+        return {job_id: entry[:2] for job_id, entry in self._jobs.items()}
+
     def counts(self) -> Mapping[tuple[str, str], int]:
         """Jobs by (queue, state); a live view, read it on the event loop."""
         return self._counts

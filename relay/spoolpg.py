@@ -21,7 +21,8 @@ few reads the synchronous interface asks for and the daemon calls rarely
 
 Delivery-state changes and removals are kept in memory and written by
 ``sync`` (after each delivery: removals alone on the event loop's own
-session, ``relay.spoolpgloop``) or the service loop; delivery across nodes —
+session, ``relay.spoolpgloop``) or the service loop: reading and changing
+jobs is ``relay.spoolpgjobs``, which ``PgSpool`` builds on; delivery across nodes —
 queue leases, LISTEN/NOTIFY, feeding the runners — is ``relay.spoolpgfeed``.
 A database that cannot take a job (down, read-only, a hot standby) makes
 ``check_space``/``begin``/``commit`` raise ``DatabaseUnavailable``: 0x02.
@@ -46,7 +47,7 @@ from relay.groupcommit import GroupCommit, make_dir, write_file
 from relay.jobevents import NO_EVENTS, JobEvents
 from relay.spool import release_lock, take_lock
 from relay.spoolbackend import Body, SpoolBackend, open_file_body, register_locator
-from relay.spoolformat import STATES, FileMeta, JobMeta, Recovery, SpoolStatistics, SpoolUsage
+from relay.spoolformat import FileMeta, JobMeta, Recovery, SpoolStatistics, SpoolUsage
 from relay.spoolindex import SpoolIndex, usage_of
 from relay.spooljob import IncomingJob
 from relay.spoolpgcache import BodyCache
@@ -54,26 +55,23 @@ from relay.spoolpgconfig import SpoolConfig, redact_dsn
 from relay.spoolpgdb import (
     REMOVE_SQL,
     NewJob,
-    apply_writes,
-    delete_jobs,
     fetch_bodies,
     fetch_small_bodies,
     heartbeat,
     insert_jobs,
-    load_jobs,
-    text_array,
 )
+from relay.spoolpgjobs import JobStates
 from relay.spoolpgloop import LoopSession
 from relay.spoolpgschema import check_schema
-from relay.spoolpgsession import DatabaseUnavailable, Sessions, close_pool
+from relay.spoolpgsession import DatabaseUnavailable, close_pool
 from relay.spoolsegjobs import SEGMENT_THRESHOLD
 
 CACHE_DIR = "pg-cache"
 ID_DIGITS = 19            # 16 digits of microseconds, 3 of the node's slot
-BIG_JOB_CHUNKS = 4        # a job of more chunks than this commits in a transaction of its own
+BIG_JOB_CHUNKS = 4        # a job of more chunks than this is big (PgSpool.big_job)
 
 
-class PgSpool(Sessions):
+class PgSpool(JobStates):
     """The PostgreSQL backend; ``recover()`` first, then ``relay.spoolpgfeed`` runs it."""
 
     fsync = False   # for IncomingJob: durability is the database's commit, not ours
@@ -91,6 +89,9 @@ class PgSpool(Sessions):
         # cache file is created or unlinked for them); larger ones spill to
         # the body cache and are streamed from there by COPY.
         self.segment_threshold = min(SEGMENT_THRESHOLD, config.chunk_size)
+        # Jobs above this commit in a transaction of their own, so small ones never
+        # wait behind them, and are fetched back one by one, not in a batch file.
+        self.big_job = BIG_JOB_CHUNKS * config.chunk_size
         self.events: JobEvents = NO_EVENTS   # the audit log's subscriber, when configured
         self.problem = ""                    # why the database cannot take jobs ("" = it can)
         self.leased: set[str] = set()        # queues this node delivers (relay.spoolpgfeed)
@@ -110,8 +111,6 @@ class PgSpool(Sessions):
         self._last_us = 0
         self._stats = Counter[str]()
         self._cache = BodyCache(self.jobs_dir)
-
-    # -- the database ------------------------------------------------------------------
 
     # -- start-up ----------------------------------------------------------------------
 
@@ -194,7 +193,7 @@ class PgSpool(Sessions):
             job.mark("committing")
             data = tuple(job.data_parts(meta.files)) if job.in_memory else None
             item = NewJob(meta, job.control_raw, self.node, data)
-            if job.bytes > BIG_JOB_CHUNKS * self.config.chunk_size:
+            if job.bytes > self.big_job:
                 errors = await trio.to_thread.run_sync(self._flush, [item],
                                                        limiter=self._limiter)
                 if errors[0] is not None:
@@ -244,112 +243,6 @@ class PgSpool(Sessions):
                 self._cache.keep(kept)
         return [None for _ in items]
 
-    # -- reading and changing jobs -----------------------------------------------------
-
-    def remember(self, meta: JobMeta) -> None:
-        """Internal (the feeder): a job this node now delivers, as the database has it."""
-        if meta.id not in self._updates and meta.id not in self._removals:
-            self._known[meta.id] = meta
-
-    def owes(self, job_id: str) -> bool:
-        """Internal (the gauges): a change to this job the database has not taken yet."""
-        return job_id in self._updates or job_id in self._removals
-
-    def forget(self, job_id: str) -> None:
-        """Internal (the feeder): a job another node delivers now; its cache goes."""
-        meta = self._known.pop(job_id, None)
-        if meta is not None:
-            self._cache.drop(meta)
-
-    def get(self, job_id: str) -> JobMeta:
-        if job_id in self._removals:
-            raise KeyError(job_id)
-        meta = self._known.get(job_id)
-        if meta is not None:
-            return meta
-        found = self.call(lambda conn: load_jobs(conn, self.jobs_dir, ids=[job_id]))
-        if not found:
-            raise KeyError(job_id)
-        return found[0][0]
-
-    def jobs(self, queue: str | None = None) -> list[JobMeta]:
-        """The cluster's jobs (of ``queue``), id order: one query, blocking."""
-        return [m for m, _ in self.jobs_with_node(queue)]
-
-    def jobs_with_node(self, queue: str | None = None) -> list[tuple[JobMeta, str]]:
-        """``jobs`` with the node that accepted each (``spool list``)."""
-        found = self.call(lambda conn: load_jobs(
-            conn, self.jobs_dir, queues=None if queue is None else [queue]))
-        return [(self._updates.get(m.id, m), n) for m, n in found if m.id not in self._removals]
-
-    def update(self, meta: JobMeta, *, durable: bool = False) -> None:
-        """Keep the new delivery state; written by the next ``sync`` (or within a second)."""
-        if meta.state not in STATES:
-            raise ValueError(f"state must be one of {STATES}, not {meta.state!r}")
-        if meta.id in self._removals:
-            raise KeyError(meta.id)
-        if self._pool is None:   # the CLI: write now
-            self.call(lambda conn: apply_writes(conn, [meta], []))
-            return
-        self._known[meta.id] = meta
-        self._updates[meta.id] = meta
-        if self._index is not None and meta.id in self._index:
-            self._index.track(meta)
-
-    def remove(self, job_id: str) -> None:
-        """Forget a job; the database row (and its chunks) go with the next ``sync``."""
-        meta = self._known.pop(job_id, None)
-        if meta is not None:
-            self._cache.drop(meta)
-        self._updates.pop(job_id, None)
-        self._removals.add(job_id)
-        if self._index is not None:
-            self._index.untrack(job_id)
-        self.on_change()
-
-    def delete_now(self, job_ids: Sequence[str]) -> list[str]:
-        """Remove jobs from the database at once (lprm from any node); the ids removed."""
-        if not job_ids:
-            return []
-        removed = self.call(lambda conn: delete_jobs(conn, list(job_ids)))
-        for job_id in removed:
-            self.forget(job_id)
-            if self._index is not None:
-                self._index.untrack(job_id)
-        return removed
-
-    async def sync(self) -> None:
-        """Write the kept state changes and removals (one transaction); a failure waits."""
-        async with self._writes_lock:
-            updates, removals = dict(self._updates), set(self._removals)
-            if not updates and not removals:
-                await trio.lowlevel.checkpoint()
-                return
-            try:
-                await self._write(list(updates.values()), sorted(removals))
-            except SpoolError as exc:
-                log.event("warning", "spool_sync_failed", error=str(exc),
-                          waiting=len(updates) + len(removals))
-                return
-            for job_id, meta in updates.items():
-                if self._updates.get(job_id) is meta:
-                    del self._updates[job_id]
-            self._removals -= removals
-
-    async def _write(self, updates: list[JobMeta], removals: list[str]) -> None:
-        if updates or self._loop is None:
-            await self.acall(lambda conn: apply_writes(conn, updates, removals))
-            return
-        # A delivery's usual sync, removals only: on the event loop's own session.
-        try:
-            await self._loop.execute("remove", [text_array(removals)])
-        except Exception as exc:   # the driver's, a timeout: as every database error
-            raise self.unavailable(exc) from exc
-
-    def save_unsaved(self) -> int:
-        """How many state changes and removals the database still owes (``sync`` writes them)."""
-        return len(self._updates) + len(self._removals)
-
     # -- bodies ------------------------------------------------------------------------
 
     async def prefetch(self, meta: JobMeta) -> None:
@@ -364,8 +257,7 @@ class PgSpool(Sessions):
         batch file), not a thread, a few round trips and two files each; the jobs
         still in the database, in order."""
         todo = [m for m in metas if not self._cache.cached(m)]
-        limit = BIG_JOB_CHUNKS * self.config.chunk_size
-        small = [m for m in todo if m.total_bytes <= limit]
+        small = [m for m in todo if m.total_bytes <= self.big_job]
         gone: set[str] = set()
         if small:
             batch = self._cache.new_batch()
@@ -373,7 +265,7 @@ class PgSpool(Sessions):
             self._cache.add(batch, where)
             gone.update(m.id for m in small if m.control_path not in where)
         for meta in todo:
-            if meta.total_bytes > limit:
+            if meta.total_bytes > self.big_job:
                 try:
                     await self.prefetch(meta)
                 except KeyError:

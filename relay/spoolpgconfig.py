@@ -3,7 +3,7 @@
 SPEC §10.  ``backend = "local"`` (the default) is the file spool under
 ``server.spool_dir``; ``"postgresql"`` shares one database between any number
 of relays (``relay.spoolpg``).  The key table and its ranges live here, next
-to the record they fill, and ``relay.config`` adds them as one more section.
+to the record they fill, and ``relay.configsections`` adds them as one more section.
 
 The database password never enters the configuration: a ``dsn`` that carries
 one (``user:secret@`` or ``password=``) is refused, so it cannot reach a log,

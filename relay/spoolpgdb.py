@@ -280,10 +280,9 @@ def text_array(values: Sequence[str]) -> bytes:
 def apply_writes(conn: Any, updates: Sequence[JobMeta], removals: Sequence[str]) -> None:
     """Delivery-state changes and removals, atomically, in ONE statement (one round
     trip in autocommit: no BEGIN/COMMIT of their own, which cost a delivery as much
-    as the DELETE)."""
-    if not updates:
-        if removals:   # a delivery's usual sync: the plain DELETE, one parameter to send
-            conn.execute("DELETE FROM lpd_jobs WHERE id = ANY(%s::text[])", (list(removals),))
+    as the DELETE).  A delivery's usual sync, removals alone, does not come here: it
+    is ``REMOVE_SQL`` on the event loop's own session (``relay.spoolpgloop``)."""
+    if not updates and not removals:
         return
     args: list[Any] = [list(removals), [m.id for m in updates],
                        *([getattr(m, k) for m in updates] for k in _STATE)]

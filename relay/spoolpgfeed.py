@@ -71,7 +71,6 @@ class Feeder:
         self._renewed = -math.inf            # trio clock of the last renewal that held
         self._draining: set[str] = set()     # held beyond our share: given back once idle
         self._next_full = -math.inf          # trio clock of the next full round
-        self._seen: dict[str, tuple[str, str]] = {}   # (queue, state) the gauges counted
         spool.on_commit = lambda meta: self.wake()
         spool.on_change = self.wake          # a delivery done: the window has room
 
@@ -121,8 +120,10 @@ class Feeder:
         started = trio.current_time()
         give_back = sorted(q for q in self._draining if self._idle(q))
 
-        index = spool.index
-        seen = {i: k for i, k in self._seen.items() if index is not None and i in index}
+        # What the gauges count now (this node's own commits and changes included),
+        # less what the database still owes: only jobs that differ are re-read.
+        index, owes = spool.index, spool.owes
+        seen = {} if index is None else {i: k for i, k in index.states().items() if not owes(i)}
 
         def work(conn: Any) -> tuple[str, set[str], int, Counted]:
             problem = writable(conn)
@@ -186,7 +187,6 @@ class Feeder:
         for job in changed:
             if not owes(job.id):
                 index.track(job)
-        self._seen = {i: k for i, k in now.items() if not owes(i)}
 
     def _health(self, problem: str) -> None:
         if problem != self.spool.problem:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import config, configschema, manpage, uri
+from relay import configschema, configsections, manpage, uri
 from relay.cli import build_parser, subcommands, walk_actions
 
 # Pointers an admin with only the installed program cannot follow.
@@ -74,13 +74,13 @@ def test_config_page_lists_every_key_with_its_default() -> None:
     for option in uri._OPTIONS:
         assert manpage._bold(option) in page, option
     # Every section of the loader is covered, queues through their own table.
-    assert set(config._SECTIONS) - {"queues"} <= set(manpage.sections())
+    assert set(configsections.SECTIONS) - {"queues"} <= set(manpage.sections())
 
 
 def test_config_page_follows_the_key_tables(monkeypatch: pytest.MonkeyPatch) -> None:
     """Generated, not copied: a key added to a table appears with its default and type."""
-    server = {**config._SERVER, "brand_new_key": (configschema.to_duration, "42s")}
-    monkeypatch.setattr(config, "_SECTIONS", {**config._SECTIONS, "server": server})
+    server = {**configsections.SERVER, "brand_new_key": (configschema.to_duration, "42s")}
+    monkeypatch.setattr(configsections, "SECTIONS", {**configsections.SECTIONS, "server": server})
     page = manpage.config_page()
     assert manpage._bold("brand_new_key") + " (duration)" in page
     assert "Default: " + manpage._bold('"42s"') in page

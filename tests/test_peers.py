@@ -93,6 +93,18 @@ def test_lprng_receives_streamed_stdin(tmp_path: Path) -> None:
 
 
 @real_peer
+def test_lprng_wait_jobs_counts_only_complete_jobs(tmp_path: Path) -> None:
+    with LprngServer(tmp_path / "lprng") as server:
+        assert lpr(server.port, "q", stdin=b"one").returncode == 0
+        (job,) = server.wait_jobs("q", 1, timeout=5)
+        with pytest.raises(TimeoutError, match="holds 1 of 2 jobs"):
+            server.wait_jobs("q", 2, timeout=0.2)
+        with pytest.raises(KeyError, match="no queue 'nope'"):
+            server.wait_jobs("nope", 1, timeout=0.2)
+    assert job.data == b"one"
+
+
+@real_peer
 def test_lpq_and_lprm_talk_to_the_private_lpd(tmp_path: Path) -> None:
     (path,) = _files(tmp_path, b"hello\n")
     with LprngServer(tmp_path / "lprng", queues=("q", "Ward3")) as server:

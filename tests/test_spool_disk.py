@@ -23,7 +23,7 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from relay import app, groupcommit, spoolindex
+from relay import daemoninfo, groupcommit, spoolindex
 from relay.errors import DiskFull
 from relay.metrics import Metrics
 from relay.spool import Spool
@@ -234,22 +234,22 @@ def test_daemon_info_on_a_full_disk_never_stops_the_daemon(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def full(path: str, data: bytes, *, fsync: bool) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
-    info = tmp_path / app.DAEMON_INFO
-    assert app.write_daemon_info(tmp_path, [("127.0.0.1", 5515)])
-    monkeypatch.setattr(app, "write_atomic", full)
+    info = tmp_path / daemoninfo.DAEMON_INFO
+    assert daemoninfo.write_daemon_info(tmp_path, [("127.0.0.1", 5515)])
+    monkeypatch.setattr(daemoninfo, "write_atomic", full)
     # The last daemon's file takes the new address in place ...
-    assert app.write_daemon_info(tmp_path, [("127.0.0.1", 40000)])
+    assert daemoninfo.write_daemon_info(tmp_path, [("127.0.0.1", 40000)])
     assert orjson.loads(info.read_bytes())["lpd"] == [["127.0.0.1", 40000]]
     # ... and without one the daemon goes on and tries again later.
     info.unlink()
-    assert app.write_daemon_info(tmp_path, [("127.0.0.1", 40001)]) is False
+    assert daemoninfo.write_daemon_info(tmp_path, [("127.0.0.1", 40001)]) is False
     assert not info.exists()
 
 
 MODES_SCRIPT = """
 import os, sys, trio
 os.umask(int(sys.argv[2], 8))
-from relay.app import write_daemon_info
+from relay.daemoninfo import write_daemon_info
 from relay.spool import Spool
 from tests.test_spool import build
 spool = Spool(sys.argv[1], segment_threshold=int(sys.argv[3]))

@@ -125,7 +125,7 @@ def test_a_sync_writes_changes_and_removals_in_one_statement(cluster: PostgresCl
         assert (after[jobs[0].id].state, after[jobs[0].id].attempts,
                 after[jobs[0].id].last_error) == ("held", 2, "refused")
         assert after[jobs[2].id].state == "queued"
-        apply_writes(conn, [], [jobs[2].id])          # a delivery's sync: removals only
+        apply_writes(conn, [], [jobs[2].id])          # removals alone: the same statement
         apply_writes(conn, [], [])
         assert [m.id for m, _ in load_jobs(conn, str(tmp_path))] == [jobs[0].id]
 

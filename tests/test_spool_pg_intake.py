@@ -6,7 +6,8 @@ transactions: small jobs that intake kept in memory, jobs that spilled to
 the body cache, a job large enough for a transaction of its own, several
 data files and an empty one.  The rows and chunks are read back by SQL and
 compared with the bytes sent; the body cache is checked for what it keeps;
-and the removals' own session (``relay.spoolpgloop``) is lost and reopened.
+the removals' own session (``relay.spoolpgloop``) is lost and reopened; and
+the feeder's recount reads back only the jobs changed on another node.
 """
 
 from __future__ import annotations
@@ -14,10 +15,16 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
+import pytest
 import trio
 
+from relay.dispatch import Scheduler
+from relay.spoolformat import JobMeta
 from relay.spoolpg import PgSpool
 from relay.spoolpgconfig import SpoolConfig
 from relay.spoolpgschema import init_db
@@ -178,3 +185,43 @@ def test_removals_reopen_their_session_after_losing_it(cluster: PostgresCluster,
     finally:
         trio.run(spool.aclose)
     assert seen == [total - 1, 1, 0, total - 2]
+
+
+def test_a_full_round_reads_back_only_the_jobs_changed_elsewhere(
+        cluster: PostgresCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gauges' recount compares the database with the spool's index: the jobs
+    this node committed are there already; one held by another node is read again."""
+    import psycopg
+
+    from relay import spoolpgfeed
+    spool, dsn = _spool(cluster, tmp_path)
+    read: list[list[str]] = []
+    real = spoolpgfeed.load_changed
+
+    def counting(conn: Any, cache: str, seen: Mapping[str, tuple[str, str]]
+                 ) -> tuple[dict[str, tuple[str, str]], list[JobMeta]]:
+        now, changed = real(conn, cache, seen)
+        read.append(sorted(m.id for m in changed))
+        return now, changed
+
+    monkeypatch.setattr(spoolpgfeed, "load_changed", counting)
+    feeder = spoolpgfeed.Feeder(spool, cast(Scheduler, SimpleNamespace(runners={})))
+
+    async def rounds() -> str:
+        with trio.fail_after(30):
+            await _send(spool, 1)
+            await feeder._full_round()
+            first = min(m.id for m in spool.jobs())
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("UPDATE lpd_jobs SET state = 'held' WHERE id = %s", (first,))
+            await feeder._full_round()
+            return first
+
+    try:
+        first = trio.run(rounds)
+        assert spool.index is not None
+        counts = dict(spool.index.counts())
+    finally:
+        trio.run(spool.aclose)
+    assert read == [[], [first]]
+    assert counts == {("q", "queued"): len(SHAPES) - 1, ("q", "held"): 1}

@@ -28,8 +28,8 @@ from typing import Any
 
 import pytest
 
-from relay.app import failure
 from relay.errors import BindError, ConfigError, SpoolError
+from relay.servecli import failure
 from tests.daemon import relay_config, write_config_file
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import _SERVER, config_from_dict
+from relay.config import config_from_dict
+from relay.configsections import SERVER
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "deploy" / "systemd" / "lpd-relay.service"
@@ -102,7 +103,7 @@ def test_unit_is_notify_sandboxed_and_capped() -> None:
     # systemctl reload: the CLI's SIGHUP, which fails when the daemon refuses the file.
     assert s["ExecReload"] == ["/usr/bin/lpd-relay reload -c /etc/lpd-relay/relay.toml"]
     # Two descriptors per connection at the default max_connections, plus room.
-    max_connections = int(_SERVER["max_connections"][1])  # type: ignore[call-overload]
+    max_connections = int(SERVER["max_connections"][1])  # type: ignore[call-overload]
     assert int(s["LimitNOFILE"][0]) >= 2 * max_connections + 1024
     assert int(re.sub(r"\D", "", s["WatchdogSec"][0])) > 0
 

@@ -20,9 +20,7 @@ from tests.peers.process import (
     namespace_argv,
     require_binary,
     require_namespaces,
-    start_process,
-    stop_process_tree,
-    wait_listening,
+    start_listening,
     write_private_etc,
 )
 from tests.peers.received import ReceivedFile, ReceivedJob
@@ -76,12 +74,8 @@ class LprngServer(Service):
         binds: dict[str, Path | str] = {"/etc/lprng": etc / "lprng",
                                         **write_private_etc(etc)}
         argv = namespace_argv([require_binary("lpd"), "-F"], binds, pid_namespace=True)
-        self._proc = start_process(argv, self.log_path)
-        if wait_listening(self._proc, self.port, self.startup_timeout):
-            return True
-        stop_process_tree(self._proc)
-        self._proc = None
-        return False
+        self._proc = start_listening(argv, self.log_path, self.port, self.startup_timeout)
+        return self._proc is not None
 
     def _write_config(self) -> None:
         w = self.workdir
@@ -105,9 +99,7 @@ class LprngServer(Service):
 
     def stop(self) -> None:
         """Stop lpd and everything it forked (its PID namespace ends)."""
-        if self._proc is not None:
-            stop_process_tree(self._proc)
-            self._proc = None
+        self._stop_process()
 
     @property
     def running(self) -> bool:
@@ -117,12 +109,16 @@ class LprngServer(Service):
         """What lpd wrote to stderr (its log under ``-F``)."""
         return log_tail(self.log_path, 100_000)
 
-    def jobs(self, queue: str) -> list[ReceivedJob]:
-        """The complete jobs in ``queue`` now, in arrival order."""
+    def _tickets(self, queue: str) -> list[Path]:
+        """The job tickets in ``queue``'s spool directory, complete jobs or not."""
         if queue not in self.queues:
             raise KeyError(f"no queue {queue!r} in this LprngServer: {list(self.queues)}")
+        return list(self.spool_dir(queue).glob("hfA*"))
+
+    def jobs(self, queue: str) -> list[ReceivedJob]:
+        """The complete jobs in ``queue`` now, in arrival order."""
         found = []
-        for hf in self.spool_dir(queue).glob("hfA*"):
+        for hf in self._tickets(queue):
             entry = _read_lprng_job(queue, hf)
             if entry is not None:
                 found.append(entry)
@@ -132,11 +128,16 @@ class LprngServer(Service):
         """Wait until ``queue`` holds at least ``n`` complete jobs; return them all."""
         deadline = time.monotonic() + timeout
         while True:
-            jobs = self.jobs(queue)
-            if len(jobs) >= n:
-                return jobs
+            # A complete job is read from its ticket, so there are never fewer
+            # tickets than complete jobs: reading the jobs (each ticket and data
+            # file whole) waits until there are n tickets at least.
+            if len(self._tickets(queue)) >= n:
+                jobs = self.jobs(queue)
+                if len(jobs) >= n:
+                    return jobs
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"LPRng queue {queue!r} holds {len(jobs)} of {n} jobs "
+                held = len(self.jobs(queue))
+                raise TimeoutError(f"LPRng queue {queue!r} holds {held} of {n} jobs "
                                    f"after {timeout}s; lpd log:\n{log_tail(self.log_path)}")
             time.sleep(0.02)
 

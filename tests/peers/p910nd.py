@@ -25,10 +25,10 @@ from tests.peers.process import (
     namespace_argv,
     require_binary,
     require_namespaces,
-    start_process,
-    stop_process_tree,
-    wait_listening,
+    start_listening,
 )
+
+_GRACE = 0.2   # stop_process_tree's wait between SIGTERM and SIGKILL
 
 
 class P910nd(Service):
@@ -109,14 +109,13 @@ class P910nd(Service):
         argv = ["stdbuf", "-oL", require_binary("p910nd"), "-d", "-i", LOOPBACK,
                 "-f", self.device, *(["-b"] if self.bidirectional else []), str(n)]
         binds = {"/var/lock": self.workdir / "lock"}
-        self._proc = start_process(namespace_argv(argv, binds, pid_namespace=True),
-                                   self.log_path)
         self.port = 9100 + n
-        if wait_listening(self._proc, self.port, self.startup_timeout):
-            return True
-        stop_process_tree(self._proc, grace=0.2)
-        self._proc = None
-        return False
+        # As its namespace's init without a SIGTERM handler p910nd ignores
+        # SIGTERM, and it has nothing to clean up: SIGKILL comes quickly.
+        self._proc = start_listening(namespace_argv(argv, binds, pid_namespace=True),
+                                     self.log_path, self.port, self.startup_timeout,
+                                     grace=_GRACE)
+        return self._proc is not None
 
     def _drain(self, fd: int) -> None:
         """Copy printer output into our buffer until stopped (bounded waits)."""
@@ -175,11 +174,7 @@ class P910nd(Service):
 
     def stop(self) -> None:
         """Stop p910nd (by PID, with its namespace), then the reader thread."""
-        if self._proc is not None:
-            # As its namespace's init without a SIGTERM handler p910nd ignores
-            # SIGTERM, and it has nothing to clean up: SIGKILL comes quickly.
-            stop_process_tree(self._proc, grace=0.2)
-            self._proc = None
+        self._stop_process(grace=_GRACE)
         self._stop.set()
         if self._reader is not None:
             self._reader.join(timeout=2)

@@ -268,6 +268,17 @@ def wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float) -> 
     return False
 
 
+def start_listening(argv: Sequence[str], log_path: Path, port: int, timeout: float, *,
+                    grace: float = 3.0) -> subprocess.Popen[bytes] | None:
+    """``start_process``, then wait until it listens on ``port``; None, its process
+    tree stopped (``grace`` as for ``stop_process_tree``), if not within ``timeout``."""
+    proc = start_process(argv, log_path)
+    if wait_listening(proc, port, timeout):
+        return proc
+    stop_process_tree(proc, grace)
+    return None
+
+
 def log_tail(path: Path, limit: int = 2000) -> str:
     """The last ``limit`` characters of a peer's log ("" if unreadable)."""
     try:
@@ -279,11 +290,19 @@ def log_tail(path: Path, limit: int = 2000) -> str:
 class Service:
     """A peer started by the test: ``with X(...) as x:`` starts it and always stops it."""
 
+    _proc: subprocess.Popen[bytes] | None = None
+
     def start(self) -> None:
         raise NotImplementedError
 
     def stop(self) -> None:
         raise NotImplementedError
+
+    def _stop_process(self, grace: float = 3.0) -> None:
+        """End the peer's process and all it forked, by PID, if it runs."""
+        if self._proc is not None:
+            stop_process_tree(self._proc, grace)
+            self._proc = None
 
     def __enter__(self) -> Self:
         self.start()
@@ -310,7 +329,6 @@ class ConfigFileDaemon(Service):
     log_path: Path
     startup_timeout: float
     port: int
-    _proc: subprocess.Popen[bytes] | None = None
 
     def _config(self) -> str:
         raise NotImplementedError
@@ -328,14 +346,11 @@ class ConfigFileDaemon(Service):
             self.port = free_port()
             conf = self.workdir / self.CONF_NAME
             conf.write_text(self._config())
-            self._proc = start_process(self._argv(binary, conf), self._output_path())
-            if wait_listening(self._proc, self.port, self.startup_timeout):
+            self._proc = start_listening(self._argv(binary, conf), self._output_path(),
+                                         self.port, self.startup_timeout)
+            if self._proc is not None:
                 return
-            stop_process_tree(self._proc)
-            self._proc = None
         raise RuntimeError(f"{self.BINARY} did not start:\n{log_tail(self.log_path)}")
 
     def stop(self) -> None:
-        if self._proc is not None:
-            stop_process_tree(self._proc)
-            self._proc = None
+        self._stop_process()

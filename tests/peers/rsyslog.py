@@ -23,9 +23,7 @@ from tests.peers.process import (
     ConfigFileDaemon,
     log_tail,
     require_binary,
-    start_process,
-    stop_process_tree,
-    wait_listening,
+    start_listening,
 )
 
 GTLS_MODULE_DIRS = ("/usr/lib/x86_64-linux-gnu/rsyslog", "/usr/lib/aarch64-linux-gnu/rsyslog",
@@ -83,10 +81,9 @@ class Rsyslog(ConfigFileDaemon):
         """Start on the port it had (the relay is configured with it)."""
         binary = require_binary(self.BINARY)
         conf = self.workdir / self.CONF_NAME
-        self._proc = start_process(self._argv(binary, conf), self.log_path)
-        if not wait_listening(self._proc, self.port, self.startup_timeout):
-            stop_process_tree(self._proc)
-            self._proc = None
+        self._proc = start_listening(self._argv(binary, conf), self.log_path, self.port,
+                                     self.startup_timeout)
+        if self._proc is None:
             raise RuntimeError(f"rsyslogd did not start again:\n{log_tail(self.log_path)}")
 
     def records(self) -> list[dict[str, object]]:
