@@ -4,7 +4,7 @@
 thousand jobs a second.  The trio path (``relay.loadgen.run_load``) costs
 about 0.5-1 ms of CPU per 1 KiB job in scheduling, cancel scopes and the
 client's objects.  Here every byte string of a job is built before it
-connects (``job_steps``, the client's own builders; the payload is shared),
+connects (``JobSteps``, with the client's own builders; the payload is shared),
 each step is one send and each reply one ``recv``, and nothing else runs per
 job.  The exchange is the one real senders make — one job per connection,
 every acknowledgement awaited before the next subcommand — so rates and
@@ -56,24 +56,49 @@ _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
 _BATCH = 256                # jobs built and handed to the compiled loop at a time
 
 
-def job_steps(n: int, *, queue: str, host: str, data: bytes, mode: str = "count",
-              order: str = "control-first") -> list[list[bytes]]:
-    """One job's exchange: per step the byte strings to send, then one reply to read.
+class JobSteps:
+    """``steps(n)``: job ``n``'s exchange, per step the byte strings to send, then one reply.
 
     The control file is what ``relay.client.build_job`` writes for one
     document named "loadgen", user "loadgen", title ``load <n>``.  In
     ``stream``/``windows`` mode the last step's data runs to our half-close.
+    What all jobs of a load share (the 0x02 line, the data, the file names
+    of each of the 1,000 job numbers) is built once, with the client's
+    builders; per job only the control file and its header are.
     """
-    job = f"{n % 1000:03d}{host}"
-    cf, df = f"cfA{job}", f"dfA{job}"
-    control = (f"H{host}\nPloadgen\nJload {n}\nLloadgen\nl{df}\nNloadgen\nU{df}\n"
-               ).encode()
-    ctl = [[_core.control_header(cf, len(control))], [control + _OK]]
-    streamed = mode != "count"
-    body = [data] if streamed else [data + _OK] if len(data) <= _JOIN else [data, _OK]
-    dat = [[_core.data_header(df, len(data), mode)], body]
-    first, second = (ctl, dat) if order == "control-first" or streamed else (dat, ctl)
-    return [[_core.receive_job(queue)], *first, *second]
+
+    def __init__(self, *, queue: str, host: str, data: bytes, mode: str = "count",
+                 order: str = "control-first") -> None:
+        self.host, self.data, self.mode = host, data, mode
+        self.receive = [_core.receive_job(queue)]
+        self.streamed = mode != "count"
+        self.body = [data] if self.streamed else [data + _OK] if len(data) <= _JOIN \
+            else [data, _OK]
+        self.data_first = order != "control-first" and not self.streamed
+        self.head = f"H{host}\nPloadgen\nJload ".encode()
+        self.names: dict[int, tuple[str, bytes, list[bytes]]] = {}
+
+    def _names(self, number: int) -> tuple[str, bytes, list[bytes]]:
+        """Job number ``number``'s control file name, its control file's tail, data header."""
+        job = f"{number:03d}{self.host}"
+        cf, df = f"cfA{job}", f"dfA{job}"
+        tail = f"\nLloadgen\nl{df}\nNloadgen\nU{df}\n".encode()
+        names = cf, tail, [_core.data_header(df, len(self.data), self.mode)]
+        self.names[number] = names
+        return names
+
+    def __call__(self, n: int) -> list[list[bytes]]:
+        cf, tail, data_header = self.names.get(n % 1000) or self._names(n % 1000)
+        control = b"%b%d%b" % (self.head, n, tail)
+        ctl = [[_core.control_header(cf, len(control))], [control + _OK]]
+        dat = [data_header, self.body]
+        return [self.receive, *dat, *ctl] if self.data_first else [self.receive, *ctl, *dat]
+
+
+def job_steps(n: int, *, queue: str, host: str, data: bytes, mode: str = "count",
+              order: str = "control-first") -> list[list[bytes]]:
+    """Job ``n``'s steps (``JobSteps``), for one job."""
+    return JobSteps(queue=queue, host=host, data=data, mode=mode, order=order)(n)
 
 
 class _Conn:
@@ -103,7 +128,8 @@ class FastLoad:
         self.data, self.mode, self.timeout, self.first = data, mode, io_timeout, first
         self.ctx, self.done = ctx, done
         self.addr = socket.getaddrinfo(dest.host, dest.port, type=socket.SOCK_STREAM)[0]
-        self.host = short_hostname()
+        self.steps = JobSteps(queue=dest.path, host=short_hostname(), data=data, mode=mode,
+                              order=dest.order)
         self.poll = select.epoll()
         self.edge = ctx is None          # plain sockets: edge-triggered, one epoll_ctl a job
         self.conns: dict[int, _Conn] = {}
@@ -149,8 +175,7 @@ class FastLoad:
             sock.setblocking(False)
         if len(self.data) > _JOIN:      # the NUL after the data is a send of its own
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        steps = job_steps(n, queue=self.dest.path, host=self.host, data=self.data,
-                          mode=self.mode, order=self.dest.order)
+        steps = self.steps(n)
         conn = _Conn(sock, n, steps, time.monotonic() + self.timeout)
         self.conns[sock.fileno()] = conn
         if sock.connect_ex(addr) not in (0, errno.EINPROGRESS):
@@ -319,7 +344,8 @@ def _run_compiled(dest: Destination, *, jobs: int, concurrency: int, data: bytes
     """Every job through ``EpollLoad``, ``_BATCH`` built at a time; the wall seconds."""
     load = _epoll_load(dest, concurrency=concurrency, data=data, mode=mode,
                        io_timeout=io_timeout)
-    host = short_hostname()
+    steps = JobSteps(queue=dest.path, host=short_hostname(), data=data, mode=mode,
+                     order=dest.order)
     batch = max(_BATCH, concurrency)
     n, end = first, first + jobs
     started = time.perf_counter()
@@ -327,8 +353,7 @@ def _run_compiled(dest: Destination, *, jobs: int, concurrency: int, data: bytes
         while n < end or load.open or load.queued:
             if n < end and not load.queued:
                 count = min(batch, end - n)
-                load.add([job_steps(k, queue=dest.path, host=host, data=data, mode=mode,
-                                    order=dest.order) for k in range(n, n + count)])
+                load.add([steps(k) for k in range(n, n + count)])
                 n += count
             finished = load.run(n < end)
             if done is not None:
