@@ -32,6 +32,7 @@ the readable reference the tests hold the compiled loop to.
 from __future__ import annotations
 
 import errno
+import resource
 import select
 import socket
 import ssl
@@ -313,17 +314,28 @@ class FastLoad:
         if self.done is not None:
             self.done()
 
-    def result(self, seconds: float, cpu_seconds: float) -> LoadResult:
-        return _result(self.jobs, self.data, seconds, cpu_seconds, self.latencies,
+    def result(self, seconds: float, cpu: tuple[float, float] = (0.0, 0.0)) -> LoadResult:
+        """The run's result; ``cpu`` = (CPU seconds, of which in the kernel)."""
+        return _result(self.jobs, self.data, seconds, cpu, self.latencies,
                        dict(self.failures))
 
 
-def _result(jobs: int, data: bytes, seconds: float, cpu_seconds: float,
+def _result(jobs: int, data: bytes, seconds: float, cpu: tuple[float, float],
             latencies: list[float], failures: dict[str, int]) -> LoadResult:
     from relay.loadgen import LoadResult
     return LoadResult(jobs=jobs, ok=len(latencies), seconds=seconds,
                       bytes=len(latencies) * len(data), latencies=tuple(sorted(latencies)),
-                      failures=failures, cpu_seconds=cpu_seconds)
+                      failures=failures, cpu_seconds=cpu[0], cpu_system_seconds=cpu[1])
+
+
+def _thread_cpu() -> tuple[float, float]:
+    """This thread's CPU seconds so far, and the system (kernel) part of them."""
+    return time.thread_time(), resource.getrusage(resource.RUSAGE_THREAD).ru_stime
+
+
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    now = _thread_cpu()
+    return now[0] - start[0], now[1] - start[1]
 
 
 def _epoll_load(dest: Destination, *, concurrency: int, data: bytes, mode: str,
@@ -369,14 +381,14 @@ def run_fast(dest: Destination, *, jobs: int, concurrency: int, data: bytes,
              ctx: ssl.SSLContext | None = None,
              done: Callable[[], object] | None = None) -> LoadResult:
     """Every job, with this thread's CPU over the run: plain in C, TLS in ``FastLoad``."""
-    cpu = time.thread_time()
+    cpu = _thread_cpu()
     if ctx is None:
         seconds, compiled = _run_compiled(dest, jobs=jobs, concurrency=concurrency, data=data,
                                           mode=mode, io_timeout=io_timeout, first=first,
                                           done=done)
-        return _result(jobs, data, seconds, time.thread_time() - cpu, compiled.latencies(),
+        return _result(jobs, data, seconds, _since(cpu), compiled.latencies(),
                        compiled.failures())
     load = FastLoad(dest, jobs=jobs, concurrency=concurrency, data=data, mode=mode,
                     io_timeout=io_timeout, first=first, ctx=ctx, done=done)
     seconds = load.run()
-    return load.result(seconds, time.thread_time() - cpu)
+    return load.result(seconds, _since(cpu))

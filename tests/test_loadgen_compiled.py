@@ -10,6 +10,7 @@ every job of every mode and order arrives once, under its own title.
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 import threading
@@ -18,12 +19,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import orjson
 import pytest
 
 from relay.loadgen import LoadResult, load, make_payload
 from relay.loadgenfast import FastLoad, run_fast
 from relay.uri import parse_destination
 from tests.daemon import DaemonThread, relay_config
+from tests.lpdacker import Acker
+from tests.test_cli import cli
 from tests.test_server import delivered
 
 MODES = ["count", "stream", "windows"]
@@ -121,7 +125,7 @@ def _both(port: int, mode: str, *, jobs: int = 3, timeout: float = 1.0,
                         io_timeout=timeout)
     reference = FastLoad(dest, jobs=jobs, concurrency=2, data=data, mode=mode,
                          io_timeout=timeout)
-    return {"c": compiled, "py": reference.result(reference.run(), 0.0)}
+    return {"c": compiled, "py": reference.result(reference.run())}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -207,3 +211,20 @@ def test_ipv6_loopback() -> None:
     assert peer.accepted == 20
     for impl, result in results.items():
         assert (impl, result.ok, result.failures) == (impl, 10, {})
+
+
+def test_the_command_reports_its_cpu_and_the_kernels_part() -> None:
+    with Acker() as acker:
+        uri = f"lpd://127.0.0.1:{acker.port}/q"
+        text = cli("loadgen", uri, "--jobs", "500", "--concurrency", "16", "--size", "1KiB")
+        as_json = cli("loadgen", uri, "--jobs", "500", "--concurrency", "16", "--size", "1KiB",
+                      "--json")
+        assert acker.counts() == (1000, 1000 * 1024)
+    assert text.returncode == 0, text.stderr
+    line = re.search(r"loadgen CPU ([\d.]+) ms per job \(([\d.]+) of it system; 1 process\)",
+                     text.stdout)
+    assert line is not None, text.stdout
+    assert 0 < float(line[2]) <= float(line[1])
+    summary = orjson.loads(as_json.stdout)
+    assert summary["ok"] == 500
+    assert 0 < summary["loadgen_cpu_system_ms_per_job"] <= summary["loadgen_cpu_ms_per_job"]
