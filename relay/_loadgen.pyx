@@ -1,14 +1,14 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The load generator's per-job loop in C: plain ``lpd://`` jobs over epoll.
 
-``relay.loadgenfast`` builds every job's byte strings with ``job_steps``
+``relay.loadgenfast`` builds every job's byte strings with ``JobSteps``
 (the same builders as the client) and hands them over in batches with
 ``EpollLoad.add``; ``EpollLoad.run`` then drives every connection without
 the GIL: non-blocking sockets registered once, edge-triggered for both
 directions, one ``send``/``sendmsg`` a step and one ``recv`` a reply, the
 next subcommand only after the receiver's acknowledgement, one job a
 connection.  Results (latencies, failures by key) are counted into C arrays
-and read back once at the end, so no Python runs per job but ``job_steps``.
+and read back once at the end, so no Python runs per job but building its control file (``JobSteps``).
 
 A separate extension module, not part of ``_core``: the protocol core is
 sans-I/O and this is nothing but I/O (sockets, a clock, epoll).
@@ -27,88 +27,17 @@ from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport EAGAIN, ECONNRESET, EINPROGRESS, EINTR, EPIPE, errno
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memset
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.uio cimport iovec
+from posix.unistd cimport close as c_close
 
 import os
 
 
-cdef extern from "<time.h>" nogil:
-    ctypedef long time_t
-    struct timespec:
-        time_t tv_sec
-        long tv_nsec
-    int CLOCK_MONOTONIC
-    int clock_gettime(int clk, timespec *ts)
-
-cdef extern from "<unistd.h>" nogil:
-    int c_close "close"(int fd)
-
-cdef extern from "<sys/uio.h>" nogil:
-    struct iovec:
-        void *iov_base
-        size_t iov_len
-
-cdef extern from "<sys/socket.h>" nogil:
-    ctypedef unsigned int socklen_t
-    struct sockaddr:
-        pass
-    struct sockaddr_storage:
-        pass
-    struct msghdr:
-        void *msg_name
-        socklen_t msg_namelen
-        iovec *msg_iov
-        size_t msg_iovlen
-        void *msg_control
-        size_t msg_controllen
-        int msg_flags
-    int AF_INET, AF_INET6, SOCK_STREAM, SOCK_NONBLOCK, SOCK_CLOEXEC, SHUT_WR, MSG_NOSIGNAL
-    int socket(int domain, int type, int protocol)
-    int connect(int fd, const sockaddr *addr, socklen_t len)
-    ssize_t send(int fd, const void *buf, size_t n, int flags)
-    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
-    ssize_t recv(int fd, void *buf, size_t n, int flags)
-    int shutdown(int fd, int how)
-    int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
-
-cdef extern from "<netinet/in.h>" nogil:
-    int IPPROTO_TCP
-    struct in_addr:
-        pass
-    struct in6_addr:
-        pass
-    struct sockaddr_in:
-        unsigned short sin_family
-        unsigned short sin_port
-        in_addr sin_addr
-    struct sockaddr_in6:
-        unsigned short sin6_family
-        unsigned short sin6_port
-        unsigned int sin6_flowinfo
-        in6_addr sin6_addr
-        unsigned int sin6_scope_id
-    unsigned short htons(unsigned short v)
-
-cdef extern from "<netinet/tcp.h>" nogil:
-    int TCP_NODELAY
-
-cdef extern from "<arpa/inet.h>" nogil:
-    int inet_pton(int af, const char *src, void *dst)
-
-cdef extern from "<sys/epoll.h>" nogil:
-    union epoll_data:
-        void *ptr
-        int fd
-        unsigned long long u64
-    struct epoll_event:
-        unsigned int events
-        epoll_data data
-    int EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP, EPOLLET, EPOLL_CTL_ADD, EPOLL_CLOEXEC
-    int epoll_create1(int flags)
-    int epoll_ctl(int epfd, int op, int fd, epoll_event *ev)
-    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+include "_loadgen_sys.pxi"
 
 
-DEF MAX_STEPS = 8          # job_steps gives 5: the 0x02 line, two headers, two files
+DEF MAX_STEPS = 8          # JobSteps gives 5: the 0x02 line, two headers, two files
 DEF MAX_SEGS = 16          # byte strings over all steps
 DEF BIG = 65536            # a byte string above this is referenced, not copied
 DEF MAX_REPLY_LINE = 1024  # a refusal's line ends here at the latest (as ReplyParser)

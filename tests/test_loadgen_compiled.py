@@ -31,7 +31,7 @@ from relay.uri import parse_destination
 from tests.daemon import DaemonThread, relay_config
 from tests.lpdacker import Acker
 from tests.test_cli import cli
-from tests.test_server import delivered
+from tests.test_server import delivered, file_bytes
 
 MODES = ["count", "stream", "windows"]
 STEP_NAMES = ["receive", "control header", "control file", "data header", "data file"]
@@ -202,6 +202,21 @@ def test_every_mode_into_the_relay(tmp_path: Path, mode: str, order: str) -> Non
     assert (result.ok, result.failures, result.bytes) == (300, {}, 300 * 3000)
     assert sorted(m["title"] for m in metas) == sorted(f"load {n}" for n in range(1000, 1300))
     assert result.cpu_ms_per_job > 0 and len(result.latencies) == 300
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_large_jobs_into_the_relay_arrive_whole(tmp_path: Path, mode: str) -> None:
+    # 300 KiB: partial sends, the data referenced (not copied) by every job,
+    # the NUL of a count job after it, the half-close of a stream job.
+    out = tmp_path / "out"
+    payload = make_payload(300_000)
+    with DaemonThread(relay_config(tmp_path, queues={"q": {"destinations": [f"dir://{out}"]}})
+                      ) as relay:
+        result = load(f"lpd://127.0.0.1:{relay.port}/q", jobs=12, concurrency=4,
+                      size=300_000, mode=mode, payload=payload)
+        metas = delivered(out, "q", n=12, timeout=30)
+    assert (result.ok, result.failures) == (12, {})
+    assert all(file_bytes(m) == [payload] for m in metas)
 
 
 def test_ipv6_loopback() -> None:
