@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-SRC    := pyproject.toml setup.py relay/_core.pyx $(wildcard relay/*.pxi)
+SRC    := pyproject.toml setup.py $(wildcard relay/*.pyx relay/*.pxi)
 
 .PHONY: run test bench lint typecheck peers install clean man completions deb deb-deps test-deb-deps
 
@@ -86,4 +86,4 @@ deb: install
 	@bash scripts/build-deb.sh $(DEB_FLAGS)
 
 clean:
-	rm -rf build relay/_core.c relay/_core*.so *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf build relay/_core.c relay/_core*.so relay/_loadgen.c relay/_loadgen*.so *.egg-info .pytest_cache .mypy_cache .ruff_cache

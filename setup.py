@@ -1,11 +1,12 @@
-"""Build the Cython protocol core; all metadata lives in pyproject.toml."""
+"""Build the Cython protocol core and the load generator's loop; metadata is in pyproject.toml."""
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 setup(
     ext_modules=cythonize(
-        [Extension("relay._core", ["relay/_core.pyx"], extra_compile_args=["-O2"])],
+        [Extension("relay._core", ["relay/_core.pyx"], extra_compile_args=["-O2"]),
+         Extension("relay._loadgen", ["relay/_loadgen.pyx"], extra_compile_args=["-O2"])],
         compiler_directives={
             "language_level": "3",
             "boundscheck": False,

@@ -1,31 +1,38 @@
-"""The load generator's fast path: one epoll loop of plain non-blocking sockets.
+"""The load generator's fast path: plain jobs in C, TLS jobs in one Python epoll loop.
 
 ``lpd-relay loadgen`` must not be what limits a measurement near a few
 thousand jobs a second.  The trio path (``relay.loadgen.run_load``) costs
 about 0.5-1 ms of CPU per 1 KiB job in scheduling, cancel scopes and the
-client's objects; here each connection is a small state machine driven by
-``select.epoll``: every byte string of a job is built once before it
-connects (the payload is shared), each step is one ``send`` and each reply
-one ``recv``, and nothing else runs per job.  The exchange is the one real
-senders make — one job per connection, every acknowledgement awaited before
-the next subcommand — so rates and latencies mean the same as before.
+client's objects.  Here every byte string of a job is built before it
+connects (``JobSteps``, with the client's own builders; the payload is shared),
+each step is one send and each reply one ``recv``, and nothing else runs per
+job.  The exchange is the one real senders make — one job per connection,
+every acknowledgement awaited before the next subcommand — so rates and
+latencies mean the same as before.
 
-Per plain job the loop makes 14 system calls: ``socket`` (created
-non-blocking), ``connect``, one ``epoll_ctl`` (edge-triggered for both
-directions, so the mask never changes), 5 ``send``, 5 ``recv`` and
-``close``.  Its CPU is the loop's thread's own (``time.thread_time``): the
-loop runs in the caller's thread, and another thread of the same process
-(a test runner's, a relay run in-process) is not the load generator's cost.
+Plain ``lpd://`` runs in ``relay._loadgen.EpollLoad``: the per-job loop in C
+without the GIL, jobs handed over in batches, latencies and failures counted
+in C arrays and read back at the end.  Per job it makes 14 system calls:
+``socket`` (created non-blocking), ``connect``, one ``epoll_ctl``
+(edge-triggered for both directions, so the mask never changes), 5
+``send``, 5 ``recv`` and ``close``; step 0 goes out as ``connect`` returns
+(on loopback the handshake is done by then), so no wake-up waits for it.
+Its CPU is the loop's thread's own (``time.thread_time``): the loop runs in
+the caller's thread, and another thread of the same process (a test
+runner's, a relay run in-process) is not the load generator's cost.
 
-``lpds://`` goes through the same loop with a non-blocking ``ssl`` socket
-(a full handshake per connection, the context of ``relay.tls.client_context``),
-level-triggered: a TLS record read may leave decrypted bytes in the ``ssl``
-object that no new edge would announce.
+``lpds://`` goes through ``FastLoad``, the same exchange in Python over
+``select.epoll`` with a non-blocking ``ssl`` socket (a full handshake per
+connection, the context of ``relay.tls.client_context``), level-triggered: a
+TLS record read may leave decrypted bytes in the ``ssl`` object that no new
+edge would announce.  ``FastLoad`` also runs plain sockets (edge-triggered),
+the readable reference the tests hold the compiled loop to.
 """
 
 from __future__ import annotations
 
 import errno
+import resource
 import select
 import socket
 import ssl
@@ -34,7 +41,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from relay import _core
+from relay import _core, _loadgen
 from relay.client import short_hostname
 
 if TYPE_CHECKING:
@@ -47,26 +54,52 @@ _JOIN = 64 * 1024           # data up to this size goes out with its NUL in one 
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _BOTH_EDGE = select.EPOLLIN | select.EPOLLOUT | select.EPOLLET
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+_BATCH = 256                # jobs built and handed to the compiled loop at a time
 
 
-def job_steps(n: int, *, queue: str, host: str, data: bytes, mode: str = "count",
-              order: str = "control-first") -> list[list[bytes]]:
-    """One job's exchange: per step the byte strings to send, then one reply to read.
+class JobSteps:
+    """``steps(n)``: job ``n``'s exchange, per step the byte strings to send, then one reply.
 
     The control file is what ``relay.client.build_job`` writes for one
     document named "loadgen", user "loadgen", title ``load <n>``.  In
     ``stream``/``windows`` mode the last step's data runs to our half-close.
+    What all jobs of a load share (the 0x02 line, the data, the file names
+    of each of the 1,000 job numbers) is built once, with the client's
+    builders; per job only the control file and its header are.
     """
-    job = f"{n % 1000:03d}{host}"
-    cf, df = f"cfA{job}", f"dfA{job}"
-    control = (f"H{host}\nPloadgen\nJload {n}\nLloadgen\nl{df}\nNloadgen\nU{df}\n"
-               ).encode()
-    ctl = [[_core.control_header(cf, len(control))], [control + _OK]]
-    streamed = mode != "count"
-    body = [data] if streamed else [data + _OK] if len(data) <= _JOIN else [data, _OK]
-    dat = [[_core.data_header(df, len(data), mode)], body]
-    first, second = (ctl, dat) if order == "control-first" or streamed else (dat, ctl)
-    return [[_core.receive_job(queue)], *first, *second]
+
+    def __init__(self, *, queue: str, host: str, data: bytes, mode: str = "count",
+                 order: str = "control-first") -> None:
+        self.host, self.data, self.mode = host, data, mode
+        self.receive = [_core.receive_job(queue)]
+        self.streamed = mode != "count"
+        self.body = [data] if self.streamed else [data + _OK] if len(data) <= _JOIN \
+            else [data, _OK]
+        self.data_first = order != "control-first" and not self.streamed
+        self.head = f"H{host}\nPloadgen\nJload ".encode()
+        self.names: dict[int, tuple[str, bytes, list[bytes]]] = {}
+
+    def _names(self, number: int) -> tuple[str, bytes, list[bytes]]:
+        """Job number ``number``'s control file name, its control file's tail, data header."""
+        job = f"{number:03d}{self.host}"
+        cf, df = f"cfA{job}", f"dfA{job}"
+        tail = f"\nLloadgen\nl{df}\nNloadgen\nU{df}\n".encode()
+        names = cf, tail, [_core.data_header(df, len(self.data), self.mode)]
+        self.names[number] = names
+        return names
+
+    def __call__(self, n: int) -> list[list[bytes]]:
+        cf, tail, data_header = self.names.get(n % 1000) or self._names(n % 1000)
+        control = b"%b%d%b" % (self.head, n, tail)
+        ctl = [[_core.control_header(cf, len(control))], [control + _OK]]
+        dat = [data_header, self.body]
+        return [self.receive, *dat, *ctl] if self.data_first else [self.receive, *ctl, *dat]
+
+
+def job_steps(n: int, *, queue: str, host: str, data: bytes, mode: str = "count",
+              order: str = "control-first") -> list[list[bytes]]:
+    """Job ``n``'s steps (``JobSteps``), for one job."""
+    return JobSteps(queue=queue, host=host, data=data, mode=mode, order=order)(n)
 
 
 class _Conn:
@@ -96,7 +129,8 @@ class FastLoad:
         self.data, self.mode, self.timeout, self.first = data, mode, io_timeout, first
         self.ctx, self.done = ctx, done
         self.addr = socket.getaddrinfo(dest.host, dest.port, type=socket.SOCK_STREAM)[0]
-        self.host = short_hostname()
+        self.steps = JobSteps(queue=dest.path, host=short_hostname(), data=data, mode=mode,
+                              order=dest.order)
         self.poll = select.epoll()
         self.edge = ctx is None          # plain sockets: edge-triggered, one epoll_ctl a job
         self.conns: dict[int, _Conn] = {}
@@ -142,8 +176,7 @@ class FastLoad:
             sock.setblocking(False)
         if len(self.data) > _JOIN:      # the NUL after the data is a send of its own
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        steps = job_steps(n, queue=self.dest.path, host=self.host, data=self.data,
-                          mode=self.mode, order=self.dest.order)
+        steps = self.steps(n)
         conn = _Conn(sock, n, steps, time.monotonic() + self.timeout)
         self.conns[sock.fileno()] = conn
         if sock.connect_ex(addr) not in (0, errno.EINPROGRESS):
@@ -281,21 +314,81 @@ class FastLoad:
         if self.done is not None:
             self.done()
 
-    def result(self, seconds: float, cpu_seconds: float) -> LoadResult:
-        from relay.loadgen import LoadResult
-        return LoadResult(jobs=self.jobs, ok=len(self.latencies), seconds=seconds,
-                          bytes=len(self.latencies) * len(self.data),
-                          latencies=tuple(sorted(self.latencies)),
-                          failures=dict(self.failures), cpu_seconds=cpu_seconds)
+    def result(self, seconds: float, cpu: tuple[float, float] = (0.0, 0.0)) -> LoadResult:
+        """The run's result; ``cpu`` = (CPU seconds, of which in the kernel)."""
+        return _result(self.jobs, self.data, seconds, cpu, self.latencies,
+                       dict(self.failures))
+
+
+def _result(jobs: int, data: bytes, seconds: float, cpu: tuple[float, float],
+            latencies: list[float], failures: dict[str, int]) -> LoadResult:
+    from relay.loadgen import LoadResult
+    return LoadResult(jobs=jobs, ok=len(latencies), seconds=seconds,
+                      bytes=len(latencies) * len(data), latencies=tuple(sorted(latencies)),
+                      failures=failures, cpu_seconds=cpu[0], cpu_system_seconds=cpu[1])
+
+
+def _thread_cpu() -> tuple[float, float]:
+    """This thread's CPU seconds so far, and the system (kernel) part of them."""
+    return time.thread_time(), resource.getrusage(resource.RUSAGE_THREAD).ru_stime
+
+
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    now = _thread_cpu()
+    return now[0] - start[0], now[1] - start[1]
+
+
+def _epoll_load(dest: Destination, *, concurrency: int, data: bytes, mode: str,
+                io_timeout: float) -> _loadgen.EpollLoad:
+    """An ``EpollLoad`` to ``dest`` (plain lpd://), no job queued yet."""
+    family, _, _, _, addr = socket.getaddrinfo(dest.host, dest.port,
+                                               type=socket.SOCK_STREAM)[0]
+    flow, scope = (int(addr[2]), int(addr[3])) if len(addr) == 4 else (0, 0)
+    return _loadgen.EpollLoad(
+        family, str(addr[0]).partition("%")[0], int(addr[1]), concurrency=concurrency,
+        io_timeout=io_timeout, half_close=mode != "count", nodelay=len(data) > _JOIN,
+        flowinfo=flow, scope_id=scope)
+
+
+def _run_compiled(dest: Destination, *, jobs: int, concurrency: int, data: bytes,
+                  mode: str, io_timeout: float, first: int,
+                  done: Callable[[], object] | None) -> tuple[float, _loadgen.EpollLoad]:
+    """Every job through ``EpollLoad``, ``_BATCH`` built at a time; the wall seconds."""
+    load = _epoll_load(dest, concurrency=concurrency, data=data, mode=mode,
+                       io_timeout=io_timeout)
+    steps = JobSteps(queue=dest.path, host=short_hostname(), data=data, mode=mode,
+                     order=dest.order)
+    batch = max(_BATCH, concurrency)
+    n, end = first, first + jobs
+    started = time.perf_counter()
+    try:
+        while n < end or load.open or load.queued:
+            if n < end and not load.queued:
+                count = min(batch, end - n)
+                load.add([steps(k) for k in range(n, n + count)])
+                n += count
+            finished = load.run(n < end)
+            if done is not None:
+                for _ in range(finished):
+                    done()
+    finally:
+        load.close()
+    return time.perf_counter() - started, load
 
 
 def run_fast(dest: Destination, *, jobs: int, concurrency: int, data: bytes,
              mode: str = "count", io_timeout: float = 30.0, first: int = 0,
              ctx: ssl.SSLContext | None = None,
              done: Callable[[], object] | None = None) -> LoadResult:
-    """``FastLoad`` from start to result, with this thread's CPU over the run."""
-    cpu = time.thread_time()
+    """Every job, with this thread's CPU over the run: plain in C, TLS in ``FastLoad``."""
+    cpu = _thread_cpu()
+    if ctx is None:
+        seconds, compiled = _run_compiled(dest, jobs=jobs, concurrency=concurrency, data=data,
+                                          mode=mode, io_timeout=io_timeout, first=first,
+                                          done=done)
+        return _result(jobs, data, seconds, _since(cpu), compiled.latencies(),
+                       compiled.failures())
     load = FastLoad(dest, jobs=jobs, concurrency=concurrency, data=data, mode=mode,
                     io_timeout=io_timeout, first=first, ctx=ctx, done=done)
     seconds = load.run()
-    return load.result(seconds, time.thread_time() - cpu)
+    return load.result(seconds, _since(cpu))

@@ -18,7 +18,7 @@ import trio
 
 from relay import client
 from relay.loadgen import LoadResult, load, run_load
-from relay.loadgenfast import job_steps
+from relay.loadgenfast import JobSteps, job_steps
 from relay.uri import parse_destination
 from tests.daemon import DaemonThread, relay_config
 from tests.lpdacker import Acker
@@ -42,6 +42,21 @@ def test_job_steps_are_the_clients_job(mode: str, order: str) -> None:
            data + (b"\0" if mode == "count" else b"")]
     body = ctl + dat if order == "control-first" or mode != "count" else dat + ctl
     assert steps == [b"\x02q\n", *body]
+
+
+@pytest.mark.parametrize("mode", ["count", "stream"])
+def test_one_builder_for_many_jobs_gives_each_its_own(mode: str) -> None:
+    data = b"x" * 70_000        # above 64 KiB: the data and its NUL are two strings
+    steps = JobSteps(queue="q", host="host-1", data=data, mode=mode, order="data-first")
+    for n in (*range(0, 2500, 7), 999, 1000, 1001, 123456):
+        cf, control, (df,) = client.build_job(
+            [client.OutFile(name="loadgen", size=len(data), data=data)], user="loadgen",
+            title=f"load {n}", host="host-1", number=n)
+        dat = [b"\x03%d %s\n" % (len(data) if mode == "count" else 0, df.name.encode()),
+               data + (b"\0" if mode == "count" else b"")]
+        ctl = [b"\x02%d %s\n" % (len(control), cf.encode()), control + b"\0"]
+        assert [b"".join(s) for s in steps(n)] == [b"\x02q\n", *(dat + ctl if mode == "count"
+                                                                 else ctl + dat)]
 
 
 def test_fast_path_against_the_acker_counts_every_job_and_its_cpu() -> None:
