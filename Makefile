@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-SRC    := pyproject.toml setup.py relay/_core.pyx $(wildcard relay/*.pxi)
+SRC    := pyproject.toml setup.py $(wildcard relay/*.pyx) $(wildcard relay/*.pxi)
 
 .PHONY: run test bench lint typecheck peers install clean man completions deb deb-deps test-deb-deps
 

@@ -1,11 +1,12 @@
-"""Build the Cython protocol core; all metadata lives in pyproject.toml."""
+"""Build the Cython protocol core and the hot folder's batch I/O; metadata in pyproject.toml."""
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 setup(
     ext_modules=cythonize(
-        [Extension("relay._core", ["relay/_core.pyx"], extra_compile_args=["-O2"])],
+        [Extension("relay._core", ["relay/_core.pyx"], extra_compile_args=["-O2"]),
+         Extension("relay._dirio", ["relay/_dirio.pyx"], extra_compile_args=["-O2"])],
         compiler_directives={
             "language_level": "3",
             "boundscheck": False,
