@@ -200,15 +200,18 @@ cdef long long _copy(int src, int dst, long long offset, long long length, int m
                      int *err) noexcept nogil:
     """copy_file_range, else sendfile, else buffered; -1 with ``err`` set on failure."""
     cdef long long copied
+    # A fallback that succeeds leaves no error behind from the method before it.
     if method <= _RANGE:
         copied = _copy_range(src, dst, offset, length, err)
         # Only fall back before anything was written; later errors are real.
         if copied >= 0 or not _no_fast_copy(err[0]) or lseek(dst, 0, SEEK_CUR) != 0:
             return copied
+        err[0] = 0
     if method <= _SENDFILE:
         copied = _copy_sendfile(src, dst, offset, length, err)
         if copied >= 0 or not _no_fast_copy(err[0]) or lseek(dst, 0, SEEK_CUR) != 0:
             return copied
+        err[0] = 0
     return _copy_buffered(src, dst, offset, length, err)
 
 

@@ -6,6 +6,7 @@ import errno
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import orjson
@@ -97,6 +98,32 @@ def test_stage_stops_at_the_first_failure_and_reports_it(tmp_path: Path) -> None
     finally:
         os.close(fd)
         os.close(dir_fd)
+
+
+def test_stage_falls_back_and_reports_no_error_when_the_fallback_copies(
+        tmp_path: Path) -> None:
+    # A pipe defeats copy_file_range (and sendfile on older kernels): the file
+    # is still copied whole, and the fast path's errno is not reported.
+    payload = os.urandom(200_000)
+    read_end, write_end = os.pipe()
+    (tmp_path / "d").mkdir()
+    dir_fd = os.open(tmp_path / "d", os.O_RDONLY | os.O_DIRECTORY)
+
+    def feed() -> None:
+        with os.fdopen(write_end, "wb") as pipe:
+            pipe.write(payload)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    try:
+        result = _dirio.stage([dir_fd], [b".p"], [read_end], [-1], [len(payload)], [None],
+                              0o640, -1)
+    finally:
+        writer.join(10)
+        os.close(read_end)
+        os.close(dir_fd)
+    assert result == ([len(payload)], 0, len(payload))
+    assert (tmp_path / "d" / ".p").read_bytes() == payload
 
 
 # Delivers one job in a child that dies (os._exit) at the n-th sync of the batch:
