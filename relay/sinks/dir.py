@@ -195,30 +195,32 @@ class _Folders:
     def __init__(self) -> None:
         self.fds: dict[str, int] = {}
         self._syncers: dict[str, Syncer] = {}
+        self._devices: dict[str, int] = {}
 
     def open(self, folder: str, perms: _Perms) -> int:
         if folder not in self.fds:
             _ensure_dir(folder, perms)
-            self.fds[folder] = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self.fds[folder] = fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            # The folder's own descriptor and one fstat for all three syncs.
+            self._syncers[folder] = Syncer(folder, dir_fd=fd)
+            self._devices[folder] = os.fstat(fd).st_dev
         return self.fds[folder]
 
     def sync(self, paths: dict[str, list[str]]) -> None:
         """Make ``paths`` (folder -> names in it) and every folder's entries durable."""
         devices: set[int] = set()
-        for folder in self.fds:
-            syncer = self._syncers.get(folder) or self._syncers.setdefault(folder, Syncer(folder))
+        for folder, syncer in self._syncers.items():
             if syncer.method == "syncfs":
-                device = os.fstat(self.fds[folder]).st_dev
-                if device in devices:
+                if self._devices[folder] in devices:
                     continue
-                devices.add(device)
+                devices.add(self._devices[folder])
             syncer.sync([os.path.join(folder, n) for n in paths.get(folder, ())])
 
     def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
         for syncer in self._syncers.values():
             syncer.close()
+        for fd in self.fds.values():
+            os.close(fd)
 
 
 def _write_batch(base: str, jobs: Sequence[DeliveryJob], perms: _Perms,
