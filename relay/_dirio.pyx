@@ -304,6 +304,8 @@ def stage(list dir_fds, list names, list src_fds, list offsets, list lengths, li
             files[i].length = lengths[i]
             if files[i].src_fd < 0:
                 data = datas[i]
+                if data is None:
+                    raise TypeError(f"file {i} has neither a source nor bytes")
                 files[i].data = PyBytes_AS_STRING(data)
                 files[i].data_len = PyBytes_GET_SIZE(data)
         with nogil:

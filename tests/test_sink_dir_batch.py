@@ -95,6 +95,10 @@ def test_stage_stops_at_the_first_failure_and_reports_it(tmp_path: Path) -> None
         assert _dirio.rename_all([dir_fd] * 3, [b".a", b".gone", b".e"], [b"a", b"g", b"e"]) \
             == (1, errno.ENOENT)
         assert sorted(os.listdir(tmp_path / "d")) == [".e", ".f", "a"]
+        with pytest.raises(TypeError):       # neither a source nor bytes: never a crash
+            _dirio.stage([dir_fd], [b".g"], [-1], [0], [-1], [None], 0o640, -1)
+        with pytest.raises(TypeError):
+            _dirio.stage([dir_fd], [".g"], [-1], [0], [-1], [b"x"], 0o640, -1)  # type: ignore[list-item]
     finally:
         os.close(fd)
         os.close(dir_fd)
