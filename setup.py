@@ -1,4 +1,7 @@
-"""Build the Cython protocol core and the load generator's loop; metadata is in pyproject.toml."""
+"""Build the Cython protocol core, the load generator's loop and the hot folder's batch I/O.
+
+Metadata is in pyproject.toml.
+"""
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -6,7 +9,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=cythonize(
         [Extension("relay._core", ["relay/_core.pyx"], extra_compile_args=["-O2"]),
-         Extension("relay._loadgen", ["relay/_loadgen.pyx"], extra_compile_args=["-O2"])],
+         Extension("relay._loadgen", ["relay/_loadgen.pyx"], extra_compile_args=["-O2"]),
+         Extension("relay._dirio", ["relay/_dirio.pyx"], extra_compile_args=["-O2"])],
         compiler_directives={
             "language_level": "3",
             "boundscheck": False,

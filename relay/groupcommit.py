@@ -82,13 +82,16 @@ class Syncer:
     each file, then the directory (new names live in the directory).
     """
 
-    def __init__(self, directory: str, method: str = "auto") -> None:
+    def __init__(self, directory: str, method: str = "auto", *, dir_fd: int = -1) -> None:
+        """``dir_fd``: the caller's open descriptor of ``directory``, borrowed (not closed)."""
         if method not in SYNC_METHODS:
             raise ValueError(f"sync method must be one of {SYNC_METHODS}, not {method!r}")
         if method == "syncfs" and _SYNCFS is None:
             raise SpoolError("syncfs(2) is not available on this system")
         self.method = "syncfs" if method != "fdatasync" and _SYNCFS is not None else "fdatasync"
-        self._dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._owned = dir_fd < 0
+        self._dirfd = (os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                       if dir_fd < 0 else dir_fd)
 
     def sync(self, paths: Sequence[str]) -> int:
         """Make ``paths`` and the directory entries naming them durable; returns sync calls."""
@@ -107,9 +110,9 @@ class Syncer:
         return len(paths) + 1
 
     def close(self) -> None:
-        if self._dirfd >= 0:
+        if self._dirfd >= 0 and self._owned:
             os.close(self._dirfd)
-            self._dirfd = -1
+        self._dirfd = -1
 
 
 # --- file primitives shared by the spool ------------------------------------------------

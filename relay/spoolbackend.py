@@ -106,6 +106,38 @@ def open_file_body(path: str, offset: int = 0, length: int = -1) -> Body:
     return Body(fd, offset, length)
 
 
+class BodyFiles:
+    """Bodies read in one pass over many jobs, each file opened once (``close`` ends it).
+
+    A segment holds many small jobs' bodies: opening it per body was an
+    ``openat`` and a ``close`` a job for a batch of deliveries.  ``open`` is
+    ``open_file_body(path, 0, length)`` except that the descriptor stays this
+    object's: do not close the ``Body`` it returns.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def open(self, path: str, length: int) -> Body:
+        """``length`` bytes of the body ``path`` names; ``SpoolFileMissing`` if gone."""
+        file, offset = path, 0
+        if (where := locate_body(path)) is not None:
+            file, offset, _ = where
+        fd = self._fds.get(file)
+        if fd is None:
+            try:
+                fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise SpoolFileMissing(file, exc) from exc
+            self._fds[file] = fd
+        return Body(fd, offset, length)
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+
 def open_flat(path: str) -> int:
     """A descriptor whose bytes from 0 to its end are exactly the body ``path`` names.
 

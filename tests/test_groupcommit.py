@@ -210,6 +210,20 @@ def test_syncer_makes_files_durable(tmp_path: Path, method: str) -> None:
         Syncer(str(tmp_path), "O_DIRECT")
 
 
+@pytest.mark.parametrize("method", ["syncfs", "fdatasync"])
+def test_syncer_borrows_a_given_folder_descriptor(tmp_path: Path, method: str) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        syncer = Syncer(str(tmp_path), method, dir_fd=fd)
+        assert syncer.sync([str(tmp_path / "f")]) == (1 if method == "syncfs" else 2)
+        syncer.close()
+        syncer.close()                 # idempotent
+        os.fstat(fd)                   # still the caller's: not closed
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("fsync", [True, False])
 def test_write_atomic_replaces_and_leaves_no_temp(tmp_path: Path, fsync: bool) -> None:
     target = tmp_path / "state"

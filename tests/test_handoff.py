@@ -27,6 +27,22 @@ def test_calls_run_in_one_thread_that_outlives_them() -> None:
     assert idents[0] != threading.get_ident()
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc")
+def test_the_thread_has_its_name_in_the_kernel() -> None:
+    # So /proc/PID/task/*/stat (per-thread CPU), top -H and perf can tell it apart.
+    worker = HandOffThread("dir-sink-test-long-name")
+
+    def comm() -> str:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+            return f.read().strip()
+
+    async def main() -> str:
+        with trio.fail_after(10):
+            return await worker.run_sync(comm)
+
+    assert trio.run(main) == "dir-sink-test-l"   # the kernel keeps 15 bytes
+
+
 def test_result_exception_and_context_come_back() -> None:
     worker = HandOffThread("t-test")
 
