@@ -36,6 +36,7 @@ import trio
 from relay import log
 from relay.audit import config_sha256
 from relay.config import Config, InvalidConfig, Listen, QueueConfig, load_config
+from relay.daemoninfo import DAEMON_INFO
 from relay.dispatch import Scheduler
 from relay.errors import BindError, ConfigError
 from relay.metrics import Metrics
@@ -176,7 +177,7 @@ class Reloader:
 # ---- `lpd-relay reload`: SIGHUP to the daemon of the configuration's spool ----
 
 def _daemon_info(spool_dir: str) -> dict[str, Any]:
-    with open(os.path.join(spool_dir, "daemon.json"), "rb") as f:
+    with open(os.path.join(spool_dir, DAEMON_INFO), "rb") as f:
         info: dict[str, Any] = orjson.loads(f.read())
     return info
 
