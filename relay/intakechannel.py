@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import array
 import copyreg
+import os
 import pickle
 import socket as pysocket
 import struct
@@ -87,52 +88,62 @@ class Channel:
     """Length-prefixed frames over a trio stream socket; ``receive`` raises EOFError.
 
     ``send`` returns once its frame is written: a job's ``Commit`` counts as
-    sent only then (``relay.spoolproxy``: the next job may take its id).
-    Frames queued while another send writes go out together in its next write.
+    sent only then (``relay.spoolproxy``: the next job may take its id).  A
+    send that finds no write under way writes at once, without yielding
+    first; frames queued meanwhile go out together in the next write, and
+    every sender waiting is woken when a write ends (one wake-up for all).
     """
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self.sock = sock
-        self._send_lock = trio.Lock()
-        self._pending: list[bytes] = []
+        self._pending: list[tuple[int, bytes]] = []   # (sequence number, frame)
+        self._queued = 0       # frames queued, ever: the last one's number
+        self._written = 0      # every frame up to this number is written
+        self._writing = False
+        self._wrote = trio.Event()   # set, and replaced, when a write ends
         self._buf = bytearray()
 
     async def send(self, message: object) -> None:
         data = encode(message)
         frame = _LENGTH.pack(len(data)) + data
-        pending = self._pending
-        pending.append(frame)
-        try:
-            # Free: written now, without the checkpoint acquire() takes first (a
-            # job's reply is not held behind whatever else is runnable).
-            self._send_lock.acquire_nowait()
-        except trio.WouldBlock:
+        self._queued += 1
+        number = self._queued
+        self._pending.append((number, frame))
+        while self._written < number:   # bounded: each pass is a write, or waits for one
+            if not self._writing:
+                await self._write()
+                continue
             try:
-                await self._send_lock.acquire()
+                await self._wrote.wait()
             except BaseException:
-                for i, queued in enumerate(pending):   # not taken by another send: not sent
-                    if queued is frame:
-                        del pending[i]
-                        break
+                # Not taken by a write yet: not sent (a frame being written stays).
+                self._pending = [p for p in self._pending if p[1] is not frame]
                 raise
-        try:
-            if pending:   # else another send wrote this frame with its own
-                await self._write(b"".join(pending) if len(pending) > 1 else pending[0])
-        finally:
-            self._send_lock.release()
 
-    async def _write(self, data: bytes) -> None:
-        self._pending.clear()
-        view = memoryview(data)
+    async def _write(self) -> None:
+        batch, self._pending = self._pending, []
+        last = batch[-1][0]
+        view = memoryview(batch[0][1] if len(batch) == 1 else b"".join(f for _, f in batch))
+        self._writing = True
         try:
+            try:   # the socket takes it now, mostly: then no trio checkpoint (~15 µs)
+                n = os.write(self.sock.fileno(), view)
+            except BlockingIOError:
+                n = 0
+            view = view[n:]
             while view:
                 view = view[await self.sock.send(view):]
+            self._written = last
         except BaseException:
-            # Not written (cancelled, or the socket failed): whatever is left goes
-            # first at the next send, so the stream never holds half a frame.
+            # Cut short (cancelled, or the socket failed): what is left goes first
+            # at the next write, so the stream never holds half a frame.
             if view:
-                self._pending.insert(0, bytes(view))
+                self._pending.insert(0, (last, bytes(view)))
             raise
+        finally:
+            self._writing = False
+            self._wrote.set()
+            self._wrote = trio.Event()
 
     async def receive(self) -> object:
         while True:

@@ -86,3 +86,35 @@ def test_frames_sent_at_once_arrive_whole_and_in_order() -> None:
         assert sorted(got, key=lambda m: m.rid) == messages  # type: ignore[attr-defined]
         return got
     assert len(trio.run(main)) == 40
+
+
+def test_a_send_cancelled_while_another_writes_is_not_sent() -> None:
+    # A's frame is larger than the socket's buffer: its write waits for the
+    # reader, B queues behind it and is cancelled; A and then C arrive whole.
+    async def main() -> list[object]:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sender = Channel(trio.socket.from_stdlib_socket(a))
+        receiver = Channel(trio.socket.from_stdlib_socket(b))
+        big = _commit(1, CONTROL)._replace(files=(("dfA001h", b"x" * (1 << 20)),))
+        got: list[object] = []
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender.send, big)
+                await trio.sleep(0.05)           # A is writing, the buffer full
+                scope = trio.CancelScope()
+                nursery.start_soon(_cancelled, sender, _commit(2, CONTROL), scope)
+                await trio.sleep(0.05)
+                scope.cancel()
+                got.append(await receiver.receive())
+                await sender.send(_commit(3, CONTROL))
+                got.append(await receiver.receive())
+        sender.close()
+        receiver.close()
+        return got
+    assert [m.rid for m in trio.run(main)] == [1, 3]  # type: ignore[attr-defined]
+
+
+async def _cancelled(channel: Channel, message: Commit, scope: trio.CancelScope) -> None:
+    with scope:
+        await channel.send(message)
