@@ -40,6 +40,7 @@ from relay.metrics import Metrics
 from relay.queues import sanitize_name
 from relay.readdeadline import ReadDeadline
 from relay.spool import MAX_FILES_PER_JOB, DataWriter, IncomingJob, JobMeta
+from relay.spoolbackend import Session
 from relay.tls import TlsPeer, TlsStream
 
 __all__ = ["Connection", "ConnectionContext", "Delivery", "PeerGone"]
@@ -68,8 +69,8 @@ class Connection:
         self.sock = sock
         self.io = io or FastSocket(sock)    # a TLS listener's connection: TlsStream
         self.tls_peer = tls_peer            # who the client certificate says (SPEC §9)
-        self.host, self.port = host, port
-        self.peer = f"{host}:{port}"
+        self.host, self.port, self.peer = host, port, f"{host}:{port}"
+        self.session = Session()              # this connection, as the spool sees it
         self.parser = _core.ServerParser(max_line=1024, max_control=cfg.max_control_size,
                                          max_job=cfg.max_job_size)
         self.queue: str | None = None        # configured queue name of this 0x02 session
@@ -272,8 +273,7 @@ class Connection:
         try:
             incoming.discard()
         except OSError as exc:  # e.g. a spool gone read-only: retried at the next job
-            log.event("error", "discard_failed", peer=self.peer, job=incoming.id,
-                      error=str(exc))
+            log.event("error", "discard_failed", peer=self.peer, job=incoming.id, error=str(exc))
             if len(self.ctx.leftovers) < LEFTOVERS_MAX:  # beyond: the next start sweeps them
                 self.ctx.leftovers.append(incoming)
 
@@ -345,7 +345,7 @@ class Connection:
                 self._retry_leftovers()
             self._check_space()
             incoming = self.ctx.spool.begin(queue=self.queue, wire_queue=self.wire_queue,
-                                            peer=self.peer)
+                                            peer=self.peer, session=self.session)
             if self.tls_peer is not None and self.tls_peer.name:
                 incoming.set_tls_peer(self.tls_peer.name)
             if self.ctx.spool.events is not NO_EVENTS:   # the audit log wants SHA-256s

@@ -71,8 +71,9 @@ class SharedCounts(NoOthers):
         size = os.fstat(fd).st_size
         self._map = mmap.mmap(fd, size)
         self._cells = memoryview(self._map).cast("i")
-        self._rows = size // (_ROW * _INT)
         self._row = row * _ROW
+        # The other workers' rows: read on every accept and free-space check.
+        self._others = tuple(r * _ROW for r in range(size // (_ROW * _INT)) if r != row)
 
     @staticmethod
     def _slot(host: str) -> int:
@@ -97,8 +98,9 @@ class SharedCounts(NoOthers):
 
     def _sum(self, offset: int) -> int:
         cells = self._cells
-        return sum(cells[r * _ROW + offset] for r in range(self._rows)
-                   if r * _ROW != self._row)
+        if len(self._others) == 1:   # two workers: the common case, no generator
+            return cells[self._others[0] + offset]
+        return sum(cells[r + offset] for r in self._others)
 
 
 class Received:

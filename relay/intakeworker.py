@@ -84,6 +84,14 @@ class _Router(QueueRouter):
             self._known.add(wire_name)
 
 
+class _WorkerMetrics(Metrics):
+    """A worker's metrics: jobs and bytes received are the main process's to count
+    (``MAIN_COUNTS``, as it hands each job to delivery), so not counted here too."""
+
+    def count_received(self, queue: str, nbytes: int) -> None:
+        return None
+
+
 class _LogToMain:
     """The worker's log stream: lines go to the main process, which writes them."""
 
@@ -158,7 +166,7 @@ class Worker:
     def __init__(self, init: Init, channel: Channel, calls: CallClient) -> None:
         config = init.config
         self.registry = CollectorRegistry()
-        self.metrics = Metrics(self.registry, queues=list(config.queues),
+        self.metrics = _WorkerMetrics(self.registry, queues=list(config.queues),
                                destinations=[d.uri for q in config.queues.values()
                                              for d in q.destinations])
         self.spool = SpoolProxy(config, channel, calls)

@@ -60,7 +60,7 @@ from relay.groupcommit import (
     write_atomic,
 )
 from relay.jobevents import NO_EVENTS, JobEvents
-from relay.spoolbackend import Body, SpoolBackend, open_file_body
+from relay.spoolbackend import Body, Session, SpoolBackend, open_file_body
 from relay.spoolformat import (
     ID_RE,
     ID_WIDTH,
@@ -208,7 +208,8 @@ class Spool(FreeSpace):
 
     # -- receiving -----------------------------------------------------------------------
 
-    def begin(self, *, queue: str, wire_queue: str, peer: str) -> IncomingJob:
+    def begin(self, *, queue: str, wire_queue: str, peer: str,
+              session: Session | None = None) -> IncomingJob:
         """Start a job: check free space and hand out the next id (arrival order)."""
         if self._closed or not self._next:
             raise SpoolError("spool is closed" if self._closed else "recover() first")

@@ -165,6 +165,23 @@ def open_flat(path: str) -> int:
     return fd
 
 
+class Session:
+    """One connection as the spool sees it: handed to ``begin`` for each of its jobs.
+
+    Opaque to the connection, which makes one and drops it when it ends; a
+    backend may keep what it must know of the connection's jobs on it (an
+    intake worker's proxy: the job before, and whether a commit failed), so
+    that memory ends with the connection and never reaches a later connection
+    from the same source port.  The local and database spools ignore it.
+    """
+
+    __slots__ = ("failed", "last")
+
+    def __init__(self) -> None:
+        self.last: object = None     # the backend's latest unanswered job of this connection
+        self.failed = False          # a commit of this connection failed
+
+
 class DataSink(Protocol):
     """One data file being received (``relay.spooljob.DataWriter``)."""
 
@@ -221,8 +238,10 @@ class SpoolBackend(BodySource, Protocol[J]):
     def check_space(self, need: int = 0) -> None:
         """Raise ``DiskFull`` (0x02 to the sender) when ``need`` more bytes do not fit."""
 
-    def begin(self, *, queue: str, wire_queue: str, peer: str) -> J:
-        """Start a job and give it the next id (ids sort in arrival order)."""
+    def begin(self, *, queue: str, wire_queue: str, peer: str,
+              session: Session | None = None) -> J:
+        """Start a job and give it the next id (ids sort in arrival order); ``session``:
+        its connection's (``Session``), None for a job of no connection."""
 
     async def commit(self, job: J) -> JobMeta:
         """Return once the job is durable; if it raises, no trace of the job stays."""

@@ -46,7 +46,7 @@ from relay.errors import DiskFull, SpoolError
 from relay.groupcommit import GroupCommit, make_dir, write_file
 from relay.jobevents import NO_EVENTS, JobEvents
 from relay.spool import release_lock, take_lock
-from relay.spoolbackend import Body, SpoolBackend, open_file_body, register_locator
+from relay.spoolbackend import Body, Session, SpoolBackend, open_file_body, register_locator
 from relay.spoolformat import FileMeta, JobMeta, Recovery, SpoolStatistics, SpoolUsage
 from relay.spoolindex import SpoolIndex, usage_of
 from relay.spooljob import IncomingJob
@@ -169,7 +169,8 @@ class PgSpool(JobStates):
         if free <= 0 or free - need < self.min_free_disk:
             raise DiskFull(f"spool {self.directory}: free space below min_free_disk")
 
-    def begin(self, *, queue: str, wire_queue: str, peer: str) -> IncomingJob:
+    def begin(self, *, queue: str, wire_queue: str, peer: str,
+              session: Session | None = None) -> IncomingJob:
         """Start a job with a cluster-unique id: microseconds, then this node's slot."""
         if self._pool is None:
             raise SpoolError("recover() first")

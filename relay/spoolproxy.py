@@ -45,14 +45,13 @@ from relay.intakechannel import (
 )
 from relay.jobevents import NO_EVENTS, JobEvents, NoEvents
 from relay.spool import JobMeta
+from relay.spoolbackend import Session
 from relay.spoolspace import FreeSpace
 
 __all__ = ["IN_MEMORY_MAX", "IncomingProxy", "SpoolProxy"]
 
 # Data kept in memory per job before a data file goes to a spool file of its own.
 IN_MEMORY_MAX = 64 * 1024
-# A connection whose commit failed: jobs it begins this soon after are refused too.
-FAILED_SESSION_MEMORY = 60.0
 WRITEBACK_CHUNK = 8 << 20      # as relay.spooljob: start writeback every 8 MiB under fsync
 
 
@@ -127,8 +126,8 @@ class IncomingProxy:
     """A job being received in a worker (the ``relay.spoolbackend.Incoming`` face)."""
 
     def __init__(self, spool: SpoolProxy, token: str, *, queue: str, wire_queue: str,
-                 peer: str) -> None:
-        self.spool, self.token = spool, token
+                 peer: str, session: Session | None) -> None:
+        self.spool, self.token, self.session = spool, token, session
         self.queue, self.wire_queue, self.peer = queue, wire_queue, peer
         self.fsync = spool.fsync
         self.bytes = 0
@@ -148,6 +147,8 @@ class IncomingProxy:
         self.failed = False        # its commit failed: the session's later jobs fail too
         self.skipped = False       # discarded before its commit: the next looks past it
         self.failed_before = False  # a commit of its connection failed before it began
+        # Its connection's memory (relay.spoolbackend.Session): ``last`` names this
+        # job until it is answered (that breaks the cycle), ``failed`` for good.
 
     @property
     def id(self) -> str:
@@ -259,8 +260,6 @@ class SpoolProxy(FreeSpace):
         self.own_written = 0        # bytes this worker received into jobs, ever
         self.shared: NoOthers = NO_OTHERS          # the workers' table (connectioncounts)
         self._others = Received(NO_OTHERS)
-        self._last: dict[str, IncomingProxy] = {}   # peer -> its latest job not answered
-        self._failed: dict[str, float] = {}   # peer -> when a commit of its session failed
         self._stats: Counter[str] = Counter()
         self.catch_all_names: tuple[str, ...] = ()
         # The main process records a worker's job events (received, acknowledged,
@@ -297,21 +296,22 @@ class SpoolProxy(FreeSpace):
     def jobs(self, queue: str | None = None) -> list[JobMeta]:
         return []   # only the catch-all seeding asks; Init brings those names
 
-    def begin(self, *, queue: str, wire_queue: str, peer: str) -> IncomingProxy:
+    def begin(self, *, queue: str, wire_queue: str, peer: str,
+              session: Session | None = None) -> IncomingProxy:
         self.check_space()
         job = IncomingProxy(self, f"{os.getpid()}-{next(self._tokens)}", queue=queue,
-                            wire_queue=wire_queue, peer=peer)
+                            wire_queue=wire_queue, peer=peer, session=session)
         # A session's jobs commit in tasks of their own (relay.ackqueue), whose
         # order trio does not keep: each Commit waits for the one before it, and
         # is acknowledged only if that one was committed (as relay.ackqueue does).
-        if (last := self._last.get(peer)) is not None:
-            job.previous = last
-        elif (when := self._failed.get(peer)) is not None:
-            if trio.current_time() - when < FAILED_SESSION_MEMORY:
+        # What is known of the connection is kept on its ``session``: a later
+        # connection from the same host and port starts afresh.
+        if session is not None:
+            if session.last is not None:
+                job.previous = cast(IncomingProxy, session.last)
+            elif session.failed:
                 job.failed_before = True
-            else:
-                del self._failed[peer]
-        self._last[peer] = job
+            session.last = job
         return job
 
     def sent(self, job: IncomingProxy) -> None:
@@ -324,17 +324,15 @@ class SpoolProxy(FreeSpace):
         if not job.skipped:   # decided: what came before it no longer matters
             job.previous = None
             job.files.clear()
+        if (session := job.session) is None:
+            return
         if failed:
-            now = trio.current_time()
-            if len(self._failed) > 1000:
-                self._failed = {p: t for p, t in self._failed.items()
-                                if now - t < FAILED_SESSION_MEMORY}
-            self._failed[job.peer] = now
-        if self._last.get(job.peer) is job:   # a discarded job: the one before stays latest
+            session.failed = True
+        if session.last is job:   # a discarded job: the one before stays latest
             if job.skipped and before is not None and not before.answered:
-                self._last[job.peer] = before
+                session.last = before
             else:
-                del self._last[job.peer]
+                session.last = None
 
     def call(self, message: Open | Discard | Admit | Withdrawn) -> list[int]:
         """A call to the main process; its descriptors, or the error it sent raised."""

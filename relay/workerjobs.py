@@ -26,6 +26,7 @@ from relay.connection import accepted, record_committed
 from relay.context import Delivery
 from relay.errors import LpdError, SpoolError
 from relay.intakechannel import Commit, Failure, Open, Reply, Withdrawn
+from relay.jobevents import NO_EVENTS
 from relay.metrics import Metrics
 from relay.spool import DataWriter, IncomingJob, JobMeta, Spool
 
@@ -125,9 +126,12 @@ class WorkerJobs:
             if isinstance(prepared.incoming, Exception):
                 raise prepared.incoming
             meta = await self._durable(prepared.incoming, message)
-            with trio.CancelScope(shield=True):   # committed: decided even if cancelled
-                await self._after(prepared.before, meta)
-                self._accepted(meta, message.peer, bool(message.hold))
+            if prepared.before is not None:
+                with trio.CancelScope(shield=True):   # committed: decided even if cancelled
+                    await self._after(prepared.before, meta)
+            # No checkpoint since the commit (none without a job before it to wait
+            # for): a cancellation cannot come between it and the hand-over.
+            self._accepted(meta, message.peer, bool(message.hold))
             outcome.ok = True
             return Reply(message.rid, value=meta)
         except (LpdError, OSError) as exc:
@@ -161,8 +165,10 @@ class WorkerJobs:
         except (LpdError, OSError):
             _discard(incoming)
             raise
+        events = self.spool.events
+        if events is NO_EVENTS:   # nothing to record, no checkpoint: no shield (10 µs) needed
+            return meta
         with trio.CancelScope(shield=True):   # committed: its records follow
-            events = self.spool.events
             await record_committed(events, meta, message.digests, message.hold)
             if message.hold:
                 events.record("held", meta, reason=message.hold)

@@ -13,6 +13,7 @@ import hashlib
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 import urllib.request
@@ -33,6 +34,7 @@ from relay.intakechannel import CallClient, Channel, Commit, Control, Reply
 from relay.metrics import Metrics
 from relay.sinks import SinkContext, make_sink
 from relay.spool import JobMeta, Spool
+from relay.spoolbackend import Session
 from relay.spoolproxy import IncomingProxy, SpoolProxy
 from relay.uri import parse_destination
 from relay.workerjobs import Prepared, WorkerJobs
@@ -414,9 +416,11 @@ def test_a_workers_commit_names_the_unanswered_job_before_it_past_a_discarded_on
     config = config_from_dict(relay_config(tmp_path), "<test>")
     (tmp_path / "spool").mkdir()
     proxy = SpoolProxy(config, cast(Channel, None), cast(CallClient, None))
+    connection = Session()
 
     def begin() -> IncomingProxy:
-        return proxy.begin(queue="lp", wire_queue="lp", peer="127.0.0.1:721")
+        return proxy.begin(queue="lp", wire_queue="lp", peer="127.0.0.1:721",
+                           session=connection)
 
     async def session() -> None:   # in trio: the proxy reads trio's clock
         a, b, c = begin(), begin(), begin()
@@ -434,6 +438,55 @@ def test_a_workers_commit_names_the_unanswered_job_before_it_past_a_discarded_on
         for job in (c, d, e):
             proxy.answered(job, failed=True)
         assert c.previous is None and d.previous is None   # answered: no chain kept
+        late = begin()
         with pytest.raises(SpoolError):     # a job begun after the session's failure fails
-            begin().commit_message(6, "")
+            late.commit_message(6, "")
+        proxy.answered(late, failed=True)
+        assert connection.last is None      # every job answered: none kept for it
+        # A new connection from the same host and port knows nothing of that one.
+        fresh = proxy.begin(queue="lp", wire_queue="lp", peer="127.0.0.1:721",
+                            session=Session())
+        assert fresh.commit_message(7, "").previous == ""
     trio.run(session)
+
+
+def test_a_new_connection_from_the_port_of_a_failed_commit_has_its_job_accepted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # RFC 1179 senders use source ports 721-731 only, so a port is soon used
+    # again: a failed commit is that connection's alone, not its source port's.
+    # (The same four-tuple reaches the same worker under SO_REUSEPORT.)
+    commits: list[str] = []
+    _failing_commit(monkeypatch, "doomed", commits)
+    with _receiver(tmp_path, workers=2) as b:
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        source = probe.getsockname()[1]
+        probe.close()
+        replies = []
+        for user in ("doomed", "fine", "fine2"):
+            job = Job(queue="q", number=str(100 + len(replies)), user=user)
+            with Wire(b.port, source_port=source) as w:
+                replies.append(_send_on(w, job))
+                # Closed with a reset: no TIME_WAIT keeps the next connect off the port.
+                w.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        received = b.metric("lpdrelay_jobs_received_total", queue="q")
+    assert replies[0][-1] != 0 and replies[1:] == [[0, 0, 0, 0, 0]] * 2, replies
+    assert commits == ["fine", "fine2"] and received == 2
+    assert _spooled_users(tmp_path / "b-spool") == ["fine", "fine2"]
+
+
+def _send_on(w: Wire, job: Job) -> list[int]:
+    """One job, control file first, on ``w``: every reply byte (stops at a refusal)."""
+    w.send(b"\x02" + job.queue.encode() + b"\n")
+    replies = [w.reply()]
+    cf = job.control()
+    for code, name, data in [(b"\x02", job.cf_name, cf),
+                             (b"\x03", job.df_names()[0], job.files[0])]:
+        if replies[-1] != 0:
+            break
+        w.send(code + str(len(data)).encode() + b" " + name.encode() + b"\n")
+        replies.append(w.reply())
+        if replies[-1] == 0:
+            w.send(data + b"\0")
+            replies.append(w.reply())
+    return replies

@@ -1,0 +1,120 @@
+"""The intake channel's frames: the per-job messages come back exactly as sent."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+
+from relay.intakechannel import Channel
+from relay.intakemessages import (
+    Commit,
+    Control,
+    Failure,
+    Reply,
+    Stop,
+    decode,
+    encode,
+)
+from relay.spoolformat import FileMeta, JobMeta
+
+
+def _commit(rid: int, control: Control | None, **kw: object) -> Commit:
+    return Commit(rid=rid, token=f"7-{rid}", queue="lp", wire_queue="LP", peer="10.0.0.1:721",
+                  tls_peer="ward", control=control, files=(("dfA001h", b"\x00data\xff"),
+                                                           ("dfB001h", b"")),
+                  promoted=False, hold="", **kw)  # type: ignore[arg-type]
+
+
+def _meta(files: int) -> JobMeta:
+    return JobMeta(id="000000042", queue="lp", wire_queue="LP", peer="10.0.0.1:721",
+                   received=1.5, control_name="cfA001h", control_path="/s/j.cf", number="001",
+                   user="ana", host="h", title="t", job_name="j", tls_peer="ward",
+                   files=tuple(FileMeta(name=f"df{chr(65 + i)}001h", format="l", bytes=i,
+                                        path=f"/s/{i}") for i in range(files)),
+                   state="held", attempts=2, next_attempt=3.25, last_error="é")
+
+
+CONTROL = Control(name="cfA001h", raw=b"Hh\nPana\n", number="001", user="ana", host="h",
+                  title="t", job_name="j", formats={"dfA001h": "l", "dfB001h": "o"})
+
+
+@pytest.mark.parametrize("message", [
+    _commit(1, CONTROL),
+    _commit(2, None, digests={"dfA001h": "ab" * 32}, previous="7-1"),
+    Reply(3, value=_meta(0)),
+    Reply(4, value=_meta(3)),
+    Reply(5, failure=Failure("spool", "disk said no")),
+    Reply(6, value="000000042"),
+    Stop(),
+])
+def test_each_message_comes_back_equal_and_the_per_job_ones_are_not_pickled(
+        message: object) -> None:
+    frame = encode(message)
+    assert decode(frame) == message
+    per_job = isinstance(message, Commit) or (isinstance(message, Reply)
+                                              and isinstance(message.value, JobMeta))
+    assert (frame[:1] != b"P") == per_job
+
+
+class Name(str):
+    """A str subclass: marshal takes exact types only."""
+
+
+def test_a_value_marshal_refuses_is_pickled_instead() -> None:
+    message = _commit(7, CONTROL)._replace(queue=Name("lp"))
+    frame = encode(message)
+    assert frame[:1] == b"P" and decode(frame) == message
+
+
+def test_frames_sent_at_once_arrive_whole_and_in_order() -> None:
+    async def main() -> list[object]:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        sender = Channel(trio.socket.from_stdlib_socket(a))
+        receiver = Channel(trio.socket.from_stdlib_socket(b))
+        messages = [_commit(i, CONTROL) for i in range(1, 41)]
+        got: list[object] = []
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for m in messages:
+                    nursery.start_soon(sender.send, m)
+                for _ in messages:
+                    got.append(await receiver.receive())
+        sender.close()
+        receiver.close()
+        assert sorted(got, key=lambda m: m.rid) == messages  # type: ignore[attr-defined]
+        return got
+    assert len(trio.run(main)) == 40
+
+
+def test_a_send_cancelled_while_another_writes_is_not_sent() -> None:
+    # A's frame is larger than the socket's buffer: its write waits for the
+    # reader, B queues behind it and is cancelled; A and then C arrive whole.
+    async def main() -> list[object]:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sender = Channel(trio.socket.from_stdlib_socket(a))
+        receiver = Channel(trio.socket.from_stdlib_socket(b))
+        big = _commit(1, CONTROL)._replace(files=(("dfA001h", b"x" * (1 << 20)),))
+        got: list[object] = []
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender.send, big)
+                await trio.sleep(0.05)           # A is writing, the buffer full
+                scope = trio.CancelScope()
+                nursery.start_soon(_cancelled, sender, _commit(2, CONTROL), scope)
+                await trio.sleep(0.05)
+                scope.cancel()
+                got.append(await receiver.receive())
+                await sender.send(_commit(3, CONTROL))
+                got.append(await receiver.receive())
+        sender.close()
+        receiver.close()
+        return got
+    assert [m.rid for m in trio.run(main)] == [1, 3]  # type: ignore[attr-defined]
+
+
+async def _cancelled(channel: Channel, message: Commit, scope: trio.CancelScope) -> None:
+    with scope:
+        await channel.send(message)
