@@ -19,7 +19,9 @@ the receiver's close and cools the port for this destination if the
 TIME_WAIT is ours (docs/origin-ports.md).  A receiver that takes one job per
 connection gets a run of jobs per attempt, one session each, in order, with
 each close lingering while the next job goes and the next connection
-made while a small job is sent (docs/delivery.md).
+made while a small job is sent; to LPRng (recognised by its lpq answer) the
+run's connections overlap, completing in order (``lpdoverlap``,
+docs/delivery.md).
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ AUTO_BATCH = 64
 # job connects and is sent.  The next job's TCP connection is made while a
 # small job is sent (``_Ahead``), but its session is not opened ahead: LPRng
 # does not answer a second session's control file while the first one's
-# server process lives (measured: 30 s stalls with 16 queue workers).
+# server process lives (measured: 30 s stalls with 16 queue workers) - its
+# per-host fifo lock, which ``lpdoverlap`` works with for LPRng.
 SESSION_RUN = 8
 # LPRng's answer to a short lpq ("q@host 0 jobs (autohold)") or its long
 # layout's "Printer: q@host": a receiver whose jobs may overlap (lpdoverlap).
