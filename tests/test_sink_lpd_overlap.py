@@ -118,6 +118,13 @@ class _OrderingReceiver:
             else:
                 self.cut_short += 1
 
+    def wait_idle(self) -> None:
+        """Until every connection ended (without an origin-port pool the sink
+        does not wait for the receiver's close)."""
+        deadline = time.monotonic() + 10
+        while self.open_now and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     def close(self) -> None:
         self.listener.close()
 
@@ -134,14 +141,13 @@ def test_a_refused_middle_job_ends_the_run_and_nothing_behind_it_completes(
         assert sink.overlap
         assert done == 3 and isinstance(error, SinkRejected) and "refused" in str(error)
         # The jobs behind the refused one connected (overlap) but never completed.
-        deadline = time.monotonic() + 10
-        while receiver.open_now and time.monotonic() < deadline:
-            time.sleep(0.01)
+        receiver.wait_idle()
         assert receiver.completed == ["nurse", "u2", "u3"]
         assert receiver.most_open > 1 and receiver.cut_short >= 1
         # Retried in order from the refused job on, once the receiver takes it.
         receiver.refuse = frozenset()
         assert _run(sink, jobs[3:]) == (5, None)
+        receiver.wait_idle()
         assert receiver.completed == ["nurse"] + [f"u{i}" for i in range(2, 9)]
     finally:
         receiver.close()
