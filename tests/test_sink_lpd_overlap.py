@@ -87,6 +87,9 @@ class _OrderingReceiver:
         try:
             with conn, conn.makefile("rb") as f:
                 self._session(conn, f)
+        except OSError:         # reset: the job ended incomplete
+            with self.lock:
+                self.cut_short += 1
         finally:
             with self.lock:
                 self.open_now -= 1

@@ -203,18 +203,22 @@ class Overlapped:
 
     async def _complete(self, i: int, ch: client.Channel, tail: bytes,
                         steps: list[_Step]) -> SinkError | None:
-        """The first reply (the receiver reads job ``i``), then at job ``i``'s turn
-        its completing part, our EOF (LPRng completes a job there) and the rest."""
+        """At job ``i``'s turn its completing part and our EOF (LPRng completes a
+        job there), then the replies: the first says the receiver reads job ``i``.
+
+        The completing part goes before that first reply, not after it: LPRng
+        reads job ``i`` under its lock, and a round trip of ours there would
+        hold up every job behind it.
+        """
         run = self.run
+        if not await run.wait_turn(i):
+            return _Abandoned("a job before it failed")   # closed incomplete: discarded
         try:
-            with ch.stall_guard():
-                await ch.expect_ok(*steps[0])
-            run.reading[i].set()
-            if not await run.wait_turn(i):
-                return _Abandoned("a job before it failed")   # closed incomplete: discarded
             with ch.stall_guard():
                 await ch.send_all(tail)
                 ch.half_close()
+                await ch.expect_ok(*steps[0])
+                run.reading[i].set()
                 for step, what in steps[1:]:
                     await ch.expect_ok(step, what)
         except (SinkError, OSError, trio.TooSlowError) as exc:
