@@ -169,37 +169,46 @@ class Overlapped:
         self.run.finish(i, error)
 
     async def _overlapped(self, i: int, prepared: Prepared) -> None:
+        """Job ``i`` in a task of its own.  Its connection is closed after its
+        result is known, so the close - lingering for the receiver's - never
+        holds up the job behind it."""
+        ch: client.Channel | None = None
         try:
-            error = await self._send(i, prepared)
+            try:
+                ch = await self.sink._connect() if prepared[2] else None
+            except SinkError as exc:
+                error = await self._at_turn(i, exc)
+            else:   # no connection: only empty data files, nothing to send (as LpdSink)
+                error = await (self._send(i, prepared, ch) if ch is not None
+                               else self._at_turn(i, None))
         except BaseException:
             self.run.finish(i, _Abandoned("cancelled"))
+            if ch is not None:
+                await ch.aclose()
             raise
         self.run.finish(i, error)
+        if ch is not None:
+            await ch.aclose()
 
-    async def _send(self, i: int, prepared: Prepared) -> SinkError | None:
-        """Job ``i``: connected at once; its ``0x02`` and all but its completing part
-        once the receiver reads job ``i - 1``; the completing part at its turn."""
-        sink, run = self.sink, self.run
-        if not prepared[2]:     # only empty data files: nothing to send (as LpdSink does)
-            return None if await run.wait_turn(i) else _Abandoned("before it failed")
+    async def _at_turn(self, i: int, error: SinkError | None) -> SinkError | None:
+        """``error`` (None: done) once job ``i - 1`` ended well, else abandoned."""
+        return error if await self.run.wait_turn(i) else _Abandoned("a job before it failed")
+
+    async def _send(self, i: int, prepared: Prepared, ch: client.Channel) -> SinkError | None:
+        """Job ``i`` on ``ch``: its ``0x02`` and all but its completing part once the
+        receiver reads job ``i - 1``; the completing part at its turn."""
+        sink = self.sink
         head, tail, steps = job_parts(prepared, sink.destination.order)
+        # LPRng takes its per-host fifo lock right after answering 0x02, and
+        # whoever waits on it may get it first: one session at most waits.
+        await self.run.wait_reading(i)
         try:
-            ch = await sink._connect()
-        except SinkError as exc:
-            return exc if await run.wait_turn(i) else _Abandoned("before it failed")
-        try:
-            # LPRng takes its per-host fifo lock right after answering 0x02, and
-            # whoever waits on it may get it first: one session at most waits.
-            await run.wait_reading(i)
-            try:
-                with ch.stall_guard():
-                    await client.open_session(ch, sink.destination.path)
-                    await ch.send_all(head)
-            except (SinkError, OSError, trio.TooSlowError) as exc:
-                return await self._early_failure(i, ch, prepared, sink._classify(exc))
-            return await self._complete(i, ch, tail, steps)
-        finally:
-            await ch.aclose()   # lingers for the receiver's close (origin-port pool)
+            with ch.stall_guard():
+                await client.open_session(ch, sink.destination.path)
+                await ch.send_all(head)
+        except (SinkError, OSError, trio.TooSlowError) as exc:
+            return await self._early_failure(i, ch, prepared, sink._classify(exc))
+        return await self._complete(i, ch, tail, steps)
 
     async def _complete(self, i: int, ch: client.Channel, tail: bytes,
                         steps: list[_Step]) -> SinkError | None:
@@ -233,7 +242,7 @@ class Overlapped:
         await ch.aclose()
         if not await self.run.wait_turn(i):
             return _Abandoned("a job before it failed")
-        if not stale_connection(error):
+        if not stale_connection(error) or i == 0:
             return error
         try:
             fresh = await self.sink._connect()
