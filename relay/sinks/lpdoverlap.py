@@ -2,18 +2,20 @@
 
 A receiver that takes one job per connection costs an ordered queue the
 receiver's whole per-connection latency per job: LPRng forks a server per
-connection, sets it up, and holds a per-host lock (``fifo.lock.<host>``, its
-``fifo`` option) from a job's control-file header until that server exits.
-Here up to ``OVERLAP`` jobs of a run are in flight at once, each on its own
-connection: a job connects, sends ``0x02`` and, once that is answered, every
-byte of its files but the *completing part* — the last byte of its last file
-and the trailing NUL — while the jobs before it are still going.  The
-completing part goes only after the job before it got its final
-acknowledgement, so the receiver completes jobs in exactly the order of the
-queue.  A job that fails or is refused ends the run there: the jobs behind
-it are closed without their completing part, which LPRng discards as a
-transfer cut short (``Link_file_read`` short of its count), and they are
-retried, in order, with it.
+connection, sets it up, and from right after its answer to ``0x02`` until
+that server exits holds a per-host lock (``fifo.lock.<host>``, its ``fifo``
+option), which whoever waits on it may get first.  Here up to ``OVERLAP``
+jobs of a run are in flight at once, each on its own connection: a job
+connects at once; it sends ``0x02`` once LPRng answered the first file
+header of the job before it (that job holds the lock: at most one of ours
+waits on it), then every byte of its files but the *completing part* — the
+last byte of its last file and the trailing NUL.  The completing part and
+our EOF (LPRng completes a job there) go only after the job before it got
+its final acknowledgement, so the receiver completes jobs in exactly the
+order of the queue.  A job that fails or is refused ends the run there: the
+jobs behind it are closed without their completing part, which LPRng
+discards as a transfer cut short (``Link_file_read`` short of its count),
+and they are retried, in order, with it.
 
 Only small jobs (their data loaded, ``PIPELINE_BYTES``) overlap; a larger one
 waits until the jobs before it are done and goes alone, step by step.  Each
