@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 OVERLAP = 4
 # Jobs per delivery attempt when overlapping: the pipeline drains at the end
 # of every attempt, so a longer run fills it for longer.
-OVERLAP_RUN = 16
+OVERLAP_RUN = 32
 # Jobs up to this many bytes of data are sent from memory: pipelined to an
 # lpd-relay, overlapped to LPRng, and made the next connection ahead for.
 PIPELINE_BYTES = 64 * 1024
