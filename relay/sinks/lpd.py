@@ -19,7 +19,9 @@ the receiver's close and cools the port for this destination if the
 TIME_WAIT is ours (docs/origin-ports.md).  A receiver that takes one job per
 connection gets a run of jobs per attempt, one session each, in order, with
 each close lingering while the next job goes and the next connection
-made while a small job is sent (docs/delivery.md).
+made while a small job is sent; to LPRng (recognised by its lpq answer) the
+run's connections overlap, completing in order (``lpdoverlap``,
+docs/delivery.md).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import parse_qs, urlsplit
@@ -47,20 +50,29 @@ from relay.sinks.base import (
     open_control,
     register,
 )
+from relay.sinks.lpdoverlap import OVERLAP_RUN, Overlapped
+from relay.sinks.lpdoverlap import small_job as _small
+from relay.sinks.lpdoverlap import stale_connection as _stale
 from relay.uri import Destination
 
 # Relay -> relay: jobs per 0x02 session once the receiver answered lpq as an
 # lpd-relay; jobs up to PIPELINE_BYTES go out pipelined (no round trip per step).
 AUTO_BATCH = 64
-PIPELINE_BYTES = 64 * 1024
 # A receiver that takes one job per connection (LPRng, cups-lpd, any not known
 # to take more): one delivery carries up to SESSION_RUN jobs, each in a session
 # of its own, in order, and each session's lingering close runs while the next
 # job connects and is sent.  The next job's TCP connection is made while a
 # small job is sent (``_Ahead``), but its session is not opened ahead: LPRng
 # does not answer a second session's control file while the first one's
-# server process lives (measured: 30 s stalls with 16 queue workers).
+# server process lives (measured: 30 s stalls with 16 queue workers) - its
+# per-host fifo lock, which ``lpdoverlap`` works with for LPRng.
 SESSION_RUN = 8
+# LPRng's answer to a short lpq ("q@host 0 jobs (autohold)") or its long
+# layout's "Printer: q@host": a receiver whose jobs may overlap (lpdoverlap).
+_LPRNG_ANSWER = re.compile(r"^(Printer: )?[^\s@]+@\S+(\s+\d+ jobs?\b|\s|$)")
+
+# (control-file name, rewritten control file, data files): a job ready to send.
+Prepared = tuple[str, bytes, list[client.OutFile]]
 
 
 class LpdSink(Sink):
@@ -88,6 +100,9 @@ class LpdSink(Sink):
         explicit = "batch" in parse_qs(urlsplit(destination.uri).query)
         self._auto = destination.mode == "count" and not explicit
         self.relay_peer: bool | None = None      # None: not known yet
+        # One-job connections overlapped, completing in order (lpdoverlap):
+        # only to a receiver that answered lpq as LPRng (docs/delivery.md).
+        self.overlap = False
         self._detecting = trio.Lock()
 
     def describe(self) -> str:
@@ -100,7 +115,7 @@ class LpdSink(Sink):
         return await client.connect(d, self.pool, io_timeout=d.timeout,
                                     connect_timeout=d.connect_timeout, ctx=self.ssl_context)
 
-    def _prepare(self, job: DeliveryJob) -> tuple[str, bytes, list[client.OutFile]]:
+    def _prepare(self, job: DeliveryJob) -> Prepared:
         """(control-file name, rewritten control file, data files to send).
 
         A small job's data comes back loaded (one ``pread`` of its range of the
@@ -159,8 +174,10 @@ class LpdSink(Sink):
             self.relay_peer = status.is_relay_answer(text)
             if self.relay_peer:
                 self.batch = AUTO_BATCH
-            log.event("info", "peer_detected", destination=d.uri,
-                      relay=self.relay_peer, batch=self.batch)
+            else:
+                self.overlap = is_lprng_answer(text)
+            log.event("info", "peer_detected", destination=d.uri, relay=self.relay_peer,
+                      batch=self.batch, overlap=self.overlap)
 
     def _inline(self, job: DeliveryJob) -> tuple[str, bytes, int] | None:
         """``job`` as pipelined bytes when it is small, else None (sent step by step)."""
@@ -177,7 +194,9 @@ class LpdSink(Sink):
     @property
     def per_attempt(self) -> int:
         """Jobs one ``deliver_many`` takes: a batch, or a run of one-job sessions."""
-        return self.batch if self.batch > 1 else SESSION_RUN
+        if self.batch > 1:
+            return self.batch
+        return OVERLAP_RUN if self.overlap else SESSION_RUN
 
     async def deliver_many(self, jobs: Sequence[DeliveryJob]) -> tuple[int, Exception | None]:
         """Send ``jobs`` in order: in one 0x02 session (``batch=N``, or an lpd-relay),
@@ -189,6 +208,8 @@ class LpdSink(Sink):
         if self._auto and self.relay_peer is None:
             await self._detect()
         if self.batch == 1 and len(jobs) > 1:
+            if self.overlap:
+                return await Overlapped(self, jobs).deliver()
             return await self._deliver_sessions(jobs)
         d = self.destination
         try:
@@ -267,7 +288,7 @@ class LpdSink(Sink):
         return done, None
 
     async def _session(self, ch: client.Channel,
-                       prepared: tuple[str, bytes, list[client.OutFile]]) -> SinkError | None:
+                       prepared: Prepared) -> SinkError | None:
         """A ``_prepare``d job in a session of its own on ``ch``; on failure ``ch`` is closed."""
         try:
             with ch.stall_guard():
@@ -285,7 +306,7 @@ class LpdSink(Sink):
         await self._send_prepared(ch, self._prepare(job))
 
     async def _send_prepared(self, ch: client.Channel,
-                             prepared: tuple[str, bytes, list[client.OutFile]]) -> None:
+                             prepared: Prepared) -> None:
         d = self.destination
         cf_name, control, files = prepared
         if files:   # only empty data files: nothing to print, nothing to send
@@ -319,17 +340,6 @@ class LpdSink(Sink):
                 await flush()
                 progress.done += 1
         await flush()
-
-
-def _small(job: DeliveryJob) -> bool:
-    return sum(f.bytes for f in job.files) <= PIPELINE_BYTES
-
-
-def _stale(error: SinkError | None) -> bool:
-    """A connection closed or reset before the receiver answered our ``0x02``."""
-    return (isinstance(error, SinkUnavailable) and error.reply is None
-            and (error.step == client.RECEIVE_JOB_STEP
-                 or (not error.step and error.reason == "reset")))
 
 
 class _Ahead:
@@ -370,6 +380,12 @@ class _Ahead:
         channel, self._channel = self._channel, None
         if channel is not None:
             await channel.aclose()
+
+
+def is_lprng_answer(text: str) -> bool:
+    """True when an lpq answer has LPRng's layout (its first line)."""
+    first = text.lstrip("\n").partition("\n")[0]
+    return bool(_LPRNG_ANSWER.match(first))
 
 
 register("lpd", LpdSink)
