@@ -210,6 +210,27 @@ def test_one_job_a_connection_runs_in_order_and_stops_at_the_first_failure(
     assert len(connections) == 3
 
 
+def test_a_job_taken_at_the_senders_close_is_not_overtaken_by_the_next(
+        tmp_path: Path) -> None:
+    # cups-lpd takes a job when the sender closes, in a process per connection:
+    # the first connection's takes 0.5 s here, so a next session begun before
+    # the receiver closed the first would be taken first.  (``reserve=none``:
+    # an origin-port pool of the sink's own, whose close waits for the
+    # receiver's, as in the daemon.)
+    spool, first = make_job(tmp_path, segment_threshold=0)
+    jobs = [first] + [make_job_in(spool, n) for n in range(2, 4)]
+    with RecordingLpdServer(LpdScript(take_delay=(0.5, 0.0))) as server:
+        sink = make_sink(parse_destination(
+            f"lpd://127.0.0.1:{server.port}/q?batch=1&reserve=none"), SinkContext())
+
+        async def main() -> tuple[int, Exception | None]:
+            with trio.fail_after(30):
+                return await sink.deliver_many(jobs)
+        assert trio.run(main) == (3, None)
+        received = server.wait_jobs(3)
+    assert [j.user for j in received] == ["nurse", "u2", "u3"]
+
+
 @pytest.mark.parametrize("query", ["?batch=1", "?batch=1&reserve=none&mode=stream"])
 def test_a_large_body_in_a_segment_goes_out_as_its_range(tmp_path: Path, query: str) -> None:
     # Above PIPELINE_BYTES a body is sent from the spool, not loaded: from a

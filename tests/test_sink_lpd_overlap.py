@@ -56,8 +56,10 @@ def test_lprng_gets_overlapped_jobs_in_order(tmp_path: Path) -> None:
 
 
 class _OrderingReceiver:
-    """A receiver that completes a job at its connection's end, as LPRng does:
-    it answers lpq in LPRng's layout, refuses the control file of the users
+    """A receiver that completes a job at its connection's end, as LPRng does,
+    under one lock taken once it answered ``0x02`` (LPRng's per-host fifo lock,
+    which is what keeps overlapped jobs in order there): it answers lpq in
+    LPRng's layout, refuses the control file of the users
     in ``refuse`` (0x03, then reads to EOF), and records, in order, the jobs
     it completed and the connections that ended short of their last byte."""
 
@@ -68,6 +70,7 @@ class _OrderingReceiver:
         self.open_now = 0
         self.most_open = 0
         self.lock = threading.Lock()
+        self.fifo = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -100,6 +103,10 @@ class _OrderingReceiver:
             conn.sendall(b"q@localhost 0 jobs\n")
             return
         conn.sendall(b"\x00")
+        with self.fifo:    # LPRng's per-host lock, from its 0x02 answer to its exit
+            self._receive(conn, f)
+
+    def _receive(self, conn: socket.socket, f: BinaryIO) -> None:
         user, whole = "", True
         while (header := f.readline()).endswith(b"\n"):
             conn.sendall(b"\x00")

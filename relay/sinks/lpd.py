@@ -17,9 +17,10 @@ range (``[origin_ports]`` or its ``reserve=``).  After the final
 acknowledgement the connection is closed through the pool, which lingers for
 the receiver's close and cools the port for this destination if the
 TIME_WAIT is ours (docs/origin-ports.md).  A receiver that takes one job per
-connection gets a run of jobs per attempt, one session each, in order, with
-each close lingering while the next job goes and the next connection
-made while a small job is sent; to LPRng (recognised by its lpq answer) the
+connection gets a run of jobs per attempt, one session each, in order: the
+next connection is made while a small job is sent, and its session starts
+once the receiver closed the one before (a job taken at the close cannot be
+overtaken); to LPRng (recognised by its lpq answer) the
 run's connections overlap, completing in order (``lpdoverlap``,
 docs/delivery.md).
 """
@@ -60,9 +61,10 @@ from relay.uri import Destination
 AUTO_BATCH = 64
 # A receiver that takes one job per connection (LPRng, cups-lpd, any not known
 # to take more): one delivery carries up to SESSION_RUN jobs, each in a session
-# of its own, in order, and each session's lingering close runs while the next
-# job connects and is sent.  The next job's TCP connection is made while a
-# small job is sent (``_Ahead``), but its session is not opened ahead: LPRng
+# of its own, in order; the next session waits for the receiver's close of the
+# one before (cups-lpd takes a job at that close, a process per connection).
+# The next job's TCP connection is made while a small job is sent
+# (``_Ahead``), but its session is not opened ahead: LPRng
 # does not answer a second session's control file while the first one's
 # server process lives (measured: 30 s stalls with 16 queue workers) - its
 # per-host fifo lock, which ``lpdoverlap`` works with for LPRng.
@@ -247,10 +249,14 @@ class LpdSink(Sink):
         job's final acknowledgement came (the close waits for the receiver's).
 
         While a small job is sent, the next job's connection is made
-        (``_Ahead``); its session starts only after this job's final ack.
+        (``_Ahead``); its session starts only after this job's final ack and
+        the receiver's close of this job's connection: cups-lpd and the like
+        take a job at the sender's close, in a process per connection, so a
+        next job finished before that close is seen could overtake it.
         """
         done = 0
         ahead: _Ahead | None = None
+        previous: trio.Event | None = None   # set once the last job's connection closed
         async with trio.open_nursery() as closing:
             try:
                 for i, job in enumerate(jobs):
@@ -269,6 +275,8 @@ class LpdSink(Sink):
                             self.pool is None or self.pool.has_spare()):
                         ahead = _Ahead()
                         closing.start_soon(ahead.connect, self._connect)
+                    if previous is not None:
+                        await previous.wait()
                     error = await self._session(ch, prepared)
                     if early is not None and _stale(error):
                         # The receiver dropped the connection made ahead before
@@ -280,7 +288,8 @@ class LpdSink(Sink):
                         error = await self._session(ch, prepared)
                     if error is not None:
                         return done, error
-                    closing.start_soon(ch.aclose)
+                    previous = trio.Event()
+                    closing.start_soon(_close_then_set, ch, previous)
                     done += 1
             finally:
                 if ahead is not None:    # the run ended before the next job
@@ -380,6 +389,13 @@ class _Ahead:
         channel, self._channel = self._channel, None
         if channel is not None:
             await channel.aclose()
+
+
+async def _close_then_set(ch: client.Channel, closed: trio.Event) -> None:
+    try:
+        await ch.aclose()
+    finally:
+        closed.set()
 
 
 def is_lprng_answer(text: str) -> bool:

@@ -138,6 +138,8 @@ class _Session:
             if self.answer("job"):
                 self._receive_files(files)
         finally:
+            if delays := self.script.take_delay:
+                self.server.stopping.wait(delays[min(self.rec.index, len(delays) - 1)])
             self.server.add_jobs(self.rec.queue, files)
 
     def _receive_files(self, files: list[_WireFile]) -> None:

@@ -38,6 +38,9 @@ class LpdScript:
     queues: frozenset[str] | None = None   # None: any queue; else others get 0x01
     status_text: bytes = b"no entries\n"   # answer to 03/04 (lpq)
     remove_text: bytes = b""               # answer to 05 (lprm)
+    # Seconds between the sender's close and taking its job (cups-lpd submits
+    # then), per connection number (the last repeats); () takes it at once.
+    take_delay: Sequence[float] = ()
 
     def reply(self, step: str, connection: int) -> bytes:
         value = self.replies.get(step, b"\x00")
