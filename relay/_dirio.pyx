@@ -101,44 +101,25 @@ cdef inline long long _want(long long done, long long length) noexcept nogil:
     return _CHUNK if length - done > _CHUNK else length - done
 
 
-cdef long long _copy_range(int src, int dst, long long offset, long long length,
-                           int *err) noexcept nogil:
+cdef long long _copy_kernel(int src, int dst, long long offset, long long length,
+                            bint use_sendfile, int *err) noexcept nogil:
+    # copy_file_range or sendfile (the one fallback of the other), in chunks.
     cdef long long total = 0, want
     cdef off_t pos
+    cdef off_t *at
     cdef ssize_t n
     while True:
         want = _want(total, length)
         if want == 0:
             return total
-        if offset < 0:
-            n = copy_file_range(src, NULL, dst, NULL, <size_t>want, 0)
-        else:
+        at = NULL
+        if offset >= 0:
             pos = <off_t>(offset + total)
-            n = copy_file_range(src, &pos, dst, NULL, <size_t>want, 0)
-        if n < 0:
-            if errno == EINTR:
-                continue
-            err[0] = errno
-            return -1
-        if n == 0:
-            return total
-        total += n
-
-
-cdef long long _copy_sendfile(int src, int dst, long long offset, long long length,
-                              int *err) noexcept nogil:
-    cdef long long total = 0, want
-    cdef off_t pos
-    cdef ssize_t n
-    while True:
-        want = _want(total, length)
-        if want == 0:
-            return total
-        if offset < 0:
-            n = sendfile(dst, src, NULL, <size_t>want)
+            at = &pos
+        if use_sendfile:
+            n = sendfile(dst, src, at, <size_t>want)
         else:
-            pos = <off_t>(offset + total)
-            n = sendfile(dst, src, &pos, <size_t>want)
+            n = copy_file_range(src, at, dst, NULL, <size_t>want, 0)
         if n < 0:
             if errno == EINTR:
                 continue
@@ -202,13 +183,13 @@ cdef long long _copy(int src, int dst, long long offset, long long length, int m
     cdef long long copied
     # A fallback that succeeds leaves no error behind from the method before it.
     if method <= _RANGE:
-        copied = _copy_range(src, dst, offset, length, err)
+        copied = _copy_kernel(src, dst, offset, length, False, err)
         # Only fall back before anything was written; later errors are real.
         if copied >= 0 or not _no_fast_copy(err[0]) or lseek(dst, 0, SEEK_CUR) != 0:
             return copied
         err[0] = 0
     if method <= _SENDFILE:
-        copied = _copy_sendfile(src, dst, offset, length, err)
+        copied = _copy_kernel(src, dst, offset, length, True, err)
         if copied >= 0 or not _no_fast_copy(err[0]) or lseek(dst, 0, SEEK_CUR) != 0:
             return copied
         err[0] = 0
