@@ -58,6 +58,9 @@ CONTROL_HEADER_STEP = "control file header"
 CONTROL_FILE_STEP = "control file"
 DATA_HEADER_STEP = "data file header"
 DATA_FILE_STEP = "data file"
+# Seconds a one-job session waits, after its final ack and our FIN, for the
+# receiver's close (``Channel.close_after_peer``): as the origin-port linger.
+PEER_CLOSE_WAIT = 5.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -207,6 +210,19 @@ class Channel:
 
     def half_close(self) -> None:
         self.sock.shutdown(pysocket.SHUT_WR)
+
+    async def close_after_peer(self) -> None:
+        """Our FIN, then up to ``PEER_CLOSE_WAIT`` s for the receiver's close, then close.
+
+        cups-lpd takes a job at the sender's close, in a process per
+        connection: once its close came, the job is taken, and a next job of
+        the queue cannot overtake it (whether or not the close would linger).
+        """
+        with contextlib.suppress(OSError), trio.move_on_after(PEER_CLOSE_WAIT):
+            self.half_close()
+            while await self.sock.recv(65536):
+                pass
+        await self.aclose()
 
     async def aclose(self, *, peer_closed: bool = False) -> None:
         if self._closer is not None:

@@ -393,7 +393,7 @@ class _Ahead:
 
 async def _close_then_set(ch: client.Channel, closed: trio.Event) -> None:
     try:
-        await ch.aclose()
+        await ch.close_after_peer()
     finally:
         closed.set()
 

@@ -77,6 +77,7 @@ class _Run:
     def __init__(self, n: int) -> None:
         self.reading = [trio.Event() for _ in range(n)]   # first file header answered
         self.ended = [trio.Event() for _ in range(n)]
+        self.closed = [trio.Event() for _ in range(n)]    # the receiver closed it too
         self.ok = [False] * n
         self.started = 0
         self.error: SinkError | None = None
@@ -108,6 +109,12 @@ class _Run:
             return True
         await self.ended[i - 1].wait()
         return self.ok[i - 1]
+
+    async def wait_closed(self, i: int) -> None:
+        """Until job ``i - 1``'s connection is closed, the receiver's side too: a
+        receiver that takes a job at the sender's close has taken it then."""
+        if i > 0:
+            await self.closed[i - 1].wait()
 
     async def wait_reading(self, i: int) -> None:
         """Until the receiver reads job ``i - 1``'s files (answered its first file
@@ -166,9 +173,10 @@ class Overlapped:
             self.run.finish(i, exc)
             return
         error = await self.sink._session(ch, prepared)
-        if error is None:
-            await ch.aclose()
         self.run.finish(i, error)
+        if error is None:
+            await ch.close_after_peer()
+        self.run.closed[i].set()
 
     async def _overlapped(self, i: int, prepared: Prepared) -> None:
         """Job ``i`` in a task of its own.  Its connection is closed after its
@@ -189,8 +197,11 @@ class Overlapped:
                 await ch.aclose()
             raise
         self.run.finish(i, error)
-        if ch is not None:
-            await ch.aclose()
+        try:
+            if ch is not None:
+                await ch.close_after_peer()
+        finally:
+            self.run.closed[i].set()
 
     async def _at_turn(self, i: int, error: SinkError | None) -> SinkError | None:
         """``error`` (None: done) once job ``i - 1`` ended well, else abandoned."""
@@ -224,6 +235,7 @@ class Overlapped:
         run = self.run
         if not await run.wait_turn(i):
             return _Abandoned("a job before it failed")   # closed incomplete: discarded
+        await run.wait_closed(i)   # LPRng's fifo lock orders its jobs; not every LPRng has it
         try:
             with ch.stall_guard():
                 await ch.send_all(tail)
