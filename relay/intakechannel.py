@@ -104,26 +104,28 @@ class Channel:
         self._buf = bytearray()
 
     async def send(self, message: object) -> None:
+        # A cancelled sender sends nothing (a Commit would be stored, never acked).
+        await trio.lowlevel.checkpoint_if_cancelled()
         data = encode(message)
         frame = _LENGTH.pack(len(data)) + data
         self._queued += 1
         number = self._queued
         self._pending.append((number, frame))
         while self._written < number:   # bounded: each pass is a write, or waits for one
-            if not self._writing:
-                await self._write()
-                continue
             try:
-                await self._wrote.wait()
+                if not self._writing:
+                    await self._write()
+                else:
+                    await self._wrote.wait()
             except BaseException:
-                # Not taken by a write yet: not sent (a frame being written stays).
+                # Not begun by a write: not sent (a frame cut part-way goes on whole).
                 self._pending = [p for p in self._pending if p[1] is not frame]
                 raise
 
     async def _write(self) -> None:
         batch, self._pending = self._pending, []
-        last = batch[-1][0]
         view = memoryview(batch[0][1] if len(batch) == 1 else b"".join(f for _, f in batch))
+        total = len(view)
         self._writing = True
         try:
             try:   # the socket takes it now, mostly: then no trio checkpoint (~15 µs)
@@ -133,17 +135,31 @@ class Channel:
             view = view[n:]
             while view:
                 view = view[await self.sock.send(view):]
-            self._written = last
+            self._written = batch[-1][0]
         except BaseException:
-            # Cut short (cancelled, or the socket failed): what is left goes first
-            # at the next write, so the stream never holds half a frame.
-            if view:
-                self._pending.insert(0, (last, bytes(view)))
+            self._requeue(batch, total - len(view))
             raise
         finally:
             self._writing = False
             self._wrote.set()
             self._wrote = trio.Event()
+
+    def _requeue(self, batch: list[tuple[int, bytes]], sent: int) -> None:
+        # Cut short (cancelled, or the socket failed) after ``sent`` bytes: frames
+        # written whole are done; the one cut part-way goes first at the next
+        # write, as its rest, so the stream never holds half a frame; frames not
+        # begun go back as they were, so their senders can still withdraw them.
+        rest: list[tuple[int, bytes]] = []
+        for number, frame in batch:
+            if sent >= len(frame) and not rest:
+                sent -= len(frame)
+                self._written = number
+            elif sent and not rest:
+                rest.append((number, frame[sent:]))
+                sent = 0
+            else:
+                rest.append((number, frame))
+        self._pending[:0] = rest
 
     async def receive(self) -> object:
         while True:

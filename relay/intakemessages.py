@@ -202,7 +202,7 @@ def raise_failure(failure: Failure) -> None:
 
 # -- frames -------------------------------------------------------------------------
 
-_PICKLE, _COMMIT, _COMMITTED = 0x50, 0x43, 0x4A   # a frame's first byte: P, C, J
+_PICKLE, _COMMIT, _COMMITTED = b"P", b"C", b"J"   # a frame's first byte
 _JOB_FIELDS = tuple(f.name for f in dataclasses.fields(JobMeta))
 _FILE_FIELDS = tuple(f.name for f in dataclasses.fields(FileMeta))
 _job_values = operator.attrgetter(*_JOB_FIELDS)
@@ -232,20 +232,21 @@ def encode(message: object) -> bytes:
     try:
         if type(message) is Commit:
             c = message.control
-            return b"C" + marshal.dumps((*message[:6], None if c is None else tuple(c),
+            return _COMMIT + marshal.dumps((*message[:6], None if c is None else tuple(c),
                                          *message[7:]))
-        if type(message) is Reply and type(message.value) is JobMeta:
+        if (type(message) is Reply and type(message.value) is JobMeta
+                and message.failure is None):
             values = list(_job_values(message.value))
             values[_FILES] = tuple(map(_file_values, values[_FILES]))
-            return b"J" + marshal.dumps((message.rid, tuple(values)))
+            return _COMMITTED + marshal.dumps((message.rid, tuple(values)))
     except ValueError:   # e.g. a str subclass: marshal takes exact types only
         pass
-    return b"P" + pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _PICKLE + pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def decode(data: bytes) -> Any:
     """The message of one frame's body (``encode``'s inverse)."""
-    kind = data[0]
+    kind = data[:1]
     if kind == _COMMIT:
         v = list(marshal.loads(memoryview(data)[1:]))
         if v[6] is not None:
@@ -257,5 +258,5 @@ def decode(data: bytes) -> Any:
         values[_FILES] = tuple(_build(FileMeta, _FILE_SLOTS, f) for f in values[_FILES])
         return Reply(rid, value=_build(JobMeta, _JOB_SLOTS, values))
     if kind != _PICKLE:
-        raise EOFError(f"a frame of unknown kind {kind}")
+        raise EOFError(f"a frame of unknown kind {kind!r}")
     return pickle.loads(memoryview(data)[1:])

@@ -139,10 +139,8 @@ class WorkerJobs:
         finally:
             self._decided(message.token, outcome)
 
-    async def _after(self, before: _Outcome | None, meta: JobMeta) -> None:
+    async def _after(self, before: _Outcome, meta: JobMeta) -> None:
         """Wait for the job before it on its connection; removed and refused if that failed."""
-        if before is None:
-            return
         await before.done.wait()
         if not before.ok:
             self.spool.remove(meta.id)

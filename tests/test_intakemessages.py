@@ -118,3 +118,49 @@ def test_a_send_cancelled_while_another_writes_is_not_sent() -> None:
 async def _cancelled(channel: Channel, message: Commit, scope: trio.CancelScope) -> None:
     with scope:
         await channel.send(message)
+
+
+def test_a_send_from_a_cancelled_task_sends_nothing() -> None:
+    async def main() -> list[object]:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        sender = Channel(trio.socket.from_stdlib_socket(a))
+        receiver = Channel(trio.socket.from_stdlib_socket(b))
+        with trio.fail_after(10):
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await sender.send(_commit(1, CONTROL))
+            await sender.send(_commit(2, CONTROL))
+            got = [await receiver.receive()]
+        sender.close()
+        receiver.close()
+        return got
+    assert [m.rid for m in trio.run(main)] == [2]  # type: ignore[attr-defined]
+
+
+def test_a_writer_cancelled_mid_frame_leaves_the_rest_to_the_next_write() -> None:
+    # A writes a frame larger than the socket's buffer and is cancelled part-way;
+    # B, queued behind it and not begun, writes A's rest and then its own frame:
+    # the stream holds A whole, then B (A's sender was told it was cancelled).
+    async def main() -> list[object]:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sender = Channel(trio.socket.from_stdlib_socket(a))
+        receiver = Channel(trio.socket.from_stdlib_socket(b))
+        big = _commit(1, CONTROL)._replace(files=(("dfA001h", b"x" * (1 << 20)),))
+        got: list[object] = []
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                scope = trio.CancelScope()
+                nursery.start_soon(_cancelled, sender, big, scope)
+                await trio.sleep(0.05)           # A is writing, the buffer full
+                nursery.start_soon(sender.send, _commit(2, CONTROL))
+                await trio.sleep(0.05)
+                scope.cancel()
+                got.append(await receiver.receive())
+                got.append(await receiver.receive())
+        sender.close()
+        receiver.close()
+        return got
+    got = trio.run(main)
+    assert [m.rid for m in got] == [1, 2]  # type: ignore[attr-defined]
+    assert got[0].files[0][1] == b"x" * (1 << 20)  # type: ignore[attr-defined]
