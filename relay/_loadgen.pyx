@@ -26,7 +26,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport EAGAIN, ECONNRESET, EINPROGRESS, EINTR, EPIPE, errno
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy, memmove, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.uio cimport iovec
 from posix.unistd cimport close as c_close
@@ -196,7 +196,7 @@ cdef class EpollLoad:
         cdef Py_ssize_t need = self._qlen + len(jobs)
         cdef Job **grown
         if self._qhead:        # the queue is a FIFO array: move the rest to its start
-            memcpy(self._queue, self._queue + self._qhead, self._qlen * sizeof(Job *))
+            memmove(self._queue, self._queue + self._qhead, self._qlen * sizeof(Job *))
             self._qhead = 0
         if need > self._qcap:
             grown = <Job **>realloc(self._queue, need * sizeof(Job *))

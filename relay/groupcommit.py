@@ -29,7 +29,7 @@ from typing import Generic, TypeVar
 import trio
 
 from relay.errors import DiskFull, SpoolError
-from relay.handoff import HandOffThread, never_abort
+from relay.handoff import LIBC, HandOffThread, never_abort
 
 T = TypeVar("T")
 
@@ -42,16 +42,8 @@ _SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback, do not wait
 _MAX_PASSES = 1_000_000
 
 
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:  # pragma: no cover - no C library to load (not Linux)
-        return None
-
-
-_LIBC = _libc()
-_SYNCFS = getattr(_LIBC, "syncfs", None) if _LIBC is not None else None
-_SYNC_FILE_RANGE = getattr(_LIBC, "sync_file_range", None) if _LIBC is not None else None
+_SYNCFS = getattr(LIBC, "syncfs", None) if LIBC is not None else None
+_SYNC_FILE_RANGE = getattr(LIBC, "sync_file_range", None) if LIBC is not None else None
 if _SYNCFS is not None:
     _SYNCFS.argtypes = [ctypes.c_int]
     _SYNCFS.restype = ctypes.c_int

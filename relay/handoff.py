@@ -44,11 +44,12 @@ _PR_SET_NAME = 15  # linux/prctl.h
 def _libc() -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL(None, use_errno=True)
-    except OSError:  # pragma: no cover - no C library to load
+    except OSError:  # pragma: no cover - no C library to load (not Linux)
         return None
 
 
-_PRCTL = getattr(_libc(), "prctl", None)
+LIBC = _libc()   # also relay.groupcommit's (syncfs, sync_file_range)
+_PRCTL = getattr(LIBC, "prctl", None)
 
 
 def _name_os_thread(name: str) -> None:

@@ -297,7 +297,7 @@ def _stage(planned: list[_Staged], folders: _Folders,
         return planned, None
     failed = owners[len(sizes)]
     _unlink_dot_files(failed, folders)
-    kept = planned[:planned.index(failed)]
+    kept = planned[:next(i for i, job in enumerate(planned) if job is failed)]
     if err == _dirio.SHORT:
         path, body = failed.sources[len(failed.entries)]
         return kept, SpoolFileMissing(path, OSError(errno.EIO, f"{copied} of {body.length} bytes"))
@@ -308,9 +308,9 @@ def _dot(name: str) -> bytes:
     return os.fsencode(f".{name}.tmp")
 
 
-def _check(done_err: tuple[int, int]) -> None:
-    if done_err[1]:
-        raise OSError(done_err[1], os.strerror(done_err[1]))
+def _check(err: int) -> None:
+    if err:
+        raise OSError(err, os.strerror(err))
 
 
 def _publish(staged: list[_Staged], folders: _Folders, perms: _Perms,
@@ -322,7 +322,7 @@ def _publish(staged: list[_Staged], folders: _Folders, perms: _Perms,
     folders.sync(_dot_names(staged, data=True))
     data = [(job.dir_fd, name) for job in staged for name in job.data]
     _check(_dirio.rename_all([fd for fd, _ in data], [_dot(n) for _, n in data],
-                             [os.fsencode(n) for _, n in data]))
+                             [os.fsencode(n) for _, n in data])[1])
     documents = [orjson.dumps(_metadata(job.job, job.entries, redact),
                               option=orjson.OPT_INDENT_2) for job in staged]
     fds = [job.dir_fd for job in staged]
@@ -330,9 +330,9 @@ def _publish(staged: list[_Staged], folders: _Folders, perms: _Perms,
     _, err, _ = _dirio.stage(fds, [_dot(n) for n in metas], [-1] * len(staged),
                              [0] * len(staged), [-1] * len(staged), documents,
                              perms.file_mode, -1 if perms.gid is None else perms.gid)
-    _check((0, err))
+    _check(err)
     folders.sync(_dot_names(staged, data=False))
-    _check(_dirio.rename_all(fds, [_dot(n) for n in metas], [os.fsencode(n) for n in metas]))
+    _check(_dirio.rename_all(fds, [_dot(n) for n in metas], [os.fsencode(n) for n in metas])[1])
     folders.sync({})
 
 

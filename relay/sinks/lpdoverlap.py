@@ -168,15 +168,21 @@ class Overlapped:
     async def _alone(self, i: int, prepared: Prepared) -> None:
         """A large job, after every job before it: a session of its own, step by step."""
         try:
+            self.run.finish(i, await self._fresh(prepared))
+        finally:
+            self.run.closed[i].set()
+
+    async def _fresh(self, prepared: Prepared) -> SinkError | None:
+        """``prepared`` on a new connection, step by step (as a job not overlapped),
+        closed once the receiver closed its side."""
+        try:
             ch = await self.sink._connect()
         except SinkError as exc:
-            self.run.finish(i, exc)
-            return
+            return exc
         error = await self.sink._session(ch, prepared)
-        self.run.finish(i, error)
         if error is None:
             await ch.close_after_peer()
-        self.run.closed[i].set()
+        return error
 
     async def _overlapped(self, i: int, prepared: Prepared) -> None:
         """Job ``i`` in a task of its own.  Its connection is closed after its
@@ -258,14 +264,7 @@ class Overlapped:
             return _Abandoned("a job before it failed")
         if not stale_connection(error) or i == 0:
             return error
-        try:
-            fresh = await self.sink._connect()
-        except SinkError as exc:
-            return exc
-        retried = await self.sink._session(fresh, prepared)
-        if retried is None:
-            await fresh.aclose()
-        return retried
+        return await self._fresh(prepared)
 
 
 class _Abandoned(SinkError):
