@@ -3,6 +3,8 @@
 Metadata is in pyproject.toml.
 """
 
+import os
+
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
@@ -17,5 +19,6 @@ setup(
             "wraparound": False,
             "cdivision": True,
         },
+        nthreads=os.cpu_count() or 1,   # the .pyx files translate in parallel
     ),
 )
