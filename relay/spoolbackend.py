@@ -83,6 +83,14 @@ def locate_body(path: str) -> tuple[str, int, int] | None:
     return locate(name) if locate is not None else None
 
 
+def _open_read(path: str) -> int:
+    """A read-only descriptor of the spool file ``path``; ``SpoolFileMissing`` if gone."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SpoolFileMissing(path, exc) from exc
+
+
 def open_file_body(path: str, offset: int = 0, length: int = -1) -> Body:
     """A body held in a local file (``length`` -1: to its end); ``SpoolFileMissing`` if gone.
 
@@ -93,10 +101,7 @@ def open_file_body(path: str, offset: int = 0, length: int = -1) -> Body:
         file, start, size = where
         body = open_file_body(file, start + offset, size - offset if length < 0 else length)
         return body
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise SpoolFileMissing(path, exc) from exc
+    fd = _open_read(path)
     if length < 0:
         try:
             length = os.fstat(fd).st_size - offset
@@ -125,11 +130,7 @@ class BodyFiles:
             file, offset, _ = where
         fd = self._fds.get(file)
         if fd is None:
-            try:
-                fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise SpoolFileMissing(file, exc) from exc
-            self._fds[file] = fd
+            fd = self._fds[file] = _open_read(file)
         return Body(fd, offset, length)
 
     def close(self) -> None:

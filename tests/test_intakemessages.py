@@ -68,11 +68,22 @@ def test_a_value_marshal_refuses_is_pickled_instead() -> None:
     assert frame[:1] == b"P" and decode(frame) == message
 
 
+def _channels(sndbuf: int | None = None) -> tuple[Channel, Channel]:
+    """A sender and a receiver Channel over one socket pair (the sender's buffer small)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    if sndbuf is not None:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    return Channel(trio.socket.from_stdlib_socket(a)), Channel(trio.socket.from_stdlib_socket(b))
+
+
+def _big(rid: int) -> Commit:
+    """A Commit larger than a 4 KiB socket buffer: its write waits for the reader."""
+    return _commit(rid, CONTROL)._replace(files=(("dfA001h", b"x" * (1 << 20)),))
+
+
 def test_frames_sent_at_once_arrive_whole_and_in_order() -> None:
     async def main() -> list[object]:
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        sender = Channel(trio.socket.from_stdlib_socket(a))
-        receiver = Channel(trio.socket.from_stdlib_socket(b))
+        sender, receiver = _channels()
         messages = [_commit(i, CONTROL) for i in range(1, 41)]
         got: list[object] = []
         with trio.fail_after(10):
@@ -92,11 +103,8 @@ def test_a_send_cancelled_while_another_writes_is_not_sent() -> None:
     # A's frame is larger than the socket's buffer: its write waits for the
     # reader, B queues behind it and is cancelled; A and then C arrive whole.
     async def main() -> list[object]:
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        sender = Channel(trio.socket.from_stdlib_socket(a))
-        receiver = Channel(trio.socket.from_stdlib_socket(b))
-        big = _commit(1, CONTROL)._replace(files=(("dfA001h", b"x" * (1 << 20)),))
+        sender, receiver = _channels(sndbuf=4096)
+        big = _big(1)
         got: list[object] = []
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
@@ -122,9 +130,7 @@ async def _cancelled(channel: Channel, message: Commit, scope: trio.CancelScope)
 
 def test_a_send_from_a_cancelled_task_sends_nothing() -> None:
     async def main() -> list[object]:
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        sender = Channel(trio.socket.from_stdlib_socket(a))
-        receiver = Channel(trio.socket.from_stdlib_socket(b))
+        sender, receiver = _channels()
         with trio.fail_after(10):
             with trio.CancelScope() as scope:
                 scope.cancel()
@@ -142,11 +148,8 @@ def test_a_writer_cancelled_mid_frame_leaves_the_rest_to_the_next_write() -> Non
     # B, queued behind it and not begun, writes A's rest and then its own frame:
     # the stream holds A whole, then B (A's sender was told it was cancelled).
     async def main() -> list[object]:
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        sender = Channel(trio.socket.from_stdlib_socket(a))
-        receiver = Channel(trio.socket.from_stdlib_socket(b))
-        big = _commit(1, CONTROL)._replace(files=(("dfA001h", b"x" * (1 << 20)),))
+        sender, receiver = _channels(sndbuf=4096)
+        big = _big(1)
         got: list[object] = []
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
@@ -163,4 +166,4 @@ def test_a_writer_cancelled_mid_frame_leaves_the_rest_to_the_next_write() -> Non
         return got
     got = trio.run(main)
     assert [m.rid for m in got] == [1, 2]  # type: ignore[attr-defined]
-    assert got[0].files[0][1] == b"x" * (1 << 20)  # type: ignore[attr-defined]
+    assert got[0] == _big(1)
