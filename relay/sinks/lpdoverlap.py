@@ -11,8 +11,9 @@ header of the job before it (that job holds the lock: at most one of ours
 waits on it), then every byte of its files but the *completing part* — the
 last byte of its last file and the trailing NUL.  The completing part and
 our EOF (LPRng completes a job there) go only after the job before it got
-its final acknowledgement, so the receiver completes jobs in exactly the
-order of the queue.  A job that fails or is refused ends the run there: the
+its final acknowledgement and LPRng closed its connection, so the receiver
+completes jobs in exactly the order of the queue, with or without its fifo
+lock.  A job that fails or is refused ends the run there: the
 jobs behind it are closed without their completing part, which LPRng
 discards as a transfer cut short (``Link_file_read`` short of its count),
 and they are retried, in order, with it.
@@ -186,8 +187,8 @@ class Overlapped:
 
     async def _overlapped(self, i: int, prepared: Prepared) -> None:
         """Job ``i`` in a task of its own.  Its connection is closed after its
-        result is known, so the close - lingering for the receiver's - never
-        holds up the job behind it."""
+        result is known, so the job behind it may send all but its completing
+        part meanwhile; that part waits for this close (``wait_closed``)."""
         ch: client.Channel | None = None
         try:
             try:
