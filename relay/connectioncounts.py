@@ -8,7 +8,10 @@ and every worker maps): one row per worker, which only that worker writes,
 of ``SLOTS`` per-host counters (a host's slot is a CRC of its address), one
 total, and the bytes the worker received into jobs (in 4 KiB units, modulo
 2**31), so each worker's free-space estimate counts every worker's bytes.
-A check reads the other rows: no lock, no message.  Two hosts
+After the rows one cell is the main process's: its last free-space reading
+(``FreeBoard``), so a worker whose own reading is recent does not accept a job
+the main process already found no room for.  A check reads the other rows:
+no lock, no message.  Two hosts
 sharing a slot make the count larger, never smaller, so a limit is never
 exceeded by it; workers admitting at the same instant can pass a limit by
 at most one connection each.  A single-process daemon uses ``NO_OTHERS``.
@@ -20,7 +23,7 @@ import mmap
 import os
 import zlib
 
-__all__ = ["NO_OTHERS", "NoOthers", "Received", "SharedCounts", "create_table"]
+__all__ = ["NO_OTHERS", "FreeBoard", "NoOthers", "Received", "SharedCounts", "create_table"]
 
 SLOTS = 1 << 14
 _ROW = SLOTS + 2          # the per-host slots, the row's total, its bytes received
@@ -48,15 +51,40 @@ class NoOthers:
         """What the other workers received, ever, modulo ``_WRAP`` units (see ``Received``)."""
         return 0
 
+    def main_free(self) -> int | None:
+        """The main process's last free-space reading in bytes (``FreeBoard``); None: none."""
+        return None
+
 
 NO_OTHERS = NoOthers()
 
 
 def create_table(workers: int) -> int:
-    """A zeroed table for ``workers`` rows; the descriptor (inheritable, for the workers)."""
+    """A zeroed table for ``workers`` rows and the main process's cell; the
+    descriptor (inheritable, for the workers)."""
     fd = os.memfd_create("lpd-relay-connections", 0)
-    os.ftruncate(fd, workers * _ROW * _INT)
+    os.ftruncate(fd, workers * _ROW * _INT + _INT)
     return fd
+
+
+def _free_cell(fd: int) -> int:
+    return os.fstat(fd).st_size // _INT - 1
+
+
+class FreeBoard:
+    """The main process's side of the table: its spool's free-space readings.
+
+    Stored as 4 KiB units plus one (0: no reading yet), at most ``_WRAP - 1``;
+    less than one unit free reads as 0 bytes, which every check takes as short.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._map = mmap.mmap(fd, os.fstat(fd).st_size)
+        self._cells = memoryview(self._map).cast("i")
+        self._cell = _free_cell(fd)
+
+    def publish(self, free: int) -> None:
+        self._cells[self._cell] = min((max(free, 0) >> _BLOCK) + 1, _WRAP - 1)
 
 
 def clear_row(fd: int, row: int) -> None:
@@ -74,6 +102,7 @@ class SharedCounts(NoOthers):
         self._row = row * _ROW
         # The other workers' rows: read on every accept and free-space check.
         self._others = tuple(r * _ROW for r in range(size // (_ROW * _INT)) if r != row)
+        self._free = _free_cell(fd)
 
     @staticmethod
     def _slot(host: str) -> int:
@@ -95,6 +124,10 @@ class SharedCounts(NoOthers):
 
     def others_received(self) -> int:
         return self._sum(SLOTS + 1) % _WRAP
+
+    def main_free(self) -> int | None:
+        units = self._cells[self._free]
+        return (units - 1) << _BLOCK if units else None
 
     def _sum(self, offset: int) -> int:
         cells = self._cells

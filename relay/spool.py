@@ -48,7 +48,7 @@ from dataclasses import replace
 import trio
 
 from relay import log
-from relay.errors import SpoolError
+from relay.errors import DiskFull, SpoolError
 from relay.groupcommit import (
     GroupCommit,
     Syncer,
@@ -177,6 +177,7 @@ class Spool(FreeSpace):
             self._release_lock()  # a later attempt must not find its own lock taken
             raise disk_error(exc, f"spool {self.directory}") from exc
         self._index = SpoolIndex()
+        self._index.on_full = self.saw_full
         for job in jobs:
             self._index.track(job)
         try:
@@ -250,7 +251,9 @@ class Spool(FreeSpace):
             else:
                 await trio.lowlevel.checkpoint()
                 publish(self.jobs_dir, self._seg, item)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, DiskFull):
+                self.saw_full()
             if small:
                 self._seg.forget(job.id)  # its record, if appended, is no job
             job.mark("open")
@@ -306,7 +309,10 @@ class Spool(FreeSpace):
             if self._seg.log is not None:  # one fdatasync of the segment for the batch
                 self._stats["sync_calls"] += self._seg.log.sync(collect=True)
         except OSError as exc:
-            return [e or disk_error(exc, "spool sync") for e in errors]
+            errors = [e or disk_error(exc, "spool sync") for e in errors]
+            self._heed(errors)
+            return errors
+        self._heed(errors)
         with contextlib.suppress(OSError):  # a record copied forward waits for the next sync
             self._seg.upkeep()
         if self._limit and self._limit - self._next < ID_BLOCK // 2:
@@ -316,6 +322,10 @@ class Spool(FreeSpace):
             self._read_free(time.monotonic())
             self._batch_reads += 1
         return errors
+
+    def _heed(self, errors: list[Exception | None]) -> None:
+        if any(isinstance(e, DiskFull) for e in errors):
+            self.saw_full()   # intake refuses on a fresh reading from now
 
     def count_discard(self, nbytes: int) -> None:
         """Internal: ``IncomingJob.discard`` and the recovery sweep report a partial job."""

@@ -29,6 +29,10 @@ from relay.spoolformat import JobMeta, SpoolUsage, encode_state
 _REMOVE_ORDER = ("json", "state", "cf")
 
 
+def _nothing() -> None:
+    pass
+
+
 class SpoolIndex:
     """Jobs by id with their queue, state and bytes; counts by (queue, state).
 
@@ -46,6 +50,7 @@ class SpoolIndex:
         self.unsaved: dict[str, JobMeta] = {}
         self.unremoved: dict[str, Callable[[], None]] = {}
         self._writes: dict[str, Callable[[], None]] = {}  # how to write each unsaved state
+        self.on_full: Callable[[], None] = _nothing  # a write refused for space (spoolspace)
 
     def track(self, meta: JobMeta) -> None:
         """Count ``meta`` (a new job, or a known one with a new state)."""
@@ -95,6 +100,7 @@ class SpoolIndex:
         try:
             write()
         except OSError as exc:
+            self._refused(exc)
             self._log_new(meta.id, "state", exc)
             self.unsaved[meta.id] = meta
             self._writes[meta.id] = write
@@ -110,8 +116,13 @@ class SpoolIndex:
         try:
             unlink()
         except OSError as exc:
+            self._refused(exc)
             self._log_new(job_id, "removal", exc)
             self.unremoved[job_id] = unlink
+
+    def _refused(self, exc: OSError) -> None:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.on_full()
 
     def _log_new(self, job_id: str, what: str, exc: OSError) -> None:
         # One line when a job starts to owe a write, not one per retry attempt.
@@ -136,8 +147,8 @@ class SpoolIndex:
                 self._writes[job_id]()
                 del self.unsaved[job_id]
                 del self._writes[job_id]
-        except OSError:
-            pass  # still refused; the next save tries again
+        except OSError as exc:
+            self._refused(exc)  # still refused; the next save tries again
         left = len(self.unsaved) + len(self.unremoved)
         if left < before:
             log.event("info", "spool_writes_saved", saved=before - left, waiting=left)

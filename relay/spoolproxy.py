@@ -272,6 +272,9 @@ class SpoolProxy(FreeSpace):
         """Bytes every worker received into jobs since this one started (FreeSpace's)."""
         return self.own_written + self._others.now()
 
+    def main_free(self) -> int | None:
+        return self.shared.main_free()
+
     def share(self, table: NoOthers) -> None:
         """Publish this worker's bytes in ``table`` and count the others'."""
         self.shared, self._others = table, Received(table)

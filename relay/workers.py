@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry
 from relay import commands, log
 from relay.buffers import BufferPool
 from relay.config import CATCH_ALL, Config, Listen, ServerConfig
-from relay.connectioncounts import clear_row, create_table
+from relay.connectioncounts import FreeBoard, clear_row, create_table
 from relay.context import ConnectionContext, Delivery
 from relay.errors import ProtocolError, SpoolError
 from relay.forkserver import fork_worker
@@ -108,6 +108,8 @@ class WorkerPool:
         self._tls: list[trio.socket.SocketType] = []
         self._handles: dict[int, _Handle] = {}
         self._table = create_table(config.server.workers)   # relay.connectioncounts
+        # The spool's free-space readings, for the workers' checks (relay.spoolspace).
+        spool.publish_free = FreeBoard(self._table).publish
         self.reload_tls(config.server)   # a bad certificate stops the start here (ConfigError)
         self.counts = WorkerCounts(metrics, registry, self.pull)
         self._stopping = trio.Event()
