@@ -53,7 +53,8 @@ _KEYS = ("refused", "closed", "timeout", "error")
 # what EpollLoad.run ended on
 DEF R_DONE = 0             # nothing open, nothing queued
 DEF R_REFILL = 1           # a connection is free and nothing is queued
-DEF R_SIGNAL = 2           # epoll_wait was interrupted: the caller checks signals
+DEF R_SIGNAL = 2           # epoll_wait was interrupted, or half a second went by:
+                           # the caller checks signals (and calls again)
 DEF R_OSERROR = 3          # socket() or epoll failed: errno in self._errno
 
 
@@ -306,7 +307,9 @@ cdef class EpollLoad:
                 self._event(&self._conns[events[i].data.u64], events[i].events, now)
             if now >= sweep:
                 self._sweep(now)
-                sweep = now + 0.5
+                # A signal that came while the loop was not in epoll_wait interrupted
+                # nothing: the caller checks for one at least every half second.
+                return R_SIGNAL
 
     cdef void _sweep(self, double now) noexcept nogil:
         for i in range(self._concurrency):
