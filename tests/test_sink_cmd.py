@@ -322,7 +322,12 @@ def test_daemon_shows_a_missing_program_down_and_fails_over(tmp_path: Path) -> N
         deadline = time.monotonic() + 10
         while not list((out / "ward3").glob("*.json")) and time.monotonic() < deadline:
             time.sleep(0.05)
+        # The job's files are in the hot folder before its delivery is recorded
+        # (the sink's sync, then the scheduler): lpq says "up" once it is.
         after = trio.run(lpq, relay.port)
+        while "up (active)" not in after and time.monotonic() < deadline:
+            time.sleep(0.05)
+            after = trio.run(lpq, relay.port)
     assert (f'destination {missing} DOWN (active): program "no-such-lp-for-tests" '
             "not found on PATH") in before
     assert f"destination dir://{out} not tried yet" in before
