@@ -253,9 +253,10 @@ class SpoolProxy(FreeSpace):
         self.min_free_disk = config.server.min_free_disk
         self.fsync = config.server.fsync
         self.channel, self.calls = channel, calls
+        self._pid = os.getpid()
         self._tokens = itertools.count(1)
         self._rids = itertools.count(1)
-        self._waiting: dict[int, tuple[trio.Event, list[Reply]]] = {}
+        self._waiting: dict[int, _Waiter] = {}
         self._reading: tuple[int, float, int] | None = None
         self.own_written = 0        # bytes this worker received into jobs, ever
         self.shared: NoOthers = NO_OTHERS          # the workers' table (connectioncounts)
@@ -301,8 +302,8 @@ class SpoolProxy(FreeSpace):
 
     def begin(self, *, queue: str, wire_queue: str, peer: str,
               session: Session | None = None) -> IncomingProxy:
-        self.check_space()
-        job = IncomingProxy(self, f"{os.getpid()}-{next(self._tokens)}", queue=queue,
+        # No check_space here: Connection checked it just before (with make_room).
+        job = IncomingProxy(self, f"{self._pid}-{next(self._tokens)}", queue=queue,
                             wire_queue=wire_queue, peer=peer, session=session)
         # A session's jobs commit in tasks of their own (relay.ackqueue), whose
         # order trio does not keep: each Commit waits for the one before it, and
@@ -391,21 +392,46 @@ class SpoolProxy(FreeSpace):
 
     async def request(self, message: Commit | Command,
                       job: IncomingProxy | None = None) -> object:
-        event, box = trio.Event(), cast(list[Reply], [])
-        self._waiting[message.rid] = (event, box)
+        waiter = self._waiting[message.rid] = _Waiter()
         try:
             await self.channel.send(message)
             if job is not None:
                 self.sent(job)
-            await event.wait()
+            reply = await waiter.wait()
         finally:
             self._waiting.pop(message.rid, None)
-        reply = box[0]
         if reply.failure is not None:
             raise_failure(reply.failure)
         return reply.value
 
     def replied(self, reply: Reply) -> None:
-        if (waiting := self._waiting.get(reply.rid)) is not None:
-            waiting[1].append(reply)
-            waiting[0].set()
+        if (waiter := self._waiting.get(reply.rid)) is not None:
+            waiter.give(reply)
+
+
+class _Waiter:
+    """One request's reply: the requesting task parks on it, the channel's reader hands
+    it over (a trio.Event and its parking lot, for the one task that ever waits)."""
+
+    __slots__ = ("reply", "task")
+
+    def __init__(self) -> None:
+        self.reply: Reply | None = None
+        self.task: trio.lowlevel.Task | None = None
+
+    async def wait(self) -> Reply:
+        if self.reply is None:
+            self.task = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
+        assert self.reply is not None
+        return self.reply
+
+    def _abort(self, _: object) -> trio.lowlevel.Abort:
+        self.task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def give(self, reply: Reply) -> None:
+        self.reply = reply
+        if (task := self.task) is not None:
+            self.task = None
+            trio.lowlevel.reschedule(task)
