@@ -177,6 +177,7 @@ class Connection:
         parser, handlers, io = self.parser, _HANDLERS, self.io
         fast = io if isinstance(io, FastSocket) else None
         deadline = self.deadline
+        now = trio.lowlevel.current_clock().current_time   # trio.current_time, 2 calls less
         deadline.begin()
         while not self.closing:
             ev = parser.next_event()
@@ -196,12 +197,12 @@ class Connection:
                     n = fast.recv_nowait(buf) if fast is not None else None
                     if n is None or n < 0:
                         # A read that may wait: only it needs the deadline armed.
-                        deadline.arm(scope, parser, trio.current_time())
+                        deadline.arm(scope, parser, now())
                         n = await (io.recv_into(buf) if fast is None
                                    else fast.recv_into(buf, blocked=n is not None))
                 except OSError as exc:
                     raise PeerGone(str(exc)) from None
-                deadline.read(trio.current_time())   # armed for handlers only if they wait
+                deadline.read(now())   # armed for handlers only if they wait
                 parser.receive_data(view[:n])
                 continue
             result = handlers[type(ev)](self, ev)
