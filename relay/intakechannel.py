@@ -57,7 +57,7 @@ from relay.intakemessages import (
 
 __all__ = ["Admit", "CallClient", "Channel", "Command", "Commit", "Control", "Counts",
            "Discard", "Failure", "Init", "Log", "MakeRoom", "MetricsClient", "Open", "Ready",
-           "Reload", "Reply", "Stop", "Withdrawn", "call_pair", "raise_failure",
+           "Reload", "Reply", "ReplyWaiter", "Stop", "Withdrawn", "call_pair", "raise_failure",
            "serve_metrics", "stream_pair"]
 
 _LENGTH = struct.Struct("!I")
@@ -278,3 +278,31 @@ async def answer_call(sock: trio.socket.SocketType, reply: Reply, fds: list[int]
     ancillary = ([(pysocket.SOL_SOCKET, pysocket.SCM_RIGHTS, array.array("i", fds))]
                  if fds else [])
     await sock.sendmsg([data], ancillary)
+
+
+class ReplyWaiter:
+    """One request's reply: the requesting task parks on it, the channel's reader hands
+    it over (a trio.Event and its parking lot, for the one task that ever waits)."""
+
+    __slots__ = ("reply", "task")
+
+    def __init__(self) -> None:
+        self.reply: Reply | None = None
+        self.task: trio.lowlevel.Task | None = None
+
+    async def wait(self) -> Reply:
+        if self.reply is None:
+            self.task = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
+        assert self.reply is not None
+        return self.reply
+
+    def _abort(self, _: object) -> trio.lowlevel.Abort:
+        self.task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def give(self, reply: Reply) -> None:
+        self.reply = reply
+        if (task := self.task) is not None:
+            self.task = None
+            trio.lowlevel.reschedule(task)
