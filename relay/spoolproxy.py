@@ -24,7 +24,7 @@ from typing import cast
 
 import trio
 
-from relay import _core
+from relay import _core, spoolspace
 from relay.config import Config
 from relay.connectioncounts import NO_OTHERS, NoOthers, Received
 from relay.errors import SpoolError
@@ -47,7 +47,7 @@ from relay.jobevents import NO_EVENTS, JobEvents, NoEvents
 from relay.memoryfile import IN_MEMORY_MAX, MemoryFile
 from relay.spool import JobMeta
 from relay.spoolbackend import Session
-from relay.spoolspace import FREE_SPACE_EVERY, FREE_SPACE_TTL, FreeSpace
+from relay.spoolspace import FreeSpace
 
 __all__ = ["IN_MEMORY_MAX", "IncomingProxy", "SpoolProxy"]
 
@@ -211,11 +211,11 @@ class SpoolProxy(FreeSpace):
         reading, less what every worker received since, leaves room, and so does
         the main process's last reading; anything else is FreeSpace's own path."""
         reading = self._reading
-        if reading is not None and time.monotonic() - reading[1] <= FREE_SPACE_TTL:
+        if reading is not None and time.monotonic() - reading[1] <= spoolspace.FREE_SPACE_TTL:
             since = self.written - reading[2]
             free, floor = reading[0] - since, need + self.min_free_disk
             main = self.shared.main_free()
-            if (since < FREE_SPACE_EVERY and free > 0 and free >= floor
+            if (since < spoolspace.FREE_SPACE_EVERY and free > 0 and free >= floor
                     and (main is None or (main > 0 and main >= floor))):
                 return
         super().check_space(need)
