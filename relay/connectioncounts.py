@@ -103,10 +103,14 @@ class SharedCounts(NoOthers):
         # The other workers' rows: read on every accept and free-space check.
         self._others = tuple(r * _ROW for r in range(size // (_ROW * _INT)) if r != row)
         self._free = _free_cell(fd)
+        self._host, self._host_slot = "", zlib.crc32(b"") & (SLOTS - 1)
 
-    @staticmethod
-    def _slot(host: str) -> int:
-        return zlib.crc32(host.encode("utf-8", "replace")) & (SLOTS - 1)
+    def _slot(self, host: str) -> int:
+        # A connection asks three times for its host (admission, then +1 and -1).
+        if host != self._host:
+            self._host = host
+            self._host_slot = zlib.crc32(host.encode("utf-8", "replace")) & (SLOTS - 1)
+        return self._host_slot
 
     def add(self, host: str, n: int) -> None:
         cells = self._cells

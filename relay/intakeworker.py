@@ -6,7 +6,7 @@ Started by ``relay.workers`` as ``python -m relay.intakeworker`` with four descr
 ``SO_REUSEPORT`` listeners; what they ask of the spool is answered by
 ``SpoolProxy``:
 
-* a small job is kept in memory (``_MemoryFile``) and sent whole in one
+* a small job is kept in memory (``relay.memoryfile``) and sent whole in one
   ``Commit``; the main process stores it in its spool (its group commit
   batches jobs from every worker) and replies once the job is durable, and
   only then does the connection send the final ack (SPEC §4.4);

@@ -33,6 +33,7 @@ from relay.connection import Connection
 from relay.connectioncounts import NO_OTHERS, NoOthers
 from relay.context import ConnectionContext, Delivery
 from relay.errors import REPLY_RETRY_LATER, BindError
+from relay.fastaccept import Acceptor
 from relay.metrics import Metrics
 from relay.privacy import KEEP, Redactor
 from relay.proxysource import ProxySource
@@ -237,9 +238,10 @@ class LpdServer:
 
     async def _accept_loop(self, lsock: trio.socket.SocketType,
                            nursery: trio.Nursery, tls: bool = False) -> None:
+        acceptor = Acceptor(lsock)
         while True:
             try:
-                sock, addr = await lsock.accept()
+                sock, addr = await acceptor.accept()
                 self._nofile_since = math.inf
             except OSError as exc:
                 if exc.errno in ACCEPT_RETRY_ERRNOS:   # out of descriptors: never an exit

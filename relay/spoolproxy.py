@@ -3,7 +3,7 @@
 ``SpoolProxy`` implements the part of ``relay.spoolbackend`` intake uses —
 ``check_space``, ``begin``, and on the job ``set_control`` / ``open_data`` /
 ``discard``, then ``commit`` (docs/architecture.md, "Processes").  A job's data
-files stay in memory (``_MemoryFile``) while they total ``IN_MEMORY_MAX``; the
+files stay in memory (``MemoryFile``) while they total ``IN_MEMORY_MAX``; the
 job then travels whole in one ``Commit`` and the reply comes once the main
 process made it durable (SPEC §4.4).  A data file that outgrows that is moved
 into a spool file the main process opens for it (``Open``: its descriptor by
@@ -15,20 +15,19 @@ SCM_RIGHTS) and the rest is written straight there.  ``open_data`` and
 from __future__ import annotations
 
 import builtins
-import hashlib
 import itertools
 import os
+import time
 from collections import Counter
 from collections.abc import Mapping
 from typing import cast
 
 import trio
 
-from relay import _core
+from relay import _core, spoolspace
 from relay.config import Config
 from relay.connectioncounts import NO_OTHERS, NoOthers, Received
 from relay.errors import SpoolError
-from relay.groupcommit import disk_error, start_writeback, write_all
 from relay.intakechannel import (
     Admit,
     CallClient,
@@ -40,86 +39,17 @@ from relay.intakechannel import (
     MakeRoom,
     Open,
     Reply,
+    ReplyWaiter,
     Withdrawn,
     raise_failure,
 )
 from relay.jobevents import NO_EVENTS, JobEvents, NoEvents
+from relay.memoryfile import IN_MEMORY_MAX, MemoryFile
 from relay.spool import JobMeta
 from relay.spoolbackend import Session
 from relay.spoolspace import FreeSpace
 
 __all__ = ["IN_MEMORY_MAX", "IncomingProxy", "SpoolProxy"]
-
-# Data kept in memory per job before a data file goes to a spool file of its own.
-IN_MEMORY_MAX = 64 * 1024
-WRITEBACK_CHUNK = 8 << 20      # as relay.spooljob: start writeback every 8 MiB under fsync
-
-
-class _MemoryFile:
-    """A data file held in memory until it outgrows ``IN_MEMORY_MAX`` (then: a spool file)."""
-
-    __slots__ = ("_fd", "_job", "_mark", "_sha", "_size", "buf", "name", "promoted")
-
-    def __init__(self, job: IncomingProxy, name: str) -> None:
-        self._job, self.name = job, name
-        self.buf = bytearray()
-        self._fd = -1
-        self._size = 0
-        self._mark = 0
-        self.promoted = False   # in a spool file of the main process's, not in memory
-        # The audit log's SHA-256, taken as the bytes pass (as relay.spooljob.DataWriter).
-        self._sha = hashlib.sha256() if job.digests is not None else None
-
-    def fileno(self) -> int:
-        return -1     # the connection writes through write()
-
-    def add(self, n: int) -> None:
-        raise SpoolError("an intake worker's data file takes write() only")
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        n = len(data)
-        if self._sha is not None:
-            self._sha.update(data)
-        if self._fd < 0:
-            # Promoting takes the job's id now: not before the job before it in its
-            # session has sent its Commit (ids go in the order jobs were acked).
-            if self._job.in_memory + n <= IN_MEMORY_MAX or not self._job.its_turn():
-                self.buf += data
-                self._job.in_memory += n
-                self._size += n
-                self._job.bytes += n
-                self._job.spool.add_written(n)
-                return
-            self._fd = self._job.promote(self)
-            self.promoted = True
-            self._job.in_memory -= len(self.buf)
-            self._write(self.buf)
-            self.buf = bytearray()
-        self._write(data)
-        self._size += n
-        self._job.bytes += n
-        self._job.spool.add_written(n)
-
-    def _write(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            write_all(self._fd, data)
-        except OSError as exc:
-            raise disk_error(exc, f"job {self._job.id} data file") from exc
-        if self._job.fsync and self._size - self._mark >= WRITEBACK_CHUNK:
-            start_writeback(self._fd, self._mark, self._size - self._mark)
-            self._mark = self._size
-
-    def close(self) -> int:
-        self.abandon()
-        self._job.closed(self)
-        if self._sha is not None and self._job.digests is not None:
-            self._job.digests[self.name] = self._sha.hexdigest()
-        return self._size
-
-    def abandon(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -2
 
 
 class IncomingProxy:
@@ -137,7 +67,7 @@ class IncomingProxy:
         self.control: Control | None = None
         self.files: dict[str, bytes] = {}      # wire name -> in-memory body, arrival order
         self.promoted = False                  # the main process holds a part of it
-        self._open: _MemoryFile | None = None
+        self._open: MemoryFile | None = None
         self.gone = False
         self.sent = trio.Event()   # set once this job sent its Commit (or was discarded)
         # The session's job before it, unanswered at begin(); dropped once this one is
@@ -163,21 +93,21 @@ class IncomingProxy:
     def set_tls_peer(self, name: str) -> None:
         self.tls_peer = name
 
-    def open_data(self, name: str) -> _MemoryFile:
+    def open_data(self, name: str) -> MemoryFile:
         if self._open is not None:
             raise SpoolError(f"job {self.token}: a data file is already open")
         if (old := self.files.pop(name, None)) is not None:  # a re-sent file supersedes
             self.bytes -= len(old)
             self.in_memory -= len(old)
-        self._open = _MemoryFile(self, name)
+        self._open = MemoryFile(self, name)
         return self._open
 
-    def promote(self, file: _MemoryFile) -> int:
+    def promote(self, file: MemoryFile) -> int:
         """A spool file for ``file`` from the main process; its descriptor."""
         self.promoted = True
         return self.spool.open_file(self, file.name)
 
-    def closed(self, file: _MemoryFile) -> None:
+    def closed(self, file: MemoryFile) -> None:
         # A promoted file is complete in its spool file; the main process
         # closes its end before the next Open or at the Commit.
         self._open = None
@@ -253,9 +183,10 @@ class SpoolProxy(FreeSpace):
         self.min_free_disk = config.server.min_free_disk
         self.fsync = config.server.fsync
         self.channel, self.calls = channel, calls
+        self._pid = os.getpid()
         self._tokens = itertools.count(1)
         self._rids = itertools.count(1)
-        self._waiting: dict[int, tuple[trio.Event, list[Reply]]] = {}
+        self._waiting: dict[int, ReplyWaiter] = {}
         self._reading: tuple[int, float, int] | None = None
         self.own_written = 0        # bytes this worker received into jobs, ever
         self.shared: NoOthers = NO_OTHERS          # the workers' table (connectioncounts)
@@ -274,6 +205,20 @@ class SpoolProxy(FreeSpace):
 
     def main_free(self) -> int | None:
         return self.shared.main_free()
+
+    def check_space(self, need: int = 0) -> None:
+        """FreeSpace's check with its common case inline (three a job): a recent
+        reading, less what every worker received since, leaves room, and so does
+        the main process's last reading; anything else is FreeSpace's own path."""
+        reading = self._reading
+        if reading is not None and time.monotonic() - reading[1] <= spoolspace.FREE_SPACE_TTL:
+            since = self.written - reading[2]
+            free, floor = reading[0] - since, need + self.min_free_disk
+            main = self.shared.main_free()
+            if (since < spoolspace.FREE_SPACE_EVERY and free > 0 and free >= floor
+                    and (main is None or (main > 0 and main >= floor))):
+                return
+        super().check_space(need)
 
     def share(self, table: NoOthers) -> None:
         """Publish this worker's bytes in ``table`` and count the others'."""
@@ -301,8 +246,8 @@ class SpoolProxy(FreeSpace):
 
     def begin(self, *, queue: str, wire_queue: str, peer: str,
               session: Session | None = None) -> IncomingProxy:
-        self.check_space()
-        job = IncomingProxy(self, f"{os.getpid()}-{next(self._tokens)}", queue=queue,
+        # No check_space here: Connection checked it just before (with make_room).
+        job = IncomingProxy(self, f"{self._pid}-{next(self._tokens)}", queue=queue,
                             wire_queue=wire_queue, peer=peer, session=session)
         # A session's jobs commit in tasks of their own (relay.ackqueue), whose
         # order trio does not keep: each Commit waits for the one before it, and
@@ -391,21 +336,18 @@ class SpoolProxy(FreeSpace):
 
     async def request(self, message: Commit | Command,
                       job: IncomingProxy | None = None) -> object:
-        event, box = trio.Event(), cast(list[Reply], [])
-        self._waiting[message.rid] = (event, box)
+        waiter = self._waiting[message.rid] = ReplyWaiter()
         try:
             await self.channel.send(message)
             if job is not None:
                 self.sent(job)
-            await event.wait()
+            reply = await waiter.wait()
         finally:
             self._waiting.pop(message.rid, None)
-        reply = box[0]
         if reply.failure is not None:
             raise_failure(reply.failure)
         return reply.value
 
     def replied(self, reply: Reply) -> None:
-        if (waiting := self._waiting.get(reply.rid)) is not None:
-            waiting[1].append(reply)
-            waiting[0].set()
+        if (waiter := self._waiting.get(reply.rid)) is not None:
+            waiter.give(reply)

@@ -167,3 +167,49 @@ def test_a_writer_cancelled_mid_frame_leaves_the_rest_to_the_next_write() -> Non
     got = trio.run(main)
     assert [m.rid for m in got] == [1, 2]  # type: ignore[attr-defined]
     assert got[0] == _big(1)
+
+
+def test_frames_split_over_reads_and_many_in_one_read_arrive_whole() -> None:
+    async def main() -> list[object]:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        receiver = Channel(trio.socket.from_stdlib_socket(b))
+        frames = b"".join(len(f).to_bytes(4, "big") + f
+                          for f in (encode(_commit(i, CONTROL)) for i in range(1, 31)))
+        got: list[object] = []
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                async def write() -> None:
+                    a.sendall(frames[:7])            # part of a length, then of a frame
+                    await trio.sleep(0.02)
+                    a.sendall(frames[7:100])
+                    await trio.sleep(0.02)
+                    a.sendall(frames[100:])          # the rest at once
+                    a.close()
+                nursery.start_soon(write)
+                for _ in range(30):
+                    got.append(await receiver.receive())
+                with pytest.raises(EOFError):
+                    await receiver.receive()
+        receiver.close()
+        return got
+    assert trio.run(main) == [_commit(i, CONTROL) for i in range(1, 31)]
+
+
+def test_a_reply_before_its_waiter_parks_and_after_both_arrive() -> None:
+    from relay.intakechannel import ReplyWaiter
+
+    async def main() -> tuple[Reply, Reply]:
+        early, late = ReplyWaiter(), ReplyWaiter()
+        early.give(Reply(1, value="a"))          # came while the task was still sending
+        first = await early.wait()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                got: list[Reply] = []
+
+                async def wait() -> None:
+                    got.append(await late.wait())
+                nursery.start_soon(wait)
+                await trio.sleep(0.01)
+                late.give(Reply(2, value="b"))
+        return first, got[0]
+    assert trio.run(main) == (Reply(1, value="a"), Reply(2, value="b"))
