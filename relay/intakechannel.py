@@ -65,7 +65,8 @@ MAX_MESSAGE = 1 << 30          # a small job is <= 64 KiB plus its control file
 MAX_CALL = 64 * 1024           # one call-socket datagram
 MAX_MESSAGE_METRICS = 4 << 20  # one worker's metric values (a few hundred series)
 READ_CHUNK = 256 * 1024        # one read of the stream
-YIELD_EVERY = 16               # reads that found bytes before the reader yields anyway
+YIELD_EVERY = 4                # reads that found bytes before the reader yields anyway
+                               # (1 MiB: the main process reads every worker this way)
 
 
 def _mapping(items: dict[Any, Any]) -> types.MappingProxyType[Any, Any]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from relay.errors import SpoolError
 from relay.groupcommit import disk_error, start_writeback, write_all
+from relay.spooljob import WRITEBACK_CHUNK
 
 if TYPE_CHECKING:
     from relay.spoolproxy import IncomingProxy
@@ -23,7 +24,6 @@ __all__ = ["IN_MEMORY_MAX", "MemoryFile"]
 
 # Data kept in memory per job before a data file goes to a spool file of its own.
 IN_MEMORY_MAX = 64 * 1024
-WRITEBACK_CHUNK = 8 << 20      # as relay.spooljob: start writeback every 8 MiB under fsync
 
 
 class MemoryFile:

@@ -44,12 +44,12 @@ from relay.intakechannel import (
     raise_failure,
 )
 from relay.jobevents import NO_EVENTS, JobEvents, NoEvents
-from relay.memoryfile import IN_MEMORY_MAX, MemoryFile
+from relay.memoryfile import MemoryFile
 from relay.spool import JobMeta
 from relay.spoolbackend import Session
 from relay.spoolspace import FreeSpace
 
-__all__ = ["IN_MEMORY_MAX", "IncomingProxy", "SpoolProxy"]
+__all__ = ["IncomingProxy", "SpoolProxy"]
 
 
 class IncomingProxy:
@@ -173,8 +173,9 @@ RECORDED_IN_MAIN: JobEvents = _RecordedInMain()
 class SpoolProxy(FreeSpace):
     """What intake needs of the spool, answered by the main process (module docstring).
 
-    ``check_space`` is the spool's own (``relay.spoolspace``): a reading of
-    the spool's file system less what this worker received since, a refusal
+    ``check_space`` is the spool's (``relay.spoolspace``) with its common case
+    inline: a reading of the spool's file system less what every worker
+    received since, heeding the main process's last reading; a refusal
     always on a fresh reading.
     """
 
