@@ -51,6 +51,11 @@ from relay.spool import JobMeta, Spool
 if TYPE_CHECKING:
     from relay.retention import Retention
 
+# A delivered batch's removals, with nothing else queued, wait this long for the
+# next commit's flush to make them durable rather than run a flush of their own
+# (at concurrency 1 the next job's commit would arrive during it and wait).
+SYNC_LINGER = 0.01
+
 
 def backoff_delay(failures: int, *, initial: float, maximum: float,
                   rng: random.Random) -> float:
@@ -255,7 +260,9 @@ class QueueRunner(RunnerControl):
             self._delivered(jobs[:done], index, dest)
             # Make the removals durable too (shared with other commits), so
             # even a power loss right after cannot print a job a second time.
-            await self.spool.sync()
+            # Caught up with intake: the next job's commit may carry them
+            # (docs/spool.md "Group commit"); a backlog: at once.
+            await self.spool.sync(linger=0.0 if self.pending else SYNC_LINGER)
             if trial:
                 self._fail_back()
         if error is None:

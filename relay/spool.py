@@ -131,10 +131,11 @@ class Spool(FreeSpace):
         self.segment_threshold = segment_threshold  # 0: every job gets files
         self._seg = SegmentJobs(self.directory, fsync=fsync)
         self._files_dirty = False  # a .state/.json changed since the last flush
+        self._synced = False       # the last flush's sync succeeded (its upkeep may run)
         self.min_free_disk = min_free_disk
         self._sync_method = sync_method
         self._syncer: Syncer | None = None
-        self._group: GroupCommit[Publish] = GroupCommit(self._flush)
+        self._group: GroupCommit[Publish] = GroupCommit(self._flush, after=self._after_flush)
         self._lock_fd = -1
         self._reserving = threading.Lock()
         self._next = 0          # next id to hand out; 0 = not recovered
@@ -272,16 +273,20 @@ class Spool(FreeSpace):
         self._stats["commits"] += 1
         return meta
 
-    async def sync(self) -> None:
+    async def sync(self, *, linger: float = 0.0) -> None:
         """Make earlier ``update``/``remove`` calls durable (joins the next group commit).
 
         Writes a full disk refused are tried first (a delivery may have just
         freed space).  A failed flush is logged, not raised: no caller could act.
+        ``linger``: with no flush running, wait up to that long for a commit's
+        flush to carry these writes before running one of its own (delivery
+        keeping up with intake: the next job's commit would otherwise queue
+        behind that flush; docs/spool.md "Group commit").
         """
         self.save_unsaved()
         if self.fsync and self._syncer is not None:
             try:
-                await self._group.submit(Publish("", None, b"", ()))
+                await self._group.submit(Publish("", None, b"", ()), linger=linger)
             except SpoolError as exc:
                 log.event("error", "spool_sync_failed", error=str(exc))
         else:
@@ -313,15 +318,23 @@ class Spool(FreeSpace):
             self._heed(errors)
             return errors
         self._heed(errors)
+        self._synced = True
+        with contextlib.suppress(OSError):  # one reading per batch, off the event loop
+            self._read_free(time.monotonic())
+            self._batch_reads += 1
+        return errors
+
+    def _after_flush(self) -> None:
+        # In the flush thread, after the batch's commits were woken (they need
+        # neither), before the next batch: segment upkeep and the next id block.
+        if not self._synced:   # the flush's sync failed: nothing is moved after it
+            return
+        self._synced = False
         with contextlib.suppress(OSError):  # a record copied forward waits for the next sync
             self._seg.upkeep()
         if self._limit and self._limit - self._next < ID_BLOCK // 2:
             with contextlib.suppress(OSError):  # begin() tries again when it runs out
                 self._reserve()
-        with contextlib.suppress(OSError):  # one reading per batch, off the event loop
-            self._read_free(time.monotonic())
-            self._batch_reads += 1
-        return errors
 
     def _heed(self, errors: list[Exception | None]) -> None:
         if any(isinstance(e, DiskFull) for e in errors):
