@@ -290,8 +290,7 @@ class QueueRunner(RunnerControl):
         spool; the rest go back to the front, for the new destinations, no backoff."""
         if done:
             self._count_attempt(dest, "ok", done)
-            for job in jobs[:done]:
-                self._gone(job, dest, dest)
+            self._gone(jobs[:done], dest, dest)
             await self.spool.sync()
         if error is not None:
             self.pending.extendleft(reversed(jobs[done:]))
@@ -325,26 +324,43 @@ class QueueRunner(RunnerControl):
             self.failures = 0
         self._mark(index, True, "")   # once an attempt: the same state for each of its jobs
         self._count_attempt(dest, "ok", len(jobs))
-        uri = self.dests[index].sink.destination.uri
-        for job in jobs:
-            self._gone(job, dest, uri)
+        self._gone(jobs, dest, self.dests[index].sink.destination.uri)
 
-    def _gone(self, job: JobMeta, dest: str, uri: str) -> None:
-        """A confirmed job leaves the spool (or is kept, ``[retention]``); counted, audited."""
-        if self.keeper is None or not self.keeper.keep(job):
-            self.spool.remove(job.id)
-        self.spool.events.record("attempt", job, destination=uri, result="ok")
-        self.spool.events.record("delivered", job, destination=uri)
-        self._first_failure.pop(job.id, None)
-        jobs, size, seconds = self._children(job.queue, dest)
-        jobs.inc()
-        size.inc(job.total_bytes)
-        latency = max(0.0, time.time() - job.received)
-        seconds.observe(latency)
-        log.count("delivered")
-        if log.enabled("debug"):     # off in production: no fields built a job
-            log.event("debug", "job_delivered", job=job.id, queue=job.queue,
-                      destination=uri, seconds=round(latency, 3))
+    def _gone(self, jobs: list[JobMeta], dest: str, uri: str) -> None:
+        """Confirmed jobs leave the spool (or are kept, ``[retention]``); counted, audited.
+
+        Their removals are one call (``Spool.remove_many``: one DONE write for
+        the batch's segment jobs), their counters one ``inc`` per batch.
+        """
+        keeper = self.keeper
+        gone = [job.id for job in jobs if keeper is None or not keeper.keep(job)]
+        if isinstance(self.spool, Spool):
+            self.spool.remove_many(gone)
+        else:
+            for job_id in gone:
+                self.spool.remove(job_id)
+        events, now = self.spool.events, time.time()
+        debug = log.enabled("debug")   # off in production: no fields built a job
+        by_queue: dict[str, list[JobMeta]] = {}   # one queue, but for redirected jobs
+        for job in jobs:
+            events.record("attempt", job, destination=uri, result="ok")
+            events.record("delivered", job, destination=uri)
+            self._first_failure.pop(job.id, None)
+            by_queue.setdefault(job.queue, []).append(job)
+            if debug:
+                log.event("debug", "job_delivered", job=job.id, queue=job.queue,
+                          destination=uri, seconds=round(max(0.0, now - job.received), 3))
+        for queue, group in by_queue.items():
+            self._count_gone(group, self._children(queue, dest), now)
+
+    @staticmethod
+    def _count_gone(jobs: list[JobMeta], children: tuple[Any, Any, Any], now: float) -> None:
+        count, size, seconds = children
+        count.inc(len(jobs))
+        size.inc(sum(job.total_bytes for job in jobs))
+        for job in jobs:
+            seconds.observe(max(0.0, now - job.received))
+        log.count("delivered", len(jobs))
 
     def _children(self, queue: str, dest: str) -> tuple[Any, Any, Any]:
         """The labelled metric children for (queue label, destination), looked up once."""
