@@ -189,8 +189,9 @@ class QueueRunner(RunnerControl):
             next_retry=next_retry, server=status.SERVER_LINE)
 
     def _notify(self) -> None:
+        # Set, not replaced here (an Event a submitted job): a worker about to wait
+        # replaces a set one first (_take), with no checkpoint in between.
         self._changed.set()
-        self._changed = trio.Event()
 
     # -- delivering ---------------------------------------------------------
 
@@ -236,6 +237,8 @@ class QueueRunner(RunnerControl):
                 for job in jobs:
                     self.in_flight[job.id] = job
                 return jobs, index, trial
+            if self._changed.is_set():   # what it said was just looked at above
+                self._changed = trio.Event()
             changed = self._changed
             deadline = self.retry_at if self.pending else math.inf
             with trio.move_on_at(deadline):
