@@ -336,9 +336,7 @@ class GroupCommit(Generic[T]):
         slot = _Slot(item)
         self._pending.append(slot)
         try:
-            if linger > 0 and self._flushing is None:
-                await self._linger(linger)
-            await self._lead_or_wait(slot)
+            await self._lead_or_wait(slot, linger)
         except BaseException:
             # Cancelled before a flush took the item: it was never handed over.
             if slot.taken is None:
@@ -353,7 +351,7 @@ class GroupCommit(Generic[T]):
         with trio.move_on_after(seconds):
             await self._lingering.wait()
 
-    async def _lead_or_wait(self, slot: _Slot[T]) -> None:
+    async def _lead_or_wait(self, slot: _Slot[T], linger: float = 0.0) -> None:
         # Bounded: each pass either runs a flush (which takes this slot) or waits
         # for the running one to end; a slot is taken by the first flush after it.
         for _ in range(_MAX_PASSES):
@@ -363,6 +361,11 @@ class GroupCommit(Generic[T]):
                 # Our item is inside a running flush: wait it out even when
                 # cancelled, so no thread still writes it when we return.
                 await slot.taken.wait()
+            elif self._flushing is None and linger > 0:
+                # About to lead (now, or after the flush that was running when
+                # it came): first give a commit the chance to lead it along.
+                await self._linger(linger)
+                linger = 0.0
             elif self._flushing is None:
                 await self._lead()
             else:
