@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 import outcome
 import trio
 
+from relay import log
+
 T = TypeVar("T")
 
 _IDLE = 10.0  # seconds a thread waits for its next call before it ends
@@ -89,12 +91,21 @@ class HandOffThread:
 
     async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in the thread; its result or its exception."""
+        return await self.run_sync_then(None, fn, *args)
+
+    async def run_sync_then(self, then: Callable[[], object] | None, fn: Callable[..., T],
+                            *args: Any) -> T:
+        """``fn(*args)`` in the thread, then ``then()`` there once the caller was woken.
+
+        ``then`` is for work the caller need not wait for; it runs before the
+        thread's next call.  What it raises is lost (it has no caller left).
+        """
         await trio.lowlevel.checkpoint_if_cancelled()
         task = trio.lowlevel.current_task()
         token = trio.lowlevel.current_trio_token()
         context = contextvars.copy_context()
         with self._lock:
-            self._queue.put((task, token, context, fn, args))
+            self._queue.put((task, token, context, fn, args, then))
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._serve, name=self._name, daemon=True)
@@ -110,7 +121,7 @@ class HandOffThread:
         # Bounded by the idle timeout: the loop ends once no call came for ``idle`` s.
         while True:
             try:
-                task, token, context, fn, args = self._queue.get(timeout=self._idle)
+                task, token, context, fn, args, then = self._queue.get(timeout=self._idle)
             except queue.Empty:
                 with self._lock:  # calls are queued under the lock: none is missed
                     if self._queue.empty():
@@ -121,6 +132,11 @@ class HandOffThread:
             # A run that ended under the call has no task left to resume.
             with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+            if then is not None:
+                try:
+                    context.run(then)
+                except Exception as exc:  # no caller left to raise it to; the thread lives on
+                    log.event("error", "thread_task_failed", thread=self._name, error=repr(exc))
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -51,6 +51,11 @@ from relay.spool import JobMeta, Spool
 if TYPE_CHECKING:
     from relay.retention import Retention
 
+# A delivered batch's removals, with nothing else queued, wait this long for the
+# next commit's flush to make them durable rather than run a flush of their own
+# (at concurrency 1 the next job's commit would arrive during it and wait).
+SYNC_LINGER = 0.01
+
 
 def backoff_delay(failures: int, *, initial: float, maximum: float,
                   rng: random.Random) -> float:
@@ -184,8 +189,9 @@ class QueueRunner(RunnerControl):
             next_retry=next_retry, server=status.SERVER_LINE)
 
     def _notify(self) -> None:
+        # Set, not replaced here (an Event a submitted job): a worker about to wait
+        # replaces a set one first (_take), with no checkpoint in between.
         self._changed.set()
-        self._changed = trio.Event()
 
     # -- delivering ---------------------------------------------------------
 
@@ -231,6 +237,8 @@ class QueueRunner(RunnerControl):
                 for job in jobs:
                     self.in_flight[job.id] = job
                 return jobs, index, trial
+            if self._changed.is_set():   # what it said was just looked at above
+                self._changed = trio.Event()
             changed = self._changed
             deadline = self.retry_at if self.pending else math.inf
             with trio.move_on_at(deadline):
@@ -255,7 +263,9 @@ class QueueRunner(RunnerControl):
             self._delivered(jobs[:done], index, dest)
             # Make the removals durable too (shared with other commits), so
             # even a power loss right after cannot print a job a second time.
-            await self.spool.sync()
+            # Caught up with intake: the next job's commit may carry them
+            # (docs/spool.md "Group commit"); a backlog: at once.
+            await self.spool.sync(linger=0.0 if self.pending else SYNC_LINGER)
             if trial:
                 self._fail_back()
         if error is None:
@@ -283,8 +293,7 @@ class QueueRunner(RunnerControl):
         spool; the rest go back to the front, for the new destinations, no backoff."""
         if done:
             self._count_attempt(dest, "ok", done)
-            for job in jobs[:done]:
-                self._gone(job, dest, dest)
+            self._gone(jobs[:done], dest, dest)
             await self.spool.sync()
         if error is not None:
             self.pending.extendleft(reversed(jobs[done:]))
@@ -318,26 +327,43 @@ class QueueRunner(RunnerControl):
             self.failures = 0
         self._mark(index, True, "")   # once an attempt: the same state for each of its jobs
         self._count_attempt(dest, "ok", len(jobs))
-        uri = self.dests[index].sink.destination.uri
-        for job in jobs:
-            self._gone(job, dest, uri)
+        self._gone(jobs, dest, self.dests[index].sink.destination.uri)
 
-    def _gone(self, job: JobMeta, dest: str, uri: str) -> None:
-        """A confirmed job leaves the spool (or is kept, ``[retention]``); counted, audited."""
-        if self.keeper is None or not self.keeper.keep(job):
-            self.spool.remove(job.id)
-        self.spool.events.record("attempt", job, destination=uri, result="ok")
-        self.spool.events.record("delivered", job, destination=uri)
-        self._first_failure.pop(job.id, None)
-        jobs, size, seconds = self._children(job.queue, dest)
-        jobs.inc()
-        size.inc(job.total_bytes)
-        latency = max(0.0, time.time() - job.received)
-        seconds.observe(latency)
-        log.count("delivered")
-        if log.enabled("debug"):     # off in production: no fields built a job
-            log.event("debug", "job_delivered", job=job.id, queue=job.queue,
-                      destination=uri, seconds=round(latency, 3))
+    def _gone(self, jobs: list[JobMeta], dest: str, uri: str) -> None:
+        """Confirmed jobs leave the spool (or are kept, ``[retention]``); counted, audited.
+
+        Their removals are one call (``Spool.remove_many``: one DONE write for
+        the batch's segment jobs), their counters one ``inc`` per batch.
+        """
+        keeper = self.keeper
+        gone = [job.id for job in jobs if keeper is None or not keeper.keep(job)]
+        if isinstance(self.spool, Spool):
+            self.spool.remove_many(gone)
+        else:
+            for job_id in gone:
+                self.spool.remove(job_id)
+        events, now = self.spool.events, time.time()
+        debug = log.enabled("debug")   # off in production: no fields built a job
+        by_queue: dict[str, list[JobMeta]] = {}   # one queue, but for redirected jobs
+        for job in jobs:
+            events.record("attempt", job, destination=uri, result="ok")
+            events.record("delivered", job, destination=uri)
+            self._first_failure.pop(job.id, None)
+            by_queue.setdefault(job.queue, []).append(job)
+            if debug:
+                log.event("debug", "job_delivered", job=job.id, queue=job.queue,
+                          destination=uri, seconds=round(max(0.0, now - job.received), 3))
+        for queue, group in by_queue.items():
+            self._count_gone(group, self._children(queue, dest), now)
+
+    @staticmethod
+    def _count_gone(jobs: list[JobMeta], children: tuple[Any, Any, Any], now: float) -> None:
+        count, size, seconds = children
+        count.inc(len(jobs))
+        size.inc(sum(job.total_bytes for job in jobs))
+        for job in jobs:
+            seconds.observe(max(0.0, now - job.received))
+        log.count("delivered", len(jobs))
 
     def _children(self, queue: str, dest: str) -> tuple[Any, Any, Any]:
         """The labelled metric children for (queue label, destination), looked up once."""

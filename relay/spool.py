@@ -131,10 +131,12 @@ class Spool(FreeSpace):
         self.segment_threshold = segment_threshold  # 0: every job gets files
         self._seg = SegmentJobs(self.directory, fsync=fsync)
         self._files_dirty = False  # a .state/.json changed since the last flush
+        self._synced = False       # the last flush's sync succeeded (its upkeep may run)
+        self._single = False       # the last flush with commits had only one (sync lingers)
         self.min_free_disk = min_free_disk
         self._sync_method = sync_method
         self._syncer: Syncer | None = None
-        self._group: GroupCommit[Publish] = GroupCommit(self._flush)
+        self._group: GroupCommit[Publish] = GroupCommit(self._flush, after=self._after_flush)
         self._lock_fd = -1
         self._reserving = threading.Lock()
         self._next = 0          # next id to hand out; 0 = not recovered
@@ -272,16 +274,24 @@ class Spool(FreeSpace):
         self._stats["commits"] += 1
         return meta
 
-    async def sync(self) -> None:
+    async def sync(self, *, linger: float = 0.0) -> None:
         """Make earlier ``update``/``remove`` calls durable (joins the next group commit).
 
         Writes a full disk refused are tried first (a delivery may have just
         freed space).  A failed flush is logged, not raised: no caller could act.
+        ``linger``: with no flush running, wait up to that long for a commit's
+        flush to carry these writes before running one of its own (delivery
+        keeping up with intake: the next job's commit would otherwise queue
+        behind that flush; docs/spool.md "Group commit").
         """
         self.save_unsaved()
         if self.fsync and self._syncer is not None:
+            # Only while commits come one at a time: with several at once a flush
+            # is running or they batch behind this one, and lingering would only
+            # let the next commit lead a smaller batch.
+            linger = linger if self._single else 0.0
             try:
-                await self._group.submit(Publish("", None, b"", ()))
+                await self._group.submit(Publish("", None, b"", ()), linger=linger)
             except SpoolError as exc:
                 log.event("error", "spool_sync_failed", error=str(exc))
         else:
@@ -295,6 +305,8 @@ class Spool(FreeSpace):
         # sync makes the whole batch (and all earlier writes) durable.
         errors: list[Exception | None] = []
         paths: list[str] = []
+        if commits := sum(1 for item in items if item.job_id):
+            self._single = commits == 1
         for item in items:
             try:
                 paths += publish(self.jobs_dir, self._seg, item)
@@ -313,15 +325,23 @@ class Spool(FreeSpace):
             self._heed(errors)
             return errors
         self._heed(errors)
+        self._synced = True
+        with contextlib.suppress(OSError):  # one reading per batch, off the event loop
+            self._read_free(time.monotonic())
+            self._batch_reads += 1
+        return errors
+
+    def _after_flush(self) -> None:
+        # In the flush thread, after the batch's commits were woken (they need
+        # neither), before the next batch: segment upkeep and the next id block.
+        if not self._synced:   # the flush's sync failed: nothing is moved after it
+            return
+        self._synced = False
         with contextlib.suppress(OSError):  # a record copied forward waits for the next sync
             self._seg.upkeep()
         if self._limit and self._limit - self._next < ID_BLOCK // 2:
             with contextlib.suppress(OSError):  # begin() tries again when it runs out
                 self._reserve()
-        with contextlib.suppress(OSError):  # one reading per batch, off the event loop
-            self._read_free(time.monotonic())
-            self._batch_reads += 1
-        return errors
 
     def _heed(self, errors: list[Exception | None]) -> None:
         if any(isinstance(e, DiskFull) for e in errors):
@@ -472,6 +492,18 @@ class Spool(FreeSpace):
         else:
             unlink_job(self.jobs_dir, job_id, paths)
         self._cache.pop(job_id, None)  # _load() asks the index first
+
+    def remove_many(self, job_ids: list[str]) -> None:
+        """``remove`` of each of ``job_ids`` (a delivered batch): in the daemon the
+        segment jobs' DONE records go in one write instead of one each."""
+        index = self._index
+        small = [j for j in job_ids if j in self._seg.jobs] if index is not None else []
+        if index is not None and small:
+            index.remove_many(small, self._seg.remove_many(small), self._seg.remove)
+        others = set(small)
+        for job_id in job_ids:
+            if job_id not in others:
+                self.remove(job_id)
 
     def open_body(self, file: FileMeta) -> Body:
         """A data file to deliver: its own spool file, from offset 0."""

@@ -120,6 +120,22 @@ class SpoolIndex:
             self._log_new(job_id, "removal", exc)
             self.unremoved[job_id] = unlink
 
+    def remove_many(self, job_ids: list[str], unlink: Callable[[], None],
+                    each: Callable[[str], Callable[[], None]]) -> None:
+        """``remove`` of several jobs by one ``unlink``; when it is refused, each job
+        keeps its own removal (``each(job_id)``) for ``save``."""
+        for job_id in job_ids:
+            self.untrack(job_id)
+            self.unsaved.pop(job_id, None)
+            self._writes.pop(job_id, None)
+        try:
+            unlink()
+        except OSError as exc:
+            self._refused(exc)
+            for job_id in job_ids:
+                self._log_new(job_id, "removal", exc)
+                self.unremoved[job_id] = each(job_id)
+
     def _refused(self, exc: OSError) -> None:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             self.on_full()

@@ -46,6 +46,16 @@ MOVE_AFTER = 4                 # live segments behind a job before its record mo
 BODY_RE = re.compile(rf"(\d{{{ID_WIDTH},20}})\.(cf|d\d{{1,4}})")
 
 
+def _record_bound(meta: JobMeta) -> int:
+    """At least ``len(encode_job(meta))``: a character is at most 6 bytes of JSON (an
+    escape), the keys, numbers and punctuation under 400 bytes, a file's under 100."""
+    text = (len(meta.id) + len(meta.queue) + len(meta.wire_queue) + len(meta.peer)
+            + len(meta.control_name) + len(meta.number) + len(meta.user) + len(meta.host)
+            + len(meta.title) + len(meta.job_name) + len(meta.tls_peer)
+            + sum(len(f.name) + len(f.format) + len(f.path) for f in meta.files))
+    return 6 * text + 400 + 100 * len(meta.files)
+
+
 class SegmentJobs:
     """The segment jobs of one spool: their log, their records, where their bodies are.
 
@@ -93,8 +103,10 @@ class SegmentJobs:
 
     def fits(self, meta: JobMeta) -> bool:
         """Whether the job's record fits in a segment (a huge control file may not)."""
-        return (meta.control_bytes + meta.total_bytes + len(encode_job(meta)) + LENGTH.size
-                <= min(MAX_BODY, self.segment_size // 2))
+        room = min(MAX_BODY, self.segment_size // 2) - meta.control_bytes - meta.total_bytes
+        # On the event loop, per job: the record's bound first, encoded only near the limit.
+        return (_record_bound(meta) + LENGTH.size <= room
+                or len(encode_job(meta)) + LENGTH.size <= room)
 
 
     def append_job(self, meta: JobMeta, control: bytes, data: list[bytes],
@@ -140,6 +152,19 @@ class SegmentJobs:
         def done() -> None:
             if log.live(int(job_id)) is not None:
                 log.done(int(job_id))
+        return done
+
+    def remove_many(self, job_ids: list[str]) -> Callable[[], None]:
+        """``remove`` of several jobs: the write records them all (one ``pwritev``)."""
+        for job_id in job_ids:
+            self.jobs.pop(job_id, None)
+            self._where.pop(job_id, None)
+        log = self.log
+        assert log is not None
+        numbers = [int(job_id) for job_id in job_ids]
+
+        def done() -> None:
+            log.done_many(numbers)
         return done
 
     def upkeep(self) -> None:

@@ -348,6 +348,13 @@ class SegmentLog:
         """Append the DONE record of ``job``: its records are no longer needed."""
         return self.append(DONE, job)
 
+    def done_many(self, jobs: Sequence[int]) -> None:
+        """The DONE records of the live ones of ``jobs``, in one write per segment's worth."""
+        live = [job for job in jobs if self._where.get(job) is not None]
+        step = (self.segment_size - HEADER.size) // RECORD.size // 2
+        for start in range(0, len(live), step):
+            self.append_many([(DONE, job, ()) for job in live[start:start + step]])
+
     def live(self, job: int) -> int | None:
         """The segment holding the newest record of ``job``, or None when done/unknown."""
         return self._where.get(job)

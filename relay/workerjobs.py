@@ -38,10 +38,26 @@ FAILED_MEMORY = 60.0
 
 @dataclasses.dataclass(slots=True)
 class _Outcome:
-    """Whether a job's commit succeeded, once decided (``done``)."""
+    """Whether a job's commit succeeded, once decided (``decide``)."""
 
-    done: trio.Event = dataclasses.field(default_factory=trio.Event)
     ok: bool = False
+    decided: bool = False
+    # Made only when a job behind it waits (a pipelining session): most commits
+    # are decided with nobody waiting, and an Event a job is work on the event loop.
+    _event: trio.Event | None = None
+
+    def decide(self) -> None:
+        self.decided = True
+        if self._event is not None:
+            self._event.set()
+
+    async def wait_decided(self) -> None:
+        if self.decided:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._event is None:
+            self._event = trio.Event()
+        await self._event.wait()
 
 
 @dataclasses.dataclass(slots=True)
@@ -141,13 +157,13 @@ class WorkerJobs:
 
     async def _after(self, before: _Outcome, meta: JobMeta) -> None:
         """Wait for the job before it on its connection; removed and refused if that failed."""
-        await before.done.wait()
+        await before.wait_decided()
         if not before.ok:
             self.spool.remove(meta.id)
             raise SpoolError("a job before it on this connection was not committed")
 
     def _decided(self, token: str, outcome: _Outcome) -> None:
-        outcome.done.set()
+        outcome.decide()
         self._deciding.pop(token, None)
         if not outcome.ok:
             now = trio.current_time()
@@ -179,7 +195,7 @@ class WorkerJobs:
         before = self._deciding.get(message.previous) if message.previous else None
         if before is None and message.previous in self._failed:
             before = _Outcome(ok=False)
-            before.done.set()
+            before.decide()
         outcome = self._deciding[message.token] = _Outcome()
         return Prepared(self._prepare(message), outcome, before)
 

@@ -15,12 +15,15 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import relay.spoolsegjobs
 from relay.errors import SpoolError
 from relay.sinks import SinkContext, make_sink
-from relay.spool import JobMeta, Spool
-from relay.spoolsegjobs import MOVE_AFTER
+from relay.spool import FileMeta, JobMeta, Spool
+from relay.spoolformat import encode_job
+from relay.spoolsegjobs import MOVE_AFTER, _record_bound
 from relay.spoolsegment import RECORD, read_only
 from relay.uri import parse_destination
 from tests.test_spool import build, run
@@ -240,6 +243,68 @@ def test_a_refused_append_is_kept_in_memory_and_written_later(
     again, jobs = opened(tmp_path / "spool")
     assert [(j.id, j.state) for j in jobs] == [(a.id, "held")]
     run(again.aclose)
+
+
+def test_a_batch_removal_is_one_write_and_survives_restarts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool, _ = opened(tmp_path / "spool")
+    jobs = [commit(spool) for _ in range(5)]
+    writes: list[int] = []
+    real = os.pwritev
+
+    def counted(fd: int, buffers: list[bytes], offset: int) -> int:
+        writes.append(len(buffers))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", counted)
+    spool.remove_many([j.id for j in jobs[1:4]] + ["../../etc/passwd"])
+    assert writes == [3]                                   # three DONE records, one write
+    assert [j.id for j in spool.jobs()] == [jobs[0].id, jobs[4].id]
+    with pytest.raises(KeyError):
+        spool.get(jobs[2].id)
+    run(spool.aclose)
+    again, left = opened(tmp_path / "spool")
+    assert [j.id for j in left] == [jobs[0].id, jobs[4].id]
+    run(again.aclose)
+
+
+def test_a_refused_batch_removal_keeps_each_job_owed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool, _ = opened(tmp_path / "spool")
+    a, b, c = commit(spool), commit(spool), commit(spool)
+    real = os.pwritev
+
+    def full(fd: int, buffers: list[bytes], offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwritev", full)
+    spool.remove_many([a.id, c.id])                        # does not raise
+    assert [j.id for j in spool.jobs()] == [b.id]          # gone for the daemon at once
+    assert spool.save_unsaved() == 2
+    monkeypatch.setattr(os, "pwritev", real)
+    assert spool.save_unsaved() == 0
+    run(spool.aclose)
+    again, left = opened(tmp_path / "spool")
+    assert [j.id for j in left] == [b.id]
+    run(again.aclose)
+
+
+_TEXT = st.text(max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(fields=st.lists(_TEXT, min_size=9, max_size=9), received=st.floats(allow_nan=False),
+       files=st.lists(st.tuples(_TEXT, _TEXT, st.integers(0, 2**63)), max_size=8))
+def test_the_fits_check_bounds_the_record_without_encoding_it(
+        fields: list[str], received: float, files: list[tuple[str, str, int]]) -> None:
+    job_id, queue, wire, peer, name, number, user, host, title = fields
+    meta = JobMeta(id=job_id, queue=queue, wire_queue=wire, peer=peer, received=received,
+                   control_name=name, control_path=f"/s/{job_id}.cf", number=number,
+                   user=user, host=host, title=title, job_name=title, tls_peer=user,
+                   control_bytes=2**63,
+                   files=tuple(FileMeta(name=n, format=f, bytes=b, path=f"/s/{n}")
+                               for n, f, b in files))
+    assert len(encode_job(meta)) <= _record_bound(meta)
 
 
 def test_state_and_removal_need_no_new_blocks_inside_the_current_segment(
