@@ -316,7 +316,6 @@ class GroupCommit(Generic[T]):
         self._after = after
         self._pending: list[_Slot[T]] = []
         self._flushing: trio.Event | None = None
-        self._lingering: trio.Event | None = None  # set when a batch takes the pending items
         # Our own thread, one flush at a time: a busy default thread pool must
         # not delay durability, and a long-lived thread costs no prctl/futex
         # round through trio's thread cache per batch.
@@ -325,18 +324,12 @@ class GroupCommit(Generic[T]):
         self._items = 0
         self._largest = 0
 
-    async def submit(self, item: T, *, linger: float = 0.0) -> None:
-        """Return once ``item`` was flushed; raise the error the flush reported for it.
-
-        ``linger``: when no flush is running, first wait up to that many seconds
-        for another ``submit`` to lead one that takes ``item`` too, and lead
-        only then (a sync that can ride along with the next commit instead of
-        running a flush of its own that the commit would queue behind).
-        """
+    async def submit(self, item: T) -> None:
+        """Return once ``item`` was flushed; raise the error the flush reported for it."""
         slot = _Slot(item)
         self._pending.append(slot)
         try:
-            await self._lead_or_wait(slot, linger)
+            await self._lead_or_wait(slot)
         except BaseException:
             # Cancelled before a flush took the item: it was never handed over.
             if slot.taken is None:
@@ -345,13 +338,7 @@ class GroupCommit(Generic[T]):
         if slot.error is not None:
             raise slot.error
 
-    async def _linger(self, seconds: float) -> None:
-        if self._lingering is None:
-            self._lingering = trio.Event()
-        with trio.move_on_after(seconds):
-            await self._lingering.wait()
-
-    async def _lead_or_wait(self, slot: _Slot[T], linger: float = 0.0) -> None:
+    async def _lead_or_wait(self, slot: _Slot[T]) -> None:
         # Bounded: each pass either runs a flush (which takes this slot) or waits
         # for the running one to end; a slot is taken by the first flush after it.
         for _ in range(_MAX_PASSES):
@@ -361,11 +348,6 @@ class GroupCommit(Generic[T]):
                 # Our item is inside a running flush: wait it out even when
                 # cancelled, so no thread still writes it when we return.
                 await slot.taken.wait()
-            elif self._flushing is None and linger > 0:
-                # About to lead (now, or after the flush that was running when
-                # it came): first give a commit the chance to lead it along.
-                await self._linger(linger)
-                linger = 0.0
             elif self._flushing is None:
                 await self._lead()
             else:
@@ -379,9 +361,6 @@ class GroupCommit(Generic[T]):
         taken = _Batch()
         for slot in batch:
             slot.taken = taken
-        if self._lingering is not None:   # a lingering submit's item is in this batch
-            lingering, self._lingering = self._lingering, None
-            lingering.set()
         try:
             # Not abandonable: a cancelled leader still waits for the thread.
             errors = await self._thread.run_sync_then(self._after, self._flush,

@@ -51,11 +51,6 @@ from relay.spool import JobMeta, Spool
 if TYPE_CHECKING:
     from relay.retention import Retention
 
-# A delivered batch's removals, with nothing else queued, wait this long for the
-# next commit's flush to make them durable rather than run a flush of their own
-# (at concurrency 1 the next job's commit would arrive during it and wait).
-SYNC_LINGER = 0.01
-
 
 def backoff_delay(failures: int, *, initial: float, maximum: float,
                   rng: random.Random) -> float:
@@ -263,9 +258,7 @@ class QueueRunner(RunnerControl):
             self._delivered(jobs[:done], index, dest)
             # Make the removals durable too (shared with other commits), so
             # even a power loss right after cannot print a job a second time.
-            # Caught up with intake: the next job's commit may carry them
-            # (docs/spool.md "Group commit"); a backlog: at once.
-            await self.spool.sync(linger=0.0 if self.pending else SYNC_LINGER)
+            await self.spool.sync()
             if trial:
                 self._fail_back()
         if error is None:
@@ -336,16 +329,15 @@ class QueueRunner(RunnerControl):
         the batch's segment jobs), their counters one ``inc`` per batch.
         """
         keeper = self.keeper
-        gone = [job.id for job in jobs if keeper is None or not keeper.keep(job)]
-        if isinstance(self.spool, Spool):
-            self.spool.remove_many(gone)
-        else:
-            for job_id in gone:
-                self.spool.remove(job_id)
+        gone: list[str] = []
         events, now = self.spool.events, time.time()
         debug = log.enabled("debug")   # off in production: no fields built a job
         by_queue: dict[str, list[JobMeta]] = {}   # one queue, but for redirected jobs
         for job in jobs:
+            # Kept or not before its events, job by job: a later job's keep may
+            # expire this one, and the audit log has "delivered" before "expired".
+            if keeper is None or not keeper.keep(job):
+                gone.append(job.id)
             events.record("attempt", job, destination=uri, result="ok")
             events.record("delivered", job, destination=uri)
             self._first_failure.pop(job.id, None)
@@ -353,6 +345,11 @@ class QueueRunner(RunnerControl):
             if debug:
                 log.event("debug", "job_delivered", job=job.id, queue=job.queue,
                           destination=uri, seconds=round(max(0.0, now - job.received), 3))
+        if isinstance(self.spool, Spool):
+            self.spool.remove_many(gone)
+        else:
+            for job_id in gone:
+                self.spool.remove(job_id)
         for queue, group in by_queue.items():
             self._count_gone(group, self._children(queue, dest), now)
 

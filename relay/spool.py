@@ -132,7 +132,6 @@ class Spool(FreeSpace):
         self._seg = SegmentJobs(self.directory, fsync=fsync)
         self._files_dirty = False  # a .state/.json changed since the last flush
         self._synced = False       # the last flush's sync succeeded (its upkeep may run)
-        self._single = False       # the last flush with commits had only one (sync lingers)
         self.min_free_disk = min_free_disk
         self._sync_method = sync_method
         self._syncer: Syncer | None = None
@@ -274,24 +273,16 @@ class Spool(FreeSpace):
         self._stats["commits"] += 1
         return meta
 
-    async def sync(self, *, linger: float = 0.0) -> None:
+    async def sync(self) -> None:
         """Make earlier ``update``/``remove`` calls durable (joins the next group commit).
 
         Writes a full disk refused are tried first (a delivery may have just
         freed space).  A failed flush is logged, not raised: no caller could act.
-        ``linger``: with no flush running, wait up to that long for a commit's
-        flush to carry these writes before running one of its own (delivery
-        keeping up with intake: the next job's commit would otherwise queue
-        behind that flush; docs/spool.md "Group commit").
         """
         self.save_unsaved()
         if self.fsync and self._syncer is not None:
-            # Only while commits come one at a time: with several at once a flush
-            # is running or they batch behind this one, and lingering would only
-            # let the next commit lead a smaller batch.
-            linger = linger if self._single else 0.0
             try:
-                await self._group.submit(Publish("", None, b"", ()), linger=linger)
+                await self._group.submit(Publish("", None, b"", ()))
             except SpoolError as exc:
                 log.event("error", "spool_sync_failed", error=str(exc))
         else:
@@ -305,8 +296,6 @@ class Spool(FreeSpace):
         # sync makes the whole batch (and all earlier writes) durable.
         errors: list[Exception | None] = []
         paths: list[str] = []
-        if commits := sum(1 for item in items if item.job_id):
-            self._single = commits == 1
         for item in items:
             try:
                 paths += publish(self.jobs_dir, self._seg, item)

@@ -259,9 +259,8 @@ class SpoolBackend(BodySource, Protocol[J]):
     def remove(self, job_id: str) -> None:
         """Forget a job (delivered or purged); idempotent."""
 
-    async def sync(self, *, linger: float = 0.0) -> None:
-        """Make earlier ``update``/``remove`` calls durable (``linger``: a backend may
-        wait that long for a commit to share the flush with)."""
+    async def sync(self) -> None:
+        """Make earlier ``update``/``remove`` calls durable."""
 
     def save_unsaved(self) -> int:
         """Retry what the store refused before; returns how many changes still wait."""

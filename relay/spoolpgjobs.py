@@ -112,9 +112,8 @@ class JobStates(Sessions):
                 self._index.untrack(job_id)
         return removed
 
-    async def sync(self, *, linger: float = 0.0) -> None:
-        """Write the kept state changes and removals (one transaction); a failure waits.
-        (``linger`` is the file spool's; a transaction here is not shared with commits.)"""
+    async def sync(self) -> None:
+        """Write the kept state changes and removals (one transaction); a failure waits."""
         async with self._writes_lock:
             updates, removals = dict(self._updates), set(self._removals)
             if not updates and not removals:

@@ -206,13 +206,20 @@ class SegmentLog:
         """Append one record; returns where its body lies (``body`` left empty)."""
         return self.append_many([(rtype, job, parts)])[-1]
 
-    def append_many(self, records: Sequence[tuple[int, int, Sequence[bytes]]]) -> list[Record]:
-        """Append records together, in one segment and one write (a job and its hold)."""
+    def append_many(self, records: Sequence[tuple[int, int, Sequence[bytes]]], *,
+                    still_in: tuple[int, int] | None = None) -> list[Record]:
+        """Append records together, in one segment and one write (a job and its hold).
+
+        ``still_in`` (job, segment): append only while that job's newest record
+        is still there, checked under the same lock (``move_forward``); else [].
+        """
         lengths = [sum(len(p) for p in parts) for _, _, parts in records]
         total = sum(lengths) + RECORD.size * (len(records) - 1)
         if total > self.segment_size - HEADER.size - RECORD.size:
             raise ValueError(f"record of {total} bytes does not fit in a segment")
         with self._lock:
+            if still_in is not None and self._where.get(still_in[0]) != still_in[1]:
+                return []
             segment = self._current
             if segment is None or not segment.room(total):
                 segment = self._rotate()
@@ -386,12 +393,12 @@ class SegmentLog:
         records: list[tuple[int, int, Sequence[bytes]]] = [(JOB, job, [body])]
         if state is not None:
             records.append((STATE, job, [state]))
-        with self._lock:
-            if self._where.get(job) != segment:
-                return None  # done (or moved) meanwhile
-        placed = self.append_many(records)[0]
+        # Done (or moved) meanwhile: nothing appended, or the copy would revive it.
+        placed = self.append_many(records, still_in=(job, segment))
+        if not placed:
+            return None
         self.stats["moved"] += 1
-        return placed
+        return placed[0]
 
     def collect(self, ticket: SyncTicket | None = None) -> int:
         """Recycle or remove the oldest segments no live job needs; returns how many.

@@ -193,59 +193,6 @@ def test_wait_idle_waits_for_the_running_flush() -> None:
     trio.run(main)
 
 
-def test_a_lingering_submit_rides_along_with_the_next_flush() -> None:
-    flush = Recorder()
-    group: GroupCommit[int] = GroupCommit(flush)
-    done: list[int] = []
-
-    async def lingering() -> None:
-        await group.submit(1, linger=5.0)
-        done.append(1)
-
-    async def main() -> None:
-        with trio.fail_after(4):   # well inside the linger: the commit's flush took it
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(lingering)
-                await trio.sleep(0.05)
-                assert flush.batches == [] and done == []   # waiting for a flush to join
-                await group.submit(2)
-
-    trio.run(main)
-    assert [sorted(b) for b in flush.batches] == [[1, 2]] and done == [1]
-
-
-def test_a_lingering_submit_leads_its_own_flush_when_none_comes() -> None:
-    flush = Recorder()
-    group: GroupCommit[int] = GroupCommit(flush)
-
-    async def main() -> None:
-        with trio.fail_after(10):
-            start = trio.current_time()
-            await group.submit(1, linger=0.1)
-            assert trio.current_time() - start >= 0.1
-            start = trio.current_time()
-            await group.submit(2, linger=0.0)          # no linger: at once
-            assert trio.current_time() - start < 0.1
-
-    trio.run(main)
-    assert flush.batches == [[1], [2]]
-
-
-def test_a_lingering_submit_cancelled_is_never_flushed() -> None:
-    flush = Recorder()
-    group: GroupCommit[int] = GroupCommit(flush)
-
-    async def main() -> None:
-        with trio.fail_after(10):
-            with trio.move_on_after(0.05) as scope:
-                await group.submit(1, linger=5.0)
-            assert scope.cancelled_caught
-            await group.submit(2)
-
-    trio.run(main)
-    assert flush.batches == [[2]]
-
-
 def test_after_runs_once_the_batch_was_woken_and_before_the_next() -> None:
     events: list[str] = []
     release = threading.Event()

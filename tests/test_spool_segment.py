@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -227,3 +228,24 @@ def test_a_reader_beside_the_writer_sees_a_consistent_prefix(log: SegmentLog,
     path.write_bytes(data[:end + 50].ljust(len(data), b"\0"))
     assert [r.job for r in read_only(str(seg_dir))] == [1, 2, 3, 4, 5]
     assert set(os.listdir(seg_dir)) - names == {segment_name(1)}   # it created nothing
+
+
+def test_a_job_done_while_its_record_is_read_for_a_move_is_not_revived(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # move_forward reads the record outside the lock; the event loop's removal
+    # (its DONE record) may come before the copy is appended.  The copy must
+    # then not be appended: after it, the job would be live again on replay.
+    log = SegmentLog(str(tmp_path), fsync=False)
+    log.replay()
+    log.append(JOB, 1, [b"x" * 100])
+    real = log.append_many
+
+    def removal_first(records: Any, **kwargs: Any) -> Any:
+        if kwargs.get("still_in"):
+            real([(DONE, 1, ())])          # the removal lands in the gap
+        return real(records, **kwargs)
+    monkeypatch.setattr(log, "append_many", removal_first)
+    assert log.move_forward(1) is None
+    assert log.live(1) is None
+    log.close()
+    assert 1 not in fold(read_only(str(tmp_path)))
