@@ -43,8 +43,7 @@ from relay.spool import MAX_FILES_PER_JOB, DataWriter, IncomingJob, JobMeta
 from relay.spoolbackend import Session
 from relay.tls import TlsPeer, TlsStream
 
-__all__ = ["Connection", "ConnectionContext", "Delivery", "PeerGone", "accepted",
-           "record_committed"]
+__all__ = ["Connection", "ConnectionContext", "Delivery", "PeerGone"]
 
 # After a refusal: how long and how much of a still-sending client to drain.
 REFUSAL_DRAIN_SECONDS = 2.0

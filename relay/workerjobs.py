@@ -22,7 +22,7 @@ import dataclasses
 import trio
 
 from relay import log
-from relay.connection import accepted, record_committed
+from relay.committed import accepted, record_committed
 from relay.context import Delivery
 from relay.errors import LpdError, SpoolError
 from relay.intakechannel import Commit, Failure, Open, Reply, Withdrawn
