@@ -110,15 +110,7 @@ class SpoolIndex:
 
     def remove(self, job_id: str, unlink: Callable[[], None]) -> None:
         """Stop counting a job and ``unlink`` it; a refused removal is kept for ``save``."""
-        self.untrack(job_id)
-        self.unsaved.pop(job_id, None)
-        self._writes.pop(job_id, None)
-        try:
-            unlink()
-        except OSError as exc:
-            self._refused(exc)
-            self._log_new(job_id, "removal", exc)
-            self.unremoved[job_id] = unlink
+        self.remove_many([job_id], unlink, lambda _: unlink)
 
     def remove_many(self, job_ids: list[str], unlink: Callable[[], None],
                     each: Callable[[str], Callable[[], None]]) -> None:
