@@ -99,28 +99,37 @@ def test_frames_sent_at_once_arrive_whole_and_in_order() -> None:
     assert len(trio.run(main)) == 40
 
 
-def test_a_send_cancelled_while_another_writes_is_not_sent() -> None:
-    # A's frame is larger than the socket's buffer: its write waits for the
-    # reader, B queues behind it and is cancelled; A and then C arrive whole.
+def _big_frame_and_one_behind(cancelled: str) -> list[object]:
+    """A (rid 1) writes a frame larger than the socket's buffer, B (rid 2) is
+    queued behind it; the one ``cancelled`` names ("A" or "B") is cancelled
+    while A's write waits for the reader.  With B cancelled a third send (rid 3)
+    follows A.  The two messages that arrive."""
     async def main() -> list[object]:
         sender, receiver = _channels(sndbuf=4096)
-        big = _big(1)
+        scope = trio.CancelScope()
         got: list[object] = []
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(sender.send, big)
-                await trio.sleep(0.05)           # A is writing, the buffer full
-                scope = trio.CancelScope()
-                nursery.start_soon(_cancelled, sender, _commit(2, CONTROL), scope)
-                await trio.sleep(0.05)
+                for name, message in (("A", _big(1)), ("B", _commit(2, CONTROL))):
+                    if name == cancelled:
+                        nursery.start_soon(_cancelled, sender, message, scope)
+                    else:
+                        nursery.start_soon(sender.send, message)
+                    await trio.sleep(0.05)       # A is writing, the buffer full
                 scope.cancel()
                 got.append(await receiver.receive())
-                await sender.send(_commit(3, CONTROL))
+                if cancelled == "B":
+                    await sender.send(_commit(3, CONTROL))
                 got.append(await receiver.receive())
         sender.close()
         receiver.close()
         return got
-    assert [m.rid for m in trio.run(main)] == [1, 3]  # type: ignore[attr-defined]
+    return trio.run(main)
+
+
+def test_a_send_cancelled_while_another_writes_is_not_sent() -> None:
+    # B queues behind A's write and is cancelled: A and then C arrive whole.
+    assert [m.rid for m in _big_frame_and_one_behind("B")] == [1, 3]  # type: ignore[attr-defined]
 
 
 async def _cancelled(channel: Channel, message: Commit, scope: trio.CancelScope) -> None:
@@ -144,27 +153,10 @@ def test_a_send_from_a_cancelled_task_sends_nothing() -> None:
 
 
 def test_a_writer_cancelled_mid_frame_leaves_the_rest_to_the_next_write() -> None:
-    # A writes a frame larger than the socket's buffer and is cancelled part-way;
-    # B, queued behind it and not begun, writes A's rest and then its own frame:
-    # the stream holds A whole, then B (A's sender was told it was cancelled).
-    async def main() -> list[object]:
-        sender, receiver = _channels(sndbuf=4096)
-        big = _big(1)
-        got: list[object] = []
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                scope = trio.CancelScope()
-                nursery.start_soon(_cancelled, sender, big, scope)
-                await trio.sleep(0.05)           # A is writing, the buffer full
-                nursery.start_soon(sender.send, _commit(2, CONTROL))
-                await trio.sleep(0.05)
-                scope.cancel()
-                got.append(await receiver.receive())
-                got.append(await receiver.receive())
-        sender.close()
-        receiver.close()
-        return got
-    got = trio.run(main)
+    # A is cancelled part-way; B, queued behind it and not begun, writes A's rest
+    # and then its own frame: the stream holds A whole, then B (A's sender was
+    # told it was cancelled).
+    got = _big_frame_and_one_behind("A")
     assert [m.rid for m in got] == [1, 2]  # type: ignore[attr-defined]
     assert got[0] == _big(1)
 
