@@ -17,14 +17,13 @@ from __future__ import annotations
 import builtins
 import itertools
 import os
-import time
 from collections import Counter
 from collections.abc import Mapping
 from typing import cast
 
 import trio
 
-from relay import _core, spoolspace
+from relay import _core
 from relay.config import Config
 from relay.connectioncounts import NO_OTHERS, NoOthers, Received
 from relay.errors import SpoolError
@@ -173,10 +172,9 @@ RECORDED_IN_MAIN: JobEvents = _RecordedInMain()
 class SpoolProxy(FreeSpace):
     """What intake needs of the spool, answered by the main process (module docstring).
 
-    ``check_space`` is the spool's (``relay.spoolspace``) with its common case
-    inline: a reading of the spool's file system less what every worker
-    received since, heeding the main process's last reading; a refusal
-    always on a fresh reading.
+    ``check_space`` is the spool's own (``relay.spoolspace``): a reading of the
+    spool's file system less what every worker received since, heeding the
+    main process's last reading; a refusal always on a fresh reading.
     """
 
     def __init__(self, config: Config, channel: Channel, calls: CallClient) -> None:
@@ -206,20 +204,6 @@ class SpoolProxy(FreeSpace):
 
     def main_free(self) -> int | None:
         return self.shared.main_free()
-
-    def check_space(self, need: int = 0) -> None:
-        """FreeSpace's check with its common case inline (three a job): a recent
-        reading, less what every worker received since, leaves room, and so does
-        the main process's last reading; anything else is FreeSpace's own path."""
-        reading = self._reading
-        if reading is not None and time.monotonic() - reading[1] <= spoolspace.FREE_SPACE_TTL:
-            since = self.written - reading[2]
-            free, floor = reading[0] - since, need + self.min_free_disk
-            main = self.shared.main_free()
-            if (since < spoolspace.FREE_SPACE_EVERY and free > 0 and free >= floor
-                    and (main is None or (main > 0 and main >= floor))):
-                return
-        super().check_space(need)
 
     def share(self, table: NoOthers) -> None:
         """Publish this worker's bytes in ``table`` and count the others'."""

@@ -1,5 +1,5 @@
-"""SpoolProxy.check_space: its inline common case answers as FreeSpace.check_space would,
-counting every worker's bytes received since the reading."""
+"""SpoolProxy.check_space (FreeSpace's) counts every worker's bytes received since the
+reading, and re-reads before it refuses."""
 
 from __future__ import annotations
 
