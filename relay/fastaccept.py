@@ -20,9 +20,9 @@ import socket as pysocket
 
 import trio
 
-__all__ = ["Acceptor"]
+from relay.fastio import YIELD_EVERY  # the same fairness as the reads
 
-YIELD_EVERY = 16
+__all__ = ["Acceptor"]
 
 
 class Acceptor:

@@ -391,7 +391,7 @@ class GroupCommit(Generic[T]):
             if self._flushing is None:
                 break
             await self._flushing.wait()
-        if self._after is not None:   # queued behind the last batch's ``after`` step
+        if self._after is not None and self._batches:   # behind the last batch's ``after``
             await self._thread.run_sync(_nothing)
 
     def statistics(self) -> GroupCommitStatistics:
