@@ -12,8 +12,7 @@ setup(
     ext_modules=cythonize(
         [Extension("relay._core", ["relay/_core.pyx"], extra_compile_args=["-O2"]),
          Extension("relay._loadgen", ["relay/_loadgen.pyx"], extra_compile_args=["-O2"]),
-         Extension("relay._dirio", ["relay/_dirio.pyx"], extra_compile_args=["-O2"]),
-         Extension("relay._fastloop", ["relay/_fastloop.pyx"], extra_compile_args=["-O2"])],
+         Extension("relay._dirio", ["relay/_dirio.pyx"], extra_compile_args=["-O2"])],
         compiler_directives={
             "language_level": "3",
             "boundscheck": False,

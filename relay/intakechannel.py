@@ -128,24 +128,6 @@ class Channel:
                 self._pending = [p for p in self._pending if p[1] is not frame]
                 raise
 
-    def send_nowait(self, message: object) -> bool:
-        """PROTOTYPE: write ``message`` now if nothing is queued or being written and the
-        socket takes the whole frame; False: nothing was sent (use ``send``)."""
-        if self._writing or self._pending:
-            return False
-        data = encode(message)
-        frame = _LENGTH.pack(len(data)) + data
-        try:
-            n = os.write(self.sock.fileno(), frame)
-        except BlockingIOError:
-            return False
-        self._queued += 1
-        if n < len(frame):    # the rest goes first with the next write (a frame stays whole)
-            self._pending.append((self._queued, frame[n:]))
-        else:
-            self._written = self._queued
-        return True
-
     async def _write(self) -> None:
         batch, self._pending = self._pending, []
         view = memoryview(batch[0][1] if len(batch) == 1 else b"".join(f for _, f in batch))

@@ -23,8 +23,6 @@ import socket as pysocket
 from collections import Counter
 from collections.abc import Callable, Container
 
-from typing import Any
-
 import trio
 
 from relay import log
@@ -36,8 +34,6 @@ from relay.connectioncounts import NO_OTHERS, NoOthers
 from relay.context import ConnectionContext, Delivery
 from relay.errors import REPLY_RETRY_LATER, BindError
 from relay.fastaccept import Acceptor
-from relay.fastio import YIELD_EVERY
-from relay.fastsession import FastSessions
 from relay.metrics import Metrics
 from relay.privacy import KEEP, Redactor
 from relay.proxysource import ProxySource
@@ -141,7 +137,6 @@ class LpdServer:
         self.others: NoOthers = NO_OTHERS  # connections the sibling workers hold
         self._reserve = -1   # a spare descriptor: out of them, it accepts a client to refuse
         self._nofile_since = math.inf   # since when accept() has found no descriptor
-        self.fast: FastSessions | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]]
                     = trio.TASK_STATUS_IGNORED) -> None:
@@ -167,9 +162,6 @@ class LpdServer:
                         for lsock in tls_listeners:
                             self.listeners.append(lsock)
                             accepts.start_soon(self._accept_loop, lsock, connections, True)
-                        if os.environ.get("LPD_FASTLOOP") and self.proxy is None:
-                            self.fast = FastSessions(self)
-                            accepts.start_soon(self.fast.run, connections)
                         task_status.started(self.bound())
                 self._close_listeners()
                 connections.cancel_scope.deadline = (
@@ -225,66 +217,7 @@ class LpdServer:
     async def _listen_until_removed(self, lsock: trio.socket.SocketType, scope: trio.CancelScope,
                                     nursery: trio.Nursery) -> None:
         with scope:
-            if self.fast is not None and isinstance(getattr(lsock, "_sock", None),
-                                                    pysocket.socket):
-                await self._fast_accept_loop(lsock, nursery)
-            else:
-                await self._accept_loop(lsock, nursery)
-
-    async def _fast_accept_loop(self, lsock: trio.socket.SocketType,
-                                nursery: trio.Nursery) -> None:
-        """PROTOTYPE: accept4 into the fast loop without a socket object per client."""
-        raw = lsock._sock   # type: ignore[attr-defined]
-        family = int(lsock.family)
-        slots, fast = self._slots, self.fast
-        assert fast is not None
-        streak = 0
-        while True:
-            if streak >= YIELD_EVERY:
-                streak = 0
-                await trio.lowlevel.checkpoint()
-            try:
-                fd, addr = raw._accept()
-            except BlockingIOError:
-                streak = 0
-                await trio.lowlevel.wait_readable(raw)
-                continue
-            except OSError as exc:
-                if exc.errno == errno.EBADF:
-                    return
-                log.event("error", "accept_failed", error=str(exc))
-                await trio.sleep(0.1)
-                continue
-            streak += 1
-            host, port = addr[0], addr[1]
-            if (slots.value and not self._over_total() and not self.config.allow
-                    and not self.config.require_reserved_port
-                    and self._per_host[host] + self.others.others(host)
-                    < self.config.max_connections_per_host):
-                slots.acquire_nowait()
-                self.metrics.inbound_connections.inc()
-                self._active += 1
-                self._trimmer.opened(self._active)
-                self._per_host[host] += 1
-                self.others.add(host, 1)
-                fast.add(fd, host, port)
-                continue
-            sock = trio.socket.from_stdlib_socket(
-                pysocket.socket(family, pysocket.SOCK_STREAM, 0, fileno=fd))
-            try:
-                slots.acquire_nowait()
-                if self._over_total():
-                    slots.release()
-                    raise trio.WouldBlock
-            except trio.WouldBlock:
-                try:
-                    await self._refusals.acquire()
-                except BaseException:
-                    sock.close()
-                    raise
-                nursery.start_soon(self._busy, sock, addr)
-                continue
-            nursery.start_soon(self._connection, sock, addr, False)
+            await self._accept_loop(lsock, nursery)
 
     def _seed_catch_all(self) -> None:
         # max_catch_all_queues counts the names the catch-all already has:
@@ -335,35 +268,7 @@ class LpdServer:
                     raise
                 nursery.start_soon(self._busy, sock, addr)
                 continue
-            if self.fast is not None and not tls and self._fast_accept(sock, addr):
-                continue
             nursery.start_soon(self._connection, sock, addr, tls)
-
-    def _fast_accept(self, sock: trio.socket.SocketType, addr: tuple[str, int]) -> bool:
-        host, port = addr[0], addr[1]
-        if self._per_host[host] + self.others.others(host) >= self.config.max_connections_per_host:
-            return False
-        if self.config.allow or self.config.require_reserved_port:
-            return False
-        self.metrics.inbound_connections.inc()
-        self._active += 1
-        self._trimmer.opened(self._active)
-        self._per_host[host] += 1
-        self.others.add(host, 1)
-        assert self.fast is not None
-        self.fast.add(sock.detach(), host, port)
-        return True
-
-    def fast_closed(self, token: Any) -> None:
-        host = token.host
-        self.others.add(host, -1)
-        self._per_host[host] -= 1
-        if not self._per_host[host]:
-            del self._per_host[host]
-        self.metrics.inbound_connections.dec()
-        self._slots.release()
-        self._active -= 1
-        self._trimmer.closed(self._active)
 
     async def _refuse_unaccepted(self, lsock: trio.socket.SocketType, nursery: trio.Nursery,
                                  exc: OSError) -> bool:

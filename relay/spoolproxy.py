@@ -18,7 +18,7 @@ import builtins
 import itertools
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import cast
 
 import trio
@@ -156,20 +156,6 @@ class IncomingProxy:
                       peer=self.peer, tls_peer=self.tls_peer, control=self.control,
                       files=tuple(self.files.items()), promoted=self.promoted, hold=hold,
                       digests=self.digests, previous=previous)
-
-
-class _Callback:
-    """PROTOTYPE: a Commit's reply handed to a function (``SpoolProxy.commit_soon``)."""
-
-    __slots__ = ("done", "job", "spool")
-
-    def __init__(self, spool: SpoolProxy, job: IncomingProxy,
-                 done: Callable[[Reply], None]) -> None:
-        self.spool, self.job, self.done = spool, job, done
-
-    def give(self, reply: Reply) -> None:
-        self.spool.answered(self.job, failed=reply.failure is not None)
-        self.done(reply)
 
 
 class _RecordedInMain(NoEvents):
@@ -316,19 +302,6 @@ class SpoolProxy(FreeSpace):
         assert isinstance(value, JobMeta)
         return value
 
-    def commit_soon(self, job: IncomingProxy, done: Callable[[Reply], None]) -> bool:
-        """PROTOTYPE: send the Commit now and call ``done(reply)`` from the channel's
-        reader, without a task; False (nothing done) when ``commit`` must be used."""
-        if not job.its_turn():
-            return False
-        message = job.commit_message(next(self._rids), "")
-        if not self.channel.send_nowait(message):
-            return False
-        job.gone = True
-        self.sent(job)
-        self._waiting[message.rid] = _Callback(self, job, done)  # type: ignore[assignment]
-        return True
-
     async def answer(self, ctx: object, ev: _core.Command, host: str, port: int) -> bytes:
         """A one-shot command, answered by the main process for the whole daemon."""
         value = await self.request(Command(rid=next(self._rids), event=ev, host=host,
@@ -361,5 +334,5 @@ class SpoolProxy(FreeSpace):
         return reply.value
 
     def replied(self, reply: Reply) -> None:
-        if (waiter := self._waiting.pop(reply.rid, None)) is not None:
+        if (waiter := self._waiting.get(reply.rid)) is not None:
             waiter.give(reply)
