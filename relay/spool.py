@@ -281,8 +281,8 @@ class Spool(FreeSpace):
         """
         self.save_unsaved()
         if self.fsync and self._syncer is not None:
-            try:
-                await self._group.submit(Publish("", None, b"", ()))
+            try:   # no acknowledgement waits for it: commits may follow in its hand-off
+                await self._group.submit(Publish("", None, b"", ()), background=True)
             except SpoolError as exc:
                 log.event("error", "spool_sync_failed", error=str(exc))
         else:
