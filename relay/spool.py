@@ -291,6 +291,11 @@ class Spool(FreeSpace):
                 self._seg.log.collect()
                 self._seg.upkeep()
 
+    def _owes_sync(self) -> bool:
+        log = self._seg.log
+        return self.fsync and self._syncer is not None and (
+            self._files_dirty or (log is not None and log.dirty))
+
     def _flush(self, items: list[Publish]) -> list[Exception | None]:
         # Runs in a worker thread, one at a time: publish every record, then one
         # sync makes the whole batch (and all earlier writes) durable.
@@ -526,7 +531,13 @@ class Spool(FreeSpace):
             free_space_reads=self._stats["free_space_reads"] + self._batch_reads)
 
     async def aclose(self) -> None:
-        """Wait for a running flush, record the next id, release the lock; idempotent."""
+        """Sync what is owed, record the next id, release the lock; idempotent.
+
+        A delivery's removals are synced beside the next delivery, not before
+        it, so a stop may come while one is owed: it is made durable here.
+        """
+        if not self._closed and self._owes_sync():
+            await self.sync()
         await self._group.wait_idle()
         if self._closed:
             return
