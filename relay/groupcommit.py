@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -291,10 +292,11 @@ class _Batch:
 
 
 class _Slot(Generic[T]):
-    __slots__ = ("done", "error", "item", "taken")
+    __slots__ = ("background", "done", "error", "item", "taken")
 
-    def __init__(self, item: T) -> None:
+    def __init__(self, item: T, background: bool) -> None:
         self.item = item
+        self.background = background
         self.taken: _Batch | None = None  # the flush that took it
         self.done = False
         self.error: Exception | None = None
@@ -315,6 +317,9 @@ class GroupCommit(Generic[T]):
         self._flush = flush
         self._after = after
         self._pending: list[_Slot[T]] = []
+        # Guards _pending and a slot's ``taken``: the flush thread takes the
+        # slots that came during a background-only flush (see ``submit``).
+        self._lock = threading.Lock()
         self._flushing: trio.Event | None = None
         # Our own thread, one flush at a time: a busy default thread pool must
         # not delay durability, and a long-lived thread costs no prctl/futex
@@ -324,16 +329,30 @@ class GroupCommit(Generic[T]):
         self._items = 0
         self._largest = 0
 
-    async def submit(self, item: T) -> None:
-        """Return once ``item`` was flushed; raise the error the flush reported for it."""
-        slot = _Slot(item)
-        self._pending.append(slot)
+    async def submit(self, item: T, *, background: bool = False) -> None:
+        """Return once ``item`` was flushed; raise the error the flush reported for it.
+
+        ``background``: no acknowledgement waits for this item (a delivery's
+        removals).  A flush of background items only takes, once its own sync
+        is done, the items that came meanwhile and flushes them in the same
+        hand-off: a commit that arrives during a removal's flush is not also
+        held up by the hop back to the event loop and a new leader's hand-off.
+        """
+        slot = _Slot(item, background)
+        with self._lock:
+            self._pending.append(slot)
         try:
             await self._lead_or_wait(slot)
         except BaseException:
             # Cancelled before a flush took the item: it was never handed over.
-            if slot.taken is None:
-                self._pending.remove(slot)
+            # Taken meanwhile (by the flush thread, after a background flush):
+            # wait it out, so no thread still writes the item when we return.
+            with self._lock:
+                taken = slot.taken
+                if taken is None:
+                    self._pending.remove(slot)
+            if taken is not None and not slot.done:
+                await taken.wait()
             raise
         if slot.error is not None:
             raise slot.error
@@ -354,25 +373,44 @@ class GroupCommit(Generic[T]):
                 await self._flushing.wait()
         raise SpoolError("group commit: item never flushed")  # pragma: no cover
 
+    def _take(self, taken: _Batch) -> list[_Slot[T]]:
+        with self._lock:
+            batch, self._pending = self._pending, []
+            for slot in batch:
+                slot.taken = taken
+        return batch
+
+    def _flush_batches(self, batch: list[_Slot[T]],
+                       taken: _Batch) -> tuple[list[_Slot[T]], list[Exception | None]]:
+        # In the flush thread: the batch, and after a background-only batch the
+        # slots queued during its flush (once: they hold a commit, as a rule).
+        errors = self._flush([s.item for s in batch])
+        if all(s.background for s in batch) and (more := self._take(taken)):
+            batch = batch + more
+            try:
+                errors = errors + self._flush([s.item for s in more])
+            except Exception as exc:  # the flush broke its contract; fail those
+                errors = errors + [SpoolError(f"group commit failed: {exc}") for _ in more]
+        return batch, errors
+
     async def _lead(self) -> None:
-        batch, self._pending = self._pending, []
         flushed = trio.Event()
         self._flushing = flushed
         taken = _Batch()
-        for slot in batch:
-            slot.taken = taken
+        batch = self._take(taken)
         try:
             # Not abandonable: a cancelled leader still waits for the thread.
-            errors = await self._thread.run_sync_then(self._after, self._flush,
-                                                      [s.item for s in batch])
+            batch, errors = await self._thread.run_sync_then(
+                self._after, self._flush_batches, batch, taken)
         except Exception as exc:  # the flush broke its contract; fail the batch
             errors = [SpoolError(f"group commit failed: {exc}") for _ in batch]
         except BaseException:
             # Cancelled before the thread started: hand the items back untouched
             # (the leader's own slot is then dropped by its submit()).
-            for slot in batch:
-                slot.taken = None
-            self._pending[:0] = batch
+            with self._lock:
+                for slot in batch:
+                    slot.taken = None
+                self._pending[:0] = batch
             raise
         finally:
             self._flushing = None

@@ -281,8 +281,8 @@ class Spool(FreeSpace):
         """
         self.save_unsaved()
         if self.fsync and self._syncer is not None:
-            try:
-                await self._group.submit(Publish("", None, b"", ()))
+            try:   # no acknowledgement waits for it: commits may follow in its hand-off
+                await self._group.submit(Publish("", None, b"", ()), background=True)
             except SpoolError as exc:
                 log.event("error", "spool_sync_failed", error=str(exc))
         else:
@@ -290,6 +290,11 @@ class Spool(FreeSpace):
             if self._seg.log is not None:  # nothing to make durable: collect at once
                 self._seg.log.collect()
                 self._seg.upkeep()
+
+    def _owes_sync(self) -> bool:
+        log = self._seg.log
+        return self.fsync and self._syncer is not None and (
+            self._files_dirty or (log is not None and log.dirty))
 
     def _flush(self, items: list[Publish]) -> list[Exception | None]:
         # Runs in a worker thread, one at a time: publish every record, then one
@@ -526,7 +531,14 @@ class Spool(FreeSpace):
             free_space_reads=self._stats["free_space_reads"] + self._batch_reads)
 
     async def aclose(self) -> None:
-        """Wait for a running flush, record the next id, release the lock; idempotent."""
+        """Sync what is owed, record the next id, release the lock; idempotent.
+
+        A graceful stop can cancel a delivery's ``sync()`` before its flush
+        began, leaving that delivery's DONE records owed: they are made
+        durable here.
+        """
+        if not self._closed and self._owes_sync():
+            await self.sync()
         await self._group.wait_idle()
         if self._closed:
             return

@@ -289,6 +289,12 @@ class SegmentLog:
                 self.collect(ticket)
         return calls
 
+    @property
+    def dirty(self) -> bool:
+        """Records were appended (or a segment renamed) since the last sync began."""
+        with self._lock:
+            return self._dirty or self._dir_dirty or bool(self._unsynced)
+
     def begin_sync(self) -> SyncTicket:
         """Under the lock: the segments to flush and the ones empty now (``collect``)."""
         with self._lock:
