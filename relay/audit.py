@@ -34,8 +34,9 @@ import trio
 from relay import log
 from relay.auditchain import ZERO_HASH, chain_tail, seal, tail_of
 from relay.config import AuditConfig, Config
+from relay.durablefiles import create, fsync_directory, make_dir, write_all
 from relay.errors import SpoolError
-from relay.groupcommit import GroupCommit, create, fsync_directory, make_dir, write_all
+from relay.groupcommit import GroupCommit
 from relay.jobevents import ACTOR, NO_EVENTS, acting
 from relay.spoolformat import JobMeta
 

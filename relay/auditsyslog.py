@@ -42,7 +42,7 @@ from relay import log
 from relay.audit import AuditLog
 from relay.auditchain import rotated
 from relay.config import AuditConfig
-from relay.groupcommit import write_atomic
+from relay.durablefiles import write_atomic
 from relay.metrics import Metrics
 
 __all__ = ["SyslogShipper", "frame"]

@@ -17,7 +17,7 @@ from typing import Protocol
 import orjson
 
 from relay import log
-from relay.groupcommit import overwrite, unlink_quiet, write_atomic
+from relay.durablefiles import overwrite, unlink_quiet, write_atomic
 
 
 class Listening(Protocol):

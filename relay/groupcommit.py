@@ -11,16 +11,15 @@ of them leads the next batch.  Nothing has to be started or stopped, and it
 works in whatever trio run calls it.
 
 The flush itself is the spool's business; this module also holds the
-durability primitives it uses: ``syncfs(2)`` with an ``fdatasync`` fallback,
-the writeback hint that keeps large jobs from piling up dirty pages, and the
-small file helpers (atomic replace, idempotent unlink, ENOSPC -> DiskFull).
+durability primitives it uses: ``syncfs(2)`` with an ``fdatasync`` fallback
+and the writeback hint that keeps large jobs from piling up dirty pages.  The
+small file helpers (atomic replace, idempotent unlink, ENOSPC -> DiskFull) are
+``relay.durablefiles``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import errno
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ from typing import Generic, TypeVar
 
 import trio
 
-from relay.errors import DiskFull, SpoolError
+from relay.errors import SpoolError
 from relay.handoff import LIBC, HandOffThread, never_abort
 
 T = TypeVar("T")
@@ -106,148 +105,6 @@ class Syncer:
         if self._dirfd >= 0 and self._owned:
             os.close(self._dirfd)
         self._dirfd = -1
-
-
-# --- file primitives shared by the spool ------------------------------------------------
-
-FILE_MODE = 0o640  # spool files: print jobs may be private
-DIR_MODE = 0o750
-
-
-def create(path: str, flags: int) -> int:
-    """``os.open(path, O_CREAT | flags)`` with mode FILE_MODE whatever the umask.
-
-    The mode given to open(2) is masked by the umask (022 leaves 0640 alone,
-    but 077 makes it 0600 and a careless 0 cannot widen it — yet an operator
-    reading the spool as the group relies on exactly 0640), so it is set
-    again on the new descriptor: one more system call per file.
-    """
-    fd = os.open(path, os.O_CREAT | os.O_CLOEXEC | flags, FILE_MODE)
-    try:
-        os.fchmod(fd, FILE_MODE)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
-
-
-def make_dir(path: str) -> None:
-    """Create ``path`` (parents as needed) ending in a DIR_MODE folder whatever the umask.
-
-    An existing folder keeps the mode its owner gave it.
-    """
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
-        os.mkdir(path, DIR_MODE)
-    except FileExistsError:
-        return
-    os.chmod(path, DIR_MODE)
-
-
-def write_all(fd: int, data: bytes | bytearray | memoryview) -> int:
-    """os.write until all of ``data`` is written, slicing a memoryview (no copies)."""
-    view = memoryview(data)
-    if view.ndim != 1 or view.itemsize != 1:
-        view = view.cast("B")
-    total = len(view)
-    while view:  # bounded: every pass writes at least one byte or raises
-        n = os.write(fd, view)
-        if n <= 0:
-            raise OSError(errno.EIO, "write returned nothing")
-        view = view[n:]
-    return total
-
-
-def write_file(path: str, data: bytes, *, flags: int = os.O_TRUNC) -> None:
-    """Create (or with O_EXCL: only create) ``path`` holding ``data``."""
-    fd = create(path, os.O_WRONLY | flags)
-    try:
-        write_all(fd, data)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str, data: bytes, *, fsync: bool) -> None:
-    """Replace ``path`` by ``data`` via a per-process dot-temp name and rename.
-
-    Readers see the old or the new content, never a torn one; with ``fsync``
-    the new content and name are durable on return.  A write that fails (a
-    full disk) removes its temp file: it must not hold the space it could not use.
-    """
-    head, tail = os.path.split(path)
-    tmp = os.path.join(head, f".{tail}.{os.getpid()}.tmp")
-    try:
-        fd = create(tmp, os.O_WRONLY | os.O_TRUNC)
-        try:
-            write_all(fd, data)
-            if fsync:
-                os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            unlink_quiet(tmp)
-        raise
-    if fsync:
-        fsync_directory(head)
-
-
-def overwrite(path: str, data: bytes, *, fsync: bool = False) -> None:
-    """Put the JSON ``data`` into the existing file ``path`` in place, in one write.
-
-    For a full disk: no new name, inode or block is needed when ``data`` fits
-    in the blocks the file already has (ext4, XFS, tmpfs), else it raises
-    ENOSPC before writing anything.  Padded with spaces (JSON ignores them) to
-    the old size, so there is no truncate to tear.  Not atomic: a reader or a
-    power loss may see a mix of old and new — only for files read leniently.
-    """
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        if len(data) > max(st.st_size, st.st_blocks * 512):
-            raise OSError(errno.ENOSPC, "record larger than the blocks the file has")
-        padded = data.ljust(st.st_size)
-        if os.pwrite(fd, padded, 0) != len(padded):
-            raise OSError(errno.EIO, "short write in place")
-        if fsync:
-            os.fdatasync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_file(path: str) -> bytes | None:
-    """The file's bytes, or None when it does not exist."""
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-
-
-def unlink_quiet(path: str) -> None:
-    """Unlink; a file already gone is fine (removal is idempotent).
-
-    A directory under a spool name is not ours to remove: left alone.
-    """
-    with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-        os.unlink(path)
-
-
-def fsync_directory(path: str) -> None:
-    """fsync a directory so a rename or unlink in it survives power loss."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def disk_error(exc: OSError, what: str) -> SpoolError:
-    """Map an OSError to the spool's error tree: ENOSPC/EDQUOT -> DiskFull."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFull(f"{what}: disk full")
-    return SpoolError(f"{what}: {exc.strerror or exc}")
 
 
 # --- group commit --------------------------------------------------------------------------

@@ -13,8 +13,9 @@ import hashlib
 import os
 from typing import TYPE_CHECKING
 
+from relay.durablefiles import disk_error, write_all
 from relay.errors import SpoolError
-from relay.groupcommit import disk_error, start_writeback, write_all
+from relay.groupcommit import start_writeback
 from relay.spooljob import WRITEBACK_CHUNK
 
 if TYPE_CHECKING:

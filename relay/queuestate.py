@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, replace
 import orjson
 
 from relay import log
-from relay.groupcommit import write_atomic
+from relay.durablefiles import write_atomic
 
 __all__ = ["STATES", "STATE_FILE", "QueueStates", "State"]
 

@@ -48,17 +48,9 @@ from dataclasses import replace
 import trio
 
 from relay import log
+from relay.durablefiles import create, disk_error, make_dir, read_file, unlink_quiet, write_atomic
 from relay.errors import DiskFull, SpoolError
-from relay.groupcommit import (
-    GroupCommit,
-    Syncer,
-    create,
-    disk_error,
-    make_dir,
-    read_file,
-    unlink_quiet,
-    write_atomic,
-)
+from relay.groupcommit import GroupCommit, Syncer
 from relay.jobevents import NO_EVENTS, JobEvents
 from relay.spoolbackend import Body, Session, SpoolBackend, open_file_body
 from relay.spoolformat import (

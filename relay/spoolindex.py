@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
 from relay import log
-from relay.groupcommit import disk_error, overwrite, unlink_quiet, write_atomic
+from relay.durablefiles import disk_error, overwrite, unlink_quiet, write_atomic
 from relay.spoolformat import JobMeta, SpoolUsage, encode_state
 
 # A job's files in removal order: the .json first — from then on the job does

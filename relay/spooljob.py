@@ -22,8 +22,9 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from relay.durablefiles import create, disk_error, unlink_quiet, write_all
 from relay.errors import DiskFull, SpoolError
-from relay.groupcommit import create, disk_error, start_writeback, unlink_quiet, write_all
+from relay.groupcommit import start_writeback
 from relay.spoolformat import FileMeta, JobMeta, json_text
 
 MAX_FILES_PER_JOB = 1024     # RFC 1179 names allow 52 data files; bound hostile senders

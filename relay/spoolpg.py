@@ -42,8 +42,9 @@ from typing import Any
 import trio
 
 from relay import log
+from relay.durablefiles import make_dir, write_file
 from relay.errors import DiskFull, SpoolError
-from relay.groupcommit import GroupCommit, make_dir, write_file
+from relay.groupcommit import GroupCommit
 from relay.jobevents import NO_EVENTS, JobEvents
 from relay.spool import release_lock, take_lock
 from relay.spoolbackend import Body, Session, SpoolBackend, open_file_body, register_locator

@@ -19,7 +19,7 @@ import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-from relay.groupcommit import unlink_quiet
+from relay.durablefiles import unlink_quiet
 from relay.spoolformat import JobMeta
 from relay.spoolpgdb import write_batch
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from relay.groupcommit import create, unlink_quiet
+from relay.durablefiles import create, unlink_quiet
 from relay.spoolformat import FileMeta, JobMeta
 from relay.spoolpgschema import NOTIFY_CHANNEL
 

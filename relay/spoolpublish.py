@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
+from relay.durablefiles import disk_error, unlink_quiet, write_file
 from relay.errors import DiskFull, SpoolError
-from relay.groupcommit import disk_error, unlink_quiet, write_file
 from relay.spoolformat import JobMeta, encode_job, encode_state, in_folder
 from relay.spooljob import IncomingJob
 from relay.spoolsegjobs import SegmentJobs

@@ -16,7 +16,7 @@ import os
 import stat
 from collections.abc import Callable
 
-from relay.groupcommit import read_file, unlink_quiet
+from relay.durablefiles import read_file, unlink_quiet
 from relay.spoolformat import LIVE_RE, TEMP_RE, JobMeta, decode_job, with_state
 
 

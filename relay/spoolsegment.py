@@ -31,7 +31,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from relay.groupcommit import create, fsync_directory, make_dir, unlink_quiet
+from relay.durablefiles import create, fsync_directory, make_dir, unlink_quiet
 
 # The format lives in relay.spoolsegformat; its names are this module's too.
 from relay.spoolsegformat import (

@@ -15,17 +15,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from relay.durablefiles import disk_error, read_file, unlink_quiet, write_all, write_atomic
 from relay.errors import DiskFull, SpoolError
-from relay.groupcommit import (
-    GroupCommit,
-    Syncer,
-    disk_error,
-    read_file,
-    start_writeback,
-    unlink_quiet,
-    write_all,
-    write_atomic,
-)
+from relay.groupcommit import GroupCommit, Syncer, start_writeback
 
 
 class Recorder:

@@ -23,7 +23,7 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from relay import daemoninfo, groupcommit, spoolindex
+from relay import daemoninfo, durablefiles, spoolindex
 from relay.errors import DiskFull
 from relay.metrics import Metrics
 from relay.spool import Spool
@@ -98,7 +98,7 @@ def test_overwrite_refuses_what_the_file_has_no_blocks_for(tmp_path: Path) -> No
     path = tmp_path / "small"
     path.write_bytes(b"{}")
     with pytest.raises(OSError) as info:
-        groupcommit.overwrite(str(path), b"[" + b"0," * 40_000 + b"0]")
+        durablefiles.overwrite(str(path), b"[" + b"0," * 40_000 + b"0]")
     assert info.value.errno == errno.ENOSPC and path.read_bytes() == b"{}"
 
 
@@ -153,7 +153,7 @@ def test_start_without_an_id_reservation_refuses_jobs_until_space_returns(
     spool, _, _ = reopen(tmp_path / "spool")
     first = commit(spool)
     close(spool)                                # next-id = exactly the next id
-    real = groupcommit.write_atomic
+    real = durablefiles.write_atomic
     full = True
 
     def write_atomic(path: str, data: bytes, *, fsync: bool) -> None:
@@ -176,9 +176,9 @@ def test_a_failed_atomic_write_leaves_no_temp_file(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     def write_all(fd: int, data: bytes) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(groupcommit, "write_all", write_all)
+    monkeypatch.setattr(durablefiles, "write_all", write_all)
     with pytest.raises(OSError):
-        groupcommit.write_atomic(str(tmp_path / "next-id"), b"1000\n", fsync=True)
+        durablefiles.write_atomic(str(tmp_path / "next-id"), b"1000\n", fsync=True)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -53,8 +53,9 @@ from typing import Any
 import orjson
 
 from relay import _dirio
+from relay.durablefiles import fsync_directory
 from relay.errors import SinkError, SinkRejected, SinkUnavailable, SpoolFileMissing
-from relay.groupcommit import Syncer, fsync_directory
+from relay.groupcommit import Syncer
 from relay.handoff import HandOffPool
 from relay.queues import folder_name
 from relay.sinks.base import DeliveryJob, Sink, register
