@@ -130,6 +130,30 @@ cdef class ReplyParser:
         if len(self._buf) > 16 * _MAX_REPLY_LINE:
             raise ProtocolError("reply stream too long", reply=None, reason="malformed")
 
+    def take_ok(self, Py_ssize_t most):
+        """Consume up to ``most`` buffered ok replies (0x00) in a row; how many.
+
+        A pipelining sender's replies are mostly ok: counting them here costs
+        no ``Reply`` per step.  Stops before anything else (a refusal, or
+        nothing more buffered): ``next_reply`` reads that one.  Stray line
+        ends between them are skipped, as ``next_reply`` skips them.
+        """
+        cdef bytearray buf = self._buf
+        cdef Py_ssize_t i = 0, n = len(buf), k = 0
+        cdef unsigned char c
+        if self._skip_line:
+            return 0
+        while i < n and k < most:
+            c = buf[i]
+            if c == 0:
+                k += 1
+            elif c != 0x0A and c != 0x0D:
+                break
+            i += 1
+        if i:
+            del buf[:i]
+        return k
+
     def next_reply(self):
         """The next ``Reply``, or ``NEED_DATA``."""
         cdef bytearray buf = self._buf

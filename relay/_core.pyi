@@ -160,5 +160,7 @@ class ReplyParser:
     def __init__(self) -> None: ...
     def feed(self, data: Buffer) -> None:
         """Add bytes read from the peer; ``b""`` means EOF."""
+    def take_ok(self, most: int) -> int:
+        """Consume up to ``most`` buffered ok replies (0x00) in a row; how many."""
     def next_reply(self) -> Reply | Literal[_NeedData.NEED_DATA]:
         """The next ``Reply``, or ``NEED_DATA``."""

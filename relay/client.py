@@ -173,21 +173,28 @@ class Channel:
         return sent
 
     async def reply(self, step: str) -> _core.Reply:
+        """The next reply: a buffered one at once, else read (the deadline pushed back)."""
         parser = self._replies
+        reply = parser.next_reply()
+        if reply is not _core.NEED_DATA:
+            return reply
         with self._step():
-            while True:
-                reply = parser.next_reply()
-                if reply is not _core.NEED_DATA:
-                    return reply
+            while reply is _core.NEED_DATA:
                 n = await self.io.recv_into(self._buf)
                 parser.feed(self._buf[:n])
+                reply = parser.next_reply()
+        return reply
+
+    def take_ok(self, most: int) -> int:
+        """Up to ``most`` ok replies already received, consumed; how many (no I/O)."""
+        return self._replies.take_ok(most)
 
     async def expect_ok(self, step: str, what: str = "") -> None:
         """Wait for the reply to ``step`` (one of the ``*_STEP`` names) about ``what``."""
-        shown = f"{step} {what}" if what else step
-        reply = await self.reply(shown)
+        reply = await self.reply(step)
         if reply.code == REPLY_OK:
             return
+        shown = f"{step} {what}" if what else step
         if reply.code == -1:
             raise SinkUnavailable(f"{self.peer} closed the connection after {shown}",
                                   reason="reset", step=step)
@@ -429,12 +436,17 @@ async def send_pipelined(ch: Channel, batch: Pipelined) -> None:
     """
     await ch.send_all(b"".join(blob for _, blob, _ in batch.jobs))
     for cf_name, _, nfiles in batch.jobs:
-        await ch.expect_ok(CONTROL_HEADER_STEP, cf_name)
-        await ch.expect_ok(CONTROL_FILE_STEP, cf_name)
-        for _ in range(nfiles):
-            await ch.expect_ok(DATA_HEADER_STEP, cf_name)
-            await ch.expect_ok(DATA_FILE_STEP, cf_name)
+        want = 2 + 2 * nfiles           # a header and an end per file
+        got = ch.take_ok(want)
+        while got < want:   # not received yet, or not ok: wait for it, step named
+            await ch.expect_ok(_PIPELINED_STEPS[min(got, 2 + (got & 1))], cf_name)
+            got += 1 + ch.take_ok(want - got - 1)
         batch.done += 1
+
+
+# The step each reply of a pipelined job answers, by its index: the control
+# file's header and end, then a header and an end per data file.
+_PIPELINED_STEPS = (CONTROL_HEADER_STEP, CONTROL_FILE_STEP, DATA_HEADER_STEP, DATA_FILE_STEP)
 
 
 async def query(ch: Channel, queue: str, *, long: bool, items: Sequence[str] = ()) -> str:

@@ -11,6 +11,7 @@ from relay.controlfile import (
     JobName,
     PrintFile,
     as_text,
+    base_name,
     parse_control_file,
     rewrite,
     sanitized_title,
@@ -205,3 +206,39 @@ def test_rewrite_sanitize_title_only_touches_j() -> None:
     assert new.job_name == "Q3 _final___" and new.source_name == "a (b).txt"
     assert rewrite(cf, number=1, host="r")[0].job_name == "Q3 (final)/\xfc"
     assert sanitized_title("x" * 120) == "x" * 99
+
+
+_LINE = st.tuples(st.sampled_from("HPJLNTUSlfo1"),
+                  st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF,
+                                        blacklist_characters="\x7f"), max_size=12))
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=st.lists(_LINE, min_size=1, max_size=8), crlf=st.booleans(), final=st.booleans())
+def test_parsed_and_rewritten_files_equal_checked_construction(
+        lines: list[tuple[str, str]], crlf: bool, final: bool) -> None:
+    """parse_control_file and rewrite skip the constructor's checks: what they
+    build equals, and answers as, the same lines built with the checks."""
+    newline = "\r\n" if crlf else "\n"
+    text = newline.join(k + v for k, v in lines) + (newline if final else "")
+    parsed = parse_control_file(text.encode("latin-1"))
+    built = ControlFile(lines=parsed.lines, newline=parsed.newline,
+                        final_newline=parsed.final_newline)
+    assert parsed == built and parsed.serialize() == built.serialize()
+    for letter in "HPJLNTUSlfo1":
+        assert parsed.first(letter) == built.first(letter)
+    try:
+        new, _, _ = rewrite(parsed, number=7, host="relay", fmt="f", banner=True)
+    except ValueError:      # nothing left (only S lines): refused as before
+        assert all(k in "SU" or (k in "N1" and not base_name(v)) for k, v in parsed.lines)
+        return
+    checked = ControlFile(lines=new.lines)
+    assert new == checked and new.user == checked.user and new.banner == checked.banner
+
+
+def test_rewrite_still_refuses_a_bad_format_letter_and_host() -> None:
+    cf = parse_control_file(b"Hh\nPu\nldfA001h\n")
+    with pytest.raises(ValueError):
+        rewrite(cf, number=1, host="relay", fmt="ab")
+    with pytest.raises(UnicodeEncodeError):
+        rewrite(cf, number=1, host="r\u0142")

@@ -113,6 +113,34 @@ def test_long_messages_are_cut_and_the_rest_of_the_line_skipped() -> None:
     assert got[1:] == [Reply(code=0), CLOSED]
 
 
+@pytest.mark.parametrize("case", REPLY_CASES)
+def test_take_ok_reads_as_next_reply_does(case: str) -> None:
+    """Counting ok replies in bulk, then reading the rest one by one, gives the
+    same replies as reading them all one by one."""
+    raw, expected = REPLY_CASES[case]
+    for most in range(len(expected) + 2):
+        parser = ReplyParser()
+        for chunk in (raw, b"") if raw else (b"",):
+            parser.feed(chunk)
+        taken = parser.take_ok(most)
+        assert taken <= most
+        rest = [parser.next_reply() for _ in expected[taken:]]
+        assert [Reply(code=0)] * taken + rest == expected
+
+
+def test_take_ok_stops_at_a_refusal_and_at_most() -> None:
+    parser = ReplyParser()
+    parser.feed(b"\x00\n\x00\r\n\x00\x00\x02busy\n\x00")
+    assert parser.take_ok(3) == 3
+    assert parser.take_ok(9) == 1          # then the refusal
+    assert parser.take_ok(9) == 0
+    assert parser.next_reply() == Reply(code=2, message="busy")
+    assert parser.take_ok(9) == 1 and parser.next_reply() is NEED_DATA
+    cut = ReplyParser()                    # in the middle of a cut-off message's line
+    cut.feed(b"\x03" + b"x" * 3000)
+    assert cut.next_reply().code == 3 and cut.take_ok(1) == 0
+
+
 def test_reply_parser_misuse() -> None:
     parser = ReplyParser()
     parser.feed(b"")

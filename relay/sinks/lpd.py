@@ -27,7 +27,6 @@ docs/delivery.md).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import random
 import re
@@ -39,21 +38,13 @@ import trio
 
 from relay import client, log, status
 from relay.client import short_hostname
-from relay.controlfile import parse_control_file, redact_names, rewrite
-from relay.errors import LpdError, SinkError, SinkRejected, SinkUnavailable, reason_for_errno
+from relay.errors import SinkError, SinkUnavailable, reason_for_errno
 from relay.originports import OriginPortPool, PoolSet
-from relay.sinks.base import (
-    DeliveryFile,
-    DeliveryJob,
-    Sink,
-    SinkContext,
-    open_body,
-    open_control,
-    register,
-)
+from relay.sinks.base import DeliveryJob, Sink, SinkContext, register
 from relay.sinks.lpdoverlap import OVERLAP_RUN, Overlapped
 from relay.sinks.lpdoverlap import small_job as _small
 from relay.sinks.lpdoverlap import stale_connection as _stale
+from relay.sinks.lpdprepare import Prepared, RunBodies, inline, prepare
 from relay.uri import Destination
 
 # Relay -> relay: jobs per 0x02 session once the receiver answered lpq as an
@@ -73,8 +64,7 @@ SESSION_RUN = 8
 # layout's "Printer: q@host": a receiver whose jobs may overlap (lpdoverlap).
 _LPRNG_ANSWER = re.compile(r"^(Printer: )?[^\s@]+@\S+(\s+\d+ jobs?\b|\s|$)")
 
-# (control-file name, rewritten control file, data files): a job ready to send.
-Prepared = tuple[str, bytes, list[client.OutFile]]
+__all__ = ["AUTO_BATCH", "SESSION_RUN", "LpdSink", "Prepared", "is_lprng_answer"]
 
 
 class LpdSink(Sink):
@@ -117,41 +107,16 @@ class LpdSink(Sink):
         return await client.connect(d, self.pool, io_timeout=d.timeout,
                                     connect_timeout=d.connect_timeout, ctx=self.ssl_context)
 
-    def _prepare(self, job: DeliveryJob) -> Prepared:
-        """(control-file name, rewritten control file, data files to send).
+    def _prepare(self, job: DeliveryJob, bodies: RunBodies | None = None) -> Prepared:
+        """(control-file name, rewritten control file, data files to send): ``lpdprepare``.
 
-        A small job's data comes back loaded (one ``pread`` of its range of the
-        spool: a segment record); a larger one as its spool file, for sendfile.
+        ``bodies``: the run's reader, its spool files opened once (else one of its own).
         """
-        with open_control(self.context, job) as body:
-            raw = body.read()
-        try:
-            cf = parse_control_file(raw)
-        except LpdError as exc:
-            raise SinkRejected(f"spooled control file unreadable: {exc}") from exc
-        d = self.destination
-        if self.context.privacy.downstream:     # [privacy] strip_downstream
-            cf = redact_names(cf, self.context.privacy.name)
-        new_cf, cf_name, names = rewrite(cf, number=next(self._numbers), host=self.hostname,
-                                         digits=d.jobnumbers, banner=d.banner, fmt=d.format,
-                                         sanitize_title=d.sanitize_title)
-        load = _small(job)
-        files = [self._out_file(names[f.name], f, load)
-                 for f in job.files if f.name in names and f.bytes > 0]
-        # An empty data file cannot be sent with an exact count: a count of 0
-        # means "until EOF" to every receiver.  It prints nothing, so it and
-        # the control lines naming it are left out.
-        empty = {names[f.name] for f in job.files if f.name in names and f.bytes == 0}
-        if empty:
-            kept = tuple(line for line in new_cf.lines if line[1] not in empty)
-            new_cf = dataclasses.replace(new_cf, lines=kept or new_cf.lines[:1])
-        return cf_name, new_cf.serialize(), files
-
-    def _out_file(self, name: str, file: DeliveryFile, load: bool) -> client.OutFile:
-        if not load:
-            return client.OutFile(name=name, size=file.bytes, path=file.path)
-        with open_body(self.context, file) as body:
-            return client.OutFile(name=name, size=file.bytes, data=body.read())
+        if bodies is None:
+            with RunBodies(self.context) as own:
+                return self._prepare(job, own)
+        return prepare(job, self.destination, self.context, next(self._numbers),
+                       self.hostname, bodies)
 
     async def _detect(self) -> None:
         """Once per destination: does its lpq answer carry ``status.SERVER_LINE``?
@@ -181,12 +146,12 @@ class LpdSink(Sink):
             log.event("info", "peer_detected", destination=d.uri, relay=self.relay_peer,
                       batch=self.batch, overlap=self.overlap)
 
-    def _inline(self, job: DeliveryJob) -> tuple[str, bytes, int] | None:
+    def _inline(self, job: DeliveryJob, bodies: RunBodies) -> tuple[str, bytes, int] | None:
         """``job`` as pipelined bytes when it is small, else None (sent step by step)."""
         if not _small(job):
             return None
-        cf_name, control, files = self._prepare(job)
-        return cf_name, client.job_bytes(cf_name, control, files), len(files)
+        return inline(job, self.destination, self.context, next(self._numbers),
+                      self.hostname, bodies)
 
     async def deliver(self, job: DeliveryJob) -> None:
         _, error = await self.deliver_many([job])
@@ -311,8 +276,9 @@ class LpdSink(Sink):
             raise
         return None
 
-    async def _send_one(self, ch: client.Channel, job: DeliveryJob) -> None:
-        await self._send_prepared(ch, self._prepare(job))
+    async def _send_one(self, ch: client.Channel, job: DeliveryJob,
+                        bodies: RunBodies | None = None) -> None:
+        await self._send_prepared(ch, self._prepare(job, bodies))
 
     async def _send_prepared(self, ch: client.Channel,
                              prepared: Prepared) -> None:
@@ -324,31 +290,37 @@ class LpdSink(Sink):
 
     async def _send_pipelined(self, ch: client.Channel, jobs: Sequence[DeliveryJob],
                               progress: client.Pipelined) -> None:
-        """Small jobs in runs of one write each; a large one step by step between runs."""
+        """Small jobs in runs of one write each; a large one step by step between runs.
+
+        The run's bodies are read with each spool file opened once (``RunBodies``).
+        """
         run = client.Pipelined(jobs=[])
+        with RunBodies(self.context) as bodies:
+            for job in jobs:
+                job_inline = self._inline(job, bodies)
+                if job_inline is not None and job_inline[2]:
+                    run.jobs.append(job_inline)
+                    continue
+                if job_inline is None or run.jobs:
+                    # A large job (step by step), or one with nothing to send
+                    # (only empty files) behind jobs still to be acknowledged.
+                    await _flush(ch, run, progress)
+                if job_inline is None:
+                    await self._send_one(ch, job, bodies)
+                progress.done += 1
+        await _flush(ch, run, progress)
 
-        async def flush() -> None:
-            try:
-                await client.send_pipelined(ch, run)
-            finally:
-                progress.done += run.done
-                run.jobs.clear()
-                run.done = 0
 
-        for job in jobs:
-            inline = self._inline(job)
-            if inline is None:
-                await flush()
-                await self._send_one(ch, job)
-                progress.done += 1
-            elif inline[2]:
-                run.jobs.append(inline)
-            elif not run.jobs:     # nothing to send (only empty files) and nothing before it
-                progress.done += 1
-            else:
-                await flush()
-                progress.done += 1
-        await flush()
+async def _flush(ch: client.Channel, run: client.Pipelined, progress: client.Pipelined) -> None:
+    """Send ``run``'s jobs pipelined; the acknowledged ones count in ``progress``."""
+    if not run.jobs:
+        return
+    try:
+        await client.send_pipelined(ch, run)
+    finally:
+        progress.done += run.done
+        run.jobs.clear()
+        run.done = 0
 
 
 class _Ahead:
