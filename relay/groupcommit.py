@@ -7,7 +7,9 @@ finish while a flush is running wait together and share the next one.
 There is no background task: the first ``submit()`` that finds no flush
 running becomes the *leader*, takes every pending item and runs the flush in
 the commit's own long-lived thread (relay.handoff); the others wait and one
-of them leads the next batch.  Nothing has to be started or stopped, and it
+of them leads the next batch.  A flush of background items only (a
+delivery's removals) also takes, in the flush thread, the items that came
+during it (``submit``).  Nothing has to be started or stopped, and it
 works in whatever trio run calls it.
 
 The flush itself is the spool's business; this module also holds the
@@ -111,7 +113,7 @@ class Syncer:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GroupCommitStatistics:
-    batches: int        # flushes run
+    batches: int        # hand-offs run (a background flush and the commits it took are one)
     items: int          # items made durable or failed by those flushes
     largest_batch: int
 

@@ -291,6 +291,7 @@ class Spool(FreeSpace):
     def _flush(self, items: list[Publish]) -> list[Exception | None]:
         # Runs in a worker thread, one at a time: publish every record, then one
         # sync makes the whole batch (and all earlier writes) durable.
+        self._synced = False   # a hand-off may run two flushes: upkeep follows the last
         errors: list[Exception | None] = []
         paths: list[str] = []
         for item in items:

@@ -291,7 +291,7 @@ class SegmentLog:
 
     @property
     def dirty(self) -> bool:
-        """Records were appended (or a segment renamed) since the last sync began."""
+        """Records were appended (or a segment renamed) that no finished sync covers yet."""
         with self._lock:
             return self._dirty or self._dir_dirty or bool(self._unsynced)
 
