@@ -124,14 +124,14 @@ async def _spool_upkeep(spool: Spool, write_info: Callable[[], bool], info_writt
 
 
 async def _watch_signals(server: LpdServer | WorkerPool, notifier: sdnotify.Notifier,
-                         reload: Callable[[], None],
+                         reload: Callable[[], Awaitable[None]],
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         task_status.started()   # before the banner: a SIGHUP right after start reloads
         async for signum in signals:
             if signum == signal.SIGHUP:
                 log.event("info", "reload", signal="SIGHUP", source="configuration file")
-                reload()
+                await reload()
                 continue
             log.event("info", "shutdown", signal=signal.Signals(signum).name)
             notifier.send("STOPPING=1", "STATUS=stopping: jobs in flight get graceful_timeout")
@@ -252,13 +252,18 @@ def one_process_reason(config: Config, spool: Spool | None = None) -> str:
     return ""
 
 
-def _reload(reloader: Reloader, notifier: sdnotify.Notifier, info: DaemonInfo) -> None:
-    """One SIGHUP: reload, tell systemd around it, record the outcome in daemon.json."""
+async def _reload(reloader: Reloader, notifier: sdnotify.Notifier, info: DaemonInfo) -> None:
+    """One SIGHUP: reload, tell systemd around it, record the outcome in daemon.json.
+
+    With intake workers the outcome is logged and recorded only once they
+    applied it too: until then a client could be refused at an added address.
+    """
     sdnotify.reloading(notifier)
     outcome = reloader.apply()
     server: object = reloader.server
     if outcome.outcome == "ok" and isinstance(server, WorkerPool):
-        server.reloaded(reloader.config)    # the workers reload too
+        await server.reloaded(reloader.config)    # the workers reload too
+    reloader.announce(outcome)
     info.reload = outcome.as_json()
     info.write()
     sdnotify.reloaded(notifier, outcome.outcome)

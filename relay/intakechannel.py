@@ -47,6 +47,7 @@ from relay.intakemessages import (
     Open,
     Ready,
     Reload,
+    Reloaded,
     Reply,
     Stop,
     Withdrawn,
@@ -57,8 +58,8 @@ from relay.intakemessages import (
 
 __all__ = ["Admit", "CallClient", "Channel", "Command", "Commit", "Control", "Counts",
            "Discard", "Failure", "Init", "Log", "MakeRoom", "MetricsClient", "Open", "Ready",
-           "Reload", "Reply", "ReplyWaiter", "Stop", "Withdrawn", "call_pair", "raise_failure",
-           "serve_metrics", "stream_pair"]
+           "Reload", "Reloaded", "Reply", "ReplyWaiter", "Stop", "Withdrawn", "call_pair",
+           "raise_failure", "serve_metrics", "stream_pair"]
 
 _LENGTH = struct.Struct("!I")
 MAX_MESSAGE = 1 << 30          # a small job is <= 64 KiB plus its control file

@@ -26,7 +26,7 @@ from relay.errors import DiskFull, ProtocolError, SpoolError
 from relay.spoolformat import FileMeta, JobMeta
 
 __all__ = ["Admit", "Command", "Commit", "Control", "Counts", "Discard", "Failure", "Init",
-           "Log", "MakeRoom", "Open", "Ready", "Reload", "Reply", "Stop", "Withdrawn",
+           "Log", "MakeRoom", "Open", "Ready", "Reload", "Reloaded", "Reply", "Stop", "Withdrawn",
            "decode", "encode", "raise_failure"]
 
 T = TypeVar("T")
@@ -145,6 +145,13 @@ class Log:
     lines: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Reloaded:
+    """The worker applied the ``Reload`` of that ``seq``: its listeners are open."""
+
+    seq: int
+
+
 # -- messages: main -> worker ----------------------------------------------------
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,9 +165,14 @@ class Init:
 
 @dataclass(frozen=True, slots=True)
 class Reload:
-    """A new configuration (SIGHUP) or new queue states (lpc): rebuild routing."""
+    """A new configuration (SIGHUP) or new queue states (lpc): rebuild routing.
+
+    ``seq`` > 0: answer ``Reloaded(seq)`` once applied (a SIGHUP's reload is
+    reported done only after every worker listens where the file says).
+    """
 
     config: Config
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ gracefully on ``Stop`` or SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -50,6 +51,7 @@ from relay.intakechannel import (
     Log,
     Ready,
     Reload,
+    Reloaded,
     Reply,
     Stop,
     serve_metrics,
@@ -218,6 +220,9 @@ class Worker:
                 self.spool.replied(message)
             elif isinstance(message, Reload):
                 self.reload(message.config)
+                if message.seq:   # applied (or its failure logged): the main process may report
+                    with contextlib.suppress(OSError):
+                        await self.channel.send(Reloaded(message.seq))
             elif isinstance(message, Stop):
                 stopping.set()
 

@@ -135,9 +135,14 @@ class Reloader:
             log.event("warning", "reload_restart_needed", keys=", ".join(restart),
                       error="changed in the file; a restart applies them, the running "
                             "values stay")
-        log.event("info", "reloaded", generation=self.generation, queues=len(config.queues),
-                  listen=", ".join(str(a) for a in config.server.listen))
         return ReloadOutcome(self.generation, "ok", restart_needed=tuple(restart))
+
+    def announce(self, outcome: ReloadOutcome) -> None:
+        """Log a reload that took effect (the caller waited for intake workers first)."""
+        if outcome.outcome == "ok":
+            log.event("info", "reloaded", generation=outcome.generation,
+                      queues=len(self.config.queues),
+                      listen=", ".join(str(a) for a in self.config.server.listen))
 
     def _refused(self, error: str) -> ReloadOutcome:
         log.event("error", "reload_refused", source=self.config.source,

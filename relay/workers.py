@@ -50,6 +50,7 @@ from relay.intakechannel import (
     Open,
     Ready,
     Reload,
+    Reloaded,
     Reply,
     Stop,
     Withdrawn,
@@ -71,6 +72,7 @@ __all__ = ["WorkerPool"]
 
 START_TIMEOUT = 30.0      # a worker must be listening this soon after it is started
 RESTART_DELAY = 0.5       # between a worker's death and its replacement
+RELOAD_WAIT = 5.0         # longest a reload waits for the workers to apply it
 # The worker's own job_received lines: the main process logs the event itself.
 _WORKER_JOB_RECEIVED = ('"event":"job_received"', " job_received ")
 
@@ -87,6 +89,7 @@ class _Handle:
     jobs: WorkerJobs | None = None     # its jobs' main-side half
     values: dict[Key, float] = dataclasses.field(default_factory=dict)   # as last applied
     metrics: MetricsClient | None = None
+    reloaded: int = 0                  # the last Reload seq it applied
 
 
 class WorkerPool:
@@ -107,6 +110,8 @@ class WorkerPool:
         self._plain: dict[Listen, trio.socket.SocketType] = {}
         self._tls: list[trio.socket.SocketType] = []
         self._handles: dict[int, _Handle] = {}
+        self._reload_seq = 0
+        self._reload_acked = trio.Event()
         self._table = create_table(config.server.workers)   # relay.connectioncounts
         # The spool's free-space readings, for the workers' checks (relay.spoolspace).
         spool.publish_free = FreeBoard(self._table).publish
@@ -177,11 +182,26 @@ class WorkerPool:
         self._plain.update(opened)
         self._relist()
 
-    def reloaded(self, config: Config) -> None:
-        """After a reload: every worker rebuilds its routing and listeners from ``config``."""
+    async def reloaded(self, config: Config) -> None:
+        """After a reload: every worker rebuilds its routing and listeners from ``config``.
+
+        Returns once every running worker answered that it applied it (its
+        listeners open), or after RELOAD_WAIT: a reload is reported done only
+        when a client can reach the addresses it added.
+        """
         self.full_config = config
-        if self._nursery is not None:
-            self._nursery.start_soon(self._broadcast, Reload(self._worker_config()))
+        if self._nursery is None:
+            return
+        self._reload_seq += 1
+        seq = self._reload_seq
+        # Sent from a task of its own: a worker that reads nothing must not
+        # hold up the signal loop (a SIGTERM after it) beyond RELOAD_WAIT.
+        self._nursery.start_soon(self._broadcast, Reload(self._worker_config(), seq))
+        with trio.move_on_after(RELOAD_WAIT):
+            while any(h.channel is not None and h.reloaded < seq
+                      for h in self._handles.values()):
+                await self._reload_acked.wait()
+                self._reload_acked = trio.Event()
 
     def workers_down(self) -> int:
         """Workers not running now (between a crash and the replacement): /healthz says so."""
@@ -288,6 +308,9 @@ class WorkerPool:
                 self._count(handle, message)
             elif isinstance(message, Ready):
                 handle.ready.set()
+            elif isinstance(message, Reloaded):
+                handle.reloaded = message.seq
+                self._reload_acked.set()
             elif isinstance(message, Log):
                 for line in message.lines:
                     if not any(mark in line for mark in _WORKER_JOB_RECEIVED):

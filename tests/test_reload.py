@@ -7,6 +7,7 @@ reloads, and checks what changed and that nothing in flight was lost.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -150,6 +151,38 @@ def test_reload_opens_and_closes_listen_addresses(tmp_path: Path) -> None:
         assert "reload refused" in result.stderr
         assert all(r == 0 for r in send_job(relay.port, Job(queue="q", number="003")))
         wait_until(lambda: len(out(tmp_path, "out", "q")) == 3)
+    finally:
+        relay.terminate()
+
+
+def test_a_reload_is_reported_only_once_every_worker_listens(tmp_path: Path) -> None:
+    """With intake workers, "reloaded" (and daemon.json) wait for every worker to apply it.
+
+    One worker is stopped (SIGSTOP) across the SIGHUP: the reload must not be
+    reported while it cannot have opened the added address, and is once it runs again.
+    """
+    base = config(tmp_path, {"q": hot(tmp_path, "out")}, workers=2)
+    cfg = write_config_file(tmp_path / "relay.toml", base)
+    relay = LoggedRelay(cfg).start()
+    assert relay.proc is not None
+    try:
+        pid = wait_until(lambda: relay.events("worker_started")
+                         and relay.events("worker_started")[-1]["pid"])
+        extra = closed_port()
+        write_config_file(cfg, config(tmp_path, {"q": hot(tmp_path, "out")}, workers=2,
+                                      listen=["127.0.0.1:0", f"127.0.0.1:{extra}"]))
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            relay.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: relay.events("reload"))
+            trio.run(trio.sleep, 1.0)     # ample for the running worker and the main process
+            assert relay.events("reloaded") == [], "reported while a worker was stopped"
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_until(lambda: relay.events("reloaded"), 10)
+        for n in range(4):   # the kernel spreads connections over both workers' sockets
+            assert all(r == 0 for r in send_job(extra, Job(queue="q", number=f"{n + 1}")))
+        wait_until(lambda: len(out(tmp_path, "out", "q")) == 4)
     finally:
         relay.terminate()
 
