@@ -410,17 +410,12 @@ async def _final_after_eof(ch: Channel, name: str) -> None:
         reply=reply.code, step=DATA_FILE_STEP)
 
 
-def job_bytes(cf_name: str, control: bytes, files: Sequence[OutFile]) -> bytes:
-    """One job's subcommands, control file first, as one string (data in memory)."""
-    parts = [_core.control_header(cf_name, len(control)), control, b"\x00"]
-    for f in files:
-        parts += [_core.data_header(f.name, f.size, "count"), f.data or b"", b"\x00"]
-    return b"".join(parts)
-
-
 @dataclass(slots=True)
 class Pipelined:
-    """Jobs for ``send_pipelined``: (control-file name, ``job_bytes``, file count) each."""
+    """Jobs for ``send_pipelined``: (control-file name, subcommands, file count) each.
+
+    The subcommands are one string, control file first (``relay.sinks.lpdprepare.inline``).
+    """
 
     jobs: list[tuple[str, bytes, int]]
     done: int = 0          # jobs whose own last reply was 0x00

@@ -8,6 +8,7 @@ replies must read as the same step-by-step exchange would."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import trio
 
 from relay import client
-from relay.errors import SinkError, SinkRejected, SinkUnavailable
+from relay.errors import SinkError, SinkRejected, SinkUnavailable, SpoolFileMissing
 from relay.sinks import SinkContext, make_sink
 from relay.sinks.lpd import AUTO_BATCH, LpdSink
 from relay.spool import JobMeta
@@ -154,3 +155,13 @@ def test_stray_line_ends_between_pipelined_acks_are_skipped(tmp_path: Path) -> N
     receiver = ScriptedReceiver(trailing=b"\n")
     assert _attempt(receiver, _jobs(tmp_path)) == (JOBS, None)
     assert receiver.taken == ["nurse", "u2", "u3"]
+
+
+def test_a_job_that_cannot_be_read_mid_run_is_the_one_that_fails(tmp_path: Path) -> None:
+    """The jobs before it are sent and counted; the error is that job's, not the next good one's."""
+    jobs = _jobs(tmp_path)
+    jobs[1] = dataclasses.replace(jobs[1], control_path=str(tmp_path / "gone.cf"))
+    receiver = ScriptedReceiver()
+    done, error = _attempt(receiver, jobs)
+    assert (done, receiver.taken) == (1, ["nurse"])
+    assert isinstance(error, SpoolFileMissing)

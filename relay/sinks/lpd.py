@@ -297,7 +297,11 @@ class LpdSink(Sink):
         run = client.Pipelined(jobs=[])
         with RunBodies(self.context) as bodies:
             for job in jobs:
-                job_inline = self._inline(job, bodies)
+                try:
+                    job_inline = self._inline(job, bodies)
+                except SinkError:   # this job's fault: the run before it is sent and counted
+                    await _flush(ch, run, progress)
+                    raise
                 if job_inline is not None and job_inline[2]:
                     run.jobs.append(job_inline)
                     continue

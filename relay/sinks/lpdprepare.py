@@ -93,7 +93,7 @@ def prepare(job: DeliveryJob, dest: Destination, context: SinkContext, number: i
 
 def inline(job: DeliveryJob, dest: Destination, context: SinkContext, number: int,
            host: str, bodies: RunBodies) -> tuple[str, bytes, int]:
-    """A small job's subcommands as one string (``client.job_bytes``), for a pipelined
+    """A small job's subcommands as one string (control file first, data in memory), for a pipelined
     session: (control-file name, the bytes, how many data files they carry)."""
     cf_name, control, sent = _rewritten(job, dest, context, number, host, bodies)
     parts = [_core.control_header(cf_name, len(control)), control, b"\x00"]
