@@ -32,8 +32,14 @@ lint: install
 typecheck: install
 	$(BIN)/mypy relay
 
+# The suite runs in TEST_JOBS worker processes (pytest-xdist): it mostly waits
+# on sockets, subprocesses and peers, so more workers than cores pay off.
+# Tests sharing a machine-wide resource (tests/conftest.py XDIST_GROUPS) run
+# one after another on one worker.  TEST_JOBS=0 runs it serially.  The
+# benchmark smoke run stays serial: its table is kept by one process.
+TEST_JOBS ?= 4
 test: install peers test-deb-deps lint typecheck
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_JOBS) --dist loadgroup tests
 	LPD_BENCH_SCALE=0.01 $(BIN)/python -m pytest -q --benchmark-disable benchmarks
 
 # Benchmarks, then the slow soak tests; the targets table (medians of 3
