@@ -75,11 +75,13 @@ def cluster() -> Iterator[PostgresCluster]:
 # group marks a group of its own), so a test needing two of these resources
 # goes under one name.  Keys are node-id prefixes: a module or one test.
 XDIST_GROUPS: dict[str, tuple[str, ...]] = {
-    # Source and listening ports below 1024 on the host's loopback: rlpr's
-    # 721-731 (skips when all are busy), the relay's origin-port pools on
-    # 721-731 with their TIME_WAIT read from /proc/net/tcp, the probe's reuse
-    # of 512-1023 TIME_WAITs, the reserve=any/rfc1179 source ports, and port
-    # 515 held or probed by choose_default_port.
+    # Tests that need ports below 1024 on the host's loopback to themselves:
+    # rlpr's 721-731 (no SO_REUSEADDR), the origin-port pool tests that walk
+    # 721-731 and read their TIME_WAITs from /proc/net/tcp, the probe's reuse
+    # of 512-1023 TIME_WAITs, the reserve=any/rfc1179 source-port checks, and
+    # port 515 held or probed by choose_default_port.  (Any relay forwarding
+    # over lpd:// uses 721-731 by default, with SO_REUSEADDR: those tests
+    # share the ports with each other and stay ungrouped.)
     "reserved-ports": (
         "tests/test_originports.py",
         "tests/test_forwarding.py",
