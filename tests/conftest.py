@@ -107,13 +107,23 @@ def xdist_group_of(nodeid: str) -> str | None:
     return None
 
 
+# Groups whose tests also need nothing else beside them: tests outside the
+# group use the same resource (every relay delivering over lpd:// takes
+# 721-731 by default), and these tests count what they see there, e.g. one
+# origin-port acquisition per delivery attempt.  They are marked ``exclusive``;
+# ``make test`` runs them after the parallel part, one at a time.
+EXCLUSIVE_GROUPS = frozenset({"reserved-ports"})
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The groups as ``xdist_group`` marks too, so ``-m`` and reports can see them."""
+    """The groups as ``xdist_group`` marks too (and ``exclusive``), for ``-m``."""
     for item in items:
         group = xdist_group_of(item.nodeid)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+            if group in EXCLUSIVE_GROUPS:
+                item.add_marker(pytest.mark.exclusive)
 
 
 @pytest.hookimpl(tryfirst=True)
