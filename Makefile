@@ -32,8 +32,16 @@ lint: install
 typecheck: install
 	$(BIN)/mypy relay
 
+# The suite runs in TEST_JOBS worker processes (pytest-xdist): it mostly waits
+# on sockets, subprocesses and peers, so more workers than cores pay off.
+# Tests sharing a machine-wide resource (tests/conftest.py XDIST_GROUPS) run
+# one after another on one worker; those marked exclusive (reserved ports
+# they count) run afterwards, alone.  TEST_JOBS=0 runs the first part
+# serially.  The benchmark smoke run stays serial: one process keeps its table.
+TEST_JOBS ?= 4
 test: install peers test-deb-deps lint typecheck
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow and not exclusive" -n $(TEST_JOBS) --dist loadgroup tests
+	$(BIN)/python -m pytest -q -m "not slow and exclusive" tests
 	LPD_BENCH_SCALE=0.01 $(BIN)/python -m pytest -q --benchmark-disable benchmarks
 
 # Benchmarks, then the slow soak tests; the targets table (medians of 3

@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar, cast
@@ -172,12 +173,24 @@ def _assert_rfc1179_job(raw: bytes, queue: str, data: bytes) -> None:
     assert data + b"\x00" in raw  # counted data file, NUL-terminated
 
 
+RLPR_BIND_WAIT = 65.0   # seconds: TIME_WAIT lasts 60 s on Linux
+
+
 @real_peer
 def test_rlpr_sends_an_rfc1179_job_from_a_reserved_port(tmp_path: Path) -> None:
     (path,) = _files(tmp_path, BINARY)
     with RecordingLpdServer() as server:
-        res = rlpr(server.port, "Ward3", path, user="carol", title="Scan")
-        if res.returncode != 0 and b"bind" in res.stderr.lower():
+        # The relay's own default source ports are 721-731 too: tests beside
+        # this one leave them in TIME_WAIT for up to 60 s, so rlpr is tried
+        # again until one is free (a socket in TIME_WAIT blocks rlpr's bind).
+        deadline = time.monotonic() + RLPR_BIND_WAIT
+        while True:
+            res = rlpr(server.port, "Ward3", path, user="carol", title="Scan")
+            busy = res.returncode != 0 and b"bind" in res.stderr.lower()
+            if not busy or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        if busy:
             pytest.skip("rlpr's reserved ports 721-731 are all busy (TIME_WAIT)")
         assert res.returncode == 0, res.stderr
         (job,) = server.wait_jobs(1, timeout=5)
