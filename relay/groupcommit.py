@@ -7,9 +7,7 @@ finish while a flush is running wait together and share the next one.
 There is no background task: the first ``submit()`` that finds no flush
 running becomes the *leader*, takes every pending item and runs the flush in
 the commit's own long-lived thread (relay.handoff); the others wait and one
-of them leads the next batch.  A flush of background items only (a
-delivery's removals) also takes, in the flush thread, the items that came
-during it (``submit``).  Nothing has to be started or stopped, and it
+of them leads the next batch.  Nothing has to be started or stopped, and it
 works in whatever trio run calls it.
 
 The flush itself is the spool's business; this module also holds the
@@ -23,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -113,7 +110,7 @@ class Syncer:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GroupCommitStatistics:
-    batches: int        # hand-offs run (a background flush and the commits it took are one)
+    batches: int        # flushes run
     items: int          # items made durable or failed by those flushes
     largest_batch: int
 
@@ -151,11 +148,10 @@ class _Batch:
 
 
 class _Slot(Generic[T]):
-    __slots__ = ("background", "done", "error", "item", "taken")
+    __slots__ = ("done", "error", "item", "taken")
 
-    def __init__(self, item: T, background: bool) -> None:
+    def __init__(self, item: T) -> None:
         self.item = item
-        self.background = background
         self.taken: _Batch | None = None  # the flush that took it
         self.done = False
         self.error: Exception | None = None
@@ -176,9 +172,6 @@ class GroupCommit(Generic[T]):
         self._flush = flush
         self._after = after
         self._pending: list[_Slot[T]] = []
-        # Guards _pending and a slot's ``taken``: the flush thread takes the
-        # slots that came during a background-only flush (see ``submit``).
-        self._lock = threading.Lock()
         self._flushing: trio.Event | None = None
         # Our own thread, one flush at a time: a busy default thread pool must
         # not delay durability, and a long-lived thread costs no prctl/futex
@@ -188,30 +181,16 @@ class GroupCommit(Generic[T]):
         self._items = 0
         self._largest = 0
 
-    async def submit(self, item: T, *, background: bool = False) -> None:
-        """Return once ``item`` was flushed; raise the error the flush reported for it.
-
-        ``background``: no acknowledgement waits for this item (a delivery's
-        removals).  A flush of background items only takes, once its own sync
-        is done, the items that came meanwhile and flushes them in the same
-        hand-off: a commit that arrives during a removal's flush is not also
-        held up by the hop back to the event loop and a new leader's hand-off.
-        """
-        slot = _Slot(item, background)
-        with self._lock:
-            self._pending.append(slot)
+    async def submit(self, item: T) -> None:
+        """Return once ``item`` was flushed; raise the error the flush reported for it."""
+        slot = _Slot(item)
+        self._pending.append(slot)
         try:
             await self._lead_or_wait(slot)
         except BaseException:
             # Cancelled before a flush took the item: it was never handed over.
-            # Taken meanwhile (by the flush thread, after a background flush):
-            # wait it out, so no thread still writes the item when we return.
-            with self._lock:
-                taken = slot.taken
-                if taken is None:
-                    self._pending.remove(slot)
-            if taken is not None and not slot.done:
-                await taken.wait()
+            if slot.taken is None:
+                self._pending.remove(slot)
             raise
         if slot.error is not None:
             raise slot.error
@@ -232,44 +211,25 @@ class GroupCommit(Generic[T]):
                 await self._flushing.wait()
         raise SpoolError("group commit: item never flushed")  # pragma: no cover
 
-    def _take(self, taken: _Batch) -> list[_Slot[T]]:
-        with self._lock:
-            batch, self._pending = self._pending, []
-            for slot in batch:
-                slot.taken = taken
-        return batch
-
-    def _flush_batches(self, batch: list[_Slot[T]],
-                       taken: _Batch) -> tuple[list[_Slot[T]], list[Exception | None]]:
-        # In the flush thread: the batch, and after a background-only batch the
-        # slots queued during its flush (once: they hold a commit, as a rule).
-        errors = self._flush([s.item for s in batch])
-        if all(s.background for s in batch) and (more := self._take(taken)):
-            batch = batch + more
-            try:
-                errors = errors + self._flush([s.item for s in more])
-            except Exception as exc:  # the flush broke its contract; fail those
-                errors = errors + [SpoolError(f"group commit failed: {exc}") for _ in more]
-        return batch, errors
-
     async def _lead(self) -> None:
+        batch, self._pending = self._pending, []
         flushed = trio.Event()
         self._flushing = flushed
         taken = _Batch()
-        batch = self._take(taken)
+        for slot in batch:
+            slot.taken = taken
         try:
             # Not abandonable: a cancelled leader still waits for the thread.
-            batch, errors = await self._thread.run_sync_then(
-                self._after, self._flush_batches, batch, taken)
+            errors = await self._thread.run_sync_then(self._after, self._flush,
+                                                      [s.item for s in batch])
         except Exception as exc:  # the flush broke its contract; fail the batch
             errors = [SpoolError(f"group commit failed: {exc}") for _ in batch]
         except BaseException:
             # Cancelled before the thread started: hand the items back untouched
             # (the leader's own slot is then dropped by its submit()).
-            with self._lock:
-                for slot in batch:
-                    slot.taken = None
-                self._pending[:0] = batch
+            for slot in batch:
+                slot.taken = None
+            self._pending[:0] = batch
             raise
         finally:
             self._flushing = None

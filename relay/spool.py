@@ -273,8 +273,8 @@ class Spool(FreeSpace):
         """
         self.save_unsaved()
         if self.fsync and self._syncer is not None:
-            try:   # no acknowledgement waits for it: commits may follow in its hand-off
-                await self._group.submit(Publish("", None, b"", ()), background=True)
+            try:
+                await self._group.submit(Publish("", None, b"", ()))
             except SpoolError as exc:
                 log.event("error", "spool_sync_failed", error=str(exc))
         else:
@@ -291,7 +291,7 @@ class Spool(FreeSpace):
     def _flush(self, items: list[Publish]) -> list[Exception | None]:
         # Runs in a worker thread, one at a time: publish every record, then one
         # sync makes the whole batch (and all earlier writes) durable.
-        self._synced = False   # a hand-off may run two flushes: upkeep follows the last
+        self._synced = False   # set again only once this flush's sync succeeded
         errors: list[Exception | None] = []
         paths: list[str] = []
         for item in items:
