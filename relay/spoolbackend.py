@@ -128,6 +128,10 @@ class BodyFiles:
         file, offset = path, 0
         if (where := locate_body(path)) is not None:
             file, offset, _ = where
+        return self.range(file, offset, length)
+
+    def range(self, file: str, offset: int, length: int) -> Body:
+        """``length`` bytes at ``offset`` of the spool file ``file`` (a located body)."""
         fd = self._fds.get(file)
         if fd is None:
             fd = self._fds[file] = _open_read(file)

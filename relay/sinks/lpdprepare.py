@@ -15,14 +15,13 @@ per data file.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from relay import _core, client
 from relay.controlfile import parse_control_file, redact_names, rewrite
-from relay.errors import LpdError, SinkRejected, SpoolFileMissing
+from relay.errors import LpdError, SinkRejected
 from relay.sinks.base import DeliveryFile, DeliveryJob, SinkContext, open_body, open_control
 from relay.sinks.lpdoverlap import small_job
-from relay.spoolbackend import locate_body
+from relay.spoolbackend import BodyFiles, locate_body
 from relay.uri import Destination
 
 # (control-file name, rewritten control file, data files): a job ready to send.
@@ -32,46 +31,32 @@ Prepared = tuple[str, bytes, list[client.OutFile]]
 class RunBodies:
     """Bodies of a run of jobs read through one descriptor per spool file (``close`` ends it).
 
-    Only for the local spool (``SinkContext.bodies`` None), whose bodies are
-    whole files or segment ranges (``relay.spoolbackend.locate_body``); any
-    other backend's are read through it, one ``open_body`` each.
+    Only for the local spool (``SinkContext.bodies`` None): its bodies are
+    whole files or segment ranges, read through ``relay.spoolbackend.BodyFiles``;
+    any other backend's are read through it, one ``open_body`` each.
     """
 
     def __init__(self, context: SinkContext) -> None:
         self._context = context
-        self._local = context.bodies is None
-        self._fds: dict[str, int] = {}
+        self._files = BodyFiles() if context.bodies is None else None
 
     def control(self, job: DeliveryJob) -> bytes:
         """The job's raw control file; ``SpoolFileMissing`` when the spool lost it."""
-        if self._local and (where := locate_body(job.control_path)) is not None:
-            return self._pread(job.control_path, *where)
+        if self._files is not None and (where := locate_body(job.control_path)) is not None:
+            return self._files.range(*where).read()
         with open_control(self._context, job) as body:
             return body.read()
 
     def data(self, file: DeliveryFile) -> bytes:
         """A data file's bytes, all of them (a small job's)."""
-        if self._local and (where := locate_body(file.path)) is not None:
-            return self._pread(file.path, where[0], where[1], file.bytes)
+        if self._files is not None:
+            return self._files.open(file.path, file.bytes).read()
         with open_body(self._context, file) as body:
             return body.read()
 
-    def _pread(self, name: str, path: str, offset: int, length: int) -> bytes:
-        fd = self._fds.get(path)
-        if fd is None:
-            try:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise SpoolFileMissing(name, exc) from exc
-        data = os.pread(fd, length, offset)
-        if len(data) != length:
-            raise SpoolFileMissing(name, OSError(5, "body is short"))
-        return data
-
     def close(self) -> None:
-        fds, self._fds = self._fds, {}
-        for fd in fds.values():
-            os.close(fd)
+        if self._files is not None:
+            self._files.close()
 
     def __enter__(self) -> RunBodies:
         return self
