@@ -120,10 +120,10 @@ cdef class FastLoop:
         c.buf = bytearray(SMALL)
         c.view = memoryview(c.buf)
         c.last, c.due = now, INF
-        self._watch(c)
         self._conns[c.fd] = c
         self._now = now
-        self._run(c)
+        if self._watch(c):
+            self._run(c)
         return self._take()
 
     def poll(self, double now):
@@ -144,8 +144,7 @@ cdef class FastLoop:
         c.busy = False
         if self._conns.get(c.fd) is not c:
             return self._take()
-        if self._ack(c):
-            self._watch(c)
+        if self._ack(c) and self._watch(c):
             self._run(c)
         return self._take()
 
@@ -180,12 +179,17 @@ cdef class FastLoop:
         self._out = []
         return out
 
-    cdef void _watch(self, Conn c) except *:
+    cdef bint _watch(self, Conn c):
+        """Into the epoll set; False: it left the loop (LOST, as a failed read would)."""
         cdef epoll_event ev
         ev.events = EPOLLIN
         ev.data.fd = c.fd
-        if epoll_ctl(self.fd, EPOLL_CTL_ADD, c.fd, &ev) < 0:
-            raise OSError(errno, strerror(errno).decode())
+        if epoll_ctl(self.fd, EPOLL_CTL_ADD, c.fd, &ev) == 0:
+            return True
+        c.busy = True      # not in the set: nothing to take out of it
+        self._leave(c, LOST, OSError(errno, strerror(errno).decode()))
+        c.busy = False
+        return False
 
     cdef void _leave(self, Conn c, int kind, object payload):
         if self._conns.pop(c.fd, None) is None:
