@@ -141,12 +141,19 @@ cdef class FastLoop:
     def resume(self, Conn c, double now):
         """The job ``c`` was committing is durable: its final ack, then read on."""
         self._now = now
-        c.busy = False
+        c.busy, c.due = False, INF
         if self._conns.get(c.fd) is not c:
             return self._take()
         if self._ack(c) and self._watch(c):
             self._run(c)
         return self._take()
+
+    def drop(self, Conn c):
+        """Out of the loop, if it still is (Python took it over: a failed commit)."""
+        if self._conns.get(c.fd) is c:
+            del self._conns[c.fd]
+            if not c.busy:
+                epoll_ctl(self.fd, EPOLL_CTL_DEL, c.fd, NULL)
 
     def expired(self, double now):
         """The connections whose read deadline passed leave (TIMEOUT); and the next due."""
@@ -154,7 +161,7 @@ cdef class FastLoop:
         cdef double nearest = INF
         late = []
         for c in self._conns.values():
-            if c.busy:
+            if c.busy and c.due == INF:   # committing in a task, its own deadline
                 continue
             if c.due <= now:
                 late.append(c)
@@ -290,7 +297,7 @@ cdef class FastLoop:
             return True
         k.job = None
         k.completed = 1
-        c.busy = True
+        c.busy, c.due = True, INF    # a deadline only if Python gives it one
         epoll_ctl(self.fd, EPOLL_CTL_DEL, c.fd, NULL)
         c.kind, c.payload = COMMIT, job
         self._out.append(c)

@@ -35,7 +35,10 @@ import trio
 
 from relay import _fastloop
 from relay.connection import HANDLERS, Connection, PeerGone
+from relay.intakechannel import Reply, raise_failure
+from relay.jobassembly import JobAssembly
 from relay.memoryfile import IN_MEMORY_MAX
+from relay.spoolproxy import SpoolProxy
 
 __all__ = ["SWEEP_SECONDS", "FastSessions"]
 
@@ -61,6 +64,8 @@ class FastSessions:
         self.stopping = False
         self._scope: trio.CancelScope | None = None
         self._added: trio.Event | None = None
+        # Committing without a task: the request id and the job.
+        self._soon: dict[_fastloop.Conn, tuple[int, JobAssembly]] = {}
         self._clock = trio.lowlevel.current_clock()
 
     def _now(self) -> float:
@@ -114,7 +119,8 @@ class FastSessions:
             kind = c.kind
             if kind == _fastloop.COMMIT:
                 job, c.payload = c.payload, None
-                self.nursery.start_soon(self._commit, c, job)
+                if not self._commit_soon(c, job):
+                    self.nursery.start_soon(self._commit, c, job)
             elif kind == _fastloop.CLOSED:
                 self._close(c)
             else:
@@ -141,11 +147,66 @@ class FastSessions:
             return
         self._dispatch(self.loop.resume(c, self._now()))
 
+    def _commit_soon(self, c: _fastloop.Conn, job: JobAssembly) -> bool:
+        """An intake worker's commit without a task (``SpoolProxy.commit_soon``): the
+        reply comes to ``_replied``; bounded as ``_commit`` is, by the sweep.  False:
+        ``_commit`` it."""
+        conn: Connection = c.conn
+        spool = conn.ctx.spool
+        # A worker's job events are recorded by the main process with its commit, so
+        # record_committed has nothing to wait for: spool.commit is all of _durable.
+        if not isinstance(spool, SpoolProxy):
+            return False
+        try:
+            rid = spool.commit_soon(job.incoming,
+                                    lambda reply: self._replied(c, job, reply))
+        except Exception as exc:
+            conn._drop(job.incoming)
+            c.kind, c.payload = _fastloop.RAISE, exc
+            self._hand_over(c)
+            return True
+        if not rid:
+            return False
+        if spool.channel.pending:   # the socket took part of the frame: the rest, waiting
+            self.nursery.start_soon(spool.channel.flush)
+        self._soon[c] = (rid, job)
+        c.due = c.last + conn.ctx.config.idle_timeout   # ReadDeadline.refresh's bound
+        return True
+
+    def _replied(self, c: _fastloop.Conn, job: JobAssembly, reply: Reply) -> None:
+        """A ``commit_soon``'s reply (from the channel's reader: nothing may escape)."""
+        if self._soon.pop(c, None) is None:
+            return     # given up meanwhile (a timeout, a stop)
+        conn: Connection = c.conn
+        try:
+            if reply.failure is not None:
+                conn._drop(job.incoming)
+                raise_failure(reply.failure)
+            conn._accepted(reply.value)
+            self._dispatch(self.loop.resume(c, self._now()))
+        except Exception as exc:
+            c.kind, c.payload = _fastloop.RAISE, exc
+            self._hand_over(c)
+
+    def _give_up(self, c: _fastloop.Conn) -> None:
+        """A commit without a task its connection no longer waits for (a timeout, a
+        stop): as a cancelled ``_commit`` ends; the main process still decides the job."""
+        if (soon := self._soon.pop(c, None)) is not None:
+            rid, job = soon
+            conn: Connection = c.conn
+            spool = conn.ctx.spool
+            assert isinstance(spool, SpoolProxy)
+            spool.forget(rid, job.incoming)
+            conn._drop(job.incoming)
+
     def _hand_over(self, c: Any) -> None:
+        self.loop.drop(c)      # a failed commit: still in the loop's table
+        self._give_up(c)       # a commit past its deadline: nobody waits for it now
         conn: Connection = c.conn
         conn.handover = (c.last, _resume(conn, c.kind, c.payload))
         c.payload = None
         self.nursery.start_soon(self._continue, c)
+        self._maybe_done()
 
     async def _continue(self, c: Any) -> None:
         sock, c.sock = c.sock, None
@@ -160,6 +221,8 @@ class FastSessions:
         sock, c.sock = c.sock, None
         if sock is None:
             return
+        self.loop.drop(c)
+        self._give_up(c)
         conn: Connection = c.conn
         try:
             conn._discard()
@@ -167,6 +230,7 @@ class FastSessions:
         finally:
             sock.close()
             self.server.fast_closed(c.host)
+            self._maybe_done()
 
 
 def _resume(conn: Connection, kind: int, payload: Any) -> Callable[[], Awaitable[None]]:
