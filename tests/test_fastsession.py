@@ -299,3 +299,27 @@ def test_a_graceful_stop_ends_an_idle_loop_connection_at_graceful_timeout(
             assert 0.9 <= time.monotonic() - stopped < 5
             s.settimeout(5)
             assert s.recv(100) == b""            # closed, the partial job discarded
+
+
+def test_a_workers_commit_that_hangs_ends_at_idle_timeout_without_its_ack(
+        tmp_path: Path) -> None:
+    # The main process stopped: the worker's commit (written without a task) gets no
+    # reply; as Connection's commit, it waits idle_timeout from the last byte, then
+    # the connection ends, the job unacknowledged (the sender sends it again).
+    data = relay_config(tmp_path, server={"idle_timeout": "1s", "workers": 2},
+                        metrics={"listen": ""})
+    with RelayProcess(write_config_file(tmp_path / "relay.toml", data)) as relay:
+        assert relay.proc is not None
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as s:
+            s.sendall(b"\x02q\n" + _cf() + _df()[:-1])
+            assert _read(s, 4) == b"\x00" * 4
+            relay.proc.send_signal(signal.SIGSTOP)
+            try:
+                s.sendall(b"\x00")                   # the job is complete: its commit
+                started = time.monotonic()
+                assert s.recv(10) == b""             # closed, no final ack
+                took = time.monotonic() - started
+            finally:
+                relay.proc.send_signal(signal.SIGCONT)
+        assert 0.9 <= took < 2.0, took
+        assert _exchange(relay.port, [SESSIONS["one job, control first"]])[0] == b"\x00" * 5
