@@ -16,8 +16,12 @@ table or a failing disk ends that connection only, with a refusal where a
 reply is due, one log line and a count.  The collaborators arrive as one
 frozen ``ConnectionContext`` (``relay.context``) built by the server.
 Receive buffers: ``relay.buffers``; which files make a job:
-``relay.jobassembly``; the one-shot commands: ``relay.commands``; deadlines
-that trickling clients cannot dodge: ``relay.readdeadline``.
+``relay.jobassembly``; each receive-job step's decision, made without
+waiting: ``relay.jobsteps``; the one-shot commands: ``relay.commands``;
+deadlines that trickling clients cannot dodge: ``relay.readdeadline``.  A
+plain connection starts in ``relay.fastsession``'s epoll loop, which makes
+the same steps on this object and hands it over (``handover``) at anything
+else.
 """
 
 from __future__ import annotations
