@@ -62,6 +62,10 @@ COMMIT = 7    # ``payload``, the session's first complete job, to commit (then `
 CLOSED = 8    # the peer closed cleanly between jobs: nothing more to do than close
 
 DEF MAXEV = 64
+# What a step asks of _run next.
+DEF ACK = 1      # write the acknowledgement, read on
+DEF GO_ON = 2    # nothing to say (a data chunk), read on
+DEF STOP = 3     # the connection left the loop or waits for its commit
 # Reads of one connection before the loop turns to the others (as relay.fastio).
 DEF READS_EVERY = 16
 cdef double INF = float("inf")
@@ -222,70 +226,71 @@ cdef class FastLoop:
             return False
 
     cdef void _run(self, Conn c):
-        cdef ssize_t n
-        cdef int reads = 0
-        cdef type t
+        """Events to steps until the connection would wait, leaves or commits."""
+        cdef int reads = 0, r
         cdef object ev
         k, parser = c.conn, c.parser
         while True:
             try:
                 ev = parser.next_event()
-            except Exception as exc:
-                self._leave(c, RAISE, exc)
-                return
-            if ev is NEED:
-                if reads >= READS_EVERY:
-                    return       # level-triggered: the next poll comes back to it
-                n = c_read(c.fd, PyByteArray_AS_STRING(c.buf), PyByteArray_GET_SIZE(c.buf))
-                if n < 0:
-                    if errno == EAGAIN:
-                        c.due = k.deadline.due(parser, self._now)   # relay.readdeadline's
-                        return
-                    if errno == EINTR:
-                        continue
-                    self._leave(c, LOST, OSError(errno, strerror(errno).decode()))
-                    return
-                reads += 1
-                c.last, c.due = self._now, INF
-                try:
-                    parser.receive_data(c.view[:n])
-                except Exception as exc:
-                    self._leave(c, RAISE, exc)
-                    return
-                continue
-            t = type(ev)
-            try:
-                if t is T_DC:
-                    k.on_data_chunk(ev)
+                if ev is NEED:
+                    if reads >= READS_EVERY or not self._read(c, k, parser):
+                        return       # would wait; or, level-triggered, the next poll
+                    reads += 1
                     continue
-                if t is T_RJ:
-                    k.take_receive_job(ev)
-                elif t is T_CS:
-                    k.take_control_start(ev)
-                elif t is T_DS:
-                    length = ev.length
-                    if not length or length > self._small_file:
-                        self._leave(c, EVENT, ev)   # until-close dialects, large files
-                        return
-                    k.take_data_start(ev)
-                elif t is T_CE or t is T_DE:
-                    if t is T_CE:
-                        k.take_control_end(ev)
-                    else:
-                        k.take_data_end(ev)
-                    if self._finished(c, k):
-                        return
-                elif t is T_END and k.job is None and k.acks is None:
-                    self._leave(c, CLOSED, None)
-                    return
-                else:
-                    self._leave(c, EVENT, ev)
-                    return
-            except Exception as exc:
+                r = self._step(c, k, ev)
+            except Exception as exc:   # a step's refusal, error or bug: raised in Connection
                 self._leave(c, RAISE, exc)
                 return
-            if not self._ack(c):
+            if r == STOP or (r == ACK and not self._ack(c)):
                 return
+
+    cdef bint _read(self, Conn c, object k, object parser) except -1:
+        """Bytes into the parser: True; False when none are there (or it left the loop)."""
+        cdef ssize_t n
+        while True:
+            n = c_read(c.fd, PyByteArray_AS_STRING(c.buf), PyByteArray_GET_SIZE(c.buf))
+            if n >= 0:
+                break
+            if errno == EAGAIN:
+                c.due = k.deadline.due(parser, self._now)   # relay.readdeadline's bound
+                return False
+            if errno != EINTR:
+                self._leave(c, LOST, OSError(errno, strerror(errno).decode()))
+                return False
+        c.last, c.due = self._now, INF
+        parser.receive_data(c.view[:n])
+        return True
+
+    cdef int _step(self, Conn c, object k, object ev) except -1:
+        """One event by the connection's own step: ACK, GO_ON (no reply due) or STOP."""
+        cdef type t = type(ev)
+        if t is T_DC:
+            k.on_data_chunk(ev)
+            return GO_ON
+        if t is T_RJ:
+            k.take_receive_job(ev)
+        elif t is T_CS:
+            k.take_control_start(ev)
+        elif t is T_DS:
+            length = ev.length
+            if not length or length > self._small_file:
+                self._leave(c, EVENT, ev)   # until-close dialects, large files
+                return STOP
+            k.take_data_start(ev)
+        elif t is T_CE or t is T_DE:
+            if t is T_CE:
+                k.take_control_end(ev)
+            else:
+                k.take_data_end(ev)
+            return STOP if self._finished(c, k) else ACK
+        elif t is T_END and k.job is None and k.acks is None:
+            self._leave(c, CLOSED, None)
+            return STOP
+        else:
+            self._leave(c, EVENT, ev)
+            return STOP
+        return ACK
 
     cdef bint _finished(self, Conn c, object k) except -1:
         """After a file: True when the connection waits for a commit or left the loop."""
