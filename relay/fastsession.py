@@ -114,7 +114,7 @@ class FastSessions:
         if self.stopping and not self.loop.count and self._scope is not None:
             self._scope.cancel()
 
-    def _dispatch(self, out: list[Any]) -> None:
+    def _dispatch(self, out: list[_fastloop.Conn]) -> None:
         for c in out:
             kind = c.kind
             if kind == _fastloop.COMMIT:
@@ -128,7 +128,7 @@ class FastSessions:
         if out:
             self._maybe_done()
 
-    async def _commit(self, c: Any, job: Any) -> None:
+    async def _commit(self, c: _fastloop.Conn, job: JobAssembly) -> None:
         """The session's first job, as ``Connection._finish_file`` commits it."""
         conn: Connection = c.conn
         try:
@@ -199,7 +199,7 @@ class FastSessions:
             spool.forget(rid, job.incoming)
             conn._drop(job.incoming)
 
-    def _hand_over(self, c: Any) -> None:
+    def _hand_over(self, c: _fastloop.Conn) -> None:
         self.loop.drop(c)      # a failed commit: still in the loop's table
         self._give_up(c)       # a commit past its deadline: nobody waits for it now
         conn: Connection = c.conn
@@ -208,7 +208,7 @@ class FastSessions:
         self.nursery.start_soon(self._continue, c)
         self._maybe_done()
 
-    async def _continue(self, c: Any) -> None:
+    async def _continue(self, c: _fastloop.Conn) -> None:
         sock, c.sock = c.sock, None
         try:
             with sock:
@@ -216,7 +216,7 @@ class FastSessions:
         finally:
             self.server.fast_closed(c.host)
 
-    def _close(self, c: Any) -> None:
+    def _close(self, c: _fastloop.Conn) -> None:
         """As ``Connection.run`` ends: the partial job discarded, the parser released."""
         sock, c.sock = c.sock, None
         if sock is None:
