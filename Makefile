@@ -94,4 +94,4 @@ deb: install
 	@bash scripts/build-deb.sh $(DEB_FLAGS)
 
 clean:
-	rm -rf build relay/_core.c relay/_core*.so relay/_loadgen.c relay/_loadgen*.so relay/_dirio.c relay/_dirio*.so *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf build relay/_core.c relay/_core*.so relay/_loadgen.c relay/_loadgen*.so relay/_dirio.c relay/_dirio*.so relay/_fastloop.c relay/_fastloop*.so *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,5 @@
-"""Build the Cython protocol core, the load generator's loop and the hot folder's batch I/O.
+"""Build the Cython protocol core, the load generator's loop, the hot folder's batch I/O
+and the intake's epoll loop.
 
 Metadata is in pyproject.toml.
 """
@@ -12,7 +13,8 @@ setup(
     ext_modules=cythonize(
         [Extension("relay._core", ["relay/_core.pyx"], extra_compile_args=["-O2"]),
          Extension("relay._loadgen", ["relay/_loadgen.pyx"], extra_compile_args=["-O2"]),
-         Extension("relay._dirio", ["relay/_dirio.pyx"], extra_compile_args=["-O2"])],
+         Extension("relay._dirio", ["relay/_dirio.pyx"], extra_compile_args=["-O2"]),
+         Extension("relay._fastloop", ["relay/_fastloop.pyx"], extra_compile_args=["-O2"])],
         compiler_directives={
             "language_level": "3",
             "boundscheck": False,

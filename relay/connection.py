@@ -16,49 +16,48 @@ table or a failing disk ends that connection only, with a refusal where a
 reply is due, one log line and a count.  The collaborators arrive as one
 frozen ``ConnectionContext`` (``relay.context``) built by the server.
 Receive buffers: ``relay.buffers``; which files make a job:
-``relay.jobassembly``; the one-shot commands: ``relay.commands``; deadlines
-that trickling clients cannot dodge: ``relay.readdeadline``.
+``relay.jobassembly``; each receive-job step's decision, made without
+waiting: ``relay.jobsteps``; the one-shot commands: ``relay.commands``;
+deadlines that trickling clients cannot dodge: ``relay.readdeadline``.  A
+plain connection starts in ``relay.fastsession``'s epoll loop, which makes
+the same steps on this object and hands it over (``handover``) at anything
+else.
 """
 
 from __future__ import annotations
 
 import socket as pysocket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
-from relay import _core, commands, controlfile, log
+from relay import _core, commands, log
 from relay.ackqueue import AckQueue
 from relay.buffers import SMALL
 from relay.committed import accepted, record_committed
 from relay.context import ConnectionContext, Delivery
-from relay.errors import REPLY_BAD_JOB, REPLY_RETRY_LATER, DiskFull, ProtocolError, SpoolError
+from relay.errors import REPLY_RETRY_LATER, DiskFull, ProtocolError, SpoolError
 from relay.fastio import FastSocket
 from relay.jobassembly import JobAssembly
-from relay.jobevents import NO_EVENTS
-from relay.queues import sanitize_name
+from relay.jobsteps import JobSteps
 from relay.readdeadline import ReadDeadline
-from relay.spool import MAX_FILES_PER_JOB, DataWriter, IncomingJob, JobMeta
+from relay.spool import DataWriter, IncomingJob, JobMeta
 from relay.spoolbackend import Session
 from relay.tls import TlsPeer, TlsStream
 
-__all__ = ["Connection", "ConnectionContext", "Delivery", "PeerGone"]
+__all__ = ["HANDLERS", "Connection", "ConnectionContext", "Delivery", "PeerGone"]
 
 # After a refusal: how long and how much of a still-sending client to drain.
 REFUSAL_DRAIN_SECONDS = 2.0
 REFUSAL_DRAIN_BYTES = 64 * 1024 * 1024
-# While a data file of unknown length streams in, look at free space this often.
-SPACE_CHECK_EVERY = 64 * 1024 * 1024
-# Partial jobs whose removal failed, kept for another try (each is a few names).
-LEFTOVERS_MAX = 1000
 
 
 class PeerGone(Exception):
     """The socket failed (reset, broken pipe): nothing more can be said to the peer."""
 
 
-class Connection:
+class Connection(JobSteps):
     """One inbound connection: event dispatch and job assembly."""
 
     def __init__(self, ctx: ConnectionContext, sock: trio.socket.SocketType,
@@ -85,6 +84,9 @@ class Connection:
         self._reading: trio.CancelScope | None = None
         self._upgrade: IncomingJob | None = None   # a job for _serve_pipelined to commit
         self._buf: Any = None                     # the receive buffer in use (small or pooled)
+        # Set by relay.fastsession's loop when it hands the connection over: when
+        # it read its last byte, and what to do first (the step it did not take).
+        self.handover: tuple[float, Callable[[], Awaitable[None]]] | None = None
 
     async def run(self) -> None:
         """Serve the connection; the boundary no exception but cancellation crosses."""
@@ -180,6 +182,12 @@ class Connection:
         deadline = self.deadline
         now = trio.lowlevel.current_clock().current_time   # trio.current_time, 2 calls less
         deadline.begin()
+        if (handover := self.handover) is not None:
+            self.handover = None
+            deadline.read(handover[0])   # as if this loop had read those bytes
+            await handover[1]()
+            if self._upgrade is not None:
+                return True
         while not self.closing:
             ev = parser.next_event()
             if ev is _core.NEED_DATA:
@@ -280,20 +288,6 @@ class Connection:
             upgrade, self._upgrade = self._upgrade, None
             self._drop(upgrade)
 
-    def _drop(self, incoming: IncomingJob) -> None:
-        try:
-            incoming.discard()
-        except OSError as exc:  # e.g. a spool gone read-only: retried at the next job
-            log.event("error", "discard_failed", peer=self.peer, job=incoming.id, error=str(exc))
-            if len(self.ctx.leftovers) < LEFTOVERS_MAX:  # beyond: the next start sweeps them
-                self.ctx.leftovers.append(incoming)
-
-    def _retry_leftovers(self) -> None:
-        leftovers = self.ctx.leftovers[:]
-        self.ctx.leftovers.clear()
-        for incoming in leftovers:
-            self._drop(incoming)
-
     async def _pipeline_failed(self) -> bool:
         """Wait for the jobs still committing; True when one failed (the session is refused)."""
         if self.acks is None:
@@ -334,102 +328,23 @@ class Connection:
     # -- 0x02 receive job --------------------------------------------------
 
     async def on_receive_job(self, ev: _core.ReceiveJob) -> None:
-        if self.queue is None:
-            queue = self.ctx.router.route(ev.queue, new_job=True)
-            self._check_tls_peer(queue.name, ev.queue)
-            self._check_space()
-            self.queue, self.wire_queue = queue.name, ev.queue
+        self.take_receive_job(ev)
         await self._send(b"\x00")
 
-    def _check_space(self, need: int = 0) -> None:
-        """``Spool.check_space``; kept delivered jobs give way before a refusal (docs/spool.md)."""
-        try:
-            self.ctx.spool.check_space(need)
-        except DiskFull:
-            if self.ctx.make_room is None or not self.ctx.make_room(need):
-                raise
-
-    def _job(self) -> JobAssembly:
-        if self.job is None:
-            assert self.queue is not None, "parser emits files only inside 0x02"
-            if self.ctx.leftovers:
-                self._retry_leftovers()
-            self._check_space()
-            incoming = self.ctx.spool.begin(queue=self.queue, wire_queue=self.wire_queue,
-                                            peer=self.peer, session=self.session)
-            if self.tls_peer is not None and self.tls_peer.name:
-                incoming.set_tls_peer(self.tls_peer.name)
-            if self.ctx.spool.events is not NO_EVENTS:   # the audit log wants SHA-256s
-                incoming.digests = {}
-            self.job = JobAssembly(incoming)
-        return self.job
-
     async def on_control_start(self, ev: _core.ControlFileStart) -> None:
-        job = self._job()
-        self._check_size(job.incoming.bytes + ev.length)
+        self.take_control_start(ev)
         await self._send(b"\x00")
 
     async def on_control_end(self, ev: _core.ControlFileEnd) -> None:
-        job = self._job()
-        if job.control is not None:
-            raise ProtocolError("second control file before the data files of the first",
-                                reply=REPLY_BAD_JOB, reason="malformed")
-        cf = controlfile.parse_control_file(ev.data)
-        job.set_control(cf)
-        if len(job.wanted) > MAX_FILES_PER_JOB:
-            raise ProtocolError(f"control file names more than {MAX_FILES_PER_JOB} data files",
-                                reply=REPLY_BAD_JOB, reason="too_large")
-        if job.opened and (missing := job.missing()):
-            # Data files came first, so this control file is the job's last
-            # step: a file it names that did not come never will.
-            raise ProtocolError(f"control file names {sanitize_name(missing[0])}, "
-                                "which was not sent", reply=REPLY_BAD_JOB, reason="malformed")
-        name = controlfile.split_job_name(ev.name)
-        job.incoming.set_control(
-            ev.name, ev.data, number=name.number, user=cf.user or "", host=cf.host or "",
-            title=cf.title or cf.job_name or "", job_name=cf.job_name or "",
-            formats={f.name: f.format for f in cf.print_files})
+        self.take_control_end(ev)
         await self._finish_file()
 
     async def on_data_start(self, ev: _core.DataFileStart) -> None:
-        job = self._job()
-        if job.control is not None and ev.name not in job.wanted:
-            raise ProtocolError(f"data file {sanitize_name(ev.name)} is not named by the "
-                                "control file", reply=REPLY_BAD_JOB, reason="malformed")
-        if job.opened >= MAX_FILES_PER_JOB:   # re-sent files count too
-            raise ProtocolError(f"more than {MAX_FILES_PER_JOB} data files in one job",
-                                reply=REPLY_BAD_JOB, reason="too_large")
-        if ev.length is not None:
-            self._check_size(job.incoming.bytes + ev.length)
-        if ev.length:
-            # A declared size must fit above min_free_disk before a byte is
-            # written; the job itself passed the plain check at 0x02, and a
-            # streamed file is checked as it grows (on_data_chunk).
-            self._check_space(ev.length)
-        job.opened += 1
-        self.writer = job.incoming.open_data(ev.name)
-        job.streamed = 0
-        self.deadline.body_since, self.deadline.body_bytes = trio.current_time(), 0
+        self.take_data_start(ev)
         await self._send(b"\x00")
 
-    def on_data_chunk(self, ev: _core.DataChunk) -> None:
-        assert self.writer is not None and self.job is not None
-        data = ev.data
-        self.writer.write(data)
-        job = self.job
-        job.streamed += len(data)
-        self.deadline.body_bytes += len(data)
-        if job.streamed >= SPACE_CHECK_EVERY:
-            job.streamed = 0
-            self._check_size(job.incoming.bytes)
-            self._check_space()
-
     async def on_data_end(self, ev: _core.DataFileEnd) -> None:
-        assert self.writer is not None and self.job is not None
-        self.writer.close()
-        self.writer = None
-        self._check_size(self.job.incoming.bytes)
-        self.job.received.add(ev.name)
+        self.take_data_end(ev)
         await self._finish_file()
 
     async def _finish_file(self) -> None:
@@ -472,12 +387,6 @@ class Connection:
         """A job committed (in arrival order): counted, logged, handed to delivery."""
         accepted(self.ctx.metrics, self.ctx.delivery, meta, self.peer, held=held)
 
-    def _check_size(self, total: int) -> None:
-        limit = self.ctx.config.max_job_size
-        if total > limit:
-            raise ProtocolError(f"job larger than max_job_size ({limit} bytes)",
-                                reply=REPLY_BAD_JOB, reason="too_large")
-
     async def on_abort(self, ev: _core.AbortJob) -> None:
         self._discard()
         await self._send(b"\x00")
@@ -517,17 +426,6 @@ class Connection:
             return
         await self._send(commands.answer(self.ctx, ev, self.host, self.port))
 
-    def _check_tls_peer(self, queue: str, wire_queue: str) -> None:
-        """[tls.peers]: a TLS client uses only the queues its certificate is mapped to."""
-        peer = self.tls_peer
-        if peer is None or peer.permits(queue, wire_queue):
-            return
-        who = sanitize_name(peer.name) or "a certificate without a name"
-        why = "is not mapped in tls.peers" if not peer.mapped else (
-            f"may not use queue {sanitize_name(wire_queue)}")
-        raise ProtocolError(f"TLS peer {who} {why}", reply=0x01, reason="acl")
-
-
 # Event type -> handler, kept on the class rather than as bound methods on
 # each connection: bound methods would make every connection a reference cycle,
 # freed only by the cyclic GC, and each holds its receive buffers (and the
@@ -543,3 +441,4 @@ _HANDLERS: dict[type, Callable[[Connection, Any], object]] = {
     _core.EndOfStream: Connection.on_end,
     _core.Command: Connection.on_command,
 }
+HANDLERS = _HANDLERS   # a handed-over event is dispatched with them (relay.fastsession)

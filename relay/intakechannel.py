@@ -129,6 +129,38 @@ class Channel:
                 self._pending = [p for p in self._pending if p[1] is not frame]
                 raise
 
+    def send_nowait(self, message: object) -> bool:
+        """Write ``message`` now, without a task, if no frame is queued or being written;
+        False: nothing was sent (``send`` it).  A frame the socket took in part is
+        queued whole for the rest: ``flush`` writes it (``pending`` says so)."""
+        if self._writing or self._pending:
+            return False
+        data = encode(message)
+        frame = _LENGTH.pack(len(data)) + data
+        try:
+            n = os.write(self.sock.fileno(), frame)
+        except BlockingIOError:
+            return False
+        self._queued += 1
+        if n < len(frame):    # the rest goes first with the next write (a frame stays whole)
+            self._pending.append((self._queued, frame[n:]))
+        else:
+            self._written = self._queued
+        return True
+
+    @property
+    def pending(self) -> bool:
+        """Frames queued and not being written (``flush`` them)."""
+        return bool(self._pending) and not self._writing
+
+    async def flush(self) -> None:
+        """Write what ``send_nowait`` left queued (and whatever queued behind it)."""
+        while self._pending:   # bounded: each pass is a write, or waits for one
+            if not self._writing:
+                await self._write()
+            else:
+                await self._wrote.wait()
+
     async def _write(self) -> None:
         batch, self._pending = self._pending, []
         view = memoryview(batch[0][1] if len(batch) == 1 else b"".join(f for _, f in batch))

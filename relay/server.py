@@ -34,6 +34,7 @@ from relay.connectioncounts import NO_OTHERS, NoOthers
 from relay.context import ConnectionContext, Delivery
 from relay.errors import REPLY_RETRY_LATER, BindError
 from relay.fastaccept import Acceptor
+from relay.fastsession import FastSessions
 from relay.metrics import Metrics
 from relay.privacy import KEEP, Redactor
 from relay.proxysource import ProxySource
@@ -52,6 +53,9 @@ REFUSAL_SLOTS = 64
 REFUSAL_SECONDS = 1.0
 BUSY = bytes([REPLY_RETRY_LATER]) + b"lpd-relay: server busy (max_connections), retry later\n"
 NOFILE = bytes([REPLY_RETRY_LATER]) + b"lpd-relay: out of file descriptors, retry later\n"
+# Plain connections start in the epoll loop (relay.fastsession); False only in the
+# tests that compare its results with Connection's own, session by session.
+FAST_LOOP = True
 # Out of descriptors this long without a successful accept: the waiting client is
 # accepted with the spare descriptor and refused (a brief shortage just waits).
 NOFILE_GRACE = 0.5
@@ -137,6 +141,7 @@ class LpdServer:
         self.others: NoOthers = NO_OTHERS  # connections the sibling workers hold
         self._reserve = -1   # a spare descriptor: out of them, it accepts a client to refuse
         self._nofile_since = math.inf   # since when accept() has found no descriptor
+        self.fast: FastSessions | None = None   # the plain connections' epoll loop
 
     async def serve(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]]
                     = trio.TASK_STATUS_IGNORED) -> None:
@@ -155,6 +160,9 @@ class LpdServer:
         try:
             async with trio.open_nursery() as connections:
                 self._connections = connections
+                if FAST_LOOP and self.proxy is None:   # PROXY headers are read in trio
+                    self.fast = FastSessions(self, connections)
+                    connections.start_soon(self.fast.run)
                 with trio.CancelScope() as self._accepting:
                     async with trio.open_nursery() as accepts:
                         self._accepts = accepts
@@ -164,6 +172,8 @@ class LpdServer:
                             accepts.start_soon(self._accept_loop, lsock, connections, True)
                         task_status.started(self.bound())
                 self._close_listeners()
+                if self.fast is not None:
+                    self.fast.stop()
                 connections.cancel_scope.deadline = (
                     trio.current_time() + self.config.graceful_timeout)
         finally:
@@ -268,7 +278,38 @@ class LpdServer:
                     raise
                 nursery.start_soon(self._busy, sock, addr)
                 continue
+            if not tls and self.fast is not None and self._fast_accept(sock, addr):
+                continue
             nursery.start_soon(self._connection, sock, addr, tls)
+
+    def _fast_accept(self, sock: trio.socket.SocketType, addr: tuple[str, int]) -> bool:
+        """A plain connection the source checks pass at once: into the epoll loop
+        (relay.fastsession), counted as ``_connection`` counts; False: ``_connection``."""
+        host, port = addr[0], addr[1]
+        cfg = self.config
+        if (cfg.allow or cfg.require_reserved_port
+                or self._per_host[host] + self.others.others(host)
+                >= cfg.max_connections_per_host):
+            return False   # _admit's checks, its log lines and refusals
+        assert self.fast is not None
+        self.metrics.inbound_connections.inc()
+        self._active += 1
+        self._trimmer.opened(self._active)
+        self._per_host[host] += 1
+        self.others.add(host, 1)
+        self.fast.add(Connection(self.context, sock, host, port), sock, host)
+        return True
+
+    def fast_closed(self, host: str) -> None:
+        """A connection of the loop is gone: as ``_connection``'s ends."""
+        self.others.add(host, -1)
+        self._per_host[host] -= 1
+        if not self._per_host[host]:
+            del self._per_host[host]
+        self.metrics.inbound_connections.dec()
+        self._slots.release()
+        self._active -= 1
+        self._trimmer.closed(self._active)
 
     async def _refuse_unaccepted(self, lsock: trio.socket.SocketType, nursery: trio.Nursery,
                                  exc: OSError) -> bool:

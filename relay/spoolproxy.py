@@ -18,7 +18,7 @@ import builtins
 import itertools
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import cast
 
 import trio
@@ -158,6 +158,20 @@ class IncomingProxy:
                       digests=self.digests, previous=previous)
 
 
+class _Callback:
+    """A ``commit_soon``'s reply, handed to a function by the channel's reader."""
+
+    __slots__ = ("done", "job", "rid", "spool")
+
+    def __init__(self, spool: SpoolProxy, job: IncomingProxy, rid: int,
+                 done: Callable[[Reply], None]) -> None:
+        self.spool, self.job, self.rid, self.done = spool, job, rid, done
+
+    def give(self, reply: Reply) -> None:
+        self.spool.forget(self.rid, self.job, failed=reply.failure is not None)
+        self.done(reply)
+
+
 class _RecordedInMain(NoEvents):
     """A worker's events: recorded by the main process as it commits the job (``Commit``).
 
@@ -185,7 +199,7 @@ class SpoolProxy(FreeSpace):
         self._pid = os.getpid()
         self._tokens = itertools.count(1)
         self._rids = itertools.count(1)
-        self._waiting: dict[int, ReplyWaiter] = {}
+        self._waiting: dict[int, ReplyWaiter | _Callback] = {}
         self._reading: tuple[int, float, int] | None = None
         self.own_written = 0        # bytes this worker received into jobs, ever
         self.shared: NoOthers = NO_OTHERS          # the workers' table (connectioncounts)
@@ -301,6 +315,32 @@ class SpoolProxy(FreeSpace):
             self.sent(job)
         assert isinstance(value, JobMeta)
         return value
+
+    def commit_soon(self, job: IncomingProxy, done: Callable[[Reply], None]) -> int:
+        """``commit`` without a task: the Commit written now, ``done(reply)`` called by the
+        channel's reader (the reply's failure is the caller's to raise).  Its request id;
+        0 when nothing was done (``commit`` it).  ``forget`` it to stop waiting."""
+        if not job.its_turn():
+            return 0
+        rid = next(self._rids)
+        try:
+            message = job.commit_message(rid, "")
+        except BaseException:
+            self.answered(job, failed=True)   # as commit() ends
+            self.sent(job)
+            raise
+        if not self.channel.send_nowait(message):
+            return 0
+        job.gone = True    # from here the main process owns the job (it discards on failure)
+        self.sent(job)
+        self._waiting[rid] = _Callback(self, job, rid, done)
+        return rid
+
+    def forget(self, rid: int, job: IncomingProxy, *, failed: bool = True) -> None:
+        """A ``commit_soon`` answered, or given up (a timeout, a stop): as ``commit`` ends."""
+        self._waiting.pop(rid, None)
+        self.answered(job, failed=failed)
+        self.sent(job)
 
     async def answer(self, ctx: object, ev: _core.Command, host: str, port: int) -> bytes:
         """A one-shot command, answered by the main process for the whole daemon."""

@@ -205,3 +205,27 @@ def test_a_reply_before_its_waiter_parks_and_after_both_arrive() -> None:
                 late.give(Reply(2, value="b"))
         return first, got[0]
     assert trio.run(main) == (Reply(1, value="a"), Reply(2, value="b"))
+
+
+def test_send_nowait_writes_a_frame_whole_or_leaves_the_rest_to_flush() -> None:
+    # The fast loop's commit without a task: a frame the socket takes only in part
+    # is queued whole for the rest, and a frame behind it waits its turn (False).
+    async def main() -> list[object]:
+        sender, receiver = _channels(sndbuf=4096)
+        got: list[object] = []
+        with trio.fail_after(10):
+            assert sender.send_nowait(_commit(1, CONTROL)) and not sender.pending
+            got.append(await receiver.receive())
+            assert sender.send_nowait(_big(2))        # larger than the buffer: in part
+            assert sender.pending
+            assert not sender.send_nowait(_commit(3, CONTROL))   # nothing sent
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender.flush)
+                got.append(await receiver.receive())
+            assert not sender.pending
+            assert sender.send_nowait(_commit(4, CONTROL))
+            got.append(await receiver.receive())
+        sender.close()
+        receiver.close()
+        return got
+    assert [m.rid for m in trio.run(main)] == [1, 2, 4]  # type: ignore[attr-defined]

@@ -1,0 +1,309 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The reading half of plain receive-job sessions, outside trio: one epoll set per process.
+
+Each connection's descriptor is in the loop's own epoll set; trio waits on
+that set's descriptor, so one wake-up serves every ready connection.  The
+loop reads into the connection's buffer, frames with its own
+``relay._core.ServerParser`` and makes each step's decision by a plain call
+on the connection's ``relay.connection.Connection`` (the ``relay.jobsteps``
+methods: the same checks, the same job assembly), then writes the
+acknowledgement itself.  What it does not take it hands back to Python
+(``relay.fastsession``), the connection's state untouched: an event it does
+not take, a step that raised, a read or write that failed, an
+acknowledgement the socket would not take, a complete job (to commit), a
+deadline that passed.  It never closes a descriptor; the socket is Python's.
+"""
+
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from libc.errno cimport errno, EAGAIN, EINTR
+from libc.string cimport strerror
+
+from relay import _core
+from relay.buffers import SMALL
+
+cdef extern from "sys/epoll.h" nogil:
+    cdef union epoll_data_t "epoll_data":
+        int fd
+        void* ptr
+    cdef struct epoll_event:
+        unsigned int events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
+    int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
+    enum:
+        EPOLL_CLOEXEC
+        EPOLL_CTL_ADD
+        EPOLL_CTL_DEL
+        EPOLLIN
+
+cdef extern from "unistd.h" nogil:
+    ssize_t c_read "read" (int fd, void* buf, size_t count)
+    ssize_t c_write "write" (int fd, const void* buf, size_t count)
+    int c_close "close" (int fd)
+
+cdef object NEED = _core.NEED_DATA
+cdef type T_RJ = _core.ReceiveJob
+cdef type T_CS = _core.ControlFileStart
+cdef type T_CE = _core.ControlFileEnd
+cdef type T_DS = _core.DataFileStart
+cdef type T_DC = _core.DataChunk
+cdef type T_DE = _core.DataFileEnd
+cdef type T_END = _core.EndOfStream
+
+# What a connection leaving the loop asks of Python (Conn.kind).
+EVENT = 1     # dispatch ``payload``, an event the loop does not take, first
+RAISE = 2     # a step raised ``payload``: raise it where the step ran
+LOST = 3      # a read or write failed with ``payload`` (an OSError): the peer is gone
+SEND = 4      # the acknowledgement did not fit the socket buffer: send it, waiting
+FINISH = 5    # a file completed a job that is not its session's first: Connection's own
+TIMEOUT = 6   # the read deadline passed
+COMMIT = 7    # ``payload``, the session's first complete job, to commit (then ``resume``)
+CLOSED = 8    # the peer closed cleanly between jobs: nothing more to do than close
+
+DEF MAXEV = 64
+# What a step asks of _run next.
+DEF ACK = 1      # write the acknowledgement, read on
+DEF GO_ON = 2    # nothing to say (a data chunk), read on
+DEF STOP = 3     # the connection left the loop or waits for its commit
+# Reads of one connection before the loop turns to the others (as relay.fastio).
+DEF READS_EVERY = 16
+cdef double INF = float("inf")
+
+
+cdef class Conn:
+    """One connection in the loop: its ``Connection``, socket and where it stands."""
+
+    cdef public int fd
+    cdef public object conn         # relay.connection.Connection
+    cdef public object sock         # its trio socket (Python closes it)
+    cdef public str host
+    cdef public object parser
+    cdef bytearray buf
+    cdef object view
+    cdef public double last         # when its last bytes came (trio's clock)
+    cdef public double due          # when its next bytes must have come (INF: not waiting)
+    cdef public bint busy           # its job is committing: out of the epoll set
+    cdef public int kind            # why it left the loop (the constants above)
+    cdef public object payload
+
+
+cdef class FastLoop:
+    """The epoll set and its connections (module docstring)."""
+
+    cdef public int fd
+    cdef dict _conns
+    cdef list _out
+    cdef double _now
+    cdef Py_ssize_t _small_file
+
+    def __init__(self, Py_ssize_t small_file):
+        self.fd = epoll_create1(EPOLL_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(errno, strerror(errno).decode())
+        self._conns = {}
+        self._out = []
+        self._small_file = small_file
+
+    @property
+    def count(self):
+        """Connections in the loop, committing ones included."""
+        return len(self._conns)
+
+    def close(self):
+        if self.fd >= 0:
+            c_close(self.fd)
+            self.fd = -1
+
+    def add(self, conn, sock, str host, double now):
+        """Take ``conn`` (a fresh ``Connection`` on ``sock``); what left the loop."""
+        cdef Conn c = Conn.__new__(Conn)
+        c.fd = sock.fileno()
+        c.conn, c.sock, c.host = conn, sock, host
+        c.parser = conn.parser
+        c.buf = bytearray(SMALL)
+        c.view = memoryview(c.buf)
+        c.last, c.due = now, INF
+        self._conns[c.fd] = c
+        self._now = now
+        if self._watch(c):
+            self._run(c)
+        return self._take()
+
+    def poll(self, double now):
+        """Serve the ready connections; the ones that left the loop."""
+        cdef epoll_event evs[MAXEV]
+        cdef int n, i
+        self._now = now
+        n = epoll_wait(self.fd, evs, MAXEV, 0)
+        for i in range(n):
+            c = self._conns.get(evs[i].data.fd)
+            if c is not None and not (<Conn>c).busy:
+                self._run(<Conn>c)
+        return self._take()
+
+    def resume(self, Conn c, double now):
+        """The job ``c`` was committing is durable: its final ack, then read on."""
+        self._now = now
+        c.busy, c.due = False, INF
+        if self._conns.get(c.fd) is not c:
+            return self._take()
+        if self._ack(c) and self._watch(c):
+            self._run(c)
+        return self._take()
+
+    def drop(self, Conn c):
+        """Out of the loop, if it still is (Python took it over: a failed commit)."""
+        if self._conns.get(c.fd) is c:
+            del self._conns[c.fd]
+            if not c.busy:
+                epoll_ctl(self.fd, EPOLL_CTL_DEL, c.fd, NULL)
+
+    def expired(self, double now):
+        """The connections whose read deadline passed leave (TIMEOUT); and the next due."""
+        cdef Conn c
+        cdef double nearest = INF
+        late = []
+        for c in self._conns.values():
+            if c.busy and c.due == INF:   # committing in a task, its own deadline
+                continue
+            if c.due <= now:
+                late.append(c)
+            elif c.due < nearest:
+                nearest = c.due
+        for c in late:
+            self._leave(c, TIMEOUT, None)
+        return self._take(), nearest
+
+    def take_all(self):
+        """Every connection, out of the loop (its task is ending)."""
+        cdef Conn c
+        conns = list(self._conns.values())
+        for c in conns:
+            if not c.busy:
+                epoll_ctl(self.fd, EPOLL_CTL_DEL, c.fd, NULL)
+        self._conns.clear()
+        return conns
+
+    cdef list _take(self):
+        out = self._out
+        self._out = []
+        return out
+
+    cdef bint _watch(self, Conn c):
+        """Into the epoll set; False: it left the loop (LOST, as a failed read would)."""
+        cdef epoll_event ev
+        ev.events = EPOLLIN
+        ev.data.fd = c.fd
+        if epoll_ctl(self.fd, EPOLL_CTL_ADD, c.fd, &ev) == 0:
+            return True
+        c.busy = True      # not in the set: nothing to take out of it
+        self._leave(c, LOST, OSError(errno, strerror(errno).decode()))
+        c.busy = False
+        return False
+
+    cdef void _leave(self, Conn c, int kind, object payload):
+        if self._conns.pop(c.fd, None) is None:
+            return
+        if not c.busy:
+            epoll_ctl(self.fd, EPOLL_CTL_DEL, c.fd, NULL)
+        c.kind, c.payload = kind, payload
+        self._out.append(c)
+
+    cdef bint _ack(self, Conn c):
+        cdef char z = 0
+        cdef ssize_t n
+        while True:
+            n = c_write(c.fd, &z, 1)
+            if n == 1:
+                return True
+            if n < 0 and errno == EINTR:
+                continue
+            if n < 0 and errno != EAGAIN:
+                self._leave(c, LOST, OSError(errno, strerror(errno).decode()))
+            else:
+                self._leave(c, SEND, None)
+            return False
+
+    cdef void _run(self, Conn c):
+        """Events to steps until the connection would wait, leaves or commits."""
+        cdef int reads = 0, r
+        cdef object ev
+        k, parser = c.conn, c.parser
+        while True:
+            try:
+                ev = parser.next_event()
+                if ev is NEED:
+                    if reads >= READS_EVERY or not self._read(c, k, parser):
+                        return       # would wait; or, level-triggered, the next poll
+                    reads += 1
+                    continue
+                r = self._step(c, k, ev)
+            except Exception as exc:   # a step's refusal, error or bug: raised in Connection
+                self._leave(c, RAISE, exc)
+                return
+            if r == STOP or (r == ACK and not self._ack(c)):
+                return
+
+    cdef bint _read(self, Conn c, object k, object parser) except -1:
+        """Bytes into the parser: True; False when none are there (or it left the loop)."""
+        cdef ssize_t n
+        while True:
+            n = c_read(c.fd, PyByteArray_AS_STRING(c.buf), PyByteArray_GET_SIZE(c.buf))
+            if n >= 0:
+                break
+            if errno == EAGAIN:
+                c.due = k.deadline.due(parser, self._now)   # relay.readdeadline's bound
+                return False
+            if errno != EINTR:
+                self._leave(c, LOST, OSError(errno, strerror(errno).decode()))
+                return False
+        c.last, c.due = self._now, INF
+        parser.receive_data(c.view[:n])
+        return True
+
+    cdef int _step(self, Conn c, object k, object ev) except -1:
+        """One event by the connection's own step: ACK, GO_ON (no reply due) or STOP."""
+        cdef type t = type(ev)
+        if t is T_DC:
+            k.on_data_chunk(ev)
+            return GO_ON
+        if t is T_RJ:
+            k.take_receive_job(ev)
+        elif t is T_CS:
+            k.take_control_start(ev)
+        elif t is T_DS:
+            length = ev.length
+            if not length or length > self._small_file:
+                self._leave(c, EVENT, ev)   # until-close dialects, large files
+                return STOP
+            k.take_data_start(ev)
+        elif t is T_CE or t is T_DE:
+            if t is T_CE:
+                k.take_control_end(ev)
+            else:
+                k.take_data_end(ev)
+            return STOP if self._finished(c, k) else ACK
+        elif t is T_END and k.job is None and k.acks is None:
+            self._leave(c, CLOSED, None)
+            return STOP
+        else:
+            self._leave(c, EVENT, ev)
+            return STOP
+        return ACK
+
+    cdef bint _finished(self, Conn c, object k) except -1:
+        """After a file: True when the connection waits for a commit or left the loop."""
+        job = k.job
+        if not job.complete():
+            return False
+        if k.completed or k.acks is not None:
+            self._leave(c, FINISH, None)   # a session's next job: Connection pipelines
+            return True
+        k.job = None
+        k.completed = 1
+        c.busy, c.due = True, INF    # a deadline only if Python gives it one
+        epoll_ctl(self.fd, EPOLL_CTL_DEL, c.fd, NULL)
+        c.kind, c.payload = COMMIT, job
+        self._out.append(c)
+        return True
