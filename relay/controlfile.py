@@ -303,6 +303,10 @@ def rewrite(cf: ControlFile, *, number: int, host: str, digits: int = 3,
     ``L`` line for the ``P`` user when the job has none, False removes every
     ``L`` line, None keeps what the sender wrote; ``fmt`` gives every format
     line that letter; ``sanitize_title`` reduces ``J`` with ``sanitized_title``.
+
+    A job that cannot be renamed (more data files than ``dfA..dfz``, or no line
+    left to send) raises ``ProtocolError`` (reason "malformed"): the job's own
+    lines, so the lpd:// sink holds it rather than retrying.
     """
     if not 3 <= digits <= 6:
         raise ValueError("job numbers have 3 to 6 digits")
@@ -327,7 +331,10 @@ def rewrite(cf: ControlFile, *, number: int, host: str, digits: int = 3,
     if sanitize_title:
         lines = [("J", sanitized_title(v)) if k == "J" else (k, v) for k, v in lines]
     if not lines:
-        raise ValueError("a control file has at least one line")
+        # Only S lines, U lines naming no file of the job, N or font lines with
+        # no base name: nothing a destination could be sent.
+        raise _malformed("no control-file line is left for the destination "
+                         "(only S, U and name lines without a file of this job)")
     # Every line is one of cf's (checked), a base name or a sanitized title of
     # one (characters only removed or replaced), or names made of checked parts.
     return _checked(tuple(lines)), f"cfA{job}", mapping

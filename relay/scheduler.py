@@ -250,7 +250,10 @@ class QueueRunner(RunnerControl):
         dests = self.dests
         sink = dests[index].sink
         dest = self.metrics.destination_label(sink.destination.uri)
-        done, error = await sink.deliver_many(jobs)
+        try:
+            done, error = await sink.deliver_many(jobs)
+        except Exception as exc:    # a sink bug: retried as "other"; none counts as sent
+            done, error = 0, exc
         if self.dests is not dests:     # a reload changed the destinations meanwhile
             await self._stale_result(jobs, done, error, dest)
             return

@@ -229,7 +229,7 @@ def test_parsed_and_rewritten_files_equal_checked_construction(
         assert parsed.first(letter) == built.first(letter)
     try:
         new, _, _ = rewrite(parsed, number=7, host="relay", fmt="f", banner=True)
-    except ValueError:      # nothing left (only S lines): refused as before
+    except ProtocolError:   # nothing left (only S lines): refused, "malformed"
         assert all(k in "SU" or (k in "N1" and not base_name(v)) for k, v in parsed.lines)
         return
     checked = ControlFile(lines=new.lines)

@@ -9,7 +9,7 @@ import itertools
 import os
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import orjson
@@ -351,3 +351,48 @@ def test_a_sink_bug_is_retried_as_other_and_logged_with_its_type(tmp_path: Path)
     bugs = [e for e in map(orjson.loads, out.getvalue().splitlines()) if e["event"] == "sink_bug"]
     assert bugs and bugs[0]["exception"] == "ZeroDivisionError"
     assert runner.state().destinations[0].last_error == "ZeroDivisionError: a bug, not an outage"
+
+
+class _BuggyRun(Sink):
+    """A dir:// sink whose own ``deliver_many`` raises what no sink should, once."""
+
+    def __init__(self, real: Sink) -> None:
+        super().__init__(real.destination, SinkContext())
+        self.real, self.calls = real, 0
+
+    async def deliver(self, job: DeliveryJob) -> None:
+        await self.real.deliver(job)
+
+    async def deliver_many(self, jobs: Sequence[DeliveryJob]) -> tuple[int, Exception | None]:
+        self.calls += 1
+        if self.calls == 1:
+            raise KeyError("a bug, not an outage")
+        return await self.real.deliver_many(jobs)
+
+    def describe(self) -> str:
+        return "dir:// with a bug in its first run"
+
+
+def test_a_sink_bug_in_a_run_stops_nothing_and_is_retried(tmp_path: Path) -> None:
+    # Not caught by the sink's own deliver_many: the scheduler retries it and
+    # the queue (and the daemon around it) goes on.
+    uri = f"dir://{tmp_path / 'out'}"
+    runner = runner_for(tmp_path, [uri], retry={"initial": "1s", "max": "1s",
+                                                "give_up_after": "1h"})
+    buggy = runner.dests[0].sink = _BuggyRun(runner.sinks[0])
+    out = io.StringIO()
+
+    async def main() -> None:
+        for n in (1, 2):
+            runner.submit(await spool_job(runner.spool, n))
+        await run_until(runner, lambda: not runner.spool.jobs(), 30, 0.5)
+
+    log.configure(fmt="json", level="info", stream=out)
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.01))
+    finally:
+        log.configure(stream=None)
+    assert buggy.calls > 1 and len(list((tmp_path / "out" / "ward3").glob("*.json"))) == 2
+    assert counter(runner, "delivery_retries_total", destination=uri, reason="other") == 1
+    bugs = [e for e in map(orjson.loads, out.getvalue().splitlines()) if e["event"] == "sink_bug"]
+    assert [b["exception"] for b in bugs] == ["KeyError"]

@@ -99,9 +99,12 @@ def _rewritten(job: DeliveryJob, dest: Destination, context: SinkContext, number
         raise SinkRejected(f"spooled control file unreadable: {exc}") from exc
     if context.privacy.downstream:     # [privacy] strip_downstream
         cf = redact_names(cf, context.privacy.name)
-    new_cf, cf_name, names = rewrite(cf, number=number, host=host, digits=dest.jobnumbers,
-                                     banner=dest.banner, fmt=dest.format,
-                                     sanitize_title=dest.sanitize_title)
+    try:
+        new_cf, cf_name, names = rewrite(cf, number=number, host=host, digits=dest.jobnumbers,
+                                         banner=dest.banner, fmt=dest.format,
+                                         sanitize_title=dest.sanitize_title)
+    except LpdError as exc:     # the job's own lines: no retry can send it
+        raise SinkRejected(f"spooled control file cannot be sent: {exc}") from exc
     sent = [(names[f.name], f) for f in job.files if f.name in names and f.bytes > 0]
     if len(sent) < len(names):
         # An empty data file cannot be sent with an exact count: a count of 0
