@@ -10,6 +10,7 @@ FINISH: int
 TIMEOUT: int
 COMMIT: int
 CLOSED: int
+AWAY: int
 
 class Conn:
     fd: int

@@ -60,6 +60,7 @@ FINISH = 5    # a file completed a job that is not its session's first: Connecti
 TIMEOUT = 6   # the read deadline passed
 COMMIT = 7    # ``payload``, the session's first complete job, to commit (then ``resume``)
 CLOSED = 8    # the peer closed cleanly between jobs: nothing more to do than close
+AWAY = 9      # the epoll set would not take it: Connection serves it, nothing owed
 
 DEF MAXEV = 64
 # What a step asks of _run next.
@@ -191,14 +192,15 @@ cdef class FastLoop:
         return out
 
     cdef bint _watch(self, Conn c):
-        """Into the epoll set; False: it left the loop (LOST, as a failed read would)."""
+        """Into the epoll set; False: it left the loop (AWAY: the peer is not to blame
+        for the set refusing it, e.g. ``fs.epoll.max_user_watches``)."""
         cdef epoll_event ev
         ev.events = EPOLLIN
         ev.data.fd = c.fd
         if epoll_ctl(self.fd, EPOLL_CTL_ADD, c.fd, &ev) == 0:
             return True
         c.busy = True      # not in the set: nothing to take out of it
-        self._leave(c, LOST, OSError(errno, strerror(errno).decode()))
+        self._leave(c, AWAY, None)
         c.busy = False
         return False
 
@@ -234,8 +236,13 @@ cdef class FastLoop:
             try:
                 ev = parser.next_event()
                 if ev is NEED:
-                    if reads >= READS_EVERY or not self._read(c, k, parser):
-                        return       # would wait; or, level-triggered, the next poll
+                    if reads >= READS_EVERY:
+                        # Level-triggered: the next poll, if bytes are left.  If the
+                        # last read took them all, the deadline is what brings it back.
+                        c.due = k.deadline.due(parser, self._now)
+                        return
+                    if not self._read(c, k, parser):
+                        return       # would wait (its deadline set), or it left the loop
                     reads += 1
                     continue
                 r = self._step(c, k, ev)

@@ -7,20 +7,24 @@ own ``relay.jobsteps`` calls, so one trio wake-up on the loop's epoll
 descriptor serves every ready connection instead of a task's round trip
 per acknowledgement.  Python does here what the loop hands back:
 
-* the session's first complete job is committed in a task (the
-  connection's ``_commit``, bounded by ``idle_timeout`` from its last byte
-  as ``relay.readdeadline`` bounds it); the final acknowledgement is written
+* the session's first complete job is committed: in an intake worker
+  without a task (``SpoolProxy.commit_soon``, its reply to ``_replied``),
+  in a single process in a task (the connection's ``_commit``); either is
+  bounded by ``idle_timeout`` from the last byte as ``relay.readdeadline``
+  bounds it, and the final acknowledgement is written
   only after the commit returned (SPEC §4.4), then the loop reads on;
 * anything else -- a command (lpq), an abort, an until-close or large data
   file, a refusal or error a step raised, a lost peer, a full socket buffer,
   a session's next job (``relay.ackqueue`` pipelines those), a deadline that
-  passed -- continues in the connection's own ``run``, which first does what
-  the loop did not (``Connection.handover``), so it goes on exactly as if it
-  had read those bytes itself;
+  passed, an epoll set that would not take it -- continues in the
+  connection's own ``run``, which first does what the loop did not
+  (``Connection.handover``), so it goes on exactly as if it had read those
+  bytes itself;
 * a peer that closes between jobs is closed here, as ``Connection`` would.
 
 Read deadlines: the loop asks the connection's ``ReadDeadline.due`` before
-every read that waits; a sweep hands over the connections past theirs
+every read that waits, and when it turns to other connections after a few
+reads (the last may have emptied the socket); a sweep hands over the connections past theirs
 (``SWEEP_SECONDS`` late at most).  Graceful stop: ``stop`` lets the loop run
 until its last connection is gone; the server's ``graceful_timeout`` cancels
 it, and a cancelled loop discards what its connections had not committed.
@@ -28,6 +32,7 @@ it, and a cancelled loop discards what its connections had not committed.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -168,7 +173,7 @@ class FastSessions:
         if not rid:
             return False
         if spool.channel.pending:   # the socket took part of the frame: the rest, waiting
-            self.nursery.start_soon(spool.channel.flush)
+            self.nursery.start_soon(_flush, spool)
         self._soon[c] = (rid, job)
         c.due = c.last + conn.ctx.config.idle_timeout   # ReadDeadline.refresh's bound
         return True
@@ -200,6 +205,8 @@ class FastSessions:
             conn._drop(job.incoming)
 
     def _hand_over(self, c: _fastloop.Conn) -> None:
+        if c.sock is None:     # closed meanwhile (a stop's take_all): nothing to serve
+            return
         self.loop.drop(c)      # a failed commit: still in the loop's table
         self._give_up(c)       # a commit past its deadline: nobody waits for it now
         conn: Connection = c.conn
@@ -233,6 +240,14 @@ class FastSessions:
             self._maybe_done()
 
 
+async def _flush(spool: SpoolProxy) -> None:
+    """The rest of a commit's frame.  A main process gone (EPIPE) ends no more than
+    the commits that wait for it: their replies never come, so the sweep ends them at
+    ``idle_timeout``, as a failed send ends a ``Connection``'s."""
+    with contextlib.suppress(OSError):
+        await spool.channel.flush()
+
+
 def _resume(conn: Connection, kind: int, payload: Any) -> Callable[[], Awaitable[None]]:
     """What ``conn`` does first, where the loop stopped (``Connection.handover``)."""
 
@@ -241,7 +256,10 @@ def _resume(conn: Connection, kind: int, payload: Any) -> Callable[[], Awaitable
             await result  # type: ignore[misc]
 
     async def fail() -> None:
-        raise payload
+        # Not kept here: the traceback holds the frame that holds this closure.
+        nonlocal payload
+        exc, payload = payload, None
+        raise exc
 
     async def lost() -> None:
         raise PeerGone(str(payload))
@@ -252,6 +270,9 @@ def _resume(conn: Connection, kind: int, payload: Any) -> Callable[[], Awaitable
     async def finish() -> None:
         await conn._finish_file()
 
+    async def away() -> None:
+        await trio.lowlevel.checkpoint()
+
     async def timeout() -> None:
         assert conn._reading is not None
         conn._reading.cancel()
@@ -259,4 +280,4 @@ def _resume(conn: Connection, kind: int, payload: Any) -> Callable[[], Awaitable
 
     return {_fastloop.EVENT: event, _fastloop.RAISE: fail, _fastloop.LOST: lost,
             _fastloop.SEND: send, _fastloop.FINISH: finish,
-            _fastloop.TIMEOUT: timeout}[kind]
+            _fastloop.TIMEOUT: timeout, _fastloop.AWAY: away}[kind]

@@ -5,8 +5,8 @@ data chunk, a file's end) is decided here synchronously, before any reply:
 the queue's routing and the TLS peer's mapping, the free-space and size
 checks, which files make the job (``relay.jobassembly``), the writes into
 the spool's ``Incoming``.  ``relay.connection.Connection`` awaits its reply
-after each step; ``relay.fastsession``'s loop makes the same calls on the
-same object and writes the reply itself, so either path decides a session
+after each step; ``relay.fastsession``'s epoll loop makes the same calls on the
+same object (``relay._fastloop`` writes the reply itself), so either path decides a session
 with the one copy of these rules.  A refusal is raised (``ProtocolError``,
 ``DiskFull``); the caller answers it.
 """
@@ -17,7 +17,7 @@ import trio
 
 from relay import _core, controlfile, log
 from relay.context import ConnectionContext
-from relay.errors import REPLY_BAD_JOB, DiskFull, ProtocolError
+from relay.errors import REPLY_BAD_JOB, DiskFull, ProtocolError, SpoolError
 from relay.jobassembly import JobAssembly
 from relay.jobevents import NO_EVENTS
 from relay.queues import sanitize_name
@@ -160,7 +160,8 @@ class JobSteps:
     def _drop(self, incoming: IncomingJob) -> None:
         try:
             incoming.discard()
-        except OSError as exc:  # e.g. a spool gone read-only: retried at the next job
+        except (OSError, SpoolError) as exc:  # a spool gone read-only, a worker's main
+            # process gone: retried at the next job (a worker's is swept at the next start)
             log.event("error", "discard_failed", peer=self.peer, job=incoming.id, error=str(exc))
             if len(self.ctx.leftovers) < LEFTOVERS_MAX:  # beyond: the next start sweeps them
                 self.ctx.leftovers.append(incoming)

@@ -12,6 +12,11 @@ answer, a send into a full socket buffer), which is then bounded by
 ``idle_timeout`` from the last byte.  A read the socket answers at once
 changes nothing: each change of a trio deadline costs a context manager and
 a deadline-heap update, and a small job is a dozen reads.
+
+``relay._fastloop`` (plain sessions in one epoll set) asks ``due`` instead:
+the time by which the connection must have sent more, whenever it stops
+reading one (the socket empty, or its turn over); a sweep hands the late
+ones to ``Connection``, which then times them out as above.
 """
 
 from __future__ import annotations

@@ -243,3 +243,40 @@ def test_a_fast_sender_yields_to_the_others_every_few_reads(pair: Any) -> None:
         loop.close()
         conn.parser.release()   # as Connection does at its end
 
+
+
+def test_a_connection_that_yields_with_its_socket_emptied_keeps_a_deadline(pair: Any) -> None:
+    # Sixteen 4 KiB reads take exactly these 65,536 bytes; the loop then turns to
+    # the others.  Nothing more arrives, so no poll brings it back: only its
+    # deadline does (a sender of a near-64 KiB file whose network then dies).
+    server, client = pair
+    loop, conn = _fastloop.FastLoop(65536), _Conn()
+    head = b"\x02q\n\x0365536 dfA001h\n"
+    try:
+        loop.add(conn, server, "h", 1.0)
+        client.sendall(head + b"z" * (65536 - len(head)))
+        asked = conn.deadline.asked
+        assert loop.poll(2.0) == []
+        assert conn.deadline.asked == asked + 1
+        assert loop.poll(3.0) == []                  # nothing left to read
+        assert loop.expired(30.0) == ([], 62.0)
+        (late,), _ = loop.expired(62.0)
+        assert late.kind == _fastloop.TIMEOUT
+    finally:
+        loop.close()
+        conn.parser.release()   # as Connection does at its end
+
+
+def test_a_connection_the_epoll_set_refuses_goes_to_python_with_nothing_owed(
+        tmp_path: Any) -> None:
+    # epoll takes no regular file (EPERM), as it takes no socket past
+    # fs.epoll.max_user_watches: the peer is not at fault, so it is not "lost".
+    loop, conn = _fastloop.FastLoop(65536), _Conn()
+    with open(tmp_path / "not-a-socket", "wb") as f:
+        try:
+            (c,) = loop.add(conn, f, "h", 1.0)
+            assert (c.kind, c.payload, loop.count) == (_fastloop.AWAY, None, 0)
+            assert conn.steps == []
+        finally:
+            loop.close()
+            conn.parser.release()

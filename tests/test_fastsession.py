@@ -113,7 +113,11 @@ def _outcome(d: Any, session: bytes, *, reset: bool = False) -> list[Any]:
     """For each split of ``session``: the replies, and the connection's log lines."""
     results = []
     for cut in range(1, len(session)):
-        replies, local = _exchange(d.port, [session[:cut], session[cut:]], reset=reset)
+        # A reset comes right after the first part: mid-job at every split.  (After
+        # the whole session, whether the job was read before the reset discarded
+        # it is a race, on either path.)
+        parts = [session[:cut]] if reset else [session[:cut], session[cut:]]
+        replies, local = _exchange(d.port, parts, reset=reset)
         results.append((cut, replies, local))
     peers = {f"127.0.0.1:{local}": cut for cut, _, local in results}
     # The connection's lines come by the time its reply did, or soon after (a hold).
@@ -226,6 +230,26 @@ def test_slowloris_clients_time_out_on_the_loop_as_command_timeout_says(
             timeouts = [f for _, name, f in d.events if name == "job_refused"]
             assert {f["error"] for f in timeouts} == {
                 "line not complete within 1s (command_timeout)"}
+
+
+def test_a_client_gone_silent_after_a_full_turn_of_reads_times_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 64 KiB body in one write is sixteen 4 KiB reads, one turn of the loop; if
+    # the last one emptied the socket, only the deadline brings the connection back.
+    body = b"b" * 65536
+    with monkeypatch.context() as patch:
+        for d in _daemon(tmp_path, patch, idle_timeout="1s"):
+            with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+                s.sendall(b"\x02q\n")
+                assert s.recv(1) == b"\x00"
+                s.sendall(b"\x03%d dfA001host\n" % len(body))
+                assert s.recv(1) == b"\x00"
+                started = time.monotonic()
+                s.sendall(body)                   # then nothing, and no close
+                assert s.recv(100) == b""         # closed, nothing said
+                took = time.monotonic() - started
+            assert 1.0 <= took < 2.0, took
+            assert d.metric("lpdrelay_jobs_rejected_total", reason="timeout") == 1
 
 
 @pytest.mark.parametrize("what", ["giant line", "garbage", "giant control file"])
