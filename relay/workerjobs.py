@@ -7,6 +7,10 @@ a spool commit and the job's audit records — durable before the reply, as
 ``relay.connection.Connection._durable`` does in one process — and hands the
 job to delivery before it replies, so the worker's final ack follows the job's
 entry in the scheduler (an lpq through any worker after the ack lists it).
+Under ``fsync`` a job that waits for nothing but its sync is answered by the
+spool's flush thread right after the batch's ``fdatasync`` (``_ReplyFromFlush``)
+and handed to delivery by trio just after; ``replied``/``handed`` count those,
+and the pool's commands wait until the two agree (``WorkerPool._settle``).
 
 A connection that sends jobs ahead (``relay.ackqueue``) has several commits in
 flight; in one process a job behind a failed commit is never acknowledged and
