@@ -21,6 +21,7 @@ Pickle is safe here: both ends are this program, started by itself.
 from __future__ import annotations
 
 import array
+import contextlib
 import copyreg
 import os
 import pickle
@@ -100,6 +101,12 @@ class Channel:
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self.sock = sock
+        # Held around every write of the socket and the state saying whether one
+        # is under way: the spool's flush thread writes replies too (``post``).
+        self._wlock = threading.Lock()
+        self._closed = False
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._outbox: list[bytes] = []     # posted by the flush thread, not yet written
         self._pending: list[tuple[int, bytes]] = []   # (sequence number, frame)
         self._queued = 0       # frames queued, ever: the last one's number
         self._written = 0      # every frame up to this number is written
@@ -137,15 +144,18 @@ class Channel:
             return False
         data = encode(message)
         frame = _LENGTH.pack(len(data)) + data
-        try:
-            n = os.write(self.sock.fileno(), frame)
-        except BlockingIOError:
-            return False
-        self._queued += 1
-        if n < len(frame):    # the rest goes first with the next write (a frame stays whole)
-            self._pending.append((self._queued, frame[n:]))
-        else:
-            self._written = self._queued
+        with self._wlock:
+            if self._writing:   # the flush thread is handing a frame back
+                return False
+            try:
+                n = os.write(self.sock.fileno(), frame)
+            except BlockingIOError:
+                return False
+            self._queued += 1
+            if n < len(frame):    # the rest goes first with the next write (a frame stays whole)
+                self._pending.append((self._queued, frame[n:]))
+            else:
+                self._written = self._queued
         return True
 
     @property
@@ -162,13 +172,22 @@ class Channel:
                 await self._wrote.wait()
 
     async def _write(self) -> None:
+        with self._wlock:
+            if self._writing:   # the flush thread hands a frame back: wait for it
+                await_back = True
+            else:
+                await_back = False
+                self._writing = True
+        if await_back:
+            await self._wrote.wait()
+            return
         batch, self._pending = self._pending, []
         view = memoryview(batch[0][1] if len(batch) == 1 else b"".join(f for _, f in batch))
         total = len(view)
-        self._writing = True
         try:
             try:   # the socket takes it now, mostly: then no trio checkpoint (~15 µs)
-                n = os.write(self.sock.fileno(), view)
+                with self._wlock:
+                    n = os.write(self.sock.fileno(), view)
             except BlockingIOError:
                 n = 0
             view = view[n:]
@@ -179,7 +198,8 @@ class Channel:
             self._requeue(batch, total - len(view))
             raise
         finally:
-            self._writing = False
+            with self._wlock:
+                self._writing = False
             self._wrote.set()
             self._wrote = trio.Event()
 
@@ -242,7 +262,74 @@ class Channel:
             self._buf += view[:n]
 
     def close(self) -> None:
-        self.sock.close()
+        with self._wlock:   # no flush thread writes a descriptor number reused after this
+            self._closed = True
+            self.sock.close()
+
+    # -- replies written by the spool's flush thread ----------------------------------
+
+    def allow_posts(self) -> None:
+        """In the trio run that owns the channel: let another thread ``post`` frames."""
+        if self._token is None:
+            self._token = trio.lowlevel.current_trio_token()
+
+    def post(self, message: object) -> Callable[[], None]:
+        """From the spool's flush thread: queue ``message`` to be written by the
+        function returned (called once a batch, so a batch's replies to one worker
+        are one write).  ``allow_posts`` first."""
+        data = encode(message)
+        self._outbox.append(_LENGTH.pack(len(data)) + data)
+        return self.write_posted
+
+    def write_posted(self) -> None:
+        """From the flush thread: write the posted frames now if the socket takes them
+        and no write of trio's is under way; what it does not take goes back to trio
+        (a frame the socket took in part first, ahead of anything trio sends later).
+        A closed channel (its worker gone) drops them: the jobs are stored and their
+        senders may send them again (at-least-once, SPEC §4.4)."""
+        frames, self._outbox = self._outbox, []
+        if not frames:
+            return
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        partial = False
+        with self._wlock:
+            if self._closed:
+                return
+            if not self._writing and not self._pending:
+                try:
+                    n = os.write(self.sock.fileno(), data)
+                except BlockingIOError:
+                    n = 0
+                except OSError:   # the worker is gone
+                    return
+                if n == len(data):
+                    return
+                data, partial = data[n:], n > 0
+                # Half a frame is in the stream: nothing of trio's may be written
+                # before its rest (``_writing`` holds trio's writes off until then).
+                self._writing = partial
+            token = self._token
+        assert token is not None
+        with contextlib.suppress(trio.RunFinishedError):   # the run ended: no one to write to
+            token.run_sync_soon(self._take_back, data, partial)
+
+    def _take_back(self, data: bytes, partial: bool) -> None:
+        # In trio: what the flush thread could not write, written by a system task;
+        # the rest of a frame begun goes first, whole frames after those queued.
+        with self._wlock:
+            if partial:
+                self._writing = False
+                self._pending.insert(0, (self._written, data))
+            else:
+                self._pending.append((self._queued, data))
+        if partial:
+            self._wrote.set()      # senders that waited for "the write" look again
+            self._wrote = trio.Event()
+        trio.lowlevel.spawn_system_task(self._flush_quietly)
+
+    async def _flush_quietly(self) -> None:
+        with contextlib.suppress(OSError):   # a worker gone: its reader ends the channel
+            await self.flush()
 
 
 # -- the call socket ----------------------------------------------------------------

@@ -43,6 +43,7 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 
 import trio
@@ -217,13 +218,19 @@ class Spool(FreeSpace):
         self._next += 1
         return IncomingJob(self, job_id, queue=queue, wire_queue=wire_queue, peer=peer)
 
-    async def commit(self, job: IncomingJob, *, hold: str = "") -> JobMeta:
+    async def commit(self, job: IncomingJob, *, hold: str = "",
+                     on_durable: Callable[[JobMeta], Callable[[], None] | None] | None = None
+                     ) -> JobMeta:
         """Publish the job; return once it is durable (shared flush under fsync).
 
         Raises SpoolError (DiskFull on ENOSPC); a commit that raises — cancelled
         included — leaves no job behind, so the caller must not acknowledge.
         ``hold``: publish it held with that reason; its ``.state`` is written
-        before its ``.json``, so no crash can leave it queued.
+        before its ``.json``, so no crash can leave it queued.  ``on_durable``:
+        called with the job's final metadata in the flush thread, right after
+        the batch's sync made it durable and before this returns (under
+        ``fsync``; else not at all); what it returns is called once the batch's
+        every ``on_durable`` ran (one write for a batch's replies to a worker).
         """
         job._check_open()  # a second commit must not discard the first one's job
         small = False
@@ -238,7 +245,10 @@ class Spool(FreeSpace):
             if hold:
                 meta = replace(meta, state="held", last_error=hold[:500])
             job.mark("committing")
-            item = make_item(self.jobs_dir, job, meta, hold=bool(hold), small=small)
+            notify = (None if on_durable is None or not self.fsync
+                      else functools.partial(_final_meta, on_durable, meta, self.jobs_dir))
+            item = make_item(self.jobs_dir, job, meta, hold=bool(hold), small=small,
+                             notify=notify)
             if self.fsync:
                 await self._group.submit(item)
             else:
@@ -313,6 +323,7 @@ class Spool(FreeSpace):
             return errors
         self._heed(errors)
         self._synced = True
+        _notify(items, errors)
         with contextlib.suppress(OSError):  # one reading per batch, off the event loop
             self._read_free(time.monotonic())
             self._batch_reads += 1
@@ -550,6 +561,31 @@ class Spool(FreeSpace):
             self._syncer = None
         self._seg.close()
         self._release_lock()
+
+
+def _final_meta(on_durable: Callable[[JobMeta], Callable[[], None] | None], meta: JobMeta,
+                jobs_dir: str, item: Publish) -> Callable[[], None] | None:
+    # The metadata ``commit`` returns: a segment job the flush wrote as files names them.
+    return on_durable(in_folder(meta, jobs_dir) if item.meta is not None and item.filed
+                      else meta)
+
+
+def _notify(items: list[Publish], errors: list[Exception | None]) -> None:
+    # In the flush thread, the batch durable: each durable item's hook, then each
+    # distinct function they returned once (bound methods of one object are equal).
+    after: dict[Callable[[], None], None] = {}
+    for item, error in zip(items, errors, strict=True):
+        if error is None and item.notify is not None:
+            try:
+                if (then := item.notify(item)) is not None:
+                    after[then] = None
+            except Exception as exc:   # a hook's failure must not fail the batch
+                log.event("error", "durable_hook_failed", job=item.job_id, error=repr(exc))
+    for then in after:
+        try:
+            then()
+        except Exception as exc:
+            log.event("error", "durable_hook_failed", error=repr(exc))
 
 
 def _is_a_backend(spool: Spool) -> SpoolBackend[IncomingJob]:

@@ -13,6 +13,7 @@ size.  Nothing here runs on the event loop.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from relay.durablefiles import disk_error, unlink_quiet, write_file
@@ -34,20 +35,24 @@ class Publish:
     meta: JobMeta | None = None  # a segment job: appended as one record with ``data``
     data: tuple[bytes, ...] = ()
     filed: list[str] = field(default_factory=list)  # the flush wrote a segment job as files
+    # Called in the flush thread once the job is durable (``Spool.commit``'s
+    # ``on_durable``); what it returns is called once a batch, after every item's.
+    notify: Callable[[Publish], Callable[[], None] | None] | None = None
 
 
 def make_item(jobs_dir: str, job: IncomingJob, meta: JobMeta, *, hold: bool,
-              small: bool) -> Publish:
+              small: bool, notify: Callable[[Publish], Callable[[], None] | None] | None = None
+              ) -> Publish:
     """What the flush needs of a job: its record (small) or its files' names."""
     state = encode_state(meta) if hold else None
     if small:
         return Publish(meta.id, None, job.control_raw, (), state=state, meta=meta,
-                        data=tuple(job.data_parts(meta.files)))
+                        data=tuple(job.data_parts(meta.files)), notify=notify)
     paths = (meta.control_path, *(f.path for f in meta.files),
              *([os.path.join(jobs_dir, f"{meta.id}.state")] if hold else []),
              os.path.join(jobs_dir, f"{meta.id}.json"))
     return Publish(meta.id, record=encode_job(meta), control=job.control_raw,
-                    paths=paths, state=state)
+                    paths=paths, state=state, notify=notify)
 
 def publish(jobs_dir: str, seg: SegmentJobs, item: Publish) -> tuple[str, ...]:
     """In the flush thread: write one job; returns the files to make durable (none for a

@@ -7,6 +7,10 @@ a spool commit and the job's audit records — durable before the reply, as
 ``relay.connection.Connection._durable`` does in one process — and hands the
 job to delivery before it replies, so the worker's final ack follows the job's
 entry in the scheduler (an lpq through any worker after the ack lists it).
+Under ``fsync`` a job that waits for nothing but its sync is answered by the
+spool's flush thread right after the batch's ``fdatasync`` (``_ReplyFromFlush``)
+and handed to delivery by trio just after; ``replied``/``handed`` count those,
+and the pool's commands wait until the two agree (``WorkerPool._settle``).
 
 A connection that sends jobs ahead (``relay.ackqueue``) has several commits in
 flight; in one process a job behind a failed commit is never acknowledged and
@@ -18,6 +22,7 @@ outcome, and is removed and refused when that one failed.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import trio
 
@@ -25,7 +30,7 @@ from relay import log
 from relay.committed import accepted, record_committed
 from relay.context import Delivery
 from relay.errors import LpdError, SpoolError
-from relay.intakechannel import Commit, Failure, Open, Reply, Withdrawn
+from relay.intakechannel import Channel, Commit, Failure, Open, Reply, Withdrawn
 from relay.jobevents import NO_EVENTS
 from relay.metrics import Metrics
 from relay.spool import DataWriter, IncomingJob, JobMeta, Spool
@@ -78,11 +83,33 @@ class _Partial:
     writer: DataWriter | None = None
 
 
+class _ReplyFromFlush:
+    """A commit's reply, written by the spool's flush thread as soon as the job is
+    durable (``Spool.commit``'s ``on_durable``) instead of after the hop back to
+    trio.  ``sent``: the worker has it (or will: a rest trio writes)."""
+
+    __slots__ = ("channel", "jobs", "rid", "sent")
+
+    def __init__(self, jobs: WorkerJobs, channel: Channel, rid: int) -> None:
+        self.jobs, self.channel, self.rid, self.sent = jobs, channel, rid, False
+
+    def __call__(self, meta: JobMeta) -> Callable[[], None]:
+        # Counted before it is written: a command that follows the worker's ack
+        # waits until trio has handed the job to delivery (``WorkerJobs.settled``).
+        self.jobs.replied += 1   # only the flush thread writes it
+        self.sent = True
+        return self.channel.post(Reply(self.rid, value=meta))
+
+
 class WorkerJobs:
     """One worker's jobs in the main process (module docstring)."""
 
     def __init__(self, spool: Spool, delivery: Delivery, metrics: Metrics) -> None:
         self.spool, self.delivery, self.metrics = spool, delivery, metrics
+        # Replies the flush thread wrote (its count) and of those, jobs trio has
+        # since handed to delivery (trio's): equal = every acked job is in a queue.
+        self.replied = 0
+        self.handed = 0
         self.partials: dict[str, _Partial] = {}    # token -> a job streaming into files
         self._deciding: dict[str, _Outcome] = {}   # token -> a commit not decided yet
         self._failed: dict[str, float] = {}        # token -> when its commit failed
@@ -133,15 +160,28 @@ class WorkerJobs:
             incoming.set_tls_peer(tls_peer)
         return incoming
 
-    async def commit(self, message: Commit, prepared: Prepared) -> Reply:
+    @property
+    def settled(self) -> bool:
+        """Every job whose reply the flush thread wrote is with delivery by now."""
+        return self.handed == self.replied
+
+    async def commit(self, message: Commit, prepared: Prepared,
+                     channel: Channel | None = None) -> Reply | None:
         """Store a worker's job and its audit records, hand it to delivery, then reply
         (the worker acks then, SPEC §4.4, §11) — unless a job before it on its
-        connection failed: then it is removed and refused, never acknowledged."""
+        connection failed: then it is removed and refused, never acknowledged.
+
+        With ``channel``, a job that waits for nothing but its sync (no job
+        before it, no audit records, not held) is answered by the flush thread
+        on ``channel`` right after the sync (None returned: nothing to send)."""
         outcome = prepared.outcome
+        early = (_ReplyFromFlush(self, channel, message.rid)
+                 if channel is not None and prepared.before is None and not message.hold
+                 and self.spool.events is NO_EVENTS else None)
         try:
             if isinstance(prepared.incoming, Exception):
                 raise prepared.incoming
-            meta = await self._durable(prepared.incoming, message)
+            meta = await self._durable(prepared.incoming, message, early)
             if prepared.before is not None:
                 with trio.CancelScope(shield=True):   # committed: decided even if cancelled
                     await self._after(prepared.before, meta)
@@ -149,10 +189,12 @@ class WorkerJobs:
             # for): a cancellation cannot come between it and the hand-over.
             self._accepted(meta, message.peer, bool(message.hold))
             outcome.ok = True
-            return Reply(message.rid, value=meta)
+            return None if early is not None and early.sent else Reply(message.rid, value=meta)
         except (LpdError, OSError) as exc:
             return Reply(message.rid, failure=Failure.of(_spool_error(exc)))
         finally:
+            if early is not None and early.sent:
+                self.handed += 1
             self._decided(message.token, outcome)
 
     async def _after(self, before: _Outcome, meta: JobMeta) -> None:
@@ -172,10 +214,11 @@ class WorkerJobs:
                                 if now - w < FAILED_MEMORY}
             self._failed[token] = now
 
-    async def _durable(self, incoming: IncomingJob, message: Commit) -> JobMeta:
+    async def _durable(self, incoming: IncomingJob, message: Commit,
+                       early: _ReplyFromFlush | None = None) -> JobMeta:
         """Commit the job and its records, as relay.connection.Connection._durable does."""
         try:
-            meta = await self.spool.commit(incoming, hold=message.hold)
+            meta = await self.spool.commit(incoming, hold=message.hold, on_durable=early)
         except (LpdError, OSError):
             _discard(incoming)
             raise

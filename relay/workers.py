@@ -72,6 +72,8 @@ __all__ = ["WorkerPool"]
 
 START_TIMEOUT = 30.0      # a worker must be listening this soon after it is started
 RESTART_DELAY = 0.5       # between a worker's death and its replacement
+SETTLE_WAIT = 0.0002      # a command's wait for jobs in the hop back to trio (_settle)
+SETTLE_PASSES = 10_000
 RELOAD_WAIT = 5.0         # longest a reload waits for the workers to apply it
 # The worker's own job_received lines: the main process logs the event itself.
 _WORKER_JOB_RECEIVED = ('"event":"job_received"', " job_received ")
@@ -266,6 +268,7 @@ class WorkerPool:
         handle.jobs = WorkerJobs(self.spool, self.delivery, self.metrics)
         log.event("info", "worker_started", worker=handle.index, pid=handle.pid)
         handle.channel = Channel(trio.socket.from_stdlib_socket(stream))
+        handle.channel.allow_posts()   # the spool's flush thread writes commits' replies
         call_sock = trio.socket.from_stdlib_socket(calls)
         self._handles[handle.index] = handle
         try:
@@ -330,6 +333,8 @@ class WorkerPool:
                 except OSError:
                     return
             elif isinstance(message, Discard | Admit | MakeRoom | Withdrawn):
+                if isinstance(message, Withdrawn):
+                    await self._settle()   # the jobs may be in the hop back to trio
                 try:
                     await answer_call(sock, self._small_call(handle, message), [])
                 except OSError:
@@ -355,17 +360,28 @@ class WorkerPool:
 
     async def _commit(self, handle: _Handle, message: Commit, prepared: Prepared) -> None:
         assert handle.channel is not None and handle.jobs is not None
-        reply = await handle.jobs.commit(message, prepared)
+        reply = await handle.jobs.commit(message, prepared, handle.channel)
         # A worker that died meanwhile: the job is stored, its sender was not
         # told, and may send it again (at-least-once, SPEC §4.4).
-        with contextlib.suppress(OSError):
-            await handle.channel.send(reply)
+        if reply is not None:   # None: the flush thread wrote it
+            with contextlib.suppress(OSError):
+                await handle.channel.send(reply)
+
+    async def _settle(self) -> None:
+        """Wait until every job the flush thread answered is with delivery (trio hands
+        it over right after): an lpq, lprm or withdrawal after an ack finds it."""
+        for _ in range(SETTLE_PASSES):   # bounded: 2 s at most (the hop takes ~1 ms)
+            if all(h.jobs is None or h.jobs.settled for h in list(self._handles.values())):
+                return
+            await trio.sleep(SETTLE_WAIT)   # a real wait: the flush thread may need the GIL
 
     async def _command(self, handle: _Handle, message: Command) -> None:
         """0x01, 0x03-0x06 for a worker's client, answered with the whole daemon's state."""
         assert handle.channel is not None
-        # No wait for the other workers: a job acked anywhere was handed to
-        # delivery before its Commit's reply (relay.workerjobs).
+        # No round to the other workers: a job acked anywhere was handed to
+        # delivery before its Commit's reply (relay.workerjobs), or is in the
+        # hop from the flush thread that wrote the reply to trio (_settle).
+        await self._settle()
         try:
             reply = Reply(message.rid, value=commands.answer(self.context, message.event,
                                                              message.host, message.port))
