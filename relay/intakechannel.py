@@ -97,6 +97,9 @@ class Channel:
     send that finds no write under way writes at once, without yielding
     first; frames queued meanwhile go out together in the next write, and
     every sender waiting is woken when a write ends (one wake-up for all).
+    In the main process the spool's flush thread writes commit replies too
+    (``post``, ``write_posted``), under the same lock as trio's writes; what
+    the socket does not take goes back to trio, a frame begun first.
     """
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
@@ -328,7 +331,9 @@ class Channel:
         trio.lowlevel.spawn_system_task(self._flush_quietly)
 
     async def _flush_quietly(self) -> None:
-        with contextlib.suppress(OSError):   # a worker gone: its reader ends the channel
+        # A system task: nothing may escape it (that would end the run).  A worker
+        # gone (OSError), or its channel closed while this waited for the socket.
+        with contextlib.suppress(OSError, trio.ClosedResourceError, trio.BrokenResourceError):
             await self.flush()
 
 

@@ -323,10 +323,11 @@ class Spool(FreeSpace):
             return errors
         self._heed(errors)
         self._synced = True
-        _notify(items, errors)
         with contextlib.suppress(OSError):  # one reading per batch, off the event loop
             self._read_free(time.monotonic())
             self._batch_reads += 1
+        # Last: nothing after a reply may fail the batch (its jobs would be discarded).
+        _notify(items, errors)
         return errors
 
     def _after_flush(self) -> None:

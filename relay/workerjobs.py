@@ -86,7 +86,8 @@ class _Partial:
 class _ReplyFromFlush:
     """A commit's reply, written by the spool's flush thread as soon as the job is
     durable (``Spool.commit``'s ``on_durable``) instead of after the hop back to
-    trio.  ``sent``: the worker has it (or will: a rest trio writes)."""
+    trio.  ``sent``: posted to the channel (written by the flush thread, or its rest by
+    trio; dropped if the worker is gone -- at-least-once, SPEC §4.4)."""
 
     __slots__ = ("channel", "jobs", "rid", "sent")
 
@@ -94,11 +95,12 @@ class _ReplyFromFlush:
         self.jobs, self.channel, self.rid, self.sent = jobs, channel, rid, False
 
     def __call__(self, meta: JobMeta) -> Callable[[], None]:
-        # Counted before it is written: a command that follows the worker's ack
-        # waits until trio has handed the job to delivery (``WorkerJobs.settled``).
-        self.jobs.replied += 1   # only the flush thread writes it
+        # In the hop before it is written: a command that follows the worker's ack
+        # waits until trio has handed the job to delivery (``WorkerJobs.in_hop``).
+        write = self.channel.post(Reply(self.rid, value=meta))
+        self.jobs.in_hop.add(self)   # a set's add and discard are atomic under the GIL
         self.sent = True
-        return self.channel.post(Reply(self.rid, value=meta))
+        return write
 
 
 class WorkerJobs:
@@ -106,10 +108,10 @@ class WorkerJobs:
 
     def __init__(self, spool: Spool, delivery: Delivery, metrics: Metrics) -> None:
         self.spool, self.delivery, self.metrics = spool, delivery, metrics
-        # Replies the flush thread wrote (its count) and of those, jobs trio has
-        # since handed to delivery (trio's): equal = every acked job is in a queue.
-        self.replied = 0
-        self.handed = 0
+        # Jobs the flush thread answered that trio has not handed to delivery yet;
+        # the event is set (and replaced) whenever trio hands one over.
+        self.in_hop: set[_ReplyFromFlush] = set()
+        self.handed = trio.Event()
         self.partials: dict[str, _Partial] = {}    # token -> a job streaming into files
         self._deciding: dict[str, _Outcome] = {}   # token -> a commit not decided yet
         self._failed: dict[str, float] = {}        # token -> when its commit failed
@@ -160,10 +162,11 @@ class WorkerJobs:
             incoming.set_tls_peer(tls_peer)
         return incoming
 
-    @property
-    def settled(self) -> bool:
-        """Every job whose reply the flush thread wrote is with delivery by now."""
-        return self.handed == self.replied
+    def hand_over(self, job: object) -> None:
+        """In trio: ``job`` (answered by the flush thread) is with delivery now."""
+        self.in_hop.discard(job)
+        self.handed.set()
+        self.handed = trio.Event()
 
     async def commit(self, message: Commit, prepared: Prepared,
                      channel: Channel | None = None) -> Reply | None:
@@ -194,7 +197,7 @@ class WorkerJobs:
             return Reply(message.rid, failure=Failure.of(_spool_error(exc)))
         finally:
             if early is not None and early.sent:
-                self.handed += 1
+                self.hand_over(early)
             self._decided(message.token, outcome)
 
     async def _after(self, before: _Outcome, meta: JobMeta) -> None:

@@ -72,8 +72,7 @@ __all__ = ["WorkerPool"]
 
 START_TIMEOUT = 30.0      # a worker must be listening this soon after it is started
 RESTART_DELAY = 0.5       # between a worker's death and its replacement
-SETTLE_WAIT = 0.0002      # a command's wait for jobs in the hop back to trio (_settle)
-SETTLE_PASSES = 10_000
+SETTLE_TIMEOUT = 2.0      # a command's longest wait for jobs in the hop back to trio
 RELOAD_WAIT = 5.0         # longest a reload waits for the workers to apply it
 # The worker's own job_received lines: the main process logs the event itself.
 _WORKER_JOB_RECEIVED = ('"event":"job_received"', " job_received ")
@@ -368,12 +367,16 @@ class WorkerPool:
                 await handle.channel.send(reply)
 
     async def _settle(self) -> None:
-        """Wait until every job the flush thread answered is with delivery (trio hands
-        it over right after): an lpq, lprm or withdrawal after an ack finds it."""
-        for _ in range(SETTLE_PASSES):   # bounded: 2 s at most (the hop takes ~1 ms)
-            if all(h.jobs is None or h.jobs.settled for h in list(self._handles.values())):
-                return
-            await trio.sleep(SETTLE_WAIT)   # a real wait: the flush thread may need the GIL
+        """Wait until the jobs the flush thread had answered when this was called are
+        with delivery (trio hands each over right after): an lpq, lprm or withdrawal
+        after an ack finds it.  Jobs answered meanwhile are not waited for, so a busy
+        spool does not hold a command up."""
+        hop = [(h.jobs, job) for h in list(self._handles.values())
+               if h.jobs is not None for job in h.jobs.in_hop.copy()]   # atomic copy
+        with trio.move_on_after(SETTLE_TIMEOUT):   # the hop takes ~1 ms
+            for jobs, job in hop:
+                while job in jobs.in_hop:
+                    await jobs.handed.wait()
 
     async def _command(self, handle: _Handle, message: Command) -> None:
         """0x01, 0x03-0x06 for a worker's client, answered with the whole daemon's state."""

@@ -151,3 +151,21 @@ def test_a_post_racing_trio_sends_keeps_every_frame_whole() -> None:
     assert sorted(m.rid for m in got) == [*range(1, 21), *range(100, 140)]  # type: ignore[attr-defined]
     assert [m for m in got if isinstance(m, Reply)] == [
         Reply(100 + i, value=_meta(3)) for i in range(40)]
+
+
+def test_a_channel_closed_while_trio_finishes_a_post_ends_quietly() -> None:
+    # The worker stops reading; the flush thread's frame goes back to trio, whose
+    # system task waits on the full socket; the channel is then closed (the
+    # worker's handle ends).  That task must end quietly: anything escaping a
+    # system task ends the whole run (the main process).
+    async def main() -> None:
+        sender, receiver = _channels(sndbuf=4096)
+        sender.allow_posts()
+        with trio.fail_after(10):
+            await trio.to_thread.run_sync(_post_from_thread, sender, [_big(1)])
+            await trio.sleep(0.1)          # the take-back task is waiting to write
+            assert sender._writing        # blocked on the full socket
+            sender.close()
+            await trio.sleep(0.1)          # it wakes on the closed socket
+        receiver.close()
+    trio.run(main)

@@ -64,7 +64,7 @@ def test_the_flush_thread_writes_the_reply_after_the_sync_and_trio_sends_nothing
             got = await worker_end.receive()   # written by the flush thread
         main_end.close()
         worker_end.close()
-        return reply, got, jobs.settled
+        return reply, got, not jobs.in_hop
 
     reply, got, settled = trio.run(main)
     assert reply is None   # nothing left for trio to send
@@ -124,7 +124,7 @@ def test_a_failed_sync_is_answered_by_trio_with_its_failure(tmp_path: Path) -> N
 
     reply = trio.run(main)
     assert reply is not None and reply.failure is not None   # never acknowledged
-    assert delivery.jobs == [] and jobs.settled
+    assert delivery.jobs == [] and not jobs.in_hop
 
 
 def test_a_worker_gone_mid_reply_leaves_its_job_stored_and_with_delivery(
@@ -187,33 +187,67 @@ def test_a_stop_mid_batch_still_answers_and_the_job_survives_a_restart(
     trio.run(again.aclose)
 
 
-def test_a_command_waits_for_jobs_in_the_hop_back_to_trio(tmp_path: Path) -> None:
-    # An lpq right after an ack must find the job: the pool's commands wait
-    # until trio has handed every job the flush thread answered to delivery.
+def _pool_of(jobs: object) -> object:
     from relay.workers import WorkerPool
-
-    jobs, spool, _ = _jobs(tmp_path)
 
     class _H:
         def __init__(self) -> None:
             self.jobs = jobs
 
     pool = object.__new__(WorkerPool)
-    pool._handles = {0: _H()}  # type: ignore[dict-item]
-    jobs.replied = 1           # the flush thread answered a job trio has not handed yet
+    pool._handles = {0: _H()}  # type: ignore[attr-defined]
+    return pool
+
+
+def test_a_command_waits_for_jobs_in_the_hop_back_to_trio(tmp_path: Path) -> None:
+    # An lpq right after an ack must find the job: the pool's commands wait
+    # until trio has handed every job the flush thread answered to delivery.
+    jobs, spool, _ = _jobs(tmp_path)
+    pool = _pool_of(jobs)
+    answered = object()
+    jobs.in_hop.add(answered)  # type: ignore[arg-type]  # answered, not handed yet
 
     async def main() -> list[str]:
         order: list[str] = []
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 async def command() -> None:
-                    await pool._settle()
+                    await pool._settle()  # type: ignore[attr-defined]
                     order.append("answered")
                 nursery.start_soon(command)
                 await trio.sleep(0.05)
                 order.append("handed")
-                jobs.handed = 1
+                jobs.hand_over(answered)
         return order
 
     assert trio.run(main) == ["handed", "answered"]
+    trio.run(spool.aclose)
+
+
+def test_a_command_does_not_wait_for_jobs_answered_after_it(tmp_path: Path) -> None:
+    # A busy spool always has some job in the hop: a command waits only for the
+    # ones there when it came, so it is answered as soon as those are handed.
+    jobs, spool, _ = _jobs(tmp_path)
+    pool = _pool_of(jobs)
+    first = object()
+    jobs.in_hop.add(first)  # type: ignore[arg-type]
+
+    async def main() -> float:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                async def churn() -> None:   # a new job in the hop every 1 ms, for ever
+                    while True:
+                        new = object()
+                        jobs.in_hop.add(new)  # type: ignore[arg-type]
+                        await trio.sleep(0.001)
+                        jobs.hand_over(first)
+                        await trio.sleep(0.001)
+                nursery.start_soon(churn)
+                started = trio.current_time()
+                await pool._settle()  # type: ignore[attr-defined]
+                took = trio.current_time() - started
+                nursery.cancel_scope.cancel()
+        return took
+
+    assert trio.run(main) < 1.0      # not the 2 s bound: it never waited for the new ones
     trio.run(spool.aclose)
