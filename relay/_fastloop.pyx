@@ -12,6 +12,12 @@ acknowledgement itself.  What it does not take it hands back to Python
 not take, a step that raised, a read or write that failed, an
 acknowledgement the socket would not take, a complete job (to commit), a
 deadline that passed.  It never closes a descriptor; the socket is Python's.
+
+A session's later jobs are pipelined as ``relay.ackqueue`` pipelines them:
+each complete job is handed to Python (``Conn.jobs``) while the loop reads
+on, and every acknowledgement due after it waits behind its final one
+(``Conn.owed``); ``release`` writes those, in order, once Python has the
+job's commit (SPEC §4.4).
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
@@ -52,11 +58,12 @@ cdef type T_DE = _core.DataFileEnd
 cdef type T_END = _core.EndOfStream
 
 # What a connection leaving the loop asks of Python (Conn.kind).
+IN_LOOP = 0   # it has not left: only its ``jobs`` are new
 EVENT = 1     # dispatch ``payload``, an event the loop does not take, first
 RAISE = 2     # a step raised ``payload``: raise it where the step ran
 LOST = 3      # a read or write failed with ``payload`` (an OSError): the peer is gone
 SEND = 4      # the acknowledgement did not fit the socket buffer: send it, waiting
-FINISH = 5    # a file completed a job that is not its session's first: Connection's own
+FINISH = 5    # a job completed while Connection's own pipeline (relay.ackqueue) runs
 TIMEOUT = 6   # the read deadline passed
 COMMIT = 7    # ``payload``, the session's first complete job, to commit (then ``resume``)
 CLOSED = 8    # the peer closed cleanly between jobs: nothing more to do than close
@@ -87,6 +94,12 @@ cdef class Conn:
     cdef public bint busy           # its job is committing: out of the epoll set
     cdef public int kind            # why it left the loop (the constants above)
     cdef public object payload
+    cdef public list jobs           # pipelined complete jobs Python has not taken yet
+    # Per pipelined job still committing, in arrival order: the acknowledgements
+    # due after it, written only after its own final one (relay.ackqueue's rule).
+    cdef public list owed
+    cdef public object pipe         # relay.fastpipe.Pipe, once it pipelined a job
+    cdef bint queued                # in the loop's output already
 
 
 cdef class FastLoop:
@@ -125,6 +138,7 @@ cdef class FastLoop:
         c.buf = bytearray(SMALL)
         c.view = memoryview(c.buf)
         c.last, c.due = now, INF
+        c.jobs, c.owed = [], []
         self._conns[c.fd] = c
         self._now = now
         if self._watch(c):
@@ -146,11 +160,55 @@ cdef class FastLoop:
     def resume(self, Conn c, double now):
         """The job ``c`` was committing is durable: its final ack, then read on."""
         self._now = now
-        c.busy, c.due = False, INF
+        c.busy, c.due, c.kind = False, INF, IN_LOOP
         if self._conns.get(c.fd) is not c:
             return self._take()
         if self._ack(c) and self._watch(c):
             self._run(c)
+        return self._take()
+
+    def pause(self, Conn c):
+        """Stop reading ``c`` (its pipeline is full, or a commit failed)."""
+        if self._conns.get(c.fd) is c and not c.busy:
+            epoll_ctl(self.fd, EPOLL_CTL_DEL, c.fd, NULL)
+            c.busy, c.due = True, INF
+
+    def unpause(self, Conn c, double now):
+        """Read ``c`` again after ``pause``; what left the loop."""
+        self._now = now
+        if self._conns.get(c.fd) is c and c.busy and c.kind == IN_LOOP:
+            c.busy = False
+            if self._watch(c):
+                self._run(c)
+        return self._take()
+
+    def release(self, Conn c, bint write):
+        """The oldest pipelined job of ``c`` is decided: its final acknowledgement and
+        those owed behind it written (``write``) or dropped (not acknowledged).  The
+        count of those not written because ``c`` left the loop (Python sends them)."""
+        cdef Py_ssize_t n = 1 + <Py_ssize_t>c.owed.pop(0)
+        cdef ssize_t w
+        if not write:
+            return 0
+        if self._conns.get(c.fd) is not c:
+            return n
+        zeros = bytes(n)
+        while n:
+            w = c_write(c.fd, <char*>zeros, n)
+            if w > 0:
+                n -= w
+                continue
+            if w < 0 and errno == EINTR:
+                continue
+            if w < 0 and errno != EAGAIN:
+                self._leave(c, LOST, OSError(errno, strerror(errno).decode()))
+                return 0
+            self._leave(c, SEND, b"")     # the rest is Python's, waiting
+            return n
+        return 0
+
+    def out(self):
+        """What left the loop outside ``add``/``poll``/``resume`` (a ``release``)."""
         return self._take()
 
     def drop(self, Conn c):
@@ -187,9 +245,17 @@ cdef class FastLoop:
         return conns
 
     cdef list _take(self):
+        cdef Conn c
         out = self._out
         self._out = []
+        for c in out:
+            c.queued = False
         return out
+
+    cdef void _queue(self, Conn c):
+        if not c.queued:
+            c.queued = True
+            self._out.append(c)
 
     cdef bint _watch(self, Conn c):
         """Into the epoll set; False: it left the loop (AWAY: the peer is not to blame
@@ -210,11 +276,16 @@ cdef class FastLoop:
         if not c.busy:
             epoll_ctl(self.fd, EPOLL_CTL_DEL, c.fd, NULL)
         c.kind, c.payload = kind, payload
-        self._out.append(c)
+        self._queue(c)
 
     cdef bint _ack(self, Conn c):
         cdef char z = 0
         cdef ssize_t n
+        cdef list owed = c.owed
+        cdef Py_ssize_t last = len(owed) - 1
+        if last >= 0:     # behind a job still committing: written after its final ack
+            owed[last] = <Py_ssize_t>owed[last] + 1   # (no negative index: wraparound off)
+            return True
         while True:
             n = c_write(c.fd, &z, 1)
             if n == 1:
@@ -290,7 +361,7 @@ cdef class FastLoop:
                 k.take_control_end(ev)
             else:
                 k.take_data_end(ev)
-            return STOP if self._finished(c, k) else ACK
+            return self._finished(c, k)
         elif t is T_END and k.job is None and k.acks is None:
             self._leave(c, CLOSED, None)
             return STOP
@@ -299,18 +370,25 @@ cdef class FastLoop:
             return STOP
         return ACK
 
-    cdef bint _finished(self, Conn c, object k) except -1:
-        """After a file: True when the connection waits for a commit or left the loop."""
+    cdef int _finished(self, Conn c, object k) except -1:
+        """After a file: ACK (the job is not complete), GO_ON (a later job of the
+        session, pipelined: its ack follows its commit) or STOP (waiting for the
+        session's first job's commit, or left the loop)."""
         job = k.job
         if not job.complete():
-            return False
-        if k.completed or k.acks is not None:
-            self._leave(c, FINISH, None)   # a session's next job: Connection pipelines
-            return True
+            return ACK
+        if k.acks is not None:
+            self._leave(c, FINISH, None)   # Connection's own pipeline
+            return STOP
         k.job = None
-        k.completed = 1
+        k.completed += 1
+        if k.completed > 1:    # as Connection._finish_file: read on while it commits
+            c.jobs.append(job)
+            c.owed.append(0)
+            self._queue(c)
+            return GO_ON
         c.busy, c.due = True, INF    # a deadline only if Python gives it one
         epoll_ctl(self.fd, EPOLL_CTL_DEL, c.fd, NULL)
         c.kind, c.payload = COMMIT, job
-        self._out.append(c)
-        return True
+        self._queue(c)
+        return STOP

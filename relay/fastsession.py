@@ -13,10 +13,13 @@ per acknowledgement.  Python does here what the loop hands back:
   bounded by ``idle_timeout`` from the last byte as ``relay.readdeadline``
   bounds it, and the final acknowledgement is written
   only after the commit returned (SPEC §4.4), then the loop reads on;
+* the session's later jobs are pipelined while the loop reads on
+  (``relay.fastpipe``, with ``relay.ackqueue``'s rules); a connection that
+  leaves the loop with jobs committing is handed over once they are decided;
 * anything else -- a command (lpq), an abort, an until-close or large data
   file, a refusal or error a step raised, a lost peer, a full socket buffer,
-  a session's next job (``relay.ackqueue`` pipelines those), a deadline that
-  passed, an epoll set that would not take it -- continues in the
+  a failed pipelined commit, a deadline that passed, an epoll set that
+  would not take it -- continues in the
   connection's own ``run``, which first does what the loop did not
   (``Connection.handover``), so it goes on exactly as if it had read those
   bytes itself;
@@ -24,15 +27,14 @@ per acknowledgement.  Python does here what the loop hands back:
 
 Read deadlines: the loop asks the connection's ``ReadDeadline.due`` before
 every read that waits, and when it turns to other connections after a few
-reads (the last may have emptied the socket); a sweep hands over the connections past theirs
-(``SWEEP_SECONDS`` late at most).  Graceful stop: ``stop`` lets the loop run
+reads (the last may have emptied the socket); a sweep hands over the
+connections past theirs (``SWEEP_SECONDS`` late at most).  Graceful stop: ``stop`` lets the loop run
 until its last connection is gone; the server's ``graceful_timeout`` cancels
 it, and a cancelled loop discards what its connections had not committed.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -40,6 +42,7 @@ import trio
 
 from relay import _fastloop
 from relay.connection import HANDLERS, Connection, PeerGone
+from relay.fastpipe import Pipeline
 from relay.intakechannel import Reply, raise_failure
 from relay.jobassembly import JobAssembly
 from relay.memoryfile import IN_MEMORY_MAX
@@ -72,6 +75,8 @@ class FastSessions:
         # Committing without a task: the request id and the job.
         self._soon: dict[_fastloop.Conn, tuple[int, JobAssembly]] = {}
         self._clock = trio.lowlevel.current_clock()
+        self.pipeline = Pipeline(self.loop, self._now, self._dispatch, nursery.start_soon,
+                                 self._settled, self._close)
 
     def _now(self) -> float:
         return self._clock.current_time()
@@ -98,7 +103,8 @@ class FastSessions:
                         await trio.lowlevel.wait_readable(fd)
                         self._dispatch(self.loop.poll(self._now()))
         finally:
-            for c in self.loop.take_all():   # cancelled: what was not committed goes
+            # Cancelled: what was not committed goes.
+            for c in self.loop.take_all() + list(self.pipeline.draining):
                 self._close(c)
             trio.lowlevel.notify_closing(fd)
             self.loop.close()
@@ -116,17 +122,25 @@ class FastSessions:
             await trio.sleep_until(min(nearest, self._now() + step))
 
     def _maybe_done(self) -> None:
-        if self.stopping and not self.loop.count and self._scope is not None:
+        if (self.stopping and not self.loop.count and not self.pipeline.draining
+                and self._scope is not None):
             self._scope.cancel()
 
     def _dispatch(self, out: list[_fastloop.Conn]) -> None:
+        pipeline = self.pipeline
         for c in out:
             kind = c.kind
-            if kind == _fastloop.COMMIT:
+            if c.jobs:
+                pipeline.take(c)
+            if kind == _fastloop.IN_LOOP:
+                pipeline.progress(c)
+            elif kind == _fastloop.COMMIT:
                 job, c.payload = c.payload, None
                 if not self._commit_soon(c, job):
                     self.nursery.start_soon(self._commit, c, job)
-            elif kind == _fastloop.CLOSED:
+            elif pipeline.leave(c):
+                pass      # handed over once its pipelined jobs are decided (_settled)
+            elif kind == _fastloop.CLOSED and not (c.pipe and c.pipe.unsent):
                 self._close(c)
             else:
                 self._hand_over(c)
@@ -173,7 +187,7 @@ class FastSessions:
         if not rid:
             return False
         if spool.channel.pending:   # the socket took part of the frame: the rest, waiting
-            self.nursery.start_soon(_flush, spool)
+            self.nursery.start_soon(spool.channel.flush_quietly)
         self._soon[c] = (rid, job)
         c.due = c.last + conn.ctx.config.idle_timeout   # ReadDeadline.refresh's bound
         return True
@@ -204,13 +218,22 @@ class FastSessions:
             spool.forget(rid, job.incoming)
             conn._drop(job.incoming)
 
+    def _settled(self, c: _fastloop.Conn) -> None:
+        """Its pipelined jobs decided: the hand-over that waited for them."""
+        c.kind, c.payload = c.pipe.hand_over()
+        if c.kind == _fastloop.CLOSED and not c.pipe.unsent:
+            self._close(c)
+        else:
+            self._hand_over(c)
+
     def _hand_over(self, c: _fastloop.Conn) -> None:
         if c.sock is None:     # closed meanwhile (a stop's take_all): nothing to serve
             return
         self.loop.drop(c)      # a failed commit: still in the loop's table
         self._give_up(c)       # a commit past its deadline: nobody waits for it now
         conn: Connection = c.conn
-        conn.handover = (c.last, _resume(conn, c.kind, c.payload))
+        owed = c.pipe.unsent if c.pipe is not None else 0   # acks the loop could not write
+        conn.handover = (c.last, _resume(conn, c.kind, c.payload, owed))
         c.payload = None
         self.nursery.start_soon(self._continue, c)
         self._maybe_done()
@@ -230,6 +253,7 @@ class FastSessions:
             return
         self.loop.drop(c)
         self._give_up(c)
+        self.pipeline.forget(c)
         conn: Connection = c.conn
         try:
             conn._discard()
@@ -240,16 +264,22 @@ class FastSessions:
             self._maybe_done()
 
 
-async def _flush(spool: SpoolProxy) -> None:
-    """The rest of a commit's frame.  A main process gone (EPIPE) ends no more than
-    the commits that wait for it: their replies never come, so the sweep ends them at
-    ``idle_timeout``, as a failed send ends a ``Connection``'s."""
-    with contextlib.suppress(OSError):
-        await spool.channel.flush()
+def _resume(conn: Connection, kind: int, payload: Any,
+            owed: int) -> Callable[[], Awaitable[None]]:
+    """What ``conn`` does first, where the loop stopped (``Connection.handover``):
+    the ``owed`` acks of its pipelined jobs, then the step the loop did not take."""
+    step = _step(conn, kind, payload)
+    if not owed or kind == _fastloop.LOST:   # a lost peer's acks are given up (AckQueue)
+        return step
+
+    async def acks_first() -> None:
+        await conn._send_now(bytes(owed))
+        await step()
+
+    return acks_first
 
 
-def _resume(conn: Connection, kind: int, payload: Any) -> Callable[[], Awaitable[None]]:
-    """What ``conn`` does first, where the loop stopped (``Connection.handover``)."""
+def _step(conn: Connection, kind: int, payload: Any) -> Callable[[], Awaitable[None]]:
 
     async def event() -> None:
         if (result := HANDLERS[type(payload)](conn, payload)) is not None:
@@ -264,8 +294,13 @@ def _resume(conn: Connection, kind: int, payload: Any) -> Callable[[], Awaitable
     async def lost() -> None:
         raise PeerGone(str(payload))
 
-    async def send() -> None:
-        await conn._send_now(b"\x00")
+    async def send() -> None:   # the loop's ack (None), or the rest of ``owed`` (b"")
+        if (data := b"\x00" if payload is None else payload):
+            await conn._send_now(data)
+
+    async def closed() -> None:   # a clean EOF between jobs, once the acks are sent
+        conn.closing = True
+        await trio.lowlevel.checkpoint()
 
     async def finish() -> None:
         await conn._finish_file()
@@ -280,4 +315,5 @@ def _resume(conn: Connection, kind: int, payload: Any) -> Callable[[], Awaitable
 
     return {_fastloop.EVENT: event, _fastloop.RAISE: fail, _fastloop.LOST: lost,
             _fastloop.SEND: send, _fastloop.FINISH: finish,
-            _fastloop.TIMEOUT: timeout, _fastloop.AWAY: away}[kind]
+            _fastloop.TIMEOUT: timeout, _fastloop.CLOSED: closed,
+            _fastloop.AWAY: away}[kind]

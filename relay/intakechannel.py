@@ -328,11 +328,13 @@ class Channel:
         if partial:
             self._wrote.set()      # senders that waited for "the write" look again
             self._wrote = trio.Event()
-        trio.lowlevel.spawn_system_task(self._flush_quietly)
+        trio.lowlevel.spawn_system_task(self.flush_quietly)
 
-    async def _flush_quietly(self) -> None:
-        # A system task: nothing may escape it (that would end the run).  A worker
-        # gone (OSError), or its channel closed while this waited for the socket.
+    async def flush_quietly(self) -> None:
+        """``flush`` where nobody waits for its outcome (a system task, a worker's
+        commit without a task): the other end gone (OSError), or the channel closed
+        while this waited for the socket, ends it quietly.  The replies that never
+        come, or the reader's EOF, tell whoever waits for them."""
         with contextlib.suppress(OSError, trio.ClosedResourceError, trio.BrokenResourceError):
             await self.flush()
 

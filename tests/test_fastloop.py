@@ -112,18 +112,59 @@ def test_a_job_is_stepped_and_acked_until_its_commit_then_resumed(pair: Any) -> 
         conn.parser.release()   # as Connection does at its end
 
 
-def test_the_next_job_of_a_session_is_connections(pair: Any) -> None:
+NEXT = JOB[len(b"\x02q\n"):]      # a session's next job: its files only
+
+
+def test_a_sessions_later_jobs_are_pipelined_their_acks_owed_until_released(
+        pair: Any) -> None:
     server, client = pair
     loop, conn = _fastloop.FastLoop(65536), _Conn()
     conn.completed = 1     # one job of the session committed already
     try:
         loop.add(conn, server, "h", 1.0)
-        client.sendall(JOB)
-        assert _kinds(loop.poll(2.0)) == [_fastloop.FINISH]
-        assert conn.job is not None      # Connection._finish_file takes it from here
+        client.sendall(JOB + NEXT)
+        (c,) = loop.poll(2.0)
+        assert c.kind == _fastloop.IN_LOOP and loop.count == 1 and not c.busy
+        assert len(c.jobs) == 2 and conn.completed == 3 and conn.job is None
+        # The first job's header acks went; the next job's wait behind its final ack.
+        assert c.owed == [3, 0]
+        assert client.recv(10) == b"\x00" * 4
+        assert loop.release(c, True) == 0 and c.owed == [0]
+        assert client.recv(10) == b"\x00" * 4          # its final ack and the 3 behind it
+        assert loop.release(c, False) == 0 and c.owed == []   # not acknowledged
+        client.sendall(NEXT[:5])
+        assert loop.poll(3.0) == []
+        client.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            client.recv(10)
     finally:
         loop.close()
         conn.parser.release()   # as Connection does at its end
+
+
+def test_a_paused_connection_is_not_read_and_a_left_ones_acks_are_counted(
+        pair: Any) -> None:
+    server, client = pair
+    loop, conn = _fastloop.FastLoop(65536), _Conn()
+    conn.completed = 1
+    try:
+        loop.add(conn, server, "h", 1.0)
+        client.sendall(JOB)
+        (c,) = loop.poll(2.0)
+        assert c.owed == [0] and client.recv(10) == b"\x00" * 4
+        loop.pause(c)
+        client.sendall(NEXT)
+        assert loop.poll(3.0) == [] and c.busy and conn.steps.count("cf") == 1
+        (c2,) = loop.unpause(c, 4.0)          # read again: the next job, pipelined
+        assert c2 is c and not c.busy and c.owed == [3, 0] and len(c.jobs) == 2
+        client.sendall(b"\x09garbage\n")
+        (gone,) = loop.poll(5.0)
+        assert gone.kind == _fastloop.RAISE and loop.count == 0
+        assert loop.release(c, True) == 4      # out of the loop: Python sends them
+        assert loop.release(c, True) == 1
+    finally:
+        loop.close()
+        conn.parser.release()
 
 
 @pytest.mark.parametrize(("data", "kind", "payload"), [
