@@ -66,8 +66,8 @@ SEND = 4      # the acknowledgement did not fit the socket buffer: send it, wait
 FINISH = 5    # a job completed while Connection's own pipeline (relay.ackqueue) runs
 TIMEOUT = 6   # the read deadline passed
 COMMIT = 7    # ``payload``, the session's first complete job, to commit (then ``resume``)
-CLOSED = 8    # the peer closed cleanly between jobs: nothing more to do than close
-AWAY = 9      # the epoll set would not take it: Connection serves it, nothing owed
+CLOSED = 8    # the peer closed cleanly between jobs: close (its owed acks sent first)
+AWAY = 9      # the epoll set would not take it: Connection serves it (owed acks first)
 
 DEF MAXEV = 64
 # What a step asks of _run next.

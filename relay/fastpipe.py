@@ -26,7 +26,6 @@ decided, with the acks the loop could not write sent first, so
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
@@ -70,12 +69,13 @@ class Pipe:
     def hand_over(self) -> tuple[int, Any]:
         """Every job decided: what ``Connection`` does first (``relay.fastsession``)."""
         assert self.leaving is not None and not self.items
-        kind, payload = self.leaving
-        if kind in (_fastloop.LOST, _fastloop.RAISE) or self.error is None:
+        # Not kept here: an exception's traceback holds frames that hold the connection.
+        (kind, payload), error, self.leaving, self.error = self.leaving, self.error, None, None
+        if kind in (_fastloop.LOST, _fastloop.RAISE) or error is None:
             return kind, payload
         # As Connection's _serve_requests: a failed commit is refused before
         # whatever else ended the reading (an EOF, a timeout).
-        return _fastloop.RAISE, self.error
+        return _fastloop.RAISE, error
 
 
 class Pipeline:
@@ -112,10 +112,13 @@ class Pipeline:
     def leave(self, c: _fastloop.Conn) -> bool:
         """``c`` left the loop: True when its hand-over waits for its jobs."""
         pipe: Pipe | None = c.pipe
-        if pipe is None or not pipe.items:
+        if pipe is None or (not pipe.items and pipe.error is None):
             return False
         pipe.leaving = (c.kind, c.payload)
         c.payload = None
+        if not pipe.items:   # all decided, one failed (an ack's write left): refused now
+            self._settled(c)
+            return True
         self.draining.add(c)
         self.progress(c)
         return True
@@ -193,14 +196,14 @@ class Pipeline:
         pipe: Pipe | None = c.pipe
         if pipe is None or not pipe.items or not pipe.items[0].done:
             return
-        try:
-            self._answer(c, pipe)
-        except Exception as exc:   # e.g. a delivery hand-off that raised: as a failed commit
-            if pipe.error is None:
-                pipe.error = exc
-                self.loop.pause(c)
-            with contextlib.suppress(Exception):   # the rest: not acknowledged
+        for _ in range(len(pipe.items)):   # bounded: each pass answers one job at least
+            try:
                 self._answer(c, pipe)
+                break
+            except Exception as exc:   # e.g. a hand-off or a removal that raised
+                if pipe.error is None:     # as a failed commit: the rest not acknowledged
+                    pipe.error = exc
+                    self.loop.pause(c)
         self._dispatch(self.loop.out())    # a write that failed or would block
         if not pipe.items:
             if pipe.leaving is None and pipe.error is not None:
@@ -209,8 +212,9 @@ class Pipeline:
             if pipe.leaving is not None and c in self.draining:
                 self.draining.discard(c)
                 self._settled(c)
-        elif pipe.paused and len(pipe.items) < PIPELINE_DEPTH and pipe.error is None:
-            pipe.paused = False
+        if (pipe.paused and pipe.leaving is None and pipe.error is None
+                and len(pipe.items) < PIPELINE_DEPTH):
+            pipe.paused = False    # also when one pass took it from the depth to none
             self._dispatch(self.loop.unpause(c, self._now()))
 
     def _answer(self, c: _fastloop.Conn, pipe: Pipe) -> None:
@@ -218,9 +222,11 @@ class Pipeline:
         conn: Connection = c.conn
         while pipe.items and pipe.items[0].done:
             item = pipe.items.popleft()
-            if pipe.error is None and item.error is not None:
-                pipe.error = item.error      # AckQueue: reading stops, the session is refused
-                self.loop.pause(c)
+            if item.error is not None:
+                error, item.error = item.error, None
+                if pipe.error is None:   # AckQueue: reading stops, the session is refused
+                    pipe.error = error
+                    self.loop.pause(c)
             if pipe.error is not None:
                 if item.meta is not None:    # committed behind a failed one: it goes
                     conn.ctx.spool.remove(item.meta.id)

@@ -36,7 +36,7 @@ from tests.test_fastsession import (
     _delivered,
     _exchange,
     _read,
-    _serve,
+    assert_every_split_ends_as_connection_ends_it,
 )
 from tests.test_server import wait_for
 from tests.test_workers import _workers
@@ -66,13 +66,7 @@ SESSIONS = {
 @pytest.mark.parametrize("name", list(SESSIONS))
 def test_every_split_of_a_run_of_jobs_ends_as_connection_ends_it(
         name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    session = SESSIONS[name]
-    loop = _serve(tmp_path / "loop", monkeypatch, session, fast=True)
-    python = _serve(tmp_path / "python", monkeypatch, session, fast=False)
-    for mine, theirs in zip(loop[0], python[0], strict=True):
-        assert mine == theirs, f"split at byte {mine[0]}"
-    assert loop[1] == python[1]
-    assert loop[2] == python[2]
+    assert_every_split_ends_as_connection_ends_it(tmp_path, monkeypatch, SESSIONS[name])
 
 
 ACKED = (_core.ReceiveJob, _core.ControlFileStart, _core.ControlFileEnd,
@@ -260,3 +254,23 @@ def test_kill9_of_the_workers_mid_run_loses_no_acknowledged_job(tmp_path: Path) 
 def _sendall_quietly(s: socket.socket, data: bytes) -> None:
     with contextlib.suppress(OSError):   # the worker was killed
         s.sendall(data)
+
+
+def test_a_burst_past_the_pipeline_depth_is_read_on_after_its_acks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 300 small jobs in one write: one turn of reads completes more than
+    # PIPELINE_DEPTH of them, so the connection stops being read until their
+    # commits are answered -- which may all come in one pass, in any order.  It
+    # must be read again then: the next job, and the EOF, are served.
+    burst = b"\x02q\n" + b"".join(_job(n) for n in range(1, 301))
+    with monkeypatch.context() as patch:
+        for d in _daemon(tmp_path, patch):
+            for _ in range(4):       # the commits' wake-up order varies: several tries
+                with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+                    s.sendall(burst)
+                    assert _read(s, 1 + 4 * 300) == b"\x00" * (1 + 4 * 300)
+                    s.sendall(_job(301))
+                    assert _read(s, 4) == b"\x00" * 4
+                    s.shutdown(socket.SHUT_WR)
+                    assert s.recv(1) == b""          # closed: the EOF was read
+            assert d.metric("lpdrelay_jobs_received_total", queue="q") == 4 * 301

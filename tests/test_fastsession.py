@@ -120,7 +120,9 @@ def _outcome(d: Any, session: bytes, *, reset: bool = False) -> list[Any]:
         replies, local = _exchange(d.port, parts, reset=reset)
         results.append((cut, replies, local))
     peers = {f"127.0.0.1:{local}": cut for cut, _, local in results}
-    # The connection's lines come by the time its reply did, or soon after (a hold).
+    # The connection's lines come by the time its reply did, or soon after (a hold);
+    # each is logged before its connection is counted out.
+    wait_for(lambda: d.metric("lpdrelay_inbound_connections") == 0)
     time.sleep(0.2)
     lines: dict[int, list[Any]] = {cut: [] for cut, _, _ in results}
     for level, name, fields in d.events:
@@ -164,16 +166,22 @@ def _serve(home: Path, monkeypatch: pytest.MonkeyPatch, session: bytes, *,
     return outcome, counts, jobs
 
 
-@pytest.mark.parametrize("name", list(SESSIONS))
-def test_every_split_of_a_session_ends_as_connection_ends_it(
-        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    session = SESSIONS[name]
+def assert_every_split_ends_as_connection_ends_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, session: bytes) -> None:
+    """The loop and the Python path, each split of ``session``: the same replies and
+    lines, the same counts, the same jobs delivered."""
     loop = _serve(tmp_path / "loop", monkeypatch, session, fast=True)
     python = _serve(tmp_path / "python", monkeypatch, session, fast=False)
     for mine, theirs in zip(loop[0], python[0], strict=True):
         assert mine == theirs, f"split at byte {mine[0]}"
     assert loop[1] == python[1]
     assert loop[2] == python[2]
+
+
+@pytest.mark.parametrize("name", list(SESSIONS))
+def test_every_split_of_a_session_ends_as_connection_ends_it(
+        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert_every_split_ends_as_connection_ends_it(tmp_path, monkeypatch, SESSIONS[name])
 
 
 def test_a_reset_at_every_split_ends_as_connection_ends_it(
