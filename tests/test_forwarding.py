@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from relay.loadgen import run_load
+from relay.sinks.lpdoverlap import OVERLAP
 from relay.uri import parse_destination
 from tests.daemon import DaemonThread, relay_config
 from tests.peers import LprngServer, release_time_wait
@@ -52,7 +53,10 @@ def test_500_jobs_through_721_731_to_lprng(tmp_path: Path, capsys: pytest.Captur
     assert all(len(j.data) == 1024 for j in jobs)
     # One pool acquisition per attempt, and one for the lpq that tells the
     # sink this receiver is no lpd-relay (so it keeps one job a connection).
-    assert waits == JOBS + retries + 1
+    # To LPRng a run's connections overlap: a run that fails also drops the
+    # connections made ahead for the jobs behind it (at most OVERLAP - 1,
+    # relay.sinks.lpdoverlap), and those jobs connect again when retried.
+    assert JOBS + retries + 1 <= waits <= JOBS + retries * OVERLAP + 1
     assert in_use == 0
     with capsys.disabled():
         print(f"\n500 jobs relay -> LPRng via 721-731: {JOBS / seconds:.0f} jobs/s end to end, "
