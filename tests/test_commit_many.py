@@ -218,3 +218,25 @@ def test_the_reader_keeps_a_job_that_waits_for_the_one_before_it_out_of_the_batc
     pool._start_commits(_H(), _Nursery(), batch[:1])  # type: ignore[arg-type]
     assert started == [("_commit", [1])]
     trio.run(spool.aclose)
+
+
+def test_receive_buffered_takes_the_frames_one_read_brought_and_no_more() -> None:
+    async def main() -> tuple[object, object, object, object]:
+        main_end, worker_end = await _channel_pair()
+        with trio.fail_after(10):
+            first, second = _commit_message(1, "w-1"), _commit_message(2, "w-2")
+            nothing = main_end.receive_buffered()   # nothing read yet: no system call
+            worker_end.send_nowait(first)
+            worker_end.send_nowait(second)
+            await trio.sleep(0.05)   # both frames in the socket: one read takes them
+            got = await main_end.receive()
+            then = main_end.receive_buffered()
+            after = main_end.receive_buffered()
+        main_end.close()
+        worker_end.close()
+        return nothing, got, then, after
+
+    nothing, got, then, after = trio.run(main)
+    assert nothing is None and after is None
+    assert isinstance(got, Commit) and got.rid == 1
+    assert isinstance(then, Commit) and then.rid == 2
