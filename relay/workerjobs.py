@@ -11,6 +11,9 @@ Under ``fsync`` a job that waits for nothing but its sync is answered by the
 spool's flush thread right after the batch's ``fdatasync`` (``_ReplyFromFlush``)
 and handed to delivery by trio just after; ``replied``/``handed`` count those,
 and the pool's commands wait until the two agree (``WorkerPool._settle``).
+The commits one read of the channel brought that wait for nothing but their
+sync are committed together (``commit_many``: one task, one hand-off to the
+group commit for all of them, each job its own outcome).
 
 A connection that sends jobs ahead (``relay.ackqueue``) has several commits in
 flight; in one process a job behind a failed commit is never acknowledged and
