@@ -195,6 +195,25 @@ class GroupCommit(Generic[T]):
         if slot.error is not None:
             raise slot.error
 
+    async def submit_many(self, items: list[T]) -> list[Exception | None]:
+        """``submit`` for several items at once, one slot wait for all: they are queued
+        together, so one flush takes them all.  Returns each item's error (None:
+        flushed).  Cancelled before that flush took them: none was handed over."""
+        slots = [_Slot(item) for item in items]
+        if not slots:
+            await trio.lowlevel.checkpoint()
+            return []
+        self._pending += slots
+        try:
+            await self._lead_or_wait(slots[-1])
+        except BaseException:
+            if slots[-1].taken is None:   # taken together or not at all
+                mine = set(map(id, slots))
+                self._pending = [s for s in self._pending if id(s) not in mine]
+            raise
+        assert all(s.done for s in slots)
+        return [s.error for s in slots]
+
     async def _lead_or_wait(self, slot: _Slot[T]) -> None:
         # Bounded: each pass either runs a flush (which takes this slot) or waits
         # for the running one to end; a slot is taken by the first flush after it.

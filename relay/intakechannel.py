@@ -225,22 +225,35 @@ class Channel:
 
     async def receive(self) -> object:
         buf = self._buf
-        while True:
+        while True:   # bounded: each pass reads, or returns a frame
+            message = self.receive_buffered()
+            if message is not None:
+                return message
             pos = self._pos
             if len(buf) - pos >= _LENGTH.size:
                 (length,) = _LENGTH.unpack_from(buf, pos)
                 if length > MAX_MESSAGE:
                     raise EOFError(f"message of {length} bytes")
-                end = pos + _LENGTH.size + length
-                if len(buf) >= end:
-                    with memoryview(buf) as view:
-                        data = bytes(view[pos + _LENGTH.size:end])
-                    self._pos = end   # the read frames go at the next read, at once
-                    return decode(data)
             if pos:
                 del buf[:pos]
                 self._pos = 0
             await self._read()
+
+    def receive_buffered(self) -> object | None:
+        """The next message if its whole frame was read already, else None (no
+        system call, no checkpoint): the frames one read brought, taken together."""
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < _LENGTH.size:
+            return None
+        (length,) = _LENGTH.unpack_from(buf, pos)
+        end = pos + _LENGTH.size + length
+        if length > MAX_MESSAGE or len(buf) < end:
+            return None
+        with memoryview(buf) as view:
+            data = bytes(view[pos + _LENGTH.size:end])
+        self._pos = end   # the read frames go at the next read, at once
+        message: object = decode(data)
+        return message
 
     async def _read(self) -> None:
         """What the socket has, appended to the buffer; the system call first, as

@@ -54,6 +54,7 @@ from relay.errors import DiskFull, SpoolError
 from relay.groupcommit import GroupCommit, Syncer
 from relay.jobevents import NO_EVENTS, JobEvents
 from relay.spoolbackend import Body, Session, SpoolBackend, open_file_body
+from relay.spoolbatch import CommitEntry, commit_many
 from relay.spoolformat import (
     ID_RE,
     ID_WIDTH,
@@ -70,7 +71,7 @@ from relay.spoolformat import (
 )
 from relay.spoolindex import SpoolIndex, unlink_job, usage_of, write_state
 from relay.spooljob import MAX_FILES_PER_JOB, WRITEBACK_CHUNK, DataWriter, IncomingJob
-from relay.spoolpublish import Publish, make_item, publish
+from relay.spoolpublish import Publish, Staged, make_item, publish
 from relay.spoolrecovery import sweep
 from relay.spoolsegjobs import SEGMENT_THRESHOLD, SegmentJobs
 from relay.spoolspace import FreeSpace
@@ -233,35 +234,52 @@ class Spool(FreeSpace):
         every ``on_durable`` ran (one write for a batch's replies to a worker).
         """
         job._check_open()  # a second commit must not discard the first one's job
-        small = False
+        staged = Staged()
         try:
-            # A job held in memory is sealed with its body names in the segment
-            # folder at once (no copy of the metadata per job afterwards).
-            meta = job.seal(self._seg.folder if job.in_memory else None)
-            if job.in_memory and not self._seg.fits(meta):
-                job.spill()  # a record this large would not fit in a segment
-                meta = job.seal()
-            small = job.in_memory
-            if hold:
-                meta = replace(meta, state="held", last_error=hold[:500])
-            job.mark("committing")
-            notify = (None if on_durable is None or not self.fsync
-                      else functools.partial(_final_meta, on_durable, meta, self.jobs_dir))
-            item = make_item(self.jobs_dir, job, meta, hold=bool(hold), small=small,
-                             notify=notify)
+            item = self.stage(staged, job, hold, on_durable)
             if self.fsync:
                 await self._group.submit(item)
             else:
                 await trio.lowlevel.checkpoint()
                 publish(self.jobs_dir, self._seg, item)
         except BaseException as exc:
-            if isinstance(exc, DiskFull):
-                self.saw_full()
-            if small:
-                self._seg.forget(job.id)  # its record, if appended, is no job
-            job.mark("open")
-            job.discard()  # nothing the sender was not told about may stay
+            self.unstage(staged, job, exc)
             raise
+        return self.finish(staged, job)
+
+    def stage(self, staged: Staged, job: IncomingJob, hold: str,
+              on_durable: Callable[[JobMeta], Callable[[], None] | None] | None) -> Publish:
+        """``commit``'s first half: seal the job, the item its flush publishes."""
+        # A job held in memory is sealed with its body names in the segment
+        # folder at once (no copy of the metadata per job afterwards).
+        meta = job.seal(self._seg.folder if job.in_memory else None)
+        if job.in_memory and not self._seg.fits(meta):
+            job.spill()  # a record this large would not fit in a segment
+            meta = job.seal()
+        staged.small = small = job.in_memory
+        if hold:
+            meta = replace(meta, state="held", last_error=hold[:500])
+        job.mark("committing")
+        notify = (None if on_durable is None or not self.fsync
+                  else functools.partial(_final_meta, on_durable, meta, self.jobs_dir))
+        staged.meta = meta
+        staged.item = make_item(self.jobs_dir, job, meta, hold=bool(hold), small=small,
+                                notify=notify)
+        return staged.item
+
+    def unstage(self, staged: Staged, job: IncomingJob, exc: BaseException) -> None:
+        """A commit that failed (or was cancelled) before its job was durable: it goes."""
+        if isinstance(exc, DiskFull):
+            self.saw_full()
+        if staged.small:
+            self._seg.forget(job.id)  # its record, if appended, is no job
+        job.mark("open")
+        job.discard()  # nothing the sender was not told about may stay
+
+    def finish(self, staged: Staged, job: IncomingJob) -> JobMeta:
+        """``commit``'s second half, the job durable: the spool's view of it."""
+        meta, item, small = staged.meta, staged.item, staged.small
+        assert meta is not None and item is not None
         job.mark("committed")
         self.written += len(job.control_raw) + len(item.record or b"")
         if small and not item.filed:
@@ -274,6 +292,11 @@ class Spool(FreeSpace):
             self._index.track(meta)
         self._stats["commits"] += 1
         return meta
+
+    async def commit_many(self, entries: list[CommitEntry]) -> list[JobMeta | Exception]:
+        """Several jobs (job, hold, on_durable), each as ``commit`` would, made durable by
+        one hand-off to the group commit (``relay.spoolbatch``): one result each."""
+        return await commit_many(self, entries)
 
     async def sync(self) -> None:
         """Make earlier ``update``/``remove`` calls durable (joins the next group commit).

@@ -40,6 +40,15 @@ class Publish:
     notify: Callable[[Publish], Callable[[], None] | None] | None = None
 
 
+@dataclass(slots=True)
+class Staged:
+    """A commit under way (``Spool.stage``): what ``Spool.finish`` or ``unstage`` needs."""
+
+    small: bool = False
+    meta: JobMeta | None = None
+    item: Publish | None = None
+
+
 def make_item(jobs_dir: str, job: IncomingJob, meta: JobMeta, *, hold: bool,
               small: bool, notify: Callable[[Publish], Callable[[], None] | None] | None = None
               ) -> Publish:

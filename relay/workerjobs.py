@@ -9,8 +9,11 @@ job to delivery before it replies, so the worker's final ack follows the job's
 entry in the scheduler (an lpq through any worker after the ack lists it).
 Under ``fsync`` a job that waits for nothing but its sync is answered by the
 spool's flush thread right after the batch's ``fdatasync`` (``_ReplyFromFlush``)
-and handed to delivery by trio just after; ``replied``/``handed`` count those,
-and the pool's commands wait until the two agree (``WorkerPool._settle``).
+and handed to delivery by trio just after; ``in_hop`` holds those in between,
+and the pool's commands wait for the ones there when they came (``WorkerPool._settle``).
+The commits one read of the channel brought that wait for nothing but their
+sync are committed together (``commit_many``: one task, one hand-off to the
+group commit for all of them, each job its own outcome).
 
 A connection that sends jobs ahead (``relay.ackqueue``) has several commits in
 flight; in one process a job behind a failed commit is never acknowledged and
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import cast
 
 import trio
 
@@ -199,6 +203,44 @@ class WorkerJobs:
             if early is not None and early.sent:
                 self.hand_over(early)
             self._decided(message.token, outcome)
+
+    def batchable(self, message: Commit, prepared: Prepared) -> bool:
+        """Whether ``commit_many`` may take it: no job before it to wait for, no records."""
+        return prepared.before is None and self.spool.events is NO_EVENTS
+
+    async def commit_many(self, batch: list[tuple[Commit, Prepared]],
+                          channel: Channel) -> list[Reply]:
+        """Several ``batchable`` commits read together, each as ``commit`` would do it,
+        in one task and one hand-off to the group commit (``Spool.commit_many``);
+        returns the replies left for trio to send (the flush thread wrote the rest)."""
+        replies: list[Reply] = []
+        staged: list[tuple[Commit, Prepared, _ReplyFromFlush | None]] = []
+        for message, prepared in batch:
+            if isinstance(prepared.incoming, Exception):
+                replies.append(Reply(message.rid, failure=Failure.of(
+                    _spool_error(prepared.incoming))))
+                self._decided(message.token, prepared.outcome)
+            else:
+                early = None if message.hold else _ReplyFromFlush(self, channel, message.rid)
+                staged.append((message, prepared, early))
+        try:
+            results = await self.spool.commit_many(
+                [(cast(IncomingJob, p.incoming), m.hold, e) for m, p, e in staged])
+            # No checkpoint since the commit: no cancellation before the hand-over.
+            for (message, prepared, early), result in zip(staged, results, strict=True):
+                if isinstance(result, Exception):
+                    replies.append(Reply(message.rid, failure=Failure.of(_spool_error(result))))
+                    continue
+                self._accepted(result, message.peer, bool(message.hold))
+                prepared.outcome.ok = True
+                if early is None or not early.sent:
+                    replies.append(Reply(message.rid, value=result))
+        finally:
+            for message, prepared, early in staged:
+                if early is not None and early.sent:
+                    self.hand_over(early)
+                self._decided(message.token, prepared.outcome)
+        return replies
 
     async def _after(self, before: _Outcome, meta: JobMeta) -> None:
         """Wait for the job before it on its connection; removed and refused if that failed."""

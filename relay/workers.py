@@ -302,21 +302,47 @@ class WorkerPool:
                 message = await handle.channel.receive()
             except (EOFError, OSError):
                 return
-            if isinstance(message, Commit):   # prepared here: ids in the order they came
-                nursery.start_soon(self._commit, handle, message, handle.jobs.prepare(message))
-            elif isinstance(message, Command):
-                nursery.start_soon(self._command, handle, message)
-            elif isinstance(message, Counts):
-                self._count(handle, message)
-            elif isinstance(message, Ready):
-                handle.ready.set()
-            elif isinstance(message, Reloaded):
-                handle.reloaded = message.seq
-                self._reload_acked.set()
-            elif isinstance(message, Log):
-                for line in message.lines:
-                    if not any(mark in line for mark in _WORKER_JOB_RECEIVED):
-                        log.write_line(line)
+            batch: list[tuple[Commit, Prepared]] = []
+            while message is not None:   # bounded: the frames read already
+                if isinstance(message, Commit):   # prepared here: ids in the order they came
+                    batch.append((message, handle.jobs.prepare(message)))
+                else:
+                    self._start_commits(handle, nursery, batch)
+                    batch = []
+                    self._dispatch(handle, nursery, message)
+                try:
+                    message = handle.channel.receive_buffered()
+                except (EOFError, OSError):   # a bad frame: the worker is gone, as above
+                    self._start_commits(handle, nursery, batch)   # its cancel unstages them
+                    return
+            self._start_commits(handle, nursery, batch)
+
+    def _start_commits(self, handle: _Handle, nursery: trio.Nursery,
+                       batch: list[tuple[Commit, Prepared]]) -> None:
+        """The commits read together: those ``commit_many`` takes in one task, the rest
+        (a job before it to wait for, audit records) in a task each."""
+        assert handle.jobs is not None
+        many = [c for c in batch if handle.jobs.batchable(*c)]
+        if len(many) > 1:
+            nursery.start_soon(self._commit_many, handle, many)
+        for message, prepared in batch:
+            if len(many) <= 1 or not handle.jobs.batchable(message, prepared):
+                nursery.start_soon(self._commit, handle, message, prepared)
+
+    def _dispatch(self, handle: _Handle, nursery: trio.Nursery, message: object) -> None:
+        if isinstance(message, Command):
+            nursery.start_soon(self._command, handle, message)
+        elif isinstance(message, Counts):
+            self._count(handle, message)
+        elif isinstance(message, Ready):
+            handle.ready.set()
+        elif isinstance(message, Reloaded):
+            handle.reloaded = message.seq
+            self._reload_acked.set()
+        elif isinstance(message, Log):
+            for line in message.lines:
+                if not any(mark in line for mark in _WORKER_JOB_RECEIVED):
+                    log.write_line(line)
 
     async def _read_calls(self, handle: _Handle, sock: trio.socket.SocketType) -> None:
         while True:
@@ -364,6 +390,13 @@ class WorkerPool:
         # told, and may send it again (at-least-once, SPEC §4.4).
         if reply is not None:   # None: the flush thread wrote it
             with contextlib.suppress(OSError):
+                await handle.channel.send(reply)
+
+    async def _commit_many(self, handle: _Handle, batch: list[tuple[Commit, Prepared]]) -> None:
+        assert handle.channel is not None and handle.jobs is not None
+        replies = await handle.jobs.commit_many(batch, handle.channel)
+        with contextlib.suppress(OSError):   # a worker gone: as in _commit
+            for reply in replies:
                 await handle.channel.send(reply)
 
     async def _settle(self) -> None:
