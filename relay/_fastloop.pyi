@@ -7,7 +7,6 @@ EVENT: int
 RAISE: int
 LOST: int
 SEND: int
-FINISH: int
 TIMEOUT: int
 COMMIT: int
 CLOSED: int

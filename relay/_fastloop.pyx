@@ -63,7 +63,6 @@ EVENT = 1     # dispatch ``payload``, an event the loop does not take, first
 RAISE = 2     # a step raised ``payload``: raise it where the step ran
 LOST = 3      # a read or write failed with ``payload`` (an OSError): the peer is gone
 SEND = 4      # the acknowledgement did not fit the socket buffer: send it, waiting
-FINISH = 5    # a job completed while Connection's own pipeline (relay.ackqueue) runs
 TIMEOUT = 6   # the read deadline passed
 COMMIT = 7    # ``payload``, the session's first complete job, to commit (then ``resume``)
 CLOSED = 8    # the peer closed cleanly between jobs: close (its owed acks sent first)
@@ -362,7 +361,7 @@ cdef class FastLoop:
             else:
                 k.take_data_end(ev)
             return self._finished(c, k)
-        elif t is T_END and k.job is None and k.acks is None:
+        elif t is T_END and k.job is None:
             self._leave(c, CLOSED, None)
             return STOP
         else:
@@ -377,9 +376,6 @@ cdef class FastLoop:
         job = k.job
         if not job.complete():
             return ACK
-        if k.acks is not None:
-            self._leave(c, FINISH, None)   # Connection's own pipeline
-            return STOP
         k.job = None
         k.completed += 1
         if k.completed > 1:    # as Connection._finish_file: read on while it commits

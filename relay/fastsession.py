@@ -140,7 +140,7 @@ class FastSessions:
                     self.nursery.start_soon(self._commit, c, job)
             elif pipeline.leave(c):
                 pass      # handed over once its pipelined jobs are decided (_settled)
-            elif kind == _fastloop.CLOSED and not (c.pipe and c.pipe.unsent):
+            elif kind == _fastloop.CLOSED:   # read in the loop: no ack left unsent
                 self._close(c)
             else:
                 self._hand_over(c)
@@ -302,9 +302,6 @@ def _step(conn: Connection, kind: int, payload: Any) -> Callable[[], Awaitable[N
         conn.closing = True
         await trio.lowlevel.checkpoint()
 
-    async def finish() -> None:
-        await conn._finish_file()
-
     async def away() -> None:
         await trio.lowlevel.checkpoint()
 
@@ -314,6 +311,6 @@ def _step(conn: Connection, kind: int, payload: Any) -> Callable[[], Awaitable[N
         await trio.lowlevel.checkpoint()
 
     return {_fastloop.EVENT: event, _fastloop.RAISE: fail, _fastloop.LOST: lost,
-            _fastloop.SEND: send, _fastloop.FINISH: finish,
+            _fastloop.SEND: send,
             _fastloop.TIMEOUT: timeout, _fastloop.CLOSED: closed,
             _fastloop.AWAY: away}[kind]

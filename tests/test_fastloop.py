@@ -48,7 +48,6 @@ class _Conn:
         self.parser = _core.ServerParser()
         self.deadline = _Deadline()
         self.job: Any = None
-        self.acks: Any = None
         self.completed = 0
         self.steps: list[str] = []
 
