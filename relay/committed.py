@@ -29,10 +29,13 @@ async def record_committed(events: JobEvents, meta: JobMeta, digests: dict[str, 
 
 
 def accepted(metrics: Metrics, delivery: Delivery, meta: JobMeta, peer: str, *,
-             held: bool) -> None:
+             held: bool, counted: bool = False) -> None:
     """A committed job, in arrival order: counted, logged and handed to delivery
-    (one process's connections and the workers' main process alike)."""
-    metrics.count_received(meta.queue, meta.total_bytes)
+    (one process's connections and the workers' main process alike).  ``counted``:
+    its intake counters were already bumped, before its ack was written (the
+    spool's flush thread answering a worker: ``relay.workerjobs``)."""
+    if not counted:
+        metrics.count_received(meta.queue, meta.total_bytes)
     log.count("received")
     delivery.submit(meta)
     if not held:

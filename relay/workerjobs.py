@@ -91,7 +91,11 @@ class _ReplyFromFlush:
     """A commit's reply, written by the spool's flush thread as soon as the job is
     durable (``Spool.commit``'s ``on_durable``) instead of after the hop back to
     trio.  ``sent``: posted to the channel (written by the flush thread, or its rest by
-    trio; dropped if the worker is gone -- at-least-once, SPEC §4.4)."""
+    trio; dropped if the worker is gone -- at-least-once, SPEC §4.4).
+
+    The job's intake counters are bumped here, before the reply is posted: a
+    client that has its ack and then scrapes ``/metrics`` sees its job counted,
+    as on the one-process path (prometheus_client's counters take a lock)."""
 
     __slots__ = ("channel", "jobs", "rid", "sent")
 
@@ -101,6 +105,7 @@ class _ReplyFromFlush:
     def __call__(self, meta: JobMeta) -> Callable[[], None]:
         # In the hop before it is written: a command that follows the worker's ack
         # waits until trio has handed the job to delivery (``WorkerJobs.in_hop``).
+        self.jobs.metrics.count_received(meta.queue, meta.total_bytes)
         write = self.channel.post(Reply(self.rid, value=meta))
         self.jobs.in_hop.add(self)   # a set's add and discard are atomic under the GIL
         self.sent = True
@@ -194,7 +199,8 @@ class WorkerJobs:
                     await self._after(prepared.before, meta)
             # No checkpoint since the commit (none without a job before it to wait
             # for): a cancellation cannot come between it and the hand-over.
-            self._accepted(meta, message.peer, bool(message.hold))
+            self._accepted(meta, message.peer, bool(message.hold),
+                           counted=early is not None and early.sent)
             outcome.ok = True
             return None if early is not None and early.sent else Reply(message.rid, value=meta)
         except (LpdError, OSError) as exc:
@@ -231,7 +237,8 @@ class WorkerJobs:
                 if isinstance(result, Exception):
                     replies.append(Reply(message.rid, failure=Failure.of(_spool_error(result))))
                     continue
-                self._accepted(result, message.peer, bool(message.hold))
+                self._accepted(result, message.peer, bool(message.hold),
+                               counted=early is not None and early.sent)
                 prepared.outcome.ok = True
                 if early is None or not early.sent:
                     replies.append(Reply(message.rid, value=result))
@@ -314,10 +321,10 @@ class WorkerJobs:
                 _discard(incoming)
             return exc
 
-    def _accepted(self, meta: JobMeta, peer: str, held: bool) -> None:
+    def _accepted(self, meta: JobMeta, peer: str, held: bool, *, counted: bool) -> None:
         """Committed and acknowledged next: counted, logged and handed to delivery (as
         relay.connection.Connection._accepted; a job removed again is not counted)."""
-        accepted(self.metrics, self.delivery, meta, peer, held=held)
+        accepted(self.metrics, self.delivery, meta, peer, held=held, counted=counted)
 
     def withdraw(self, message: Withdrawn) -> None:
         """Jobs a worker's connection did not acknowledge after all: they go."""

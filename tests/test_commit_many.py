@@ -60,6 +60,39 @@ def test_a_batch_where_one_fails_refuses_that_one_and_answers_the_others(
     trio.run(spool.aclose)
 
 
+def test_a_job_answered_by_the_flush_thread_is_counted_before_its_reply_is_written(
+        tmp_path: Path) -> None:
+    # A client that has its ack and then scrapes /metrics must see its job: the
+    # flush thread bumps the intake counters before it posts the reply, and trio
+    # does not count the job again when it hands it to delivery.
+    jobs, spool, _ = _jobs(tmp_path)
+    counter = jobs.metrics.jobs_received_total.labels(queue="lp")
+    at_post: list[float] = []
+
+    async def main() -> None:
+        main_end, worker_end = await _channel_pair()
+        real_post = main_end.post
+
+        def post(reply: Reply) -> object:
+            at_post.append(counter._value.get())
+            return real_post(reply)
+
+        main_end.post = post  # type: ignore[method-assign]
+        with trio.fail_after(10):
+            one = _commit_message(1, "w-1")
+            assert await jobs.commit(one, jobs.prepare(one), main_end) is None
+            batch = _prepared(jobs, _commit_message(2, "w-2"), _commit_message(3, "w-3"))
+            assert await jobs.commit_many(batch, main_end) == []
+            for _ in range(3):
+                await worker_end.receive()
+        main_end.close()
+        worker_end.close()
+
+    trio.run(main)
+    assert at_post == [1.0, 2.0, 3.0] and counter._value.get() == 3.0
+    trio.run(spool.aclose)
+
+
 def test_a_job_its_flush_fails_is_refused_alone(tmp_path: Path) -> None:
     # The group commit reports an error for one item of the batch only.
     jobs, spool, delivery = _jobs(tmp_path)
