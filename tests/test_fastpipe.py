@@ -36,6 +36,7 @@ from tests.test_fastsession import (
     _delivered,
     _exchange,
     _read,
+    _source,
     assert_every_split_ends_as_connection_ends_it,
 )
 from tests.test_server import wait_for
@@ -83,15 +84,17 @@ def _acks_for(prefix: bytes) -> int:
     return n
 
 
-def _reset_mid_run(port: int, prefix: bytes) -> tuple[bytes, int]:
-    """Send ``prefix``, read every ack it is owed (each complete job durable by
-    then), then reset the connection in the middle of the session."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        local = s.getsockname()[1]
+def _reset_mid_run(port: int, prefix: bytes, host: str) -> tuple[bytes, str]:
+    """Send ``prefix`` from ``host``, read every ack it is owed (each complete job
+    durable by then), then reset the connection in the middle of the session;
+    the acks, and the peer the server saw."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10,
+                                  source_address=(host, 0)) as s:
+        peer = ":".join(map(str, s.getsockname()[:2]))
         s.sendall(prefix)
         got = _read(s, _acks_for(prefix))
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    return got, local
+    return got, peer
 
 
 def test_a_reset_at_every_split_of_a_run_ends_as_connection_ends_it(
@@ -102,10 +105,10 @@ def test_a_reset_at_every_split_of_a_run_ends_as_connection_ends_it(
         monkeypatch.setattr(relay.server, "FAST_LOOP", fast)
         with monkeypatch.context() as patch:
             for d in _daemon(tmp_path / str(fast), patch):
-                sent = {cut: _reset_mid_run(d.port, session[:cut])
+                sent = {cut: _reset_mid_run(d.port, session[:cut], _source(cut))
                         for cut in range(1, len(session))}
                 wait_for(lambda d=d: d.metric("lpdrelay_inbound_connections") == 0)
-                peers = {f"127.0.0.1:{local}": cut for cut, (_, local) in sent.items()}
+                peers = {peer: cut for cut, (_, peer) in sent.items()}
                 lines: dict[int, list[Any]] = {cut: [] for cut in sent}
                 for level, name, fields in d.events:
                     if (cut := peers.get(str(fields.get("peer")))) is not None:

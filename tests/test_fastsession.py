@@ -87,10 +87,25 @@ def _daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         yield d
 
 
-def _exchange(port: int, parts: list[bytes], *, reset: bool = False) -> tuple[bytes, int]:
-    """Send ``parts`` with a pause between; every reply byte until the server closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        local = s.getsockname()[1]
+def _source(n: int) -> str:
+    """A loopback address of its own for the ``n``-th connection of a run.
+
+    A run's lines are told apart by the peer they name, so no two of its
+    connections may be the same peer.  From 127.0.0.1 alone they were not:
+    the kernel gives a client port out again to a later connection to the
+    same server once its TIME_WAIT is a second old (``tcp_tw_reuse``, on by
+    default for loopback), and one cut's lines were read as another's.
+    """
+    return f"127.1.{n // 250}.{n % 250 + 1}"
+
+
+def _exchange(port: int, parts: list[bytes], *, reset: bool = False,
+              host: str = "127.0.0.1") -> tuple[bytes, str]:
+    """Send ``parts`` with a pause between, from ``host``; every reply byte until the
+    server closes, and the peer the server saw."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10,
+                                  source_address=(host, 0)) as s:
+        peer = ":".join(map(str, s.getsockname()[:2]))
         for i, part in enumerate(parts):
             if i:
                 time.sleep(PAUSE)
@@ -98,7 +113,7 @@ def _exchange(port: int, parts: list[bytes], *, reset: bool = False) -> tuple[by
         if reset:
             time.sleep(PAUSE)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            return b"", local
+            return b"", peer
         s.shutdown(socket.SHUT_WR)
         got = b""
         try:
@@ -106,7 +121,7 @@ def _exchange(port: int, parts: list[bytes], *, reset: bool = False) -> tuple[by
                 got += chunk
         except ConnectionResetError:
             got += b"<reset>"
-    return got, local
+    return got, peer
 
 
 def _outcome(d: Any, session: bytes, *, reset: bool = False) -> list[Any]:
@@ -117,9 +132,9 @@ def _outcome(d: Any, session: bytes, *, reset: bool = False) -> list[Any]:
         # the whole session, whether the job was read before the reset discarded
         # it is a race, on either path.)
         parts = [session[:cut]] if reset else [session[:cut], session[cut:]]
-        replies, local = _exchange(d.port, parts, reset=reset)
-        results.append((cut, replies, local))
-    peers = {f"127.0.0.1:{local}": cut for cut, _, local in results}
+        replies, peer = _exchange(d.port, parts, reset=reset, host=_source(cut))
+        results.append((cut, replies, peer))
+    peers = {peer: cut for cut, _, peer in results}
     # The connection's lines come by the time its reply did, or soon after (a hold);
     # each is logged before its connection is counted out.
     wait_for(lambda: d.metric("lpdrelay_inbound_connections") == 0)
