@@ -112,6 +112,11 @@ class _ReplyFromFlush:
         return write
 
 
+def _answered(early: _ReplyFromFlush | None) -> bool:
+    """Whether the flush thread posted the job's reply (and counted it)."""
+    return early is not None and early.sent
+
+
 class WorkerJobs:
     """One worker's jobs in the main process (module docstring)."""
 
@@ -199,14 +204,14 @@ class WorkerJobs:
                     await self._after(prepared.before, meta)
             # No checkpoint since the commit (none without a job before it to wait
             # for): a cancellation cannot come between it and the hand-over.
-            self._accepted(meta, message.peer, bool(message.hold),
-                           counted=early is not None and early.sent)
+            answered = _answered(early)
+            self._accepted(meta, message.peer, bool(message.hold), counted=answered)
             outcome.ok = True
-            return None if early is not None and early.sent else Reply(message.rid, value=meta)
+            return None if answered else Reply(message.rid, value=meta)
         except (LpdError, OSError) as exc:
             return Reply(message.rid, failure=Failure.of(_spool_error(exc)))
         finally:
-            if early is not None and early.sent:
+            if _answered(early):
                 self.hand_over(early)
             self._decided(message.token, outcome)
 
@@ -237,14 +242,14 @@ class WorkerJobs:
                 if isinstance(result, Exception):
                     replies.append(Reply(message.rid, failure=Failure.of(_spool_error(result))))
                     continue
-                self._accepted(result, message.peer, bool(message.hold),
-                               counted=early is not None and early.sent)
+                answered = _answered(early)
+                self._accepted(result, message.peer, bool(message.hold), counted=answered)
                 prepared.outcome.ok = True
-                if early is None or not early.sent:
+                if not answered:
                     replies.append(Reply(message.rid, value=result))
         finally:
             for message, prepared, early in staged:
-                if early is not None and early.sent:
+                if _answered(early):
                     self.hand_over(early)
                 self._decided(message.token, prepared.outcome)
         return replies

@@ -31,6 +31,7 @@ from tests.daemon import RelayProcess, relay_config, write_config_file
 from tests.relayproc import LoggedRelay
 from tests.test_ackqueue import _failing_commit
 from tests.test_fastsession import (
+    _connect,
     _counts,
     _daemon,
     _delivered,
@@ -88,9 +89,8 @@ def _reset_mid_run(port: int, prefix: bytes, host: str) -> tuple[bytes, str]:
     """Send ``prefix`` from ``host``, read every ack it is owed (each complete job
     durable by then), then reset the connection in the middle of the session;
     the acks, and the peer the server saw."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10,
-                                  source_address=(host, 0)) as s:
-        peer = ":".join(map(str, s.getsockname()[:2]))
+    s, peer = _connect(port, host)
+    with s:
         s.sendall(prefix)
         got = _read(s, _acks_for(prefix))
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

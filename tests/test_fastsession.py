@@ -99,13 +99,18 @@ def _source(n: int) -> str:
     return f"127.1.{n // 250}.{n % 250 + 1}"
 
 
+def _connect(port: int, host: str) -> tuple[socket.socket, str]:
+    """A connection to the daemon from ``host``, and the peer the server sees."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(host, 0))
+    return s, ":".join(map(str, s.getsockname()[:2]))
+
+
 def _exchange(port: int, parts: list[bytes], *, reset: bool = False,
               host: str = "127.0.0.1") -> tuple[bytes, str]:
     """Send ``parts`` with a pause between, from ``host``; every reply byte until the
     server closes, and the peer the server saw."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10,
-                                  source_address=(host, 0)) as s:
-        peer = ":".join(map(str, s.getsockname()[:2]))
+    s, peer = _connect(port, host)
+    with s:
         for i, part in enumerate(parts):
             if i:
                 time.sleep(PAUSE)
