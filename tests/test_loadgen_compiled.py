@@ -253,7 +253,7 @@ def test_an_interrupt_stops_the_loop_at_once() -> None:
     # raised in Python (the command exits 1), not after the 30 s I/O timeout.
     with socket.create_server(("127.0.0.1", 0)) as silent:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "loadgen",
+            [sys.executable, "-X", "faulthandler", "-m", "relay", "loadgen",
              f"lpd://127.0.0.1:{silent.getsockname()[1]}/q", "--jobs", "10",
              "--concurrency", "2", "--size", "10"], stdout=subprocess.PIPE,
             stderr=subprocess.PIPE)
@@ -264,7 +264,15 @@ def test_an_interrupt_stops_the_loop_at_once() -> None:
                 time.sleep(0.05)
             started = time.monotonic()
             proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=10) == 1
+            try:
+                code = proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                # Where it hangs: faulthandler prints every thread's stack on SIGABRT.
+                proc.send_signal(signal.SIGABRT)
+                _, err = proc.communicate(timeout=10)
+                pytest.fail("loadgen went on after SIGINT; its threads:\n"
+                            + err.decode(errors="replace")[-6000:])
+            assert code == 1
             assert time.monotonic() - started < 5
         finally:
             if proc.poll() is None:
