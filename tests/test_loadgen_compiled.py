@@ -252,11 +252,18 @@ def test_an_interrupt_stops_the_loop_at_once() -> None:
     # The loop runs without the GIL; a signal ends its epoll_wait and is
     # raised in Python (the command exits 1), not after the 30 s I/O timeout.
     with socket.create_server(("127.0.0.1", 0)) as silent:
-        proc = subprocess.Popen(
-            [sys.executable, "-X", "faulthandler", "-m", "relay", "loadgen",
-             f"lpd://127.0.0.1:{silent.getsockname()[1]}/q", "--jobs", "10",
-             "--concurrency", "2", "--size", "10"], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE)
+        # A command started as a background job inherits SIGINT ignored (POSIX), and
+        # so would loadgen if this suite ran as one: a handler here is reset to the
+        # default by exec, so loadgen starts with SIGINT as a terminal's would be.
+        before = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-X", "faulthandler", "-m", "relay", "loadgen",
+                 f"lpd://127.0.0.1:{silent.getsockname()[1]}/q", "--jobs", "10",
+                 "--concurrency", "2", "--size", "10"], stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE)
+        finally:
+            signal.signal(signal.SIGINT, before)
         try:
             deadline = time.monotonic() + 30
             while len(_established(silent.getsockname()[1])) < 2:
