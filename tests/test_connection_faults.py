@@ -52,7 +52,8 @@ def assert_healthy(relay: RelayProcess, home: Path, log: Path, number: str) -> N
     """Alive, takes and delivers a normal job, no debris, no traceback in the log."""
     assert relay.proc is not None and relay.proc.poll() is None, "the relay exited"
     before = delivered_count(home)
-    assert all(r == 0 for r in send_job(relay.port, Job(number=number))), "normal job refused"
+    replies = send_job(relay.port, Job(number=number))
+    assert all(r == 0 for r in replies), f"normal job refused: replies {replies}"
     wait_for(lambda: delivered_count(home) > before)
     wait_for(lambda: not debris(home / "spool") or None)
     text = log.read_text(errors="replace")
